@@ -1,0 +1,37 @@
+"""The ``orchestrate`` command: one sub-command per job, each defined in its own module.
+
+Each ``_cli_*`` module exposes ``register(subparsers)``, which adds its parser
+and sets ``func`` (taking the parsed namespace, returning an exit code).
+Argument parsing stays here and in those modules; the work itself lives in
+the packages, so every layer can be used without the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import _cli_rank
+
+COMMANDS = [_cli_rank]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orchestrate",
+        description="Run ONNX models across processes, ranks and hosts.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""The inside of one process: Context, Model and Tensor on ONNX Runtime, communicators, rank tables."""
+
+from ._comm_base import Communicator
+from ._comm_single import SingleCommunicator
+from ._env import all_variables as environment_variables
+from ._errors import (
+    CommError,
+    CommTimeoutError,
+    ConfigError,
+    InputError,
+    ModelError,
+    ModelNotFoundError,
+    OrchestratorError,
+    PeerLostError,
+    ProviderError,
+    RankTableError,
+    ShardError,
+    WorkerError,
+)
+from ._remote_errors import RemoteError, RemoteTraceback

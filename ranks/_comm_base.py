@@ -1,0 +1,73 @@
+"""The communicator contract: MPI's verbs on numpy arrays.
+
+Every backend (``single``, ``mpi``, ``zmq``) implements this class. All
+blocking verbs are bounded by ``self.timeout`` seconds and raise
+``CommTimeoutError`` naming the operation, this rank and the peer that did
+not answer; a peer that exits mid-operation raises ``PeerLostError``.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+REDUCE_OPS = ("sum", "max", "min", "prod")
+
+SUPPORTED_DTYPES = tuple(
+    np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int32, np.int64, np.bool_)
+)
+
+
+class Communicator(abc.ABC):
+    """A group of ``size`` ranks; this process is ``rank``."""
+
+    backend: str = ""
+
+    def __init__(self, rank: int, size: int, timeout: float):
+        self.rank = rank
+        self.size = size
+        self.timeout = timeout
+
+    # -- collectives ---------------------------------------------------------
+    @abc.abstractmethod
+    def allreduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
+        """Element-wise reduction of ``array`` over all ranks; every rank gets the result."""
+
+    @abc.abstractmethod
+    def allgather(self, array: np.ndarray, axis: int = 0) -> np.ndarray:
+        """Concatenation of every rank's ``array`` along ``axis``, in rank order."""
+
+    @abc.abstractmethod
+    def broadcast(self, array: np.ndarray | None, root: int = 0) -> np.ndarray:
+        """``root``'s array on every rank (others may pass None)."""
+
+    @abc.abstractmethod
+    def barrier(self) -> None:
+        """Return once every rank has entered the barrier."""
+
+    # -- point to point ------------------------------------------------------
+    @abc.abstractmethod
+    def send(self, array: np.ndarray, dest: int, tag: int = 0) -> None:
+        """Send ``array`` to rank ``dest``."""
+
+    @abc.abstractmethod
+    def recv(self, source: int, tag: int = 0) -> np.ndarray:
+        """Receive the array rank ``source`` sent with ``tag``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release sockets and memory; calling it twice is harmless."""
+
+    # MPI spelling, so users of mpi4py find the verb they know.
+    def bcast(self, array: np.ndarray | None, root: int = 0) -> np.ndarray:
+        return self.broadcast(array, root)
+
+    def __enter__(self) -> "Communicator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} backend={self.backend} rank={self.rank} size={self.size}>"

@@ -1,0 +1,83 @@
+"""Every environment variable the project reads, in one place.
+
+Our own variables carry the ``ORCH_`` prefix. The others are read because
+launchers we interoperate with set them (mpirun, torchrun) and are listed here
+so that a reader can see the whole surface at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str | None
+    help: str
+
+    def get(self) -> str | None:
+        value = os.environ.get(self.name)
+        return self.default if value in (None, "") else value
+
+    def is_set(self) -> bool:
+        return os.environ.get(self.name, "") != ""
+
+    def get_float(self) -> float | None:
+        value = self.get()
+        if value is None:
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"environment variable {self.name}={value!r} is not a number") from None
+
+    def get_int(self) -> int | None:
+        value = self.get()
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"environment variable {self.name}={value!r} is not an integer") from None
+
+
+_ALL: list[EnvVar] = []
+
+
+def _var(name: str, default: str | None, help: str) -> EnvVar:
+    var = EnvVar(name, default, help)
+    _ALL.append(var)
+    return var
+
+
+# --- our own ---------------------------------------------------------------
+TIMEOUT = _var("ORCH_TIMEOUT", "120", "seconds any blocking wait (collective, peer, worker reply) may take before it fails")
+BASE_PORT = _var("ORCH_BASE_PORT", "29500", "first TCP port of the zmq communicator; rank r listens on base + r")
+COMM_BACKEND = _var("ORCH_COMM_BACKEND", None, "force a communicator backend: mpi, zmq or single")
+LOG_LEVEL = _var("ORCH_LOG_LEVEL", "WARNING", "logging level of the orchestrator's own loggers")
+DEMO_DIR = _var("ORCH_DEMO_DIR", None, "where the demo writes its sample model (default: a temporary directory)")
+
+# --- set by other launchers; read, never required ----------------------------
+RANK = _var("RANK", None, "torchrun-style global rank; exported to every rank we start")
+WORLD_SIZE = _var("WORLD_SIZE", None, "torchrun-style world size; exported to every rank we start")
+LOCAL_RANK = _var("LOCAL_RANK", None, "torchrun-style rank on this host; exported to every rank we start")
+OMPI_COMM_WORLD_RANK = _var("OMPI_COMM_WORLD_RANK", None, "set by Open MPI's mpirun: tells a process it runs under MPI")
+OMPI_COMM_WORLD_SIZE = _var("OMPI_COMM_WORLD_SIZE", None, "set by Open MPI's mpirun")
+OMPI_COMM_WORLD_LOCAL_RANK = _var("OMPI_COMM_WORLD_LOCAL_RANK", None, "set by Open MPI's mpirun")
+PMI_RANK = _var("PMI_RANK", None, "set by MPICH's mpiexec (hydra): tells a process it runs under MPI")
+PMI_SIZE = _var("PMI_SIZE", None, "set by MPICH's mpiexec (hydra)")
+
+
+def all_variables() -> list[EnvVar]:
+    """Every variable the project reads, in declaration order."""
+    return list(_ALL)
+
+
+def default_timeout() -> float:
+    """The timeout in seconds for any blocking wait, from ORCH_TIMEOUT."""
+    value = TIMEOUT.get_float()
+    if value is None or value <= 0:
+        raise ValueError(f"ORCH_TIMEOUT must be a positive number of seconds, got {TIMEOUT.get()!r}")
+    return value

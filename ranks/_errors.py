@@ -1,0 +1,57 @@
+"""Exception types of the project.
+
+Every type derives from ``OrchestratorError`` and from the builtin a user's
+``except`` clause would naturally name (``ValueError`` for bad input,
+``TimeoutError`` for a wait that ran out, ``FileNotFoundError`` for a missing
+model), so both styles of handling work.
+"""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error raised by this project."""
+
+
+class ConfigError(OrchestratorError, ValueError):
+    """An invalid setting: a Context field, an ini file, a flag."""
+
+
+class RankTableError(ConfigError):
+    """A malformed or inconsistent HCCL rank table."""
+
+
+class ModelError(OrchestratorError, RuntimeError):
+    """A model file that cannot be loaded or run."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """The model file does not exist."""
+
+
+class InputError(OrchestratorError, ValueError):
+    """Inputs that do not match what the model expects."""
+
+
+class ProviderError(OrchestratorError, RuntimeError):
+    """A requested device whose execution provider is not available."""
+
+
+class ShardError(OrchestratorError, ValueError):
+    """A model that cannot be sliced as asked, or shards that do not belong together."""
+
+
+class CommError(OrchestratorError, RuntimeError):
+    """A collective or point-to-point operation that failed."""
+
+
+class CommTimeoutError(CommError, TimeoutError):
+    """A peer that did not answer within the timeout."""
+
+
+class PeerLostError(CommError, ConnectionError):
+    """A peer that exited or closed its connection mid-operation."""
+
+
+class WorkerError(OrchestratorError, RuntimeError):
+    """A worker process that died, stalled or refused a request."""
