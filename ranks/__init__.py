@@ -17,4 +17,5 @@ from ._errors import (
     ShardError,
     WorkerError,
 )
+from ._rank_table import RankDevice, RankTable, generate_rank_table
 from ._remote_errors import RemoteError, RemoteTraceback
