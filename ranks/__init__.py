@@ -19,3 +19,4 @@ from ._errors import (
 )
 from ._rank_table import RankDevice, RankTable, generate_rank_table
 from ._remote_errors import RemoteError, RemoteTraceback
+from ._comm_mpi import MpiCommunicator
