@@ -20,3 +20,5 @@ from ._errors import (
 from ._rank_table import RankDevice, RankTable, generate_rank_table
 from ._remote_errors import RemoteError, RemoteTraceback
 from ._comm_mpi import MpiCommunicator
+from ._comm_zmq import ZmqCommunicator
+from ._world import Identity, create_communicator, export_torchrun_env, resolve_identity

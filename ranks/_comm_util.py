@@ -73,7 +73,8 @@ def reduce_arrays(op: str, arrays: list[np.ndarray]) -> np.ndarray:
     ufunc = table[op]
     if len(arrays) == 1:
         return np.array(arrays[0], copy=True)
-    out = ufunc(arrays[0], arrays[1])
+    out = np.empty_like(arrays[0])  # an explicit output keeps 0-d results arrays, not scalars
+    ufunc(arrays[0], arrays[1], out=out)
     for a in arrays[2:]:
         ufunc(out, a, out=out)
     return out

@@ -1,0 +1,194 @@
+"""Who this process is (rank, size, device) and which communicator it gets.
+
+``resolve_identity`` reads, in order: explicit values; MPI when started by
+mpirun/mpiexec (their environment says so, then mpi4py's COMM_WORLD);
+torchrun-style ``RANK/WORLD_SIZE/LOCAL_RANK``; else a world of one.
+
+``create_communicator`` picks the backend: an explicit one (argument, then
+``ORCH_COMM_BACKEND``), else ``mpi`` when started by mpirun, else ``zmq``
+when a rank table is given, else ``single``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import _env
+from ._comm_base import Communicator
+from ._errors import ConfigError
+
+BACKENDS = ("mpi", "zmq", "single")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """This process's place in the job; ``source`` says where it was read from."""
+
+    rank: int
+    size: int
+    local_rank: int
+    device_id: int | None
+    source: str  # "explicit", "mpi", "torchrun" or "single"
+
+
+def launched_by_mpi() -> bool:
+    """True when mpirun (Open MPI) or mpiexec (MPICH hydra, Intel MPI) started this process."""
+    return _env.OMPI_COMM_WORLD_SIZE.is_set() or _env.PMI_SIZE.is_set() or _env.PMI_RANK.is_set()
+
+
+def _int_var(var) -> int | None:
+    try:
+        return var.get_int()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def resolve_identity(rank_id: int | None = None, world_size: int | None = None, device_id: int | None = None) -> Identity:
+    """This process's rank, world size, local rank and device id.
+
+    ``device_id`` defaults to the local rank (one device per rank on a host),
+    as the seeds' shell samples number them. Raises ``ConfigError`` for a rank
+    outside ``0..world_size-1`` or unreadable launcher variables.
+    """
+    if rank_id is not None:
+        if world_size is None:
+            # A rank without a size: take the size from the launcher if there is one.
+            if launched_by_mpi():
+                world_size = _mpi_identity().size
+            elif _env.WORLD_SIZE.is_set():
+                world_size = _int_var(_env.WORLD_SIZE)
+        identity = Identity(
+            rank=int(rank_id),
+            size=int(world_size) if world_size is not None else int(rank_id) + 1,
+            local_rank=int(device_id) if device_id is not None else _local_rank_from_env(default=int(rank_id)),
+            device_id=None,
+            source="explicit",
+        )
+    elif launched_by_mpi():
+        identity = _mpi_identity()
+        if world_size is not None and world_size != identity.size:
+            raise ConfigError(f"world size {world_size} was given, but mpirun started {identity.size} processes")
+    elif _env.RANK.is_set():
+        rank = _int_var(_env.RANK)
+        size = _int_var(_env.WORLD_SIZE) if _env.WORLD_SIZE.is_set() else world_size
+        if size is None:
+            raise ConfigError("RANK is set but WORLD_SIZE is not; set both (torchrun sets both)")
+        local = _int_var(_env.LOCAL_RANK) if _env.LOCAL_RANK.is_set() else rank
+        identity = Identity(rank, size, local, None, "torchrun")
+    else:
+        identity = Identity(0, 1 if world_size is None else int(world_size), 0, None, "single")
+    if identity.size < 1 or not 0 <= identity.rank < identity.size:
+        raise ConfigError(f"rank {identity.rank} is outside 0..{identity.size - 1} (world size {identity.size})")
+    return Identity(
+        identity.rank,
+        identity.size,
+        identity.local_rank,
+        int(device_id) if device_id is not None else identity.local_rank,
+        identity.source,
+    )
+
+
+def _local_rank_from_env(default: int) -> int:
+    for var in (_env.OMPI_COMM_WORLD_LOCAL_RANK, _env.LOCAL_RANK):
+        if var.is_set():
+            return _int_var(var)
+    return default
+
+
+def _mpi_identity() -> Identity:
+    if _env.OMPI_COMM_WORLD_RANK.is_set() and _env.OMPI_COMM_WORLD_SIZE.is_set():
+        # Open MPI says it all in the environment; no need to initialise MPI yet.
+        rank = _int_var(_env.OMPI_COMM_WORLD_RANK)
+        size = _int_var(_env.OMPI_COMM_WORLD_SIZE)
+        local = _int_var(_env.OMPI_COMM_WORLD_LOCAL_RANK) if _env.OMPI_COMM_WORLD_LOCAL_RANK.is_set() else rank
+        return Identity(rank, size, local, None, "mpi")
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    local = world.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return Identity(world.Get_rank(), world.Get_size(), local.Get_rank(), None, "mpi")
+    finally:
+        local.Free()
+
+
+def export_torchrun_env(identity: Identity) -> None:
+    """Set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` for libraries that read them."""
+    os.environ[_env.RANK.name] = str(identity.rank)
+    os.environ[_env.WORLD_SIZE.name] = str(identity.size)
+    os.environ[_env.LOCAL_RANK.name] = str(identity.local_rank)
+
+
+def choose_backend(backend: str | None = None, rank_table=None) -> str:
+    """The backend ``create_communicator`` would use for these arguments."""
+    chosen = backend or _env.COMM_BACKEND.get()
+    if chosen:
+        chosen = chosen.strip().lower()
+        if chosen not in BACKENDS:
+            source = "backend" if backend else _env.COMM_BACKEND.name
+            raise ConfigError(f"{source}={chosen!r} is not a communicator backend; use one of {', '.join(BACKENDS)}")
+        return chosen
+    if launched_by_mpi():
+        return "mpi"
+    if rank_table is not None:
+        return "zmq"
+    return "single"
+
+
+def create_communicator(
+    backend: str | None = None,
+    *,
+    rank: int | None = None,
+    size: int | None = None,
+    rank_table=None,
+    base_port: int | None = None,
+    timeout: float | None = None,
+    shared_memory: bool | None = None,
+) -> Communicator:
+    """A communicator for this process.
+
+    ``rank_table`` is a ``RankTable`` or the path of one (needed by ``zmq``);
+    ``rank``/``size`` default to ``resolve_identity()``; ``base_port``
+    defaults to ``ORCH_BASE_PORT`` (29500); ``timeout`` to ``ORCH_TIMEOUT``
+    (120 s). ``shared_memory`` (zmq only) forces the same-host fast path on
+    or off; by default it is used when every rank is on one server.
+    """
+    from ._env import default_timeout
+
+    timeout = default_timeout() if timeout is None else float(timeout)
+    if timeout <= 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    chosen = choose_backend(backend, rank_table)
+    if chosen == "single":
+        from ._comm_single import SingleCommunicator
+
+        if size not in (None, 1):
+            raise ConfigError(f"the single backend is a world of one, but size={size} was asked for")
+        return SingleCommunicator(timeout=timeout)
+    if chosen == "mpi":
+        from ._comm_mpi import MpiCommunicator
+
+        comm = MpiCommunicator(timeout=timeout)
+        if size is not None and size != comm.size:
+            raise ConfigError(f"size {size} was asked for, but MPI's COMM_WORLD has {comm.size} ranks")
+        if rank is not None and rank != comm.rank:
+            raise ConfigError(f"rank {rank} was asked for, but this process is rank {comm.rank} of MPI's COMM_WORLD")
+        return comm
+    from ._comm_zmq import ZmqCommunicator
+    from ._rank_table import RankTable
+
+    if rank_table is None:
+        raise ConfigError("the zmq backend needs a rank table (config_file [ascend_context] rank_table_file=, or rank_table=)")
+    table = rank_table if isinstance(rank_table, RankTable) else RankTable.load(rank_table)
+    if rank is None:
+        rank = resolve_identity(world_size=size if size is not None else None).rank if (
+            launched_by_mpi() or _env.RANK.is_set()
+        ) else None
+    if rank is None:
+        raise ConfigError("the zmq backend needs this process's rank (--rank_id, RANK, or rank=)")
+    if size is not None and size != table.world_size:
+        raise ConfigError(f"size {size} was asked for, but rank table {table.source} lists {table.world_size} ranks")
+    if base_port is None:
+        base_port = _env.BASE_PORT.get_int()
+    return ZmqCommunicator(rank, table, base_port=base_port, timeout=timeout, shared_memory=shared_memory)
