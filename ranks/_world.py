@@ -181,10 +181,8 @@ def create_communicator(
     if rank_table is None:
         raise ConfigError("the zmq backend needs a rank table (config_file [ascend_context] rank_table_file=, or rank_table=)")
     table = rank_table if isinstance(rank_table, RankTable) else RankTable.load(rank_table)
-    if rank is None:
-        rank = resolve_identity(world_size=size if size is not None else None).rank if (
-            launched_by_mpi() or _env.RANK.is_set()
-        ) else None
+    if rank is None and (launched_by_mpi() or _env.RANK.is_set()):
+        rank = resolve_identity().rank
     if rank is None:
         raise ConfigError("the zmq backend needs this process's rank (--rank_id, RANK, or rank=)")
     if size is not None and size != table.world_size:
