@@ -13,6 +13,7 @@ DTYPES: tuple[np.dtype, ...] = SUPPORTED_DTYPES + tuple(
     np.dtype(t) for t in (np.uint8, np.int16, np.uint16, np.uint32, np.uint64)
 )
 DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
+CHAR_CODE = {dt.char: i for i, dt in enumerate(DTYPES)}  # dtype.char lookups are cheaper than dtype hashing
 
 OP_CODE = {name: i for i, name in enumerate(REDUCE_OPS)}
 
@@ -21,10 +22,11 @@ _BOOL_UFUNC = {"sum": np.logical_or, "max": np.logical_or, "min": np.logical_and
 _UFUNC = {"sum": np.add, "max": np.maximum, "min": np.minimum, "prod": np.multiply}
 
 
-def as_array(array, what: str) -> np.ndarray:
+def as_array(array, verb: str, rank: int) -> np.ndarray:
     """``array`` as a C-contiguous, native-byte-order numpy array of a supported dtype."""
     arr = np.asarray(array)
-    if arr.dtype not in DTYPE_CODE:
+    if arr.dtype.char not in CHAR_CODE or arr.dtype.byteorder == (">" if np.little_endian else "<"):
+        what = f"{verb} on rank {rank}"
         native = arr.dtype.newbyteorder("=") if arr.dtype.byteorder not in ("=", "|") else arr.dtype
         if native in DTYPE_CODE:
             arr = arr.astype(native)

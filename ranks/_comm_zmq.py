@@ -456,7 +456,7 @@ class ZmqCommunicator(Communicator):
     # -- verbs ---------------------------------------------------------------
     def allreduce(self, array, op="sum"):
         check_op(op)
-        arr = as_array(array, f"allreduce on rank {self.rank}")
+        arr = as_array(array, "allreduce", self.rank)
         seq = self._enter("allreduce")
         if self._shm is not None:
             return self._shm.allreduce(arr, op, seq)
@@ -473,7 +473,7 @@ class ZmqCommunicator(Communicator):
         return reduce_arrays(op, [by_rank[r] for r in range(self.size)])
 
     def allgather(self, array, axis=0):
-        arr = as_array(array, f"allgather on rank {self.rank}")
+        arr = as_array(array, "allgather", self.rank)
         axis = gather_axis(arr.shape, axis)
         seq = self._enter("allgather")
         if self._shm is not None:
@@ -490,7 +490,7 @@ class ZmqCommunicator(Communicator):
 
     def broadcast(self, array, root=0):
         root = check_rank(root, self.size, "broadcast root")
-        arr = as_array(array, f"broadcast on rank {self.rank}") if self.rank == root else None
+        arr = as_array(array, "broadcast", self.rank) if self.rank == root else None
         seq = self._enter("broadcast")
         if self._shm is not None:
             return self._shm.broadcast(arr, root, seq)
@@ -512,7 +512,7 @@ class ZmqCommunicator(Communicator):
         """Queue ``array`` for ``dest``; returns without waiting for the receiver."""
         dest = check_rank(dest, self.size, "send dest")
         tag = check_tag(tag)
-        arr = np.array(as_array(array, f"send on rank {self.rank}"), copy=True)
+        arr = np.array(as_array(array, "send", self.rank), copy=True)
         if self._closed or self._broken is not None:
             self._enter("send")
         if dest == self.rank:
