@@ -83,6 +83,7 @@ _HELLO, _READY, _DATA, _BYE, _ABORT = 1, 2, 3, 4, 5
 _KIND_NAMES = {_HELLO: "hello", _READY: "ready", _DATA: "data", _BYE: "bye", _ABORT: "abort"}
 _OP = {"allreduce": 1, "allgather": 2, "broadcast": 3, "barrier": 4, "send": 5}
 _OP_NAMES = {v: k for k, v in _OP.items()}
+_COLLECTIVE_OPS = (1, 2, 3, 4)
 _ZERO_COPY_BYTES = 65536
 _LOST_GRACE = 0.3  # seconds between a peer's connection closing and giving up on it (its last data may still be in flight)
 
@@ -357,9 +358,20 @@ class ZmqCommunicator(Communicator):
                 return got
             now = time.monotonic()
             self._check_peers(missing, what, start, now)
+            if kind == _DATA and op != _OP["send"]:
+                self._check_same_call(missing, op, seq, what)
             if now >= deadline:
                 self._fail(CommTimeoutError(self._timeout_text(what, missing, now - start)))
             self._pump(max(1, min(int((deadline - now) * 1000) + 1, 100)))
+
+    def _check_same_call(self, waiting_for: list[int], op: int, seq: int, what: str) -> None:
+        """A peer whose collective number ``seq`` is another verb would never send what we wait for."""
+        for peer in waiting_for:
+            for other in _COLLECTIVE_OPS:
+                if other != op and (peer, _DATA, other, seq) in self._inbox:
+                    self._fail(CommError(
+                        f"{what} on rank {self.rank} of {self.size}: rank {peer} called {_OP_NAMES[other]} #{seq} instead"
+                    ))
 
     def _check_peers(self, waiting_for: list[int], what: str, start: float, now: float) -> None:
         problem = self._peer_problem(waiting_for, what, start, now)

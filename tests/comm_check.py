@@ -105,6 +105,10 @@ def check(comm) -> int:
 
 
 def main(argv: list[str]) -> int:
+    import faulthandler
+
+    # Should this ever hang, say where, and exit (the tests must leave nothing running).
+    faulthandler.dump_traceback_later(100, exit=True)
     backend = argv[0]
     if backend == "mpi":
         from ranks import MpiCommunicator

@@ -24,6 +24,10 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
+    import faulthandler
+
+    # Should this ever hang, say where, and exit (the tests must leave nothing running).
+    faulthandler.dump_traceback_later(60, exit=True)
     mode, bad, backend, timeout = argv[0], int(argv[1]), argv[2], float(argv[3])
     from ranks import CommError
 

@@ -87,7 +87,7 @@ def assert_none_left(marker: str, grace: float = 5.0) -> None:
 
 def orch_segments() -> set[str]:
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("orch_")}
+        return {n for n in os.listdir("/dev/shm") if n.startswith(("orch_zmq_", "orch_mpi_"))}
     except OSError:
         return set()
 
@@ -124,9 +124,11 @@ def run_mpi(n: int, *args: str, timeout: float) -> tuple[subprocess.CompletedPro
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, ""), time.monotonic() - start, marker
 
 
-def run_ranks(commands: list[list[str] | None], *, timeout: float, prefix: list[list[str]] | None = None):
+def run_ranks(commands: list[list[str] | None], *, timeout: float, prefix: list[list[str]] | None = None,
+              wait_for: list[int] | None = None):
     """Start one process per command (None: that rank is not started); wait for all, bounded.
 
+    ``wait_for``: only wait for these ranks, then kill the others (a rank that hangs on purpose).
     Returns ([(returncode, output)], seconds). Kills everything left at the end.
     """
     env, marker = env_with_marker()
@@ -140,6 +142,15 @@ def run_ranks(commands: list[list[str] | None], *, timeout: float, prefix: list[
         procs.append(subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT))
     results = []
     try:
+        if wait_for is not None:
+            for i in wait_for:
+                try:
+                    procs[i].wait(timeout=max(0.1, timeout - (time.monotonic() - start)))
+                except subprocess.TimeoutExpired:
+                    pass
+            for i, proc in enumerate(procs):
+                if i not in wait_for and proc is not None and proc.poll() is None:
+                    proc.kill()
         for proc in procs:
             if proc is None:
                 results.append((None, ""))

@@ -1,0 +1,163 @@
+"""The zmq backend with real rank processes on 127.0.0.1: every verb and dtype, both paths, and failures."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from ranks import CommError, RankTable, ZmqCommunicator, generate_rank_table
+from tests.comm_procs import TESTS, free_base_port, orch_segments, run_ranks, write_local_table
+
+pytestmark = pytest.mark.multiprocess
+
+CHECK = str(TESTS / "comm_check.py")
+FAIL = str(TESTS / "comm_fail.py")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("n,path", [(2, "shm"), (3, "shm"), (2, "tcp"), (3, "tcp")])
+def test_every_verb_and_dtype(tmp_path, n, path):
+    before = orch_segments()
+    table = write_local_table(tmp_path / "t.json", n)
+    port = free_base_port(n)
+    results, _ = run_ranks([[CHECK, "zmq", str(r), str(n), str(table), str(port), path] for r in range(n)], timeout=140)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, out
+        assert f"CHECKED rank {rank} of {n}:" in out and f"backend zmq, path {path}" in out, out
+    assert orch_segments() <= before, "a shared-memory segment outlived the ranks"
+
+
+def _fail_run(tmp_path, mode: str, path: str, timeout: float = 4.0, n: int = 2, bad: int = 1, absent: bool = False,
+              wait_for=None):
+    table = write_local_table(tmp_path / "t.json", n)
+    port = free_base_port(n)
+    commands = [[FAIL, mode, str(bad), "zmq", str(timeout), str(r), str(table), str(port), path] for r in range(n)]
+    if absent:
+        commands[bad] = None
+    before = orch_segments()
+    results, seconds = run_ranks(commands, timeout=60, wait_for=wait_for)
+    assert orch_segments() <= before, "a shared-memory segment outlived the ranks"
+    return results, seconds, port
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("path", ["shm", "tcp"])
+def test_rank_that_raises(tmp_path, path):
+    results, seconds, port = _fail_run(tmp_path, "raise", path, timeout=20)
+    code, out = results[1]
+    assert code != 0 and "ValueError: rank 1 raises on purpose" in out
+    code, out = results[0]
+    assert code == 3, out
+    assert re.search(r"FAILED PeerLostError after \d+\.\d+ s: allreduce #2 on rank 0 of 2: ", out), out
+    assert "rank 1" in out
+    # Promptly: far inside the 20 s timeout.
+    assert float(re.search(r"after (\d+\.\d+) s", out).group(1)) < 5, out
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("path", ["shm", "tcp"])
+def test_rank_killed_with_sigkill(tmp_path, path):
+    results, seconds, port = _fail_run(tmp_path, "kill", path, timeout=20)
+    assert results[1][0] == -9
+    code, out = results[0]
+    assert code == 3, out
+    assert re.search(r"FAILED PeerLostError after \d+\.\d+ s: allreduce #2 on rank 0 of 2: .*rank 1", out), out
+    assert float(re.search(r"after (\d+\.\d+) s", out).group(1)) < 5, out
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("path", ["shm", "tcp"])
+def test_rank_that_hangs_times_out_with_names(tmp_path, path):
+    results, seconds, port = _fail_run(tmp_path, "hang", path, timeout=3, n=3, bad=2, wait_for=[0, 1])
+    for rank in (0, 1):
+        code, out = results[rank]
+        assert code == 3, out
+        assert re.search(
+            rf"FAILED CommTimeoutError after 3\.\d+ s: allreduce #2 on rank {rank} of 3 timed out after 3\.\d s waiting for .*rank 2", out
+        ), out
+        if path == "tcp":
+            assert f"rank 2 at tcp://127.0.0.1:{port + 2}" in out, out
+        else:
+            assert "rank 2 (pid" in out and "it is in allreduce #1" in out, out
+    assert results[2][0] == -9  # still asleep: the harness killed it once the others had failed
+
+
+@pytest.mark.timeout(90)
+def test_rank_that_never_starts(tmp_path):
+    results, seconds, port = _fail_run(tmp_path, "raise", "shm", timeout=3, n=3, bad=1, absent=True)
+    for rank in (0, 2):
+        code, out = results[rank]
+        assert code != 0, out
+        assert re.search(
+            rf"CommTimeoutError.*: joining \(waiting for every rank's hello\) on rank {rank} of 3 timed out after 3\.\d s "
+            rf"waiting for rank 1 at tcp://127\.0\.0\.1:{port + 1}", out
+        ), out
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("path", ["shm", "tcp"])
+def test_ranks_calling_different_collectives(tmp_path, path):
+    results, seconds, port = _fail_run(tmp_path, "mismatch", path, timeout=10)
+    # Whichever rank notices first raises CommError; the other learns it from its ABORT message.
+    for code, out in results:
+        assert code == 3, out
+        assert re.search(r"FAILED (CommError|PeerLostError)", out), out
+        assert re.search(r"allreduce #2 on rank 0 of 2: rank 1 called allgather #2 instead|"
+                         r"allgather #2 on rank 1 of 2: rank 0 called allreduce #2 instead", out), out
+    assert seconds < 8
+
+
+# -- in-process checks (one rank, or errors raised before any peer is needed) ----------------
+def test_single_rank_table_works_in_process():
+    table = generate_rank_table([("127.0.0.1", [0])])
+    with ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5) as comm:
+        assert (comm.rank, comm.size, comm.path) == (0, 1, "tcp")
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        assert np.array_equal(comm.allreduce(x, op="max"), x)
+        assert np.array_equal(comm.allgather(x, axis=1), x)
+        assert np.array_equal(comm.broadcast(x), x)
+        comm.barrier()
+        comm.send(x, 0, tag=4)
+        assert np.array_equal(comm.recv(0, tag=4), x)
+    with pytest.raises(CommError, match="closed"):
+        comm.allreduce(x)
+
+
+def test_bad_arguments_are_named():
+    table = generate_rank_table([("127.0.0.1", [0])])
+    with ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5) as comm:
+        with pytest.raises(ValueError, match="allreduce op must be one of"):
+            comm.allreduce(np.ones(2), op="mean")
+        with pytest.raises(TypeError, match="allreduce on rank 0: dtype complex128 is not supported"):
+            comm.allreduce(np.ones(2, complex))
+        with pytest.raises(ValueError, match="allgather axis 2 is out of range for an array of 2 dimensions"):
+            comm.allgather(np.ones((2, 2)), axis=2)
+        with pytest.raises(ValueError, match=r"broadcast root must be a rank in 0..0, got 1"):
+            comm.broadcast(np.ones(2), root=1)
+        with pytest.raises(ValueError, match="send dest must be a rank"):
+            comm.send(np.ones(2), 3)
+    with pytest.raises(ValueError, match=r"rank \(rank table <generated> lists 1 ranks\) must be a rank in 0..0, got 1"):
+        ZmqCommunicator(1, table, base_port=free_base_port(1), timeout=5)
+
+
+def test_port_in_use_is_named():
+    import socket
+
+    port = free_base_port(1)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        with pytest.raises(CommError, match=rf"rank 0 of 1: cannot listen on tcp://127.0.0.1:{port} .*choose another base_port"):
+            ZmqCommunicator(0, generate_rank_table([("127.0.0.1", [0])]), base_port=port, timeout=5)
+
+
+def test_address_not_on_this_host_is_named(tmp_path):
+    table = RankTable.from_dict({
+        "version": "1.0", "server_count": "1", "status": "completed",
+        "server_list": [{"server_id": "192.0.2.1", "device": [{"device_id": "0", "rank_id": "0"}]}],
+    })
+    with pytest.raises(CommError, match=r"cannot listen on tcp://192.0.2.1:\d+ .*192.0.2.1 is not an address of this host"):
+        ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5)
