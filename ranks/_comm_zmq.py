@@ -550,27 +550,31 @@ class ZmqCommunicator(Communicator):
         self._teardown(send_bye=self._broken is None)
 
     def _teardown(self, send_bye: bool) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
-        for dealer in self._dealers.values():
-            if send_bye:
+        # Every step bounded; the context goes last and is destroyed (not merely
+        # terminated), so a socket left open by an error cannot block interpreter exit.
+        try:
+            if self._shm is not None:
+                self._shm.close()
+                self._shm = None
+        finally:
+            for dealer in self._dealers.values():
+                if send_bye:
+                    try:
+                        dealer.send(_encode_header(_BYE, 0, None, 0), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
                 try:
-                    dealer.send(_encode_header(_BYE, 0, None, 0), zmq.NOBLOCK)
+                    dealer.disable_monitor()
                 except zmq.ZMQError:
                     pass
-        for monitor in self._monitors:
-            monitor.close(linger=0)
-        for dealer in self._dealers.values():
-            try:
-                dealer.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            # A second of linger lets the last results and the goodbye reach live peers; dead ones cost nothing.
-            dealer.close(linger=1000 if send_bye else 0)
-        if self._router is not None:
-            self._router.close(linger=0)
-        self._ctx.term()
+            for monitor in self._monitors:
+                monitor.close(linger=0)
+            for dealer in self._dealers.values():
+                # A second of linger lets the last results and the goodbye reach live peers; dead ones cost nothing.
+                dealer.close(linger=1000 if send_bye else 0)
+            if self._router is not None:
+                self._router.close(linger=0)
+            self._ctx.destroy(linger=0)
 
     def __del__(self):
         try:

@@ -145,9 +145,12 @@ def create_communicator(
     base_port: int | None = None,
     timeout: float | None = None,
     shared_memory: bool | None = None,
+    config_file: str | os.PathLike | None = None,
 ) -> Communicator:
     """A communicator for this process.
 
+    ``config_file``: a config_file.ini whose ``[comm] backend/timeout/base_port``
+    and ``[ascend_context] rank_table_file`` fill in the arguments not given.
     ``rank_table`` is a ``RankTable`` or the path of one (needed by ``zmq``);
     ``rank``/``size`` default to ``resolve_identity()``; ``base_port``
     defaults to ``ORCH_BASE_PORT`` (29500); ``timeout`` to ``ORCH_TIMEOUT``
@@ -156,6 +159,14 @@ def create_communicator(
     """
     from ._env import default_timeout
 
+    if config_file:
+        from ._config_file import load_config
+
+        config = load_config(config_file)
+        backend = backend or config.comm.backend
+        timeout = timeout if timeout is not None else config.comm.timeout
+        base_port = base_port if base_port is not None else config.comm.base_port
+        rank_table = rank_table if rank_table is not None else config.rank_table_file
     timeout = default_timeout() if timeout is None else float(timeout)
     if timeout <= 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")

@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
         from ranks import RankTable, ZmqCommunicator
 
         rank, size, table, port = int(argv[1]), int(argv[2]), argv[3], int(argv[4])
-        shm = argv[5] != "tcp" if len(argv) > 5 else True
+        shm = {"shm": True, "tcp": False}.get(argv[5] if len(argv) > 5 else "auto")
         comm = ZmqCommunicator(rank, RankTable.load(table), base_port=port, timeout=60, shared_memory=shm)
         assert comm.size == size
     with comm:

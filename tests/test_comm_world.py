@@ -1,0 +1,139 @@
+"""Who a process is and which communicator it gets: in-process checks, then the example as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from ranks import (
+    ConfigError,
+    Identity,
+    SingleCommunicator,
+    ZmqCommunicator,
+    create_communicator,
+    export_torchrun_env,
+    generate_rank_table,
+    resolve_identity,
+)
+from ranks._world import choose_backend
+from tests.comm_procs import ROOT, free_base_port, have_mpirun, run_mpi, run_ranks
+
+LAUNCHER_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE",
+                 "RANK", "WORLD_SIZE", "LOCAL_RANK", "ORCH_COMM_BACKEND")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_identity_alone(clean_env):
+    assert resolve_identity() == Identity(0, 1, 0, 0, "single")
+
+
+def test_identity_explicit_wins(clean_env):
+    clean_env.setenv("RANK", "5")
+    clean_env.setenv("WORLD_SIZE", "8")
+    assert resolve_identity(rank_id=1, world_size=4, device_id=3) == Identity(1, 4, 3, 3, "explicit")
+
+
+def test_identity_from_open_mpi_environment(clean_env):
+    clean_env.setenv("OMPI_COMM_WORLD_RANK", "3")
+    clean_env.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    clean_env.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    clean_env.setenv("RANK", "0")  # mpirun outranks torchrun-style variables
+    assert resolve_identity() == Identity(3, 4, 1, 1, "mpi")
+    with pytest.raises(ConfigError, match="world size 2 was given, but mpirun started 4 processes"):
+        resolve_identity(world_size=2)
+
+
+def test_identity_from_torchrun_environment(clean_env):
+    clean_env.setenv("RANK", "2")
+    clean_env.setenv("WORLD_SIZE", "3")
+    clean_env.setenv("LOCAL_RANK", "0")
+    assert resolve_identity() == Identity(2, 3, 0, 0, "torchrun")
+    assert resolve_identity(device_id=7).device_id == 7
+    clean_env.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="RANK is set but WORLD_SIZE is not"):
+        resolve_identity()
+
+
+def test_identity_rejects_rank_outside_world(clean_env):
+    with pytest.raises(ConfigError, match=r"rank 4 is outside 0..1 \(world size 2\)"):
+        resolve_identity(rank_id=4, world_size=2)
+    clean_env.setenv("RANK", "x")
+    clean_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="RANK='x' is not an integer"):
+        resolve_identity()
+
+
+def test_export_torchrun_env(clean_env):
+    export_torchrun_env(Identity(1, 2, 1, 5, "explicit"))
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
+
+
+def test_backend_choice(clean_env):
+    assert choose_backend() == "single"
+    assert choose_backend(rank_table="t.json") == "zmq"
+    clean_env.setenv("PMI_SIZE", "2")
+    assert choose_backend(rank_table="t.json") == "mpi"  # launched by mpiexec wins over a table
+    assert choose_backend("zmq") == "zmq"  # an explicit choice wins over everything
+    clean_env.setenv("ORCH_COMM_BACKEND", "single")
+    assert choose_backend() == "single"
+    clean_env.setenv("ORCH_COMM_BACKEND", "nccl")
+    with pytest.raises(ConfigError, match="ORCH_COMM_BACKEND='nccl' is not a communicator backend; use one of mpi, zmq, single"):
+        choose_backend()
+    with pytest.raises(ConfigError, match="backend='gloo' is not a communicator backend"):
+        choose_backend("gloo")
+
+
+def test_create_single_and_zmq_in_process(clean_env, tmp_path):
+    comm = create_communicator(timeout=7)
+    assert isinstance(comm, SingleCommunicator) and comm.timeout == 7
+    table = tmp_path / "one.json"
+    generate_rank_table([("127.0.0.1", [0])]).dump(table)
+    ini = tmp_path / "comm.ini"
+    ini.write_text(f"[ascend_context]\nrank_table_file={table.name}\n[comm]\ntimeout=9\nbase_port={free_base_port(1)}\n")
+    with pytest.raises(ConfigError, match="the zmq backend needs this process's rank"):
+        create_communicator(config_file=ini)
+    with create_communicator(rank=0, config_file=ini) as comm:
+        assert isinstance(comm, ZmqCommunicator) and comm.timeout == 9 and comm.size == 1
+        assert comm.allreduce(np.ones(3))[0] == 1
+    with pytest.raises(ConfigError, match="the zmq backend needs a rank table"):
+        create_communicator("zmq", rank=0)
+    with pytest.raises(ConfigError, match="size 3 was asked for, but rank table .* lists 1 ranks"):
+        create_communicator(rank=0, size=3, rank_table=table)
+
+
+EXAMPLE = str(ROOT / "examples" / "allreduce.py")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not have_mpirun(), reason="mpirun not found")
+def test_example_under_mpirun():
+    result, _, _ = run_mpi(2, EXAMPLE, timeout=80)
+    assert result.returncode == 0, result.stdout
+    for rank in range(2):
+        assert f"rank {rank} of 2 (mpi, device {rank}): allreduce -> [3.0, 3.0, 3.0, 3.0] OK" in result.stdout
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_example_from_a_rank_table(tmp_path):
+    ini = tmp_path / "comm.ini"
+    ini.write_text(
+        f"[ascend_context]\nrank_table_file={ROOT / 'rank_tables' / 'local_2p.json'}\n"
+        f"[comm]\nbase_port={free_base_port(2)}\ntimeout=30\n"
+    )
+    commands = [[EXAMPLE, "--rank_id", str(r), "--device_id", str(r), "--config_file", str(ini)] for r in range(2)]
+    results, _ = run_ranks(commands, timeout=80)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, out
+        assert f"rank {rank} of 2 (zmq, device {rank}): allreduce -> [3.0, 3.0, 3.0, 3.0] OK" in out
