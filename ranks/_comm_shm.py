@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from ._comm_util import DTYPE_CODE, DTYPES, OP_CODE, gather_axis, reduce_into
+from ._comm_util import ResultPool, DTYPE_CODE, DTYPES, OP_CODE, gather_axis, reduce_into
 from ._errors import CommError, CommTimeoutError, PeerLostError
 
 _BLOCK = 160
@@ -79,6 +79,7 @@ class _ShmGroup:
         self.arrivals = 0
         self.round = 0
         self.others = [r for r in range(n) if r != self.rank]
+        self.pool = ResultPool()
 
     @staticmethod
     def segment_size(size: int, chunk: int) -> int:
@@ -214,7 +215,7 @@ class _ShmGroup:
     def allreduce(self, arr: np.ndarray, op: str, seq: int) -> np.ndarray:
         self._announce("allreduce", seq, arr, OP_CODE[op])
         flat = arr.reshape(-1)
-        out = np.empty_like(arr)
+        out = self.pool.empty(arr.shape, arr.dtype)
         out_flat = out.reshape(-1)
         total = flat.size
         per_chunk = max(1, self.chunk // arr.itemsize)
@@ -277,7 +278,7 @@ class _ShmGroup:
                 row_bytes = int(np.prod(send.shape[1:], dtype=np.int64)) * send.itemsize
                 sizes = [r_ * row_bytes for r_ in rows]
                 offsets = np.cumsum([0] + sizes[:-1]).tolist()
-                out = np.empty((sum(rows),) + send.shape[1:], dtype=send.dtype)
+                out = self.pool.empty((sum(rows),) + send.shape[1:], send.dtype)
                 out_bytes = out.reshape(-1).view(np.uint8)
                 rounds = max(1, -(-max(sizes) // self.chunk))
             for r in range(self.size):
@@ -329,7 +330,7 @@ class _ShmGroup:
                 row = self._call(root, seq)
                 dtype = DTYPES[int(row[_DTYPE])]
                 shape = tuple(int(x) for x in row[_SHAPE : _SHAPE + int(row[_NDIM])])
-                out = np.array(arr, copy=True) if me == root else np.empty(shape, dtype=dtype)
+                out = np.array(arr, copy=True) if me == root else self.pool.empty(shape, dtype)
                 out_bytes = out.reshape(-1).view(np.uint8)
                 nbytes = out_bytes.size
                 rounds = max(1, -(-nbytes // self.chunk))
@@ -352,6 +353,7 @@ class _ShmGroup:
         except (ValueError, TypeError):
             pass
         self.ctl = None
+        self.pool.clear()
         try:
             self.mapping.close()
         except BufferError:

@@ -55,6 +55,10 @@ def _var(name: str, default: str | None, help: str) -> EnvVar:
 # --- our own ---------------------------------------------------------------
 TIMEOUT = _var("ORCH_TIMEOUT", "120", "seconds any blocking wait (collective, peer, worker reply) may take before it fails")
 BASE_PORT = _var("ORCH_BASE_PORT", "29500", "first TCP port of the zmq communicator; rank r listens on base + r")
+COMM_POOL_MB = _var(
+    "ORCH_COMM_POOL_MB", "512",
+    "megabytes of large collective results a communicator may keep for reuse once the caller dropped them (0: off)",
+)
 COMM_BACKEND = _var("ORCH_COMM_BACKEND", None, "force a communicator backend: mpi, zmq or single")
 LOG_LEVEL = _var("ORCH_LOG_LEVEL", "WARNING", "logging level of the orchestrator's own loggers")
 DEMO_DIR = _var("ORCH_DEMO_DIR", None, "where the demo writes its sample model (default: a temporary directory)")

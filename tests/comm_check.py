@@ -84,7 +84,13 @@ def check(comm) -> int:
     )
     # Large enough to take every backend's chunked paths (3 MB + change).
     large = [data(k, (777_777,), np.float32, salt=5) for k in range(n)]
-    same(comm.allreduce(large[r]), expected_reduce("sum", large), "large allreduce")
+    kept = comm.allreduce(large[r])
+    doubled = comm.allreduce(large[r] * 2)  # must not reuse the memory of ``kept``, which is still held
+    same(kept, expected_reduce("sum", large), "large allreduce")
+    same(doubled, expected_reduce("sum", large) * 2, "second large allreduce")
+    del kept, doubled
+    for _ in range(3):  # results dropped at once: the pool hands the same memory out again
+        same(comm.allreduce(large[r]), expected_reduce("sum", large), "large allreduce again")
     same(comm.allgather(large[r]), np.concatenate(large), "large allgather")
     same(comm.broadcast(large[r] if r == n - 1 else None, root=n - 1), large[n - 1], "large broadcast")
     cases += 4

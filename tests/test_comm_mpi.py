@@ -61,4 +61,7 @@ def test_ranks_calling_different_collectives_fail_clearly():
     assert result.returncode != 0
     out = result.stdout
     assert "FAILED CommError" in out, out
-    assert "allreduce #2 on rank 0 of 2: the ranks disagree on the call" in out and "rank 1: allgather #2" in out, out
+    # Which rank notices how depends on what MPI makes of the mismatched messages; both name the call.
+    assert re.search(r"allreduce #2 on rank 0 of 2: (the ranks disagree on the call|MPI failed while the ranks met .*"
+                     r"do all ranks make the same collective calls in the same order\?)", out), out
+    assert re.search(r"allgather #2 on rank 1 of 2: (the ranks disagree on the call; rank 0 is not making this call|MPI failed)", out), out

@@ -137,3 +137,25 @@ def test_example_from_a_rank_table(tmp_path):
     for rank, (code, out) in enumerate(results):
         assert code == 0, out
         assert f"rank {rank} of 2 (zmq, device {rank}): allreduce -> [3.0, 3.0, 3.0, 3.0] OK" in out
+
+
+def test_result_pool_never_hands_out_memory_still_held():
+    from ranks._comm_util import ResultPool
+
+    pool = ResultPool(max_bytes=64 << 20)
+    a = pool.empty((1 << 18,), np.float32)  # 1 MB: pooled
+    a[:] = 1
+    b = pool.empty((1 << 18,), np.float32)
+    assert not np.shares_memory(a, b)  # a is held
+    view = a[::2]
+    del a
+    c = pool.empty((1 << 18,), np.float32)
+    assert not np.shares_memory(view, c)  # a view still holds the first buffer
+    del view
+    d = pool.empty((1 << 18,), np.float32)
+    assert d.shape == (1 << 18,) and d.dtype == np.float32
+    small = pool.empty((10,), np.float64)
+    assert small.base is None  # below 1 MB: plain np.empty
+    assert len(pool._buffers) <= ResultPool.MAX_BUFFERS
+    held = [pool.empty((1 << 18,), np.float32) for _ in range(6)]  # more than the pool keeps: still distinct
+    assert not any(np.shares_memory(x, y) for i, x in enumerate(held) for y in held[i + 1:])
