@@ -82,6 +82,7 @@ class MpiCommunicator(Communicator):
         self._pool = ResultPool()
         self._gather_in = array.array("q", bytes(24))
         self._gather_out = array.array("q", bytes(24 * self.size))
+        self._gather_unpack = struct.Struct(f"{3 * self.size}q").unpack_from
         self._reductions = {
             "sum": MPI.SUM,
             "max": MPI.MAX,
@@ -161,17 +162,20 @@ class MpiCommunicator(Communicator):
         """Arrival through a nonblocking allgather of (seq, key, count): checks every rank's call, returns the counts."""
         _ROW.pack_into(self._gather_in, 0, seq, key, count)
         self._poll(self._comm.Iallgather(self._gather_in, self._gather_out), op, seq)
-        rows = list(_ROW.iter_unpack(self._gather_out))
-        for rank, (their_seq, their_key, _) in enumerate(rows):
-            if their_seq != seq or their_key != key:
-                message = (
-                    f"{op} #{seq} on rank {self.rank} of {self.size}: the ranks disagree on the call; rank {rank} "
-                    + (f"is not making this call (it reports call #{their_seq})" if their_seq != seq
-                       else "passed a different dtype, axis or shape")
-                )
-                self._broken = message
-                raise CommError(message)
-        return [row[2] for row in rows]
+        values = self._gather_unpack(self._gather_out)
+        size = self.size
+        if values[0::3].count(seq) != size or values[1::3].count(key) != size:
+            for rank in range(size):
+                their_seq, their_key = values[3 * rank], values[3 * rank + 1]
+                if their_seq != seq or their_key != key:
+                    message = (
+                        f"{op} #{seq} on rank {self.rank} of {size}: the ranks disagree on the call; rank {rank} "
+                        + (f"is not making this call (it reports call #{their_seq})" if their_seq != seq
+                           else "passed a different dtype, axis or shape")
+                    )
+                    self._broken = message
+                    raise CommError(message)
+        return values[2::3]
 
     def _local_mismatch(self, op, seq, j, their_op, their_key, key):
         world = self._node_world[j]
@@ -272,32 +276,41 @@ class MpiCommunicator(Communicator):
 
     def allgather(self, array, axis=0):
         arr = as_array(array, "allgather", self.rank)
-        axis = gather_axis(arr.shape, axis)
-        if arr.ndim == 0:
-            arr = arr.reshape(1)
-        other_dims = arr.shape[:axis] + arr.shape[axis + 1 :]
-        key = hash((ord(arr.dtype.char), axis, arr.ndim, other_dims))
+        shape = arr.shape
+        if axis != 0 or not shape:
+            axis = gather_axis(shape, axis)
+            if not shape:
+                arr = arr.reshape(1)
+                shape = (1,)
+        char = arr.dtype.char
+        key = hash((ord(char), axis, len(shape), shape[:axis] + shape[axis + 1 :]))
         seq = self._enter("allgather", key)
         send = arr if axis == 0 else np.ascontiguousarray(np.moveaxis(arr, axis, 0))
         # Arrival that also tells every rank's row count and call key (shapes may differ along the axis).
         counts = self._gather_arrive("allgather", seq, key, send.shape[0])
-        even = all(c == counts[0] for c in counts)
         row_shape = send.shape[1:]
-        raw = send.reshape(-1).view(np.uint8)
-        MPI = self._MPI
-        if even:
-            n = send.shape[0]
-            out = self._pool.empty((self.size * n,) + row_shape, send.dtype)
-            self._data("allgather", seq, self._comm.Allgather, [raw, MPI.BYTE], [out.reshape(-1).view(np.uint8), MPI.BYTE])
-        else:
-            row_bytes = int(np.prod(row_shape, dtype=np.int64)) * send.dtype.itemsize
-            out = self._pool.empty((sum(counts),) + row_shape, send.dtype)
-            sizes = [int(c) * row_bytes for c in counts]
-            displs = [int(d) for d in np.cumsum([0] + sizes[:-1])]
-            self._data(
-                "allgather", seq, self._comm.Allgatherv, [raw, MPI.BYTE],
-                [out.reshape(-1).view(np.uint8), (sizes, displs), MPI.BYTE],
-            )
+        if char == "e":  # MPI has no half type; moving bytes needs none
+            send = send.view(np.uint16)
+        watchdog = self._watchdog
+        if watchdog._thread is None:
+            watchdog.start()
+        watchdog._armed = ("allgather", seq, time.monotonic() + self.timeout)
+        try:
+            if counts.count(counts[0]) == len(counts):
+                out = self._pool.empty((self.size * send.shape[0],) + row_shape, send.dtype)
+                self._comm.Allgather(send, out)
+            else:
+                row_items = 1
+                for d in row_shape:
+                    row_items *= d
+                out = self._pool.empty((sum(counts),) + row_shape, send.dtype)
+                sizes = [c * row_items for c in counts]
+                displs = [sum(sizes[:r]) for r in range(len(sizes))]
+                self._comm.Allgatherv(send, [out, (sizes, displs)])
+        finally:
+            watchdog._armed = None
+        if char == "e":
+            out = out.view(np.float16)
         if axis != 0:
             out = np.ascontiguousarray(np.moveaxis(out, 0, axis))
         return out
