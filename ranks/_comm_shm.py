@@ -115,10 +115,17 @@ class _ShmGroup:
         return self.ctl[rank, at : at + _CALL_LEN]
 
     def barrier(self, op: str, seq: int) -> None:
+        self.wait(op, seq, self.arrive())
+
+    def arrive(self) -> int:
+        """First half of a barrier: announce this rank's arrival (work may follow before ``wait``)."""
         self.arrivals += 1
-        target = self.arrivals
+        self.ctl[self.rank, _ARRIVALS] = self.arrivals
+        return self.arrivals
+
+    def wait(self, op: str, seq: int, target: int) -> None:
+        """Second half: until every rank has arrived at barrier ``target``."""
         ctl = self.ctl
-        ctl[self.rank, _ARRIVALS] = target
         for peer in self.others:
             if ctl[peer, _ARRIVALS] >= target:
                 continue
@@ -271,7 +278,11 @@ class _ShmGroup:
             lo = k * self.chunk
             piece = mine_bytes[lo : lo + self.chunk]
             self._input(self.rank, half, np.uint8, piece.size)[:] = piece
-            self.barrier("allgather", seq)
+            target = self.arrive()
+            if out_bytes is not None:
+                # While the peers copy their pieces in, place my own.
+                out_bytes[offsets[self.rank] + lo : offsets[self.rank] + lo + piece.size] = piece
+            self.wait("allgather", seq, target)
             if rows is None:
                 self._agree_gather(seq, send)
                 rows = [int(self._call(r, seq)[_ROWS]) for r in range(self.size)]
@@ -281,15 +292,11 @@ class _ShmGroup:
                 out = self.pool.empty((sum(rows),) + send.shape[1:], send.dtype)
                 out_bytes = out.reshape(-1).view(np.uint8)
                 rounds = max(1, -(-max(sizes) // self.chunk))
-            for r in range(self.size):
+                out_bytes[offsets[self.rank] : offsets[self.rank] + piece.size] = piece  # round 0's own piece
+            for r in self.others:
                 take = max(0, min(self.chunk, sizes[r] - lo))
-                if not take:
-                    continue
-                dst = out_bytes[offsets[r] + lo : offsets[r] + lo + take]
-                if r == self.rank:
-                    dst[:] = mine_bytes[lo : lo + take]
-                else:
-                    dst[:] = self._input(r, half, np.uint8, take)
+                if take:
+                    out_bytes[offsets[r] + lo : offsets[r] + lo + take] = self._input(r, half, np.uint8, take)
             k += 1
             if k >= rounds:
                 break
