@@ -102,6 +102,7 @@ class MpiCommunicator(Communicator):
         self._host = MPI.Get_processor_name()
         self._setup_progress_window()
         self._watchdog = _Watchdog(self)
+        self._watchdog.start()  # a thread that sleeps; arming it is one attribute write per call
         _install_abort_hooks(self)
 
     # -- where every rank is: a shared-memory window per host -----------------
@@ -333,12 +334,10 @@ class MpiCommunicator(Communicator):
             out = np.empty_like(wide)
             self._data("allreduce", seq, self._comm.Allreduce, wide, out, self._reductions[op])
             return out.astype(np.float16)
-        out = self._pool.empty(arr.shape, arr.dtype)
+        out = np.empty_like(arr) if arr.nbytes < ResultPool.MIN_BYTES else self._pool.empty(arr.shape, arr.dtype)
         mpi_op = self._bool_reductions[op] if char == "?" else self._reductions[op]
         # The data phase, inlined (this is the hot path): the watchdog covers it.
         watchdog = self._watchdog
-        if watchdog._thread is None:
-            watchdog.start()
         watchdog._armed = ("allreduce", seq, time.monotonic() + self.timeout)
         try:
             self._comm.Allreduce(arr, out, mpi_op)
@@ -364,8 +363,6 @@ class MpiCommunicator(Communicator):
         if char == "e":  # MPI has no half type; moving bytes needs none
             send = send.view(np.uint16)
         watchdog = self._watchdog
-        if watchdog._thread is None:
-            watchdog.start()
         watchdog._armed = ("allgather", seq, time.monotonic() + self.timeout)
         try:
             if counts.count(counts[0]) == len(counts):

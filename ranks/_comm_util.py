@@ -24,10 +24,14 @@ _BOOL_UFUNC = {"sum": np.logical_or, "max": np.logical_or, "min": np.logical_and
 _UFUNC = {"sum": np.add, "max": np.maximum, "min": np.minimum, "prod": np.multiply}
 
 
+_FOREIGN = ">" if np.little_endian else "<"
+
+
 def as_array(array, verb: str, rank: int) -> np.ndarray:
     """``array`` as a C-contiguous, native-byte-order numpy array of a supported dtype."""
     arr = np.asarray(array)
-    if arr.dtype.char not in CHAR_CODE or arr.dtype.byteorder == (">" if np.little_endian else "<"):
+    dtype = arr.dtype
+    if dtype.char not in CHAR_CODE or dtype.byteorder == _FOREIGN:
         what = f"{verb} on rank {rank}"
         native = arr.dtype.newbyteorder("=") if arr.dtype.byteorder not in ("=", "|") else arr.dtype
         if native in DTYPE_CODE:
