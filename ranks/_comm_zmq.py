@@ -570,8 +570,8 @@ class ZmqCommunicator(Communicator):
             for monitor in self._monitors:
                 monitor.close(linger=0)
             for dealer in self._dealers.values():
-                # A second of linger lets the last results and the goodbye reach live peers; dead ones cost nothing.
-                dealer.close(linger=1000 if send_bye else 0)
+                # Linger lets the last results, the goodbye or the failure notice reach live peers.
+                dealer.close(linger=1000 if send_bye else 300)
             if self._router is not None:
                 self._router.close(linger=0)
             self._ctx.destroy(linger=0)
