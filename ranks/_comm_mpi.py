@@ -40,7 +40,7 @@ import numpy as np
 
 from . import _shm
 from ._comm_base import Communicator
-from ._comm_util import ResultPool, CHAR_CODE, DTYPE_CODE, DTYPES, OP_CODE, as_array, check_op, check_rank, check_tag, gather_axis
+from ._comm_util import ResultPool, DTYPE_CODE, DTYPES, OP_CODE, as_array, check_op, check_rank, check_tag, gather_axis
 from ._env import default_timeout
 from ._errors import CommError, CommTimeoutError
 

@@ -46,7 +46,7 @@ import time
 
 import numpy as np
 
-from ._comm_util import ResultPool, DTYPE_CODE, DTYPES, OP_CODE, gather_axis, reduce_into
+from ._comm_util import ResultPool, DTYPE_CODE, DTYPES, OP_CODE, reduce_into
 from ._errors import CommError, CommTimeoutError, PeerLostError
 
 _BLOCK = 160

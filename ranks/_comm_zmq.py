@@ -47,6 +47,7 @@ Collectives
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -60,6 +61,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import _shm
 from ._comm_base import Communicator
+from ._comm_shm import _ShmGroup
 from ._comm_util import (
     DTYPE_CODE,
     DTYPES,
@@ -71,7 +73,6 @@ from ._comm_util import (
     concat_gathered,
     gather_axis,
     reduce_arrays,
-    reduce_into,
 )
 from ._env import default_timeout
 from ._errors import CommError, CommTimeoutError, PeerLostError
@@ -197,7 +198,7 @@ class ZmqCommunicator(Communicator):
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EADDRINUSE:
                 hint = "another job or process holds it; choose another base_port ([comm] base_port= or ORCH_BASE_PORT)"
-            elif exc.errno == errno_EADDRNOTAVAIL:
+            elif exc.errno == errno.EADDRNOTAVAIL:
                 hint = f"{bind_ip} is not an address of this host; is this rank started on server {me.server_id!r}?"
             else:
                 hint = str(exc)
@@ -587,14 +588,6 @@ class ZmqCommunicator(Communicator):
 
 _AUX_NAME = {"allreduce": "op code", "allgather": "axis", "broadcast": "root", "barrier": "argument"}
 
-try:
-    import errno as _errno
-
-    errno_EADDRNOTAVAIL = _errno.EADDRNOTAVAIL
-except (ImportError, AttributeError):  # pragma: no cover
-    errno_EADDRNOTAVAIL = 99
-
-
 def _bracket(address: str) -> str:
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
@@ -610,5 +603,3 @@ def _bind_address(address: str) -> str:
     except OSError:
         raise CommError(f"cannot resolve {address!r} (from the rank table) to an address to listen on") from None
 
-
-from ._comm_shm import _ShmGroup  # noqa: E402  (the fast path needs the communicator's helpers above)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _env
 from ._context import Context
 from ._errors import InputError, OrchestratorError
 from ._model import Model, ModelType
