@@ -124,7 +124,12 @@ def _identity(args):
     """Rank, size and device from the flags, mpirun or RANK/WORLD_SIZE; exported for libraries that read them."""
     from ._world import export_torchrun_env, resolve_identity
 
-    identity = resolve_identity(args.rank_id, args.world_size, args.device_id)
+    table = None
+    if args.config_file:
+        from ._config_file import load_config
+
+        table = load_config(args.config_file).rank_table_file
+    identity = resolve_identity(args.rank_id, args.world_size, args.device_id, rank_table=table)
     export_torchrun_env(identity)
     return identity
 

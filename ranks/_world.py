@@ -44,13 +44,25 @@ def _int_var(var) -> int | None:
         raise ConfigError(str(exc)) from None
 
 
-def resolve_identity(rank_id: int | None = None, world_size: int | None = None, device_id: int | None = None) -> Identity:
+def resolve_identity(
+    rank_id: int | None = None, world_size: int | None = None, device_id: int | None = None, *, rank_table=None
+) -> Identity:
     """This process's rank, world size, local rank and device id.
 
-    ``device_id`` defaults to the local rank (one device per rank on a host),
-    as the seeds' shell samples number them. Raises ``ConfigError`` for a rank
-    outside ``0..world_size-1`` or unreadable launcher variables.
+    ``device_id`` defaults to the rank's device in ``rank_table`` (a
+    ``RankTable`` or a path) when one is given, else to the local rank (one
+    device per rank on a host), as the seeds' shell samples number them.
+    With an explicit ``rank_id`` the world size comes from ``world_size``,
+    the launcher or the rank table. Raises ``ConfigError`` for a rank outside
+    ``0..world_size-1`` or unreadable launcher variables.
     """
+    table = None
+    if rank_table is not None:
+        from ._rank_table import RankTable
+
+        table = rank_table if isinstance(rank_table, RankTable) else RankTable.load(rank_table)
+        if world_size is None and rank_id is not None:
+            world_size = table.world_size
     if rank_id is not None:
         if world_size is None:
             # A rank without a size: take the size from the launcher if there is one.
@@ -80,6 +92,12 @@ def resolve_identity(rank_id: int | None = None, world_size: int | None = None, 
         identity = Identity(0, 1 if world_size is None else int(world_size), 0, None, "single")
     if identity.size < 1 or not 0 <= identity.rank < identity.size:
         raise ConfigError(f"rank {identity.rank} is outside 0..{identity.size - 1} (world size {identity.size})")
+    if table is not None and identity.source == "explicit" and identity.rank < table.world_size:
+        mine = table.device(identity.rank)
+        local = [d.rank_id for d in table.devices_on_server(mine.server_id)].index(identity.rank)
+        identity = Identity(identity.rank, identity.size, local, None, identity.source)
+        if device_id is None:
+            device_id = mine.device_id
     return Identity(
         identity.rank,
         identity.size,

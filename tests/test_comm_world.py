@@ -157,3 +157,12 @@ def test_result_pool_never_hands_out_memory_still_held():
     assert len(pool._buffers) <= ResultPool.MAX_BUFFERS
     held = [pool.empty((1 << 18,), np.float32) for _ in range(6)]  # more than the pool keeps: still distinct
     assert not any(np.shares_memory(x, y) for i, x in enumerate(held) for y in held[i + 1:])
+
+
+def test_identity_from_a_rank_table(clean_env, tmp_path):
+    table = generate_rank_table([("127.0.0.1", [4, 6]), ("10.0.0.2", [0, 1])])
+    assert resolve_identity(rank_id=1, rank_table=table) == Identity(1, 4, 1, 6, "explicit")
+    path = tmp_path / "t.json"
+    table.dump(path)
+    assert resolve_identity(rank_id=2, rank_table=path) == Identity(2, 4, 0, 0, "explicit")  # first on its server
+    assert resolve_identity(rank_id=1, device_id=3, rank_table=path).device_id == 3  # the flag wins
