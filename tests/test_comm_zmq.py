@@ -50,10 +50,11 @@ def test_rank_that_raises(tmp_path, path):
     assert code != 0 and "ValueError: rank 1 raises on purpose" in out
     code, out = results[0]
     assert code == 3, out
-    assert re.search(r"FAILED PeerLostError after \d+\.\d+ s: allreduce #2 on rank 0 of 2: ", out), out
+    assert re.search(r"FAILED PeerLostError after -?\d+\.\d+ s: allreduce #[12] on rank 0 of 2: ", out), out
     assert "rank 1" in out
     # Promptly: far inside the 20 s timeout.
-    assert float(re.search(r"after (\d+\.\d+) s", out).group(1)) < 5, out
+    assert float(re.search(r"after (-?\d+\.\d+) s", out).group(1)) < 5, out
+    assert seconds < 15, seconds
 
 
 @pytest.mark.timeout(90)
@@ -63,8 +64,10 @@ def test_rank_killed_with_sigkill(tmp_path, path):
     assert results[1][0] == -9
     code, out = results[0]
     assert code == 3, out
-    assert re.search(r"FAILED PeerLostError after \d+\.\d+ s: allreduce #2 on rank 0 of 2: .*rank 1", out), out
-    assert float(re.search(r"after (\d+\.\d+) s", out).group(1)) < 5, out
+    # #1 when rank 1 died before ZeroMQ had sent its part of allreduce #1 (sends are queued).
+    assert re.search(r"FAILED PeerLostError after -?\d+\.\d+ s: allreduce #[12] on rank 0 of 2: .*rank 1", out), out
+    assert float(re.search(r"after (-?\d+\.\d+) s", out).group(1)) < 5, out
+    assert seconds < 15, seconds
 
 
 @pytest.mark.timeout(90)
