@@ -69,14 +69,18 @@ def _mpi():
 class MpiCommunicator(Communicator):
     """Ranks of an MPI communicator (default ``COMM_WORLD``).
 
+    ``shared_memory=False`` makes the ranks meet through MPI (``Ibarrier``,
+    ``Iallgather``) even when they share a host, as ranks on several hosts do.
+
     ``allgather`` accepts shapes that differ along ``axis`` (it switches to
     ``Allgatherv``); all other dimensions and the dtype must agree.
     """
 
     backend = "mpi"
 
-    def __init__(self, comm=None, timeout: float | None = None):
+    def __init__(self, comm=None, timeout: float | None = None, *, shared_memory: bool | None = None):
         MPI = _mpi()
+        self._want_shm_arrival = shared_memory is not False
         self._MPI = MPI
         base = MPI.COMM_WORLD if comm is None else comm
         # Our own context, so user traffic on COMM_WORLD never matches ours.
@@ -142,7 +146,7 @@ class MpiCommunicator(Communicator):
         self._hosts = self._comm.allgather(self._host)
         # Every rank on this host and the segment shared: arrival through shared memory
         # (a fraction of a microsecond) instead of an Ibarrier (about 3 us).
-        everyone_here = self._node.Get_size() == self.size and self._segment is not None
+        everyone_here = self._want_shm_arrival and self._node.Get_size() == self.size and self._segment is not None
         self._shm_arrival = bool(self._comm.allreduce(1 if everyone_here else 0, op=MPI.MIN))
 
     def _enter(self, op: str, key: int = 0, count: int = 0) -> int:

@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
     if backend == "mpi":
         from ranks import MpiCommunicator
 
-        comm = MpiCommunicator(timeout=60)
+        comm = MpiCommunicator(timeout=60, shared_memory=None if argv[1:2] != ["mpi-arrival"] else False)
     else:
         from ranks import RankTable, ZmqCommunicator
 
