@@ -164,3 +164,12 @@ def test_address_not_on_this_host_is_named(tmp_path):
     })
     with pytest.raises(CommError, match=r"cannot listen on tcp://192.0.2.1:\d+ .*192.0.2.1 is not an address of this host"):
         ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5)
+
+
+def test_server_named_by_host_name():
+    # No device_ip: the address is the server id, a name resolved when binding and connecting.
+    table = generate_rank_table([("localhost", [0])])
+    assert table.device(0).device_ip is None
+    with ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5) as comm:
+        assert comm.endpoints[0].startswith("tcp://localhost:")
+        assert comm.allgather(np.arange(3)).tolist() == [0, 1, 2]
