@@ -18,6 +18,8 @@ from ._errors import (
     RankTableError,
     ShardError,
     WorkerError,
+    WorkerLostError,
+    WorkerTimeoutError,
 )
 from ._model import Model, ModelType
 from ._rank_program import main as rank_main
@@ -29,5 +31,5 @@ __all__ = [
     "Context", "DataType", "Format", "GPUDeviceInfo", "InputError", "Model", "ModelError", "ModelNotFoundError",
     "ModelType", "OrchestratorError", "ParallelConfig", "PeerLostError", "ProviderError", "RankConfig",
     "RankTableError", "RemoteError", "RemoteTraceback", "ShardError", "SingleCommunicator", "Tensor",
-    "WorkerError", "environment_variables", "load_config", "rank_main",
+    "WorkerError", "WorkerLostError", "WorkerTimeoutError", "environment_variables", "load_config", "rank_main",
 ]

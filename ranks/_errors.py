@@ -55,3 +55,11 @@ class PeerLostError(CommError, ConnectionError):
 
 class WorkerError(OrchestratorError, RuntimeError):
     """A worker process that died, stalled or refused a request."""
+
+
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """A worker process that did not answer within the timeout."""
+
+
+class WorkerLostError(WorkerError, ConnectionError):
+    """A worker process that died (exited or was killed) before answering."""
