@@ -5,9 +5,6 @@
 """
 
 from ranks import *  # noqa: F401,F403  the single-process API is part of ours
-from ranks import __all__ as _ranks_all
 
 from ._parallel_predictor import ParallelPredictor
 from ._samples import SAMPLE_MODELS, save_model, write_sample_model
-
-__all__ = list(_ranks_all) + ["ParallelPredictor", "SAMPLE_MODELS", "save_model", "write_sample_model"]

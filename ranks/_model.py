@@ -13,7 +13,7 @@ import onnxruntime as ort
 
 from ._config_file import RankConfig, load_config
 from ._context import Context
-from ._errors import ConfigError, InputError, ModelError, ModelNotFoundError
+from ._errors import ConfigError, InputError, ModelError, ModelNotFoundError, OrchestratorError
 from ._session import execution_providers, session_options
 from ._tensor import DataType, Tensor, check_shape, data_type_from_ort
 
@@ -103,6 +103,7 @@ class Model:
             )
         if context is not None and not isinstance(context, Context):
             raise ConfigError(f"context must be a Context, got {type(context).__name__}")
+        self._session = None  # a failed rebuild must not leave the old session answering
         path = Path(model_path)
         if path.is_dir():
             raise ModelError(f"model path {path} is a directory; expected an ONNX file")
@@ -142,11 +143,9 @@ class Model:
         options = session_options(self._context, self._config)
         for name, value in self._weight_overrides.items():
             options.add_initializer(name, value)
+        providers = execution_providers(self._context, self._config)
         try:
-            return ort.InferenceSession(str(self._path), sess_options=options,
-                                        providers=execution_providers(self._context, self._config))
-        except (ModelError, ConfigError):
-            raise
+            return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime could not build {self._path}: {_ort_message(exc)}") from None
 
@@ -170,7 +169,7 @@ class Model:
 
         try:
             return StagedRunner(self._path, communicator, make_session=make_session)
-        except (ModelError, ConfigError):
+        except OrchestratorError:
             raise
         except Exception as exc:
             raise ModelError(f"could not build shard {self._path}: {_ort_message(exc)}") from exc
@@ -245,7 +244,7 @@ class Model:
         feeds = self._feeds(inputs)
         try:
             results = self._session.run(None, feeds)
-        except (InputError, ModelError):
+        except OrchestratorError:
             raise
         except Exception as exc:
             if getattr(self._session, "is_staged", False):

@@ -9,12 +9,12 @@ from, in order: ``--rank_id``/``--world_size``; mpirun; torchrun-style
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from . import _env
 from ._context import Context
 from ._errors import InputError, OrchestratorError
 from ._model import Model, ModelType
@@ -127,8 +127,8 @@ class _Identity:
 
 
 def _identity(args) -> _Identity:
-    rank = args.rank_id if args.rank_id is not None else int(os.environ.get("RANK", 0))
-    size = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    rank = args.rank_id if args.rank_id is not None else (_env.RANK.get_int() or 0)
+    size = args.world_size if args.world_size is not None else (_env.WORLD_SIZE.get_int() or 1)
     device = args.device_id if args.device_id is not None else rank
     return _Identity(rank, size, device)
 
