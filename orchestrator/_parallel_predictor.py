@@ -43,7 +43,8 @@ from ranks._session import usable_cores
 from ranks._tensor import DataType, Tensor
 
 from . import _worker_protocol as proto
-from ._shared_memory import Slot, aligned, layout, segment_prefix
+from ._shared_memory import BlockPool, Slot, aligned, layout, segment_prefix
+from ._worker_protocol import TensorSpec
 from ._worker_main import WorkerSpec, worker_main
 
 EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT before TERM
@@ -118,6 +119,12 @@ def plan_slices(batch: int, fixed: list[int | None]) -> list[int]:
     return plan
 
 
+def _rows_of(spec: TensorSpec, start: int, count: int) -> TensorSpec:
+    """The part of joined output ``spec`` that holds rows start:start+count."""
+    row_bytes = spec.nbytes // spec.shape[0]
+    return TensorSpec(spec.name, spec.dtype, (count,) + tuple(spec.shape[1:]), spec.offset + start * row_bytes, count * row_bytes)
+
+
 class _Worker:
     def __init__(self, index: int, device_id: int, model_path: str, process, conn):
         self.index = index
@@ -128,6 +135,7 @@ class _Worker:
         self.slot = Slot(index)
         self.info: dict = {}
         self.out_bytes_per_row = 0.0  # learned from replies, to size the output area up front
+        self.forget: list[str] = []  # released output blocks this worker still has mapped
 
     @property
     def name(self) -> str:
@@ -151,6 +159,7 @@ class _Workers:
 
     def __init__(self):
         self.workers: list[_Worker] = []
+        self.blocks = BlockPool()
         self.lock = threading.Lock()
         self.down = False
 
@@ -178,6 +187,7 @@ class _Workers:
             if w.process.is_alive():
                 w.process.kill()
         _join_all(workers, TERM_GRACE_SECONDS)
+        self.blocks.release_all()
         for w in workers:
             try:
                 w.conn.close()
@@ -239,6 +249,7 @@ class ParallelPredictor:
         self._busy = False
         self._turn = threading.Condition()
         self._request_id = 0
+        self._output_shapes: dict[tuple, list | None] = {}
 
         device_ids = list(device_ids) if not isinstance(device_ids, int) else [device_ids]
         if not device_ids or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in device_ids):
@@ -539,7 +550,14 @@ class ParallelPredictor:
     def _run(self, request_id: int, arrays: list[np.ndarray], plan: list[int], timeout: float) -> list[Tensor]:
         workers = self._workers.workers
         names = [name for name, _, _ in workers[0].info["inputs"]]
+        batch = sum(plan)
         deadline = time.monotonic() + timeout
+        signature = self._signature(names, arrays)
+        block, joined = self._take_block(signature, batch)
+        forget = self._workers.blocks.take_released()
+        if forget:
+            for w in workers:
+                w.forget.extend(forget)
         rows: dict[int, tuple[int, int]] = {}
         start = 0
         try:
@@ -548,12 +566,19 @@ class ParallelPredictor:
                     continue
                 rows[w.index] = (start, start + count)
                 parts = [a if name in self._broadcast else a[start:start + count] for name, a in zip(names, arrays)]
-                start += count
                 specs, in_end = layout([(n, p.dtype, p.shape) for n, p in zip(names, parts)], 0)
-                w.slot.ensure(in_end, self._expected_output_bytes(w, count))
+                w.slot.ensure(in_end, 0 if block else self._expected_output_bytes(w, count))
                 w.slot.write_inputs(specs, parts)
-                self._send(w, proto.message(proto.PREDICT, request_id, slot=w.slot.name, inputs=specs,
-                                            out_offset=w.slot.out_offset, out_capacity=w.slot.out_capacity), request_id)
+                placement = None
+                if block is not None:
+                    placement = [_rows_of(spec, start, count) for spec in joined]
+                start += count
+                forget, w.forget = w.forget, []
+                self._send(w, proto.message(
+                    proto.PREDICT, request_id, slot=w.slot.name, inputs=specs, out_offset=w.slot.out_offset,
+                    out_capacity=w.slot.out_capacity, block=block.name if block else None, placement=placement,
+                    forget=forget,
+                ), request_id)
             replies, errors = self._collect(request_id, rows, deadline, timeout)
         except BaseException as exc:
             # The exchange stopped half way (a worker died or stalled, or we were
@@ -565,7 +590,44 @@ class ParallelPredictor:
             # Every worker has answered, so the slots are free again: report the
             # failure of the first device (in device order) and keep serving.
             raise errors[min(errors)]
-        return self._join(replies, rows)
+        if block is not None and all(reply["placed"] for reply in replies.values()):
+            # The fast path: the workers wrote the joined outputs in place.
+            out_names = [name for name, _, _ in workers[0].info["outputs"]]
+            return [Tensor(block.array(spec), name=name) for name, spec in zip(out_names, joined)]
+        results = self._join(replies, rows, block)
+        self._learn(signature, replies, rows)
+        return results
+
+    @staticmethod
+    def _signature(names: list[str], arrays: list[np.ndarray]) -> tuple:
+        # Everything but the batch size: output shapes learned for one batch hold for any.
+        return tuple((name, a.dtype.str, a.shape[1:] if a.ndim else ()) for name, a in zip(names, arrays))
+
+    def _take_block(self, signature: tuple, batch: int):
+        """An output block for the request, when the joined output shapes are known from an earlier request
+        and a block is free (none is when the caller still holds the outputs of every pooled one)."""
+        known = self._output_shapes.get(signature)
+        if not known:
+            return None, None
+        out_names = [name for name, _, _ in self._workers.workers[0].info["outputs"]]
+        joined, end = layout([(n, dtype, (batch,) + rest) for n, (dtype, rest) in zip(out_names, known)], 0)
+        block = self._workers.blocks.take(end) if end else None
+        return (block, joined) if block is not None else (None, None)
+
+    def _learn(self, signature: tuple, replies: dict, rows: dict) -> None:
+        """Remember the outputs' shapes beyond the batch for this input signature, if every output has a batch."""
+        shapes = None
+        for i, reply in replies.items():
+            specs = reply["outputs"]
+            count = rows[i][1] - rows[i][0]
+            mine = [(s.dtype, tuple(s.shape[1:])) for s in specs]
+            if any(len(s.shape) == 0 or s.shape[0] != count for s in specs) or (shapes is not None and mine != shapes):
+                self._output_shapes[signature] = None
+                return
+            shapes = mine
+        if len(self._output_shapes) >= 256:
+            self._output_shapes.clear()
+        self._output_shapes[signature] = shapes
 
     def _expected_output_bytes(self, w: _Worker, count: int) -> int:
         total = 0
@@ -582,11 +644,11 @@ class ParallelPredictor:
         except (OSError, ValueError):
             raise WorkerLostError(f"{w.name} {w.death_text()} before request {request_id} reached it") from None
 
-    def _collect(self, request_id: int, rows: dict, deadline: float, timeout: float) -> dict:
+    def _collect(self, request_id: int, rows: dict, deadline: float, timeout: float) -> tuple[dict, dict]:
         workers = self._workers.workers
         pending = {workers[i].conn: workers[i] for i in rows}
         sentinels = {workers[i].process.sentinel: workers[i] for i in rows}
-        replies: dict[int, list] = {}
+        replies: dict[int, dict] = {}
         errors: dict[int, BaseException] = {}
         while pending:
             remaining = deadline - time.monotonic()
@@ -608,7 +670,7 @@ class ParallelPredictor:
                         self._send(w, proto.message(proto.COLLECT, request_id, slot=w.slot.name,
                                                     out_offset=w.slot.out_offset, out_capacity=w.slot.out_capacity), request_id)
                     elif msg["kind"] == proto.REPLY:
-                        replies[w.index] = msg["outputs"]
+                        replies[w.index] = msg
                         del pending[item]
                     else:
                         raise WorkerError(f"{w.name} sent {msg['kind']} during request {request_id}; expected REPLY or ERROR")
@@ -621,29 +683,33 @@ class ParallelPredictor:
                                           f"while running rows {first}:{last}")
         return replies, errors
 
-    def _join(self, replies: dict, rows: dict) -> list[Tensor]:
+    def _join(self, replies: dict, rows: dict, block) -> list[Tensor]:
+        """Join the outputs with a copy (the slow path: shapes not known in advance, or not as expected)."""
         workers = self._workers.workers
         used = sorted(replies)
         out_names = [name for name, _, _ in workers[0].info["outputs"]]
+
+        def source(i: int, spec):
+            return block.array(spec) if replies[i]["placed"] else workers[i].slot.view(spec)
+
+        for i in used:
+            count = rows[i][1] - rows[i][0]
+            per_row = sum(s.nbytes for s in replies[i]["outputs"]) / count
+            workers[i].out_bytes_per_row = max(workers[i].out_bytes_per_row, per_row)
         results = []
         for j, name in enumerate(out_names):
-            specs = [replies[i][j] for i in used]
-            for i, spec in zip(used, specs):
-                w = workers[i]
-                count = rows[i][1] - rows[i][0]
-                per_row = sum(s.nbytes for s in replies[i]) / count
-                w.out_bytes_per_row = max(w.out_bytes_per_row, per_row)
-            if len(used) == 1:
-                results.append(Tensor(workers[used[0]].slot.read(specs[0]), name=name))
-                continue
+            specs = [replies[i]["outputs"][j] for i in used]
             shapes = [tuple(s.shape) for s in specs]
+            if len(used) == 1:
+                results.append(Tensor(np.array(source(used[0], specs[0])), name=name))
+                continue
             if any(len(s) == 0 for s in shapes) or len({s[1:] for s in shapes}) != 1 or len({s.dtype for s in specs}) != 1:
                 raise WorkerError(f"output {name!r}: the workers returned {[list(s) for s in shapes]}, which cannot be "
                                   f"joined along dimension 0")
             joined = np.empty((sum(s[0] for s in shapes),) + shapes[0][1:], dtype=np.dtype(specs[0].dtype))
             at = 0
             for i, spec in zip(used, specs):
-                workers[i].slot.read_into(spec, joined[at:at + spec.shape[0]])
+                np.copyto(joined[at:at + spec.shape[0]], source(i, spec), casting="no")
                 at += spec.shape[0]
             results.append(Tensor(joined, name=name))
         return results

@@ -15,6 +15,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import onnxruntime as ort
+
 from ranks._context import Context
 from ranks._model import Model, ModelType
 from ranks._remote_errors import pack_exception, where_header
@@ -65,6 +67,7 @@ def worker_main(conn, spec: WorkerSpec) -> None:
         cores=sorted(os.sched_getaffinity(0)), threads=spec.context.cpu.thread_num,
     ), attachments)
 
+    runner = _BoundRunner(model)
     held = None  # (request id, arrays) waiting for a COLLECT after a need_space REPLY
     while True:
         try:
@@ -77,12 +80,20 @@ def worker_main(conn, spec: WorkerSpec) -> None:
             break
         try:
             if kind == proto.PREDICT:
-                buf = attachments.buffer(msg["slot"])
-                feeds = {s.name: view(buf, s) for s in msg["inputs"]}
-                results = model.predict(feeds)
-                del feeds, buf
-                held = (request_id, [t.get_data_to_numpy() for t in results])
-                reply = _write_outputs(attachments, msg, held[1])
+                attachments.forget(msg.get("forget", ()))
+                placement = msg.get("placement")
+                reply = runner.run_placed(attachments, msg) if placement else None
+                if reply is None:
+                    buf = attachments.buffer(msg["slot"])
+                    feeds = {s.name: view(buf, s) for s in msg["inputs"]}
+                    results = model.predict(feeds)
+                    del feeds, buf
+                    arrays = [t.get_data_to_numpy() for t in results]
+                    if placement and _fits(placement, arrays):
+                        reply = _write_placed(attachments, msg, arrays)
+                    else:
+                        held = (request_id, arrays)
+                        reply = _write_outputs(attachments, msg, arrays)
             elif kind == proto.COLLECT:
                 if held is None or held[0] != request_id:
                     raise RuntimeError(f"COLLECT for request {request_id}, but this worker holds no outputs for it")
@@ -100,6 +111,61 @@ def worker_main(conn, spec: WorkerSpec) -> None:
     model.close()
 
 
+class _BoundRunner:
+    """Runs the model with its outputs written straight into the request's block (ONNX Runtime I/O binding).
+
+    The master says where each output goes (the placement, with the shapes it
+    expects). If ONNX Runtime computes other shapes it refuses the bound
+    buffers, and the plain path runs the model again and reports any real error.
+    """
+
+    def __init__(self, model: Model):
+        session = getattr(model, "_session", None)  # ranks.Model keeps its ORT session here
+        self._session = session if isinstance(session, ort.InferenceSession) else None
+        self._output_names = [t.name for t in model.get_outputs()]
+
+    def run_placed(self, attachments: Attachments, msg: dict) -> dict | None:
+        if self._session is None:
+            return None
+        buf = attachments.buffer(msg["slot"])
+        block = attachments.block(msg["block"])
+        binding = self._session.io_binding()
+        views = []
+        try:
+            for spec in msg["inputs"]:
+                array = view(buf, spec)
+                views.append(array)
+                binding.bind_input(spec.name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            for name, spec in zip(self._output_names, msg["placement"]):
+                array = view(block, spec)
+                views.append(array)
+                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            self._session.run_with_iobinding(binding)
+        except Exception:  # noqa: BLE001  the plain path runs it again and reports real errors
+            return None
+        finally:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            del views, buf, block
+        return proto.message(proto.REPLY, msg["id"], status=proto.STATUS_OK, placed=True, outputs=msg["placement"])
+
+
+def _fits(placement, arrays) -> bool:
+    return len(placement) == len(arrays) and all(
+        tuple(a.shape) == tuple(s.shape) and a.dtype.str == s.dtype for s, a in zip(placement, arrays)
+    )
+
+
+def _write_placed(attachments: Attachments, msg: dict, arrays) -> dict:
+    block = attachments.block(msg["block"])
+    for spec, array in zip(msg["placement"], arrays):
+        target = view(block, spec)
+        target[...] = array
+        del target
+    del block
+    return proto.message(proto.REPLY, msg["id"], status=proto.STATUS_OK, placed=True, outputs=msg["placement"])
+
+
 def _write_outputs(attachments: Attachments, msg: dict, arrays) -> dict:
     request_id = msg["id"]
     start = msg["out_offset"]
@@ -113,7 +179,7 @@ def _write_outputs(attachments: Attachments, msg: dict, arrays) -> dict:
         target[...] = array
         del target
     del buf
-    return proto.message(proto.REPLY, request_id, status=proto.STATUS_OK, outputs=specs)
+    return proto.message(proto.REPLY, request_id, status=proto.STATUS_OK, placed=False, outputs=specs)
 
 
 def _send(conn, msg: dict, attachments: Attachments) -> None:

@@ -10,11 +10,15 @@ kind            direction        body
 ==============  ===============  ==================================================
 BUILD_FINISH    worker->master   device_id, pid, inputs, outputs (name, dtype, shape
                                  with -1 for free dimensions), cores, threads
-PREDICT         master->worker   slot (name, size), inputs [TensorSpec],
-                                 out_offset, out_capacity
-REPLY           worker->master   status "ok": outputs [TensorSpec] in the slot;
-                                 status "need_space": needed (bytes); the worker
-                                 holds the outputs until COLLECT
+PREDICT         master->worker   slot (name), inputs [TensorSpec] in the slot,
+                                 out_offset, out_capacity (the slot's output area);
+                                 block (name or None), placement [TensorSpec]:
+                                 where in the request's block each output goes,
+                                 with the shape the master expects
+REPLY           worker->master   status "ok": placed (True: outputs lie in the
+                                 block as placed; False: in the slot), outputs
+                                 [TensorSpec]; status "need_space": needed
+                                 (bytes); the worker holds the outputs until COLLECT
 COLLECT         master->worker   slot, out_offset, out_capacity: write the held
                                  outputs of request ``id`` there (after a grow)
 ERROR           worker->master   error: ``ranks._remote_errors.pack_exception``
