@@ -37,7 +37,7 @@ import numpy as np
 
 from ranks._context import Context
 from ranks._env import default_timeout
-from ranks._errors import ConfigError, InputError, WorkerError, WorkerLostError, WorkerTimeoutError
+from ranks._errors import ConfigError, InputError, ModelNotFoundError, WorkerError, WorkerLostError, WorkerTimeoutError
 from ranks._remote_errors import unpack_exception
 from ranks._session import usable_cores
 from ranks._tensor import DataType, Tensor
@@ -262,6 +262,10 @@ class ParallelPredictor:
         if len(paths) != len(device_ids):
             raise ConfigError(f"model_paths has {len(paths)} files for {len(device_ids)} devices {device_ids}; give one per device")
         paths = [str(Path(p)) for p in paths]
+        for path in paths:
+            if not Path(path).is_file():
+                raise ModelNotFoundError(f"model file {path} does not exist" if not Path(path).exists()
+                                         else f"model path {path} is not a file; expected an ONNX file")
         if context is None:
             context = Context()
         if not isinstance(context, Context):
