@@ -398,8 +398,9 @@ class ParallelPredictor:
 
     @property
     def segment_names(self) -> list[str]:
-        """The shared-memory segments the workers' slots use now (created on the first request)."""
-        return [w.slot.name for w in self._workers.workers if w.slot.name]
+        """The shared-memory segments of this predictor now: the workers' slots and the pooled output blocks."""
+        slots = [w.slot.name for w in self._workers.workers if w.slot.name]
+        return slots + [b.name for b in self._workers.blocks.blocks]
 
     @property
     def closed(self) -> bool:
