@@ -11,6 +11,7 @@ master cannot.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ def _watch_parent(parent_pid: int, attachments: Attachments) -> None:
 
 def worker_main(conn, spec: WorkerSpec) -> None:
     """Entry point of the child: never returns normally before EXIT or the master's death."""
+    # Ctrl-C in a terminal reaches the whole process group: the master turns it
+    # into a shutdown of the workers, which must not die half way on their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     attachments = Attachments()
     threading.Thread(target=_watch_parent, args=(spec.parent_pid, attachments), daemon=True,
                      name="orch-parent-watch").start()

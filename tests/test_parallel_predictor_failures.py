@@ -175,3 +175,32 @@ def test_killed_master_leaves_no_worker_and_no_segment(sample, tmp_path):
             master.wait()
         master.stdout.close()
         master.stderr.close()
+
+
+FORGETFUL = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from orchestrator import Context, ParallelPredictor
+
+    if __name__ == "__main__":
+        context = Context()
+        context.cpu.thread_num = 1
+        predictor = ParallelPredictor(sys.argv[1], device_ids=[0, 1], context=context)
+        predictor.predict([np.ones((4, 64), np.float32)])
+        predictor.predict([np.ones((4, 64), np.float32)])
+        print(json.dumps({"pids": predictor.pids, "segments": predictor.segment_names}), flush=True)
+        if sys.argv[2] == "raise":
+            raise SystemExit("leaving without close()")
+""")
+
+
+@pytest.mark.parametrize("how", ["return", "raise"])
+def test_exit_without_close_cleans_up(sample, tmp_path, how):
+    script = tmp_path / "forgetful.py"
+    script.write_text(FORGETFUL)
+    result = subprocess.run([sys.executable, str(script), str(sample("mlp")), how], capture_output=True, text=True,
+                            timeout=90, env=project_env())
+    info = json.loads(result.stdout.splitlines()[0])
+    assert wait_until(lambda: _gone(info["pids"]), 10)
+    assert not set(info["segments"]) & set(os.listdir("/dev/shm"))
+    assert "leaked" not in result.stderr  # our own exit hook unlinked them, not the resource tracker
