@@ -226,3 +226,15 @@ def test_dropping_the_predictor_stops_its_workers(sample, clean):
     assert wait_until(lambda: not any(process_alive(pid) for pid in pids), 10)
     assert not names & set(our_segments())
     assert out.shape == (4, 64) and np.isfinite(out).all()  # outputs outlive the predictor
+
+
+def test_outputs_with_free_dimensions_beyond_the_batch(sample, clean):
+    """The transformer's output shape depends on the sequence: learned on the first request, grown into, reused."""
+    path = sample("transformer")
+    rng = np.random.default_rng(6)
+    with ParallelPredictor(path, device_ids=[0, 1], context=one_thread()) as predictor:
+        for batch, seq in ((3, 5), (3, 5), (4, 9), (5, 5), (1, 12)):
+            x = rng.standard_normal((batch, seq, 32), dtype=np.float32)
+            out = predictor.predict([x])[0].get_data_to_numpy()
+            assert out.shape == (batch, seq, 32)
+            np.testing.assert_allclose(out, reference(path, [x])[0], rtol=0, atol=1e-5)
