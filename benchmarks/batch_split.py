@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -134,6 +135,8 @@ def main(argv=None) -> int:
         finally:
             baseline.close()
         bench.report()
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())} "
+          f"on {os.cpu_count()} cores: other work on the machine lowers the efficiency row first", flush=True)
     return 0
 
 
