@@ -309,7 +309,11 @@ class Attachments:
 
     def unlink(self) -> None:
         """Unlink the mapped slot and blocks: only when the master is gone and cannot do it."""
-        for shm in [self._shm, *self._blocks.values()]:
+        try:
+            mapped = [self._shm, *list(self._blocks.values())]
+        except RuntimeError:  # the main thread changed the dict meanwhile: once more
+            mapped = [self._shm, *list(self._blocks.values())]
+        for shm in mapped:
             if shm is not None:
                 try:
                     shm.unlink()

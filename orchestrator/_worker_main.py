@@ -61,11 +61,11 @@ def worker_main(conn, spec: WorkerSpec) -> None:
             os.sched_setaffinity(0, spec.cores)
         model = Model()
         model.build_from_file(spec.model_path, ModelType.ONNX, spec.context)
+        inputs = [(t.name, t.dtype.to_numpy().str, list(t.shape)) for t in model.get_inputs()]
+        outputs = [(t.name, t.dtype.to_numpy().str, list(t.shape)) for t in model.get_outputs()]
     except BaseException as exc:  # noqa: BLE001  every failure must reach the master
         _send(conn, proto.message(proto.ERROR, 0, error=pack_exception(exc, where)), attachments)
         return
-    inputs = [(t.name, t.dtype.to_numpy().str, list(t.shape)) for t in model.get_inputs()]
-    outputs = [(t.name, t.dtype.to_numpy().str, list(t.shape)) for t in model.get_outputs()]
     _send(conn, proto.message(
         proto.BUILD_FINISH, 0, device_id=spec.device_id, pid=os.getpid(), inputs=inputs, outputs=outputs,
         cores=sorted(os.sched_getaffinity(0)), threads=spec.context.cpu.thread_num,
@@ -127,6 +127,8 @@ class _BoundRunner:
         session = getattr(model, "_session", None)  # ranks.Model keeps its ORT session here
         self._session = session if isinstance(session, ort.InferenceSession) else None
         self._output_names = [t.name for t in model.get_outputs()]
+        self._quiet = ort.RunOptions()
+        self._quiet.log_severity_level = 4  # a refused placement is not an error worth a log line
 
     def run_placed(self, attachments: Attachments, msg: dict) -> dict | None:
         if self._session is None:
@@ -144,7 +146,7 @@ class _BoundRunner:
                 array = view(block, spec)
                 views.append(array)
                 binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-            self._session.run_with_iobinding(binding)
+            self._session.run_with_iobinding(binding, self._quiet)
         except Exception:  # noqa: BLE001  the plain path runs it again and reports real errors
             return None
         finally:
