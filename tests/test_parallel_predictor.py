@@ -78,6 +78,21 @@ def test_plan_cores_disjoint_then_shared_with_a_warning():
     assert cores == [[5], [5]] and threads == 2 and "share cores" in warning
 
 
+def test_wire_protocol_checks_version_and_kind():
+    from orchestrator import _worker_protocol as proto
+
+    msg = proto.message(proto.PREDICT, 7, slot="orch_pp1_0_1_ab")
+    assert msg["v"] == proto.VERSION and msg["kind"] == "PREDICT" and msg["id"] == 7
+    assert proto.check(msg, "worker for device 0") is msg
+    with pytest.raises(ValueError, match="unknown message kind 'HELLO'"):
+        proto.message("HELLO")
+    with pytest.raises(WorkerError, match="worker for device 1 speaks worker protocol version 99, this master speaks 1"):
+        proto.check({"v": 99, "kind": "REPLY", "id": 1}, "worker for device 1")
+    with pytest.raises(WorkerError, match="not a message of the worker protocol"):
+        proto.check(("REPLY", 1), "worker for device 1")
+    assert {"BUILD_FINISH", "PREDICT", "REPLY", "ERROR", "EXIT"} <= set(proto.KINDS)
+
+
 # -- results equal one device ----------------------------------------------------
 def test_outputs_equal_one_process_for_any_batch(sample, mlp_predictor, clean):
     rng = np.random.default_rng(1)
