@@ -389,7 +389,7 @@ class ParallelPredictor:
     @property
     def pids(self) -> list[int]:
         """Process ids of the workers, in device order."""
-        return [w.info.get("pid", w.process.pid) for w in self._workers.workers]
+        return [w.info["pid"] if "pid" in w.info else w.process.pid for w in self._workers.workers]
 
     @property
     def cores(self) -> list[list[int]]:
