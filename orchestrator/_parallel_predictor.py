@@ -131,6 +131,7 @@ class _Worker:
         self.device_id = device_id
         self.model_path = model_path
         self.process = process
+        self.pid = process.pid  # kept: the process object refuses questions once closed
         self.conn = conn
         self.slot = Slot(index)
         self.info: dict = {}
@@ -139,7 +140,7 @@ class _Worker:
 
     @property
     def name(self) -> str:
-        return f"worker for device {self.device_id} (pid {self.process.pid})"
+        return f"worker for device {self.device_id} (pid {self.pid})"
 
     def death_text(self) -> str:
         self.process.join(1.0)
@@ -389,7 +390,7 @@ class ParallelPredictor:
     @property
     def pids(self) -> list[int]:
         """Process ids of the workers, in device order."""
-        return [w.info["pid"] if "pid" in w.info else w.process.pid for w in self._workers.workers]
+        return [w.pid for w in self._workers.workers]
 
     @property
     def cores(self) -> list[list[int]]:
