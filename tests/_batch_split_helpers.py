@@ -101,3 +101,24 @@ def wait_until(condition, seconds: float, step: float = 0.05) -> bool:
 
 def no_children_left() -> bool:
     return not multiprocessing.active_children()
+
+
+def write_three_outputs_model(path: Path) -> Path:
+    """x [batch, 4] float32 -> y = x + 1 [batch, 4], z = concat(x, x) * 2 [batch, 8], n = int64(x) [batch, 4]."""
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "one"], ["y"]),
+            helper.make_node("Concat", ["x", "x"], ["xx"], axis=1),
+            helper.make_node("Mul", ["xx", "two"], ["z"]),
+            helper.make_node("Cast", ["x"], ["n"], to=TensorProto.INT64),
+        ],
+        "three_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 8]),
+         helper.make_tensor_value_info("n", TensorProto.INT64, ["batch", 4])],
+        [one, two],
+    )
+    return _save(graph, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -253,3 +254,40 @@ def test_outputs_with_free_dimensions_beyond_the_batch(sample, clean):
             out = predictor.predict([x])[0].get_data_to_numpy()
             assert out.shape == (batch, seq, 32)
             np.testing.assert_allclose(out, reference(path, [x])[0], rtol=0, atol=1e-5)
+
+
+def test_several_outputs_of_several_dtypes_and_strided_inputs(tmp_path, clean):
+    from tests._batch_split_helpers import write_three_outputs_model
+
+    path = write_three_outputs_model(tmp_path / "three.onnx")
+    rng = np.random.default_rng(7)
+    with ParallelPredictor(path, device_ids=[0, 1], context=one_thread()) as predictor:
+        for batch in (5, 5, 3, 5, 1, 8):  # repeats take the in-place path, new batches too
+            wide = rng.uniform(-50, 50, size=(batch, 8)).astype(np.float32)
+            x = wide[:, ::2]  # not contiguous
+            y, z, n = (t.get_data_to_numpy() for t in predictor.predict([x]))
+            np.testing.assert_array_equal(y, x + 1)
+            np.testing.assert_array_equal(z, np.concatenate([x, x], axis=1) * 2)
+            assert n.dtype == np.int64
+            np.testing.assert_array_equal(n, reference(path, [np.ascontiguousarray(x)])[2])
+
+
+def test_close_from_another_thread_while_requests_run(sample, clean):
+    predictor = ParallelPredictor(sample("mlp"), device_ids=[0, 1], context=one_thread())
+    x = np.ones((16, 64), np.float32)
+    errors = []
+
+    def caller():
+        try:
+            while True:
+                predictor.predict([x])
+        except WorkerError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    time.sleep(0.5)
+    predictor.close()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and "closed" in str(errors[0])
