@@ -204,3 +204,26 @@ def test_exit_without_close_cleans_up(sample, tmp_path, how):
     assert wait_until(lambda: _gone(info["pids"]), 10)
     assert not set(info["segments"]) & set(os.listdir("/dev/shm"))
     assert "leaked" not in result.stderr  # our own exit hook unlinked them, not the resource tracker
+
+
+UNMAPPED = textwrap.dedent("""
+    import json, os, signal
+    from orchestrator._shared_memory import BlockPool, Slot
+
+    if __name__ == "__main__":
+        slot = Slot(0)
+        slot.ensure(1 << 20, 1 << 20)
+        block = BlockPool().take(1 << 20)
+        print(json.dumps([slot.name, block.name]), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # no worker ever mapped them
+""")
+
+
+def test_segments_nobody_mapped_are_unlinked_by_the_resource_tracker(tmp_path):
+    script = tmp_path / "unmapped.py"
+    script.write_text(UNMAPPED)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=project_env())
+    assert result.returncode == -signal.SIGKILL
+    names = json.loads(result.stdout.splitlines()[0])
+    assert all(name.startswith("orch_pp") for name in names)
+    assert wait_until(lambda: not set(names) & set(os.listdir("/dev/shm")), 10), names
