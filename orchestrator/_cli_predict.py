@@ -36,7 +36,8 @@ def register(subparsers) -> None:
     parser.add_argument("--broadcast", action="append", default=[], metavar="NAME",
                         help="an input without a batch dimension, sent whole to every worker (repeatable)")
     parser.add_argument("--batch", type=int, default=0,
-                        help="batch of the default ones inputs (default: one row per device)")
+                        help="batch of the default ones inputs (default: one slice per device, of the model's "
+                             "fixed batch or one row)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds the build and the request may take (default ORCH_TIMEOUT)")
     parser.add_argument("--quiet", action="store_true", help="do not print the outputs")
     parser.set_defaults(func=run)
@@ -76,7 +77,7 @@ def load_inputs(files: list[str], inputs: list[Tensor], broadcast: list[str], ba
     for tensor in inputs:
         if tensor.name not in arrays:
             shape = [d if d > 0 else 1 for d in tensor.shape]
-            if tensor.name not in broadcast and tensor.shape and tensor.shape[0] < 0:
+            if tensor.name not in broadcast and shape:
                 shape[0] = batch
             arrays[tensor.name] = np.ones(shape, dtype=tensor.dtype.to_numpy())
     return arrays
@@ -96,7 +97,10 @@ def run(args) -> int:
         paths = {"model_path": args.model[0]} if len(args.model) == 1 else {"model_paths": args.model}
         with ParallelPredictor(device_ids=devices, context=context, broadcast_inputs=args.broadcast,
                                timeout=args.timeout, **paths) as predictor:
-            arrays = load_inputs(args.input, predictor.get_inputs(), args.broadcast, args.batch or len(devices))
+            inputs = predictor.get_inputs()
+            # Default: one slice per device, of the model's fixed batch when it has one.
+            rows = next((t.shape[0] for t in inputs if t.name not in args.broadcast and t.shape and t.shape[0] > 0), 1)
+            arrays = load_inputs(args.input, inputs, args.broadcast, args.batch or rows * len(devices))
             batch_name = next(t.name for t in predictor.get_inputs() if t.name not in args.broadcast)
             batch = arrays[batch_name].shape[0] if arrays[batch_name].ndim else 0
             outputs = predictor.predict(arrays)

@@ -62,3 +62,17 @@ def test_dual_core_example_runs(tmp_path):
     result = run_command(python_command(str(ROOT / "examples" / "dual_core_split.py"), "--size", "32", "--classes", "10"),
                          check=True, timeout=170)
     assert "joined outputs equal one process" in result.stdout
+
+
+def test_predict_with_one_model_file_per_device(sample, tmp_path):
+    from tests._batch_split_helpers import write_fixed_batch
+
+    paths = [str(write_fixed_batch(sample("mlp"), tmp_path / f"mlp{i}.onnx", 1)) for i in range(2)]
+    result = run_command(orchestrate_command("predict", "--model", paths[0], "--model", paths[1], "--devices", "0,1",
+                                             "--output", str(tmp_path / "y.npz"), "--quiet"), check=True)
+    assert "as [1, 1]" in result.stderr and result.stdout == ""
+    with np.load(tmp_path / "y.npz") as saved:
+        np.testing.assert_allclose(saved["y"], reference(sample("mlp"), [np.ones((2, 64), np.float32)])[0], atol=1e-5)
+    result = run_command(orchestrate_command("predict", "--model", paths[0], "--model", paths[1], "--devices", "0,1",
+                                             "--batch", "3"))
+    assert result.returncode == 1 and "batch sizes that fit are [1, 2]" in result.stderr
