@@ -1,7 +1,10 @@
 """The inside of one process: Context, Model and Tensor on ONNX Runtime, communicators, rank tables."""
 
 from ._comm_base import Communicator
+from ._comm_mpi import MpiCommunicator
 from ._comm_single import SingleCommunicator
+from ._config_file import RankConfig, load_config
+from ._context import AscendDeviceInfo, Context, CPUDeviceInfo, GPUDeviceInfo, ParallelConfig
 from ._env import all_variables as environment_variables
 from ._errors import (
     CommError,
@@ -17,4 +20,8 @@ from ._errors import (
     ShardError,
     WorkerError,
 )
+from ._model import Model, ModelType
+from ._rank_program import main as rank_main
+from ._rank_table import RankDevice, RankTable, generate_rank_table
 from ._remote_errors import RemoteError, RemoteTraceback
+from ._tensor import DataType, Format, Tensor
