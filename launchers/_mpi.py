@@ -33,7 +33,7 @@ from ranks._errors import ConfigError, LaunchError, RankFailedError
 
 from ._failures import RankExit, failure_error, format_report, split_failures
 from ._output import RankOutput, prefix
-from ._process_group import ProcessGroup, ProcessSpec
+from ._process_group import ProcessGroup, ProcessSpec, resolve_program
 from ._rank_wrapper import parse_record
 
 WRAPPER = Path(__file__).with_name("_rank_wrapper.py")
@@ -109,19 +109,6 @@ def available_cores() -> int:
 
 def is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def resolve_program(program: Sequence[str]) -> list[str]:
-    """``python``/``python3`` as the first word becomes this interpreter (``sys.executable``).
-
-    mpirun starts ranks with a plain environment (on other hosts through ssh,
-    where a virtual environment is not active), so a bare ``python`` would
-    often be another interpreter without this project installed.
-    """
-    argv = list(program)
-    if argv and argv[0] in ("python", "python3"):
-        argv[0] = sys.executable
-    return argv
 
 
 # --- what the user asked for --------------------------------------------------------------------

@@ -63,6 +63,19 @@ class ProcessSpec:
         return self.label or f"rank {self.rank}"
 
 
+def resolve_program(program: Sequence[str]) -> list[str]:
+    """``python``/``python3`` as the first word becomes this interpreter (``sys.executable``).
+
+    mpirun starts ranks with a plain environment (on other hosts through ssh,
+    where a virtual environment is not active), so a bare ``python`` would
+    often be another interpreter without this project installed.
+    """
+    argv = list(program)
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = sys.executable
+    return argv
+
+
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment plus ``extra``, with Python's output unbuffered and faulthandler on.
 
