@@ -1,6 +1,6 @@
 """A rank for the launcher tests: says hello, then one rank misbehaves on purpose.
 
-    python rank_program.py [--bad-rank R] [--bad raise|exit3|sigkill|segfault|hang]
+    python rank_program.py [--bad-rank R[,R...]] [--bad raise|exit3|sigkill|segfault|hang] [--stagger S]
                            [--others ok|hang|ignore-term] [--grandchild] [--delay S] [--marker TEXT]
                            [--rank_id N --device_id N --config_file INI]   (the rank-table launcher's flags)
 
@@ -18,7 +18,8 @@ import time
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--bad-rank", type=int, default=-1)
+    parser.add_argument("--bad-rank", default="", help="comma-separated ranks that misbehave")
+    parser.add_argument("--stagger", type=float, default=0.0, help="the i-th bad rank waits delay + i * stagger")
     parser.add_argument("--bad", default="raise")
     parser.add_argument("--others", default="ok")
     parser.add_argument("--grandchild", action="store_true")
@@ -46,8 +47,9 @@ def main() -> int:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"grandchild-{args.marker}"])
         print(f"grandchild pid {child.pid}", flush=True)
 
-    if rank == args.bad_rank:
-        time.sleep(args.delay)
+    bad_ranks = [int(r) for r in args.bad_rank.split(",") if r.strip()]
+    if rank in bad_ranks:
+        time.sleep(args.delay + bad_ranks.index(rank) * args.stagger)
         if args.bad == "raise":
             raise RuntimeError(f"rank {rank} broke on purpose")
         if args.bad == "exit3":
