@@ -201,3 +201,40 @@ def test_launch_mpi_without_a_program_or_mpirun_fails_clearly():
     result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "--mpirun", "/nonexistent/mpirun", "--", "true"))
     assert result.returncode == 2
     assert "orchestrate launch mpi: error: mpirun '/nonexistent/mpirun' (from --mpirun) does not exist" in result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_mpirun_and_ranks_die_with_a_sigkilled_launcher():
+    marker = new_marker()
+    launcher = Background(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--stop-timeout", "3", "--", "python", PROGRAM, "--others", "hang", "--marker", marker,
+    ))
+    try:
+        launcher.wait_for("waits forever", count=2)
+        launcher.interrupt(signal.SIGKILL)
+        assert launcher.finish(30) == -signal.SIGKILL
+    finally:
+        launcher.kill()
+    assert not leftovers(marker, wait=20)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_program_that_does_not_exist_under_mpirun():
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "--", "/nonexistent/prog", "--flag"))
+    assert result.returncode == 127, result.stderr
+    assert "    | cannot start '/nonexistent/prog': No such file or directory" in result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(180)
+def test_the_per_rank_program_runs_under_mpirun(sample):
+    model = sample("mlp")
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "--", "python", "-m", "ranks", f"--model_path={model}"))
+    assert result.returncode == 0, result.stderr
+    for r in range(2):
+        assert f"[rank {r}] tensor's name is:y data size is:256 tensor elements num is:64" in result.stdout.splitlines()

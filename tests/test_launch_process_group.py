@@ -181,3 +181,16 @@ def test_report_lists_first_failure_then_the_rest():
     assert "other failed ranks:\n  rank 1 (host h, pid 11) exit code 2 at" in text
     assert text.endswith("ValueError: late\nranks stopped afterwards: 0 (pid 10, signal SIGTERM (15))")
     assert RankExit.from_dict(exits[1].to_dict()) == exits[1]
+
+
+def test_launchers_exports():
+    import launchers
+
+    assert {
+        "ProcessGroup", "ProcessSpec", "RankOutput", "RankExit", "format_report",
+        "MpiLaunchConfig", "MpiLauncher", "build_mpirun_command", "find_mpirun", "mpi_flavor",
+        "RankTableLaunchConfig", "RankTableLauncher",
+        "LaunchError", "LaunchInterruptedError", "LaunchTimeoutError", "RankFailedError",
+    } <= set(dir(launchers))
+    assert issubclass(launchers.RankFailedError, launchers.LaunchError)
+    assert issubclass(launchers.LaunchTimeoutError, TimeoutError)

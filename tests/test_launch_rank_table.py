@@ -126,3 +126,41 @@ def test_cli_errors_exit_2_with_the_reason(tmp_path, ini):
     result = run_command(orchestrate_command(
         "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(tmp_path / "x.ini"), "--", "true"))
     assert result.returncode == 2 and "x.ini' does not exist" in result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_ranks_die_with_a_sigkilled_launcher(ini):
+    marker = new_marker()
+    launcher = Background(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
+        "python", PROGRAM, "--others", "hang", "--marker", marker,
+    ))
+    try:
+        launcher.wait_for("waits forever", count=2)
+        launcher.interrupt(signal.SIGKILL)
+        assert launcher.finish(30) == -signal.SIGKILL
+    finally:
+        launcher.kill()
+    assert not leftovers(marker, wait=15)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(180)
+def test_the_per_rank_program_runs_under_the_rank_table_launcher(sample, ini):
+    model = sample("mlp")
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
+        "python", "-m", "ranks", f"--model_path={model}",
+    ))
+    assert result.returncode == 0, result.stderr
+    for r in range(2):
+        assert f"[rank {r}] tensor's name is:y data size is:256 tensor elements num is:64" in result.stdout.splitlines()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
+        "python", "-m", "ranks", f"--model_path={model}.missing",
+    ))
+    assert result.returncode == 1
+    assert f"    | error: ModelNotFoundError: model file {model}.missing does not exist" in result.stderr
