@@ -207,9 +207,10 @@ def build_mpirun_command(
 class MpiOutput(RankOutput):
     """mpirun's output, split back into ranks: ``[rank N]`` lines go to rank N, records are kept, the rest is mpirun's."""
 
-    def __init__(self, nprocs: int, log_dir=None, **kwargs):
+    def __init__(self, nprocs: int, log_dir=None, *, on_failure=None, **kwargs):
         super().__init__(log_dir, **kwargs)
         self.nprocs = nprocs
+        self.on_failure = on_failure
         self.starts: dict[int, dict] = {}
         self.records: dict[int, dict] = {}
         self._records_lock = threading.Lock()
@@ -223,6 +224,10 @@ class MpiOutput(RankOutput):
             with self._records_lock:
                 target = self.starts if record.get("event") == "start" else self.records
                 target[int(record["rank"])] = record
+            if record.get("event") == "exit" and self.on_failure is not None:
+                exit_ = RankExit.from_dict(record)
+                if exit_.failed and not exit_.stopped:
+                    self.on_failure(exit_)
             before = text[: text.find("@@")]
             if before.strip():  # a line without newline got glued to the record
                 self.emit("mpirun", stream, before, prefix("mpirun") + before)
@@ -261,7 +266,7 @@ class MpiLauncher:
         self.command = build_mpirun_command(config, self.mpirun, self.flavor)
         self.output = MpiOutput(
             config.nprocs, config.log_dir, stdout=stdout, stderr=stderr,
-            tail_lines=config.tail_lines, console=config.console,
+            tail_lines=config.tail_lines, console=config.console, on_failure=self._rank_failed,
         )
         # mpirun forwards the ranks' output in its own order; the group's key -1 is mpirun itself.
         self.group = ProcessGroup(
@@ -271,17 +276,24 @@ class MpiLauncher:
             world_size=config.nprocs,
         )
 
+    def _rank_failed(self, exit_: RankExit) -> None:
+        # Open MPI ends the job by itself when a rank fails; MPICH's hydra waits
+        # for the others. Stopping mpirun here makes both end at the first failure.
+        self.group.request_stop(_RankReported(exit_))
+
     def run(self) -> list[RankExit]:
         try:
             try:
                 self.group.run(self.config.timeout)
             except RankFailedError as mpirun_failed:
                 raise self._rank_error(mpirun_failed.first) from None
+            except _RankReported:
+                raise self._rank_error(None) from None
         finally:
             self._reap_leftovers()
         return sorted(self.output.exits(), key=lambda e: e.rank)
 
-    def _rank_error(self, mpirun_exit: RankExit) -> Exception:
+    def _rank_error(self, mpirun_exit: RankExit | None) -> Exception:
         exits = self.output.exits()
         error = failure_error(exits, self.config.nprocs)
         silent = self.output.silent_ranks()
@@ -295,8 +307,9 @@ class MpiLauncher:
             return RankFailedError(message, failures, stopped)
         tail = self.output.tail("mpirun")
         lines = "\n".join(f"    | {line}" for line in tail) or "    (it printed nothing)"
+        how = mpirun_exit.how() if mpirun_exit is not None else "a stop"
         return LaunchError(
-            f"{Path(self.mpirun).name} ({self.flavor}) ended with {mpirun_exit.how()} but no rank reported a "
+            f"{Path(self.mpirun).name} ({self.flavor}) ended with {how} but no rank reported a "
             f"failure of its own{note}\n  command: {' '.join(self.command)}\n  last lines of mpirun:\n{lines}"
         )
 
@@ -312,6 +325,14 @@ class MpiLauncher:
                         os.kill(pid, 9)
                     except (ProcessLookupError, PermissionError):
                         pass
+
+
+class _RankReported(Exception):
+    """Internal: a rank's wrapper reported a failure; the launcher stops mpirun and reports from the records."""
+
+    def __init__(self, exit_: RankExit):
+        super().__init__(f"rank {exit_.rank} failed: {exit_.how()}")
+        self.exit = exit_
 
 
 def _is_ours(pid: int, program: Sequence[str]) -> bool:

@@ -183,6 +183,7 @@ class ProcessGroup:
         self._stop_done = threading.Event()
         self._stop_lock = threading.Lock()
         self._interrupted: str | None = None
+        self._external_error: BaseException | None = None
 
     # --- starting ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -283,6 +284,13 @@ class ProcessGroup:
         self._interrupted = signal_name(signum)
         self._changed.set()
 
+    def request_stop(self, error: BaseException) -> None:
+        """Make ``wait`` stop every rank and raise ``error`` (for failures seen outside the group's own
+        processes, such as a rank under mpirun reporting through its wrapper). Not for signal handlers."""
+        if self._external_error is None:
+            self._external_error = error
+        self._changed.set()
+
     def _on_signal(self, signum, _frame) -> None:
         # Only a flag: setting the Event here could deadlock on its lock if the
         # signal lands while this thread holds it; ``wait`` polls often enough.
@@ -302,6 +310,9 @@ class ProcessGroup:
         while True:
             if self._interrupted:
                 return self._raise_interrupted()
+            if self._external_error is not None:
+                self.stop()
+                raise self._external_error
             exits = self.exits()
             if any(e.failed and not e.stopped for e in exits):
                 self.stop()

