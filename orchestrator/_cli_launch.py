@@ -189,5 +189,5 @@ def _launch(kind: str, build) -> int:
         return 128 + int(getattr(signal, exc.signal_name, signal.SIGINT))
     except LaunchError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     return 0

@@ -262,3 +262,15 @@ def test_mpich_hydra_ends_the_job_at_the_first_failure_too():
     assert "orchestrate launch mpi: rank 2 of 3 failed: signal SIGSEGV (11)" in result.stderr
     assert "Fatal Python error: Segmentation fault" in result.stderr
     assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_mpirun_failing_before_any_rank_is_a_launch_error():
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "-H", "nosuchhost-orchtest.invalid", "--timeout", "60", "--", "python", PROGRAM))
+    assert result.returncode == 2, result.stderr
+    assert "orchestrate launch mpi: error: mpirun (openmpi) ended with exit code" in result.stderr
+    assert "but no rank reported a failure of its own" in result.stderr
+    assert "-H nosuchhost-orchtest.invalid" in result.stderr  # the command is quoted
