@@ -43,6 +43,10 @@ import time
 
 MARKER = "@@orchestrate-rank "
 VERSION = 1
+# A record must reach the launcher in one piece: one write() of at most PIPE_BUF
+# bytes is atomic, so mpirun's forwarding cannot interleave another rank's bytes into it.
+RECORD_BYTES = 4000
+TAIL_LINE_CHARS = 400
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 _PR_SET_PDEATHSIG = 1
 
@@ -92,7 +96,15 @@ class _Wrapper:
         self.proc: subprocess.Popen | None = None
 
     def record(self, **fields) -> None:
-        line = MARKER + json.dumps({"v": VERSION, "rank": self.rank, "host": self.host, **fields})
+        tail = [text if len(text) <= TAIL_LINE_CHARS else text[:TAIL_LINE_CHARS] + "..." for text in fields.pop("tail", ())]
+        while True:
+            body = {"v": VERSION, "rank": self.rank, "host": self.host, **fields}
+            if fields.get("event") == "exit":
+                body["tail"] = tail
+            line = MARKER + json.dumps(body)
+            if len(line.encode("utf-8")) <= RECORD_BYTES or not tail:
+                break
+            tail.pop(0)  # keep the last lines: that is where the error is
         with self.lock:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()

@@ -274,3 +274,18 @@ def test_mpirun_failing_before_any_rank_is_a_launch_error():
     assert "orchestrate launch mpi: error: mpirun (openmpi) ended with exit code" in result.stderr
     assert "but no rank reported a failure of its own" in result.stderr
     assert "-H nosuchhost-orchtest.invalid" in result.stderr  # the command is quoted
+
+
+def test_wrapper_records_fit_one_atomic_pipe_write(monkeypatch, capsys):
+    from launchers import _rank_wrapper
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    wrapper = _rank_wrapper._Wrapper(["true"], 1.0, 20)
+    wrapper.record(event="exit", pid=1, exitcode=1, signal=None, time=1.0, tail=["x" * 1000] * 20 + ["Error: last"], stopped=False)
+    line = capsys.readouterr().err.rstrip("\n")
+    assert len(line.encode()) <= _rank_wrapper.RECORD_BYTES < 4096  # PIPE_BUF on Linux
+    record = parse_record(line)
+    assert record["rank"] == 3 and record["tail"][-1] == "Error: last" and len(record["tail"]) < 21
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
+    with pytest.raises(SystemExit, match="meant to be started by mpirun"):
+        _rank_wrapper._Wrapper(["true"], 1.0, 20)
