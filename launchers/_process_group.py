@@ -17,12 +17,15 @@ be called any number of times, from any thread.
 
 from __future__ import annotations
 
+import array
 import ctypes
+import fcntl
 import os
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
@@ -109,6 +112,32 @@ def _parent_death_hook():
             os._exit(1)
 
     return hook
+
+
+def _unread_bytes(pipe) -> int:
+    """Bytes waiting in ``pipe`` that no reader has taken yet (0 when closed or unknown)."""
+    try:
+        buffer = array.array("i", [0])
+        fcntl.ioctl(pipe.fileno(), termios.FIONREAD, buffer)
+        return buffer[0]
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _drain(readers, pipes, seconds: float) -> None:
+    """Wait until a dead rank's output has been read: the readers hit end of file, or (when a
+    grandchild keeps the pipes open) nothing is left unread; at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(r.is_alive() for r in readers):
+            return
+        if not any(_unread_bytes(p) for p in pipes):
+            # what was written is taken; give the readers a moment to hand the last lines on
+            settle = time.monotonic() + 0.25
+            for reader in readers:
+                reader.join(max(0.0, settle - time.monotonic()))
+            return
+        time.sleep(0.01)
 
 
 def group_members(pgid: int) -> list[int]:
@@ -244,8 +273,7 @@ class ProcessGroup:
         seen = time.time()
         with self._lock:
             stopped = self._stop_started is not None
-        for reader in self._readers.get(spec.rank, ()):
-            reader.join(_DRAIN_SECONDS)
+        _drain(self._readers.get(spec.rank, ()), (proc.stdout, proc.stderr), _DRAIN_SECONDS)
         record = RankExit(
             rank=spec.rank,
             host=self.host,

@@ -187,8 +187,9 @@ class _Wrapper:
                     killed = True
         ended = time.time()
         stopped = self.stop_requested is not None
+        drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
         for reader in readers:
-            reader.join(2.0)
+            reader.join(max(0.0, drained - time.monotonic()))
         # Whatever the program left in its group goes with it.
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
