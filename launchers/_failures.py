@@ -112,29 +112,28 @@ def split_failures(exits: list[RankExit]) -> tuple[list[RankExit], list[RankExit
     return failures, stopped
 
 
+def where(exit_: RankExit, world: int | None = None) -> str:
+    """``rank 1 of 4 on host h (pid 123)``: the same header ``ranks._remote_errors.where_header`` writes."""
+    of = f" of {world}" if world else ""
+    return f"rank {exit_.rank}{of} on host {exit_.host} (pid {exit_.pid})"
+
+
 def format_report(failures: list[RankExit], stopped: list[RankExit], world: int | None = None) -> str:
     """The multi-line failure report: the first failure in full, then the rest in one line each."""
     first = failures[0]
-    of = f" of {world}" if world else ""
     count = f" (first of {len(failures)} failed ranks)" if len(failures) > 1 else ""
-    lines = [
-        f"rank {first.rank}{of} failed{count}: {first.how()}",
-        f"  host: {first.host}  pid: {first.pid}  time: {format_time(first.time)}",
-    ]
+    lines = [f"{where(first, world)} failed{count}: {first.how()}"]
     if first.tail:
-        count = "last line" if len(first.tail) == 1 else f"last {len(first.tail)} lines"
-        lines.append(f"  {count} of its output:")
+        what = "last line" if len(first.tail) == 1 else f"last {len(first.tail)} lines"
+        lines.append(f"  at {format_time(first.time)}; {what} of its output:")
         lines.extend(f"    | {line}" for line in first.tail)
     else:
-        lines.append("  it wrote nothing to stderr or stdout")
+        lines.append(f"  at {format_time(first.time)}; it wrote nothing to stderr or stdout")
     if len(failures) > 1:
         lines.append("other failed ranks:")
         for other in failures[1:]:
             last = f": {other.tail[-1]}" if other.tail else ""
-            lines.append(
-                f"  rank {other.rank} (host {other.host}, pid {other.pid}) {other.how()}"
-                f" at {format_time(other.time)}{last}"
-            )
+            lines.append(f"  {where(other)} failed: {other.how()} at {format_time(other.time)}{last}")
     if stopped:
         parts = ", ".join(f"{e.rank} (pid {e.pid}, {e.how()})" for e in stopped)
         lines.append(f"ranks stopped afterwards: {parts}")

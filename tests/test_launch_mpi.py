@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 
@@ -139,8 +140,7 @@ def test_a_rank_that_raises_under_mpirun_is_reported_first():
     ))
     assert result.returncode == 1, result.stdout + result.stderr
     report = result.stderr[result.stderr.index("orchestrate launch mpi: "):]
-    assert report.startswith("orchestrate launch mpi: rank 1 of 3 failed: exit code 1\n"), report
-    assert "  host: " in report and "  pid: " in report
+    assert re.match(r"orchestrate launch mpi: rank 1 of 3 on host \S+ \(pid \d+\) failed: exit code 1\n  at ", report), report
     assert "    | RuntimeError: mpi rank 1 broke on purpose" in report
     assert "[rank 1] RuntimeError: mpi rank 1 broke on purpose" in result.stderr
     assert not leftovers(marker)
@@ -156,7 +156,7 @@ def test_a_rank_killed_under_mpirun_is_reported_by_signal_name():
         "python", MPI_PROGRAM, "--bad-rank", "0", "--bad", "sigkill", "--marker", marker,
     ))
     assert result.returncode == 137, result.stdout + result.stderr
-    assert "orchestrate launch mpi: rank 0 of 2 failed: signal SIGKILL (9)" in result.stderr
+    assert re.search(r"orchestrate launch mpi: rank 0 of 2 on host \S+ \(pid \d+\) failed: signal SIGKILL \(9\)", result.stderr)
     assert not leftovers(marker)
 
 
@@ -259,7 +259,7 @@ def test_mpich_hydra_ends_the_job_at_the_first_failure_too():
         "python", PROGRAM, "--bad-rank", "2", "--bad", "segfault", "--others", "hang", "--delay", "0.5", "--marker", marker,
     ))
     assert result.returncode == 139, result.stderr
-    assert "orchestrate launch mpi: rank 2 of 3 failed: signal SIGSEGV (11)" in result.stderr
+    assert re.search(r"orchestrate launch mpi: rank 2 of 3 on host \S+ \(pid \d+\) failed: signal SIGSEGV \(11\)", result.stderr)
     assert "Fatal Python error: Segmentation fault" in result.stderr
     assert not leftovers(marker)
 

@@ -65,8 +65,7 @@ def test_a_rank_that_raises_is_the_first_failure_and_the_others_are_stopped():
     assert len(error.failures) == 1
     assert sorted((e.rank, e.signal) for e in error.stopped) == [(0, "SIGTERM"), (2, "SIGTERM")]
     message = str(error)
-    assert message.startswith("rank 1 of 3 failed: exit code 1\n")
-    assert f"pid: {group.pids[1]}" in message
+    assert message.startswith(f"rank 1 of 3 on host {first.host} (pid {group.pids[1]}) failed: exit code 1\n  at ")
     assert "    | RuntimeError: rank 1 broke on purpose" in message
     assert "ranks stopped afterwards: 0 (pid" in message
     assert not wait_gone(group.pids.values())
@@ -86,7 +85,7 @@ def test_a_rank_killed_by_a_signal_is_reported_by_signal_name(bad, signal_name, 
     assert (first.rank, first.exitcode, first.signal) == (1, None, signal_name)
     assert first.shell_code == 128 + {"SIGKILL": 9, "SIGSEGV": 11}[signal_name]
     assert any(last_words in line for line in first.tail)
-    assert f"rank 1 of 2 failed: signal {signal_name}" in str(info.value)
+    assert f"rank 1 of 2 on host {first.host} (pid {first.pid}) failed: signal {signal_name}" in str(info.value)
     assert not leftovers(marker)
 
 
@@ -186,8 +185,9 @@ def test_report_lists_first_failure_then_the_rest():
     failures, stopped = split_failures(exits)
     assert [e.rank for e in failures] == [2, 1] and [e.rank for e in stopped] == [0]
     text = format_report(failures, stopped, 4)
-    assert text.splitlines()[0] == "rank 2 of 4 failed (first of 2 failed ranks): signal SIGSEGV (11)"
-    assert "other failed ranks:\n  rank 1 (host h, pid 11) exit code 2 at" in text
+    assert text.splitlines()[0] == "rank 2 of 4 on host h (pid 12) failed (first of 2 failed ranks): signal SIGSEGV (11)"
+    assert text.splitlines()[1].endswith("; last line of its output:")
+    assert "other failed ranks:\n  rank 1 on host h (pid 11) failed: exit code 2 at" in text
     assert text.endswith("ValueError: late\nranks stopped afterwards: 0 (pid 10, signal SIGTERM (15))")
     assert RankExit.from_dict(exits[1].to_dict()) == exits[1]
 
