@@ -7,7 +7,9 @@
 # Open MPI gets --allow-run-as-root under root, --oversubscribe when N exceeds the cores,
 # --bind-to none (its default binds each rank to ONE core) and --tag-output ("[job,rank]<stdout>: ");
 # MPICH's hydra gets -prepend-rank. mpirun starts each rank, waits for all, and on the first
-# failure kills the rest and exits non-zero; Ctrl-C stops everything.
+# failure kills the rest and exits non-zero; Ctrl-C stops everything. (Hydra ends the job only
+# when a rank is killed or calls MPI_Abort, not when one exits non-zero: there, prefer
+# `orchestrate launch mpi`, which stops the job at any failed rank.)
 #
 # Environment: MPIRUN, PYTHON (default python3), HOSTS (-H list), HOSTFILE, MPIRUN_ARGS (more options).
 set -u
