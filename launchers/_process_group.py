@@ -213,13 +213,17 @@ class ProcessGroup:
         self._stop_lock = threading.Lock()
         self._interrupted: str | None = None
         self._external_error: BaseException | None = None
+        self._hurry = False
 
     # --- starting ---------------------------------------------------------------------------
     def start(self) -> None:
         """Start every rank. Raises ``LaunchError`` (after stopping those already started) when one cannot start."""
         if self._procs:
             raise LaunchError("this process group was already started")
-        self.output.open([s.rank for s in self.specs])
+        try:
+            self.output.open([s.rank for s in self.specs])
+        except OSError as exc:
+            raise LaunchError(f"cannot write the ranks' logs: {exc}") from exc
         hook = _parent_death_hook() if self._die_with_parent else None
         # Every Popen happens before any of our threads exist: a preexec hook
         # after fork is only safe while this process has no other threads of ours.
@@ -320,9 +324,11 @@ class ProcessGroup:
         self._changed.set()
 
     def _on_signal(self, signum, _frame) -> None:
-        # Only a flag: setting the Event here could deadlock on its lock if the
-        # signal lands while this thread holds it; ``wait`` polls often enough.
-        self._interrupted = signal_name(signum)
+        # Only flags: setting the Event here could deadlock on its lock if the
+        # signal lands while this thread holds it; ``wait`` and ``stop`` poll often enough.
+        if self._stop_started is not None or self._interrupted:
+            self._hurry = True  # a second Ctrl-C: do not wait out the deadline
+        self._interrupted = self._interrupted or signal_name(signum)
 
     def wait(self, timeout: float | None = None) -> list[RankExit]:
         """Block until every rank ended well, one failed, ``timeout`` seconds passed, or an interrupt.
@@ -383,7 +389,7 @@ class ProcessGroup:
             for rank in running:
                 self._signal_group(self._procs[rank].pid, signal.SIGTERM)
             deadline = time.monotonic() + self.stop_timeout
-            while self.running() and time.monotonic() < deadline:
+            while self.running() and time.monotonic() < deadline and not self._hurry:
                 self._changed.wait(min(0.05, max(0.0, deadline - time.monotonic())))
                 self._changed.clear()
             for rank in self.running():

@@ -165,3 +165,28 @@ def test_the_per_rank_program_runs_under_the_rank_table_launcher(sample, ini):
     ))
     assert result.returncode == 1
     assert f"    | error: ModelNotFoundError: model file {model}.missing does not exist" in result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_does_not_wait_out_the_stop_deadline(ini):
+    import time
+
+    marker = new_marker()
+    launcher = Background(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--stop-timeout", "60", "--",
+        "python", PROGRAM, "--others", "ignore-term", "--marker", marker,
+    ))
+    try:
+        launcher.wait_for("waits forever", count=2)
+        launcher.interrupt(signal.SIGINT)
+        time.sleep(1.0)
+        assert launcher.proc.poll() is None  # the ranks ignore SIGTERM: it waits for the deadline
+        started = time.monotonic()
+        launcher.interrupt(signal.SIGINT)
+        assert launcher.finish(30) == 130, launcher.stderr
+        assert time.monotonic() - started < 20
+    finally:
+        launcher.kill()
+    assert not leftovers(marker)
