@@ -21,12 +21,27 @@ def new_marker() -> str:
     return f"orchtest{uuid.uuid4().hex[:12]}"
 
 
+def processes_with(marker: str) -> list[str]:
+    """``pid command line`` of every live process whose command line holds ``marker`` (like pgrep -af)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        except OSError:
+            continue
+        if marker in cmdline and alive(int(entry)):
+            found.append(f"{entry} {cmdline}")
+    return found
+
+
 def leftovers(marker: str, wait: float = 5.0) -> list[str]:
     """Processes whose command line holds ``marker`` (waits up to ``wait`` s for dying ones to go)."""
     deadline = time.monotonic() + wait
     while True:
-        found = subprocess.run(["pgrep", "-af", marker], capture_output=True, text=True).stdout.splitlines()
-        found = [line for line in found if "pgrep" not in line]
+        found = processes_with(marker)
         if not found or time.monotonic() >= deadline:
             return found
         time.sleep(0.1)
