@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 from conftest import ROOT, project_env
 
@@ -122,7 +120,3 @@ class Background:
     @property
     def stderr(self) -> str:
         return "\n".join(self.err)
-
-
-def python() -> str:
-    return sys.executable
