@@ -6,4 +6,5 @@
 
 from ranks import *  # noqa: F401,F403  the single-process API is part of ours
 
+from ._parallel_predictor import ParallelPredictor
 from ._samples import SAMPLE_MODELS, save_model, write_sample_model

@@ -12,14 +12,20 @@ from ._errors import (
     CommTimeoutError,
     ConfigError,
     InputError,
+    LaunchError,
+    LaunchInterruptedError,
+    LaunchTimeoutError,
     ModelError,
     ModelNotFoundError,
     OrchestratorError,
     PeerLostError,
     ProviderError,
+    RankFailedError,
     RankTableError,
     ShardError,
     WorkerError,
+    WorkerLostError,
+    WorkerTimeoutError,
 )
 from ._model import Model, ModelType
 from ._rank_program import main as rank_main
