@@ -166,3 +166,30 @@ def test_identity_from_a_rank_table(clean_env, tmp_path):
     table.dump(path)
     assert resolve_identity(rank_id=2, rank_table=path) == Identity(2, 4, 0, 0, "explicit")  # first on its server
     assert resolve_identity(rank_id=1, device_id=3, rank_table=path).device_id == 3  # the flag wins
+
+
+@pytest.mark.cli
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_example_through_orchestrate_launch_rank_table(tmp_path):
+    """The user story end to end: the launcher starts the table's ranks, they all-reduce over zmq."""
+    import subprocess
+    import sys
+
+    from tests.comm_procs import assert_none_left, env_with_marker
+
+    ini = tmp_path / "comm.ini"
+    ini.write_text(
+        f"[ascend_context]\nrank_table_file={ROOT / 'rank_tables' / 'local_2p.json'}\n"
+        f"[comm]\nbase_port={free_base_port(2)}\ntimeout=30\n"
+    )
+    env, marker = env_with_marker()
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator._cli", "launch", "rank-table", str(ROOT / "rank_tables" / "local_2p.json"),
+         "--config_file", str(ini), "--", sys.executable, EXAMPLE],
+        env=env, capture_output=True, text=True, timeout=80, cwd=ROOT,
+    )
+    assert_none_left(marker)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(2):
+        assert f"[rank {rank}] rank {rank} of 2 (zmq, device {rank}): allreduce -> [3.0, 3.0, 3.0, 3.0] OK" in result.stdout
