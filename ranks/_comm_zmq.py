@@ -255,6 +255,11 @@ class ZmqCommunicator(Communicator):
                         f"rank {self.rank}: rank {msg.source} ({info.get('host')}, pid {info.get('pid')}) runs with world size "
                         f"{info.get('size')} but this rank with {self.size}; do both use the same rank table?"
                     )
+                if info.get("base_port") != self.base_port:
+                    raise CommError(
+                        f"rank {self.rank}: rank {msg.source} uses base port {info.get('base_port')} but this rank "
+                        f"{self.base_port}; give every rank the same [comm] base_port"
+                    )
                 hellos[msg.source] = info
             self.peers = hellos
             same_host = all(
@@ -266,7 +271,7 @@ class ZmqCommunicator(Communicator):
                 try:
                     if self.rank != 0:
                         mapping = _shm.attach(offered)
-                    ok = True
+                    ok = len(mapping) >= _ShmGroup.segment_size(self.size, int(hellos[0]["chunk"]))
                 except OSError:
                     ok = False
             for dealer in self._dealers.values():
@@ -275,7 +280,8 @@ class ZmqCommunicator(Communicator):
             for msg in self._collect(_READY, 0, 0, [p for p in self._dealers], "joining (waiting for every rank's ready)"):
                 everyone = everyone and json.loads(bytes(msg.payload.buffer))["shm"]
             if everyone and mapping is not None:
-                self._shm = _ShmGroup(self, mapping, chunk_bytes, {r: h["pid"] for r, h in hellos.items()},
+                # Rank 0 laid the segment out: its chunk size is everyone's.
+                self._shm = _ShmGroup(self, mapping, int(hellos[0]["chunk"]), {r: h["pid"] for r, h in hellos.items()},
                                       same_pids=all(h["pid_ns"] == hello["pid_ns"] for h in hellos.values()))
                 self.path = "shm"
                 mapping = None
