@@ -193,3 +193,12 @@ def test_example_through_orchestrate_launch_rank_table(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in range(2):
         assert f"[rank {rank}] rank {rank} of 2 (zmq, device {rank}): allreduce -> [3.0, 3.0, 3.0, 3.0] OK" in result.stdout
+
+
+def test_ranks_exports_the_communicators_and_rank_tables():
+    import ranks
+
+    assert {
+        "MpiCommunicator", "ZmqCommunicator", "SingleCommunicator", "Communicator", "create_communicator",
+        "resolve_identity", "export_torchrun_env", "Identity", "RankTable", "RankDevice", "generate_rank_table",
+    } <= set(dir(ranks))
