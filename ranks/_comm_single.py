@@ -25,7 +25,8 @@ class SingleCommunicator(Communicator):
         array = np.asarray(array)
         if array.ndim and not -array.ndim <= axis < array.ndim:
             raise ValueError(f"allgather axis {axis} is out of range for an array of {array.ndim} dimensions")
-        return np.array(array, copy=True)
+        # As on the other backends, a 0-d array gathers as shape (1,): one entry per rank.
+        return np.array(array.reshape(1) if array.ndim == 0 else array, copy=True)
 
     def broadcast(self, array, root=0):
         if root != 0:

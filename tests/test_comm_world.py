@@ -202,3 +202,7 @@ def test_ranks_exports_the_communicators_and_rank_tables():
         "MpiCommunicator", "ZmqCommunicator", "SingleCommunicator", "Communicator", "create_communicator",
         "resolve_identity", "export_torchrun_env", "Identity", "RankTable", "RankDevice", "generate_rank_table",
     } <= set(dir(ranks))
+
+
+def test_single_gathers_a_scalar_like_the_others():
+    assert SingleCommunicator(timeout=1).allgather(np.float32(2.5)).shape == (1,)
