@@ -41,6 +41,8 @@ explicit fences.
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import time
 
@@ -202,7 +204,7 @@ class _ShmGroup:
             for key in keys:
                 if key == _SHAPE:
                     ndim = int(mine[_NDIM])
-                    same = np.array_equal(theirs[_SHAPE : _SHAPE + ndim], mine[_SHAPE : _SHAPE + ndim])
+                    same = theirs[_SHAPE : _SHAPE + ndim].tolist() == mine[_SHAPE : _SHAPE + ndim].tolist()
                 else:
                     same = theirs[key] == mine[key]
                 if not same:
@@ -286,9 +288,9 @@ class _ShmGroup:
             if rows is None:
                 self._agree_gather(seq, send)
                 rows = [int(self._call(r, seq)[_ROWS]) for r in range(self.size)]
-                row_bytes = int(np.prod(send.shape[1:], dtype=np.int64)) * send.itemsize
+                row_bytes = math.prod(send.shape[1:]) * send.itemsize
                 sizes = [r_ * row_bytes for r_ in rows]
-                offsets = np.cumsum([0] + sizes[:-1]).tolist()
+                offsets = [0, *itertools.accumulate(sizes[:-1])]
                 out = self.pool.empty((sum(rows),) + send.shape[1:], send.dtype)
                 out_bytes = out.reshape(-1).view(np.uint8)
                 rounds = max(1, -(-max(sizes) // self.chunk))
@@ -310,7 +312,7 @@ class _ShmGroup:
         ndim = int(mine[_NDIM])
         for peer in self.others:
             theirs = self._call(peer, seq)
-            if not np.array_equal(theirs[_SHAPE + 1 : _SHAPE + ndim], mine[_SHAPE + 1 : _SHAPE + ndim]):
+            if theirs[_SHAPE + 1 : _SHAPE + ndim].tolist() != mine[_SHAPE + 1 : _SHAPE + ndim].tolist():
                 axis = int(mine[_AUX])
                 self.comm._fail(CommError(
                     f"allgather #{seq} on rank {self.rank} of {self.size}: rank {peer} passed {self._describe(peer, seq)} "
