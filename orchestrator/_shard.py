@@ -29,7 +29,7 @@ from ranks._shard_manifest import (
 )
 
 from ._samples import save_model
-from ._shard_analysis import plan_split
+from ._shard_analysis import linear_weight, plan_split
 from ._shard_graph import GraphIndex, elem_types
 from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses
 
@@ -172,6 +172,12 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
 
 def _weight_entries(index: GraphIndex, plan) -> list[dict]:
     uses = initializer_uses(index, plan)
+    # A linear layer's weight is named by what it means (Megatron): cut by output columns or input rows,
+    # whichever axis that is in storage (Gemm with transB keeps output columns on axis 0).
+    labels = {}
+    for (i, k), _axis in plan.sliced_inputs.items():
+        if k == 1 and linear_weight(index, i) is not None:
+            labels[index.nodes[i].input[1]] = "rows" if i in plan.row_parallel else "columns"
     entries = []
     for tensor in index.model.graph.initializer:
         shape = list(tensor.dims)
@@ -185,7 +191,9 @@ def _weight_entries(index: GraphIndex, plan) -> list[dict]:
             entry.update(split="replicated", axis=None, shard_shape=shape)
         elif len(axes) == 1:
             (axis,) = axes
-            label = "columns" if axis == len(shape) - 1 else "rows" if axis == 0 else "axis"
+            label = labels.get(tensor.name) or (
+                "columns" if axis == len(shape) - 1 else "rows" if axis == 0 else "axis"
+            )
             shard_shape = list(shape)
             shard_shape[axis] //= plan.tp
             entry.update(split=label, axis=axis, shard_shape=shard_shape)
