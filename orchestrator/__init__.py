@@ -1,3 +1,12 @@
-"""The master side: the MindSpore Lite-style API, batch-split master, worker pool, slicing, serving."""
+"""The master side: the MindSpore Lite-style API, batch-split master, worker pool, slicing, serving.
+
+``import orchestrator as mslite`` gives a MindSpore Lite script what it uses
+(Context, Model, ModelType, Tensor, DataType, Format) on ONNX Runtime.
+"""
 
 from ranks import *  # noqa: F401,F403  the single-process API is part of ours
+from ranks import __all__ as _ranks_all
+
+from ._samples import SAMPLE_MODELS, save_model, write_sample_model
+
+__all__ = list(_ranks_all) + ["SAMPLE_MODELS", "save_model", "write_sample_model"]

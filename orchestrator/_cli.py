@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _cli_rank, _cli_shard
+from . import _cli_rank, _cli_sample, _cli_shard
 
-COMMANDS = [_cli_rank, _cli_shard]
+COMMANDS = [_cli_rank, _cli_sample, _cli_shard]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,8 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Commands that hand every argument on (like ``rank``) bypass our parser,
+    # which would otherwise claim options such as --model_path=... for itself.
+    for module in COMMANDS:
+        name = getattr(module, "PASSTHROUGH", None)
+        if name and argv[:1] == [name]:
+            return int(module.run_passthrough(argv[1:]) or 0)
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
 

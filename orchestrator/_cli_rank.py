@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+PASSTHROUGH = "rank"
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -17,6 +19,10 @@ def register(subparsers) -> None:
 
 
 def _run(args) -> int:
+    return run_passthrough(args.rank_args)
+
+
+def run_passthrough(argv: list[str]) -> int:
     from ranks import rank_main
 
-    return rank_main(args.rank_args)
+    return rank_main(argv)

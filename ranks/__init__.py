@@ -2,6 +2,8 @@
 
 from ._comm_base import Communicator
 from ._comm_single import SingleCommunicator
+from ._config_file import RankConfig, load_config
+from ._context import AscendDeviceInfo, Context, CPUDeviceInfo, GPUDeviceInfo, ParallelConfig
 from ._env import all_variables as environment_variables
 from ._errors import (
     CommError,
@@ -17,4 +19,15 @@ from ._errors import (
     ShardError,
     WorkerError,
 )
+from ._model import Model, ModelType
+from ._rank_program import main as rank_main
 from ._remote_errors import RemoteError, RemoteTraceback
+from ._tensor import DataType, Format, Tensor
+
+__all__ = [
+    "AscendDeviceInfo", "CPUDeviceInfo", "CommError", "CommTimeoutError", "Communicator", "ConfigError",
+    "Context", "DataType", "Format", "GPUDeviceInfo", "InputError", "Model", "ModelError", "ModelNotFoundError",
+    "ModelType", "OrchestratorError", "ParallelConfig", "PeerLostError", "ProviderError", "RankConfig",
+    "RankTableError", "RemoteError", "RemoteTraceback", "ShardError", "SingleCommunicator", "Tensor",
+    "WorkerError", "environment_variables", "load_config", "rank_main",
+]

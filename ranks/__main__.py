@@ -1,0 +1,5 @@
+import sys
+
+from ._rank_program import main
+
+sys.exit(main())

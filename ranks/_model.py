@@ -1,0 +1,370 @@
+"""Model: build an ONNX file into an ONNX Runtime session and run it, MindSpore Lite style."""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ._config_file import RankConfig, load_config
+from ._context import Context
+from ._errors import ConfigError, InputError, ModelError, ModelNotFoundError, OrchestratorError
+from ._session import execution_providers, session_options
+from ._tensor import DataType, Tensor, check_shape, data_type_from_ort
+
+COLLECTIVE_OPS = ("AllReduce", "AllGather")
+MODEL_INFO_KEYS = ("user_info", "input_shape", "dynamic_dims")
+
+
+class ModelType(enum.Enum):
+    MINDIR = 0
+    MINDIR_LITE = 4
+    ONNX = 100
+
+
+def load_onnx_header(path: Path) -> onnx.ModelProto:
+    """Parse the ONNX file's graph (without external weights), with errors that name the file."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"model file {path} does not exist") from None
+    if size == 0:
+        raise ModelError(f"model file {path} is empty; expected an ONNX model (.onnx)")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish errors, ValueError
+        raise ModelError(
+            f"model file {path} ({size} bytes) is not a readable ONNX model: the file is corrupt, truncated "
+            f"or of another format ({type(exc).__name__}: {exc})"
+        ) from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelError(f"model file {path} ({size} bytes) parsed as ONNX but holds no graph: it is not an ONNX model or is truncated")
+    return proto
+
+
+def is_sharded(proto: onnx.ModelProto) -> bool:
+    """True when the graph holds com.microsoft collective nodes (a tensor-parallel shard)."""
+    return any(node.domain == "com.microsoft" and node.op_type in COLLECTIVE_OPS for node in proto.graph.node)
+
+
+class Model:
+    """One model on one device. ``build_from_file`` once, ``predict`` many times (from any thread)."""
+
+    def __init__(self):
+        self._session = None
+        self._path: Path | None = None
+        self._context: Context | None = None
+        self._config: RankConfig | None = None
+        self._inputs: list[Tensor] = []
+        self._model_inputs: list[tuple[str, DataType, list[int]]] = []
+        self._outputs: list[Tensor] = []
+        self._initializers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        self._weight_overrides: dict[str, ort.OrtValue] = {}
+        self._metadata: dict[str, str] = {}
+        self._communicator = None
+        self._lock = threading.Lock()
+
+    # -- building ------------------------------------------------------------
+    def build_from_file(
+        self,
+        model_path: str | os.PathLike,
+        model_type: ModelType = ModelType.ONNX,
+        context: Context | None = None,
+        config_path: str = "",
+        config_dict: dict | None = None,
+        *,
+        communicator=None,
+    ) -> None:
+        """Load and compile ``model_path``.
+
+        Args:
+            model_path: an ONNX file (weights inline or as external data beside it).
+            model_type: ``ModelType.ONNX``; MindIR files are refused with a clear message.
+            context: devices and threads; ``Context()`` (CPU) when omitted.
+            config_path: a ``config_file.ini`` (see ``ranks._config_file``).
+            config_dict: ``{section: {key: value}}`` overriding the file.
+            communicator: for a tensor-parallel shard, the communicator to its peers
+                (default: chosen from the launch environment and the config).
+
+        Raises:
+            ModelNotFoundError, ModelError, ConfigError, ProviderError.
+        """
+        if not isinstance(model_type, ModelType):
+            raise ConfigError(f"model_type must be a ModelType (e.g. ModelType.ONNX), got {model_type!r}")
+        if model_type in (ModelType.MINDIR, ModelType.MINDIR_LITE):
+            raise ModelError(
+                f"model_type {model_type.name} is not supported: this runtime runs ONNX models on ONNX Runtime. "
+                f"Export the network to ONNX (mindspore.export(net, x, file_format='ONNX')) and use ModelType.ONNX."
+            )
+        if context is not None and not isinstance(context, Context):
+            raise ConfigError(f"context must be a Context, got {type(context).__name__}")
+        self._session = None  # a failed rebuild must not leave the old session answering
+        path = Path(model_path)
+        if path.is_dir():
+            raise ModelError(f"model path {path} is a directory; expected an ONNX file")
+        proto = load_onnx_header(path)
+        context = context or Context()
+        config = load_config(config_path, config_dict)
+
+        self._path, self._context, self._config = path, context, config
+        self._initializers = {
+            init.name: (tuple(init.dims), onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+            for init in proto.graph.initializer
+        }
+        self._metadata = {prop.key: prop.value for prop in proto.metadata_props}
+        self._weight_overrides = {}
+        if is_sharded(proto):
+            self._session = self._build_sharded(proto, communicator)
+        else:
+            self._session = self._new_session()
+        self._model_inputs = [
+            (arg.name, data_type_from_ort(arg.type), [d if isinstance(d, int) else -1 for d in arg.shape])
+            for arg in self._session.get_inputs()
+        ]
+        for name, shape in config.input_shapes.items():
+            if name not in self.input_names:
+                raise ConfigError(f"{config.source}: input_shape names {name!r}, but the model's inputs are {self.input_names}")
+        self._inputs = [
+            Tensor(shape=config.input_shapes.get(name, shape), dtype=dtype, name=name)
+            for name, dtype, shape in self._model_inputs
+        ]
+        self._outputs = [
+            Tensor(shape=[d if isinstance(d, int) else -1 for d in arg.shape], dtype=data_type_from_ort(arg.type), name=arg.name)
+            for arg in self._session.get_outputs()
+        ]
+        del proto
+
+    def _new_session(self):
+        options = session_options(self._context, self._config)
+        for name, value in self._weight_overrides.items():
+            options.add_initializer(name, value)
+        providers = execution_providers(self._context, self._config)
+        try:
+            return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
+        except Exception as exc:
+            raise ModelError(f"ONNX Runtime could not build {self._path}: {_ort_message(exc)}") from None
+
+    def _build_sharded(self, proto, communicator):
+        from ._staged_runner import StagedRunner
+        from ._world import create_communicator
+
+        if communicator is None:
+            comm = self._config.comm
+            communicator = create_communicator(
+                backend=comm.backend, rank_table=self._config.rank_table_file,
+                base_port=comm.base_port, timeout=comm.timeout,
+            )
+        self._communicator = communicator
+        context, config = self._context, self._config
+
+        def make_session(model):
+            # Several stage sessions share the cores; spinning pool threads would fight over them.
+            options = session_options(context, config, allow_spinning=False)
+            return ort.InferenceSession(model, sess_options=options, providers=execution_providers(context, config))
+
+        try:
+            return StagedRunner(self._path, communicator, make_session=make_session)
+        except OrchestratorError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"could not build shard {self._path}: {_ort_message(exc)}") from exc
+
+    def _require_built(self) -> None:
+        if self._session is None:
+            raise ModelError("the model is not built: call build_from_file() first")
+
+    # -- introspection -------------------------------------------------------
+    @property
+    def input_names(self) -> list[str]:
+        return [name for name, _, _ in self._model_inputs]
+
+    def get_inputs(self) -> list[Tensor]:
+        """The model's input tensors: fill them with set_data_from_numpy() and pass them to predict()."""
+        self._require_built()
+        return self._inputs
+
+    def get_outputs(self) -> list[Tensor]:
+        """The model's outputs (name, dtype, shape with -1 for dimensions known only after predict)."""
+        self._require_built()
+        return self._outputs
+
+    def get_model_info(self, key: str) -> str:
+        """``user_info`` (the model's metadata), ``input_shape`` ("x:1,3,224,224;...") or ``dynamic_dims``."""
+        self._require_built()
+        if key == "user_info":
+            return ";".join(f"{k}:{v}" for k, v in sorted(self._metadata.items()))
+        if key == "input_shape":
+            return ";".join(f"{t.name}:{','.join(map(str, t.shape))}" for t in self._inputs)
+        if key == "dynamic_dims":
+            return ";".join(
+                f"{name}:{','.join(str(i) for i, d in enumerate(shape) if d < 0)}"
+                for name, _, shape in self._model_inputs if any(d < 0 for d in shape)
+            )
+        raise ConfigError(f"get_model_info: unknown key {key!r}; valid keys are {list(MODEL_INFO_KEYS)}")
+
+    # -- running -------------------------------------------------------------
+    def resize(self, inputs: list[Tensor], dims: list[list[int]]) -> None:
+        """Set new shapes for the inputs' free (dynamic) dimensions."""
+        self._require_built()
+        if len(inputs) != len(self._inputs) or len(dims) != len(inputs):
+            raise InputError(f"resize: got {len(inputs)} inputs and {len(dims)} shapes, the model has {len(self._inputs)} inputs")
+        for tensor, new_shape in zip(inputs, dims):
+            model_shape = self._model_shape(tensor.name)
+            new_shape = [int(d) for d in new_shape]
+            check_shape(tensor.name, model_shape, new_shape)
+            if any(d <= 0 for d in new_shape):
+                raise InputError(f"resize: input {tensor.name!r}: every dimension must be positive, got {new_shape}")
+        for tensor, new_shape in zip(inputs, dims):
+            tensor.shape = new_shape
+            for own in self._inputs:
+                if own.name == tensor.name and own is not tensor:
+                    own.shape = new_shape
+
+    def predict(self, inputs, outputs: list[Tensor] | None = None) -> list[Tensor]:
+        """Run the model.
+
+        Args:
+            inputs: a list of Tensors or numpy arrays in the model's input order,
+                or a dict {input name: array or Tensor}.
+            outputs: optional Tensors to fill in place (MindSpore Lite style).
+
+        Returns:
+            One Tensor per model output, in order.
+
+        Raises:
+            InputError: wrong count, name, dtype or shape, or an empty batch.
+            ModelError: ONNX Runtime failed while running.
+        """
+        self._require_built()
+        feeds = self._feeds(inputs)
+        try:
+            results = self._session.run(None, feeds)
+        except OrchestratorError:
+            raise
+        except Exception as exc:
+            if getattr(self._session, "is_staged", False):
+                raise
+            raise ModelError(f"running {self._path.name} failed: {_ort_message(exc)}") from None
+        if outputs is not None:
+            if len(outputs) != len(results):
+                raise InputError(f"predict: got {len(outputs)} output tensors, the model has {len(results)} outputs")
+            for tensor, array in zip(outputs, results):
+                tensor._dtype = DataType.from_numpy(array.dtype)
+                tensor._shape = list(array.shape)
+                tensor._data = array
+            return outputs
+        return [Tensor(array, name=meta.name) for meta, array in zip(self._outputs, results)]
+
+    def _model_shape(self, name: str) -> list[int]:
+        for input_name, _, shape in self._model_inputs:
+            if input_name == name:
+                return shape
+        raise InputError(f"the model has no input named {name!r}; its inputs are {self.input_names}")
+
+    def _feeds(self, inputs) -> dict[str, np.ndarray]:
+        expected = self._model_inputs
+        if isinstance(inputs, (Tensor, np.ndarray)):
+            inputs = [inputs]
+        if isinstance(inputs, dict):
+            unknown = [k for k in inputs if k not in self.input_names]
+            if unknown:
+                raise InputError(f"predict: unknown input name(s) {unknown}; the model's inputs are {self.input_names}")
+            missing = [n for n in self.input_names if n not in inputs]
+            if missing:
+                raise InputError(f"predict: missing input(s) {missing}; the model's inputs are {self.input_names}")
+            items = [(name, inputs[name]) for name in self.input_names]
+        elif isinstance(inputs, (list, tuple)):
+            if len(inputs) != len(expected):
+                raise InputError(
+                    f"predict: got {len(inputs)} inputs, the model has {len(expected)}: {self.input_names}"
+                )
+            items = []
+            for (name, _, _), value in zip(expected, inputs):
+                if isinstance(value, Tensor) and value.name and value.name != name:
+                    raise InputError(f"predict: tensor {value.name!r} was given where input {name!r} belongs (inputs are {self.input_names})")
+                items.append((name, value))
+        else:
+            raise InputError(f"predict: inputs must be a list of Tensors or numpy arrays, or a dict by name; got {type(inputs).__name__}")
+
+        feeds = {}
+        for (name, dtype, model_shape), (_, value) in zip(expected, items):
+            if isinstance(value, Tensor):
+                array = value.get_data_to_numpy()
+            elif isinstance(value, np.ndarray):
+                array = value
+            else:
+                raise InputError(f"predict: input {name!r} must be a Tensor or numpy array, got {type(value).__name__}")
+            want = dtype.to_numpy() if dtype is not DataType.UNKNOWN else array.dtype
+            if array.dtype != want:
+                raise InputError(f"predict: input {name!r} has dtype {array.dtype}, the model expects {want}")
+            check_shape(name, model_shape, array.shape)
+            if array.size == 0:
+                raise InputError(f"predict: input {name!r} is empty (shape {list(array.shape)}); every dimension must be at least 1")
+            feeds[name] = array
+        return feeds
+
+    def update_weights(self, weights) -> None:
+        """Replace named initializers (weights) and rebuild the session in memory.
+
+        ``weights`` is MindSpore Lite's ``list[list[Tensor]]``, a list of named
+        Tensors, or a dict {initializer name: numpy array}. Names, dtypes and
+        shapes must match the model's; nothing changes unless all of them do.
+        """
+        self._require_built()
+        if getattr(self._session, "is_staged", False):
+            raise ModelError("update_weights is not available on a tensor-parallel shard; re-shard the updated model")
+        named: list[tuple[str, np.ndarray]] = []
+        if isinstance(weights, dict):
+            named = [(k, np.asarray(v)) for k, v in weights.items()]
+        else:
+            flat = []
+            for item in weights:
+                flat.extend(item if isinstance(item, (list, tuple)) else [item])
+            for tensor in flat:
+                if not isinstance(tensor, Tensor) or not tensor.name:
+                    raise InputError(f"update_weights: expected named Tensors, got {tensor!r}")
+                named.append((tensor.name, tensor.get_data_to_numpy()))
+        if not named:
+            raise InputError("update_weights: no weights given")
+        overrides = dict(self._weight_overrides)
+        for name, array in named:
+            if name not in self._initializers:
+                close = [n for n in self._initializers if name.split(".")[-1] in n][:5]
+                raise InputError(f"update_weights: the model has no weight named {name!r}" + (f"; similar: {close}" if close else ""))
+            shape, dtype = self._initializers[name]
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                raise InputError(
+                    f"update_weights: weight {name!r} is {array.dtype}{list(array.shape)}, the model's is {np.dtype(dtype)}{list(shape)}"
+                )
+            overrides[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+        with self._lock:
+            previous = self._weight_overrides
+            self._weight_overrides = overrides
+            try:
+                self._session = self._new_session()
+            except Exception:
+                self._weight_overrides = previous
+                raise
+
+    def close(self) -> None:
+        """Release the session (and the communicator of a shard)."""
+        self._session = None
+        if self._communicator is not None:
+            self._communicator.close()
+            self._communicator = None
+
+    def __repr__(self) -> str:
+        return f"<Model {self._path} inputs={self.input_names if self._session else '?'}>"
+
+
+def _ort_message(exc: Exception) -> str:
+    text = str(exc).strip()
+    # ORT prefixes messages with "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ..."; keep the human part.
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]
+    return text

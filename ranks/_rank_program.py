@@ -1,0 +1,152 @@
+"""The per-rank program: ``python -m ranks --model_path=PATH [...]`` (also ``orchestrate rank``).
+
+It builds one model (or this rank's shard), feeds it inputs from a file or
+ones, and prints each output in the seeds' format. Rank and world size come
+from, in order: ``--rank_id``/``--world_size``; mpirun; torchrun-style
+``RANK``/``WORLD_SIZE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import _env
+from ._context import Context
+from ._errors import InputError, OrchestratorError
+from ._model import Model, ModelType
+from ._tensor import Tensor
+
+PRINT_VALUES = 50
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ranks",
+        description="Run one rank of a model (or a whole model on one device) and print its outputs.",
+    )
+    parser.add_argument("--model_path", required=True, help="ONNX file; shards/m.onnx resolves to shards/m{rank}.onnx")
+    parser.add_argument("--input", action="append", default=[], metavar="FILE",
+                        help=".npy (one input), .npz (arrays by input name) or .bin (raw bytes of the first input); default: ones")
+    parser.add_argument("--output", metavar="FILE.npz", help="also save the outputs, by name, to this .npz file")
+    parser.add_argument("--device_id", type=int, help="device this rank runs on")
+    parser.add_argument("--rank_id", type=int, help="this rank (default: from mpirun or RANK)")
+    parser.add_argument("--world_size", type=int, help="number of ranks (default: from mpirun, WORLD_SIZE or the rank table)")
+    parser.add_argument("--config_file", default="", help="config_file.ini ([ascend_context] rank_table_file=..., [comm] ...)")
+    parser.add_argument("--target", default="cpu", choices=("cpu", "gpu", "ascend"), help="device type (default cpu)")
+    parser.add_argument("--thread_num", type=int, default=0, help="CPU threads (0: ONNX Runtime's default)")
+    parser.add_argument("--backend", choices=("mpi", "zmq", "single"), help="communicator for shards (default: automatic)")
+    parser.add_argument("--repeat", type=int, default=1, help="run predict this many times (prints the last outputs)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the outputs")
+    return parser
+
+
+def load_inputs(files: list[str], model: Model) -> list[np.ndarray]:
+    """Arrays for the model's inputs, from files or ones (dynamic dimensions set to 1)."""
+    tensors = model.get_inputs()
+    arrays: dict[str, np.ndarray] = {}
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise InputError(f"input file {path} does not exist")
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                for key in data.files:
+                    if key not in model.input_names:
+                        raise InputError(f"input file {path} holds {key!r}, which is not an input of the model; inputs are {model.input_names}")
+                    arrays[key] = data[key]
+        elif path.suffix == ".npy":
+            free = [t.name for t in tensors if t.name not in arrays]
+            if not free:
+                raise InputError(f"input file {path}: every input already has data")
+            arrays[free[0]] = np.load(path)
+        else:
+            first = tensors[0]
+            raw = np.fromfile(path, dtype=first.dtype.to_numpy())
+            shape = [d if d > 0 else -1 for d in first.shape]
+            try:
+                arrays[first.name] = raw.reshape(shape)
+            except ValueError:
+                raise InputError(f"input file {path} holds {raw.size} {first.dtype.value} values, which do not fit input {first.name!r} of shape {first.shape}") from None
+    result = []
+    for tensor in tensors:
+        if tensor.name in arrays:
+            result.append(arrays[tensor.name])
+        else:
+            shape = [d if d > 0 else 1 for d in tensor.shape]
+            result.append(np.ones(shape, dtype=tensor.dtype.to_numpy()))
+    return result
+
+
+def format_output(tensor: Tensor, count: int = PRINT_VALUES) -> str:
+    """The seeds' two lines for one output tensor."""
+    data = tensor.get_data_to_numpy().reshape(-1)[:count]
+    values = " ".join(str(v) for v in data)
+    return (
+        f"tensor's name is:{tensor.name} data size is:{tensor.data_size} tensor elements num is:{tensor.element_num}\n"
+        f"output data is: {values}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    identity = _identity(args)
+    context = Context()
+    context.target = [args.target]
+    context.cpu.thread_num = args.thread_num
+    if args.target == "gpu":
+        context.gpu.device_id = identity.device_id
+        context.gpu.rank_id = identity.rank
+        context.gpu.group_size = identity.size
+    elif args.target == "ascend":
+        context.ascend.device_id = identity.device_id
+        context.ascend.rank_id = identity.rank
+    model_path = _resolve_model_path(args.model_path, identity.rank)
+    config_dict = {"comm": {"backend": args.backend}} if args.backend else None
+    model = Model()
+    model.build_from_file(model_path, ModelType.ONNX, context, config_path=args.config_file, config_dict=config_dict)
+    try:
+        arrays = load_inputs(args.input, model)
+        for _ in range(max(1, args.repeat)):
+            outputs = model.predict(arrays)
+        if not args.quiet:
+            for tensor in outputs:
+                print(format_output(tensor), flush=True)
+        if args.output:
+            np.savez(args.output, **{t.name: t.get_data_to_numpy() for t in outputs})
+    finally:
+        model.close()
+    return 0
+
+
+class _Identity:
+    def __init__(self, rank: int, size: int, device_id: int):
+        self.rank, self.size, self.device_id = rank, size, device_id
+
+
+def _identity(args) -> _Identity:
+    rank = args.rank_id if args.rank_id is not None else (_env.RANK.get_int() or 0)
+    size = args.world_size if args.world_size is not None else (_env.WORLD_SIZE.get_int() or 1)
+    device = args.device_id if args.device_id is not None else rank
+    return _Identity(rank, size, device)
+
+
+def _resolve_model_path(path: str, rank: int) -> Path:
+    candidate = Path(path)
+    if not candidate.exists():
+        ranked = candidate.with_name(f"{candidate.stem}{rank}{candidate.suffix}")
+        if ranked.exists():
+            return ranked
+    return candidate
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except OrchestratorError as exc:
+        # A user error: one clear line, no traceback; exit code 1 so launchers see a failure.
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 1

@@ -1,0 +1,63 @@
+import pytest
+
+from ranks import ConfigError, load_config
+
+
+def write(tmp_path, text, name="config_file.ini"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_sections_and_relative_rank_table(tmp_path):
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    path = write(sub, "[ascend_context]\nrank_table_file=tables/t.json\n[comm]\nbackend=zmq\ntimeout=7.5\nbase_port=31000\n")
+    config = load_config(path)
+    assert config.rank_table_file == str(sub / "tables" / "t.json")
+    assert (config.comm.backend, config.comm.timeout, config.comm.base_port) == ("zmq", 7.5, 31000)
+
+
+def test_unknown_section_is_kept(tmp_path):
+    config = load_config(write(tmp_path, "[my_plugin]\nanything=1\n"))
+    assert config.extra == {"my_plugin": {"anything": "1"}}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[comm]\nbakend=zmq\n", "unknown key 'bakend' in section [comm]; known keys are ['backend'"),
+        ("rank_table_file=x.json\n", "comes before any [section] header"),
+        ("[comm]\nbackend=nccl\n", "[comm] backend must be one of ['mpi', 'zmq', 'single'], got 'nccl'"),
+        ("[comm]\ntimeout=soon\n", "[comm] timeout must be a positive number of seconds, got 'soon'"),
+        ("[comm]\ntimeout=0\n", "[comm] timeout must be a positive number of seconds"),
+        ("[comm]\nbase_port=70000\n", "[comm] base_port must be a TCP port 1..65535, got 70000"),
+        ("[comm]\nbase_port=x\n", "[comm] base_port must be an integer, got 'x'"),
+        ("[comm]\nbackend=zmq\n[comm]\nbackend=mpi\n", "not a valid ini file"),
+        ("[cpu_context]\ninput_shape=x1,2\n", "is not NAME:D1,D2,..."),
+    ],
+)
+def test_malformed_files(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+    assert str(path) in str(info.value) or "before any" in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.ini")
+
+
+def test_config_dict_overrides_file(tmp_path):
+    path = write(tmp_path, "[comm]\nbackend=zmq\n")
+    config = load_config(path, {"comm": {"backend": "single"}, "cpu_context": {"input_shape": "x:1,3"}})
+    assert config.comm.backend == "single"
+    assert config.input_shapes == {"x": [1, 3]}
+
+
+@pytest.mark.parametrize("bad", [{"comm": {"timeout": 5}}, {"comm": "zmq"}, ["comm"]])
+def test_config_dict_types(bad):
+    with pytest.raises(ConfigError):
+        load_config("", bad)

@@ -1,0 +1,69 @@
+"""Pin what each package exports, so a change to the public surface is a deliberate one."""
+
+import ast
+import re
+from pathlib import Path
+
+import launchers
+import orchestrator
+import ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ranks_exports():
+    assert {
+        "Context", "Model", "ModelType", "Tensor", "DataType", "Format", "Communicator", "SingleCommunicator",
+        "OrchestratorError", "ConfigError", "InputError", "ModelError", "ModelNotFoundError", "ProviderError",
+        "CommError", "CommTimeoutError", "PeerLostError", "RankTableError", "ShardError", "WorkerError",
+        "RemoteError", "RemoteTraceback", "load_config", "rank_main", "environment_variables",
+    } <= set(ranks.__all__)
+    for name in ranks.__all__:
+        assert hasattr(ranks, name), name
+
+
+def test_orchestrator_reexports_the_mindspore_lite_surface():
+    for name in ("Context", "Model", "ModelType", "Tensor", "DataType", "Format", "write_sample_model"):
+        assert getattr(orchestrator, name) is not None
+    assert orchestrator.Model is ranks.Model
+    for name in orchestrator.__all__:
+        assert hasattr(orchestrator, name), name
+
+
+def test_init_modules_only_reexport():
+    for package in ("ranks", "launchers", "orchestrator"):
+        tree = ast.parse((ROOT / package / "__init__.py").read_text())
+        for node in tree.body:
+            assert isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr, ast.Assign)), (
+                f"{package}/__init__.py has a {type(node).__name__}; keep code in private modules"
+            )
+
+
+def test_ranks_does_not_import_upward():
+    for path in (ROOT / "ranks").glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) (orchestrator|launchers)\b", text, re.M), path
+
+
+def test_launchers_does_not_import_orchestrator():
+    for path in (ROOT / "launchers").glob("*.py"):
+        assert not re.search(r"^\s*(from|import) orchestrator\b", path.read_text(), re.M), path
+
+
+def test_environment_is_read_in_one_place():
+    """Every variable the project reads goes through ranks/_env.py."""
+    pattern = re.compile(r"os\.getenv\(|os\.environ\.get\(|os\.environ\[[^\]]+\](?!\s*=[^=])")
+    offenders = []
+    for package in ("ranks", "launchers", "orchestrator"):
+        for path in (ROOT / package).glob("*.py"):
+            if path.name == "_env.py":
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "read these through ranks._env:\n" + "\n".join(offenders)
+
+
+def test_environment_variables_are_documented():
+    for var in ranks.environment_variables():
+        assert var.help and var.name.isupper()

@@ -1,0 +1,110 @@
+"""The per-rank program as a user types it: python -m ranks / orchestrate rank."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import orchestrate_command, python_command, run_command
+
+pytestmark = pytest.mark.cli
+
+
+def parse_outputs(stdout: str) -> dict[str, tuple[int, int, list[float]]]:
+    """{name: (data size, element count, printed values)} from the seeds' print format."""
+    lines = stdout.strip().splitlines()
+    result = {}
+    for header, data in zip(lines[::2], lines[1::2]):
+        assert header.startswith("tensor's name is:"), header
+        name = header.split("tensor's name is:")[1].split(" data size is:")[0]
+        size = int(header.split("data size is:")[1].split(" ")[0])
+        count = int(header.split("tensor elements num is:")[1])
+        assert data.startswith("output data is: ")
+        result[name] = (size, count, [float(v) for v in data[len("output data is: "):].split()])
+    return result
+
+
+def test_default_inputs_are_ones_and_format_matches_seeds(sample):
+    path = sample("add")
+    result = run_command(python_command("-m", "ranks", f"--model_path={path}"), check=True)
+    assert result.stdout == "tensor's name is:z data size is:16 tensor elements num is:4\noutput data is: 2.0 2.0 2.0 2.0\n"
+
+
+def test_npz_input_and_output_file(sample, tmp_path):
+    path = sample("mlp")
+    x = np.random.default_rng(0).standard_normal((3, 64), dtype=np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    out = tmp_path / "out.npz"
+    result = run_command(
+        orchestrate_command("rank", f"--model_path={path}", "--input", str(tmp_path / "in.npz"), "--output", str(out)),
+        check=True,
+    )
+    expected = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    size, count, values = parse_outputs(result.stdout)["y"]
+    assert (size, count) == (expected.nbytes, expected.size)
+    assert len(values) == 50
+    np.testing.assert_allclose(values, expected.reshape(-1)[:50], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.load(out)["y"], expected, atol=1e-6)
+
+
+def test_npy_and_bin_inputs(sample, tmp_path):
+    path = sample("image")
+    x = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    x.tofile(tmp_path / "input.bin")
+    expected = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    for file in ("x.npy", "input.bin"):
+        out = tmp_path / f"{file}.npz"
+        run_command(python_command("-m", "ranks", f"--model_path={path}", f"--input={tmp_path / file}", f"--output={out}", "--quiet"), check=True)
+        np.testing.assert_allclose(np.load(out)["probs"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model_path=/nonexistent/model.onnx"], "ModelNotFoundError: model file /nonexistent/model.onnx does not exist"),
+        (["--input=/nonexistent.npy"], "input file /nonexistent.npy does not exist"),
+    ],
+)
+def test_errors_exit_nonzero_with_one_clear_line(sample, extra, message):
+    args = [f"--model_path={sample('add')}"] + extra
+    result = run_command(python_command("-m", "ranks", *args))
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_input_shape_names_the_input(sample, tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((3, 3), np.float32))
+    result = run_command(python_command("-m", "ranks", f"--model_path={sample('add')}", f"--input={tmp_path / 'x.npy'}"))
+    assert result.returncode == 1
+    assert "input 'x': shape [3, 3] does not match [2, 2]" in result.stderr
+
+
+def test_port_of_mindspore_lite_script(sample, tmp_path):
+    """The import-swap script from the foundation issue, unchanged but for the import."""
+    import shutil
+
+    shutil.copy(sample("image"), tmp_path / "model.onnx")
+    x = np.random.default_rng(2).random((1, 3, 32, 32), dtype=np.float32)
+    x.tofile(tmp_path / "input.bin")
+    script = tmp_path / "quick_start.py"
+    script.write_text(
+        "import numpy as np\n"
+        "import orchestrator as mslite          # was: import mindspore_lite as mslite\n"
+        "context = mslite.Context()\n"
+        'context.target = ["cpu"]\n'
+        "context.cpu.thread_num = 1\n"
+        "context.cpu.thread_affinity_mode = 2\n"
+        "model = mslite.Model()\n"
+        'model.build_from_file("model.onnx", mslite.ModelType.ONNX, context)\n'
+        "inputs = model.get_inputs()\n"
+        'inputs[0].set_data_from_numpy(np.fromfile("input.bin", dtype=np.float32).reshape(inputs[0].shape))\n'
+        "outputs = model.predict(inputs)\n"
+        "for output in outputs:\n"
+        "    print(output.name, output.data_size, output.element_num, output.get_data_to_numpy().flatten()[:5])\n"
+    )
+    result = run_command(python_command(str(script)), cwd=tmp_path, check=True)
+    expected = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"x": x})[0]
+    name, size, count, *values = result.stdout.replace("[", " ").replace("]", " ").split()
+    assert (name, int(size), int(count)) == ("probs", 40, 10)
+    np.testing.assert_allclose([float(v) for v in values], expected.reshape(-1)[:5], rtol=1e-5)
