@@ -22,12 +22,14 @@ from ._errors import (
 from ._model import Model, ModelType
 from ._rank_program import main as rank_main
 from ._remote_errors import RemoteError, RemoteTraceback
+from ._shard_files import resolve_shard_path
+from ._staged_runner import StagedRunner
 from ._tensor import DataType, Format, Tensor
 
 __all__ = [
     "AscendDeviceInfo", "CPUDeviceInfo", "CommError", "CommTimeoutError", "Communicator", "ConfigError",
     "Context", "DataType", "Format", "GPUDeviceInfo", "InputError", "Model", "ModelError", "ModelNotFoundError",
     "ModelType", "OrchestratorError", "ParallelConfig", "PeerLostError", "ProviderError", "RankConfig",
-    "RankTableError", "RemoteError", "RemoteTraceback", "ShardError", "SingleCommunicator", "Tensor",
-    "WorkerError", "environment_variables", "load_config", "rank_main",
+    "RankTableError", "RemoteError", "RemoteTraceback", "ShardError", "SingleCommunicator", "StagedRunner", "Tensor",
+    "WorkerError", "environment_variables", "load_config", "rank_main", "resolve_shard_path",
 ]

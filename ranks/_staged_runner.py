@@ -147,6 +147,8 @@ class StagedRunner:
     shards of different slicing runs.
     """
 
+    is_staged = True  # lets callers tell it from a plain InferenceSession
+
     def __init__(self, model: str | os.PathLike | onnx.ModelProto, comm: Communicator,
                  make_session: Callable | None = None):
         self.comm = comm
