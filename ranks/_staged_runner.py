@@ -172,9 +172,14 @@ class StagedRunner:
             )
         if META_RANK in meta and int(meta[META_RANK]) != comm.rank:
             raise ShardError(f"{label} is the shard of rank {meta[META_RANK]}, but it was loaded by rank {comm.rank}")
-        if self.path is not None and META_MANIFEST in meta:
-            manifest_file = self.path.with_name(meta[META_MANIFEST])
-            if manifest_file.exists():
+        if self.path is not None and META_ID in meta:
+            # The manifest the shard names, and the one its file name implies (MODEL{rank}.onnx -> MODEL):
+            # a file copied in from another run disagrees with at least one of them.
+            candidates = {self.path.with_name(meta.get(META_MANIFEST, "")) if meta.get(META_MANIFEST) else None}
+            stem, rank_text = self.path.stem, meta.get(META_RANK, "")
+            if rank_text and stem.endswith(rank_text):
+                candidates.add(self.path.with_name(stem[: -len(rank_text)] + ".manifest.json"))
+            for manifest_file in sorted(c for c in candidates if c is not None and c.exists()):
                 manifest = read_manifest(manifest_file)
                 if manifest["shard_id"] != meta.get(META_ID):
                     raise ShardError(
