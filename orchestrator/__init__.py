@@ -5,13 +5,7 @@
 """
 
 from ranks import *  # noqa: F401,F403  the single-process API is part of ours
-from ranks import __all__ as _ranks_all
 
 from ._samples import SAMPLE_MODELS, save_model, write_sample_model
 from ._shard import ShardResult, shard_model
 from ._shard_check import CheckResult, SimulatedRanks, check_shards
-
-__all__ = list(_ranks_all) + [
-    "SAMPLE_MODELS", "save_model", "write_sample_model",
-    "CheckResult", "ShardResult", "SimulatedRanks", "check_shards", "shard_model",
-]

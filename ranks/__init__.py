@@ -1,6 +1,7 @@
 """The inside of one process: Context, Model and Tensor on ONNX Runtime, communicators, rank tables."""
 
 from ._comm_base import Communicator
+from ._comm_mpi import MpiCommunicator
 from ._comm_single import SingleCommunicator
 from ._config_file import RankConfig, load_config
 from ._context import AscendDeviceInfo, Context, CPUDeviceInfo, GPUDeviceInfo, ParallelConfig
@@ -21,15 +22,8 @@ from ._errors import (
 )
 from ._model import Model, ModelType
 from ._rank_program import main as rank_main
+from ._rank_table import RankDevice, RankTable, generate_rank_table
 from ._remote_errors import RemoteError, RemoteTraceback
 from ._shard_files import resolve_shard_path
 from ._staged_runner import StagedRunner
 from ._tensor import DataType, Format, Tensor
-
-__all__ = [
-    "AscendDeviceInfo", "CPUDeviceInfo", "CommError", "CommTimeoutError", "Communicator", "ConfigError",
-    "Context", "DataType", "Format", "GPUDeviceInfo", "InputError", "Model", "ModelError", "ModelNotFoundError",
-    "ModelType", "OrchestratorError", "ParallelConfig", "PeerLostError", "ProviderError", "RankConfig",
-    "RankTableError", "RemoteError", "RemoteTraceback", "ShardError", "SingleCommunicator", "StagedRunner", "Tensor",
-    "WorkerError", "environment_variables", "load_config", "rank_main", "resolve_shard_path",
-]

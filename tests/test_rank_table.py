@@ -1,0 +1,263 @@
+"""HCCL rank tables: parsing, one test per validation error, the generator and its CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ranks import RankDevice, RankTable, RankTableError, generate_rank_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = {
+    "version": "1.0",
+    "server_count": "2",
+    "server_list": [
+        {
+            "server_id": "10.0.0.1",
+            "host_nic_ip": "10.0.0.1",
+            "device": [
+                {"device_id": "0", "device_ip": "192.168.0.10", "rank_id": "0"},
+                {"device_id": "1", "device_ip": "192.168.0.11", "rank_id": "1"},
+            ],
+        },
+        {
+            "server_id": "node-b",
+            "device": [
+                {"device_id": "0", "rank_id": "3"},
+                {"device_id": "1", "rank_id": "2"},
+            ],
+        },
+    ],
+    "status": "completed",
+}
+
+
+def good():
+    return copy.deepcopy(GOOD)
+
+
+def test_parse_good_table():
+    table = RankTable.from_dict(good())
+    assert table.version == "1.0"
+    assert table.server_count == 2
+    assert table.world_size == 4
+    assert [d.rank_id for d in table.devices] == [0, 1, 2, 3]
+    assert table.device(0) == RankDevice(0, 0, "10.0.0.1", "192.168.0.10", "10.0.0.1")
+    assert table.device(0).address == "192.168.0.10"
+    # No device_ip: the address falls back to the server id.
+    assert table.device(3) == RankDevice(3, 0, "node-b", None, None)
+    assert table.device(3).address == "node-b"
+    assert table.servers() == ["10.0.0.1", "node-b"]
+    assert [d.rank_id for d in table.devices_on_server("node-b")] == [2, 3]
+    assert table.source == "<dict>"
+    with pytest.raises(RankTableError, match=r"no rank 4; it lists ranks 0\.\.3"):
+        table.device(4)
+
+
+def test_local_devices():
+    table = RankTable.from_dict(good())
+    assert [d.rank_id for d in table.local_devices(["node-b"])] == [2, 3]
+    assert [d.rank_id for d in table.local_devices(["10.0.0.1"])] == [0, 1]  # host_nic_ip / server_id
+    assert [d.rank_id for d in table.local_devices(["192.168.0.11"])] == [1]  # device_ip
+    assert table.local_devices(["elsewhere"]) == []
+    local = RankTable.load(ROOT / "rank_tables" / "local_2p.json")
+    assert [d.rank_id for d in local.local_devices()] == [0, 1]  # 127.0.0.1 is always this host
+
+
+def test_shipped_tables_are_valid():
+    sizes = {"local_2p.json": (1, 2), "local_4p.json": (1, 4), "two_hosts_2x2.json": (2, 4)}
+    for name, (servers, ranks) in sizes.items():
+        table = RankTable.load(ROOT / "rank_tables" / name)
+        assert (table.server_count, table.world_size) == (servers, ranks), name
+    two = RankTable.load(ROOT / "rank_tables" / "two_hosts_2x2.json")
+    assert [d.address for d in two.devices] == ["10.77.0.1", "10.77.0.1", "10.77.0.2", "10.77.0.2"]
+
+
+# -- one test per validation error ---------------------------------------------------
+def _error(data, tmp_path=None) -> str:
+    with pytest.raises(RankTableError) as info:
+        RankTable.from_dict(data, source="t.json")
+    return str(info.value)
+
+
+def test_error_duplicate_rank_id():
+    data = good()
+    data["server_list"][1]["device"][0]["rank_id"] = "1"
+    msg = _error(data)
+    assert "t.json" in msg and "server 'node-b' device[0]" in msg
+    assert "field 'rank_id' 1 is already used on server '10.0.0.1'" in msg
+
+
+def test_error_missing_rank_id_gap():
+    data = good()
+    data["server_list"][1]["device"][0]["rank_id"] = "7"
+    msg = _error(data)
+    assert "field 'rank_id': ranks must be exactly 0..3 for 4 device(s); missing [3], out of range [7]" in msg
+
+
+def test_error_duplicate_device_id_on_server():
+    data = good()
+    data["server_list"][0]["device"][1]["device_id"] = "0"
+    msg = _error(data)
+    assert "server '10.0.0.1' device[1]: field 'device_id' 0 appears twice on this server" in msg
+
+
+def test_error_server_count_disagrees():
+    data = good()
+    data["server_count"] = "3"
+    assert "field 'server_count' is 3 but 'server_list' has 2 server(s)" in _error(data)
+
+
+def test_error_unknown_version():
+    data = good()
+    data["version"] = "2.0"
+    assert "field 'version' is '2.0'; only version 1.0 is supported" in _error(data)
+
+
+def test_error_non_string_value():
+    data = good()
+    data["server_list"][1]["device"][1]["device_id"] = 1
+    msg = _error(data)
+    assert "server 'node-b' device[1]: field 'device_id' must be a string" in msg and "got int 1" in msg
+    data = good()
+    data["server_count"] = 2
+    assert "field 'server_count' must be a string" in _error(data)
+    data = good()
+    data["server_list"][0]["server_id"] = 5
+    assert "server_list[0]: field 'server_id' must be a string" in _error(data)
+
+
+def test_error_non_integer_string():
+    data = good()
+    data["server_list"][0]["device"][0]["rank_id"] = "zero"
+    assert "server '10.0.0.1' device[0]: field 'rank_id' must be a non-negative integer written as a string, got 'zero'" in _error(data)
+
+
+def test_error_missing_required_fields():
+    for key in ("version", "server_count", "server_list", "status"):
+        data = good()
+        del data[key]
+        assert f"missing required field {key!r}" in _error(data)
+    data = good()
+    del data["server_list"][1]["device"][0]["device_id"]
+    assert "server 'node-b' device[0]: missing required field 'device_id'" in _error(data)
+    data = good()
+    del data["server_list"][0]["device"]
+    assert "server '10.0.0.1' (server_list[0]): missing required field 'device'" in _error(data)
+    data = good()
+    del data["server_list"][1]["server_id"]
+    assert "server_list[1]: missing required field 'server_id'" in _error(data)
+
+
+def test_error_status_not_completed():
+    data = good()
+    data["status"] = "initializing"
+    assert "field 'status' is 'initializing'; expected 'completed'" in _error(data)
+
+
+def test_error_duplicate_server():
+    data = good()
+    data["server_list"][1]["server_id"] = "10.0.0.1"
+    assert "server '10.0.0.1' (server_list[1]): field 'server_id' appears twice" in _error(data)
+
+
+def test_error_empty_device_list():
+    data = good()
+    data["server_list"][1]["device"] = []
+    assert "server 'node-b' (server_list[1]): field 'device' is empty" in _error(data)
+
+
+def test_error_wrong_shapes():
+    assert "the top level must be a JSON object, got list" in _error([])
+    data = good()
+    data["server_list"] = {}
+    assert "field 'server_list' must be a list, got dict" in _error(data)
+
+
+def test_error_bad_json_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{\n  "version": "1.0"\n  "status": "completed"\n}\n')
+    with pytest.raises(RankTableError) as info:
+        RankTable.load(path)
+    msg = str(info.value)
+    assert str(path) in msg and "invalid JSON at line 3 column 3" in msg
+
+
+def test_error_missing_file(tmp_path):
+    with pytest.raises(RankTableError, match="nope.json: file not found"):
+        RankTable.load(tmp_path / "nope.json")
+
+
+def test_rank_table_error_is_value_error():
+    with pytest.raises(ValueError):
+        RankTable.from_dict({})
+
+
+# -- generator and CLI ---------------------------------------------------------------
+def test_generator_round_trip(tmp_path):
+    table = generate_rank_table(
+        [("10.1.0.1", [0, 1]), ("host-b", [2, 5])], {("host-b", 5): "10.2.0.9"}
+    )
+    assert [(d.rank_id, d.server_id, d.device_id, d.address) for d in table.devices] == [
+        (0, "10.1.0.1", 0, "10.1.0.1"),
+        (1, "10.1.0.1", 1, "10.1.0.1"),
+        (2, "host-b", 2, "host-b"),
+        (3, "host-b", 5, "10.2.0.9"),
+    ]
+    path = tmp_path / "t.json"
+    table.dump(path)
+    raw = json.loads(path.read_text())
+    assert raw["server_count"] == "2" and raw["status"] == "completed" and raw["version"] == "1.0"
+    assert raw["server_list"][1]["device"][1] == {"device_id": "5", "device_ip": "10.2.0.9", "rank_id": "3"}
+    again = RankTable.load(path)
+    assert again.devices == table.devices and again.servers() == table.servers()
+    assert again.to_dict() == table.to_dict()
+    assert RankTable.from_dict(good()).to_dict() == GOOD
+
+
+def test_generator_rejects_duplicate_devices():
+    with pytest.raises(RankTableError, match="'device_id' 1 appears twice"):
+        generate_rank_table([("h", [1, 1])])
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator._cli", "rank-table", *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd,
+    )
+
+
+@pytest.mark.cli
+def test_cli_generates_the_shipped_table(tmp_path):
+    out = tmp_path / "local_2p.json"
+    result = _cli("--devices", "0,1", "--server", "127.0.0.1", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text()) == json.loads((ROOT / "rank_tables" / "local_2p.json").read_text())
+    result = _cli("--devices", "0,1", "--servers", "10.77.0.1,10.77.0.2")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == json.loads((ROOT / "rank_tables" / "two_hosts_2x2.json").read_text())
+
+
+@pytest.mark.cli
+def test_cli_check_and_errors(tmp_path):
+    result = _cli("--check", str(ROOT / "rank_tables" / "local_4p.json"))
+    assert result.returncode == 0 and "4 rank(s)" in result.stdout and "rank 3: server 127.0.0.1 device 3" in result.stdout
+    bad = tmp_path / "bad.json"
+    data = good()
+    data["version"] = "0.9"
+    bad.write_text(json.dumps(data))
+    result = _cli("--check", str(bad))
+    assert result.returncode == 1 and "field 'version' is '0.9'" in result.stderr
+    result = _cli("--server", "h")
+    assert result.returncode == 2 and "--devices is required" in result.stderr
+    result = _cli("--devices", "0,x", "--server", "h")
+    assert result.returncode != 0 and "--devices must be comma-separated integers" in result.stderr
+    result = _cli("--devices", "0")
+    assert result.returncode == 2 and "at least one --server" in result.stderr
