@@ -13,7 +13,8 @@ READY      rank -> master  {"v", "rank", "size", "inputs", "outputs"}; sent
                            passed a barrier (so a READY from all means ready)
 PREDICT    master -> rank  {"v", "id", "arrays": [{"name", "dtype", "shape"}]}
                            + one raw C-order buffer per array
-REPLY      rank -> master  {"v", "id", "rank", "arrays": [...]} + buffers
+REPLY      rank -> master  {"v", "id", "rank", "seconds", "arrays": [...]} +
+                           buffers; ``seconds``: the rank's time in run()
 ERROR      rank -> master  {"v", "id", "rank", "error": pack_exception dict
                            without its pickled bytes}; the pickled bytes are
                            buffer 0 (may be empty)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import zmq
 
@@ -100,13 +101,16 @@ def main(argv=None) -> int:
             if kind != proto.PREDICT:
                 continue
             try:
+                started = time.perf_counter()
                 outputs = runner.run(None, arrays)
+                seconds = time.perf_counter() - started
             except BaseException as exc:
                 _send_error(sock, exc, where, comm.rank, header.get("id"))
                 return 1  # peers may be stuck in a collective: this job is over
             names = [a.name for a in runner.get_outputs()]
             payload = dict(zip(names, outputs)) if comm.rank == 0 else {}
-            sock.send_multipart(proto.encode(proto.REPLY, {"id": header["id"], "rank": comm.rank}, payload))
+            reply = {"id": header["id"], "rank": comm.rank, "seconds": seconds}
+            sock.send_multipart(proto.encode(proto.REPLY, reply, payload))
     finally:
         if comm is not None:
             try:
