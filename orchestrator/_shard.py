@@ -69,8 +69,11 @@ class ShardResult:
             "  collectives per rank: " + (", ".join(f"{v} {k}" for k, v in sorted(ops.items())) or "none"),
             f"  weight bytes per rank / whole: {self.weight_fraction:.3f}",
         ]
+        heads: dict[tuple[int, int], list[str]] = {}
         for a in m["attention"]:
-            lines.append(f"  heads {a['heads']} -> {a['heads_per_rank']} per rank ({a['node']})")
+            heads.setdefault((a["heads"], a["heads_per_rank"]), []).append(a["node"])
+        for (whole, per_rank), nodes in heads.items():
+            lines.append(f"  heads {whole} -> {per_rank} per rank ({len(nodes)} Reshape nodes, e.g. {nodes[0]})")
         for node, reason in m["replicated_reasons"].items():
             lines.append(f"  kept whole: {node}: {reason}")
         return "\n".join(lines)

@@ -91,7 +91,7 @@ class ShardedModel:
             from ranks._rank_table import generate_rank_table
 
             table = Path(self._tmp.name) / "rank_table.json"
-            generate_rank_table(self.tp, path=table)
+            generate_rank_table([("127.0.0.1", list(range(self.tp)))]).dump(table)
             base_port = _free_port_block(self.tp)
             for rank in range(self.tp):
                 self._spawn(worker + ["--rank", str(rank), "--size", str(self.tp), "--rank_table", str(table),
