@@ -24,7 +24,7 @@ import numpy as np
 
 from ranks._errors import ShardError
 
-from ._shard_graph import GraphIndex
+from ._shard_graph import GraphIndex, _subgraph_references
 
 UNARY_ELEMENTWISE = {
     "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Softplus",
@@ -128,6 +128,11 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
     plan = Plan(tp=tp, allow_replicate=allow_replicate)
     splits = plan.splits
     for i, node in enumerate(index.nodes):
+        if index.has_subgraph(i):
+            for name in _subgraph_references(node):
+                if name in splits:
+                    # Gathering inside a nested graph would mean rewriting it: keep this split's layers whole.
+                    raise _Abandon(splits[name].seeds, f"{name} is read inside a subgraph of {index.node_label(i)}")
         in_splits = {k: splits[name] for k, name in enumerate(node.input) if name in splits}
         if not in_splits:
             if i in seeds:

@@ -235,3 +235,31 @@ def test_command_line_shard_and_check(sample, tmp_path):
     assert strict.returncode == 1 and "FAILED" in strict.stdout
     bad = run_command(orchestrate_command("shard", str(sample("add")), "--tp", "2", "-o", str(tmp_path / "a")))
     assert bad.returncode == 2 and "nothing to split" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_split_read_inside_a_subgraph_stays_whole(tmp_path):
+    w1, w2 = weights(7, (16, 32), (32, 16))
+    then_graph = helper.make_graph([helper.make_node("Identity", ["h"], ["t_out"])], "then", [], [fvi("t_out", ["b", 32])])
+    else_graph = helper.make_graph([helper.make_node("Neg", ["h"], ["e_out"])], "else", [], [fvi("e_out", ["b", 32])])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["u"]),
+        helper.make_node("Relu", ["u"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["y"]),
+        helper.make_node("If", ["flag"], ["z"], then_branch=then_graph, else_branch=else_graph),
+    ]
+    model = make_model(
+        nodes, [fvi("x", ["b", 16]), helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+        [fvi("y", ["b", 16]), fvi("z", ["b", 32])], {"w1": w1, "w2": w2},
+    )
+    save_model(model, tmp_path / "m.onnx")
+    result = shard_model(tmp_path / "m.onnx", 2, tmp_path / "s", progress=False)
+    split = {w["name"]: w["split"] for w in result.manifest["weights"]}
+    # h is read inside the If: the layer making it stays whole; the next one is cut and gathered.
+    assert split == {"w1": "replicated", "w2": "columns"}
+    assert "h is read inside a subgraph" in next(iter(result.manifest["replicated_reasons"].values()))
+    flags = set()
+    for seed in range(6):  # random flags: both branches
+        check = check_shards(tmp_path / "m.onnx", result.model_path, seed=seed)
+        flags.add(bool(check.feeds["flag"]))
+        assert check.max_abs_diff < 1e-5
+    assert flags == {True, False}
