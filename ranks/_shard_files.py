@@ -14,11 +14,13 @@ from ._errors import ModelNotFoundError, ShardError
 from ._shard_manifest import manifest_path_for, read_manifest, shard_path_for
 
 
-def resolve_shard_path(path: str | os.PathLike, rank: int, size: int) -> Path:
+def resolve_shard_path(path: str | os.PathLike, rank: int, size: int | None = None) -> Path:
     """The file rank ``rank`` of ``size`` should load for ``path``.
 
     An existing ``path`` is returned as it is. Otherwise ``MODEL{rank}.onnx``
-    beside it, checked against ``MODEL.manifest.json`` when that exists.
+    beside it, checked against ``MODEL.manifest.json`` when that exists (its world
+    size against ``size``, unless ``size`` is None: then the communicator's size
+    is checked later, when the shard is loaded).
     Raises ShardError when the manifest was written for another world size,
     ModelNotFoundError naming the files looked for when the shard is missing.
     """
@@ -29,7 +31,7 @@ def resolve_shard_path(path: str | os.PathLike, rank: int, size: int) -> Path:
     shard = shard_path_for(path, rank)
     if manifest_file.exists():
         manifest = read_manifest(manifest_file)
-        if manifest["world_size"] != size:
+        if size is not None and manifest["world_size"] != size:
             raise ShardError(
                 f"the shards of {path} were made for {manifest['world_size']} ranks ({manifest_file}), "
                 f"but this launch has {size} ranks; re-run `orchestrate shard --tp {size}` or launch "
@@ -43,4 +45,4 @@ def resolve_shard_path(path: str | os.PathLike, rank: int, size: int) -> Path:
         return shard
     if shard.exists():
         return shard
-    raise ModelNotFoundError(f"model {path} does not exist, nor does rank {rank}'s shard {shard}")
+    raise ModelNotFoundError(f"model file {path} does not exist, nor does rank {rank}'s shard {shard}")

@@ -108,7 +108,7 @@ def test_resolve_shard_path(mlp_shards, tmp_path):
     (copy / "mlp1.onnx").unlink()
     with pytest.raises(ModelNotFoundError, match=r"rank 1's shard .*mlp1.onnx is missing \(listed in .*mlp.manifest.json\)"):
         resolve_shard_path(copy / "mlp.onnx", 1, 2)
-    with pytest.raises(ModelNotFoundError, match=r"model .*other.onnx does not exist, nor does rank 0's shard .*other0.onnx"):
+    with pytest.raises(ModelNotFoundError, match=r"model file .*other.onnx does not exist, nor does rank 0's shard .*other0.onnx"):
         resolve_shard_path(copy / "other.onnx", 0, 2)
 
 
