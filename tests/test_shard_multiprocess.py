@@ -104,3 +104,84 @@ def test_tp_that_does_not_match_the_shards(transformer_shards):
     _, result = transformer_shards
     with pytest.raises(ConfigError, match=r"tp=4, but the shards of .*transformer.onnx were made for 2 ranks"):
         ShardedModel(result.model_path, tp=4)
+
+
+def _free_base_port(count: int) -> int:
+    from orchestrator._sharded_model import _free_port_block
+
+    return _free_port_block(count)
+
+
+@pytest.mark.timeout(240)
+def test_zmq_ranks_from_python(sample, tmp_path):
+    pytest.importorskip("ranks._comm_zmq")
+    source = sample("mlp")
+    shards = shard_model(source, 2, tmp_path, progress=False)
+    x = np.random.default_rng(3).standard_normal((3, 64)).astype(np.float32)
+    with ShardedModel(shards.model_path, backend="zmq", timeout=120) as model:
+        out = model.predict([x])["y"]
+        procs = list(model._procs)
+    assert np.max(np.abs(out - _expected(source, x))) < 1e-5
+    assert len(procs) == 2 and all(p.poll() == 0 for p in procs)
+
+
+@pytest.mark.cli
+@pytest.mark.timeout(300)
+def test_command_line_launch_mpi_python_m_ranks(sample, tmp_path):
+    pytest.importorskip("launchers._mpi")
+    from conftest import orchestrate_command, run_command
+
+    source = sample("transformer")
+    shards = shard_model(source, 2, tmp_path / "shards", progress=False)
+    x = np.random.default_rng(4).standard_normal((2, 3, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out{rank}.npz"
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--", "python", "-m", "ranks", f"--model_path={shards.model_path}",
+        f"--input={tmp_path / 'x.npy'}", f"--output={out}", "--thread_num=1",
+    ), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "output data is:" in result.stdout
+    for rank in range(2):
+        with np.load(str(out).format(rank=rank)) as saved:
+            assert np.max(np.abs(saved["y"] - _expected(source, x))) < 1e-5
+
+
+@pytest.mark.cli
+@pytest.mark.timeout(300)
+def test_command_line_one_command_per_rank_with_a_rank_table(sample, tmp_path):
+    pytest.importorskip("ranks._comm_zmq")
+    import subprocess
+    import sys
+
+    from conftest import project_env
+    from ranks import generate_rank_table
+
+    source = sample("mlp")
+    shards = shard_model(source, 2, tmp_path / "shards", progress=False)
+    generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
+    (tmp_path / "config_file.ini").write_text(
+        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={_free_base_port(2)}\ntimeout=60\n"
+    )
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ranks", f"--model_path={shards.model_path}", f"--device_id={rank}",
+             f"--rank_id={rank}", f"--config_file={tmp_path / 'config_file.ini'}", f"--input={tmp_path / 'x.npy'}",
+             f"--output={tmp_path / f'out{rank}.npz'}", "--thread_num=1", "--quiet"],
+            env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    for rank in range(2):
+        with np.load(tmp_path / f"out{rank}.npz") as saved:
+            assert np.max(np.abs(saved["y"] - _expected(source, x))) < 1e-5
