@@ -148,7 +148,7 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
             continue
         for name, spec in outputs.items():
             if spec is not None:
-                splits[name] = spec
+                splits[name] = _with_rank(index, name, spec)
     for name in index.graph_outputs:
         spec = splits.get(name)
         if spec is not None:
@@ -189,7 +189,7 @@ def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled
         rank = 2
     else:
         plan.sliced_inputs[(i, 1)] = 1
-    plan.splits[node.output[0]] = Split(-1, n, rank, frozenset({i}))
+    plan.splits[node.output[0]] = _with_rank(index, node.output[0], Split(-1, n, rank, frozenset({i})))
 
 
 def _carry(index: GraphIndex, plan: Plan, i: int, in_splits: dict[int, Split]) -> dict[str, Split | None] | None:
@@ -383,6 +383,13 @@ def _carry_reshape(index, plan, i, spec, seeds):
             plan.reshape_heads[i] = (heads, heads // plan.tp)
     out_rank = len(target)
     return {node.output[0]: Split(pos - out_rank, heads, out_rank, seeds)}
+
+
+def _with_rank(index: GraphIndex, name: str, spec: Split) -> Split:
+    """Fill in an unknown rank from the tensor's declared or inferred shape."""
+    if spec.rank is None and index.rank(name) is not None:
+        return Split(spec.axis, spec.dim, index.rank(name), spec.seeds)
+    return spec
 
 
 def _dim_at(index: GraphIndex, name: str, axis: int):

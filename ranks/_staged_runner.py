@@ -307,7 +307,7 @@ def _stage_model(model: onnx.ModelProto, stage: Stage, types: dict[str, int], na
     sub_graph.value_info.extend(vi for vi in graph.value_info if vi.name not in stage_io and vi.name in _names(stage))
     sub = onnx.ModelProto()
     sub.ir_version = model.ir_version
-    sub.opset_import.extend(o for o in model.opset_import if o.domain != MS_DOMAIN)
+    sub.opset_import.extend(model.opset_import)  # com.microsoft stays: stages may hold its other contrib ops
     sub.functions.extend(model.functions)
     sub.graph.CopyFrom(sub_graph)
     return sub
