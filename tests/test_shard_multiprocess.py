@@ -185,3 +185,12 @@ def test_command_line_one_command_per_rank_with_a_rank_table(sample, tmp_path):
     for rank in range(2):
         with np.load(tmp_path / f"out{rank}.npz") as saved:
             assert np.max(np.abs(saved["y"] - _expected(source, x))) < 1e-5
+
+
+@pytest.mark.timeout(240)
+def test_four_mpi_ranks(sample, tmp_path):
+    source = sample("transformer")  # 4 heads: one per rank
+    shards = shard_model(source, 4, tmp_path, progress=False)
+    x = np.random.default_rng(6).standard_normal((1, 5, 32)).astype(np.float32)
+    out = run_sharded(shards.model_path, {"x": x}, backend="mpi", timeout=120)["y"]
+    assert np.max(np.abs(out - _expected(source, x))) < 1e-5
