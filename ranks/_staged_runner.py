@@ -255,9 +255,13 @@ def cut_stages(model: onnx.ModelProto) -> list[Stage]:
             if len(node.input) != 1 or len(node.output) != 1:
                 raise ModelError(f"collective {node.name or node.op_type} must have one input and one output")
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            stages[lv].collectives.append(
-                Collective(node.op_type, node.input[0], node.output[0], attrs.get("axis", 0) if node.op_type == "AllGather" else None)
-            )
+            axis = None
+            if node.op_type == "AllGather":
+                if "axis" not in attrs:
+                    # ONNX Runtime's schema and its shape inference disagree on the default: refuse to guess.
+                    raise ModelError(f"AllGather {node.name or node.output[0]} has no axis attribute; give it one")
+                axis = int(attrs["axis"])
+            stages[lv].collectives.append(Collective(node.op_type, node.input[0], node.output[0], axis))
         else:
             stages[lv].nodes.append(node)
     initializer_names = {t.name for t in graph.initializer}
