@@ -32,11 +32,11 @@ from orchestrator import ShardedModel, shard_model, write_sample_model  # noqa: 
 
 
 def _blocks(model, session, feeds, repeats: int, rounds: int = 4) -> tuple[float, float, float]:
-    """Medians of (TP call, TP inside the ranks, whole model), timed in alternating blocks.
+    """Medians of (TP call, TP inside the ranks, whole model): steady-state latency, calls back to back.
 
-    Blocks rather than single calls in turn: after a run, the 2-thread session's pool threads spin
-    for a while and would steal the cores the ranks' next run needs (and the other way round);
-    each block's first call absorbs that and is not counted.
+    Timed in alternating blocks rather than single calls in turn: right after a run, the 2-thread
+    session's pool threads spin and would steal the cores the ranks' next run needs (and the
+    other way round); each block's first call absorbs that and is not counted.
     """
     call, ranks, whole = [], [], []
     per_round = max(2, repeats // rounds)
@@ -58,7 +58,7 @@ def _blocks(model, session, feeds, repeats: int, rounds: int = 4) -> tuple[float
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="mpi", choices=("mpi", "zmq"))
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--seq", type=int, default=32, help="sequence length of the transformer's inputs")
     args = parser.parse_args(argv)
 
