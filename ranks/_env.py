@@ -57,6 +57,9 @@ TIMEOUT = _var("ORCH_TIMEOUT", "120", "seconds any blocking wait (collective, pe
 BASE_PORT = _var("ORCH_BASE_PORT", "29500", "first TCP port of the zmq communicator; rank r listens on base + r")
 COMM_BACKEND = _var("ORCH_COMM_BACKEND", None, "force a communicator backend: mpi, zmq or single")
 LOG_LEVEL = _var("ORCH_LOG_LEVEL", "WARNING", "logging level of the orchestrator's own loggers")
+STOP_TIMEOUT = _var("ORCH_STOP_TIMEOUT", "10", "seconds a launcher waits after SIGTERM before it SIGKILLs the ranks it is stopping")
+LOG_TAIL_LINES = _var("ORCH_LOG_TAIL_LINES", "20", "how many last lines of a failed rank's stderr a launcher's failure report quotes")
+MPIRUN = _var("ORCH_MPIRUN", None, "the mpirun or mpiexec a launcher runs (default: next to the Python interpreter, then on PATH)")
 DEMO_DIR = _var("ORCH_DEMO_DIR", None, "where the demo writes its sample model (default: a temporary directory)")
 
 # --- set by other launchers; read, never required ----------------------------
@@ -68,11 +71,22 @@ OMPI_COMM_WORLD_SIZE = _var("OMPI_COMM_WORLD_SIZE", None, "set by Open MPI's mpi
 OMPI_COMM_WORLD_LOCAL_RANK = _var("OMPI_COMM_WORLD_LOCAL_RANK", None, "set by Open MPI's mpirun")
 PMI_RANK = _var("PMI_RANK", None, "set by MPICH's mpiexec (hydra): tells a process it runs under MPI")
 PMI_SIZE = _var("PMI_SIZE", None, "set by MPICH's mpiexec (hydra)")
+PMIX_RANK = _var("PMIX_RANK", None, "set by PMIx-based launchers (Open MPI 5's prterun, Slurm): the rank")
+PYTHONUNBUFFERED = _var("PYTHONUNBUFFERED", None, "set to 1 by the launchers for the ranks they start, so printed lines arrive at once")
+PYTHONFAULTHANDLER = _var("PYTHONFAULTHANDLER", None, "set to 1 by the launchers for the ranks they start, so a segfault prints the Python stack")
 
 
 def all_variables() -> list[EnvVar]:
     """Every variable the project reads, in declaration order."""
     return list(_ALL)
+
+
+def stop_timeout() -> float:
+    """Seconds between SIGTERM and SIGKILL when a launcher stops its ranks, from ORCH_STOP_TIMEOUT."""
+    value = STOP_TIMEOUT.get_float()
+    if value is None or value < 0:
+        raise ValueError(f"ORCH_STOP_TIMEOUT must be a number of seconds >= 0, got {STOP_TIMEOUT.get()!r}")
+    return value
 
 
 def default_timeout() -> float:

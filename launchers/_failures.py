@@ -1,0 +1,148 @@
+"""How a rank ended, and the report a user reads when ranks fail.
+
+One ``RankExit`` per rank that ended (torchrun calls them failure records).
+The report names the EARLIEST failure as the root cause, with its last lines
+of stderr, then lists the other failures, then the ranks the launcher stopped
+itself because of the first one.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+
+from ranks._errors import RankFailedError
+
+
+def signal_name(signum: int) -> str:
+    """``9`` -> ``"SIGKILL"``; an unknown number -> ``"signal 99"``."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def signal_number(name: str) -> int | None:
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        return None
+
+
+@dataclass(frozen=True)
+class RankExit:
+    """How one rank's process ended.
+
+    ``exitcode`` is set when the process exited, ``signal`` (a name such as
+    ``"SIGKILL"``) when a signal killed it. ``stopped`` is true when the
+    launcher itself had already asked it to stop (SIGTERM/SIGKILL after another
+    rank failed, a time limit or Ctrl-C), so it is not a failure of its own.
+    ``time`` is the Unix time the exit was seen; ``tail`` the last lines of the
+    rank's stderr (or stdout when stderr was empty).
+    """
+
+    rank: int
+    host: str
+    pid: int
+    exitcode: int | None
+    signal: str | None
+    time: float
+    tail: tuple[str, ...] = field(default=())
+    stopped: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return self.signal is not None or (self.exitcode or 0) != 0
+
+    @property
+    def shell_code(self) -> int:
+        """The status a shell would show: the exit code, or 128 + the signal number."""
+        if self.signal is not None:
+            return 128 + (signal_number(self.signal) or 0)
+        return self.exitcode or 0
+
+    def how(self) -> str:
+        """``"exit code 1"`` or ``"signal SIGSEGV (11)"``."""
+        if self.signal is not None:
+            number = signal_number(self.signal)
+            return f"signal {self.signal} ({number})" if number is not None else f"signal {self.signal}"
+        return f"exit code {self.exitcode}"
+
+    def to_dict(self) -> dict:
+        return {
+            "rank": self.rank,
+            "host": self.host,
+            "pid": self.pid,
+            "exitcode": self.exitcode,
+            "signal": self.signal,
+            "time": self.time,
+            "tail": list(self.tail),
+            "stopped": self.stopped,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RankExit":
+        return cls(
+            rank=int(data["rank"]),
+            host=str(data["host"]),
+            pid=int(data["pid"]),
+            exitcode=None if data.get("exitcode") is None else int(data["exitcode"]),
+            signal=data.get("signal"),
+            time=float(data["time"]),
+            tail=tuple(str(line) for line in data.get("tail", ())),
+            stopped=bool(data.get("stopped", False)),
+        )
+
+
+def format_time(unix_time: float) -> str:
+    """Local wall-clock time with milliseconds and the zone, e.g. ``2026-11-21 23:59:01.123 UTC``."""
+    base = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_time))
+    return f"{base}.{int((unix_time % 1) * 1000):03d} {time.strftime('%Z', time.localtime(unix_time))}"
+
+
+def split_failures(exits: list[RankExit]) -> tuple[list[RankExit], list[RankExit]]:
+    """(failures earliest first, ranks the launcher stopped) among ``exits``.
+
+    When every failed rank was stopped by the launcher (say, Ctrl-C or a time
+    limit), there is no failure of their own: the first list is empty.
+    """
+    failures = sorted((e for e in exits if e.failed and not e.stopped), key=lambda e: (e.time, e.rank))
+    stopped = sorted((e for e in exits if e.stopped and e.failed), key=lambda e: e.rank)
+    return failures, stopped
+
+
+def where(exit_: RankExit, world: int | None = None) -> str:
+    """``rank 1 of 4 on host h (pid 123)``: the same header ``ranks._remote_errors.where_header`` writes."""
+    of = f" of {world}" if world else ""
+    return f"rank {exit_.rank}{of} on host {exit_.host} (pid {exit_.pid})"
+
+
+def format_report(failures: list[RankExit], stopped: list[RankExit], world: int | None = None) -> str:
+    """The multi-line failure report: the first failure in full, then the rest in one line each."""
+    first = failures[0]
+    count = f" (first of {len(failures)} failed ranks)" if len(failures) > 1 else ""
+    lines = [f"{where(first, world)} failed{count}: {first.how()}"]
+    if first.tail:
+        what = "last line" if len(first.tail) == 1 else f"last {len(first.tail)} lines"
+        lines.append(f"  at {format_time(first.time)}; {what} of its output:")
+        lines.extend(f"    | {line}" for line in first.tail)
+    else:
+        lines.append(f"  at {format_time(first.time)}; it wrote nothing to stderr or stdout")
+    if len(failures) > 1:
+        lines.append("other failed ranks:")
+        for other in failures[1:]:
+            last = f": {other.tail[-1]}" if other.tail else ""
+            lines.append(f"  {where(other)} failed: {other.how()} at {format_time(other.time)}{last}")
+    if stopped:
+        parts = ", ".join(f"{e.rank} (pid {e.pid}, {e.how()})" for e in stopped)
+        lines.append(f"ranks stopped afterwards: {parts}")
+    return "\n".join(lines)
+
+
+def failure_error(exits: list[RankExit], world: int | None = None) -> RankFailedError | None:
+    """A ``RankFailedError`` describing ``exits``, or None when no rank failed on its own."""
+    failures, stopped = split_failures(exits)
+    if not failures:
+        return None
+    return RankFailedError(format_report(failures, stopped, world), failures, stopped)

