@@ -23,6 +23,8 @@ from ._errors import (
     RankTableError,
     ShardError,
     WorkerError,
+    WorkerLostError,
+    WorkerTimeoutError,
 )
 from ._model import Model, ModelType
 from ._rank_program import main as rank_main

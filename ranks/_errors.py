@@ -57,6 +57,14 @@ class WorkerError(OrchestratorError, RuntimeError):
     """A worker process that died, stalled or refused a request."""
 
 
+class WorkerTimeoutError(WorkerError, TimeoutError):
+    """A worker process that did not answer within the timeout."""
+
+
+class WorkerLostError(WorkerError, ConnectionError):
+    """A worker process that died (exited or was killed) before answering."""
+
+
 class LaunchError(OrchestratorError, RuntimeError):
     """A launcher that could not start its ranks (no mpirun, bad host list, bad program)."""
 
