@@ -31,7 +31,7 @@ from benchmarks._runner import Bench  # noqa: E402
 from orchestrator import ShardedModel, shard_model, write_sample_model  # noqa: E402
 
 
-def _blocks(model, session, feeds, repeats: int, rounds: int = 4) -> tuple[float, float, float]:
+def _blocks(model, session, feeds, repeats: int, block: int = 5) -> tuple[float, float, float]:
     """Medians of (TP call, TP inside the ranks, whole model): steady-state latency, calls back to back.
 
     Timed in alternating blocks rather than single calls in turn: right after a run, the 2-thread
@@ -39,8 +39,10 @@ def _blocks(model, session, feeds, repeats: int, rounds: int = 4) -> tuple[float
     other way round); each block's first call absorbs that and is not counted.
     """
     call, ranks, whole = [], [], []
-    per_round = max(2, repeats // rounds)
-    for _ in range(rounds):
+    # Short blocks, many rounds: the load of a shared machine shifts within seconds, and both sides
+    # should see the same share of it.
+    per_round = block
+    for _ in range(max(2, repeats // block)):
         model.predict(feeds)
         for _ in range(per_round):
             start = time.perf_counter()
