@@ -7,8 +7,8 @@
 
 Ranks are started with ``mpirun -n N`` (backend ``mpi``) or as N local
 processes with a generated rank table (backend ``zmq``). Each builds its
-shard (``ranks.StagedRunner``); requests and replies travel over ZeroMQ on
-127.0.0.1 (``_sharded_protocol``). A rank that fails turns into the rank's
+shard (``ranks.StagedRunner``); requests and replies travel over ZeroMQ on a
+Unix socket (``_sharded_protocol``). A rank that fails turns into the rank's
 own exception in the caller (type kept, remote traceback as ``__cause__``),
 a rank that dies or stalls into a ``WorkerError`` within the timeout; then
 every rank process is stopped (TERM, a deadline, KILL).
@@ -67,10 +67,13 @@ class ShardedModel:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        # A Unix socket in our own temporary directory: every rank runs on this host, and it moves a
+        # batch-64 tensor faster than TCP on 127.0.0.1; it goes away with the directory.
+        address = f"ipc://{self._tmp.name}/master.sock"
+        self._sock.bind(address)
         self._peers: dict[int, bytes] = {}
         try:
-            self._start(f"tcp://127.0.0.1:{port}", threads)
+            self._start(address, threads)
             self._wait_ready(startup_timeout or max(self.timeout, 60.0))
         except BaseException:
             self.close()

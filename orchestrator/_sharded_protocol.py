@@ -1,7 +1,7 @@
 """The wire protocol between ``ShardedModel`` (master) and its rank processes, defined once.
 
-Every rank holds a ZeroMQ DEALER socket connected to the master's ROUTER on
-127.0.0.1. A message is a list of frames::
+Every rank holds a ZeroMQ DEALER socket connected to the master's ROUTER (a
+Unix socket in the master's temporary directory). A message is a list of frames::
 
     [kind, header (JSON, UTF-8), buffer 0, buffer 1, ...]
 

@@ -1,6 +1,6 @@
 """One rank of a ``ShardedModel``: build this rank's shard, then answer the master's requests.
 
-``python -m orchestrator._sharded_worker --model PATH --master tcp://127.0.0.1:PORT
+``python -m orchestrator._sharded_worker --model PATH --master ipc://DIR/master.sock
 --backend mpi|zmq [--rank R --size N --rank_table FILE] [--threads T] [--master_pid PID]``
 
 Every rank gets every request from the master (not through a collective),
