@@ -124,35 +124,22 @@ class _BoundRunner:
     """
 
     def __init__(self, model: Model):
-        session = getattr(model, "_session", None)  # ranks.Model keeps its ORT session here
-        self._session = session if isinstance(session, ort.InferenceSession) else None
+        self._model = model
         self._output_names = [t.name for t in model.get_outputs()]
         self._quiet = ort.RunOptions()
         self._quiet.log_severity_level = 4  # a refused placement is not an error worth a log line
 
     def run_placed(self, attachments: Attachments, msg: dict) -> dict | None:
-        if self._session is None:
-            return None
         buf = attachments.buffer(msg["slot"])
         block = attachments.block(msg["block"])
-        binding = self._session.io_binding()
-        views = []
+        inputs = {spec.name: view(buf, spec) for spec in msg["inputs"]}
+        outputs = {name: view(block, spec) for name, spec in zip(self._output_names, msg["placement"])}
         try:
-            for spec in msg["inputs"]:
-                array = view(buf, spec)
-                views.append(array)
-                binding.bind_input(spec.name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-            for name, spec in zip(self._output_names, msg["placement"]):
-                array = view(block, spec)
-                views.append(array)
-                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
-            self._session.run_with_iobinding(binding, self._quiet)
+            self._model.predict_into(inputs, outputs, self._quiet)
         except Exception:  # noqa: BLE001  the plain path runs it again and reports real errors
             return None
         finally:
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
-            del views, buf, block
+            del inputs, outputs, buf, block
         return proto.message(proto.REPLY, msg["id"], status=proto.STATUS_OK, placed=True, outputs=msg["placement"])
 
 

@@ -260,6 +260,45 @@ class Model:
             return outputs
         return [Tensor(array, name=meta.name) for meta, array in zip(self._outputs, results)]
 
+    def predict_into(self, inputs, outputs: dict[str, np.ndarray], run_options: ort.RunOptions | None = None) -> None:
+        """Run the model with every output written straight into the caller's array (no copy).
+
+        Args:
+            inputs: as for ``predict``.
+            outputs: {output name: C-contiguous array} of exactly the dtype and
+                shape the model computes for these inputs (e.g. views of shared memory).
+
+        Raises:
+            InputError: bad inputs, or ``outputs`` that do not name every output.
+            ModelError: the model computed other shapes than ``outputs`` hold, or this
+                model cannot write into caller buffers (a tensor-parallel shard).
+        """
+        self._require_built()
+        if getattr(self._session, "is_staged", False):
+            raise ModelError("predict_into is not available on a tensor-parallel shard; use predict()")
+        feeds = self._feeds(inputs)
+        names = [t.name for t in self._outputs]
+        if sorted(outputs) != sorted(names):
+            raise InputError(f"predict_into: outputs must name every model output {names}, got {sorted(outputs)}")
+        binding = self._session.io_binding()
+        try:
+            for name, array in feeds.items():
+                array = np.ascontiguousarray(array)
+                feeds[name] = array  # keep it alive until the run is over
+                binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            for name in names:
+                array = outputs[name]
+                if not array.flags.c_contiguous or not array.flags.writeable:
+                    raise InputError(f"predict_into: the buffer for output {name!r} must be C-contiguous and writeable")
+                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            try:
+                self._session.run_with_iobinding(binding, run_options)
+            except Exception as exc:
+                raise ModelError(f"running {self._path.name} into the given buffers failed: {_ort_message(exc)}") from None
+        finally:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+
     def _model_shape(self, name: str) -> list[int]:
         for input_name, _, shape in self._model_inputs:
             if input_name == name:

@@ -209,3 +209,16 @@ def test_input_shape_from_config(sample, tmp_path):
     ini.write_text("[cpu_context]\ninput_shape=img:4,3,32,32\n")
     with pytest.raises(mslite.ConfigError, match="input_shape names 'img', but the model's inputs are \\['x'\\]"):
         mslite.Model().build_from_file(sample("image"), mslite.ModelType.ONNX, mslite.Context(), config_path=str(ini))
+
+
+def test_predict_into_writes_callers_buffers(sample):
+    path = sample("mlp")
+    model = build(path)
+    x = np.random.default_rng(5).standard_normal((3, 64), dtype=np.float32)
+    out = np.zeros((3, 64), np.float32)
+    model.predict_into({"x": x}, {"y": out})
+    np.testing.assert_allclose(out, reference(path, {"x": x})[0], atol=TOL)
+    with pytest.raises(ModelError, match="into the given buffers failed"):
+        model.predict_into({"x": x}, {"y": np.zeros((2, 64), np.float32)})
+    with pytest.raises(InputError, match="must name every model output"):
+        model.predict_into({"x": x}, {"z": out})
