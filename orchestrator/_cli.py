@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _cli_launch, _cli_predict, _cli_rank, _cli_rank_table, _cli_sample
+from . import _cli_launch, _cli_predict, _cli_rank, _cli_rank_table, _cli_sample, _cli_shard
 
-COMMANDS = [_cli_rank, _cli_rank_table, _cli_sample, _cli_launch, _cli_predict]
+COMMANDS = [_cli_rank, _cli_rank_table, _cli_sample, _cli_launch, _cli_predict, _cli_shard]
 
 
 def build_parser() -> argparse.ArgumentParser:

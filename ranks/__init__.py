@@ -31,5 +31,7 @@ from ._model import Model, ModelType
 from ._rank_program import main as rank_main
 from ._rank_table import RankDevice, RankTable, generate_rank_table
 from ._remote_errors import RemoteError, RemoteTraceback
+from ._shard_files import resolve_shard_path
+from ._staged_runner import StagedRunner
 from ._tensor import DataType, Format, Tensor
 from ._world import Identity, create_communicator, export_torchrun_env, resolve_identity

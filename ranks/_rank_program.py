@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_path", required=True, help="ONNX file; shards/m.onnx resolves to shards/m{rank}.onnx")
     parser.add_argument("--input", action="append", default=[], metavar="FILE",
                         help=".npy (one input), .npz (arrays by input name) or .bin (raw bytes of the first input); default: ones")
-    parser.add_argument("--output", metavar="FILE.npz", help="also save the outputs, by name, to this .npz file")
+    parser.add_argument("--output", metavar="FILE.npz", help="also save the outputs, by name, to this .npz file ({rank} is replaced by the rank)")
     parser.add_argument("--device_id", type=int, help="device this rank runs on")
     parser.add_argument("--rank_id", type=int, help="this rank (default: from mpirun or RANK)")
     parser.add_argument("--world_size", type=int, help="number of ranks (default: from mpirun, WORLD_SIZE or the rank table)")
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             for tensor in outputs:
                 print(format_output(tensor), flush=True)
         if args.output:
-            np.savez(args.output, **{t.name: t.get_data_to_numpy() for t in outputs})
+            np.savez(args.output.replace("{rank}", str(identity.rank)), **{t.name: t.get_data_to_numpy() for t in outputs})
     finally:
         model.close()
     return 0
@@ -134,13 +134,11 @@ def _identity(args):
     return identity
 
 
-def _resolve_model_path(path: str, rank: int) -> Path:
-    candidate = Path(path)
-    if not candidate.exists():
-        ranked = candidate.with_name(f"{candidate.stem}{rank}{candidate.suffix}")
-        if ranked.exists():
-            return ranked
-    return candidate
+def _resolve_model_path(path: str, rank: int, size: int | None = None) -> Path:
+    """shards/m.onnx -> shards/m{rank}.onnx when the former does not exist, checked against the manifest."""
+    from ._shard_files import resolve_shard_path
+
+    return resolve_shard_path(path, rank, size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,53 @@
+"""``orchestrate shard MODEL.onnx --tp N -o DIR``: slice a model into tensor-parallel shards."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "shard",
+        help="slice a model into tensor-parallel shards (Megatron-style, collectives written in)",
+        description="Write DIR/MODEL0.onnx ... DIR/MODEL{N-1}.onnx and DIR/MODEL.manifest.json.",
+    )
+    parser.add_argument("model", help="the ONNX model to slice")
+    parser.add_argument("--tp", type=int, required=True, help="tensor-parallel degree: number of ranks")
+    parser.add_argument("-o", "--output", required=True, help="directory for the shards and the manifest")
+    parser.add_argument("--allow-replicate", action="store_true",
+                        help="write whole-model shards when nothing can be split, keep undividable layers whole")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--external-data", dest="external_data", action="store_true", default=None,
+                      help="weights in <shard>.data files (default: as the source model)")
+    data.add_argument("--no-external-data", dest="external_data", action="store_false",
+                      help="weights inside the shard files")
+    parser.add_argument("--check", action="store_true",
+                        help="run the model and the shards (simulated in one process) on random inputs and compare")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute difference --check accepts")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --check's random inputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    from ranks._errors import OrchestratorError
+
+    from ._shard import shard_model
+    from ._shard_check import check_shards
+
+    try:
+        result = shard_model(args.model, args.tp, args.output, allow_replicate=args.allow_replicate,
+                             external_data=args.external_data, progress=not args.quiet and sys.stderr.isatty())
+        print(result.summary())
+        if not args.check:
+            return 0
+        check = check_shards(args.model, result.model_path, seed=args.seed)
+    except OrchestratorError as exc:
+        print(f"orchestrate shard: error: {exc}", file=sys.stderr)
+        return 2
+    for name, diff in check.per_output.items():
+        print(f"check: output {name}: max abs difference {diff:.3g}")
+    verdict = "ok" if check.ok(args.tolerance) else "FAILED"
+    print(f"check: {args.tp} shards vs whole model: max abs difference {check.max_abs_diff:.3g} "
+          f"(tolerance {args.tolerance:g}): {verdict}")
+    return 0 if check.ok(args.tolerance) else 1

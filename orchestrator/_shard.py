@@ -1,0 +1,241 @@
+"""Slicing an ONNX model into tensor-parallel shards (Megatron-style) with collectives written in.
+
+``shard_model("model.onnx", tp=2, out_dir="shards")`` writes
+``shards/model0.onnx``, ``shards/model1.onnx`` and ``shards/model.manifest.json``
+(layout: ``ranks._shard_manifest``). How each tensor is split is decided in
+``_shard_analysis``; the per-rank graphs are written by ``_shard_rewrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from ranks._errors import ModelNotFoundError, ShardError
+from ranks._shard_manifest import (
+    FORMAT,
+    META_ID,
+    META_MANIFEST,
+    META_RANK,
+    META_WORLD_SIZE,
+    manifest_path_for,
+    shard_path_for,
+    write_manifest,
+)
+
+from ._samples import save_model
+from ._shard_analysis import linear_weight, plan_split
+from ._shard_graph import GraphIndex, elem_types
+from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses
+
+_PROTOBUF_LIMIT = 2**31 - 2**20  # a model proto above ~2 GB must keep its weights outside
+
+
+@dataclass
+class ShardResult:
+    """What ``shard_model`` wrote."""
+
+    model_path: Path  # DIR/MODEL.onnx: the name every rank is given; resolves to DIR/MODEL{rank}.onnx
+    shard_paths: list[Path]
+    manifest_path: Path
+    manifest: dict
+
+    @property
+    def tp(self) -> int:
+        return self.manifest["world_size"]
+
+    @property
+    def weight_fraction(self) -> float:
+        """Largest per-rank weight bytes relative to the whole model's."""
+        whole = self.manifest["weight_bytes_whole"] or 1
+        return max(s["weight_bytes"] for s in self.manifest["shards"]) / whole
+
+    def summary(self) -> str:
+        m = self.manifest
+        counts: dict[str, int] = {}
+        for w in m["weights"]:
+            counts[w["split"]] = counts.get(w["split"], 0) + 1
+        ops: dict[str, int] = {}
+        for c in m["collectives"]:
+            ops[c["op"]] = ops.get(c["op"], 0) + 1
+        lines = [
+            f"wrote {len(self.shard_paths)} shards of {m['source']['file']} to {self.manifest_path.parent}",
+            "  weights: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+            "  collectives per rank: " + (", ".join(f"{v} {k}" for k, v in sorted(ops.items())) or "none"),
+            f"  weight bytes per rank / whole: {self.weight_fraction:.3f}",
+        ]
+        heads: dict[tuple[int, int], list[str]] = {}
+        for a in m["attention"]:
+            heads.setdefault((a["heads"], a["heads_per_rank"]), []).append(a["node"])
+        for (whole, per_rank), nodes in heads.items():
+            lines.append(f"  heads {whole} -> {per_rank} per rank ({len(nodes)} Reshape nodes, e.g. {nodes[0]})")
+        for node, reason in m["replicated_reasons"].items():
+            lines.append(f"  kept whole: {node}: {reason}")
+        return "\n".join(lines)
+
+
+def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLike, *,
+                allow_replicate: bool = False, external_data: bool | None = None,
+                progress: bool = True) -> ShardResult:
+    """Slice ``model_path`` into ``tp`` shards in ``out_dir``.
+
+    ``allow_replicate``: write whole-model shards when nothing can be split (and keep
+    layers whole whose widths ``tp`` does not divide) instead of raising.
+    ``external_data``: weights in ``<shard>.data`` files; None mirrors the source.
+    Raises ShardError (nothing to split, tp not dividing a width or head count),
+    ModelNotFoundError.
+    """
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ShardError(f"the tensor-parallel degree must be a positive integer, got {tp!r}")
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelNotFoundError(f"model {model_path} does not exist")
+    out_dir = Path(out_dir)
+    header = onnx.load(str(model_path), load_external_data=False)
+    source_external = any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer
+    )
+    data_files = sorted({
+        e.value for t in header.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data if e.key == "location"
+    })
+    del header
+    model = onnx.load(str(model_path))
+    source_sha, source_bytes = _hash_files([model_path] + [model_path.parent / f for f in data_files])
+
+    index = GraphIndex(model)
+    plan = plan_split(index, tp, allow_replicate=allow_replicate)
+    if not plan.seeds:
+        reasons = "; ".join(f"{k}: {v}" for k, v in plan.replicated_reasons.items())
+        message = (
+            f"nothing to split in {model_path}: no MatMul/Gemm with a constant 2-D weight could be cut "
+            f"across {tp} ranks" + (f" ({reasons})" if reasons else "")
+        )
+        if not allow_replicate:
+            raise ShardError(message + "; pass --allow-replicate to write whole-model shards anyway")
+
+    whole_bytes = sum(_nbytes(t) for t in model.graph.initializer)
+    if external_data is None:
+        external_data = source_external or whole_bytes // max(tp, 1) > _PROTOBUF_LIMIT
+    shard_id = hashlib.sha256(f"{source_sha}:{tp}:{int(allow_replicate)}:{FORMAT}".encode()).hexdigest()[:32]
+    manifest_file = manifest_path_for(out_dir / model_path.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    types = elem_types(model, index.initializers)
+
+    shards = []
+    paths = []
+    collectives: list[dict] = []
+    bar = _progress_bar(progress, tp * len(model.graph.initializer), f"shard {model_path.name} tp={tp}")
+    try:
+        for rank in range(tp):
+            meta = {META_ID: shard_id, META_RANK: rank, META_WORLD_SIZE: tp, META_MANIFEST: manifest_file.name}
+            built = build_rank_graph(index, plan, rank, types, meta, progress=bar)
+            path = shard_path_for(out_dir / model_path.name, rank)
+            _check_and_save(built.model, path, external_data)
+            shards.append({"rank": rank, "file": path.name, "weight_bytes": built.weight_bytes})
+            paths.append(path)
+            if rank == 0:
+                collectives = built.collectives
+            del built
+    finally:
+        if bar is not None:
+            bar.close()
+
+    manifest = {
+        "format": FORMAT,
+        "shard_id": shard_id,
+        "world_size": tp,
+        "source": {"file": model_path.name, "sha256": source_sha, "bytes": source_bytes},
+        "shards": shards,
+        "weight_bytes_whole": whole_bytes,
+        "external_data": bool(external_data),
+        "weights": _weight_entries(index, plan),
+        "attention": [
+            {
+                "node": index.node_label(i),
+                "shape_input": index.nodes[i].input[1],
+                "shape": [int(v) for v in index.constant_value(index.nodes[i].input[1]).reshape(-1)],
+                "shard_shape": plan.reshapes[i].tolist(),
+                "heads": heads,
+                "heads_per_rank": per_rank,
+            }
+            for i, (heads, per_rank) in sorted(plan.reshape_heads.items())
+        ],
+        "collectives": collectives,
+        "replicated_reasons": plan.replicated_reasons,
+    }
+    write_manifest(manifest_file, manifest)
+    return ShardResult(out_dir / model_path.name, paths, manifest_file, manifest)
+
+
+def _weight_entries(index: GraphIndex, plan) -> list[dict]:
+    uses = initializer_uses(index, plan)
+    # A linear layer's weight is named by what it means (Megatron): cut by output columns or input rows,
+    # whichever axis that is in storage (Gemm with transB keeps output columns on axis 0).
+    labels = {}
+    for (i, k), _axis in plan.sliced_inputs.items():
+        if k == 1 and linear_weight(index, i) is not None:
+            labels[index.nodes[i].input[1]] = "rows" if i in plan.row_parallel else "columns"
+    entries = []
+    for tensor in index.model.graph.initializer:
+        shape = list(tensor.dims)
+        axes = uses.get(tensor.name, {None})
+        entry = {
+            "name": tensor.name,
+            "dtype": str(helper.tensor_dtype_to_np_dtype(tensor.data_type)),
+            "shape": shape,
+        }
+        if axes == {None}:
+            entry.update(split="replicated", axis=None, shard_shape=shape)
+        elif len(axes) == 1:
+            (axis,) = axes
+            label = labels.get(tensor.name) or (
+                "columns" if axis == len(shape) - 1 else "rows" if axis == 0 else "axis"
+            )
+            shard_shape = list(shape)
+            shard_shape[axis] //= plan.tp
+            entry.update(split=label, axis=axis, shard_shape=shard_shape)
+        else:
+            entry.update(split="mixed", axis=None, shard_shape=shape,
+                         copies=sorted(a for a in axes if a is not None))
+        entries.append(entry)
+    return entries
+
+
+def _check_and_save(model: onnx.ModelProto, path: Path, external_data: bool) -> None:
+    data_file = path.with_name(path.name + ".data")
+    if not external_data and data_file.exists():
+        data_file.unlink()  # a stale data file from an earlier run would confuse readers
+    if external_data:
+        save_model(model, path, external_data=True)
+        onnx.checker.check_model(str(path))
+    else:
+        onnx.checker.check_model(model)
+        save_model(model, path)
+
+
+def _hash_files(paths: list[Path]) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    total = 0
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+                total += len(chunk)
+    return digest.hexdigest(), total
+
+
+def _progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False, mininterval=0.5)
+
+
+__all__ = ["ShardResult", "shard_model"]

@@ -1,0 +1,119 @@
+"""Checking shards against the whole model in ONE process: a simulation of N ranks.
+
+Each shard is cut into stages as a rank would run it (``ranks._staged_runner``);
+the stages of all N shards run in lock step and each collective is done
+locally (sum for AllReduce, concatenation for AllGather), so no second
+process, socket or MPI is involved.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ranks._errors import ShardError
+from ranks._shard_files import resolve_shard_path
+from ranks._shard_manifest import manifest_path_for, read_manifest
+from ranks._staged_runner import Arg, StagedProgram, default_session_factory
+
+_NP_OF_TYPE = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def random_inputs(inputs: list, *, dynamic: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds for session-style input descriptions; symbolic or unknown dims become ``dynamic``."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in inputs:
+        shape = [d if isinstance(d, int) and d > 0 else dynamic for d in (arg.shape or [])]
+        dtype = _NP_OF_TYPE.get(arg.type)
+        if dtype is None:
+            raise ShardError(f"cannot make a random input of type {arg.type} for {arg.name}")
+        if np.issubdtype(dtype, np.floating):
+            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feeds[arg.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            feeds[arg.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+def shard_files(shard_path: str | os.PathLike) -> list[Path]:
+    """All shard files of ``DIR/MODEL.onnx`` (or of the only manifest in a directory), in rank order."""
+    path = Path(shard_path)
+    if path.is_dir():
+        manifests = sorted(path.glob("*.manifest.json"))
+        if len(manifests) != 1:
+            raise ShardError(f"{path} holds {len(manifests)} shard manifests; name the model, e.g. {path}/MODEL.onnx")
+        path = path / manifests[0].name.replace(".manifest.json", ".onnx")
+    manifest = read_manifest(manifest_path_for(path))
+    size = manifest["world_size"]
+    return [resolve_shard_path(path, rank, size) for rank in range(size)]
+
+
+class SimulatedRanks:
+    """N shards run in one process; ``run(feeds)`` returns what every rank would output."""
+
+    def __init__(self, shard_paths: list[str | os.PathLike], make_session=None):
+        make_session = make_session or default_session_factory()
+        self.programs = [StagedProgram(onnx.load(str(p)), make_session, label=str(p)) for p in shard_paths]
+        first = self.programs[0]
+        for p in self.programs[1:]:
+            if len(p.stages) != len(first.stages) or [
+                [(c.op, c.axis) for c in s.collectives] for s in p.stages
+            ] != [[(c.op, c.axis) for c in s.collectives] for s in first.stages]:
+                raise ShardError(f"{p.label} and {first.label} do not have the same collectives: not sibling shards")
+
+    def get_inputs(self) -> list[Arg]:
+        return self.programs[0].inputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        envs = [dict(feeds) for _ in self.programs]
+        for k in range(len(self.programs[0].stages)):
+            for program, env in zip(self.programs, envs):
+                program.run_stage(k, env)
+            for j, c in enumerate(self.programs[0].stages[k].collectives):
+                parts = [env[p.stages[k].collectives[j].input] for p, env in zip(self.programs, envs)]
+                if c.op == "AllReduce":
+                    value = parts[0].copy()
+                    for part in parts[1:]:
+                        value += part
+                else:
+                    value = np.concatenate(parts, axis=c.axis)
+                for p, env in zip(self.programs, envs):
+                    env[p.stages[k].collectives[j].output] = value
+        return {a.name: envs[0][a.name] for a in self.programs[0].outputs}
+
+
+@dataclass
+class CheckResult:
+    max_abs_diff: float
+    per_output: dict[str, float]
+    feeds: dict[str, np.ndarray]
+
+    def ok(self, tolerance: float) -> bool:
+        return self.max_abs_diff <= tolerance
+
+
+def check_shards(model_path: str | os.PathLike, shard_path: str | os.PathLike, *, seed: int = 0,
+                 dynamic: int = 3, make_session=None) -> CheckResult:
+    """Run the whole model and its simulated shards on the same random inputs; report the largest difference."""
+    make_session = make_session or default_session_factory()
+    whole = make_session(str(model_path))
+    ranks = SimulatedRanks(shard_files(shard_path), make_session)
+    feeds = random_inputs(whole.get_inputs(), dynamic=dynamic, seed=seed)
+    expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds)))
+    got = ranks.run(feeds)
+    per_output = {}
+    for name, value in expected.items():
+        if got[name].shape != value.shape:
+            raise ShardError(f"output {name}: shards give shape {got[name].shape}, the whole model {value.shape}")
+        per_output[name] = float(np.max(np.abs(got[name].astype(np.float64) - value))) if value.size else 0.0
+    return CheckResult(max(per_output.values(), default=0.0), per_output, feeds)

@@ -1,0 +1,372 @@
+"""Running a shard on stock ONNX Runtime: cut the graph at its collective nodes, run the pieces in order.
+
+ONNX Runtime's CPU wheel has no kernels for ``com.microsoft`` ``AllReduce``
+and ``AllGather``. A shard is therefore cut into *stages*: each stage is a
+sub-model holding the ordinary nodes that can run once the collectives
+before them are done. Between two stages the collectives run through a
+``Communicator``::
+
+    feeds -> stage 0 -> AllReduce/AllGather -> stage 1 -> ... -> stage S -> outputs
+
+A node's stage is the number of collectives on its longest path from the
+graph inputs, so independent work is never pushed behind a collective it
+does not need. Each stage's inputs are the graph inputs and earlier results
+it reads; its initializers are the ones its nodes use.
+
+``StagedRunner`` duck-types ``onnxruntime.InferenceSession`` (``get_inputs``,
+``get_outputs``, ``run``), so code written for a session runs a shard.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ._comm_base import Communicator
+from ._errors import InputError, ModelError, ModelNotFoundError, ShardError
+from ._shard_manifest import META_ID, META_MANIFEST, META_RANK, META_WORLD_SIZE, read_manifest, shard_metadata
+
+COLLECTIVE_OPS = ("AllReduce", "AllGather")
+MS_DOMAIN = "com.microsoft"
+
+
+def is_collective(node: onnx.NodeProto) -> bool:
+    return node.domain == MS_DOMAIN and node.op_type in COLLECTIVE_OPS
+
+
+def has_collectives(model: onnx.ModelProto) -> bool:
+    """True when the graph holds com.microsoft AllReduce/AllGather nodes (a tensor-parallel shard)."""
+    return any(is_collective(n) for n in model.graph.node)
+
+
+@dataclass
+class Collective:
+    op: str  # "AllReduce" or "AllGather"
+    input: str
+    output: str
+    axis: int | None = None  # AllGather only
+
+
+@dataclass
+class Stage:
+    nodes: list = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    collectives: list[Collective] = field(default_factory=list)
+    session: object | None = None
+
+
+@dataclass(frozen=True)
+class Arg:
+    """What ``InferenceSession.get_inputs()`` returns: name, type string, shape."""
+
+    name: str
+    type: str
+    shape: list
+
+
+def default_session_factory(threads: int | None = None, providers: list[str] | None = None) -> Callable:
+    """Sessions that do not spin: several stage sessions share the cores of one rank."""
+    import onnxruntime as ort
+
+    def make_session(model_bytes):
+        options = ort.SessionOptions()
+        # Idle pool threads of one stage would spin while another stage runs: 4x slower on 2 cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+        return ort.InferenceSession(model_bytes, options, providers=providers or ["CPUExecutionProvider"])
+
+    return make_session
+
+
+class StagedProgram:
+    """A model cut at its collectives into stages with one session each; collectives are left to the caller."""
+
+    def __init__(self, model: onnx.ModelProto, make_session: Callable | None = None, *, label: str = "model"):
+        self.label = label
+        make_session = make_session or default_session_factory()
+        graph = model.graph
+        initializer_names = {t.name for t in graph.initializer}
+        self.inputs = [_arg(vi) for vi in graph.input if vi.name not in initializer_names]
+        self.outputs = [_arg(vi) for vi in graph.output]
+        self.stages = cut_stages(model)
+        types = _known_types(model)
+        for k, stage in enumerate(self.stages):
+            for c in stage.collectives:
+                if c.input in types:
+                    types.setdefault(c.output, types[c.input])
+            if not stage.nodes:
+                continue
+            sub = _stage_model(model, stage, types, f"{graph.name or 'graph'}_stage{k}")
+            try:
+                stage.session = make_session(sub.SerializeToString())
+            except Exception as exc:
+                raise ModelError(f"{label}: cannot build stage {k} of {len(self.stages)}: {exc}") from exc
+            for out in stage.session.get_outputs():
+                elem = _ELEM_OF.get(out.type)
+                if elem:
+                    types.setdefault(out.name, elem)
+            for c in stage.collectives:
+                if c.input in types:
+                    types.setdefault(c.output, types[c.input])
+            stage.nodes = []  # the sessions hold what they need; drop our copy of the weights
+
+    @property
+    def collective_count(self) -> int:
+        return sum(len(s.collectives) for s in self.stages)
+
+    def run_stage(self, k: int, env: dict) -> None:
+        stage = self.stages[k]
+        if stage.session is None:
+            return
+        try:
+            feeds = {name: env[name] for name in stage.inputs}
+        except KeyError as exc:
+            raise InputError(f"{self.label}: input {exc.args[0]!r} was not given") from None
+        results = stage.session.run(stage.outputs, feeds)
+        env.update(zip(stage.outputs, results))
+
+
+class StagedRunner:
+    """One rank of a tensor-parallel shard, run stage by stage with collectives through ``comm``.
+
+    ``model``: a path (``MODEL{rank}.onnx``) or a loaded ModelProto (external data loaded).
+    ``comm``: the Communicator of the ranks that run the sibling shards.
+    ``make_session``: callable(model_bytes) -> InferenceSession-like, for each stage.
+
+    Raises ShardError when the shard was made for another world size or rank,
+    when it does not belong to the manifest beside it, or when the ranks hold
+    shards of different slicing runs.
+    """
+
+    is_staged = True  # lets callers tell it from a plain InferenceSession
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, comm: Communicator,
+                 make_session: Callable | None = None):
+        self.comm = comm
+        if isinstance(model, onnx.ModelProto):
+            proto, self.path, label = model, None, f"shard of rank {comm.rank}"
+        else:
+            self.path = Path(model)
+            if not self.path.exists():
+                raise ModelNotFoundError(f"shard {self.path} does not exist (rank {comm.rank} of {comm.size})")
+            proto, label = onnx.load(str(self.path)), str(self.path)
+        self._validate(proto, label)
+        self.program = StagedProgram(proto, make_session, label=label)
+        self._input_names = [a.name for a in self.program.inputs]
+
+    def _validate(self, proto: onnx.ModelProto, label: str) -> None:
+        meta = shard_metadata(proto)
+        comm = self.comm
+        if META_WORLD_SIZE in meta and int(meta[META_WORLD_SIZE]) != comm.size:
+            raise ShardError(
+                f"{label} is one of {meta[META_WORLD_SIZE]} shards, but the communicator has {comm.size} ranks"
+            )
+        if META_RANK in meta and int(meta[META_RANK]) != comm.rank:
+            raise ShardError(f"{label} is the shard of rank {meta[META_RANK]}, but it was loaded by rank {comm.rank}")
+        if self.path is not None and META_ID in meta:
+            # The manifest the shard names, and the one its file name implies (MODEL{rank}.onnx -> MODEL):
+            # a file copied in from another run disagrees with at least one of them.
+            candidates = {self.path.with_name(meta.get(META_MANIFEST, "")) if meta.get(META_MANIFEST) else None}
+            stem, rank_text = self.path.stem, meta.get(META_RANK, "")
+            if rank_text and stem.endswith(rank_text):
+                candidates.add(self.path.with_name(stem[: -len(rank_text)] + ".manifest.json"))
+            for manifest_file in sorted(c for c in candidates if c is not None and c.exists()):
+                manifest = read_manifest(manifest_file)
+                if manifest["shard_id"] != meta.get(META_ID):
+                    raise ShardError(
+                        f"{label} comes from slicing run {meta.get(META_ID)}, but {manifest_file} describes run "
+                        f"{manifest['shard_id']}: the shard directory mixes files of different `orchestrate shard` runs"
+                    )
+        if comm.size > 1:
+            # Every rank takes part, shard or not, so that this collective cannot leave a peer waiting.
+            digest = bytes.fromhex(meta.get(META_ID, "0" * 16)[:16].ljust(16, "0"))
+            ids = comm.allgather(np.frombuffer(digest, dtype=np.int64).copy(), axis=0)
+            if len(set(ids.tolist())) > 1:
+                names = {r: f"{int(v) & (2**64 - 1):016x}" for r, v in enumerate(ids.tolist())}
+                raise ShardError(
+                    f"the ranks loaded shards of different slicing runs (rank: run id prefix) {names}; "
+                    f"this rank {comm.rank} loaded {label}"
+                )
+
+    # -- InferenceSession's surface -----------------------------------------
+    def get_inputs(self) -> list[Arg]:
+        return list(self.program.inputs)
+
+    def get_outputs(self) -> list[Arg]:
+        return list(self.program.outputs)
+
+    def get_providers(self) -> list[str]:
+        for stage in self.program.stages:
+            if stage.session is not None and hasattr(stage.session, "get_providers"):
+                return stage.session.get_providers()
+        return ["CPUExecutionProvider"]
+
+    def run(self, output_names, input_feed: dict, run_options=None) -> list[np.ndarray]:
+        names = output_names or [a.name for a in self.program.outputs]
+        missing = [n for n in self._input_names if n not in input_feed]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the model takes {self._input_names}")
+        env = dict(input_feed)
+        for k, stage in enumerate(self.program.stages):
+            self.program.run_stage(k, env)
+            for c in stage.collectives:
+                if c.op == "AllReduce":
+                    env[c.output] = self.comm.allreduce(env[c.input], "sum")
+                else:
+                    env[c.output] = self.comm.allgather(env[c.input], axis=c.axis)
+        try:
+            return [env[n] for n in names]
+        except KeyError as exc:
+            raise InputError(f"unknown output {exc.args[0]!r}; the model gives {[a.name for a in self.program.outputs]}") from None
+
+    def close(self) -> None:
+        for stage in self.program.stages:
+            stage.session = None
+
+
+def cut_stages(model: onnx.ModelProto) -> list[Stage]:
+    """Cut a graph at its collective nodes (see the module docstring)."""
+    graph = model.graph
+    level: dict[str, int] = {}
+    placed: list[tuple[int, onnx.NodeProto]] = []
+    for node in graph.node:
+        reads = [n for n in node.input if n] + sorted(_outer_refs(node))
+        lv = max((level.get(n, 0) for n in reads), default=0)
+        if is_collective(node):
+            for out in node.output:
+                level[out] = lv + 1
+        else:
+            for out in node.output:
+                level[out] = lv
+        placed.append((lv, node))
+    count = max((lv for lv, _ in placed), default=0) + 1
+    stages = [Stage() for _ in range(count)]
+    for lv, node in placed:
+        if is_collective(node):
+            if len(node.input) != 1 or len(node.output) != 1:
+                raise ModelError(f"collective {node.name or node.op_type} must have one input and one output")
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            axis = None
+            if node.op_type == "AllGather":
+                if "axis" not in attrs:
+                    # ONNX Runtime's schema and its shape inference disagree on the default: refuse to guess.
+                    raise ModelError(f"AllGather {node.name or node.output[0]} has no axis attribute; give it one")
+                axis = int(attrs["axis"])
+            stages[lv].collectives.append(Collective(node.op_type, node.input[0], node.output[0], axis))
+        else:
+            stages[lv].nodes.append(node)
+    initializer_names = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    later_reads: list[set[str]] = [set() for _ in range(count)]
+    for lv, node in placed:
+        reads = set(n for n in node.input if n) | _outer_refs(node)
+        for k in range(lv):
+            later_reads[k] |= reads  # read at stage lv, so needed from any earlier stage
+    for k, stage in enumerate(stages):
+        produced = [o for node in stage.nodes for o in node.output if o]
+        produced_set = set(produced)
+        reads: list[str] = []
+        for node in stage.nodes:
+            for n in list(node.input) + sorted(_outer_refs(node)):
+                if n and n not in produced_set and n not in initializer_names and n not in reads:
+                    reads.append(n)
+        stage.inputs = reads
+        needed_later = later_reads[k] | {c.input for c in stage.collectives} | graph_outputs
+        stage.outputs = [o for o in produced if o in needed_later]
+    return stages
+
+
+def _stage_model(model: onnx.ModelProto, stage: Stage, types: dict[str, int], name: str) -> onnx.ModelProto:
+    graph = model.graph
+    shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    reads = {n for node in stage.nodes for n in node.input} | {n for node in stage.nodes for n in _outer_refs(node)}
+    inits = [t for t in graph.initializer if t.name in reads]
+    inputs = []
+    for n in stage.inputs:
+        if n in shapes and shapes[n].type.tensor_type.elem_type:
+            inputs.append(shapes[n])
+        elif n in types:
+            inputs.append(helper.make_tensor_value_info(n, types[n], None))
+        else:
+            raise ModelError(f"cannot tell the element type of {n!r}, an input of stage {name}")
+    outputs = []
+    for n in stage.outputs:
+        if n in shapes and shapes[n].type.tensor_type.elem_type:
+            outputs.append(shapes[n])
+        elif n in types:
+            outputs.append(helper.make_tensor_value_info(n, types[n], None))
+        else:
+            outputs.append(onnx.ValueInfoProto(name=n))
+    sub_graph = helper.make_graph(stage.nodes, name, inputs, outputs, inits)
+    stage_io = set(stage.inputs) | set(stage.outputs)
+    sub_graph.value_info.extend(vi for vi in graph.value_info if vi.name not in stage_io and vi.name in _names(stage))
+    sub = onnx.ModelProto()
+    sub.ir_version = model.ir_version
+    sub.opset_import.extend(model.opset_import)  # com.microsoft stays: stages may hold its other contrib ops
+    sub.functions.extend(model.functions)
+    sub.graph.CopyFrom(sub_graph)
+    return sub
+
+
+def _names(stage: Stage) -> set[str]:
+    return {o for node in stage.nodes for o in node.output}
+
+
+def _known_types(model: onnx.ModelProto) -> dict[str, int]:
+    graph = model.graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    infos = list(graph.value_info) + list(graph.input) + list(graph.output)
+    try:
+        skeleton = onnx.ModelProto()
+        skeleton.CopyFrom(model)
+        del skeleton.graph.initializer[:]
+        skeleton.graph.input.extend(
+            helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer
+        )
+        infos += list(onnx.shape_inference.infer_shapes(skeleton, strict_mode=False).graph.value_info)
+    except Exception:
+        pass  # inference only fills gaps; the sessions report the rest
+    for vi in infos:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    return types
+
+
+def _outer_refs(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for inner in g.node:
+                local.update(inner.output)
+            for inner in g.node:
+                names.update(n for n in inner.input if n and n not in local)
+                names.update(_outer_refs(inner) - local)
+    return names
+
+
+def _arg(vi: onnx.ValueInfoProto) -> Arg:
+    tensor_type = vi.type.tensor_type
+    elem = TensorProto.DataType.Name(tensor_type.elem_type).lower() if tensor_type.elem_type else "undefined"
+    shape = []
+    if tensor_type.HasField("shape"):
+        for d in tensor_type.shape.dim:
+            shape.append(d.dim_value if d.HasField("dim_value") else (d.dim_param if d.HasField("dim_param") else None))
+    return Arg(vi.name, f"tensor({elem})", shape)
+
+
+_ELEM_OF = {
+    f"tensor({TensorProto.DataType.Name(v).lower()})": v
+    for v in TensorProto.DataType.values()
+    if v != TensorProto.UNDEFINED
+}
