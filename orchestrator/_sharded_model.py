@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class ShardedModel:
         self.backend = backend
         self.timeout = default_timeout() if timeout is None else timeout
         self._closed = False
+        self._lock = threading.Lock()
         self._next_id = 0
         self.last_rank_seconds: float | None = None
         self._procs: list[subprocess.Popen] = []
@@ -124,6 +126,10 @@ class ShardedModel:
     # -- running -------------------------------------------------------------
     def predict(self, inputs) -> dict[str, np.ndarray]:
         """Run the sharded model on ``inputs`` ({name: array} or a list in input order); {output name: array}."""
+        with self._lock:  # one request in flight: the ranks answer in order, over one socket
+            return self._predict(inputs)
+
+    def _predict(self, inputs) -> dict[str, np.ndarray]:
         if self._closed:
             raise WorkerError("predict on a closed ShardedModel")
         if not isinstance(inputs, dict):
