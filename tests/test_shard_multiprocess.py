@@ -58,6 +58,14 @@ def test_mpi_ranks_match_the_whole_model(sample, transformer_shards, tmp_path):
         for batch in (x, x[:1]):  # dynamic batch and several requests on the same ranks
             out = model.predict({"x": batch})["y"]
             assert np.max(np.abs(out - _expected(source, batch))) < 1e-5
+        # callers on several threads: one request in flight at a time, each gets its own answer
+        from concurrent.futures import ThreadPoolExecutor
+
+        batches = [np.random.default_rng(10 + i).standard_normal((1, 4, 32)).astype(np.float32) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda b: model.predict({"x": b})["y"], batches))
+        for b, out in zip(batches, outs):
+            assert np.max(np.abs(out - _expected(source, b))) < 1e-5
         procs = list(model._procs)
     assert all(p.poll() is not None for p in procs)
     # one call, on the MLP, by directory
