@@ -74,32 +74,13 @@ def run_example(title: str, command: list[str]) -> bool:
 
 def rank_table_and_ini(workdir: Path) -> list[str]:
     """A 2-device rank table on 127.0.0.1 and a config_file.ini naming it, with a free base port."""
-    from ranks import generate_rank_table
+    from ranks import free_base_port, generate_rank_table
 
     table = workdir / "rank_table_2p.json"
     generate_rank_table([("127.0.0.1", [0, 1])]).dump(table)
     ini = workdir / "config_file.ini"
-    ini.write_text(f"[ascend_context]\nrank_table_file={table.name}\n[comm]\nbase_port={free_port_pair()}\n")
+    ini.write_text(f"[ascend_context]\nrank_table_file={table.name}\n[comm]\nbase_port={free_base_port(2)}\n")
     return [str(table), "--config_file", str(ini)]
-
-
-def free_port_pair() -> int:
-    """A port p with p and p + 1 free now (rank r listens on base_port + r)."""
-    import socket
-
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            base = a.getsockname()[1]
-            if base >= 65535:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", base + 1))
-                except OSError:
-                    continue
-        return base
-    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
 
 
 def main() -> int:

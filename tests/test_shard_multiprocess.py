@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from orchestrator import ShardedModel, run_sharded, shard_model
-from ranks import ConfigError, InputError, WorkerError
+from ranks import ConfigError, InputError, WorkerError, free_base_port
 
 pytestmark = [pytest.mark.multiprocess]
 
@@ -117,12 +117,6 @@ def test_tp_that_does_not_match_the_shards(transformer_shards):
         ShardedModel(result.model_path, tp=4)
 
 
-def _free_base_port(count: int) -> int:
-    from orchestrator._sharded_model import _free_port_block
-
-    return _free_port_block(count)
-
-
 @pytest.mark.timeout(240)
 def test_zmq_ranks_from_python(sample, tmp_path):
     pytest.importorskip("ranks._comm_zmq")
@@ -173,7 +167,7 @@ def test_command_line_one_command_per_rank_with_a_rank_table(sample, tmp_path):
     shards = shard_model(source, 2, tmp_path / "shards", progress=False)
     generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
     (tmp_path / "config_file.ini").write_text(
-        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={_free_base_port(2)}\ntimeout=60\n"
+        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
     )
     x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
