@@ -27,7 +27,10 @@ LAUNCHER_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORL
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in LAUNCHER_VARS:
-        monkeypatch.delenv(name, raising=False)
+        # setenv first, so monkeypatch restores the variable's absence too: export_torchrun_env sets
+        # RANK/WORLD_SIZE/LOCAL_RANK behind its back, and they must not leak into later tests' ranks.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
