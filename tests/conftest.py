@@ -96,3 +96,13 @@ def mpich_python() -> str:
             pytest.skip(f"could not install MPICH into {env_dir}: {result.stderr.strip()[-500:]}")
         marker.write_text("ok\n")
     return str(python)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Code under test may export variables (RANK, WORLD_SIZE, ...); none may leak into the next test's children."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
