@@ -20,6 +20,18 @@ How a collective stays bounded by the timeout without slowing the data path:
    covers the rest: if the data phase outlives the timeout it prints the
    error and aborts the job, so nothing waits forever.
 
+*Fast mode* (``arrival_check=False``; ``[comm] mpi_arrival_check=false``;
+``ORCH_MPI_ARRIVAL_CHECK=false``): step 1 is skipped. Each rank still
+publishes its call in the per-host segment (a few hundred nanoseconds), then
+goes straight into the blocking MPI call under the watchdog, so a faster rank
+starts its transfer at once, as raw mpi4py does. The price: a missing peer is
+no longer a catchable ``CommTimeoutError``; when the call outlives the timeout
+the watchdog prints the op, this rank and the local peers that are behind
+(from the segment) and aborts the job. Calls that differ between ranks (verb,
+dtype, shape, op, root) are not detected: MPI may fail, hang until the
+watchdog fires, or deliver wrong data. ``allgather`` needs the same shape on
+every rank (as ``MPI_Allgather``); ``barrier`` keeps its checked arrival.
+
 After a timeout the communicator is broken (MPI cannot cancel a pending
 collective): later calls raise ``CommError``, and at interpreter exit the job
 is aborted rather than left to hang in ``MPI_Finalize``. Likewise an uncaught
@@ -40,8 +52,10 @@ import numpy as np
 
 from . import _shm
 from ._comm_base import Communicator
-from ._comm_util import ResultPool, DTYPE_CODE, DTYPES, OP_CODE, as_array, check_op, check_rank, check_tag, gather_axis
-from ._env import default_timeout
+from ._comm_util import (
+    DTYPE_CODE, DTYPES, OP_CODE, ResultPool, as_array, check_op, check_out, check_rank, check_tag, gather_axis, gathered_shape,
+)
+from ._env import default_timeout, mpi_arrival_check
 from ._errors import CommError, CommTimeoutError
 
 _OPS = ("allreduce", "allgather", "broadcast", "barrier")
@@ -74,12 +88,22 @@ class MpiCommunicator(Communicator):
 
     ``allgather`` accepts shapes that differ along ``axis`` (it switches to
     ``Allgatherv``); all other dimensions and the dtype must agree.
+
+    ``arrival_check=False`` is the fast mode (see the module docstring); None
+    reads ``ORCH_MPI_ARRIVAL_CHECK`` (default true).
     """
 
     backend = "mpi"
 
-    def __init__(self, comm=None, timeout: float | None = None, *, shared_memory: bool | None = None):
+    def __init__(
+        self, comm=None, timeout: float | None = None, *, shared_memory: bool | None = None, arrival_check: bool | None = None
+    ):
         MPI = _mpi()
+        if arrival_check is None:
+            arrival_check = mpi_arrival_check()
+        if not isinstance(arrival_check, (bool, np.bool_)):
+            raise TypeError(f"arrival_check must be True, False or None, got {arrival_check!r}")
+        self.arrival_check = bool(arrival_check)
         self._want_shm_arrival = shared_memory is not False
         self._MPI = MPI
         base = MPI.COMM_WORLD if comm is None else comm
@@ -325,33 +349,44 @@ class MpiCommunicator(Communicator):
             watchdog.disarm()
 
     # -- verbs ---------------------------------------------------------------
-    def allreduce(self, array, op="sum"):
+    def allreduce(self, array, op="sum", *, out=None):
         if op not in self._reductions:
             check_op(op)
         arr = as_array(array, "allreduce", self.rank)
         char = arr.dtype.char
-        # Only ints inside: hash() of str is salted per process, of ints it is the same everywhere.
-        key = hash((ord(char), OP_CODE[op], arr.shape))
-        seq = self._enter("allreduce", key)
-        self._barrier_arrive("allreduce", seq, key)
+        if out is not None:
+            check_out(out, arr.shape, arr.dtype, "allreduce", self.rank)
+        if self.arrival_check:
+            # Only ints inside: hash() of str is salted per process, of ints it is the same everywhere.
+            key = hash((ord(char), OP_CODE[op], arr.shape))
+            seq = self._enter("allreduce", key)
+            self._barrier_arrive("allreduce", seq, key)
+        else:
+            seq = self._enter("allreduce")
         if char == "e":
             # MPI has no half type; reduce in float32 (exact for max/min, more exact for sum/prod).
             wide = arr.astype(np.float32)
-            out = np.empty_like(wide)
-            self._data("allreduce", seq, self._comm.Allreduce, wide, out, self._reductions[op])
-            return out.astype(np.float16)
-        out = np.empty_like(arr) if arr.nbytes < ResultPool.MIN_BYTES else self._pool.empty(arr.shape, arr.dtype)
+            self._data("allreduce", seq, self._comm.Allreduce, self._MPI.IN_PLACE, wide, self._reductions[op])
+            if out is None:
+                return wide.astype(np.float16)
+            np.copyto(out, wide, casting="same_kind")
+            return out
+        if out is None:
+            out = np.empty_like(arr) if arr.nbytes < ResultPool.MIN_BYTES else self._pool.empty(arr.shape, arr.dtype)
+            send = arr
+        else:
+            send = self._MPI.IN_PLACE if out is arr else arr
         mpi_op = self._bool_reductions[op] if char == "?" else self._reductions[op]
         # The data phase, inlined (this is the hot path): the watchdog covers it.
         watchdog = self._watchdog
         watchdog._armed = ("allreduce", seq, time.monotonic() + self.timeout)
         try:
-            self._comm.Allreduce(arr, out, mpi_op)
+            self._comm.Allreduce(send, out, mpi_op)
         finally:
             watchdog._armed = None
         return out
 
-    def allgather(self, array, axis=0):
+    def allgather(self, array, axis=0, *, out=None):
         arr = as_array(array, "allgather", self.rank)
         shape = arr.shape
         if axis != 0 or not shape:
@@ -360,39 +395,70 @@ class MpiCommunicator(Communicator):
                 arr = arr.reshape(1)
                 shape = (1,)
         char = arr.dtype.char
-        key = hash((ord(char), axis, len(shape), shape[:axis] + shape[axis + 1 :]))
+        if out is not None and (
+            out.__class__ is not np.ndarray or out.dtype != arr.dtype or out.ndim != len(shape)
+            or out.shape[:axis] + out.shape[axis + 1 :] != shape[:axis] + shape[axis + 1 :]
+        ):
+            # Wrong before any rank moves: fail here (the shape along ``axis`` is checked once the counts are known).
+            check_out(out, gathered_shape(shape, axis, self.size), arr.dtype, "allgather", self.rank)
         send = arr if axis == 0 else np.ascontiguousarray(np.moveaxis(arr, axis, 0))
-        seq = self._enter("allgather", key, send.shape[0])
-        # Arrival that also tells every rank's row count and call key (shapes may differ along the axis).
-        counts = self._gather_arrive("allgather", seq, key, send.shape[0])
+        rows = send.shape[0]
+        if self.arrival_check:
+            key = hash((ord(char), axis, len(shape), shape[:axis] + shape[axis + 1 :]))
+            seq = self._enter("allgather", key, rows)
+            # Arrival that also tells every rank's row count and call key (shapes may differ along the axis).
+            counts = self._gather_arrive("allgather", seq, key, rows)
+            equal = counts.count(rows) == len(counts)
+            total = sum(counts)
+        else:
+            # No arrival, so no counts: every rank must pass the same shape (as MPI_Allgather).
+            seq = self._enter("allgather", 0, rows)
+            equal = True
+            total = rows * self.size
         row_shape = send.shape[1:]
         if char == "e":  # MPI has no half type; moving bytes needs none
             send = send.view(np.uint16)
+        full = (total,) + row_shape
+        wrong_out = None
+        target = None  # where MPI writes: ``out`` itself when the layouts agree
+        if out is not None:
+            want = full if axis == 0 else shape[:axis] + (total,) + shape[axis + 1 :]
+            if out.shape != want or not out.flags.c_contiguous or not out.flags.writeable:
+                wrong_out = (want, out)  # still take part, so the peers do not stall; raise afterwards
+            elif axis == 0:
+                target = out.view(np.uint16) if char == "e" else out
+        direct = target is not None
+        if target is None:
+            nbytes = send.itemsize * total
+            for d in row_shape:
+                nbytes *= d
+            target = np.empty(full, send.dtype) if nbytes < ResultPool.MIN_BYTES else self._pool.empty(full, send.dtype)
         watchdog = self._watchdog
         watchdog._armed = ("allgather", seq, time.monotonic() + self.timeout)
         try:
-            if counts.count(counts[0]) == len(counts):
-                shape = (self.size * send.shape[0],) + row_shape
-                if send.nbytes * self.size < ResultPool.MIN_BYTES:
-                    out = np.empty(shape, send.dtype)
-                else:
-                    out = self._pool.empty(shape, send.dtype)
-                self._comm.Allgather(send, out)
+            if equal:
+                self._comm.Allgather(send, target)
             else:
                 row_items = 1
                 for d in row_shape:
                     row_items *= d
-                out = self._pool.empty((sum(counts),) + row_shape, send.dtype)
                 sizes = [c * row_items for c in counts]
                 displs = [sum(sizes[:r]) for r in range(len(sizes))]
-                self._comm.Allgatherv(send, [out, (sizes, displs)])
+                self._comm.Allgatherv(send, [target, (sizes, displs)])
         finally:
             watchdog._armed = None
+        if wrong_out is not None:
+            check_out(wrong_out[1], wrong_out[0], arr.dtype, "allgather", self.rank)
+        if direct:
+            return out
         if char == "e":
-            out = out.view(np.float16)
+            target = target.view(np.float16)
         if axis != 0:
-            out = np.ascontiguousarray(np.moveaxis(out, 0, axis))
-        return out
+            if out is not None:
+                np.copyto(out, np.moveaxis(target, 0, axis))
+                return out
+            return np.ascontiguousarray(np.moveaxis(target, 0, axis))
+        return target
 
     def broadcast(self, array, root=0):
         root = check_rank(root, self.size, "broadcast root")
@@ -401,7 +467,8 @@ class MpiCommunicator(Communicator):
             arr = as_array(array, "broadcast", self.rank)
             _write_header(header, arr)
         seq = self._enter("broadcast", root)
-        self._barrier_arrive("broadcast", seq, root)
+        if self.arrival_check:
+            self._barrier_arrive("broadcast", seq, root)
         self._data("broadcast", seq, self._comm.Bcast, header, root)
         dtype, shape = _read_header(header)
         if self.rank != root:
@@ -560,10 +627,20 @@ class _Watchdog:
                 continue
             op, seq, _ = armed
             comm = self._comm
-            message = (
-                f"ranks.CommTimeoutError: {op} #{seq} on rank {comm.rank} of {comm.size} did not finish within "
-                f"{comm.timeout:.1f} s after every rank had arrived (a peer died inside MPI?); aborting the MPI job"
-            )
+            if comm.arrival_check:
+                message = (
+                    f"ranks.CommTimeoutError: {op} #{seq} on rank {comm.rank} of {comm.size} did not finish within "
+                    f"{comm.timeout:.1f} s after every rank had arrived (a peer died inside MPI?); aborting the MPI job"
+                )
+            else:
+                try:
+                    behind = comm._describe_missing()
+                except Exception as exc:  # the message must go out whatever happens
+                    behind = f"(could not read the peers' progress: {exc})"
+                message = (
+                    f"ranks.CommTimeoutError: {op} #{seq} on rank {comm.rank} of {comm.size} did not finish within "
+                    f"{comm.timeout:.1f} s (fast mode, no arrival check): {behind}; aborting the MPI job"
+                )
             _abort(comm, message)
 
 
