@@ -120,6 +120,10 @@ class MpiCommunicator(Communicator):
         self._gather_in = array.array("q", bytes(24))
         self._gather_out = array.array("q", bytes(24 * self.size))
         self._gather_unpack = struct.Struct(f"{3 * self.size}q").unpack_from
+        # Hot-path plans, filled by the first call of each kind (see ``allreduce``/``allgather``).
+        self._reduce_plans: dict = {}
+        self._equal_rows = True  # False once some allgather had uneven shapes: always take the general path then
+        self._gather_plans: dict = {}
         self._reductions = {
             "sum": MPI.SUM,
             "max": MPI.MAX,
@@ -349,7 +353,44 @@ class MpiCommunicator(Communicator):
             watchdog.disarm()
 
     # -- verbs ---------------------------------------------------------------
+    # The hot path. What the first call of a kind (shape, dtype with byte
+    # order, op or axis) works out is kept as a plan; later calls of that kind
+    # skip the checks and the key hashing. Measured at 4 KB on one rank: a
+    # fast-mode allgather 4.1 -> 2.6 us, allreduce 3.2 -> 2.6 us (raw mpi4py
+    # 1.2 and 2.0 us). Anything unusual (float16, 0-d, axis != 0, uneven
+    # shapes) takes the general path, unchanged.
     def allreduce(self, array, op="sum", *, out=None):
+        arr = np.asarray(array)
+        plan = self._reduce_plans.get((arr.shape, arr.dtype, op))
+        if plan is None:
+            return self._allreduce_general(array, op, out)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        key, mpi_op, pooled = plan
+        if out is None:
+            out = self._pool.empty(arr.shape, arr.dtype) if pooled else np.empty_like(arr)
+            send = arr
+        else:
+            if out.__class__ is not np.ndarray or out.shape != arr.shape or out.dtype != arr.dtype:
+                check_out(out, arr.shape, arr.dtype, "allreduce", self.rank)
+            flags = out.flags
+            if not (flags.c_contiguous and flags.writeable):
+                check_out(out, arr.shape, arr.dtype, "allreduce", self.rank)
+            send = self._MPI.IN_PLACE if out is arr else arr
+        if self.arrival_check:
+            seq = self._enter("allreduce", key)
+            self._barrier_arrive("allreduce", seq, key)
+        else:
+            seq = self._enter("allreduce")
+        watchdog = self._watchdog
+        watchdog._armed = ("allreduce", seq, time.monotonic() + self.timeout)
+        try:
+            self._comm.Allreduce(send, out, mpi_op)
+        finally:
+            watchdog._armed = None
+        return out
+
+    def _allreduce_general(self, array, op, out):
         if op not in self._reductions:
             check_op(op)
         arr = as_array(array, "allreduce", self.rank)
@@ -377,6 +418,8 @@ class MpiCommunicator(Communicator):
         else:
             send = self._MPI.IN_PLACE if out is arr else arr
         mpi_op = self._bool_reductions[op] if char == "?" else self._reductions[op]
+        if arr is array and len(self._reduce_plans) < 256:  # a native, contiguous array: later calls like it take the hot path
+            self._reduce_plans[(arr.shape, arr.dtype, op)] = (key if self.arrival_check else 0, mpi_op, arr.nbytes >= ResultPool.MIN_BYTES)
         # The data phase, inlined (this is the hot path): the watchdog covers it.
         watchdog = self._watchdog
         watchdog._armed = ("allreduce", seq, time.monotonic() + self.timeout)
@@ -387,6 +430,40 @@ class MpiCommunicator(Communicator):
         return out
 
     def allgather(self, array, axis=0, *, out=None):
+        arr = np.asarray(array)
+        plan = self._gather_plans.get((arr.shape, arr.dtype, axis))
+        if plan is None or not self._equal_rows:
+            return self._allgather_general(array, axis, out)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        key, rows, full, pooled = plan
+        if out is None:
+            target = self._pool.empty(full, arr.dtype) if pooled else np.empty(full, arr.dtype)
+        else:
+            flags = out.flags if out.__class__ is np.ndarray else None
+            if flags is None or out.shape != full or out.dtype != arr.dtype or not (flags.c_contiguous and flags.writeable):
+                # A wrong out= (named by the general path), or a right one for shapes that differ between ranks.
+                return self._allgather_general(array, axis, out)
+            target = out
+        if self.arrival_check:
+            seq = self._enter("allgather", key, rows)
+            counts = self._gather_arrive("allgather", seq, key, rows)
+            if counts.count(rows) != len(counts):
+                # Another rank's shape differs along the axis this time: the general path's data phase.
+                self._equal_rows = False
+                return self._allgather_general(array, axis, out, (seq, counts))
+        else:
+            seq = self._enter("allgather", 0, rows)
+        watchdog = self._watchdog
+        watchdog._armed = ("allgather", seq, time.monotonic() + self.timeout)
+        try:
+            self._comm.Allgather(arr, target)
+        finally:
+            watchdog._armed = None
+        return target
+
+    def _allgather_general(self, array, axis, out, arrived=None):
+        """Every case; ``arrived``: (seq, counts) when the hot path already made the arrival."""
         arr = as_array(array, "allgather", self.rank)
         shape = arr.shape
         if axis != 0 or not shape:
@@ -403,8 +480,12 @@ class MpiCommunicator(Communicator):
             check_out(out, gathered_shape(shape, axis, self.size), arr.dtype, "allgather", self.rank)
         send = arr if axis == 0 else np.ascontiguousarray(np.moveaxis(arr, axis, 0))
         rows = send.shape[0]
-        if self.arrival_check:
-            key = hash((ord(char), axis, len(shape), shape[:axis] + shape[axis + 1 :]))
+        key = hash((ord(char), axis, len(shape), shape[:axis] + shape[axis + 1 :]))
+        if arrived is not None:
+            seq, counts = arrived
+            equal = counts.count(rows) == len(counts)
+            total = sum(counts)
+        elif self.arrival_check:
             seq = self._enter("allgather", key, rows)
             # Arrival that also tells every rank's row count and call key (shapes may differ along the axis).
             counts = self._gather_arrive("allgather", seq, key, rows)
@@ -415,6 +496,11 @@ class MpiCommunicator(Communicator):
             seq = self._enter("allgather", 0, rows)
             equal = True
             total = rows * self.size
+        if equal and axis == 0 and char != "e" and send is array and len(self._gather_plans) < 256:
+            # A native, contiguous array gathered along axis 0: later calls like it take the hot path.
+            full = (total,) + send.shape[1:]
+            pooled = send.itemsize * send.size * self.size >= ResultPool.MIN_BYTES
+            self._gather_plans[(send.shape, send.dtype, 0)] = (key if self.arrival_check else 0, rows, full, pooled)
         row_shape = send.shape[1:]
         if char == "e":  # MPI has no half type; moving bytes needs none
             send = send.view(np.uint16)
