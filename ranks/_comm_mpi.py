@@ -71,6 +71,7 @@ _STRIDE = 64  # one cache line per rank, so ranks never write the same line
 _SLOT = 32
 _PROGRESS = struct.Struct("4q")  # one slot read whole: (verb, call key, row count, sequence number)
 _BOTH_SEQS = struct.Struct("24xq24xq")
+_WATCHDOG_TICK = 0.25  # seconds between the watchdog's looks at the armed call
 _HEADER_LEN = 68  # dtype code, ndim, up to 66 dimensions (numpy allows 64)
 
 
@@ -346,7 +347,7 @@ class MpiCommunicator(Communicator):
 
     def _data(self, op: str, seq: int, fn, *args) -> None:
         watchdog = self._watchdog
-        watchdog.arm(op, seq, time.monotonic() + self.timeout)
+        watchdog.arm(seq)
         try:
             fn(*args)
         finally:
@@ -383,7 +384,7 @@ class MpiCommunicator(Communicator):
         else:
             seq = self._enter("allreduce")
         watchdog = self._watchdog
-        watchdog._armed = ("allreduce", seq, time.monotonic() + self.timeout)
+        watchdog._armed = seq
         try:
             self._comm.Allreduce(send, out, mpi_op)
         finally:
@@ -422,7 +423,7 @@ class MpiCommunicator(Communicator):
             self._reduce_plans[(arr.shape, arr.dtype, op)] = (key if self.arrival_check else 0, mpi_op, arr.nbytes >= ResultPool.MIN_BYTES)
         # The data phase, inlined (this is the hot path): the watchdog covers it.
         watchdog = self._watchdog
-        watchdog._armed = ("allreduce", seq, time.monotonic() + self.timeout)
+        watchdog._armed = seq
         try:
             self._comm.Allreduce(send, out, mpi_op)
         finally:
@@ -455,7 +456,7 @@ class MpiCommunicator(Communicator):
         else:
             seq = self._enter("allgather", 0, rows)
         watchdog = self._watchdog
-        watchdog._armed = ("allgather", seq, time.monotonic() + self.timeout)
+        watchdog._armed = seq
         try:
             self._comm.Allgather(arr, target)
         finally:
@@ -520,7 +521,7 @@ class MpiCommunicator(Communicator):
                 nbytes *= d
             target = np.empty(full, send.dtype) if nbytes < ResultPool.MIN_BYTES else self._pool.empty(full, send.dtype)
         watchdog = self._watchdog
-        watchdog._armed = ("allgather", seq, time.monotonic() + self.timeout)
+        watchdog._armed = seq
         try:
             if equal:
                 self._comm.Allgather(send, target)
@@ -678,21 +679,25 @@ def _read_header(header: np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
 class _Watchdog:
     """Aborts the MPI job when a blocking data phase outlives the timeout.
 
-    Arming and disarming are two attribute writes; the thread wakes twice a
-    second and only starts on the first call that lasts longer than that.
+    Arming and disarming are two attribute writes (the call's sequence
+    number, then None: no clock read on the hot path). The thread wakes four
+    times a second; it notes when it first sees a number armed and aborts once
+    the same number has stayed armed for the timeout, so it fires between
+    ``timeout`` and ``timeout + 0.5`` s after the call began, never before.
+    The op's name is read back from this rank's row of the progress segment.
     """
 
     def __init__(self, comm: MpiCommunicator):
         self._comm = comm
-        self._armed: tuple[str, int, float] | None = None
+        self._armed: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def arm(self, op: str, seq: int, deadline: float) -> None:
+    def arm(self, seq: int) -> None:
         if self._thread is None:
             self.start()
-        self._armed = (op, seq, deadline)
+        self._armed = seq
 
     def start(self) -> None:
         with self._lock:
@@ -707,12 +712,18 @@ class _Watchdog:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            armed = self._armed
-            if armed is None or time.monotonic() <= armed[2]:
+        seen, since = None, 0.0
+        comm = self._comm
+        while not self._stop.wait(_WATCHDOG_TICK):
+            seq = self._armed
+            now = time.monotonic()
+            if seq is None or seq != seen:
+                seen, since = seq, now  # a new call (armed at most one tick ago) or none
                 continue
-            op, seq, _ = armed
-            comm = self._comm
+            if now - since < comm.timeout:
+                continue
+            opcode = _PROGRESS.unpack_from(comm._progress_buf, comm._my_row + (seq & 1) * _SLOT)[0]
+            op = _op_name(opcode)
             if comm.arrival_check:
                 message = (
                     f"ranks.CommTimeoutError: {op} #{seq} on rank {comm.rank} of {comm.size} did not finish within "
