@@ -361,7 +361,7 @@ class MpiCommunicator(Communicator):
     # 1.2 and 2.0 us). Anything unusual (float16, 0-d, axis != 0, uneven
     # shapes) takes the general path, unchanged.
     def allreduce(self, array, op="sum", *, out=None):
-        arr = np.asarray(array)
+        arr = array if array.__class__ is np.ndarray else np.asarray(array)
         plan = self._reduce_plans.get((arr.shape, arr.dtype, op))
         if plan is None:
             return self._allreduce_general(array, op, out)
@@ -431,7 +431,7 @@ class MpiCommunicator(Communicator):
         return out
 
     def allgather(self, array, axis=0, *, out=None):
-        arr = np.asarray(array)
+        arr = array if array.__class__ is np.ndarray else np.asarray(array)
         plan = self._gather_plans.get((arr.shape, arr.dtype, axis))
         if plan is None or not self._equal_rows:
             return self._allgather_general(array, axis, out)
