@@ -134,6 +134,15 @@ class MpiCommunicator(Communicator):
         self._bool_reductions = {"sum": MPI.LOR, "max": MPI.LOR, "min": MPI.LAND, "prod": MPI.LAND}
         self._host = MPI.Get_processor_name()
         self._setup_progress_window()
+        modes = self._comm.allgather(self.arrival_check)
+        if modes.count(self.arrival_check) != self.size:
+            # One rank checking arrival and another not would deadlock at the first collective.
+            self._node.Free()
+            self._comm.Free()
+            raise CommError(
+                f"rank {self.rank} of {self.size}: the ranks disagree on arrival_check (ORCH_MPI_ARRIVAL_CHECK, "
+                f"[comm] mpi_arrival_check): " + ", ".join(f"rank {r}: {m}" for r, m in enumerate(modes))
+            )
         self._watchdog = _Watchdog(self)
         self._watchdog.start()  # a thread that sleeps; arming it is one attribute write per call
         _install_abort_hooks(self)

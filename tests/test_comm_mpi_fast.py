@@ -102,3 +102,24 @@ def test_out_on_the_single_backend():
         comm.allreduce(x, out=np.zeros((2, 3), np.int64))
     with pytest.raises(ValueError, match=r"allgather on rank 0: out= has shape \(3, 2\), the result has shape \(2, 3\)"):
         comm.allgather(x, axis=1, out=np.zeros((3, 2), np.int32))
+
+
+DISAGREE = """
+from mpi4py import MPI
+from ranks import CommError, MpiCommunicator
+
+try:
+    MpiCommunicator(timeout=20, arrival_check=MPI.COMM_WORLD.Get_rank() == 0)
+except CommError as exc:
+    print("REFUSED", exc, flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_ranks_that_disagree_on_the_mode_are_refused():
+    """One rank checking arrival and the other not would deadlock at the first call: refused at construction."""
+    result, _, _ = run_mpi(2, "-c", DISAGREE, timeout=80)
+    assert result.returncode == 0, result.stdout
+    for rank in range(2):
+        assert (f"REFUSED rank {rank} of 2: the ranks disagree on arrival_check (ORCH_MPI_ARRIVAL_CHECK, "
+                f"[comm] mpi_arrival_check): rank 0: True, rank 1: False") in result.stdout, result.stdout
