@@ -1,15 +1,22 @@
-"""The README's demo: build sample models, then run them the ways this project offers.
+"""The README's demo: build sample models, then run them every way this project offers.
 
-Every step runs the real thing (ONNX Runtime sessions, real processes) on
-models the demo writes itself, and checks its numbers against one plain
-ONNX Runtime session on the whole model.
+Every step runs the real thing (ONNX Runtime sessions, real processes, real
+mpirun and sockets) on models the demo writes itself, and checks its numbers
+against one plain ONNX Runtime session on the whole model:
 
-    python examples/demo.py [--workdir DIR]
+1. one process: Model.predict, MindSpore Lite's quick start;
+2. an all-reduce across 2 ranks under mpirun and from a rank table;
+3. tensor parallel: the sample MLP and transformer sliced into 2 shards, run
+   under mpirun, from a rank table over ZeroMQ, and from Python in one call;
+4. a batch split across 2 worker processes, the seeds' dual-core case.
+
+    python examples/demo.py [--workdir DIR] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,16 +58,61 @@ def single_process(workdir: Path) -> None:
     print(f"max |ours - onnxruntime| = {diff:.2e}; predict took {elapsed * 1e3:.1f} ms")
 
 
+EXAMPLES = Path(__file__).resolve().parent
+ROOT = EXAMPLES.parent
+
+
+def run_example(title: str, command: list[str]) -> bool:
+    """Run one example script as a user would; its output streams through."""
+    step(title)
+    print("$ " + " ".join(command), flush=True)
+    result = subprocess.run([sys.executable if c == "python" else c for c in command], cwd=ROOT, timeout=600)
+    if result.returncode != 0:
+        print(f"FAILED: {' '.join(command)} exited with {result.returncode}", flush=True)
+    return result.returncode == 0
+
+
+def rank_table_and_ini(workdir: Path) -> list[str]:
+    """A 2-device rank table on 127.0.0.1 and a config_file.ini naming it, with a free base port."""
+    from ranks import free_base_port, generate_rank_table
+
+    table = workdir / "rank_table_2p.json"
+    generate_rank_table([("127.0.0.1", [0, 1])]).dump(table)
+    ini = workdir / "config_file.ini"
+    ini.write_text(f"[ascend_context]\nrank_table_file={table.name}\n[comm]\nbase_port={free_base_port(2)}\n")
+    return [str(table), "--config_file", str(ini)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="where to write models (default: a temporary directory)")
+    parser.add_argument("--quick", action="store_true", help="only the one-process step")
     args = parser.parse_args()
+    ok = True
     with tempfile.TemporaryDirectory(prefix="orch_demo_") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         single_process(workdir)
-    print("\ndemo finished")
-    return 0
+        if not args.quick:
+            orchestrate = [sys.executable, "-m", "orchestrator._cli"]
+            steps = [
+                ("2a. all-reduce across 2 ranks under mpirun (mpi communicator)",
+                 orchestrate + ["launch", "mpi", "-n", "2", "--", "python", "examples/allreduce.py"]),
+                ("2b. all-reduce across 2 ranks from a rank table (zmq communicator)",
+                 orchestrate + ["launch", "rank-table", *rank_table_and_ini(workdir), "--", "python", "examples/allreduce.py"]),
+                ("3a. tensor parallel under mpirun: orchestrate launch mpi -n 2 -- python -m ranks --model_path=shards/...",
+                 ["python", "examples/tp_mpirun.py", "--workdir", str(workdir / "tp_mpirun")]),
+                ("3b. tensor parallel from a rank table: one command per rank with --device_id --rank_id --config_file",
+                 ["python", "examples/tp_rank_table.py", "--workdir", str(workdir / "tp_rank_table")]),
+                ("3c. tensor parallel from Python: run_sharded / ShardedModel",
+                 ["python", "examples/tp_python.py", "--workdir", str(workdir / "tp_python")]),
+                ("4. batch split over 2 worker processes: the seeds' dual-core case",
+                 ["python", "examples/dual_core_split.py", "--workdir", str(workdir / "dual_core")]),
+            ]
+            for title, command in steps:
+                ok &= run_example(title, command)
+    print("\ndemo finished: " + ("every step matched the unsliced model" if ok else "SOME STEPS FAILED"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ and compares what each rank saved with the unsliced model's output.
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,32 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _tp_common import prepare, report, whole_model_output  # noqa: E402
 
-from ranks import generate_rank_table  # noqa: E402
+from ranks import free_base_port, generate_rank_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_base_port(count: int) -> int:
-    """A base port whose next ``count`` ports are free right now (rank r listens on base + r)."""
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count >= 65535:
-            continue
-        try:
-            held = []
-            for port in range(base, base + count):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise RuntimeError("no free block of ports")
 
 
 def main() -> int:

@@ -33,6 +33,7 @@ from ranks._errors import ConfigError, LaunchError, RankFailedError
 
 from ._failures import RankExit, failure_error, format_report, split_failures
 from ._output import RankOutput, prefix
+from ._launch_options import check_common_options
 from ._process_group import ProcessGroup, ProcessSpec, resolve_program
 from ._rank_wrapper import parse_record
 
@@ -144,19 +145,9 @@ class MpiLaunchConfig:
     def __post_init__(self):
         if not isinstance(self.nprocs, int) or self.nprocs < 1:
             raise ConfigError(f"the number of ranks (-n) must be a positive integer, got {self.nprocs!r}")
-        if not self.program:
-            raise ConfigError("no program to run: give it after --, e.g. -- python -m ranks --model_path=m.onnx")
+        check_common_options(self)
         if self.hostfile is not None and not Path(self.hostfile).is_file():
             raise ConfigError(f"hostfile {self.hostfile!r} does not exist")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
-        if self.stop_timeout is None:
-            self.stop_timeout = _env.stop_timeout()
-        if self.stop_timeout < 0:
-            raise ConfigError(f"the stop timeout must be >= 0 seconds, got {self.stop_timeout!r}")
-        if self.tail_lines is None:
-            self.tail_lines = _env.LOG_TAIL_LINES.get_int() or 20
-        self.program = list(self.program)
         self.mpirun_args = list(self.mpirun_args)
 
 

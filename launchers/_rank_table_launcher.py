@@ -22,6 +22,7 @@ from ranks._rank_table import RankDevice, RankTable, this_host_addresses
 
 from ._failures import RankExit
 from ._output import RankOutput
+from ._launch_options import check_common_options
 from ._process_group import ProcessGroup, ProcessSpec, resolve_program
 
 
@@ -47,19 +48,9 @@ class RankTableLaunchConfig:
     console: bool = True
 
     def __post_init__(self):
-        if not self.program:
-            raise ConfigError("no program to run: give it after --, e.g. -- python -m ranks --model_path=m.onnx")
+        check_common_options(self)
         if not Path(self.config_file).is_file():
             raise ConfigError(f"--config_file {self.config_file!r} does not exist")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
-        if self.stop_timeout is None:
-            self.stop_timeout = _env.stop_timeout()
-        if self.stop_timeout < 0:
-            raise ConfigError(f"the stop timeout must be >= 0 seconds, got {self.stop_timeout!r}")
-        if self.tail_lines is None:
-            self.tail_lines = _env.LOG_TAIL_LINES.get_int() or 20
-        self.program = list(self.program)
         if self.servers is not None:
             self.servers = list(self.servers)
 

@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from ranks._context import Context
-from ranks._errors import ConfigError, InputError, OrchestratorError
-from ranks._rank_program import format_output
+from ranks._errors import ConfigError, OrchestratorError
+from ranks._rank_program import format_output, ones_for, read_input_files
 from ranks._tensor import Tensor
 
 
@@ -31,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads per worker (default: the cores shared out evenly)")
     parser.add_argument("--input", action="append", default=[], metavar="FILE",
-                        help=".npz (arrays by input name) or .npy (the next input in order); default: ones")
+                        help=".npz (arrays by input name), .npy (the next input in order) or .bin (raw values of the first input); default: ones")
     parser.add_argument("--output", metavar="FILE.npz", help="also save the joined outputs, by name, to this .npz file")
     parser.add_argument("--broadcast", action="append", default=[], metavar="NAME",
                         help="an input without a batch dimension, sent whole to every worker (repeatable)")
@@ -54,32 +53,11 @@ def parse_devices(text: str) -> list[int]:
 
 
 def load_inputs(files: list[str], inputs: list[Tensor], broadcast: list[str], batch: int) -> dict[str, np.ndarray]:
-    """Arrays for every input: from the files, else ones (a free batch dimension set to ``batch``, others to 1)."""
-    names = [t.name for t in inputs]
-    arrays: dict[str, np.ndarray] = {}
-    for file in files:
-        path = Path(file)
-        if not path.is_file():
-            raise InputError(f"input file {path} does not exist")
-        if path.suffix == ".npz":
-            with np.load(path) as data:
-                for key in data.files:
-                    if key not in names:
-                        raise InputError(f"input file {path} holds {key!r}, which is not an input of the model; inputs are {names}")
-                    arrays[key] = data[key]
-        elif path.suffix == ".npy":
-            free = [n for n in names if n not in arrays]
-            if not free:
-                raise InputError(f"input file {path}: every input already has data")
-            arrays[free[0]] = np.load(path)
-        else:
-            raise InputError(f"input file {path}: expected .npz (arrays by input name) or .npy")
+    """Arrays for every input: from the files, else ones (the batch dimension set to ``batch``, free others to 1)."""
+    arrays = read_input_files(files, inputs)
     for tensor in inputs:
         if tensor.name not in arrays:
-            shape = [d if d > 0 else 1 for d in tensor.shape]
-            if tensor.name not in broadcast and shape:
-                shape[0] = batch
-            arrays[tensor.name] = np.ones(shape, dtype=tensor.dtype.to_numpy())
+            arrays[tensor.name] = ones_for(tensor, None if tensor.name in broadcast else batch)
     return arrays
 
 

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import numpy as np
 import zmq
 
 from ranks._env import default_timeout
+from ranks._ports import free_base_port
 from ranks._errors import ConfigError, ModelNotFoundError, WorkerError
 from ranks._remote_errors import unpack_exception
 from ranks._shard_manifest import manifest_path_for, read_manifest
@@ -59,6 +61,7 @@ class ShardedModel:
         self.backend = backend
         self.timeout = default_timeout() if timeout is None else timeout
         self._closed = False
+        self._lock = threading.Lock()
         self._next_id = 0
         self.last_rank_seconds: float | None = None
         self._procs: list[subprocess.Popen] = []
@@ -100,7 +103,7 @@ class ShardedModel:
 
             table = Path(self._tmp.name) / "rank_table.json"
             generate_rank_table([("127.0.0.1", list(range(self.tp)))]).dump(table)
-            base_port = _free_port_block(self.tp)
+            base_port = free_base_port(self.tp)
             for rank in range(self.tp):
                 self._spawn(worker + ["--rank", str(rank), "--size", str(self.tp), "--rank_table", str(table),
                                       "--base_port", str(base_port)], env, f"rank{rank}")
@@ -124,6 +127,10 @@ class ShardedModel:
     # -- running -------------------------------------------------------------
     def predict(self, inputs) -> dict[str, np.ndarray]:
         """Run the sharded model on ``inputs`` ({name: array} or a list in input order); {output name: array}."""
+        with self._lock:  # one request in flight: the ranks answer in order, over one socket
+            return self._predict(inputs)
+
+    def _predict(self, inputs) -> dict[str, np.ndarray]:
         if self._closed:
             raise WorkerError("predict on a closed ShardedModel")
         if not isinstance(inputs, dict):
@@ -248,28 +255,6 @@ def _model_path(path: Path) -> Path:
             raise ModelNotFoundError(f"{path} holds {len(manifests)} shard manifests; name the model, e.g. {path}/MODEL.onnx")
         return path / manifests[0].name.replace(".manifest.json", ".onnx")
     return path
-
-
-def _free_port_block(count: int, attempts: int = 50) -> int:
-    """A base port with ``count`` consecutive free ports above it (checked by binding, then released)."""
-    import random
-    import socket
-
-    for _ in range(attempts):
-        base = random.randint(20000, 60000 - count)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", port))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise WorkerError(f"found no {count} consecutive free TCP ports on 127.0.0.1 in {attempts} attempts")
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -28,6 +28,7 @@ from ._errors import (
     WorkerTimeoutError,
 )
 from ._model import Model, ModelType
+from ._ports import free_base_port
 from ._rank_program import main as rank_main
 from ._rank_table import RankDevice, RankTable, generate_rank_table
 from ._remote_errors import RemoteError, RemoteTraceback

@@ -1,6 +1,6 @@
 """Context: which device runs a model and how, in MindSpore Lite's shape.
 
-Every setter validates its value where it is set, so a typo fails on the
+Every setting validates its value where it is set, so a typo fails on the
 line that made it, with the valid choices in the message. The mapping onto
 ONNX Runtime (execution providers, session options) is in ``_session.py``.
 """
@@ -18,289 +18,157 @@ ASCEND_PROVIDERS = ("", "ge")
 AFFINITY_MODES = {0: "no binding", 1: "big cores first", 2: "middle cores first"}
 
 
-def _non_negative_int(owner: str, field: str, value) -> int:
+def _non_negative_int(where: str, value, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{owner}.{field} must be an int >= 0, got {value!r} ({type(value).__name__})")
-    if value < 0:
-        raise ConfigError(f"{owner}.{field} must be an int >= 0, got {value}")
+        raise ConfigError(f"{where} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ConfigError(f"{where} must be an int >= {minimum}, got {value}")
     return value
 
 
-def _choice(owner: str, field: str, value, choices) -> str:
+def _choice(where: str, value, choices) -> str:
     if not isinstance(value, str) or value.lower() not in choices:
-        raise ConfigError(f"{owner}.{field} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
     return value.lower()
 
 
-class _Fields:
-    """Attribute access only to declared fields, so a misspelt field is an error, not a silent no-op."""
+def _core_list(where: str, value) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list of core numbers, got {value!r}")
+    cores = [_non_negative_int(f"{where}[]", core) for core in value]
+    if len(set(cores)) != len(cores):
+        raise ConfigError(f"{where} has repeated cores: {cores}")
+    return cores
+
+
+def _affinity_mode(where: str, value) -> int:
+    if isinstance(value, bool) or value not in AFFINITY_MODES:
+        raise ConfigError(f"{where} must be one of {AFFINITY_MODES}, got {value!r}")
+    return value
+
+
+def _config_info(where: str, value) -> dict[str, dict[str, str]]:
+    if not isinstance(value, dict) or not all(
+        isinstance(s, str) and isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+        for s, v in value.items()
+    ):
+        raise ConfigError(f"{where} must be a dict of dicts of str, like {{'section': {{'key': 'value'}}}}, got {value!r}")
+    return {s: dict(v) for s, v in value.items()}
+
+
+def _string(where: str, value) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a str, got {value!r}")
+    return value
+
+
+class Setting:
+    """A validated field: ``Setting(default, check)`` where ``check(where, value)`` returns the value to keep."""
+
+    def __init__(self, default, check, doc: str = ""):
+        self.default, self.check, self.__doc__ = default, check, doc
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__.get(self.name, self.default)
+        return value.copy() if isinstance(value, (list, dict)) else value
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.name] = self.check(f"{obj._owner}.{self.name}", value)
+
+
+def _int(minimum: int = 0):
+    return lambda where, value: _non_negative_int(where, value, minimum)
+
+
+def _one_of(choices):
+    return lambda where, value: _choice(where, value, choices)
+
+
+class _Settings:
+    """Only declared settings may be set, so a misspelt one is an error, not a silent no-op."""
 
     _owner = ""
-    _fields: tuple[str, ...] = ()
+
+    @classmethod
+    def _fields(cls) -> list[str]:
+        return [name for name in dir(cls) if isinstance(getattr(cls, name, None), Setting)]
 
     def __setattr__(self, name, value):
-        if name.startswith("_") or name in self._fields or isinstance(getattr(type(self), name, None), property):
-            object.__setattr__(self, name, value)
-        else:
-            raise ConfigError(f"{self._owner} has no setting {name!r}; its settings are {list(self._fields)}")
+        if not isinstance(getattr(type(self), name, None), (Setting, property)):
+            raise ConfigError(f"{self._owner} has no setting {name!r}; its settings are {self._fields()}")
+        object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
-        body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
+        body = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields())
         return f"{self._owner}({body})"
 
 
-class CPUDeviceInfo(_Fields):
+class CPUDeviceInfo(_Settings):
     _owner = "cpu"
-    _fields = ("thread_num", "inter_op_parallel_num", "thread_affinity_mode", "thread_affinity_core_list", "precision_mode")
-
-    def __init__(self):
-        self._thread_num = 0
-        self._inter_op_parallel_num = 0
-        self._thread_affinity_mode = 0
-        self._thread_affinity_core_list: list[int] = []
-        self._precision_mode = "enforce_fp32"
-
-    @property
-    def thread_num(self) -> int:
-        """Intra-op threads; 0 lets ONNX Runtime choose (one per core)."""
-        return self._thread_num
-
-    @thread_num.setter
-    def thread_num(self, value):
-        self._thread_num = _non_negative_int("cpu", "thread_num", value)
-
-    @property
-    def inter_op_parallel_num(self) -> int:
-        """Operators run in parallel; 0 or 1 runs them in sequence."""
-        return self._inter_op_parallel_num
-
-    @inter_op_parallel_num.setter
-    def inter_op_parallel_num(self, value):
-        self._inter_op_parallel_num = _non_negative_int("cpu", "inter_op_parallel_num", value)
-
-    @property
-    def thread_affinity_mode(self) -> int:
-        """0: no binding, 1: bind to the big (fastest) cores, 2: bind to the middle cores."""
-        return self._thread_affinity_mode
-
-    @thread_affinity_mode.setter
-    def thread_affinity_mode(self, value):
-        if isinstance(value, bool) or value not in AFFINITY_MODES:
-            raise ConfigError(f"cpu.thread_affinity_mode must be one of {AFFINITY_MODES}, got {value!r}")
-        self._thread_affinity_mode = value
-
-    @property
-    def thread_affinity_core_list(self) -> list[int]:
-        """Cores to bind the threads to, in thread order; wins over thread_affinity_mode."""
-        return list(self._thread_affinity_core_list)
-
-    @thread_affinity_core_list.setter
-    def thread_affinity_core_list(self, value):
-        if value is None:
-            value = []
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"cpu.thread_affinity_core_list must be a list of core numbers, got {value!r}")
-        cores = [_non_negative_int("cpu", "thread_affinity_core_list[]", core) for core in value]
-        if len(set(cores)) != len(cores):
-            raise ConfigError(f"cpu.thread_affinity_core_list has repeated cores: {cores}")
-        self._thread_affinity_core_list = cores
-
-    @property
-    def precision_mode(self) -> str:
-        return self._precision_mode
-
-    @precision_mode.setter
-    def precision_mode(self, value):
-        self._precision_mode = _choice("cpu", "precision_mode", value, CPU_PRECISION_MODES)
+    thread_num = Setting(0, _int(), "Intra-op threads; 0 lets ONNX Runtime choose (one per core).")
+    inter_op_parallel_num = Setting(0, _int(), "Operators run in parallel; 0 or 1 runs them in sequence.")
+    thread_affinity_mode = Setting(0, _affinity_mode, "0: no binding, 1: the big (fastest) cores, 2: the middle cores.")
+    thread_affinity_core_list = Setting([], _core_list, "Cores for the threads, in thread order; wins over the mode.")
+    precision_mode = Setting("enforce_fp32", _one_of(CPU_PRECISION_MODES))
 
 
-class GPUDeviceInfo(_Fields):
+class GPUDeviceInfo(_Settings):
     _owner = "gpu"
-    _fields = ("device_id", "rank_id", "group_size", "provider", "precision_mode")
-
-    def __init__(self):
-        self._device_id = 0
-        self._rank_id = 0
-        self._group_size = 1
-        self._provider = ""
-        self._precision_mode = "enforce_fp32"
-
-    @property
-    def device_id(self) -> int:
-        return self._device_id
-
-    @device_id.setter
-    def device_id(self, value):
-        self._device_id = _non_negative_int("gpu", "device_id", value)
-
-    @property
-    def rank_id(self) -> int:
-        return self._rank_id
-
-    @rank_id.setter
-    def rank_id(self, value):
-        self._rank_id = _non_negative_int("gpu", "rank_id", value)
-
-    @property
-    def group_size(self) -> int:
-        return self._group_size
-
-    @group_size.setter
-    def group_size(self, value):
-        value = _non_negative_int("gpu", "group_size", value)
-        if value == 0:
-            raise ConfigError("gpu.group_size must be at least 1, got 0")
-        self._group_size = value
-
-    @property
-    def provider(self) -> str:
-        """"" for the CUDA execution provider, "tensorrt" for TensorRT."""
-        return self._provider
-
-    @provider.setter
-    def provider(self, value):
-        self._provider = _choice("gpu", "provider", value, GPU_PROVIDERS)
-
-    @property
-    def precision_mode(self) -> str:
-        return self._precision_mode
-
-    @precision_mode.setter
-    def precision_mode(self, value):
-        self._precision_mode = _choice("gpu", "precision_mode", value, GPU_PRECISION_MODES)
+    device_id = Setting(0, _int())
+    rank_id = Setting(0, _int())
+    group_size = Setting(1, _int(1))
+    provider = Setting("", _one_of(GPU_PROVIDERS), '"" for the CUDA execution provider, "tensorrt" for TensorRT.')
+    precision_mode = Setting("enforce_fp32", _one_of(GPU_PRECISION_MODES))
 
 
-class AscendDeviceInfo(_Fields):
+class AscendDeviceInfo(_Settings):
     _owner = "ascend"
-    _fields = ("device_id", "rank_id", "provider", "precision_mode")
-
-    def __init__(self):
-        self._device_id = 0
-        self._rank_id = 0
-        self._provider = ""
-        self._precision_mode = "enforce_fp32"
-
-    @property
-    def device_id(self) -> int:
-        return self._device_id
-
-    @device_id.setter
-    def device_id(self, value):
-        self._device_id = _non_negative_int("ascend", "device_id", value)
-
-    @property
-    def rank_id(self) -> int:
-        return self._rank_id
-
-    @rank_id.setter
-    def rank_id(self, value):
-        self._rank_id = _non_negative_int("ascend", "rank_id", value)
-
-    @property
-    def provider(self) -> str:
-        return self._provider
-
-    @provider.setter
-    def provider(self, value):
-        self._provider = _choice("ascend", "provider", value, ASCEND_PROVIDERS)
-
-    @property
-    def precision_mode(self) -> str:
-        return self._precision_mode
-
-    @precision_mode.setter
-    def precision_mode(self, value):
-        self._precision_mode = _choice("ascend", "precision_mode", value, ASCEND_PRECISION_MODES)
+    device_id = Setting(0, _int())
+    rank_id = Setting(0, _int())
+    provider = Setting("", _one_of(ASCEND_PROVIDERS), '"" or "ge" (the graph engine, for distributed inference).')
+    precision_mode = Setting("enforce_fp32", _one_of(ASCEND_PRECISION_MODES))
 
 
-class ParallelConfig(_Fields):
+class ParallelConfig(_Settings):
     _owner = "parallel"
-    _fields = ("workers_num", "config_info", "config_path")
-
-    def __init__(self):
-        self._workers_num = 0
-        self._config_info: dict[str, dict[str, str]] = {}
-        self._config_path = ""
-
-    @property
-    def workers_num(self) -> int:
-        """Workers of a ModelParallelRunner; 0 picks cores // cpu.thread_num."""
-        return self._workers_num
-
-    @workers_num.setter
-    def workers_num(self, value):
-        self._workers_num = _non_negative_int("parallel", "workers_num", value)
-
-    @property
-    def config_info(self) -> dict[str, dict[str, str]]:
-        return {section: dict(values) for section, values in self._config_info.items()}
-
-    @config_info.setter
-    def config_info(self, value):
-        if not isinstance(value, dict) or not all(
-            isinstance(s, str) and isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
-            for s, v in value.items()
-        ):
-            raise ConfigError(f"parallel.config_info must be a dict of dicts of str, like {{'section': {{'key': 'value'}}}}, got {value!r}")
-        self._config_info = {s: dict(v) for s, v in value.items()}
-
-    @property
-    def config_path(self) -> str:
-        return self._config_path
-
-    @config_path.setter
-    def config_path(self, value):
-        if not isinstance(value, str):
-            raise ConfigError(f"parallel.config_path must be a str, got {value!r}")
-        self._config_path = value
+    workers_num = Setting(0, _int(), "Workers of a worker pool; 0 picks cores // cpu.thread_num.")
+    config_info = Setting({}, _config_info, "{section: {key: value}} handed to every worker's model.")
+    config_path = Setting("", _string, "A config_file.ini for every worker's model.")
 
 
-class Context(_Fields):
+def _targets(where: str, value) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{where} must be a non-empty list of {list(TARGETS)}, got {value!r}")
+    targets: list[str] = []
+    for item in value:
+        name = _choice(where, item, TARGETS)
+        if name not in targets:
+            targets.append(name)
+    return targets
+
+
+class Context(_Settings):
     """Where and how a model runs. ``Context()`` targets the CPU with default threads."""
 
     _owner = "Context"
-    _fields = ("target", "cpu", "gpu", "ascend", "parallel")
+    target = Setting(["cpu"], _targets, 'Devices in order of preference, from "cpu", "gpu", "ascend"; the CPU is always the last fallback.')
 
     def __init__(self):
-        self._target = ["cpu"]
-        self._cpu = CPUDeviceInfo()
-        self._gpu = GPUDeviceInfo()
-        self._ascend = AscendDeviceInfo()
-        self._parallel = ParallelConfig()
+        object.__setattr__(self, "_devices", (CPUDeviceInfo(), GPUDeviceInfo(), AscendDeviceInfo(), ParallelConfig()))
 
-    @property
-    def target(self) -> list[str]:
-        """Devices in order of preference, from "cpu", "gpu", "ascend"; the CPU is always the last fallback."""
-        return list(self._target)
-
-    @target.setter
-    def target(self, value):
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ConfigError(f"Context.target must be a non-empty list of {list(TARGETS)}, got {value!r}")
-        targets = []
-        for item in value:
-            name = _choice("Context", "target", item, TARGETS)
-            if name not in targets:
-                targets.append(name)
-        self._target = targets
-
-    @property
-    def cpu(self) -> CPUDeviceInfo:
-        return self._cpu
-
-    @property
-    def gpu(self) -> GPUDeviceInfo:
-        return self._gpu
-
-    @property
-    def ascend(self) -> AscendDeviceInfo:
-        return self._ascend
-
-    @property
-    def parallel(self) -> ParallelConfig:
-        return self._parallel
+    cpu = property(lambda self: self._devices[0], doc="CPU threads, affinity and precision.")
+    gpu = property(lambda self: self._devices[1], doc="GPU device, provider and precision.")
+    ascend = property(lambda self: self._devices[2], doc="Ascend device, provider and precision.")
+    parallel = property(lambda self: self._devices[3], doc="Worker-pool settings.")
 
     def __repr__(self) -> str:
-        return f"Context(target={self._target!r}, {self._cpu!r}, {self._gpu!r}, {self._ascend!r}, {self._parallel!r})"
+        return f"Context(target={self.target!r}, {self.cpu!r}, {self.gpu!r}, {self.ascend!r}, {self.parallel!r})"

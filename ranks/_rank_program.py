@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_inputs(files: list[str], model: Model) -> list[np.ndarray]:
-    """Arrays for the model's inputs, from files or ones (dynamic dimensions set to 1)."""
-    tensors = model.get_inputs()
+def read_input_files(files: list[str], tensors: list[Tensor]) -> dict[str, np.ndarray]:
+    """Arrays by input name from ``.npz`` (by name), ``.npy`` (the next input) or raw ``.bin`` (the first input)."""
+    names = [t.name for t in tensors]
     arrays: dict[str, np.ndarray] = {}
     for file in files:
         path = Path(file)
@@ -54,30 +54,37 @@ def load_inputs(files: list[str], model: Model) -> list[np.ndarray]:
         if path.suffix == ".npz":
             with np.load(path) as data:
                 for key in data.files:
-                    if key not in model.input_names:
-                        raise InputError(f"input file {path} holds {key!r}, which is not an input of the model; inputs are {model.input_names}")
+                    if key not in names:
+                        raise InputError(f"input file {path} holds {key!r}, which is not an input of the model; inputs are {names}")
                     arrays[key] = data[key]
         elif path.suffix == ".npy":
-            free = [t.name for t in tensors if t.name not in arrays]
+            free = [n for n in names if n not in arrays]
             if not free:
                 raise InputError(f"input file {path}: every input already has data")
             arrays[free[0]] = np.load(path)
         else:
             first = tensors[0]
             raw = np.fromfile(path, dtype=first.dtype.to_numpy())
-            shape = [d if d > 0 else -1 for d in first.shape]
             try:
-                arrays[first.name] = raw.reshape(shape)
+                arrays[first.name] = raw.reshape([d if d > 0 else -1 for d in first.shape])
             except ValueError:
                 raise InputError(f"input file {path} holds {raw.size} {first.dtype.value} values, which do not fit input {first.name!r} of shape {first.shape}") from None
-    result = []
-    for tensor in tensors:
-        if tensor.name in arrays:
-            result.append(arrays[tensor.name])
-        else:
-            shape = [d if d > 0 else 1 for d in tensor.shape]
-            result.append(np.ones(shape, dtype=tensor.dtype.to_numpy()))
-    return result
+    return arrays
+
+
+def ones_for(tensor: Tensor, first_dim: int | None = None) -> np.ndarray:
+    """Ones shaped like ``tensor``, free dimensions set to 1 (the first to ``first_dim`` when given)."""
+    shape = [d if d > 0 else 1 for d in tensor.shape]
+    if first_dim is not None and shape:
+        shape[0] = first_dim
+    return np.ones(shape, dtype=tensor.dtype.to_numpy())
+
+
+def load_inputs(files: list[str], model: Model) -> list[np.ndarray]:
+    """Arrays for the model's inputs, from files or ones (dynamic dimensions set to 1)."""
+    tensors = model.get_inputs()
+    arrays = read_input_files(files, tensors)
+    return [arrays[t.name] if t.name in arrays else ones_for(t) for t in tensors]
 
 
 def format_output(tensor: Tensor, count: int = PRINT_VALUES) -> str:

@@ -20,6 +20,7 @@ it reads; its initializers are the ones its nodes use.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -142,6 +143,10 @@ class StagedRunner:
     ``comm``: the Communicator of the ranks that run the sibling shards.
     ``make_session``: callable(model_bytes) -> InferenceSession-like, for each stage.
 
+    ``run`` may be called from several threads: runs are serialized, because every rank must
+    issue its collectives in the same order. Requests must reach the ranks in the same order
+    (one driver per job does that: the per-rank program, ``ShardedModel``).
+
     Raises ShardError when the shard was made for another world size or rank,
     when it does not belong to the manifest beside it, or when the ranks hold
     shards of different slicing runs.
@@ -162,6 +167,8 @@ class StagedRunner:
         self._validate(proto, label)
         self.program = StagedProgram(proto, make_session, label=label)
         self._input_names = [a.name for a in self.program.inputs]
+        # Every rank must issue its collectives in the same order: one run at a time per rank.
+        self._lock = threading.Lock()
 
     def _validate(self, proto: onnx.ModelProto, label: str) -> None:
         meta = shard_metadata(proto)
@@ -216,13 +223,14 @@ class StagedRunner:
         if missing:
             raise InputError(f"missing input(s) {missing}; the model takes {self._input_names}")
         env = dict(input_feed)
-        for k, stage in enumerate(self.program.stages):
-            self.program.run_stage(k, env)
-            for c in stage.collectives:
-                if c.op == "AllReduce":
-                    env[c.output] = self.comm.allreduce(env[c.input], "sum")
-                else:
-                    env[c.output] = self.comm.allgather(env[c.input], axis=c.axis)
+        with self._lock:
+            for k, stage in enumerate(self.program.stages):
+                self.program.run_stage(k, env)
+                for c in stage.collectives:
+                    if c.op == "AllReduce":
+                        env[c.output] = self.comm.allreduce(env[c.input], "sum")
+                    else:
+                        env[c.output] = self.comm.allgather(env[c.input], axis=c.axis)
         try:
             return [env[n] for n in names]
         except KeyError as exc:

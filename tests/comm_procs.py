@@ -6,37 +6,15 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ranks import free_base_port  # noqa: F401  re-exported for the comm tests
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-
-
-def free_base_port(count: int) -> int:
-    """A base port such that base..base+count-1 are free on 127.0.0.1 right now."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65000:
-            continue
-        socks = []
-        try:
-            for port in range(base, base + count):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free range of ports")
 
 
 def env_with_marker() -> tuple[dict[str, str], str]:

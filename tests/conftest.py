@@ -66,3 +66,33 @@ def python_command(*args: str) -> list[str]:
 
 def orchestrate_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator._cli", *args]
+
+
+MPICH_PACKAGES = ["mpich>=4.2", "mpi4py>=4.0", "numpy>=1.26", "pyzmq>=26.0", "onnx>=1.16", "onnxruntime>=1.18", "tqdm>=4.66"]
+
+
+@pytest.fixture(scope="session")
+def mpich_python() -> str:
+    """A Python whose environment has MPICH (the `mpich` wheel) instead of Open MPI.
+
+    The two wheels cannot share one environment (both install bin/mpirun), so
+    MPICH gets its own, built once beside the project's (.venv/mpich) from the
+    package registry, or taken from ORCH_TEST_MPICH_PYTHON. The project itself
+    comes from PYTHONPATH (run_command sets it).
+    """
+    given = os.environ.get("ORCH_TEST_MPICH_PYTHON")
+    if given:
+        return given
+    env_dir = ROOT / ".venv" / "mpich"
+    python = env_dir / "bin" / "python"
+    marker = env_dir / ".complete"
+    if not marker.exists():
+        import venv
+
+        venv.create(env_dir, with_pip=True, clear=True)
+        result = subprocess.run([str(python), "-m", "pip", "install", "-q", *MPICH_PACKAGES],
+                                capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            pytest.skip(f"could not install MPICH into {env_dir}: {result.stderr.strip()[-500:]}")
+        marker.write_text("ok\n")
+    return str(python)

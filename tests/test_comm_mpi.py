@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -77,20 +76,16 @@ def test_ranks_calling_different_collectives_fail_clearly(arrival):
         assert "allgather #2 on rank 1 of 2: the ranks disagree on the call; rank 0 called allreduce #2" in out, out
 
 
-MPICH_PYTHON = os.environ.get("ORCH_TEST_MPICH_PYTHON", "")
-
-
-@pytest.mark.timeout(150)
-@pytest.mark.skipif(not MPICH_PYTHON, reason="set ORCH_TEST_MPICH_PYTHON to a python whose environment has the mpich and mpi4py wheels")
-def test_every_verb_and_dtype_under_mpich():
-    """Same checks under MPICH's mpiexec (hydra): ``python -m venv v && v/bin/pip install mpich mpi4py numpy pyzmq onnx onnxruntime``."""
+@pytest.mark.timeout(900)
+def test_every_verb_and_dtype_under_mpich(mpich_python):
+    """The same checks under MPICH's mpiexec (hydra), from the `mpich` wheel in its own environment."""
     import subprocess
     from pathlib import Path
 
     from tests.comm_procs import env_with_marker
 
     env, _ = env_with_marker()
-    mpiexec = str(Path(MPICH_PYTHON).parent / "mpiexec")
-    result = subprocess.run([mpiexec, "-n", "2", MPICH_PYTHON, CHECK, "mpi"], env=env, capture_output=True, text=True, timeout=140)
+    mpiexec = str(Path(mpich_python).parent / "mpiexec")
+    result = subprocess.run([mpiexec, "-n", "2", mpich_python, CHECK, "mpi"], env=env, capture_output=True, text=True, timeout=140)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "CHECKED rank 0 of 2" in result.stdout and "CHECKED rank 1 of 2" in result.stdout

@@ -26,7 +26,7 @@ def test_defaults_target_cpu():
         (lambda c: setattr(c, "target", ["tpu"]), "Context.target must be one of ['cpu', 'gpu', 'ascend'], got 'tpu'"),
         (lambda c: setattr(c, "target", []), "Context.target must be a non-empty list"),
         (lambda c: setattr(c.gpu, "provider", "cuda"), "gpu.provider must be one of ['', 'tensorrt']"),
-        (lambda c: setattr(c.gpu, "group_size", 0), "gpu.group_size must be at least 1"),
+        (lambda c: setattr(c.gpu, "group_size", 0), "gpu.group_size must be an int >= 1, got 0"),
         (lambda c: setattr(c.ascend, "precision_mode", "fp8"), "ascend.precision_mode must be one of"),
         (lambda c: setattr(c.ascend, "provider", "acl"), "ascend.provider must be one of ['', 'ge']"),
         (lambda c: setattr(c.parallel, "workers_num", -1), "parallel.workers_num"),

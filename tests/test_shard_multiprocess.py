@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from orchestrator import ShardedModel, run_sharded, shard_model
-from ranks import ConfigError, InputError, WorkerError
+from ranks import ConfigError, InputError, WorkerError, free_base_port
 
 pytestmark = [pytest.mark.multiprocess]
 
@@ -58,6 +58,14 @@ def test_mpi_ranks_match_the_whole_model(sample, transformer_shards, tmp_path):
         for batch in (x, x[:1]):  # dynamic batch and several requests on the same ranks
             out = model.predict({"x": batch})["y"]
             assert np.max(np.abs(out - _expected(source, batch))) < 1e-5
+        # callers on several threads: one request in flight at a time, each gets its own answer
+        from concurrent.futures import ThreadPoolExecutor
+
+        batches = [np.random.default_rng(10 + i).standard_normal((1, 4, 32)).astype(np.float32) for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda b: model.predict({"x": b})["y"], batches))
+        for b, out in zip(batches, outs):
+            assert np.max(np.abs(out - _expected(source, b))) < 1e-5
         procs = list(model._procs)
     assert all(p.poll() is not None for p in procs)
     # one call, on the MLP, by directory
@@ -107,12 +115,6 @@ def test_tp_that_does_not_match_the_shards(transformer_shards):
     _, result = transformer_shards
     with pytest.raises(ConfigError, match=r"tp=4, but the shards of .*transformer.onnx were made for 2 ranks"):
         ShardedModel(result.model_path, tp=4)
-
-
-def _free_base_port(count: int) -> int:
-    from orchestrator._sharded_model import _free_port_block
-
-    return _free_port_block(count)
 
 
 @pytest.mark.timeout(240)
@@ -165,7 +167,7 @@ def test_command_line_one_command_per_rank_with_a_rank_table(sample, tmp_path):
     shards = shard_model(source, 2, tmp_path / "shards", progress=False)
     generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
     (tmp_path / "config_file.ini").write_text(
-        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={_free_base_port(2)}\ntimeout=60\n"
+        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
     )
     x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

@@ -145,3 +145,4 @@ def test_other_contrib_ops_run_in_their_stage(tmp_path):
     # Not elementwise to the slicer (another domain): the cut is gathered before it, still exact.
     assert [w["split"] for w in result.manifest["weights"]] == ["columns", "columns"]
     assert check_shards(tmp_path / "m.onnx", result.model_path).max_abs_diff < 1e-5
+
