@@ -31,12 +31,24 @@ class Communicator(abc.ABC):
 
     # -- collectives ---------------------------------------------------------
     @abc.abstractmethod
-    def allreduce(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
-        """Element-wise reduction of ``array`` over all ranks; every rank gets the result."""
+    def allreduce(self, array: np.ndarray, op: str = "sum", *, out: np.ndarray | None = None) -> np.ndarray:
+        """Element-wise reduction of ``array`` over all ranks; every rank gets the result.
+
+        ``out``: a writable C-contiguous array of ``array``'s dtype and shape
+        (it may be ``array`` itself) that receives the result and is returned,
+        like MPI's receive buffer: no fresh allocation per call. A wrong dtype
+        raises TypeError, a wrong shape ValueError, before any data moves.
+        """
 
     @abc.abstractmethod
-    def allgather(self, array: np.ndarray, axis: int = 0) -> np.ndarray:
-        """Concatenation of every rank's ``array`` along ``axis``, in rank order."""
+    def allgather(self, array: np.ndarray, axis: int = 0, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Concatenation of every rank's ``array`` along ``axis``, in rank order.
+
+        ``out``: a writable C-contiguous array of the result's dtype and shape
+        that receives it and is returned (TypeError/ValueError when it does
+        not fit; when only its length along ``axis`` is wrong the rank still
+        takes part, so its peers do not stall, and raises afterwards).
+        """
 
     @abc.abstractmethod
     def broadcast(self, array: np.ndarray | None, root: int = 0) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._comm_base import REDUCE_OPS, Communicator
+from ._comm_util import as_array, check_out
 from ._env import default_timeout
 from ._errors import CommError
 
@@ -16,17 +17,28 @@ class SingleCommunicator(Communicator):
         super().__init__(0, 1, default_timeout() if timeout is None else timeout)
         self._mailbox: dict[int, list[np.ndarray]] = {}
 
-    def allreduce(self, array, op="sum"):
+    def allreduce(self, array, op="sum", *, out=None):
         if op not in REDUCE_OPS:
             raise ValueError(f"allreduce op must be one of {REDUCE_OPS}, got {op!r}")
-        return np.array(array, copy=True)
+        if out is None:
+            return np.array(array, copy=True)
+        arr = as_array(array, "allreduce", 0)
+        check_out(out, arr.shape, arr.dtype, "allreduce", 0)
+        np.copyto(out, arr)
+        return out
 
-    def allgather(self, array, axis=0):
+    def allgather(self, array, axis=0, *, out=None):
         array = np.asarray(array)
         if array.ndim and not -array.ndim <= axis < array.ndim:
             raise ValueError(f"allgather axis {axis} is out of range for an array of {array.ndim} dimensions")
         # As on the other backends, a 0-d array gathers as shape (1,): one entry per rank.
-        return np.array(array.reshape(1) if array.ndim == 0 else array, copy=True)
+        piece = array.reshape(1) if array.ndim == 0 else array
+        if out is None:
+            return np.array(piece, copy=True)
+        arr = as_array(piece, "allgather", 0)
+        check_out(out, arr.shape, arr.dtype, "allgather", 0)
+        np.copyto(out, arr)
+        return out
 
     def broadcast(self, array, root=0):
         if root != 0:

@@ -44,6 +44,26 @@ def as_array(array, verb: str, rank: int) -> np.ndarray:
     return arr
 
 
+def check_out(out, shape: tuple[int, ...], dtype: np.dtype, verb: str, rank: int) -> None:
+    """``out=`` of a verb: a writable, C-contiguous ndarray of exactly ``dtype`` and ``shape``."""
+    if type(out) is np.ndarray and out.dtype == dtype and out.shape == shape and out.flags.c_contiguous and out.flags.writeable:
+        return
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{verb} on rank {rank}: out= must be a numpy array of dtype {dtype} and shape {shape}, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{verb} on rank {rank}: out= has dtype {out.dtype}, the result has dtype {dtype}")
+    if out.shape != shape:
+        raise ValueError(f"{verb} on rank {rank}: out= has shape {out.shape}, the result has shape {shape}")
+    raise ValueError(f"{verb} on rank {rank}: out= must be C-contiguous and writable (a receive buffer MPI writes into)")
+
+
+def gathered_shape(shape: tuple[int, ...], axis: int, size: int) -> tuple[int, ...]:
+    """Shape of an allgather of ``size`` equal ``shape`` pieces along ``axis`` (0-d counts as (1,))."""
+    if not shape:
+        return (size,)
+    return shape[:axis] + (shape[axis] * size,) + shape[axis + 1 :]
+
+
 def check_op(op: str) -> None:
     if op not in REDUCE_OPS:
         raise ValueError(f"allreduce op must be one of {REDUCE_OPS}, got {op!r}")

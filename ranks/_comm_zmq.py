@@ -68,10 +68,12 @@ from ._comm_util import (
     OP_CODE,
     as_array,
     check_op,
+    check_out,
     check_rank,
     check_tag,
     concat_gathered,
     gather_axis,
+    gathered_shape,
     reduce_arrays,
 )
 from ._env import default_timeout
@@ -473,9 +475,17 @@ class ZmqCommunicator(Communicator):
         return msgs
 
     # -- verbs ---------------------------------------------------------------
-    def allreduce(self, array, op="sum"):
+    def allreduce(self, array, op="sum", *, out=None):
         check_op(op)
         arr = as_array(array, "allreduce", self.rank)
+        if out is not None:
+            check_out(out, arr.shape, arr.dtype, "allreduce", self.rank)  # before any rank moves
+            result = self._allreduce(arr, op)
+            np.copyto(out, result)
+            return out
+        return self._allreduce(arr, op)
+
+    def _allreduce(self, arr, op):
         seq = self._enter("allreduce")
         if self._shm is not None:
             return self._shm.allreduce(arr, op, seq)
@@ -491,9 +501,20 @@ class ZmqCommunicator(Communicator):
             by_rank[msg.source] = msg.array()
         return reduce_arrays(op, [by_rank[r] for r in range(self.size)])
 
-    def allgather(self, array, axis=0):
+    def allgather(self, array, axis=0, *, out=None):
         arr = as_array(array, "allgather", self.rank)
         axis = gather_axis(arr.shape, axis)
+        if out is None:
+            return self._allgather(arr, axis)
+        shape = arr.shape or (1,)
+        if not isinstance(out, np.ndarray) or out.dtype != arr.dtype or out.ndim != len(shape):
+            check_out(out, gathered_shape(shape, axis, self.size), arr.dtype, "allgather", self.rank)
+        result = self._allgather(arr, axis)  # the length along ``axis`` is known once every rank's piece is here
+        check_out(out, result.shape, result.dtype, "allgather", self.rank)
+        np.copyto(out, result)
+        return out
+
+    def _allgather(self, arr, axis):
         seq = self._enter("allgather")
         if self._shm is not None:
             return self._shm.allgather(arr, axis, seq)

@@ -9,7 +9,8 @@ section           keys
 [gpu_context]     device_id, provider, precision_mode, input_shape, dynamic_dims
 [cpu_context]     thread_num, inter_op_parallel_num, thread_affinity_mode, thread_affinity_core_list,
                   precision_mode, allow_spinning, input_shape, dynamic_dims
-[comm]            backend (mpi | zmq | single), timeout (seconds), base_port, rank_table_file
+[comm]            backend (mpi | zmq | single), timeout (seconds), base_port, rank_table_file,
+                  mpi_arrival_check (true | false: the mpi backend's fast mode, docs/README_comm_fast.md)
 ================  ==========================================================
 
 Unknown sections are kept (``RankConfig.extra``) and handed on; an unknown
@@ -34,7 +35,7 @@ KNOWN_SECTIONS: dict[str, tuple[str, ...]] = {
         "thread_num", "inter_op_parallel_num", "thread_affinity_mode", "thread_affinity_core_list",
         "precision_mode", "allow_spinning", "input_shape", "dynamic_dims",
     ),
-    "comm": ("backend", "timeout", "base_port", "rank_table_file"),
+    "comm": ("backend", "timeout", "base_port", "rank_table_file", "mpi_arrival_check"),
 }
 COMM_BACKENDS = ("mpi", "zmq", "single")
 
@@ -44,6 +45,7 @@ class CommConfig:
     backend: str | None = None
     timeout: float | None = None
     base_port: int | None = None
+    mpi_arrival_check: bool | None = None  # None: ORCH_MPI_ARRIVAL_CHECK (default true)
 
 
 @dataclass
@@ -141,6 +143,16 @@ def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) 
         if not 1 <= port <= 65535:
             raise ConfigError(f"{source}: [comm] base_port must be a TCP port 1..65535, got {port}")
         config.comm.base_port = port
+
+    if "mpi_arrival_check" in comm:
+        from ._env import parse_bool
+
+        flag = parse_bool(comm["mpi_arrival_check"])
+        if flag is None:
+            raise ConfigError(
+                f"{source}: [comm] mpi_arrival_check must be one of true/false/1/0/yes/no, got {comm['mpi_arrival_check']!r}"
+            )
+        config.comm.mpi_arrival_check = flag
 
     for section in ("comm", "ascend_context"):
         table = config.sections.get(section, {}).get("rank_table_file")

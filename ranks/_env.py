@@ -59,6 +59,11 @@ COMM_POOL_MB = _var(
     "ORCH_COMM_POOL_MB", "512",
     "megabytes of large collective results a communicator may keep for reuse once the caller dropped them (0: off)",
 )
+MPI_ARRIVAL_CHECK = _var(
+    "ORCH_MPI_ARRIVAL_CHECK", "true",
+    "mpi backend: check that every rank arrived at a collective before moving data (true: a catchable "
+    "CommTimeoutError and mismatch detection; false: raw MPI speed, a timeout aborts the job)",
+)
 COMM_BACKEND = _var("ORCH_COMM_BACKEND", None, "force a communicator backend: mpi, zmq or single")
 LOG_LEVEL = _var("ORCH_LOG_LEVEL", "WARNING", "logging level of the orchestrator's own loggers")
 STOP_TIMEOUT = _var("ORCH_STOP_TIMEOUT", "10", "seconds a launcher waits after SIGTERM before it SIGKILLs the ranks it is stopping")
@@ -91,6 +96,29 @@ def stop_timeout() -> float:
     if value is None or value < 0:
         raise ValueError(f"ORCH_STOP_TIMEOUT must be a number of seconds >= 0, got {STOP_TIMEOUT.get()!r}")
     return value
+
+
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
+
+
+def parse_bool(value: str) -> bool | None:
+    """true/1/yes -> True, false/0/no -> False (any case), anything else -> None."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    return None
+
+
+def mpi_arrival_check() -> bool:
+    """Whether the mpi backend runs its arrival check, from ORCH_MPI_ARRIVAL_CHECK (default true)."""
+    value = MPI_ARRIVAL_CHECK.get()
+    flag = parse_bool(value)
+    if flag is None:
+        raise ValueError(f"ORCH_MPI_ARRIVAL_CHECK must be one of true/false/1/0/yes/no, got {value!r}")
+    return flag
 
 
 def default_timeout() -> float:

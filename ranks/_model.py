@@ -157,7 +157,7 @@ class Model:
             comm = self._config.comm
             communicator = create_communicator(
                 backend=comm.backend, rank_table=self._config.rank_table_file,
-                base_port=comm.base_port, timeout=comm.timeout,
+                base_port=comm.base_port, timeout=comm.timeout, mpi_arrival_check=comm.mpi_arrival_check,
             )
         self._communicator = communicator
         context, config = self._context, self._config

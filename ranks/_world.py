@@ -163,6 +163,7 @@ def create_communicator(
     base_port: int | None = None,
     timeout: float | None = None,
     shared_memory: bool | None = None,
+    mpi_arrival_check: bool | None = None,
     config_file: str | os.PathLike | None = None,
 ) -> Communicator:
     """A communicator for this process.
@@ -174,6 +175,9 @@ def create_communicator(
     defaults to ``ORCH_BASE_PORT`` (29500); ``timeout`` to ``ORCH_TIMEOUT``
     (120 s). ``shared_memory`` (zmq only) forces the same-host fast path on
     or off; by default it is used when every rank is on one server.
+    ``mpi_arrival_check`` (mpi only): False is the fast mode (no arrival
+    check; a timeout aborts the job instead of raising), None reads
+    ``[comm] mpi_arrival_check`` then ``ORCH_MPI_ARRIVAL_CHECK`` (default true).
     """
     from ._env import default_timeout
 
@@ -185,6 +189,8 @@ def create_communicator(
         timeout = timeout if timeout is not None else config.comm.timeout
         base_port = base_port if base_port is not None else config.comm.base_port
         rank_table = rank_table if rank_table is not None else config.rank_table_file
+        if mpi_arrival_check is None:
+            mpi_arrival_check = config.comm.mpi_arrival_check
     timeout = default_timeout() if timeout is None else float(timeout)
     if timeout <= 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
@@ -198,7 +204,7 @@ def create_communicator(
     if chosen == "mpi":
         from ._comm_mpi import MpiCommunicator
 
-        comm = MpiCommunicator(timeout=timeout)
+        comm = MpiCommunicator(timeout=timeout, arrival_check=mpi_arrival_check)
         if size is not None and size != comm.size:
             raise ConfigError(f"size {size} was asked for, but MPI's COMM_WORLD has {comm.size} ranks")
         if rank is not None and rank != comm.rank:

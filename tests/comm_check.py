@@ -1,7 +1,8 @@
 """Checks every verb and dtype of a communicator against numpy; run by every rank.
 
-Used by the multi-process tests: ``python tests/comm_check.py mpi`` under
-mpirun, or ``python tests/comm_check.py zmq RANK SIZE TABLE BASE_PORT`` per
+Used by the multi-process tests: ``python tests/comm_check.py mpi [mpi-arrival|fast]``
+under mpirun (``fast``: the mpi backend without arrival check, which needs
+equal shapes in allgather), or ``python tests/comm_check.py zmq RANK SIZE TABLE BASE_PORT`` per
 rank. Prints ``CHECKED rank R of N: K cases`` and exits 0, or raises.
 """
 
@@ -47,9 +48,57 @@ def same(got, want, what):
     assert np.array_equal(got, want), f"{what}: values differ\n got {got!r}\nwant {want!r}"
 
 
-def check(comm) -> int:
+def expect_error(kind, text, fn, what):
+    try:
+        fn()
+    except kind as exc:
+        assert text in str(exc), f"{what}: {exc}"
+        return
+    raise AssertionError(f"{what}: no {kind.__name__} raised")
+
+
+def check_out(comm) -> int:
+    """``out=`` on allreduce and allgather: written in place, returned, and its errors."""
     r, n = comm.rank, comm.size
     cases = 0
+    for dtype in DTYPES:
+        for shape in ((), (7,), (3, 4)):
+            mine = data(r, shape, dtype, salt=21)
+            everyone = [data(k, shape, dtype, salt=21) for k in range(n)]
+            out = np.full(shape, 1, dtype)
+            got = comm.allreduce(mine, op="max", out=out)
+            assert got is out, f"allreduce out= {np.dtype(dtype)} {shape}: the result is not out"
+            same(out, expected_reduce("max", everyone), f"allreduce out= {np.dtype(dtype)} {shape}")
+            inplace = np.array(mine, copy=True)  # data() may give a numpy scalar for shape ()
+            assert comm.allreduce(inplace, out=inplace) is inplace
+            same(inplace, expected_reduce("sum", everyone), f"allreduce in place {np.dtype(dtype)} {shape}")
+            ndim = max(len(shape), 1)
+            for axis in range(-ndim, ndim):
+                want = np.concatenate([e.reshape(1) if e.ndim == 0 else e for e in everyone], axis=axis)
+                out = np.zeros(want.shape, dtype)
+                assert comm.allgather(mine, axis=axis, out=out) is out
+                same(out, want, f"allgather out= axis {axis} {np.dtype(dtype)} {shape}")
+            cases += 3
+    x = data(r, (3, 4), np.float32, salt=22)
+    expect_error(TypeError, "allreduce on rank %d: out= has dtype float64, the result has dtype float32" % r,
+                 lambda: comm.allreduce(x, out=np.empty((3, 4), np.float64)), "allreduce out= dtype")
+    expect_error(ValueError, "allreduce on rank %d: out= has shape (4, 3), the result has shape (3, 4)" % r,
+                 lambda: comm.allreduce(x, out=np.empty((4, 3), np.float32)), "allreduce out= shape")
+    expect_error(ValueError, "out= must be C-contiguous and writable",
+                 lambda: comm.allreduce(x, out=np.empty((3, 8), np.float32)[:, ::2]), "allreduce out= strided")
+    expect_error(TypeError, "out= must be a numpy array", lambda: comm.allreduce(x, out=[0] * 12), "allreduce out= list")
+    expect_error(TypeError, "allgather on rank %d: out= has dtype int32" % r,
+                 lambda: comm.allgather(x, out=np.empty((3 * n, 4), np.int32)), "allgather out= dtype")
+    expect_error(ValueError, f"allgather on rank {r}: out= has shape (3, {4 * n + 1}), the result has shape (3, {4 * n})",
+                 lambda: comm.allgather(x, axis=1, out=np.empty((3, 4 * n + 1), np.float32)), "allgather out= length")
+    # After the errors the ranks are still in step.
+    same(comm.allreduce(x), expected_reduce("sum", [data(k, (3, 4), np.float32, salt=22) for k in range(n)]), "after errors")
+    return cases + 7
+
+
+def check(comm, uneven: bool = True) -> int:
+    r, n = comm.rank, comm.size
+    cases = check_out(comm)
     for dtype in DTYPES:
         for shape in SHAPES:
             mine = data(r, shape, dtype)
@@ -67,7 +116,7 @@ def check(comm) -> int:
                 same(got, everyone[root], f"broadcast root {root} {np.dtype(dtype)} {shape}")
                 cases += 1
     # Shapes that differ along the gather axis.
-    for axis in (0, 1, -1):
+    for axis in (0, 1, -1) if uneven else ():
         pieces = []
         for k in range(n):
             shape = [2, 3, 4]
@@ -119,7 +168,10 @@ def main(argv: list[str]) -> int:
     if backend == "mpi":
         from ranks import MpiCommunicator
 
-        comm = MpiCommunicator(timeout=60, shared_memory=None if argv[1:2] != ["mpi-arrival"] else False)
+        mode = argv[1] if len(argv) > 1 else ""
+        comm = MpiCommunicator(timeout=60, shared_memory=False if mode == "mpi-arrival" else None,
+                               arrival_check=mode != "fast")
+        uneven = comm.arrival_check
     else:
         from ranks import RankTable, ZmqCommunicator
 
@@ -127,8 +179,9 @@ def main(argv: list[str]) -> int:
         shm = {"shm": True, "tcp": False}.get(argv[5] if len(argv) > 5 else "auto")
         comm = ZmqCommunicator(rank, RankTable.load(table), base_port=port, timeout=60, shared_memory=shm)
         assert comm.size == size
+        uneven = True
     with comm:
-        cases = check(comm)
+        cases = check(comm, uneven)
         print(f"CHECKED rank {comm.rank} of {comm.size}: {cases} cases, backend {comm.backend}"
               + (f", path {comm.path}" if hasattr(comm, "path") else ""), flush=True)
     return 0

@@ -1,6 +1,7 @@
 """A rank program that misbehaves on purpose, for the failure tests.
 
     python tests/comm_fail.py MODE BAD_RANK mpi TIMEOUT [mpi-arrival]   (ranks meet through MPI, as across hosts)
+    python tests/comm_fail.py MODE BAD_RANK mpi TIMEOUT fast            (no arrival check: a timeout aborts the job)
     python tests/comm_fail.py MODE BAD_RANK zmq TIMEOUT RANK TABLE BASE_PORT [tcp]
 
 Every rank does one allreduce (so all are connected), then the bad rank
@@ -35,7 +36,8 @@ def main(argv: list[str]) -> int:
         if backend == "mpi":
             from ranks import MpiCommunicator
 
-            comm = MpiCommunicator(timeout=timeout, shared_memory=False if argv[4:5] == ["mpi-arrival"] else None)
+            comm = MpiCommunicator(timeout=timeout, shared_memory=False if argv[4:5] == ["mpi-arrival"] else None,
+                                   arrival_check=argv[4:5] != ["fast"])
         else:
             from ranks import ZmqCommunicator
 

@@ -18,6 +18,16 @@ def test_sections_and_relative_rank_table(tmp_path):
     assert (config.comm.backend, config.comm.timeout, config.comm.base_port) == ("zmq", 7.5, 31000)
 
 
+@pytest.mark.parametrize("word, flag", [("false", False), ("No", False), ("0", False), ("TRUE", True), ("yes", True), ("1", True)])
+def test_mpi_arrival_check(tmp_path, word, flag):
+    config = load_config(write(tmp_path, f"[comm]\nbackend=mpi\nmpi_arrival_check={word}\n"))
+    assert config.comm.mpi_arrival_check is flag
+
+
+def test_mpi_arrival_check_unset_is_none(tmp_path):
+    assert load_config(write(tmp_path, "[comm]\nbackend=mpi\n")).comm.mpi_arrival_check is None
+
+
 def test_unknown_section_is_kept(tmp_path):
     config = load_config(write(tmp_path, "[my_plugin]\nanything=1\n"))
     assert config.extra == {"my_plugin": {"anything": "1"}}
@@ -35,6 +45,8 @@ def test_unknown_section_is_kept(tmp_path):
         ("[comm]\nbase_port=x\n", "[comm] base_port must be an integer, got 'x'"),
         ("[comm]\nbackend=zmq\n[comm]\nbackend=mpi\n", "not a valid ini file"),
         ("[cpu_context]\ninput_shape=x1,2\n", "is not NAME:D1,D2,..."),
+        ("[comm]\nmpi_arrival_check=fast\n", "[comm] mpi_arrival_check must be one of true/false/1/0/yes/no, got 'fast'"),
+        ("[comm]\nmpi_arrival_check=\n", "[comm] mpi_arrival_check must be one of true/false/1/0/yes/no, got ''"),
     ],
 )
 def test_malformed_files(tmp_path, text, message):
