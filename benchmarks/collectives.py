@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,28 +64,6 @@ def _relaunch(argv: list[str]) -> int:
     return subprocess.call(cmd, timeout=1800)
 
 
-def _free_base_port(count: int) -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count > 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + count):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free port range found")
-
-
 def _calls_for(nbytes: int) -> int:
     return max(2, min(200, int(4e6 // max(nbytes, 1))))
 
@@ -95,14 +72,14 @@ def run(args) -> int:
     from mpi4py import MPI
 
     from benchmarks._runner import Bench, format_seconds
-    from ranks import MpiCommunicator, ZmqCommunicator, generate_rank_table
+    from ranks import MpiCommunicator, ZmqCommunicator, free_base_port, generate_rank_table
 
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     raw = world.Dup()
     ours_mpi = MpiCommunicator(timeout=120)
     ours_fast = MpiCommunicator(timeout=120, arrival_check=False)
-    base = world.bcast(_free_base_port(2 * size) if rank == 0 else None, root=0)
+    base = world.bcast(free_base_port(2 * size) if rank == 0 else None, root=0)
     table = generate_rank_table([("127.0.0.1", list(range(size)))])
     zmq_shm = ZmqCommunicator(rank, table, base_port=base, timeout=120)
     # name -> (communicator, whether it writes into a preallocated out=)
