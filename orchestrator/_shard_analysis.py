@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ranks._errors import ShardError
+from ranks._staged_runner import outer_references
 
-from ._shard_graph import GraphIndex, _subgraph_references
+from ._shard_graph import GraphIndex
 
 UNARY_ELEMENTWISE = {
     "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Softplus",
@@ -129,7 +130,7 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
     splits = plan.splits
     for i, node in enumerate(index.nodes):
         if index.has_subgraph(i):
-            for name in _subgraph_references(node):
+            for name in outer_references(node):
                 if name in splits:
                     # Gathering inside a nested graph would mean rewriting it: keep this split's layers whole.
                     raise _Abandon(splits[name].seeds, f"{name} is read inside a subgraph of {index.node_label(i)}")

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ranks._staged_runner import outer_references
+
 
 class GraphIndex:
     """Indexes one top-level graph: who makes and who reads each tensor, which tensors are constants."""
@@ -29,7 +31,7 @@ class GraphIndex:
             for name in node.input:
                 if name:
                     self.consumers.setdefault(name, []).append(i)
-            for name in _subgraph_references(node):
+            for name in outer_references(node):
                 self.consumers.setdefault(name, []).append(i)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 for attr in node.attribute:
@@ -67,19 +69,6 @@ class GraphIndex:
         return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in self.nodes[index].attribute)
 
 
-def _subgraph_references(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names read inside a node's subgraphs (If/Loop/Scan bodies)."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            local = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for inner in g.node:
-                local.update(inner.output)
-            for inner in g.node:
-                names.update(n for n in inner.input if n and n not in local)
-                names.update(_subgraph_references(inner))
-    return names
 
 
 def _infer_shapes(model: onnx.ModelProto, initializers: dict) -> dict[str, list]:

@@ -203,11 +203,11 @@ def _drop_attr(node: onnx.NodeProto, name: str) -> None:
 
 
 def _subgraph_names(nodes) -> set[str]:
-    from ._shard_graph import _subgraph_references
+    from ranks._staged_runner import outer_references
 
     out: set[str] = set()
     for node in nodes:
-        out |= _subgraph_references(node)
+        out |= outer_references(node)
     return out
 
 

@@ -247,7 +247,7 @@ def cut_stages(model: onnx.ModelProto) -> list[Stage]:
     level: dict[str, int] = {}
     placed: list[tuple[int, onnx.NodeProto]] = []
     for node in graph.node:
-        reads = [n for n in node.input if n] + sorted(_outer_refs(node))
+        reads = [n for n in node.input if n] + sorted(outer_references(node))
         lv = max((level.get(n, 0) for n in reads), default=0)
         if is_collective(node):
             for out in node.output:
@@ -276,7 +276,7 @@ def cut_stages(model: onnx.ModelProto) -> list[Stage]:
     graph_outputs = {o.name for o in graph.output}
     later_reads: list[set[str]] = [set() for _ in range(count)]
     for lv, node in placed:
-        reads = set(n for n in node.input if n) | _outer_refs(node)
+        reads = set(n for n in node.input if n) | outer_references(node)
         for k in range(lv):
             later_reads[k] |= reads  # read at stage lv, so needed from any earlier stage
     for k, stage in enumerate(stages):
@@ -284,7 +284,7 @@ def cut_stages(model: onnx.ModelProto) -> list[Stage]:
         produced_set = set(produced)
         reads: list[str] = []
         for node in stage.nodes:
-            for n in list(node.input) + sorted(_outer_refs(node)):
+            for n in list(node.input) + sorted(outer_references(node)):
                 if n and n not in produced_set and n not in initializer_names and n not in reads:
                     reads.append(n)
         stage.inputs = reads
@@ -296,7 +296,7 @@ def cut_stages(model: onnx.ModelProto) -> list[Stage]:
 def _stage_model(model: onnx.ModelProto, stage: Stage, types: dict[str, int], name: str) -> onnx.ModelProto:
     graph = model.graph
     shapes = {vi.name: vi for vi in list(graph.value_info) + list(graph.input) + list(graph.output)}
-    reads = {n for node in stage.nodes for n in node.input} | {n for node in stage.nodes for n in _outer_refs(node)}
+    reads = {n for node in stage.nodes for n in node.input} | {n for node in stage.nodes for n in outer_references(node)}
     inits = [t for t in graph.initializer if t.name in reads]
     inputs = []
     for n in stage.inputs:
@@ -349,7 +349,8 @@ def _known_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _outer_refs(node: onnx.NodeProto) -> set[str]:
+def outer_references(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names read inside a node's subgraphs (If/Loop/Scan bodies), at any depth."""
     names: set[str] = set()
     for attr in node.attribute:
         graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
@@ -359,7 +360,7 @@ def _outer_refs(node: onnx.NodeProto) -> set[str]:
                 local.update(inner.output)
             for inner in g.node:
                 names.update(n for n in inner.input if n and n not in local)
-                names.update(_outer_refs(inner) - local)
+                names.update(outer_references(inner) - local)
     return names
 
 
