@@ -66,6 +66,8 @@ def run(args) -> int:
 
     try:
         devices = parse_devices(args.devices)
+        if args.batch < 0:
+            raise ConfigError(f"--batch must be a positive number of rows, got {args.batch}")
         if len(args.model) not in (1, len(devices)):
             raise ConfigError(f"--model given {len(args.model)} times for {len(devices)} devices {devices}: "
                               f"give it once, or once per device")

@@ -33,6 +33,9 @@ def _run(args) -> int:
             options[key] = int(value)
         except ValueError:
             raise SystemExit(f"orchestrate sample: --set {item!r}: {value!r} is not an integer") from None
-    path = write_sample_model(args.name, args.output, external_data=args.external_data, **options)
+    try:
+        path = write_sample_model(args.name, args.output, external_data=args.external_data, **options)
+    except ValueError as exc:
+        raise SystemExit(f"orchestrate sample: {exc}") from None
     print(f"wrote {path}")
     return 0

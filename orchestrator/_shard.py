@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from ranks._model import load_onnx_header
 from ranks._errors import ModelNotFoundError, ShardError
 from ranks._shard_manifest import (
     FORMAT,
@@ -96,7 +97,7 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
     if not model_path.is_file():
         raise ModelNotFoundError(f"model {model_path} does not exist")
     out_dir = Path(out_dir)
-    header = onnx.load(str(model_path), load_external_data=False)
+    header = load_onnx_header(model_path)  # a clear ModelError for empty, corrupt or non-ONNX files
     source_external = any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer
     )

@@ -71,6 +71,14 @@ class Communicator(abc.ABC):
     def close(self) -> None:
         """Release sockets and memory; calling it twice is harmless."""
 
+    def abort(self, reason: str) -> None:
+        """End this rank's part in the group at once, so its peers fail now instead of at their timeout.
+
+        The default closes the communicator (backends whose peers notice a close);
+        the mpi backend aborts the whole MPI job, as MPI_Abort does.
+        """
+        self.close()
+
     # MPI spelling, so users of mpi4py find the verb they know.
     def bcast(self, array: np.ndarray | None, root: int = 0) -> np.ndarray:
         return self.broadcast(array, root)

@@ -639,6 +639,9 @@ class MpiCommunicator(Communicator):
                 if now - start > 0.05:
                     time.sleep(0.0002)
 
+    def abort(self, reason: str) -> None:
+        _abort(self, reason)
+
     def close(self):
         if self._closed:
             return

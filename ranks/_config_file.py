@@ -82,7 +82,8 @@ def load_config(config_path: str | os.PathLike | None = "", config_dict: dict | 
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        parser = configparser.ConfigParser(interpolation=None, strict=True)
+        # Inline "; comment" after a value is allowed, as in the README's examples.
+        parser = configparser.ConfigParser(interpolation=None, strict=True, inline_comment_prefixes=(";", "#"))
         parser.optionxform = str  # keys are case-sensitive, as MindSpore Lite reads them
         try:
             with open(path, encoding="utf-8") as handle:

@@ -112,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     model_path = _resolve_model_path(args.model_path, identity.rank)
     config_dict = {"comm": {"backend": args.backend}} if args.backend else None
     model = Model()
-    model.build_from_file(model_path, ModelType.ONNX, context, config_path=args.config_file, config_dict=config_dict)
+    try:
+        model.build_from_file(model_path, ModelType.ONNX, context, config_path=args.config_file, config_dict=config_dict)
+    except BaseException as exc:
+        _stop_peers(model, exc)
+        raise
     try:
         arrays = load_inputs(args.input, model)
         for _ in range(max(1, args.repeat)):
@@ -125,6 +129,20 @@ def run(args: argparse.Namespace) -> int:
     finally:
         model.close()
     return 0
+
+
+def _stop_peers(model: Model, exc: BaseException) -> None:
+    """A rank that fails while its peers wait in a collective must not leave them waiting out the timeout.
+
+    This process is one rank and nothing else, so ending the whole job is right:
+    under MPI that is an abort (the peers cannot be told otherwise); the zmq
+    communicator tells its peers when it closes.
+    """
+    comm = model._communicator
+    if comm is None or comm.size < 2:
+        return
+    print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    comm.abort(f"rank {comm.rank} of {comm.size}: {type(exc).__name__} while building {model._path}; stopping the job")
 
 
 def _identity(args):

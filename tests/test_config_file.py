@@ -73,3 +73,9 @@ def test_config_dict_overrides_file(tmp_path):
 def test_config_dict_types(bad):
     with pytest.raises(ConfigError):
         load_config("", bad)
+
+
+def test_inline_comments_as_in_the_readme(tmp_path):
+    path = write(tmp_path, "[comm]\nbackend=zmq        ; optional: mpi | zmq | single\ntimeout=120  # seconds\n")
+    config = load_config(path)
+    assert (config.comm.backend, config.comm.timeout) == ("zmq", 120.0)

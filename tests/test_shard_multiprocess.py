@@ -200,3 +200,23 @@ def test_four_mpi_ranks(sample, tmp_path):
     x = np.random.default_rng(6).standard_normal((1, 5, 32)).astype(np.float32)
     out = run_sharded(shards.model_path, {"x": x}, backend="mpi", timeout=120)["y"]
     assert np.max(np.abs(out - _expected(source, x))) < 1e-5
+
+
+@pytest.mark.timeout(120)
+def test_a_user_error_on_one_mpi_rank_ends_the_job_at_once(tmp_path):
+    """Shards of two slicing runs: the rank that notices must not leave its peer waiting out the timeout."""
+    from orchestrator import write_sample_model
+    from tests.conftest import orchestrate_command, run_command
+
+    opts = {"d_model": 32, "heads": 4, "layers": 1, "ffn": 64}
+    a = shard_model(write_sample_model("transformer", tmp_path / "a" / "t.onnx", **opts), 2, tmp_path / "sa", progress=False)
+    b = shard_model(write_sample_model("transformer", tmp_path / "b" / "t.onnx", seed=1, **opts), 2, tmp_path / "sb", progress=False)
+    (tmp_path / "sa" / "t1.onnx").write_bytes((tmp_path / "sb" / "t1.onnx").read_bytes())
+    assert a.model_path.name == b.model_path.name
+    started = time.monotonic()
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "--", "python", "-m", "ranks",
+                                             f"--model_path={a.model_path}"), timeout=100)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60  # the communicator's timeout is 120 s
+    assert "orchestrate launch mpi: rank 1 of 2" in result.stderr
+    assert "mixes files of different `orchestrate shard` runs" in result.stderr
