@@ -26,10 +26,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import zmq
 
 from ranks._env import default_timeout
+from ranks._model import load_onnx_header, validate_feeds
 from ranks._ports import free_base_port
+from ranks._shard_files import resolve_shard_path
+from ranks._tensor import DataType
 from ranks._errors import ConfigError, ModelNotFoundError, WorkerError
 from ranks._remote_errors import unpack_exception
 from ranks._shard_manifest import manifest_path_for, read_manifest
@@ -58,6 +62,8 @@ class ShardedModel:
         if tp is not None and tp != size:
             raise ConfigError(f"tp={tp}, but the shards of {self.model_path} were made for {size} ranks")
         self.tp = size
+        # The inputs every rank expects, so bad ones fail here with an InputError and the ranks stay up.
+        self._input_specs = _input_specs(resolve_shard_path(self.model_path, 0, size))
         self.backend = backend
         self.timeout = default_timeout() if timeout is None else timeout
         self._closed = False
@@ -133,11 +139,13 @@ class ShardedModel:
     def _predict(self, inputs) -> dict[str, np.ndarray]:
         if self._closed:
             raise WorkerError("predict on a closed ShardedModel")
-        if not isinstance(inputs, dict):
-            inputs = dict(zip(self.inputs, inputs))
+        return self._request(validate_feeds(inputs, self._input_specs))
+
+    def _request(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Send checked inputs to every rank and wait for rank 0's outputs (the lock is held)."""
         request = self._next_id
         self._next_id += 1
-        frames = proto.encode(proto.PREDICT, {"id": request}, {k: np.asarray(v) for k, v in inputs.items()})
+        frames = proto.encode(proto.PREDICT, {"id": request}, inputs)
         for rank in range(self.tp):
             self._sock.send_multipart([self._peers[rank]] + frames)
         deadline = time.monotonic() + self.timeout
@@ -255,6 +263,21 @@ def _model_path(path: Path) -> Path:
             raise ModelNotFoundError(f"{path} holds {len(manifests)} shard manifests; name the model, e.g. {path}/MODEL.onnx")
         return path / manifests[0].name.replace(".manifest.json", ".onnx")
     return path
+
+
+def _input_specs(shard_path: Path) -> list[tuple[str, DataType, list[int]]]:
+    """(name, dtype, shape with -1 for free dimensions) of a shard's graph inputs."""
+    graph = load_onnx_header(shard_path).graph
+    weights = {t.name for t in graph.initializer}
+    specs = []
+    for value in graph.input:
+        if value.name in weights:
+            continue
+        tensor = value.type.tensor_type
+        dtype = DataType.from_numpy(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
+        specs.append((value.name, dtype, shape))
+    return specs
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

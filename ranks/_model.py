@@ -306,46 +306,7 @@ class Model:
         raise InputError(f"the model has no input named {name!r}; its inputs are {self.input_names}")
 
     def _feeds(self, inputs) -> dict[str, np.ndarray]:
-        expected = self._model_inputs
-        if isinstance(inputs, (Tensor, np.ndarray)):
-            inputs = [inputs]
-        if isinstance(inputs, dict):
-            unknown = [k for k in inputs if k not in self.input_names]
-            if unknown:
-                raise InputError(f"predict: unknown input name(s) {unknown}; the model's inputs are {self.input_names}")
-            missing = [n for n in self.input_names if n not in inputs]
-            if missing:
-                raise InputError(f"predict: missing input(s) {missing}; the model's inputs are {self.input_names}")
-            items = [(name, inputs[name]) for name in self.input_names]
-        elif isinstance(inputs, (list, tuple)):
-            if len(inputs) != len(expected):
-                raise InputError(
-                    f"predict: got {len(inputs)} inputs, the model has {len(expected)}: {self.input_names}"
-                )
-            items = []
-            for (name, _, _), value in zip(expected, inputs):
-                if isinstance(value, Tensor) and value.name and value.name != name:
-                    raise InputError(f"predict: tensor {value.name!r} was given where input {name!r} belongs (inputs are {self.input_names})")
-                items.append((name, value))
-        else:
-            raise InputError(f"predict: inputs must be a list of Tensors or numpy arrays, or a dict by name; got {type(inputs).__name__}")
-
-        feeds = {}
-        for (name, dtype, model_shape), (_, value) in zip(expected, items):
-            if isinstance(value, Tensor):
-                array = value.get_data_to_numpy()
-            elif isinstance(value, np.ndarray):
-                array = value
-            else:
-                raise InputError(f"predict: input {name!r} must be a Tensor or numpy array, got {type(value).__name__}")
-            want = dtype.to_numpy() if dtype is not DataType.UNKNOWN else array.dtype
-            if array.dtype != want:
-                raise InputError(f"predict: input {name!r} has dtype {array.dtype}, the model expects {want}")
-            check_shape(name, model_shape, array.shape)
-            if array.size == 0:
-                raise InputError(f"predict: input {name!r} is empty (shape {list(array.shape)}); every dimension must be at least 1")
-            feeds[name] = array
-        return feeds
+        return validate_feeds(inputs, self._model_inputs)
 
     def update_weights(self, weights) -> None:
         """Replace named initializers (weights) and rebuild the session in memory.
@@ -399,6 +360,50 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<Model {self._path} inputs={self.input_names if self._session else '?'}>"
+
+
+def validate_feeds(inputs, expected: list[tuple[str, DataType, list[int]]]) -> dict[str, np.ndarray]:
+    """Check inputs against (name, dtype, shape) specs; {name: array} in input order, or InputError."""
+    input_names = [name for name, _, _ in expected]
+    if isinstance(inputs, (Tensor, np.ndarray)):
+        inputs = [inputs]
+    if isinstance(inputs, dict):
+        unknown = [k for k in inputs if k not in input_names]
+        if unknown:
+            raise InputError(f"predict: unknown input name(s) {unknown}; the model's inputs are {input_names}")
+        missing = [n for n in input_names if n not in inputs]
+        if missing:
+            raise InputError(f"predict: missing input(s) {missing}; the model's inputs are {input_names}")
+        items = [(name, inputs[name]) for name in input_names]
+    elif isinstance(inputs, (list, tuple)):
+        if len(inputs) != len(expected):
+            raise InputError(
+                f"predict: got {len(inputs)} inputs, the model has {len(expected)}: {input_names}"
+            )
+        items = []
+        for (name, _, _), value in zip(expected, inputs):
+            if isinstance(value, Tensor) and value.name and value.name != name:
+                raise InputError(f"predict: tensor {value.name!r} was given where input {name!r} belongs (inputs are {input_names})")
+            items.append((name, value))
+    else:
+        raise InputError(f"predict: inputs must be a list of Tensors or numpy arrays, or a dict by name; got {type(inputs).__name__}")
+
+    feeds = {}
+    for (name, dtype, model_shape), (_, value) in zip(expected, items):
+        if isinstance(value, Tensor):
+            array = value.get_data_to_numpy()
+        elif isinstance(value, np.ndarray):
+            array = value
+        else:
+            raise InputError(f"predict: input {name!r} must be a Tensor or numpy array, got {type(value).__name__}")
+        want = dtype.to_numpy() if dtype is not DataType.UNKNOWN else array.dtype
+        if array.dtype != want:
+            raise InputError(f"predict: input {name!r} has dtype {array.dtype}, the model expects {want}")
+        check_shape(name, model_shape, array.shape)
+        if array.size == 0:
+            raise InputError(f"predict: input {name!r} is empty (shape {list(array.shape)}); every dimension must be at least 1")
+        feeds[name] = array
+    return feeds
 
 
 def _ort_message(exc: Exception) -> str:

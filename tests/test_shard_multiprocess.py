@@ -82,7 +82,8 @@ def test_a_rank_error_reaches_the_caller_and_stops_the_job(transformer_shards):
     model = ShardedModel(result.model_path, backend="mpi", timeout=60)
     try:
         with pytest.raises(InputError, match=r"rank \d of 2 on host .*missing input\(s\) \['x'\]"):
-            model.predict({"wrong": np.ones((1, 2, 32), np.float32)})
+            # predict() checks inputs in the caller; sent past that check, the ranks themselves fail.
+            model._request({"wrong": np.ones((1, 2, 32), np.float32)})
         assert all(p.poll() is not None for p in model._procs)
         with pytest.raises(WorkerError, match="closed"):
             model.predict({"x": np.ones((1, 2, 32), np.float32)})
@@ -220,3 +221,21 @@ def test_a_user_error_on_one_mpi_rank_ends_the_job_at_once(tmp_path):
     assert time.monotonic() - started < 60  # the communicator's timeout is 120 s
     assert "orchestrate launch mpi: rank 1 of 2" in result.stderr
     assert "mixes files of different `orchestrate shard` runs" in result.stderr
+
+
+@pytest.mark.timeout(180)
+def test_bad_inputs_fail_in_the_caller_and_the_ranks_stay_up(sample, tmp_path):
+    source = sample("mlp")
+    shards = shard_model(source, 2, tmp_path, progress=False)
+    x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
+    with ShardedModel(shards.model_path, backend="mpi", timeout=120) as model:
+        for bad, message in (
+            ({"x": np.ones((2, 3), np.float32)}, r"input 'x': shape \[2, 3\] does not match \[\?, 64\]"),
+            ({"x": x.astype(np.float64)}, "input 'x' has dtype float64, the model expects float32"),
+            ({"z": x}, r"unknown input name\(s\) \['z'\]"),
+            ({"x": np.ones((0, 64), np.float32)}, "is empty"),
+        ):
+            with pytest.raises(InputError, match=message):
+                model.predict(bad)
+        out = model.predict({"x": x})["y"]
+    assert np.max(np.abs(out - _expected(source, x))) < 1e-5
