@@ -40,7 +40,7 @@ from ranks._env import default_timeout
 from ranks._errors import ConfigError, InputError, ModelNotFoundError, WorkerError, WorkerLostError, WorkerTimeoutError
 from ranks._remote_errors import unpack_exception
 from ranks._session import usable_cores
-from ranks._tensor import DataType, Tensor
+from ranks._tensor import DataType, Tensor, check_shape
 
 from . import _worker_protocol as proto
 from ._shared_memory import BlockPool, Slot, aligned, layout, segment_prefix
@@ -520,6 +520,9 @@ class ParallelPredictor:
             if name not in self._broadcast and value.ndim == 0:
                 raise InputError(f"predict: input {name!r} is a scalar, so it has no batch dimension to split; "
                                  f"name it in broadcast_inputs to send it whole to every worker")
+            # Checked here, on the caller's whole array, so the message shows the shape the caller passed
+            # (dimension 0 of a batched input is split, and a fixed batch is checked when splitting).
+            check_shape(name, list(shape) if name in self._broadcast else [-1] + list(shape[1:]), value.shape)
             arrays.append(value)
         return arrays
 

@@ -189,7 +189,7 @@ def test_bad_inputs_name_the_problem(mlp_predictor, clean):
     with pytest.raises(InputError, match="empty"):
         mlp_predictor.predict([np.ones((0, 64), np.float32)])
     # input errors found by the model inside a worker come back with the worker's device
-    with pytest.raises(InputError, match=r"worker for device 0 .*input 'x'"):
+    with pytest.raises(InputError, match=r"input 'x': shape \[2, 63\] does not match \[\?, 64\]"):
         mlp_predictor.predict([np.ones((2, 63), np.float32)])
     x = np.ones((2, 64), np.float32)
     assert mlp_predictor.predict([x])[0].shape == [2, 64]
@@ -291,3 +291,13 @@ def test_close_from_another_thread_while_requests_run(sample, clean):
     thread.join(30)
     assert not thread.is_alive()
     assert len(errors) == 1 and "closed" in str(errors[0])
+
+
+def test_shape_errors_name_the_callers_shape(tmp_path):
+    from orchestrator import InputError, ParallelPredictor, write_sample_model
+
+    path = write_sample_model("mlp", tmp_path / "m.onnx", width=64, hidden=128, layers=1)
+    with ParallelPredictor(path, device_ids=[0, 1]) as predictor:
+        with pytest.raises(InputError, match=r"input 'x': shape \[5, 63\] does not match \[\?, 64\]"):
+            predictor.predict({"x": np.ones((5, 63), np.float32)})
+        assert predictor.predict({"x": np.ones((5, 64), np.float32)})[0].shape == [5, 64]
