@@ -230,23 +230,7 @@ class MpiCommunicator(Communicator):
             offset = _STRIDE * j
             if max(unpack(buf, offset)) >= seq:
                 continue
-            start = time.monotonic()
-            deadline = start + self.timeout
-            spins = 0
-            while max(unpack(buf, offset)) < seq:
-                spins += 1
-                if spins & 1023 == 0:
-                    now = time.monotonic()
-                    if now > deadline:
-                        message = (
-                            f"{op} #{seq} on rank {self.rank} of {self.size} timed out after {now - start:.1f} s: "
-                            f"{self._describe_missing()}"
-                        )
-                        self._broken = message
-                        raise CommTimeoutError(message)
-                    if now - start > 0.002:
-                        # A peer still computing: do not burn the core it may need.
-                        time.sleep(0.0001 if now - start < 0.05 else 0.0005)
+            self._wait_until(lambda: max(unpack(buf, offset)) >= seq, op, seq, nap_after=0.002)
 
     def _gather_arrive(self, op: str, seq: int, key: int, count: int) -> list[int]:
         """Arrival for allgather: checks every rank's call and returns every rank's row count.
@@ -323,28 +307,32 @@ class MpiCommunicator(Communicator):
             parts.append("every rank on this host arrived; a rank on another host or MPI itself did not answer")
         return "; ".join(parts)
 
+    def _wait_until(self, done, op: str, seq: int, nap_after: float) -> None:
+        """Spin until ``done()``; after ``nap_after`` seconds nap between checks; CommTimeoutError at the timeout."""
+        start = time.monotonic()
+        deadline = start + self.timeout
+        spins = 0
+        while not done():
+            spins += 1
+            if spins & 1023 == 0:
+                now = time.monotonic()
+                if now > deadline:
+                    message = (
+                        f"{op} #{seq} on rank {self.rank} of {self.size} timed out after {now - start:.1f} s: "
+                        f"{self._describe_missing()}"
+                    )
+                    self._broken = message
+                    raise CommTimeoutError(message)
+                if now - start > nap_after:
+                    # A peer still computing: do not burn the core it may need.
+                    time.sleep(0.0001 if now - start < 0.05 else 0.0005)
+
     # -- the two phases ------------------------------------------------------
     def _poll(self, request, op: str, seq: int) -> None:
         try:
             if request.Test():
                 return
-            start = time.monotonic()
-            deadline = start + self.timeout
-            spins = 0
-            while not request.Test():
-                spins += 1
-                if spins & 1023 == 0:
-                    now = time.monotonic()
-                    if now > deadline:
-                        message = (
-                            f"{op} #{seq} on rank {self.rank} of {self.size} timed out after {now - start:.1f} s: "
-                            f"{self._describe_missing()}"
-                        )
-                        self._broken = message
-                        raise CommTimeoutError(message)
-                    if now - start > 0.05:
-                        # Long waits (a peer still computing) should not burn the core it needs.
-                        time.sleep(0.0002)
+            self._wait_until(request.Test, op, seq, nap_after=0.05)
         except self._MPI.Exception as exc:
             # Typically ranks calling different collectives, whose messages do not fit each other.
             message = (
