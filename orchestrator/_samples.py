@@ -171,11 +171,21 @@ def make_transformer_model(
     )
 
 
-def make_image_model(classes: int = 1000, size: int = 224, seed: int = 0) -> onnx.ModelProto:
-    """A small NCHW classifier shaped like the seeds' MobileNetV2 example: [batch,3,224,224] -> softmax [batch,1000]."""
-    _check_positive(classes=classes, size=size)
+def make_image_model(
+    classes: int = 1000, size: int = 224, seed: int = 0, batch: int | None = None, layout: str = "NCHW"
+) -> onnx.ModelProto:
+    """A small classifier shaped like the seeds' MobileNetV2 example: [batch,3,224,224] -> softmax [batch,1000].
+
+    ``batch`` fixes the batch dimension (MindSpore Lite's converted models have batch 1: the seeds
+    fill them from a flat ``input.bin``); ``layout="NHWC"`` takes [batch,224,224,3] as seed 000's model does.
+    """
+    _check_positive(classes=classes, size=size, **({"batch": batch} if batch is not None else {}))
+    if layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
     b = _GraphBuilder(seed)
     x = "x"
+    if layout == "NHWC":
+        x = b.node("Transpose", [x], "to_nchw", perm=[0, 3, 1, 2])
     channels = 3
     for i, out_channels in enumerate((16, 32, 64)):
         w = b.weight(f"features.{i}.conv.weight", (out_channels, channels, 3, 3), channels * 9)
@@ -189,11 +199,13 @@ def make_image_model(classes: int = 1000, size: int = 224, seed: int = 0) -> onn
     bias = b.const("classifier.bias", np.zeros(classes, np.float32))
     x = b.node("Gemm", [x, w, bias], "logits", transB=1)
     b.node("Softmax", [x], "probs", axis=-1)
+    first = "batch" if batch is None else batch
+    shape = [first, 3, size, size] if layout == "NCHW" else [first, size, size, 3]
     return b.model(
         "image",
-        [helper.make_tensor_value_info("x", _FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("probs", _FLOAT, ["batch", classes])],
-        f"image classifier classes={classes} size={size} seed={seed}",
+        [helper.make_tensor_value_info("x", _FLOAT, shape)],
+        [helper.make_tensor_value_info("probs", _FLOAT, [first, classes])],
+        f"image classifier classes={classes} size={size} layout={layout} batch={first} seed={seed}",
     )
 
 

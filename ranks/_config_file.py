@@ -5,16 +5,23 @@ Sections, as MindSpore Lite uses them, plus this project's ``[comm]``:
 ================  ==========================================================
 section           keys
 ================  ==========================================================
-[ascend_context]  rank_table_file, device_id, rank_id, provider, precision_mode, input_shape, dynamic_dims
+[ascend_context]  rank_table_file, device_id, rank_id, provider, precision_mode, input_shape, dynamic_dims,
+                  variable_weights_file, variable_weights_list
 [gpu_context]     device_id, provider, precision_mode, input_shape, dynamic_dims
 [cpu_context]     thread_num, inter_op_parallel_num, thread_affinity_mode, thread_affinity_core_list,
                   precision_mode, allow_spinning, input_shape, dynamic_dims
 [comm]            backend (mpi | zmq | single), timeout (seconds), base_port, rank_table_file,
-                  mpi_arrival_check (true | false: the mpi backend's fast mode, docs/README_comm_fast.md)
+                  mpi_arrival_check (true | false: the mpi backend's fast mode, see the README)
 ================  ==========================================================
 
-Unknown sections are kept (``RankConfig.extra``) and handed on; an unknown
-key in a known section is an error naming the key, the section and the file.
+MindSpore Lite documents more keys and sections than mean anything on ONNX
+Runtime (Ascend graph-engine tuning, TensorRT caches, ...). Those are
+accepted with one warning line each saying they have no effect here, so a
+config written for MindSpore Lite loads as it is; a key that neither we nor
+MindSpore Lite know stays an error naming the key, the section and the file.
+Other unknown sections are kept (``RankConfig.extra``) and handed on.
+Values may be quoted (``variable_weights_file="names.txt"``), as MindSpore
+Lite's documents write them.
 Relative paths inside the file (``rank_table_file``) are resolved against the
 file's own directory, so a rank can be started from any working directory.
 """
@@ -22,14 +29,20 @@ file's own directory, so a rank can be started from any working directory.
 from __future__ import annotations
 
 import configparser
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import ConfigError
 
+log = logging.getLogger("ranks.config")
+
 KNOWN_SECTIONS: dict[str, tuple[str, ...]] = {
-    "ascend_context": ("rank_table_file", "device_id", "rank_id", "provider", "precision_mode", "input_shape", "dynamic_dims"),
+    "ascend_context": (
+        "rank_table_file", "device_id", "rank_id", "provider", "precision_mode", "input_shape", "dynamic_dims",
+        "variable_weights_file", "variable_weights_list",
+    ),
     "gpu_context": ("device_id", "provider", "precision_mode", "input_shape", "dynamic_dims"),
     "cpu_context": (
         "thread_num", "inter_op_parallel_num", "thread_affinity_mode", "thread_affinity_core_list",
@@ -38,6 +51,27 @@ KNOWN_SECTIONS: dict[str, tuple[str, ...]] = {
     "comm": ("backend", "timeout", "base_port", "rank_table_file", "mpi_arrival_check"),
 }
 COMM_BACKENDS = ("mpi", "zmq", "single")
+
+# Keys MindSpore Lite documents for its config files that have no meaning on ONNX Runtime:
+# accepted with a warning. (Its converter and Ascend runtime documents, [ascend_context] and
+# [gpu_context] tables.)
+MINDSPORE_LITE_ONLY_KEYS: dict[str, tuple[str, ...]] = {
+    "ascend_context": (
+        "input_format", "op_select_impl_mode", "output_type", "fusion_switch_config_file_path",
+        "insert_op_config_file_path", "buffer_optimize", "aoe_mode", "plugin_custom_ops", "custom_fusion_pattern",
+        "enable_ge_cache", "ge_graph_key", "dynamic_batch_size", "dynamic_image_size", "provider_options",
+    ),
+    "gpu_context": ("opt_dims", "serialize_path"),
+    "cpu_context": (),
+}
+# Whole sections MindSpore Lite reads that mean nothing here (graph-engine options, TensorRT
+# caches, mixed-precision plans, thread-pool sharing, weight locations of MINDIR buffers).
+MINDSPORE_LITE_ONLY_SECTIONS = (
+    "execution_plan", "ms_cache", "model_file", "weight", "shared_thread_pool", "ge_global_options",
+    "ge_session_options", "ge_graph_options", "acl_option_cfg_param", "inner_common",
+)
+# Values that name files, resolved against the ini file's directory.
+PATH_KEYS = ("rank_table_file", "variable_weights_file")
 
 
 @dataclass
@@ -58,6 +92,9 @@ class RankConfig:
     comm: CommConfig = field(default_factory=CommConfig)
     rank_table_file: str | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    rank_id: int | None = None  # [ascend_context] rank_id
+    device_id: int | None = None  # [ascend_context] device_id
+    variable_weights: list[str] | None = None  # weights update_weights may replace, in order
 
     def get(self, section: str, key: str, default: str | None = None) -> str | None:
         return self.sections.get(section, {}).get(key, default)
@@ -98,7 +135,7 @@ def load_config(config_path: str | os.PathLike | None = "", config_dict: dict | 
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not a text ini file ({exc})") from None
         for name in parser.sections():
-            sections[name] = dict(parser.items(name))
+            sections[name] = {key: _unquote(value) for key, value in parser.items(name)}
         base_dir = path.resolve().parent
     if config_dict:
         if not isinstance(config_dict, dict):
@@ -114,17 +151,35 @@ def load_config(config_path: str | os.PathLike | None = "", config_dict: dict | 
     return _validate(sections, source, base_dir)
 
 
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        return value[1:-1]
+    return value
+
+
 def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) -> RankConfig:
     config = RankConfig(source=source)
     for name, values in sections.items():
         known = KNOWN_SECTIONS.get(name)
         if known is None:
+            if name in MINDSPORE_LITE_ONLY_SECTIONS:
+                log.warning("%s: section [%s] is MindSpore Lite's and has no effect on ONNX Runtime; ignored", source, name)
             config.extra[name] = values
             continue
-        for key in values:
-            if key not in known:
-                raise ConfigError(f"{source}: unknown key {key!r} in section [{name}]; known keys are {list(known)}")
-        config.sections[name] = values
+        kept = {}
+        for key, value in values.items():
+            if key in known:
+                kept[key] = value
+            elif key in MINDSPORE_LITE_ONLY_KEYS.get(name, ()):
+                log.warning("%s: [%s] %s is a MindSpore Lite option with no effect on ONNX Runtime; ignored", source, name, key)
+            else:
+                also = MINDSPORE_LITE_ONLY_KEYS.get(name, ())
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} in section [{name}]; known keys are {list(known)}"
+                    + (f" (also accepted, without effect here: {list(also)})" if also else "")
+                )
+        config.sections[name] = kept
 
     comm = config.sections.get("comm", {})
     backend = comm.get("backend")
@@ -155,12 +210,19 @@ def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) 
             )
         config.comm.mpi_arrival_check = flag
 
+    for section in config.sections.values():
+        for key in PATH_KEYS:
+            if section.get(key):
+                path = Path(section[key])
+                section[key] = str(path if path.is_absolute() else (base_dir / path))
     for section in ("comm", "ascend_context"):
         table = config.sections.get(section, {}).get("rank_table_file")
         if table:
-            path = Path(table)
-            config.rank_table_file = str(path if path.is_absolute() else (base_dir / path))
+            config.rank_table_file = table
             break
+    config.rank_id = config.get_int("ascend_context", "rank_id")
+    config.device_id = config.get_int("ascend_context", "device_id")
+    config.variable_weights = _variable_weights(config)
 
     for section in ("cpu_context", "gpu_context", "ascend_context"):
         spec = config.sections.get(section, {}).get("input_shape")
@@ -169,14 +231,41 @@ def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) 
     return config
 
 
+def _variable_weights(config: RankConfig) -> list[str] | None:
+    """The weight names of ``variable_weights_file`` (one per line) or ``variable_weights_list`` (comma-separated)."""
+    names: list[str] | None = None
+    listed = config.get("ascend_context", "variable_weights_list")
+    if listed:
+        names = [n.strip() for n in listed.split(",") if n.strip()]
+    path = config.get("ascend_context", "variable_weights_file")
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"{config.source}: [ascend_context] variable_weights_file {path} cannot be read "
+                f"({exc.strerror or exc}); expected a text file with one weight name per line"
+            ) from None
+        names = (names or []) + [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if not names:
+            raise ConfigError(f"{config.source}: [ascend_context] variable_weights_file {path} names no weights")
+    if names is not None and len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"{config.source}: the variable weights name {repeated} more than once")
+    return names
+
+
 def parse_input_shape(spec: str, where: str) -> dict[str, list[int]]:
-    """``"x:1,3,224,224;y:1,10"`` -> {"x": [1, 3, 224, 224], "y": [1, 10]}."""
+    """``"x:1,3,224,224;y:1,10"`` (or MindSpore Lite's ``"x:[1,3,224,224]"``) -> {"x": [1, 3, 224, 224], ...}."""
     shapes: dict[str, list[int]] = {}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         name, sep, dims = part.rpartition(":")
         try:
             if not sep or not name:
                 raise ValueError
+            dims = dims.strip()
+            if dims.startswith("[") and dims.endswith("]"):
+                dims = dims[1:-1]
             shapes[name.strip()] = [int(d) for d in dims.split(",")]
         except ValueError:
             raise ConfigError(f"{where}: {part!r} is not NAME:D1,D2,... (e.g. x:1,3,224,224)") from None

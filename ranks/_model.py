@@ -47,6 +47,48 @@ def load_onnx_header(path: Path) -> onnx.ModelProto:
     return proto
 
 
+def _load_model_file(path: Path, model_type: "ModelType") -> onnx.ModelProto:
+    """The ONNX graph of ``path``. Ported MindSpore Lite scripts pass ModelType.MINDIR with an ONNX file: accepted."""
+    if model_type not in (ModelType.MINDIR, ModelType.MINDIR_LITE):
+        return load_onnx_header(path)
+    try:
+        return load_onnx_header(path)
+    except ModelNotFoundError:
+        raise
+    except ModelError:
+        raise ModelError(
+            f"model file {path} is not an ONNX model, and {model_type.name} files (MindSpore's own format) cannot be run "
+            f"by this runtime: export the network to ONNX (mindspore.export(net, x, file_format='ONNX')) and load that file"
+        ) from None
+
+
+def _identity(context: Context, config: RankConfig):
+    """Whose shard this process loads: a rank set on the context or in the config, else the launcher's.
+
+    ``context.ascend.rank_id`` (when the script set it) and ``[ascend_context] rank_id`` must
+    agree; under mpirun they must also agree with MPI's rank. With a rank given this way the
+    world size comes from the rank table, as HCCL reads it.
+    """
+    from ._world import launched_by_mpi, resolve_identity
+
+    named = []
+    if "rank_id" in vars(context.ascend):  # set by the script, not the default
+        named.append(("context.ascend.rank_id", context.ascend.rank_id))
+    if config.rank_id is not None:
+        named.append((f"{config.source} [ascend_context] rank_id", config.rank_id))
+    if len({rank for _, rank in named}) > 1:
+        raise ConfigError("the rank is given twice with different values: " + ", ".join(f"{w}={r}" for w, r in named))
+    if not named:
+        return resolve_identity()
+    where, rank = named[0]
+    if launched_by_mpi():
+        launcher = resolve_identity()
+        if launcher.rank != rank:
+            raise ConfigError(f"{where}={rank}, but mpirun started this process as rank {launcher.rank} of {launcher.size}")
+        return launcher
+    return resolve_identity(rank, rank_table=config.rank_table_file)
+
+
 def is_sharded(proto: onnx.ModelProto) -> bool:
     """True when the graph holds com.microsoft collective nodes (a tensor-parallel shard)."""
     return any(node.domain == "com.microsoft" and node.op_type in COLLECTIVE_OPS for node in proto.graph.node)
@@ -96,20 +138,21 @@ class Model:
         """
         if not isinstance(model_type, ModelType):
             raise ConfigError(f"model_type must be a ModelType (e.g. ModelType.ONNX), got {model_type!r}")
-        if model_type in (ModelType.MINDIR, ModelType.MINDIR_LITE):
-            raise ModelError(
-                f"model_type {model_type.name} is not supported: this runtime runs ONNX models on ONNX Runtime. "
-                f"Export the network to ONNX (mindspore.export(net, x, file_format='ONNX')) and use ModelType.ONNX."
-            )
         if context is not None and not isinstance(context, Context):
             raise ConfigError(f"context must be a Context, got {type(context).__name__}")
         self._session = None  # a failed rebuild must not leave the old session answering
-        path = Path(model_path)
-        if path.is_dir():
-            raise ModelError(f"model path {path} is a directory; expected an ONNX file")
-        proto = load_onnx_header(path)
         context = context or Context()
         config = load_config(config_path, config_dict)
+        identity = _identity(context, config)
+        path = Path(model_path)
+        if not path.exists():
+            # shards/m.onnx names the model; each rank loads its own shards/m{rank}.onnx
+            from ._shard_files import resolve_shard_path
+
+            path = resolve_shard_path(path, identity.rank, identity.size if identity.source != "single" else None)
+        if path.is_dir():
+            raise ModelError(f"model path {path} is a directory; expected an ONNX file")
+        proto = _load_model_file(path, model_type)
 
         self._path, self._context, self._config = path, context, config
         self._initializers = {
@@ -117,9 +160,15 @@ class Model:
             for init in proto.graph.initializer
         }
         self._metadata = {prop.key: prop.value for prop in proto.metadata_props}
+        unknown = [n for n in (config.variable_weights or []) if n not in self._initializers]
+        if unknown:
+            raise ConfigError(
+                f"{config.source}: variable weights {unknown} are not weights of {path}"
+                + (f"; its weights include {sorted(self._initializers)[:8]}" if self._initializers else "")
+            )
         self._weight_overrides = {}
         if is_sharded(proto):
-            self._session = self._build_sharded(proto, communicator)
+            self._session = self._build_sharded(proto, communicator, identity)
         else:
             self._session = self._new_session()
         self._model_inputs = [
@@ -149,14 +198,21 @@ class Model:
         except Exception as exc:
             raise ModelError(f"ONNX Runtime could not build {self._path}: {_ort_message(exc)}") from None
 
-    def _build_sharded(self, proto, communicator):
+    def _build_sharded(self, proto, communicator, identity):
         from ._staged_runner import StagedRunner
         from ._world import create_communicator
 
         if communicator is None:
             comm = self._config.comm
+            if identity.source == "explicit" and self._config.rank_table_file is None and comm.backend != "mpi":
+                raise ConfigError(
+                    f"{self._path} is rank {identity.rank}'s shard of a tensor-parallel model, but nothing says where "
+                    f"its peers are: set [ascend_context] rank_table_file in the config file, or start the ranks "
+                    f"with mpirun"
+                )
             communicator = create_communicator(
                 backend=comm.backend, rank_table=self._config.rank_table_file,
+                rank=identity.rank if identity.source in ("explicit", "torchrun") else None,
                 base_port=comm.base_port, timeout=comm.timeout, mpi_arrival_check=comm.mpi_arrival_check,
             )
         self._communicator = communicator
@@ -319,18 +375,39 @@ class Model:
         if getattr(self._session, "is_staged", False):
             raise ModelError("update_weights is not available on a tensor-parallel shard; re-shard the updated model")
         named: list[tuple[str, np.ndarray]] = []
+        variable = self._config.variable_weights
         if isinstance(weights, dict):
             named = [(k, np.asarray(v)) for k, v in weights.items()]
         else:
             flat = []
             for item in weights:
                 flat.extend(item if isinstance(item, (list, tuple)) else [item])
-            for tensor in flat:
-                if not isinstance(tensor, Tensor) or not tensor.name:
-                    raise InputError(f"update_weights: expected named Tensors, got {tensor!r}")
-                named.append((tensor.name, tensor.get_data_to_numpy()))
+            for index, tensor in enumerate(flat):
+                if not isinstance(tensor, Tensor):
+                    raise InputError(f"update_weights: expected Tensors, got {type(tensor).__name__} at position {index}")
+                name = tensor.name
+                if not name:
+                    # MindSpore Lite matches unnamed tensors to variable_weights_file's names, in order.
+                    if variable is None:
+                        raise InputError(
+                            f"update_weights: the tensor at position {index} has no name; name it (Tensor.name = ...) or "
+                            f"list the weights that may change in [ascend_context] variable_weights_file"
+                        )
+                    if index >= len(variable):
+                        raise InputError(
+                            f"update_weights: got {len(flat)} tensors, but variable_weights_file names only "
+                            f"{len(variable)} weights: {variable}"
+                        )
+                    name = variable[index]
+                named.append((name, tensor.get_data_to_numpy()))
         if not named:
             raise InputError("update_weights: no weights given")
+        if variable is not None:
+            outside = [name for name, _ in named if name not in variable]
+            if outside:
+                raise InputError(
+                    f"update_weights: {outside} not among the weights variable_weights_file lets change: {variable}"
+                )
         overrides = dict(self._weight_overrides)
         for name, array in named:
             if name not in self._initializers:

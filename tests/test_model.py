@@ -144,9 +144,19 @@ def test_missing_model_and_external_data(tmp_path, sample):
         build(lonely)
 
 
-def test_mindir_refused_with_advice(sample):
-    with pytest.raises(ModelError, match="MINDIR is not supported.*export.*ONNX"):
-        mslite.Model().build_from_file(sample("add"), mslite.ModelType.MINDIR)
+def test_mindir_type_with_an_onnx_file_loads_it(sample):
+    # Ported scripts keep mslite.ModelType.MINDIR and change only the path to an ONNX file.
+    model = mslite.Model()
+    model.build_from_file(str(sample("add")), mslite.ModelType.MINDIR)
+    x = np.ones((2, 2), np.float32)
+    assert np.array_equal(model.predict([x, x])[0].get_data_to_numpy(), x + x)
+
+
+def test_mindir_file_refused_with_advice(tmp_path):
+    fake = tmp_path / "net.mindir"
+    fake.write_bytes(b"\x0a\x05mindir-not-onnx" * 8)
+    with pytest.raises(ModelError, match=r"not an ONNX model, and MINDIR files .*export the network to ONNX"):
+        mslite.Model().build_from_file(str(fake), mslite.ModelType.MINDIR)
 
 
 def test_update_weights_in_place(sample):
