@@ -79,3 +79,41 @@ def test_inline_comments_as_in_the_readme(tmp_path):
     path = write(tmp_path, "[comm]\nbackend=zmq        ; optional: mpi | zmq | single\ntimeout=120  # seconds\n")
     config = load_config(path)
     assert (config.comm.backend, config.comm.timeout) == ("zmq", 120.0)
+
+
+def test_mindspore_lite_keys_without_effect_warn_once_and_load(tmp_path, caplog):
+    text = (
+        "[ascend_context]\nrank_table_file=t.json\nop_select_impl_mode=high_precision\ninput_format=NCHW\n"
+        "[ge_session_options]\nge.exec.formatMode=1\n"
+    )
+    with caplog.at_level("WARNING", logger="ranks.config"):
+        config = load_config(write(tmp_path, text))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("[ascend_context] op_select_impl_mode is a MindSpore Lite option with no effect" in m for m in messages)
+    assert any("[ascend_context] input_format is a MindSpore Lite option with no effect" in m for m in messages)
+    assert any("section [ge_session_options] is MindSpore Lite's and has no effect" in m for m in messages)
+    assert all("\n" not in m for m in messages)
+    assert "op_select_impl_mode" not in config.sections["ascend_context"]
+    assert config.rank_table_file == str(tmp_path / "t.json")
+
+
+def test_a_key_nobody_knows_stays_an_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'rank_tabel_file' in section \[ascend_context\].*also accepted"):
+        load_config(write(tmp_path, "[ascend_context]\nrank_tabel_file=t.json\n"))
+
+
+def test_quoted_values_and_variable_weights_file(tmp_path):
+    (tmp_path / "names.txt").write_text("w1\n\nw2\n")
+    config = load_config(write(tmp_path, '[ascend_context]\nvariable_weights_file="names.txt"\nrank_id=1\n'))
+    assert config.variable_weights == ["w1", "w2"]
+    assert config.rank_id == 1
+
+
+def test_variable_weights_file_missing_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match=r"variable_weights_file .*missing.txt cannot be read.*one weight name per line"):
+        load_config(write(tmp_path, "[ascend_context]\nvariable_weights_file=missing.txt\n"))
+
+
+def test_mindspore_lite_bracketed_input_shape(tmp_path):
+    config = load_config(write(tmp_path, '[ascend_context]\ninput_shape="x:[1,3,8,8];y:[1,4]"\n'))
+    assert config.input_shapes == {"x": [1, 3, 8, 8], "y": [1, 4]}

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 import orchestrator as mslite
-from ranks import InputError, ModelError, ModelNotFoundError
+from ranks import ConfigError, InputError, ModelError, ModelNotFoundError
 
 TOL = 1e-5  # same engine, same graph: outputs must agree to float32 rounding
 
@@ -232,3 +232,29 @@ def test_predict_into_writes_callers_buffers(sample):
         model.predict_into({"x": x}, {"y": np.zeros((2, 64), np.float32)})
     with pytest.raises(InputError, match="must name every model output"):
         model.predict_into({"x": x}, {"z": out})
+
+
+def test_update_weights_unnamed_tensors_follow_the_variable_weights_file(sample, tmp_path):
+    path = sample("mlp")
+    (tmp_path / "names.txt").write_text("layers.1.fc2.bias\n")
+    ini = tmp_path / "config.ini"
+    ini.write_text("[ascend_context]\nvariable_weights_file=names.txt\n")
+    model = mslite.Model()
+    model.build_from_file(str(path), mslite.ModelType.ONNX, mslite.Context(), str(ini))
+    x = np.ones((2, 64), np.float32)
+    before = model.predict([x])[0].get_data_to_numpy().copy()
+    model.update_weights([[mslite.Tensor(np.full(64, 0.5, np.float32))]])
+    after = model.predict([x])[0].get_data_to_numpy()
+    assert not np.allclose(before, after)
+    with pytest.raises(InputError, match=r"\['layers.0.fc1.bias'\] not among the weights variable_weights_file lets change"):
+        model.update_weights([[mslite.Tensor(np.zeros(128, np.float32), name="layers.0.fc1.bias")]])
+    with pytest.raises(InputError, match="got 2 tensors, but variable_weights_file names only 1"):
+        model.update_weights([[mslite.Tensor(np.zeros(64, np.float32)), mslite.Tensor(np.zeros(64, np.float32))]])
+
+
+def test_variable_weights_that_the_model_lacks_fail_at_build(sample, tmp_path):
+    (tmp_path / "names.txt").write_text("no.such.weight\n")
+    ini = tmp_path / "config.ini"
+    ini.write_text("[ascend_context]\nvariable_weights_file=names.txt\n")
+    with pytest.raises(ConfigError, match=r"variable weights \['no.such.weight'\] are not weights of"):
+        mslite.Model().build_from_file(str(sample("mlp")), mslite.ModelType.ONNX, mslite.Context(), str(ini))
