@@ -1,4 +1,4 @@
-"""``orchestrate rank-table ...``: write (or check) an HCCL version 1.0 rank table."""
+"""``orchestrate rank-table ...``: write (or check) an HCCL version 1.0 rank table, as hccl_tools.py writes one."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ def register(subparsers) -> None:
         "rank-table",
         help="generate an HCCL rank table (or --check an existing one)",
         description=(
-            "Generate an HCCL version 1.0 rank table: every --server gets the same --devices, "
-            "ranks are numbered server by server in the order given. "
+            "Generate an HCCL version 1.0 rank table in the shape MindSpore's hccl_tools.py writes: every --server "
+            "(the host's address, where its ranks listen) gets the same --devices, ranks are numbered server by "
+            "server in the order given, host_nic_ip is \"reserve\". A device's device_ip (its NPU's own address) "
+            "comes from --device-ips, else from /etc/hccn.conf for a server that is this host, else is left out. "
             "Example: orchestrate rank-table --devices 0,1 --server 127.0.0.1 -o rank_tables/local_2p.json"
         ),
     )
@@ -21,15 +23,23 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="HOST",
-        help="a server id (host name or IP); repeat for several servers",
+        help="a server id: the host's IP address (or a name that resolves to it); repeat for several servers",
     )
     parser.add_argument("--servers", help="comma-separated server ids (same as repeating --server)")
     parser.add_argument(
-        "--device-ip",
+        "--device-ips",
         action="append",
         default=[],
-        metavar="SERVER:DEVICE=IP",
-        help="the IP of one device (default: the server id when it is an IP address)",
+        metavar="[SERVER=]DEVICE:IP,...",
+        help=(
+            "NPU addresses by device id, e.g. 0:192.1.27.6,1:192.2.27.6 (overrides /etc/hccn.conf); "
+            "with several servers prefix each list with its server, e.g. 10.0.0.1=0:192.1.27.6, and repeat"
+        ),
+    )
+    parser.add_argument(
+        "--hccn-conf",
+        metavar="PATH",
+        help="read device_ip from PATH's address_N=IP lines (default: /etc/hccn.conf when it exists)",
     )
     parser.add_argument("-o", "--output", help="file to write (default: print to stdout)")
     parser.add_argument("--check", metavar="TABLE", help="validate TABLE and print its ranks instead of generating")
@@ -46,8 +56,35 @@ def _parse_ints(text: str, what: str) -> list[int]:
     return values
 
 
+def _parse_device_ips(items: list[str], servers: list[str]) -> dict[tuple[str, int], str]:
+    """``--device-ips`` values -> {(server_id, device_id): IP}; ``ValueError`` with the reason."""
+    found: dict[tuple[str, int], str] = {}
+    for item in items:
+        server, sep, pairs = item.partition("=")
+        if not sep:
+            if len(servers) != 1:
+                raise ValueError(
+                    f"--device-ips {item!r} names no server, but there are {len(servers)} servers; "
+                    f"write SERVER=DEVICE:IP,... (e.g. {servers[0]}={item})"
+                )
+            server, pairs = servers[0], item
+        elif server not in servers:
+            raise ValueError(f"--device-ips {item!r} names server {server!r}, which is not among --server {', '.join(servers)}")
+        for pair in pairs.split(","):
+            if not pair.strip():
+                continue
+            device, colon, ip = pair.strip().partition(":")
+            if not colon or not device.strip().isdigit() or not ip.strip():
+                raise ValueError(f"--device-ips must look like DEVICE:IP,DEVICE:IP (e.g. 0:192.1.27.6,1:192.2.27.6), got {pair!r}")
+            found[(server, int(device))] = ip.strip()
+    return found
+
+
 def _run(args) -> int:
+    import os
+
     from ranks import RankTable, RankTableError, generate_rank_table
+    from ranks._rank_table import HCCN_CONF
 
     if args.check:
         try:
@@ -57,7 +94,7 @@ def _run(args) -> int:
             return 1
         print(f"{table.source}: version {table.version}, {table.server_count} server(s), {table.world_size} rank(s)")
         for d in table.devices:
-            print(f"  rank {d.rank_id}: server {d.server_id} device {d.device_id} address {d.address}")
+            print(f"  rank {d.rank_id}: server {d.server_id} device {d.device_id} device_ip {d.device_ip or '-'}")
         return 0
 
     if not args.devices:
@@ -70,17 +107,18 @@ def _run(args) -> int:
         print("orchestrate rank-table: give at least one --server HOST (or --servers h1,h2)", file=sys.stderr)
         return 2
     devices = _parse_ints(args.devices, "--devices")
-    device_ips: dict[tuple[str, int], str] = {}
-    for item in args.device_ip:
-        try:
-            key, ip = item.split("=", 1)
-            server, device = key.rsplit(":", 1)
-            device_ips[(server, int(device))] = ip
-        except ValueError:
-            print(f"orchestrate rank-table: --device-ip must look like SERVER:DEVICE=IP, got {item!r}", file=sys.stderr)
-            return 2
     try:
-        table = generate_rank_table([(s, devices) for s in servers], device_ips)
+        device_ips = _parse_device_ips(args.device_ips, servers)
+    except ValueError as exc:
+        print(f"orchestrate rank-table: {exc}", file=sys.stderr)
+        return 2
+    if args.hccn_conf is not None and not os.path.isfile(args.hccn_conf):
+        print(f"orchestrate rank-table: --hccn-conf {args.hccn_conf!r} does not exist", file=sys.stderr)
+        return 2
+    try:
+        table = generate_rank_table(
+            [(s, devices) for s in servers], device_ips, hccn_conf=args.hccn_conf if args.hccn_conf is not None else HCCN_CONF
+        )
     except RankTableError as exc:
         print(f"orchestrate rank-table: {exc}", file=sys.stderr)
         return 1
@@ -93,4 +131,3 @@ def _run(args) -> int:
         json.dump(table.to_dict(), sys.stdout, indent=4)
         sys.stdout.write("\n")
     return 0
-

@@ -1,8 +1,9 @@
 """The ``zmq`` backend: ranks addressed by a rank table, over TCP, with a shared-memory fast path.
 
 Sockets
-    Rank ``r`` binds one ROUTER at ``tcp://<address of r>:<base_port + r>``
-    (address: the table's ``device_ip``, else ``server_id``) and connects one
+    Rank ``r`` binds one ROUTER at ``tcp://<server_id of r>:<base_port + r>``
+    (the host's address, as HCCL defines ``server_id``; ``device_ip`` is the
+    NPU's own address and is not used here) and connects one
     DEALER to every peer's ROUTER, with routing id ``str(r)``. So every
     message from ``p`` to ``r`` travels p's DEALER -> r's ROUTER, in order.
     A socket monitor on each DEALER reports a peer's connection closing (its
@@ -78,7 +79,7 @@ from ._comm_util import (
 )
 from ._env import default_timeout
 from ._errors import CommError, CommTimeoutError, PeerLostError
-from ._rank_table import RankTable
+from ._rank_table import RankTable, this_host_addresses
 
 _MAGIC = b"ORZ1"
 _HEAD = struct.Struct("!4sBBBBqq")
@@ -193,7 +194,7 @@ class ZmqCommunicator(Communicator):
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.RCVHWM, 0)
         self._router = router
-        bind_ip = _bind_address(me.address)
+        bind_ip = _bind_address(me.address, self.rank, self.table.source)
         endpoint = f"tcp://{_bracket(bind_ip)}:{self.base_port + self.rank}"
         try:
             router.bind(endpoint)
@@ -201,7 +202,12 @@ class ZmqCommunicator(Communicator):
             if exc.errno == zmq.EADDRINUSE:
                 hint = "another job or process holds it; choose another base_port ([comm] base_port= or ORCH_BASE_PORT)"
             elif exc.errno == errno.EADDRNOTAVAIL:
-                hint = f"{bind_ip} is not an address of this host; is this rank started on server {me.server_id!r}?"
+                resolved = f" ({bind_ip})" if bind_ip != me.server_id else ""
+                hint = (
+                    f"rank {self.rank}'s server_id {me.server_id!r}{resolved} is not an address of this host "
+                    f"(this host: {_host_addresses()}); start rank {self.rank} on that server, or put this host's "
+                    f"address in its server_id (ranks listen on server_id; device_ip is the NPU's own address)"
+                )
             else:
                 hint = str(exc)
             raise CommError(f"rank {self.rank} of {self.size}: cannot listen on {endpoint} (from rank table {self.table.source}): {hint}") from None
@@ -619,7 +625,8 @@ def _bracket(address: str) -> str:
     return f"[{address}]" if ":" in address and not address.startswith("[") else address
 
 
-def _bind_address(address: str) -> str:
+def _bind_address(address: str, rank: int, source: str) -> str:
+    """The IPv4 address rank ``rank`` listens on: its ``server_id``, resolved when it is a name."""
     try:
         socket.inet_pton(socket.AF_INET, address)
         return address
@@ -628,5 +635,22 @@ def _bind_address(address: str) -> str:
     try:
         return socket.gethostbyname(address)
     except OSError:
-        raise CommError(f"cannot resolve {address!r} (from the rank table) to an address to listen on") from None
+        raise CommError(
+            f"rank {rank}: cannot resolve its server_id {address!r} (from rank table {source}) to an address to "
+            f"listen on; this host's addresses are {_host_addresses()}"
+        ) from None
 
+
+def _host_addresses() -> str:
+    """This host's IP addresses for an error message (names left out: they are not what failed to match)."""
+    found = this_host_addresses()
+    ips = sorted(a for a in found if _is_ipv4(a)) + sorted(a for a in found if ":" in a)
+    return ", ".join(ips) + f", host name {socket.gethostname()}"
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return False
+    return True

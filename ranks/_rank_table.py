@@ -1,22 +1,36 @@
 """HCCL rank tables (version 1.0): parse, validate, generate.
 
-The format, as Ascend's HCCL and MindSpore Lite read it::
+The format, as Ascend's HCCL reads it and MindSpore's ``hccl_tools.py`` writes it::
 
     {
-      "version": "1.0",
-      "server_count": "1",
-      "server_list": [
-        {
-          "server_id": "127.0.0.1",
-          "host_nic_ip": "127.0.0.1",          (optional)
-          "device": [
-            {"device_id": "0", "device_ip": "127.0.0.1", "rank_id": "0"},   (device_ip optional)
-            {"device_id": "1", "device_ip": "127.0.0.1", "rank_id": "1"}
-          ]
-        }
-      ],
-      "status": "completed"
+        "version": "1.0",
+        "server_count": "1",
+        "server_list": [
+            {
+                "server_id": "10.155.111.140",
+                "device": [
+                    {"device_id": "0", "device_ip": "192.1.27.6", "rank_id": "0"},
+                    {"device_id": "1", "device_ip": "192.2.27.6", "rank_id": "1"}
+                ],
+                "host_nic_ip": "reserve"
+            }
+        ],
+        "status": "completed"
     }
+
+What the fields mean, as HCCL defines them:
+
+``server_id``
+    the host's own address. Our zmq communicator listens on it: rank r on
+    ``server_id : base_port + r``.
+``device_ip``
+    the NPU's own network address (from ``/etc/hccn.conf`` or ``hccn_tool``),
+    on the NPU's NIC, not the host's. Parsed and kept (``RankDevice.device_ip``)
+    but never used for our sockets. Optional: MindSpore Lite's own sample
+    table has none.
+``host_nic_ip``
+    ``"reserve"`` in every table hccl_tools writes: a placeholder, never an
+    address. Optional; when it holds an IP, that IP also marks the host.
 
 Every value is a string, as HCCL writes them. A table is validated once, when
 it is loaded; every error names the field, the server and what was expected.
@@ -26,7 +40,6 @@ within a server, and ``server_count`` must equal the number of servers.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import socket
@@ -39,10 +52,21 @@ SUPPORTED_VERSIONS = ("1.0",)
 
 _TOP_FIELDS = ("version", "server_count", "server_list", "status")
 
+HCCN_CONF = "/etc/hccn.conf"
+"""Where Ascend hosts keep their NPUs' network settings (``address_N=IP`` per device N)."""
+
+RESERVED_HOST_NIC_IP = "reserve"
+"""What hccl_tools.py writes as ``host_nic_ip``: a placeholder, not an address."""
+
 
 @dataclass(frozen=True)
 class RankDevice:
-    """One rank of a table: which device on which server, and where to reach it."""
+    """One rank of a table: which device on which server.
+
+    ``server_id`` is the host's address (where our communicator reaches the
+    rank); ``device_ip`` is the NPU's own address, kept but not used for our
+    sockets; ``host_nic_ip`` is as written in the table (often ``"reserve"``).
+    """
 
     rank_id: int
     device_id: int
@@ -52,8 +76,19 @@ class RankDevice:
 
     @property
     def address(self) -> str:
-        """Where a communicator reaches this rank: ``device_ip``, else ``server_id``."""
-        return self.device_ip or self.server_id
+        """Where a communicator reaches this rank: its host, ``server_id`` (never ``device_ip``)."""
+        return self.server_id
+
+    @property
+    def host_nic_address(self) -> str | None:
+        """``host_nic_ip`` when it is an address; None when absent, empty or ``"reserve"``."""
+        return _host_nic_address(self.host_nic_ip)
+
+
+def _host_nic_address(value: str | None) -> str | None:
+    if value is None or value.strip() == "" or value.strip().lower() == RESERVED_HOST_NIC_IP:
+        return None
+    return value
 
 
 @dataclass
@@ -118,20 +153,18 @@ class RankTable:
     def local_devices(self, host_addresses: Iterable[str] | None = None) -> list[RankDevice]:
         """Devices that belong to this host, in rank order.
 
-        A device is local when its ``server_id``, ``host_nic_ip`` or
-        ``device_ip`` is one of ``host_addresses`` (default: this host's
-        names and IP addresses, plus ``127.0.0.1`` and ``localhost``).
+        A device is local when its ``server_id`` (or its ``host_nic_ip``, when
+        that is an address rather than ``"reserve"``) is one of
+        ``host_addresses`` (default: this host's names and IP addresses, plus
+        ``127.0.0.1`` and ``localhost``). ``device_ip`` plays no part: it is
+        the NPU's address, not the host's.
         """
         addresses = set(host_addresses) if host_addresses is not None else this_host_addresses()
-        return [
-            d
-            for d in self.devices
-            if d.server_id in addresses or d.host_nic_ip in addresses or d.device_ip in addresses
-        ]
+        return [d for d in self.devices if d.server_id in addresses or d.host_nic_address in addresses]
 
     # -- output ----------------------------------------------------------------
     def to_dict(self) -> dict:
-        """The table in HCCL's JSON shape, every value a string."""
+        """The table in HCCL's JSON shape, every value a string, keys in hccl_tools.py's order."""
         server_list = []
         for server_id in self._server_order:
             order = self._file_order.get(server_id)
@@ -139,17 +172,16 @@ class RankTable:
                 devices = self.devices_on_server(server_id)
             else:
                 devices = [self.devices[r] for r in order]
-            entry: dict = {"server_id": server_id}
-            host_nic = next((d.host_nic_ip for d in devices if d.host_nic_ip), None)
-            if host_nic is not None:
-                entry["host_nic_ip"] = host_nic
-            entry["device"] = []
+            entry: dict = {"server_id": server_id, "device": []}
             for d in devices:
                 dev = {"device_id": str(d.device_id)}
                 if d.device_ip is not None:
                     dev["device_ip"] = d.device_ip
                 dev["rank_id"] = str(d.rank_id)
                 entry["device"].append(dev)
+            host_nic = next((d.host_nic_ip for d in devices if d.host_nic_ip is not None), None)
+            if host_nic is not None:
+                entry["host_nic_ip"] = host_nic
             server_list.append(entry)
         return {
             "version": self.version,
@@ -201,22 +233,58 @@ def _interface_addresses() -> set[str]:
     return found
 
 
+def read_hccn_conf(path: str | os.PathLike = HCCN_CONF) -> dict[int, str]:
+    """The NPU addresses in an ``/etc/hccn.conf``: {device id: IP} from its ``address_N=IP`` lines.
+
+    Other lines (``netmask_N``, ``gateway_N``, ...) are ignored, as hccl_tools.py
+    ignores them. Raises ``OSError`` when the file cannot be read and
+    ``RankTableError`` for an ``address_`` line that is not ``address_N=IP``.
+    """
+    path = os.fspath(path)
+    found: dict[int, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            text = line.strip()
+            if not text.startswith("address_"):
+                continue
+            key, sep, value = text.partition("=")
+            device = key[len("address_"):].strip()
+            value = value.strip()
+            if not sep or not device.isdigit() or not value:
+                raise RankTableError(f"{path} line {number}: expected address_N=IP (N a device id), got {text!r}")
+            found[int(device)] = value
+    return found
+
+
 def generate_rank_table(
     servers: Sequence[tuple[str, Sequence[int]]],
     device_ips: dict[tuple[str, int], str] | None = None,
     *,
+    hccn_conf: str | os.PathLike | None = HCCN_CONF,
     host_nic_ips: dict[str, str] | None = None,
-    device_ip_from_server: bool = True,
 ) -> RankTable:
     """A table for ``servers`` = [(server_id, [device ids]), ...], ranks numbered in order.
 
-    ``device_ips`` maps (server_id, device_id) to that device's IP; without
-    it (and with ``device_ip_from_server``) a device's IP is its server's id
-    when the id is an IP address, and absent otherwise (the communicator then
-    falls back to ``server_id``). ``host_nic_ips`` maps server_id to host NIC IP.
+    Written as hccl_tools.py writes one: ``host_nic_ip`` is ``"reserve"``
+    (``host_nic_ips`` maps server_id to something else), and a device's
+    ``device_ip`` (its NPU's address) comes from ``device_ips``, a map
+    (server_id, device_id) -> IP, else, for a server that is this host, from
+    ``hccn_conf`` (default ``/etc/hccn.conf``, read when it exists; None: not
+    read); with neither, the device has no ``device_ip``. ``server_id`` is
+    written as given: it must be the host's address (or a name that resolves
+    to it), since that is where the ranks listen.
+    Raises ``RankTableError`` for a table that does not validate or an
+    unreadable or malformed ``hccn_conf``.
     """
     device_ips = device_ips or {}
     host_nic_ips = host_nic_ips or {}
+    from_conf: dict[int, str] = {}
+    if hccn_conf is not None and os.path.exists(hccn_conf):
+        try:
+            from_conf = read_hccn_conf(hccn_conf)
+        except OSError as exc:
+            raise RankTableError(f"cannot read {os.fspath(hccn_conf)}: {exc}") from None
+    local = this_host_addresses() if from_conf else set()
     server_list = []
     rank = 0
     for server_id, device_ids in servers:
@@ -224,18 +292,16 @@ def generate_rank_table(
         for device_id in device_ids:
             dev = {"device_id": str(device_id)}
             ip = device_ips.get((server_id, int(device_id)))
-            if ip is None and device_ip_from_server and _is_ip(server_id):
-                ip = server_id
+            if ip is None and server_id in local:
+                ip = from_conf.get(int(device_id))
             if ip is not None:
                 dev["device_ip"] = ip
             dev["rank_id"] = str(rank)
             rank += 1
             devices.append(dev)
-        entry: dict = {"server_id": server_id}
-        if server_id in host_nic_ips:
-            entry["host_nic_ip"] = host_nic_ips[server_id]
-        entry["device"] = devices
-        server_list.append(entry)
+        server_list.append(
+            {"server_id": server_id, "device": devices, "host_nic_ip": host_nic_ips.get(server_id, RESERVED_HOST_NIC_IP)}
+        )
     data = {
         "version": "1.0",
         "server_count": str(len(server_list)),
@@ -243,14 +309,6 @@ def generate_rank_table(
         "status": "completed",
     }
     return RankTable.from_dict(data, source="<generated>")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 # -- validation ------------------------------------------------------------------

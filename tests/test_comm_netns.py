@@ -1,8 +1,10 @@
 """The zmq backend across two network namespaces joined by a veth pair: two "hosts", two ranks each.
 
-Addressed by ``rank_tables/two_hosts_2x2.json`` (10.77.0.1 and 10.77.0.2). Needs root and
-``ip`` (iproute2); skipped with the reason otherwise. The namespaces are created by the test
-and always deleted; no traffic leaves them.
+Addressed by ``rank_tables/two_hosts_2x2.json``: each namespace's address is its server's
+``server_id`` (10.77.0.1 and 10.77.0.2), where its ranks listen; the ``device_ip`` entries are
+NPU addresses that neither namespace has, as in a real HCCL table. Needs root and ``ip``
+(iproute2); skipped with the reason otherwise. The namespaces are created by the test and
+always deleted; no traffic leaves them.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def two_hosts():
         pytest.skip(reason)
     tag = secrets.token_hex(3)
     table = RankTable.load(TABLE)
-    addresses = table.servers()  # ["10.77.0.1", "10.77.0.2"]
+    addresses = table.servers()  # server_id: ["10.77.0.1", "10.77.0.2"]
     names = [f"orch{tag}a", f"orch{tag}b"]
     links = [f"ov{tag}a", f"ov{tag}b"]
     try:
@@ -81,6 +83,7 @@ def _bytes_sent(ns: str, link: str) -> int:
 def test_zmq_across_two_namespaces(two_hosts):
     namespace_of, link_of = two_hosts
     table = RankTable.load(TABLE)
+    assert not {d.device_ip for d in table.devices} & set(namespace_of)  # the sockets cannot be using device_ip
     port = free_base_port(table.world_size)  # the namespaces are empty; any port works there
     sent_before = {ns: _bytes_sent(ns, link) for ns, link in link_of.items()}
     prefix = [["ip", "netns", "exec", namespace_of[d.server_id]] for d in table.devices]

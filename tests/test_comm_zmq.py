@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 from ranks import CommError, RankTable, ZmqCommunicator, generate_rank_table
-from tests.comm_procs import TESTS, free_base_port, orch_segments, run_ranks, write_local_table
+from ranks._rank_table import this_host_addresses
+from tests.comm_procs import ROOT, TESTS, free_base_port, orch_segments, run_ranks, write_local_table
 
 pytestmark = pytest.mark.multiprocess
 
 CHECK = str(TESTS / "comm_check.py")
 FAIL = str(TESTS / "comm_fail.py")
+# As hccl_tools.py writes it: server_id 127.0.0.1, host_nic_ip "reserve", device_ip 192.1.27.6 / 192.2.27.6
+# (NPU addresses, not addresses of this host).
+HCCL_TABLE = ROOT / "rank_tables" / "hccl_2p_01_127.0.0.1.json"
 
 
 @pytest.mark.timeout(150)
@@ -26,6 +30,33 @@ def test_every_verb_and_dtype(tmp_path, n, path):
     for rank, (code, out) in enumerate(results):
         assert code == 0, out
         assert f"CHECKED rank {rank} of {n}:" in out and f"backend zmq, path {path}" in out, out
+    assert orch_segments() <= before, "a shared-memory segment outlived the ranks"
+
+
+@pytest.mark.timeout(150)
+def test_a_table_made_by_hccl_tools_unchanged_over_tcp():
+    table = RankTable.load(HCCL_TABLE)
+    assert not {d.device_ip for d in table.devices} & this_host_addresses()
+    port = free_base_port(2)
+    results, _ = run_ranks([[CHECK, "zmq", str(r), "2", str(HCCL_TABLE), str(port), "tcp"] for r in range(2)], timeout=140)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, out
+        assert f"CHECKED rank {rank} of 2:" in out and "backend zmq, path tcp" in out, out
+
+
+@pytest.mark.timeout(120)
+def test_a_users_allreduce_script_with_a_table_made_by_hccl_tools(tmp_path):
+    # The user's way in: an ini naming the table, one command per rank, the same-host path left to choose itself.
+    before = orch_segments()
+    ini = tmp_path / "config_file.ini"
+    ini.write_text(f"[ascend_context]\nrank_table_file={HCCL_TABLE}\n[comm]\nbase_port={free_base_port(2)}\ntimeout=60\n")
+    script = str(ROOT / "examples" / "allreduce.py")
+    results, _ = run_ranks(
+        [[script, "--rank_id", str(r), "--device_id", str(r), "--config_file", str(ini)] for r in range(2)], timeout=100
+    )
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, out
+        assert f"rank {rank} of 2 (zmq, device {rank}): allreduce -> [3.0, 3.0, 3.0, 3.0] OK" in out, out
     assert orch_segments() <= before, "a shared-memory segment outlived the ranks"
 
 
@@ -157,18 +188,37 @@ def test_port_in_use_is_named():
             ZmqCommunicator(0, generate_rank_table([("127.0.0.1", [0])]), base_port=port, timeout=5)
 
 
-def test_address_not_on_this_host_is_named(tmp_path):
+def test_server_id_not_on_this_host_is_named(tmp_path):
     table = RankTable.from_dict({
         "version": "1.0", "server_count": "1", "status": "completed",
-        "server_list": [{"server_id": "192.0.2.1", "device": [{"device_id": "0", "rank_id": "0"}]}],
+        "server_list": [{"server_id": "192.0.2.1", "device": [{"device_id": "0", "device_ip": "127.0.0.1", "rank_id": "0"}],
+                         "host_nic_ip": "reserve"}],
     })
-    with pytest.raises(CommError, match=r"cannot listen on tcp://192.0.2.1:\d+ .*192.0.2.1 is not an address of this host"):
+    with pytest.raises(CommError) as info:
+        ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5)
+    msg = str(info.value)
+    # The rank, its server_id and this host's addresses; the device_ip (here an address of this host) is not used.
+    assert re.search(r"rank 0 of 1: cannot listen on tcp://192\.0\.2\.1:\d+ .*rank 0's server_id '192\.0\.2\.1' "
+                     r"is not an address of this host \(this host: 127\.0\.0\.1, ", msg), msg
+    assert "start rank 0 on that server" in msg
+    table = generate_rank_table([("no-such-host.invalid", [0])], hccn_conf=None)
+    with pytest.raises(CommError, match=r"rank 0: cannot resolve its server_id 'no-such-host.invalid' .*this host's addresses are 127\.0\.0\.1"):
         ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5)
 
 
+def test_device_ip_is_not_where_ranks_listen():
+    # A real table's device_ip is the NPU's address, which this host does not have; the rank listens on server_id.
+    table = generate_rank_table([("127.0.0.1", [0])], {("127.0.0.1", 0): "192.1.27.6"}, hccn_conf=None)
+    assert table.device(0).device_ip == "192.1.27.6" and "192.1.27.6" not in this_host_addresses()
+    port = free_base_port(1)
+    with ZmqCommunicator(0, table, base_port=port, timeout=5) as comm:
+        assert comm.endpoints == [f"tcp://127.0.0.1:{port}"]
+        assert comm.allreduce(np.arange(3)).tolist() == [0, 1, 2]
+
+
 def test_server_named_by_host_name():
-    # No device_ip: the address is the server id, a name resolved when binding and connecting.
-    table = generate_rank_table([("localhost", [0])])
+    # The server id may be a name; it is resolved when binding and connecting.
+    table = generate_rank_table([("localhost", [0])], hccn_conf=None)
     assert table.device(0).device_ip is None
     with ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5) as comm:
         assert comm.endpoints[0].startswith("tcp://localhost:")
