@@ -72,6 +72,11 @@ MPIRUN = _var("ORCH_MPIRUN", None, "the mpirun or mpiexec a launcher runs (defau
 DEMO_DIR = _var("ORCH_DEMO_DIR", None, "where the demo writes its sample model (default: a temporary directory)")
 
 # --- set by other launchers; read, never required ----------------------------
+RANK_TABLE_FILE = _var(
+    "RANK_TABLE_FILE", None,
+    "HCCL's variable for the rank table (as Ascend users export it); create_communicator() reads it when given no "
+    "table, and the rank-table launcher exports it to the ranks it starts",
+)
 RANK = _var("RANK", None, "torchrun-style global rank; exported to every rank we start")
 WORLD_SIZE = _var("WORLD_SIZE", None, "torchrun-style world size; exported to every rank we start")
 LOCAL_RANK = _var("LOCAL_RANK", None, "torchrun-style rank on this host; exported to every rank we start")
