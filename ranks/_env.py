@@ -85,6 +85,7 @@ OMPI_COMM_WORLD_SIZE = _var("OMPI_COMM_WORLD_SIZE", None, "set by Open MPI's mpi
 OMPI_COMM_WORLD_LOCAL_RANK = _var("OMPI_COMM_WORLD_LOCAL_RANK", None, "set by Open MPI's mpirun")
 PMI_RANK = _var("PMI_RANK", None, "set by MPICH's mpiexec (hydra): tells a process it runs under MPI")
 PMI_SIZE = _var("PMI_SIZE", None, "set by MPICH's mpiexec (hydra)")
+MPI_LOCALRANKID = _var("MPI_LOCALRANKID", None, "set by MPICH's mpiexec (hydra): the rank on this host")
 PMIX_RANK = _var("PMIX_RANK", None, "set by PMIx-based launchers (Open MPI 5's prterun, Slurm): the rank")
 PYTHONUNBUFFERED = _var("PYTHONUNBUFFERED", None, "set to 1 by the launchers for the ranks they start, so printed lines arrive at once")
 PYTHONFAULTHANDLER = _var("PYTHONFAULTHANDLER", None, "set to 1 by the launchers for the ranks they start, so a segfault prints the Python stack")

@@ -121,6 +121,11 @@ def _mpi_identity() -> Identity:
         size = _int_var(_env.OMPI_COMM_WORLD_SIZE)
         local = _int_var(_env.OMPI_COMM_WORLD_LOCAL_RANK) if _env.OMPI_COMM_WORLD_LOCAL_RANK.is_set() else rank
         return Identity(rank, size, local, None, "mpi")
+    if _env.PMI_RANK.is_set() and _env.PMI_SIZE.is_set() and _env.MPI_LOCALRANKID.is_set():
+        # MPICH's hydra says it all too. (The fallback below splits COMM_WORLD, a collective: a
+        # process that asks alone, say to print context.gpu.rank_id on rank 0, would wait for the others.)
+        rank, size, local = (_int_var(v) for v in (_env.PMI_RANK, _env.PMI_SIZE, _env.MPI_LOCALRANKID))
+        return Identity(rank, size, local, None, "mpi")
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
