@@ -304,7 +304,9 @@ class MpiLauncher:
         silent = self.output.silent_ranks()
         note = ""
         if silent:
-            pids = ", ".join(f"{r} (pid {self.output.starts[r].get('pid')})" for r in silent)
+            pids = ", ".join(
+                f"{r} (pid {self.output.starts[r].get('pid')} on host {self.output.starts[r].get('host')})" for r in silent
+            )
             note = f"\nranks stopped by mpirun before they could report how they ended: {pids}"
         if error is not None:
             failures, stopped = split_failures(exits)
