@@ -126,6 +126,9 @@ class MpiLaunchConfig:
     ``oversubscribe``: None decides from the cores (more ranks than cores and
     no host list); True/False force it. ``mpirun``: path (default: found).
     ``mpirun_args``: more options for mpirun, placed before the program.
+    ``mca``: Open MPI parameters as (name, value) pairs, each passed as
+    ``--mca NAME VALUE`` (e.g. ``("plm_rsh_agent", "ssh -p 2222")``,
+    ``("btl_tcp_if_include", "10.0.0.0/24")``); Open MPI only.
     """
 
     nprocs: int
@@ -138,6 +141,7 @@ class MpiLaunchConfig:
     oversubscribe: bool | None = None
     mpirun: str | None = None
     mpirun_args: Sequence[str] = field(default_factory=tuple)
+    mca: Sequence[tuple[str, str]] = field(default_factory=tuple)
     stop_timeout: float | None = None
     tail_lines: int | None = None
     console: bool = True
@@ -149,6 +153,10 @@ class MpiLaunchConfig:
         if self.hostfile is not None and not Path(self.hostfile).is_file():
             raise ConfigError(f"hostfile {self.hostfile!r} does not exist")
         self.mpirun_args = list(self.mpirun_args)
+        self.mca = [tuple(pair) for pair in self.mca]
+        for pair in self.mca:
+            if len(pair) != 2 or not all(isinstance(part, str) for part in pair) or not pair[0]:
+                raise ConfigError(f"--mca takes a parameter name and a value, got {pair!r}")
 
 
 def build_mpirun_command(
@@ -172,7 +180,13 @@ def build_mpirun_command(
             argv += ["-H", config.hosts]
         if config.hostfile:
             argv += ["--hostfile", config.hostfile]
+        for name, value in config.mca:
+            argv += ["--mca", name, value]
     else:
+        if config.mca:
+            raise ConfigError(
+                f"--mca is Open MPI's and {Path(mpirun).name} is {flavor}: pass its own options with --mpirun-arg"
+            )
         # Hydra (MPICH, Intel MPI) runs as root and oversubscribes without being asked.
         if config.bind_to and flavor == MPICH:
             argv += ["-bind-to", config.bind_to]
@@ -290,7 +304,9 @@ class MpiLauncher:
         silent = self.output.silent_ranks()
         note = ""
         if silent:
-            pids = ", ".join(f"{r} (pid {self.output.starts[r].get('pid')})" for r in silent)
+            pids = ", ".join(
+                f"{r} (pid {self.output.starts[r].get('pid')} on host {self.output.starts[r].get('host')})" for r in silent
+            )
             note = f"\nranks stopped by mpirun before they could report how they ended: {pids}"
         if error is not None:
             failures, stopped = split_failures(exits)

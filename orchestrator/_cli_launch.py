@@ -19,6 +19,8 @@ EPILOG_MPI = """\
 examples:
   orchestrate launch mpi -n 2 -- python -m ranks --model_path=shards/model.onnx
   orchestrate launch mpi -n 4 -H host1:2,host2:2 --log-dir logs -- python -m ranks --model_path=shards/model.onnx
+  orchestrate launch mpi -n 2 --hostfile hosts --mca btl self,tcp --mca btl_tcp_if_include 10.0.0.0/24 \
+      --mca oob_tcp_if_include 10.0.0.0/24 -- python -m ranks --model_path=shards/model.onnx
 A first word "python" (or "python3") runs as this interpreter, so the ranks use the same environment.
 """
 
@@ -83,6 +85,9 @@ def register(subparsers) -> None:
     mpi.add_argument("--mpirun", help="the mpirun/mpiexec to use (default: next to this Python, then on PATH)")
     mpi.add_argument("--mpirun-arg", dest="mpirun_args", action="append", default=[], metavar="ARG",
                      help="one more argument for mpirun, before the program (repeatable), e.g. --mpirun-arg=--mca ...")
+    mpi.add_argument("--mca", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="an Open MPI parameter, passed as --mca NAME VALUE (repeatable), e.g. --mca plm_rsh_agent AGENT "
+                     "or --mca btl_tcp_if_include 10.0.0.0/24")
     mpi.add_argument("--print-command", action="store_true", help="print the mpirun command line before running it")
     _common_options(mpi)
     mpi.set_defaults(func=_run_mpi)
@@ -132,6 +137,7 @@ def _run_mpi(args) -> int:
             oversubscribe=args.oversubscribe,
             mpirun=args.mpirun,
             mpirun_args=args.mpirun_args,
+            mca=[tuple(pair) for pair in args.mca],
             stop_timeout=args.stop_timeout,
         )
         launcher = MpiLauncher(config)

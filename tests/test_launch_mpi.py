@@ -49,6 +49,28 @@ def test_mpich_hydra_spelling():
     assert mpirun == ["/x/mpirun", "-n", "3", "-bind-to", "none", "-hosts", "a,b"]
 
 
+def test_mca_parameters_go_to_open_mpi_only():
+    config = MpiLaunchConfig(2, ["p"], mca=[("plm_rsh_agent", "ssh -p 2222"), ("btl", "self,tcp")], mpirun_args=["-x", "A"])
+    mpirun, _ = command(config)
+    assert mpirun[-8:] == ["--mca", "plm_rsh_agent", "ssh -p 2222", "--mca", "btl", "self,tcp", "-x", "A"]
+    with pytest.raises(ConfigError, match="--mca is Open MPI's and mpirun is mpich: pass its own options with --mpirun-arg"):
+        command(config, flavor=MPICH)
+    with pytest.raises(ConfigError, match="--mca takes a parameter name and a value"):
+        MpiLaunchConfig(2, ["p"], mca=[("btl",)])
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_mca_on_the_command_line():
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "1", "--mca", "btl", "self,tcp", "--mca", "plm_rsh_agent", "false", "--print-command",
+        "--", "python", MPI_PROGRAM))
+    assert result.returncode == 0, result.stderr
+    assert "--mca btl self,tcp --mca plm_rsh_agent false " in result.stderr.splitlines()[0]
+    assert "[rank 0] rank 0 allreduce sum 0" in result.stdout.splitlines()
+
+
 def test_bad_configs_name_the_option(tmp_path):
     with pytest.raises(ConfigError, match=r"\(-n\) must be a positive integer, got 0"):
         MpiLaunchConfig(0, ["p"])
