@@ -15,10 +15,11 @@ from ._config_file import RankConfig, load_config
 from ._context import Context
 from ._errors import ConfigError, InputError, ModelError, ModelNotFoundError, OrchestratorError
 from ._session import execution_providers, session_options
+from ._shared_weights import release_freed_heap, share_weights
 from ._tensor import DataType, Tensor, check_shape, data_type_from_ort
 
 COLLECTIVE_OPS = ("AllReduce", "AllGather")
-MODEL_INFO_KEYS = ("user_info", "input_shape", "dynamic_dims")
+MODEL_INFO_KEYS = ("user_info", "input_shape", "dynamic_dims", "current_pid", "shareable_weight_mem_handle")
 
 
 class ModelType(enum.Enum):
@@ -107,6 +108,7 @@ class Model:
         self._outputs: list[Tensor] = []
         self._initializers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._weight_overrides: dict[str, ort.OrtValue] = {}
+        self._shared_weights = None  # ranks._shared_weights.SharedWeights when publishing or attached
         self._metadata: dict[str, str] = {}
         self._communicator = None
         self._lock = threading.Lock()
@@ -129,7 +131,10 @@ class Model:
             model_type: ``ModelType.ONNX``; MindIR files are refused with a clear message.
             context: devices and threads; ``Context()`` (CPU) when omitted.
             config_path: a ``config_file.ini`` (see ``ranks._config_file``).
-            config_dict: ``{section: {key: value}}`` overriding the file.
+            config_dict: ``{section: {key: value}}`` overriding the file; also the flat
+                weight-sharing keys ``{"pids": "pid1, pid2"}`` (publish this model's
+                weights to those processes) and ``{"shared_mem_handle": handle}``
+                (run on weights another process published; see ``ranks._shared_weights``).
             communicator: for a tensor-parallel shard, the communicator to its peers
                 (default: chosen from the launch environment and the config).
 
@@ -167,6 +172,13 @@ class Model:
                 + (f"; its weights include {sorted(self._initializers)[:8]}" if self._initializers else "")
             )
         self._weight_overrides = {}
+        previous, self._shared_weights = self._shared_weights, None
+        if previous is not None:
+            previous.close()  # a rebuild stops publishing the old weights
+        # None unless the config asks to publish the weights or attach to published ones
+        self._shared_weights = share_weights(proto, path, context, config, sharded=is_sharded(proto))
+        if self._shared_weights is not None:
+            self._weight_overrides = dict(self._shared_weights.ort_values)
         if is_sharded(proto):
             self._session = self._build_sharded(proto, communicator, identity)
         else:
@@ -187,6 +199,8 @@ class Model:
             for arg in self._session.get_outputs()
         ]
         del proto
+        if self._shared_weights is not None:
+            release_freed_heap()  # the parsed file's weights, now stood in for by the shared ones
 
     def _new_session(self):
         options = session_options(self._context, self._config)
@@ -194,6 +208,8 @@ class Model:
             options.add_initializer(name, value)
         providers = execution_providers(self._context, self._config)
         try:
+            if self._shared_weights is not None:
+                return self._shared_weights.new_session(str(self._path), options, providers)
             return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime could not build {self._path}: {_ort_message(exc)}") from None
@@ -250,8 +266,19 @@ class Model:
         return self._outputs
 
     def get_model_info(self, key: str) -> str:
-        """``user_info`` (the model's metadata), ``input_shape`` ("x:1,3,224,224;...") or ``dynamic_dims``."""
+        """``user_info`` (the model's metadata), ``input_shape`` ("x:1,3,224,224;..."), ``dynamic_dims``,
+        ``current_pid`` (this process's id, also before building) or ``shareable_weight_mem_handle``
+        (the handle other processes attach with, once built with ``config_dict={"pids": ...}``)."""
+        if key == "current_pid":
+            return str(os.getpid())
         self._require_built()
+        if key == "shareable_weight_mem_handle":
+            if self._shared_weights is None:
+                raise ModelError(
+                    "get_model_info('shareable_weight_mem_handle'): this model does not share its weights; build it with "
+                    "config_dict={'pids': 'pid1, pid2'} (the processes that may attach) first"
+                )
+            return str(self._shared_weights.handle)
         if key == "user_info":
             return ";".join(f"{k}:{v}" for k, v in sorted(self._metadata.items()))
         if key == "input_shape":
@@ -429,8 +456,12 @@ class Model:
                 raise
 
     def close(self) -> None:
-        """Release the session (and the communicator of a shard)."""
+        """Release the session (and the communicator of a shard, and this process's hold on shared weights)."""
         self._session = None
+        if self._shared_weights is not None:
+            self._shared_weights.close()
+            self._shared_weights = None
+            self._weight_overrides = {}
         if self._communicator is not None:
             self._communicator.close()
             self._communicator = None
