@@ -70,6 +70,8 @@ def rank_specs(table: RankTable, devices: Sequence[RankDevice], config: RankTabl
             _env.RANK.name: str(device.rank_id),
             _env.WORLD_SIZE.name: str(table.world_size),
             _env.LOCAL_RANK.name: str(local_rank),
+            # HCCL's own variable: create_communicator() in the rank's program finds its peers through it.
+            _env.RANK_TABLE_FILE.name: os.path.abspath(config.rank_table),
         }
         specs.append(ProcessSpec(device.rank_id, argv, env=env))
     return specs

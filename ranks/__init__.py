@@ -11,7 +11,9 @@ from ._errors import (
     CommError,
     CommTimeoutError,
     ConfigError,
+    ConfigTypeError,
     InputError,
+    InputTypeError,
     LaunchError,
     LaunchInterruptedError,
     LaunchTimeoutError,
@@ -34,5 +36,5 @@ from ._rank_table import RankDevice, RankTable, generate_rank_table
 from ._remote_errors import RemoteError, RemoteTraceback
 from ._shard_files import resolve_shard_path
 from ._staged_runner import StagedRunner
-from ._tensor import DataType, Format, Tensor
+from ._tensor import DataType, Format, Tensor, TensorMeta
 from ._world import Identity, create_communicator, export_torchrun_env, resolve_identity

@@ -9,6 +9,7 @@ not answer; a peer that exits mid-operation raises ``PeerLostError``.
 from __future__ import annotations
 
 import abc
+import traceback
 
 import numpy as np
 
@@ -23,6 +24,8 @@ class Communicator(abc.ABC):
     """A group of ``size`` ranks; this process is ``rank``."""
 
     backend: str = ""
+    # True when abort() ends this process (MPI_Abort) instead of returning.
+    abort_ends_process: bool = False
 
     def __init__(self, rank: int, size: int, timeout: float):
         self.rank = rank
@@ -86,7 +89,16 @@ class Communicator(abc.ABC):
     def __enter__(self) -> "Communicator":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and issubclass(exc_type, Exception) and self.size > 1:
+            # The peers may be waiting in a collective for this rank. A plain close would
+            # leave them to their timeout (and MPI's exit hook skips closed communicators).
+            if self.abort_ends_process:
+                traceback.print_exception(exc_type, exc, tb)  # the abort below leaves no other chance
+            self.abort(
+                f"rank {self.rank} of {self.size}: {exc_type.__name__} inside the communicator's with-block; "
+                f"{'aborting the MPI job' if self.abort_ends_process else 'leaving the group'} so the other ranks do not wait"
+            )
         self.close()
 
     def __repr__(self) -> str:

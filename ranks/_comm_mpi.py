@@ -95,6 +95,7 @@ class MpiCommunicator(Communicator):
     """
 
     backend = "mpi"
+    abort_ends_process = True
 
     def __init__(
         self, comm=None, timeout: float | None = None, *, shared_memory: bool | None = None, arrival_check: bool | None = None

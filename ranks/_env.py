@@ -72,6 +72,11 @@ MPIRUN = _var("ORCH_MPIRUN", None, "the mpirun or mpiexec a launcher runs (defau
 DEMO_DIR = _var("ORCH_DEMO_DIR", None, "where the demo writes its sample model (default: a temporary directory)")
 
 # --- set by other launchers; read, never required ----------------------------
+RANK_TABLE_FILE = _var(
+    "RANK_TABLE_FILE", None,
+    "HCCL's variable for the rank table (as Ascend users export it); create_communicator() reads it when given no "
+    "table, and the rank-table launcher exports it to the ranks it starts",
+)
 RANK = _var("RANK", None, "torchrun-style global rank; exported to every rank we start")
 WORLD_SIZE = _var("WORLD_SIZE", None, "torchrun-style world size; exported to every rank we start")
 LOCAL_RANK = _var("LOCAL_RANK", None, "torchrun-style rank on this host; exported to every rank we start")
@@ -80,6 +85,7 @@ OMPI_COMM_WORLD_SIZE = _var("OMPI_COMM_WORLD_SIZE", None, "set by Open MPI's mpi
 OMPI_COMM_WORLD_LOCAL_RANK = _var("OMPI_COMM_WORLD_LOCAL_RANK", None, "set by Open MPI's mpirun")
 PMI_RANK = _var("PMI_RANK", None, "set by MPICH's mpiexec (hydra): tells a process it runs under MPI")
 PMI_SIZE = _var("PMI_SIZE", None, "set by MPICH's mpiexec (hydra)")
+MPI_LOCALRANKID = _var("MPI_LOCALRANKID", None, "set by MPICH's mpiexec (hydra): the rank on this host")
 PMIX_RANK = _var("PMIX_RANK", None, "set by PMIx-based launchers (Open MPI 5's prterun, Slurm): the rank")
 PYTHONUNBUFFERED = _var("PYTHONUNBUFFERED", None, "set to 1 by the launchers for the ranks they start, so printed lines arrive at once")
 PYTHONFAULTHANDLER = _var("PYTHONFAULTHANDLER", None, "set to 1 by the launchers for the ranks they start, so a segfault prints the Python stack")

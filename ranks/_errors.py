@@ -4,6 +4,22 @@ Every type derives from ``OrchestratorError`` and from the builtin a user's
 ``except`` clause would naturally name (``ValueError`` for bad input,
 ``TimeoutError`` for a wait that ran out, ``FileNotFoundError`` for a missing
 model), so both styles of handling work.
+
+Scripts ported from MindSpore Lite catch what MindSpore Lite raises: a
+``TypeError`` for an argument of the wrong type, a ``ValueError`` for a bad
+value, a ``RuntimeError`` when building or running a model fails. So
+``ConfigError`` and ``InputError`` are both ``ValueError`` and
+``RuntimeError`` (MindSpore Lite raises either, depending on whether its
+Python layer or its C++ core finds the problem), and their ``*TypeError``
+subclasses are also ``TypeError``:
+
+===================  ===========================================================
+``ConfigTypeError``  a Context field, model_type, context, ... of the wrong type
+``ConfigError``      a bad setting value, an unreadable or invalid config file
+``InputTypeError``   a Tensor argument, an input or a shape of the wrong type
+``InputError``       inputs that do not fit the model (count, name, dtype, shape)
+``ModelError``       a model that cannot be built or run (``RuntimeError``)
+===================  ===========================================================
 """
 
 from __future__ import annotations
@@ -13,8 +29,12 @@ class OrchestratorError(Exception):
     """Base of every error raised by this project."""
 
 
-class ConfigError(OrchestratorError, ValueError):
+class ConfigError(OrchestratorError, ValueError, RuntimeError):
     """An invalid setting: a Context field, an ini file, a flag."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A setting or argument of the wrong type (a str where an int belongs, a model_type that is not a ModelType)."""
 
 
 class RankTableError(ConfigError):
@@ -29,8 +49,12 @@ class ModelNotFoundError(ModelError, FileNotFoundError):
     """The model file does not exist."""
 
 
-class InputError(OrchestratorError, ValueError):
+class InputError(OrchestratorError, ValueError, RuntimeError):
     """Inputs that do not match what the model expects."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An input, tensor argument or shape of the wrong type (a list where an array belongs, a float dimension)."""
 
 
 class ProviderError(OrchestratorError, RuntimeError):

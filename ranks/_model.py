@@ -13,19 +13,24 @@ import onnxruntime as ort
 
 from ._config_file import RankConfig, load_config
 from ._context import Context
-from ._errors import ConfigError, InputError, ModelError, ModelNotFoundError, OrchestratorError
+from ._errors import ConfigError, ConfigTypeError, InputError, InputTypeError, ModelError, ModelNotFoundError, OrchestratorError
 from ._session import execution_providers, session_options
 from ._shared_weights import release_freed_heap, share_weights
-from ._tensor import DataType, Tensor, check_shape, data_type_from_ort
+from ._tensor import DataType, Tensor, TensorMeta, check_shape_argument, data_type_from_ort, fit_shape
 
 COLLECTIVE_OPS = ("AllReduce", "AllGather")
 MODEL_INFO_KEYS = ("user_info", "input_shape", "dynamic_dims", "current_pid", "shareable_weight_mem_handle")
 
 
 class ModelType(enum.Enum):
+    """MindSpore Lite's model types, with its values; ONNX has the value of MindSpore's C++ ``kONNX``."""
+
     MINDIR = 0
+    ONNX = 3
     MINDIR_LITE = 4
-    ONNX = 100
+
+
+DEC_MAX_PARALLEL = 64  # MindSpore Lite's upper bound for dec_num_parallel
 
 
 def load_onnx_header(path: Path) -> onnx.ModelProto:
@@ -108,6 +113,7 @@ class Model:
         self._outputs: list[Tensor] = []
         self._initializers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._weight_overrides: dict[str, ort.OrtValue] = {}
+        self._resized_shapes: dict[str, list[int]] | None = None  # set when resize() rewrote the graph's inputs
         self._shared_weights = None  # ranks._shared_weights.SharedWeights when publishing or attached
         self._metadata: dict[str, str] = {}
         self._communicator = None
@@ -121,6 +127,9 @@ class Model:
         context: Context | None = None,
         config_path: str = "",
         config_dict: dict | None = None,
+        dec_key: bytes | None = None,
+        dec_mode: str = "AES-GCM",
+        dec_num_parallel: int = 0,
         *,
         communicator=None,
     ) -> None:
@@ -135,16 +144,21 @@ class Model:
                 weight-sharing keys ``{"pids": "pid1, pid2"}`` (publish this model's
                 weights to those processes) and ``{"shared_mem_handle": handle}``
                 (run on weights another process published; see ``ranks._shared_weights``).
+            dec_key, dec_mode, dec_num_parallel: MindSpore Lite's decryption arguments; they are
+                type-checked, and a ``dec_key`` is refused (ONNX models are not encrypted).
             communicator: for a tensor-parallel shard, the communicator to its peers
                 (default: chosen from the launch environment and the config).
 
         Raises:
-            ModelNotFoundError, ModelError, ConfigError, ProviderError.
+            ModelNotFoundError, ModelError, ConfigError, ProviderError (all RuntimeError);
+            ConfigTypeError (a TypeError) for an argument of the wrong type.
         """
         if not isinstance(model_type, ModelType):
-            raise ConfigError(f"model_type must be a ModelType (e.g. ModelType.ONNX), got {model_type!r}")
+            raise ConfigTypeError(f"model_type must be a ModelType (e.g. ModelType.ONNX), got {model_type!r}")
+        _check_decryption(dec_key, dec_mode, dec_num_parallel)
         if context is not None and not isinstance(context, Context):
-            raise ConfigError(f"context must be a Context, got {type(context).__name__}")
+            raise ConfigTypeError(f"context must be a Context, got {type(context).__name__}")
+        self._resized_shapes = None
         self._session = None  # a failed rebuild must not leave the old session answering
         context = context or Context()
         config = load_config(config_path, config_dict)
@@ -207,10 +221,16 @@ class Model:
         for name, value in self._weight_overrides.items():
             options.add_initializer(name, value)
         providers = execution_providers(self._context, self._config)
+        model = str(self._path)
+        if self._resized_shapes is not None:
+            model = self._resized_graph(self._resized_shapes)
+            # Built from bytes, ONNX Runtime finds external weights only when told where the file was.
+            folder = str(self._path.absolute().parent)
+            options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
         try:
             if self._shared_weights is not None:
-                return self._shared_weights.new_session(str(self._path), options, providers)
-            return ort.InferenceSession(str(self._path), sess_options=options, providers=providers)
+                return self._shared_weights.new_session(model, options, providers)
+            return ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime could not build {self._path}: {_ort_message(exc)}") from None
 
@@ -256,14 +276,16 @@ class Model:
         return [name for name, _, _ in self._model_inputs]
 
     def get_inputs(self) -> list[Tensor]:
-        """The model's input tensors: fill them with set_data_from_numpy() and pass them to predict()."""
+        """New input tensors (name, dtype, current shape, format) on every call: fill them with
+        set_data_from_numpy() and pass them to predict(). Each caller gets its own, so threads do not
+        overwrite each other's data."""
         self._require_built()
-        return self._inputs
+        return [Tensor(shape=t.shape, dtype=t.dtype, name=t.name, format=t.format) for t in self._inputs]
 
-    def get_outputs(self) -> list[Tensor]:
-        """The model's outputs (name, dtype, shape with -1 for dimensions known only after predict)."""
+    def get_outputs(self) -> list[TensorMeta]:
+        """The model's outputs as TensorMeta (name, dtype, shape with -1 for dimensions known only after predict)."""
         self._require_built()
-        return self._outputs
+        return [TensorMeta(t.name, t.dtype, t.shape, t.format) for t in self._outputs]
 
     def get_model_info(self, key: str) -> str:
         """``user_info`` (the model's metadata), ``input_shape`` ("x:1,3,224,224;..."), ``dynamic_dims``,
@@ -292,21 +314,103 @@ class Model:
 
     # -- running -------------------------------------------------------------
     def resize(self, inputs: list[Tensor], dims: list[list[int]]) -> None:
-        """Set new shapes for the inputs' free (dynamic) dimensions."""
+        """Give the inputs new shapes; later get_inputs() show them and predict() takes only them.
+
+        A shape that only fills the graph's free (-1) dimensions changes nothing else. A shape
+        that changes a fixed dimension rebuilds the session from the graph with its input shapes
+        rewritten, then runs it once on zeros, so a graph that cannot take the shape (an
+        operator whose weights fix it, a Reshape to constants) fails here and not in predict.
+        On failure the model keeps its previous shapes and session. Resizing to the current
+        shapes does nothing.
+
+        Args:
+            inputs: the model's input Tensors (e.g. from get_inputs()), matched by name.
+            dims: one new shape (list of int) per tensor in ``inputs``.
+
+        Raises:
+            InputTypeError: ``inputs``/``dims`` are not lists of Tensors/lists of int.
+            InputError: len(inputs) != len(dims), unknown inputs, non-positive dimensions,
+                another rank, or a shape the graph cannot take.
+            ModelError: a tensor-parallel shard asked for new fixed dimensions.
+        """
         self._require_built()
-        if len(inputs) != len(self._inputs) or len(dims) != len(inputs):
-            raise InputError(f"resize: got {len(inputs)} inputs and {len(dims)} shapes, the model has {len(self._inputs)} inputs")
-        for tensor, new_shape in zip(inputs, dims):
-            model_shape = self._model_shape(tensor.name)
-            new_shape = [int(d) for d in new_shape]
-            check_shape(tensor.name, model_shape, new_shape)
-            if any(d <= 0 for d in new_shape):
-                raise InputError(f"resize: input {tensor.name!r}: every dimension must be positive, got {new_shape}")
-        for tensor, new_shape in zip(inputs, dims):
-            tensor.shape = new_shape
-            for own in self._inputs:
-                if own.name == tensor.name and own is not tensor:
-                    own.shape = new_shape
+        if not isinstance(inputs, list):
+            raise InputTypeError(f"resize: inputs must be a list of Tensors, got {type(inputs).__name__}")
+        if not isinstance(dims, list):
+            raise InputTypeError(f"resize: dims must be a list of shapes (lists of int), got {type(dims).__name__}")
+        for index, tensor in enumerate(inputs):
+            if not isinstance(tensor, Tensor):
+                raise InputTypeError(f"resize: inputs must be Tensors, got {type(tensor).__name__} at index {index}")
+        shapes = [check_shape_argument(f"resize: dims[{index}]", shape) for index, shape in enumerate(dims)]
+        if len(inputs) != len(dims):
+            raise InputError(f"resize: got {len(inputs)} inputs and {len(dims)} shapes; give one shape per input")
+        names = [tensor.name or (self.input_names[i] if i < len(self.input_names) else "") for i, tensor in enumerate(inputs)]
+        for name in names:
+            self._model_shape(name)  # an unknown name is an InputError that lists the inputs
+        if len(set(names)) != len(names):
+            raise InputError(f"resize: inputs {names} name an input twice")
+        with self._lock:
+            current = {t.name: t.shape for t in self._inputs}
+            wanted = dict(current)
+            for name, shape in zip(names, shapes):
+                graph_shape = self._model_shape(name)
+                if graph_shape and len(shape) != len(graph_shape):
+                    raise InputError(f"resize: input {name!r}: shape {shape} has {len(shape)} dimensions, "
+                                     f"the model's has {len(graph_shape)} ({_spell_shape(graph_shape)})")
+                if any(d <= 0 for d in shape):
+                    raise InputError(f"resize: input {name!r}: every dimension must be positive, got {shape}")
+                wanted[name] = shape
+            if wanted != current:
+                self._apply_shapes(wanted, current)
+        for tensor, shape in zip(inputs, shapes):
+            tensor.shape = shape
+
+    def _apply_shapes(self, wanted: dict[str, list[int]], current: dict[str, list[int]]) -> None:
+        """Make ``wanted`` the model's input shapes, rebuilding the session when the graph must change (lock held)."""
+        fits_graph = all(_fits(self._model_shape(name), shape) for name, shape in wanted.items())
+        resized = None if fits_graph else wanted
+        if resized is not None and getattr(self._session, "is_staged", False):
+            raise ModelError(
+                f"resize: {self._path.name} is a tensor-parallel shard, whose graph cannot be rebuilt with other fixed "
+                f"dimensions here ({_spell_changes(wanted, current)}); only free dimensions can be set. "
+                f"Shard a model exported with the shape you need."
+            )
+        if resized is not None or self._resized_shapes is not None:
+            previous = self._resized_shapes
+            self._resized_shapes = resized
+            try:
+                session = self._new_session()
+                if resized is not None:
+                    _trial_run(session, {t.name: (t.dtype, wanted[t.name]) for t in self._inputs})
+            except Exception as exc:
+                self._resized_shapes = previous
+                text = _ort_message(exc).removeprefix(f"ONNX Runtime could not build {self._path}: ")
+                raise InputError(
+                    f"resize: the graph of {self._path.name} cannot take {_spell_changes(wanted, current)}: {text}. "
+                    f"The model keeps its previous shapes."
+                ) from None
+            self._session = session
+            self._outputs = [
+                Tensor(shape=[d if isinstance(d, int) else -1 for d in arg.shape], dtype=data_type_from_ort(arg.type), name=arg.name)
+                for arg in session.get_outputs()
+            ]
+        self._inputs = [Tensor(shape=wanted[t.name], dtype=t.dtype, name=t.name, format=t.format) for t in self._inputs]
+
+    def _resized_graph(self, shapes: dict[str, list[int]]) -> bytes:
+        """The model file's graph with the inputs' dimensions set to ``shapes``, serialized (weights stay external)."""
+        proto = load_onnx_header(self._path)
+        for value in proto.graph.input:
+            if value.name in shapes:
+                dims = value.type.tensor_type.shape.dim
+                del dims[:]
+                for size in shapes[value.name]:
+                    dims.add().dim_value = size
+        # Shapes recorded for the old input shapes would contradict the new ones: ONNX Runtime infers them again.
+        del proto.graph.value_info[:]
+        for value in proto.graph.output:
+            for dim in value.type.tensor_type.shape.dim:
+                dim.Clear()
+        return proto.SerializeToString()
 
     def predict(self, inputs, outputs: list[Tensor] | None = None) -> list[Tensor]:
         """Run the model.
@@ -324,6 +428,8 @@ class Model:
             ModelError: ONNX Runtime failed while running.
         """
         self._require_built()
+        if outputs is not None and (not isinstance(outputs, list) or not all(isinstance(t, Tensor) for t in outputs)):
+            raise InputTypeError(f"predict: outputs must be a list of Tensors, got {outputs!r}")
         feeds = self._feeds(inputs)
         try:
             results = self._session.run(None, feeds)
@@ -389,7 +495,8 @@ class Model:
         raise InputError(f"the model has no input named {name!r}; its inputs are {self.input_names}")
 
     def _feeds(self, inputs) -> dict[str, np.ndarray]:
-        return validate_feeds(inputs, self._model_inputs)
+        # The current shapes (after resize() or the config's input_shape), not only the graph's.
+        return validate_feeds(inputs, [(t.name, t.dtype, t.shape) for t in self._inputs])
 
     def update_weights(self, weights) -> None:
         """Replace named initializers (weights) and rebuild the session in memory.
@@ -466,12 +573,21 @@ class Model:
             self._communicator.close()
             self._communicator = None
 
+    def __str__(self) -> str:
+        return f"model_path: {self._path if self._path is not None else ''}."
+
     def __repr__(self) -> str:
         return f"<Model {self._path} inputs={self.input_names if self._session else '?'}>"
 
 
 def validate_feeds(inputs, expected: list[tuple[str, DataType, list[int]]]) -> dict[str, np.ndarray]:
-    """Check inputs against (name, dtype, shape) specs; {name: array} in input order, or InputError."""
+    """Check inputs against (name, dtype, shape) specs; {name: array} in input order.
+
+    An input whose shape is fully known takes an array with the right element count, reshaped
+    (as ``Tensor.set_data_from_numpy`` does); one with free dimensions an array of its rank
+    whose fixed dimensions match. InputTypeError for values of the wrong type, InputError
+    for anything that does not fit (naming the array and the input).
+    """
     input_names = [name for name, _, _ in expected]
     if isinstance(inputs, (Tensor, np.ndarray)):
         inputs = [inputs]
@@ -494,7 +610,7 @@ def validate_feeds(inputs, expected: list[tuple[str, DataType, list[int]]]) -> d
                 raise InputError(f"predict: tensor {value.name!r} was given where input {name!r} belongs (inputs are {input_names})")
             items.append((name, value))
     else:
-        raise InputError(f"predict: inputs must be a list of Tensors or numpy arrays, or a dict by name; got {type(inputs).__name__}")
+        raise InputTypeError(f"predict: inputs must be a list of Tensors or numpy arrays, or a dict by name; got {type(inputs).__name__}")
 
     feeds = {}
     for (name, dtype, model_shape), (_, value) in zip(expected, items):
@@ -503,15 +619,57 @@ def validate_feeds(inputs, expected: list[tuple[str, DataType, list[int]]]) -> d
         elif isinstance(value, np.ndarray):
             array = value
         else:
-            raise InputError(f"predict: input {name!r} must be a Tensor or numpy array, got {type(value).__name__}")
+            raise InputTypeError(f"predict: input {name!r} must be a Tensor or numpy array, got {type(value).__name__}")
         want = dtype.to_numpy() if dtype is not DataType.UNKNOWN else array.dtype
         if array.dtype != want:
             raise InputError(f"predict: input {name!r} has dtype {array.dtype}, the model expects {want}")
-        check_shape(name, model_shape, array.shape)
+        array = fit_shape(f"input {name!r}", model_shape, array)
         if array.size == 0:
             raise InputError(f"predict: input {name!r} is empty (shape {list(array.shape)}); every dimension must be at least 1")
         feeds[name] = array
     return feeds
+
+
+def _check_decryption(dec_key, dec_mode, dec_num_parallel) -> None:
+    """MindSpore Lite's decryption arguments: checked as it checks them; a key is refused."""
+    if dec_key is not None and not isinstance(dec_key, bytes):
+        raise ConfigTypeError(f"dec_key must be bytes, got {type(dec_key).__name__}")
+    if not isinstance(dec_mode, str):
+        raise ConfigTypeError(f"dec_mode must be a str, got {type(dec_mode).__name__}")
+    if not dec_mode:
+        raise ConfigError('dec_mode must not be empty (MindSpore Lite uses "AES-GCM" or "AES-CBC")')
+    if isinstance(dec_num_parallel, bool) or not isinstance(dec_num_parallel, int):
+        raise ConfigTypeError(f"dec_num_parallel must be an int, got {type(dec_num_parallel).__name__}")
+    if not 0 <= dec_num_parallel <= DEC_MAX_PARALLEL:
+        raise ConfigError(f"dec_num_parallel must be in 0..{DEC_MAX_PARALLEL}, got {dec_num_parallel}")
+    if dec_key is not None:
+        raise ModelError(
+            f"encrypted models are not supported by this runtime (dec_key was given, dec_mode {dec_mode}): ONNX models "
+            f"are not encrypted. Decrypt the model first and build it without dec_key."
+        )
+
+
+def _fits(graph_shape: list[int], shape: list[int]) -> bool:
+    """True when ``shape`` only fills the free dimensions of ``graph_shape``."""
+    if not graph_shape:
+        return True
+    return len(graph_shape) == len(shape) and all(g < 0 or g == d for g, d in zip(graph_shape, shape))
+
+
+def _spell_shape(shape: list[int]) -> str:
+    return "[" + ", ".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def _spell_changes(wanted: dict[str, list[int]], current: dict[str, list[int]]) -> str:
+    changed = [name for name in wanted if wanted[name] != current.get(name)] or list(wanted)
+    return ", ".join(f"input {name!r} of shape {wanted[name]} (was {current.get(name)})" for name in changed)
+
+
+def _trial_run(session, specs: dict[str, tuple[DataType, list[int]]]) -> None:
+    """Run ``session`` once on zeros of the given shapes (skipped for string inputs, which have no zeros)."""
+    if any(dtype in (DataType.STRING, DataType.UNKNOWN, DataType.INVALID) for dtype, _ in specs.values()):
+        return
+    session.run(None, {name: np.zeros(shape, dtype.to_numpy()) for name, (dtype, shape) in specs.items()})
 
 
 def _ort_message(exc: Exception) -> str:

@@ -68,7 +68,7 @@ def read_input_files(files: list[str], tensors: list[Tensor]) -> dict[str, np.nd
             try:
                 arrays[first.name] = raw.reshape([d if d > 0 else -1 for d in first.shape])
             except ValueError:
-                raise InputError(f"input file {path} holds {raw.size} {first.dtype.value} values, which do not fit input {first.name!r} of shape {first.shape}") from None
+                raise InputError(f"input file {path} holds {raw.size} {first.dtype.to_numpy()} values, which do not fit input {first.name!r} of shape {first.shape}") from None
     return arrays
 
 
@@ -103,9 +103,7 @@ def run(args: argparse.Namespace) -> int:
     context.target = [args.target]
     context.cpu.thread_num = args.thread_num
     if args.target == "gpu":
-        context.gpu.device_id = identity.device_id
-        context.gpu.rank_id = identity.rank
-        context.gpu.group_size = identity.size
+        context.gpu.device_id = identity.device_id  # gpu.rank_id/group_size are read-only: from the launcher
     elif args.target == "ascend":
         context.ascend.device_id = identity.device_id
         context.ascend.rank_id = identity.rank

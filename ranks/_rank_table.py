@@ -214,23 +214,15 @@ def this_host_addresses() -> set[str]:
 
 
 def _interface_addresses() -> set[str]:
-    """IPv4 addresses of this host's interfaces (inside a network namespace: its own)."""
-    found: set[str] = set()
-    try:
-        import fcntl
-        import struct
+    """IPv4 and IPv6 addresses of this host's interfaces (inside a network namespace: its own)."""
+    import psutil
 
-        siocgifaddr = 0x8915
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for _, ifname in socket.if_nameindex():
-                try:
-                    packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", ifname.encode()[:15]))
-                except OSError:
-                    continue
-                found.add(socket.inet_ntoa(packed[20:24]))
-    except (ImportError, OSError):
-        pass
-    return found
+    return {
+        address.address.split("%", 1)[0]  # an IPv6 link-local address carries its interface: fe80::1%eth0
+        for addresses in psutil.net_if_addrs().values()
+        for address in addresses
+        if address.family in (socket.AF_INET, socket.AF_INET6)
+    }
 
 
 def read_hccn_conf(path: str | os.PathLike = HCCN_CONF) -> dict[int, str]:

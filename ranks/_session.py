@@ -59,12 +59,17 @@ def session_options(context: Context, config: RankConfig | None = None, *, allow
     """Session options for ``context``; the ini's [cpu_context] overrides the Context's cpu fields."""
     cpu = context.cpu
     section = config.sections.get("cpu_context", {}) if config else {}
-    threads = int(section.get("thread_num", cpu.thread_num))
-    inter_op = int(section.get("inter_op_parallel_num", cpu.inter_op_parallel_num))
-    mode = int(section.get("thread_affinity_mode", cpu.thread_affinity_mode))
+    threads = _int_setting(config, "cpu_context", "thread_num", cpu.thread_num)
+    inter_op = _int_setting(config, "cpu_context", "inter_op_parallel_num", cpu.inter_op_parallel_num)
+    mode = _int_setting(config, "cpu_context", "thread_affinity_mode", cpu.thread_affinity_mode)
     core_list = cpu.thread_affinity_core_list
     if "thread_affinity_core_list" in section:
-        core_list = [int(c) for c in section["thread_affinity_core_list"].split(",") if c.strip()]
+        text = section["thread_affinity_core_list"]
+        try:
+            core_list = [int(c) for c in text.split(",") if c.strip()]
+        except ValueError:
+            raise ConfigError(f"{config.source}: [cpu_context] thread_affinity_core_list must be core numbers "
+                              f"separated by commas, got {text!r}") from None
     if "allow_spinning" in section:
         allow_spinning = section["allow_spinning"].strip().lower() in ("1", "true", "yes", "on")
 
@@ -86,6 +91,17 @@ def session_options(context: Context, config: RankConfig | None = None, *, allow
     return options
 
 
+def _int_setting(config: RankConfig | None, section: str, key: str, default: int) -> int:
+    """An int from the config file's ``[section] key``, else ``default``; ConfigError (a RuntimeError too) when it is not one."""
+    text = config.sections.get(section, {}).get(key) if config else None
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{config.source}: [{section}] {key} must be an integer, got {text!r}") from None
+
+
 def execution_providers(context: Context, config: RankConfig | None = None) -> list:
     """The provider list for ``context.target``, CPU last; a missing provider is a ProviderError."""
     available = ort.get_available_providers()
@@ -94,7 +110,7 @@ def execution_providers(context: Context, config: RankConfig | None = None) -> l
         if target == "gpu":
             gpu = context.gpu
             section = config.sections.get("gpu_context", {}) if config else {}
-            device_id = int(section.get("device_id", gpu.device_id))
+            device_id = _int_setting(config, "gpu_context", "device_id", gpu.device_id)
             provider = section.get("provider", gpu.provider)
             fp16 = section.get("precision_mode", gpu.precision_mode) == "preferred_fp16"
             if provider == "tensorrt":
@@ -105,7 +121,7 @@ def execution_providers(context: Context, config: RankConfig | None = None) -> l
         elif target == "ascend":
             ascend = context.ascend
             section = config.sections.get("ascend_context", {}) if config else {}
-            device_id = int(section.get("device_id", ascend.device_id))
+            device_id = _int_setting(config, "ascend_context", "device_id", ascend.device_id)
             precision = section.get("precision_mode", ascend.precision_mode)
             if precision not in _CANN_PRECISION:
                 raise ConfigError(f"[ascend_context] precision_mode must be one of {list(_CANN_PRECISION)}, got {precision!r}")

@@ -311,10 +311,11 @@ class SharedWeights:
         return cls(handle, mapping, data_offset, entries, pids, publisher, model, _disabled_optimizers(proto, entries))
 
     # -- use -----------------------------------------------------------------
-    def new_session(self, model_path: str, options: ort.SessionOptions, providers) -> ort.InferenceSession:
-        """A session on these weights; ``options`` must already carry ``ort_values`` (add_initializer)."""
+    def new_session(self, model, options: ort.SessionOptions, providers) -> ort.InferenceSession:
+        """A session on these weights for ``model`` (a path or the model's bytes); ``options`` must
+        already carry ``ort_values`` (add_initializer)."""
         options.add_session_config_entry("session.disable_prepacking", "1")
-        session = ort.InferenceSession(model_path, sess_options=options, providers=providers,
+        session = ort.InferenceSession(model, sess_options=options, providers=providers,
                                        disabled_optimizers=self.disabled_optimizers)
         session._orch_shared_weights = self  # the mapping lives as long as any session on it
         release_freed_heap()

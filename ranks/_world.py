@@ -121,6 +121,11 @@ def _mpi_identity() -> Identity:
         size = _int_var(_env.OMPI_COMM_WORLD_SIZE)
         local = _int_var(_env.OMPI_COMM_WORLD_LOCAL_RANK) if _env.OMPI_COMM_WORLD_LOCAL_RANK.is_set() else rank
         return Identity(rank, size, local, None, "mpi")
+    if _env.PMI_RANK.is_set() and _env.PMI_SIZE.is_set() and _env.MPI_LOCALRANKID.is_set():
+        # MPICH's hydra says it all too. (The fallback below splits COMM_WORLD, a collective: a
+        # process that asks alone, say to print context.gpu.rank_id on rank 0, would wait for the others.)
+        rank, size, local = (_int_var(v) for v in (_env.PMI_RANK, _env.PMI_SIZE, _env.MPI_LOCALRANKID))
+        return Identity(rank, size, local, None, "mpi")
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -152,6 +157,20 @@ def choose_backend(backend: str | None = None, rank_table=None) -> str:
     if rank_table is not None:
         return "zmq"
     return "single"
+
+
+def _refuse_a_silent_world_of_one(rank: int | None, size: int | None) -> None:
+    """A process told it is one of several ranks must not quietly run alone."""
+    if size is not None and size > 1:
+        raise ConfigError(f"size {size} was asked for, but nothing says where the peers are: start the ranks with mpirun, "
+                          f"or give a rank table (rank_table=, config_file= with [ascend_context] rank_table_file, or RANK_TABLE_FILE)")
+    if _env.WORLD_SIZE.is_set() and _int_var(_env.WORLD_SIZE) > 1:
+        rank_text = f"RANK={_env.RANK.get()} and " if _env.RANK.is_set() else ""
+        raise ConfigError(
+            f"{rank_text}WORLD_SIZE={_env.WORLD_SIZE.get()} say this process is one of several ranks, but nothing says where "
+            f"its peers are: give a rank table (rank_table=, config_file= with [ascend_context] rank_table_file, or "
+            f"RANK_TABLE_FILE), start the ranks with mpirun, or pass backend='single' to run alone"
+        )
 
 
 def create_communicator(
@@ -194,7 +213,11 @@ def create_communicator(
     timeout = default_timeout() if timeout is None else float(timeout)
     if timeout <= 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if rank_table is None and _env.RANK_TABLE_FILE.get():
+        rank_table = _env.RANK_TABLE_FILE.get()
     chosen = choose_backend(backend, rank_table)
+    if chosen == "single" and backend is None and not _env.COMM_BACKEND.get():
+        _refuse_a_silent_world_of_one(rank, size)
     if chosen == "single":
         from ._comm_single import SingleCommunicator
 

@@ -7,6 +7,7 @@
 Every rank does one allreduce (so all are connected), then the bad rank
 misbehaves while the others start allreduce #2:
     raise   raises ValueError
+    raise_in_with  raises ValueError inside ``with comm:`` (whose exit must still stop the job)
     kill    SIGKILLs itself
     hang    sleeps far beyond the timeout instead of joining
     mismatch  calls allgather instead
@@ -47,6 +48,14 @@ def main(argv: list[str]) -> int:
         print(f"READY rank {comm.rank} pid {os.getpid()}", flush=True)
         first = comm.allreduce(np.ones(4, np.float32))
         assert first[0] == comm.size
+        if mode == "raise_in_with":
+            with comm:
+                if comm.rank == bad:
+                    raise ValueError(f"rank {bad} raises on purpose inside with")
+                start = time.monotonic()
+                comm.allreduce(np.ones(1 << 16, np.float32))
+            print("UNEXPECTED: allreduce #2 returned", flush=True)
+            return 0
         if comm.rank == bad:
             if mode == "raise":
                 raise ValueError(f"rank {bad} raises on purpose")

@@ -39,6 +39,17 @@ def test_rank_that_raises_ends_the_job_at_once():
 
 
 @pytest.mark.timeout(90)
+def test_rank_that_raises_inside_with_ends_the_job_at_once():
+    # __exit__ used to close the communicator first, so the excepthook skipped the abort and the
+    # peer waited out its whole timeout, blamed for it.
+    result, seconds, _ = run_mpi(2, FAIL, "raise_in_with", "1", "mpi", "30", timeout=80)
+    assert result.returncode != 0
+    assert "ValueError: rank 1 raises on purpose inside with" in result.stdout
+    assert "rank 1 of 2: ValueError inside the communicator's with-block; aborting the MPI job" in result.stdout
+    assert seconds < 25, f"took {seconds:.1f} s: the peers waited for their timeout instead of being stopped"
+
+
+@pytest.mark.timeout(90)
 def test_rank_killed_with_sigkill_ends_the_job():
     result, seconds, _ = run_mpi(2, FAIL, "kill", "1", "mpi", "30", timeout=80)
     assert result.returncode != 0

@@ -209,3 +209,26 @@ def test_ranks_exports_the_communicators_and_rank_tables():
 
 def test_single_gathers_a_scalar_like_the_others():
     assert SingleCommunicator(timeout=1).allgather(np.float32(2.5)).shape == (1,)
+
+
+def test_world_size_without_peers_is_refused_not_a_world_of_one(monkeypatch):
+    # fault: RANK/WORLD_SIZE set (as the rank-table launcher and torchrun set them) used to give a silent world of one
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"RANK=1 and WORLD_SIZE=2 say this process is one of several ranks, but nothing says where its peers are"):
+        create_communicator()
+    with create_communicator(backend="single") as comm:  # asked for explicitly: fine
+        assert comm.size == 1
+
+
+def test_rank_table_file_variable_is_read(monkeypatch, tmp_path):
+    from ranks import generate_rank_table
+
+    table = tmp_path / "t.json"
+    generate_rank_table([("127.0.0.1", [0])]).dump(table)
+    monkeypatch.setenv("RANK_TABLE_FILE", str(table))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("ORCH_BASE_PORT", str(free_base_port(1)))
+    with create_communicator() as comm:
+        assert (comm.backend, comm.rank, comm.size) == ("zmq", 0, 1)

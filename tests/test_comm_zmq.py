@@ -75,8 +75,9 @@ def _fail_run(tmp_path, mode: str, path: str, timeout: float = 4.0, n: int = 2, 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("path", ["shm", "tcp"])
-def test_rank_that_raises(tmp_path, path):
-    results, seconds, port = _fail_run(tmp_path, "raise", path, timeout=20)
+@pytest.mark.parametrize("mode", ["raise", "raise_in_with"])
+def test_rank_that_raises(tmp_path, path, mode):
+    results, seconds, port = _fail_run(tmp_path, mode, path, timeout=20)
     code, out = results[1]
     assert code != 0 and "ValueError: rank 1 raises on purpose" in out
     code, out = results[0]

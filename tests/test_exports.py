@@ -12,15 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_ranks_exports():
     assert {
-        "Context", "Model", "ModelType", "Tensor", "DataType", "Format", "Communicator", "SingleCommunicator",
-        "OrchestratorError", "ConfigError", "InputError", "ModelError", "ModelNotFoundError", "ProviderError",
+        "Context", "Model", "ModelType", "Tensor", "TensorMeta", "DataType", "Format", "Communicator", "SingleCommunicator",
+        "OrchestratorError", "ConfigError", "ConfigTypeError", "InputError", "InputTypeError", "ModelError", "ModelNotFoundError", "ProviderError",
         "CommError", "CommTimeoutError", "PeerLostError", "RankTableError", "ShardError", "WorkerError",
         "RemoteError", "RemoteTraceback", "load_config", "rank_main", "environment_variables",
     } <= set(dir(ranks))
 
 
 def test_orchestrator_reexports_the_mindspore_lite_surface():
-    for name in ("Context", "Model", "ModelType", "Tensor", "DataType", "Format", "write_sample_model"):
+    for name in ("Context", "Model", "ModelType", "Tensor", "TensorMeta", "DataType", "Format", "write_sample_model"):
         assert getattr(orchestrator, name) is not None
     assert orchestrator.Model is ranks.Model
     public = {name for name in dir(ranks) if not name.startswith("_")}

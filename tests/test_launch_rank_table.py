@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, orchestrate_command, run_command
 from launch_helpers import PROGRAM, Background, leftovers, new_marker
 from launchers import RankTableLaunchConfig, RankTableLauncher
-from ranks import ConfigError, LaunchError, RankTableError
+from ranks import ConfigError, LaunchError, RankTableError, free_base_port
 
 TABLES = ROOT / "rank_tables"
 
@@ -28,7 +28,8 @@ def test_each_local_rank_gets_the_seed_flags_and_torchrun_variables(ini):
                                                        ["python", "prog.py", "--x"], servers=["10.77.0.2"]))
     assert [(s.rank, list(s.argv), dict(s.env)) for s in launcher.specs] == [
         (rank, [sys.executable, "prog.py", "--x", f"--device_id={device}", f"--rank_id={rank}", f"--config_file={ini}"],
-         {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local)})
+         {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local),
+          "RANK_TABLE_FILE": str(TABLES / "two_hosts_2x2.json")})
         for local, (rank, device) in enumerate([(2, 0), (3, 1)])
     ]
 
@@ -190,3 +191,24 @@ def test_a_second_ctrl_c_does_not_wait_out_the_stop_deadline(ini):
     finally:
         launcher.kill()
     assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_program_that_calls_create_communicator_joins_its_peers(tmp_path, ini, monkeypatch):
+    # The launcher exports HCCL's RANK_TABLE_FILE: create_communicator() with no arguments finds the peers
+    # (it used to give each rank a silent world of one).
+    monkeypatch.setenv("ORCH_BASE_PORT", str(free_base_port(2)))
+    program = tmp_path / "join.py"
+    program.write_text(
+        "import numpy as np\nfrom ranks import create_communicator\n"
+        "with create_communicator() as comm:\n"
+        "    print('JOINED', comm.backend, comm.rank, comm.size, comm.allreduce(np.ones(2, np.float32))[0], flush=True)\n"
+    )
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--", "python", str(program),
+    ))
+    assert result.returncode == 0, result.stderr
+    for r in range(2):
+        assert f"[rank {r}] JOINED zmq {r} 2 2.0" in result.stdout, result.stdout

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 import orchestrator as mslite
-from ranks import ConfigError, InputError, ModelError, ModelNotFoundError
+from ranks import ConfigError, ConfigTypeError, InputError, InputTypeError, ModelError, ModelNotFoundError
 
 TOL = 1e-5  # same engine, same graph: outputs must agree to float32 rounding
 
@@ -14,6 +14,14 @@ TOL = 1e-5  # same engine, same graph: outputs must agree to float32 rounding
 def reference(path, feeds):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def reference_any_size(image_path, x):
+    """ONNX Runtime on the sample image classifier with its height and width made free."""
+    free = onnx.load(str(image_path))
+    for dim in free.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "free"
+    return ort.InferenceSession(free.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 def build(path, **cpu):
@@ -60,23 +68,32 @@ def test_external_data_model(sample):
 
 
 @pytest.mark.parametrize(
-    "inputs, message",
+    "inputs, message, builtin",
     [
-        (lambda: [np.ones((2, 2), np.float32)], "got 1 inputs, the model has 2: ['x', 'y']"),
-        (lambda: {"x": np.ones((2, 2), np.float32), "w": np.ones((2, 2), np.float32)}, "unknown input name(s) ['w']"),
-        (lambda: {"x": np.ones((2, 2), np.float32)}, "missing input(s) ['y']"),
-        (lambda: [np.ones((2, 2), np.float64), np.ones((2, 2), np.float32)], "input 'x' has dtype float64, the model expects float32"),
-        (lambda: [np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)], "input 'x': shape [2, 3] does not match [2, 2]"),
-        (lambda: [np.ones((4,), np.float32), np.ones((2, 2), np.float32)], "input 'x': shape [4] has 1 dimensions, expected 2"),
-        (lambda: "x", "inputs must be a list of Tensors or numpy arrays"),
-        (lambda: [[1, 2], np.ones((2, 2), np.float32)], "input 'x' must be a Tensor or numpy array, got list"),
+        (lambda: [np.ones((2, 2), np.float32)], "got 1 inputs, the model has 2: ['x', 'y']", RuntimeError),
+        (lambda: {"x": np.ones((2, 2), np.float32), "w": np.ones((2, 2), np.float32)}, "unknown input name(s) ['w']", RuntimeError),
+        (lambda: {"x": np.ones((2, 2), np.float32)}, "missing input(s) ['y']", RuntimeError),
+        (lambda: [np.ones((2, 2), np.float64), np.ones((2, 2), np.float32)], "input 'x' has dtype float64, the model expects float32", RuntimeError),
+        (lambda: [np.ones((2, 3), np.float32), np.ones((2, 2), np.float32)],
+         "input 'x': shape [2, 3] does not match [2, 2]: the array holds 6 float32 elements, the input takes 4", RuntimeError),
+        (lambda: [np.ones((5,), np.float32), np.ones((2, 2), np.float32)], "input 'x': shape [5] does not match [2, 2]", RuntimeError),
+        (lambda: "x", "inputs must be a list of Tensors or numpy arrays", TypeError),
+        (lambda: [[1, 2], np.ones((2, 2), np.float32)], "input 'x' must be a Tensor or numpy array, got list", TypeError),
     ],
 )
-def test_bad_inputs(sample, inputs, message):
+def test_bad_inputs(sample, inputs, message, builtin):
     model = build(sample("add"))
     with pytest.raises(InputError) as info:
         model.predict(inputs())
     assert message in str(info.value)
+    assert isinstance(info.value, builtin)  # what MindSpore Lite raises, for ported except clauses
+
+
+def test_fully_known_input_takes_any_array_with_its_element_count(sample):
+    model = build(sample("add"))
+    x = np.arange(4, dtype=np.float32)
+    (z,) = model.predict([x, np.ones((1, 4), np.float32)])  # reshaped to [2, 2], as set_data_from_numpy does
+    np.testing.assert_array_equal(z.get_data_to_numpy(), x.reshape(2, 2) + 1)
 
 
 def test_empty_batch_and_dynamic_dims(sample):
@@ -88,27 +105,135 @@ def test_empty_batch_and_dynamic_dims(sample):
     assert model.predict([np.ones((7, 64), np.float32)])[0].shape == [7, 64]
 
 
-def test_tensor_shape_checked_unlike_mindspore_lite(sample):
+def test_set_data_checks_dtype_and_element_count_like_mindspore_lite(sample):
     model = build(sample("add"))
     tensor = model.get_inputs()[0]
-    with pytest.raises(InputError, match=r"shape \[1, 4\] does not match \[2, 2\]"):
-        tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
-    with pytest.raises(InputError, match="data type float64 does not match the tensor's float32"):
+    tensor.set_data_from_numpy(np.arange(4, dtype=np.float32))  # flat, as np.fromfile gives it
+    assert tensor.shape == [2, 2] and tensor.get_data_to_numpy().shape == (2, 2)
+    tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+    assert tensor.get_data_to_numpy().shape == (2, 2)
+    with pytest.raises(RuntimeError, match=r"tensor 'x': shape \[1, 5\] does not match \[2, 2\]: the array holds 5 float32 "
+                                           r"elements, the tensor takes 4") as info:
+        tensor.set_data_from_numpy(np.ones((1, 5), np.float32))
+    assert isinstance(info.value, InputError)
+    with pytest.raises(RuntimeError, match=r"data type float64 does not match the tensor's float32 \(array: float64 \[2, 2\], "
+                                           r"4 elements; tensor: float32 \[2, 2\], 4 elements\)"):
         tensor.set_data_from_numpy(np.ones((2, 2)))
+    with pytest.raises(TypeError, match="takes a numpy.ndarray, got list"):
+        tensor.set_data_from_numpy([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match="numpy dtype complex64 is not supported"):
+        tensor.set_data_from_numpy(np.ones((2, 2), np.complex64))
+
+
+def test_set_data_with_free_dimensions_takes_the_arrays_shape(sample):
+    tensor = build(sample("image")).get_inputs()[0]
+    assert tensor.shape == [-1, 3, 32, 32]
+    tensor.set_data_from_numpy(np.zeros((3, 3, 32, 32), np.float32))
+    assert tensor.shape == [3, 3, 32, 32] and tensor.element_num == 3 * 3 * 32 * 32
+    fresh = build(sample("image")).get_inputs()[0]
+    with pytest.raises(InputError, match=r"tensor 'x': shape \[2, 3, 31, 32\] does not match \[\?, 3, 32, 32\] \(dimension 2 must be 32\)"):
+        fresh.set_data_from_numpy(np.zeros((2, 3, 31, 32), np.float32))
+    with pytest.raises(InputError, match=r"has 1 dimensions.*\(array: float32 \[3072\], 3072 elements\); with free dimensions the "
+                                         r"array must have the same rank: reshape it, or resize the model"):
+        fresh.set_data_from_numpy(np.zeros(3072, np.float32))
+
+
+def test_seed_style_flat_input_after_resize(sample, tmp_path):
+    """Seed 001: inputs[0].set_data_from_numpy(np.fromfile("input.bin", dtype=np.float32)) into a fixed-shape input."""
+    path = sample("image")
+    x = np.random.default_rng(4).random((1, 3, 32, 32), dtype=np.float32)
+    x.tofile(tmp_path / "input.bin")
+    model = build(path)
+    model.resize(model.get_inputs(), [[1, 3, 32, 32]])
+    inputs = model.get_inputs()
+    inputs[0].set_data_from_numpy(np.fromfile(tmp_path / "input.bin", dtype=np.float32))
+    outputs = model.predict(inputs)
+    np.testing.assert_allclose(outputs[0].get_data_to_numpy(), reference(path, {"x": x})[0], atol=TOL)
 
 
 def test_resize_dynamic_batch(sample):
     model = build(sample("image"))
     inputs = model.get_inputs()
     assert inputs[0].shape == [-1, 3, 32, 32]
+    session = model._session
     model.resize(inputs, [[4, 3, 32, 32]])
-    assert model.get_inputs()[0].shape == [4, 3, 32, 32]
+    assert model._session is session  # only a free dimension was set: nothing to rebuild
+    assert inputs[0].shape == model.get_inputs()[0].shape == [4, 3, 32, 32]
     assert "x:4,3,32,32" == model.get_model_info("input_shape")
     assert model.get_model_info("dynamic_dims") == "x:0"
-    with pytest.raises(InputError, match="dimension 1 must be 3"):
-        model.resize(inputs, [[4, 1, 32, 32]])
     inputs[0].set_data_from_numpy(np.zeros((4, 3, 32, 32), np.float32))
     assert model.predict(inputs)[0].shape == [4, 10]
+    # predict now takes the resized shape only, and says so
+    with pytest.raises(InputError, match=r"input 'x': shape \[2, 3, 32, 32\] does not match \[4, 3, 32, 32\]: the array holds "
+                                         r"6144 float32 elements, the input takes 12288"):
+        model.predict([np.zeros((2, 3, 32, 32), np.float32)])
+    model.resize(model.get_inputs(), [[4, 3, 32, 32]])  # the same shape: a no-op
+    assert model._session is session
+
+
+def test_resize_to_new_fixed_dimensions_rebuilds_the_session(sample):
+    path = sample("image")
+    model = build(path)
+    model.resize(model.get_inputs(), [[2, 3, 48, 40]])  # the convolutions and the global pool take any size
+    assert model.get_inputs()[0].shape == [2, 3, 48, 40]
+    assert model.get_outputs()[0].shape == [2, 10]
+    x = np.random.default_rng(6).standard_normal((2, 3, 48, 40), dtype=np.float32)
+    np.testing.assert_allclose(model.predict([x])[0].get_data_to_numpy(), reference_any_size(path, x), atol=TOL)
+    with pytest.raises(InputError, match=r"shape \[2, 3, 32, 32\] does not match \[2, 3, 48, 40\]"):
+        model.predict([np.zeros((2, 3, 32, 32), np.float32)])
+    # back within the file's own shapes: the original graph again
+    model.resize(model.get_inputs(), [[1, 3, 32, 32]])
+    assert model.get_outputs()[0].shape == [-1, 10] and model._resized_shapes is None
+    x = x[:1, :, :32, :32].copy()
+    np.testing.assert_allclose(model.predict([x])[0].get_data_to_numpy(), reference(path, {"x": x})[0], atol=TOL)
+
+
+def test_resize_that_the_graph_cannot_take_keeps_the_old_session(sample):
+    model = build(sample("image"))
+    model.resize(model.get_inputs(), [[2, 3, 40, 40]])
+    session = model._session
+    # The first convolution's weights fix 3 channels: ONNX Runtime builds the graph but cannot run it.
+    with pytest.raises(InputError, match=r"resize: the graph of image.onnx cannot take input 'x' of shape \[2, 1, 40, 40\] "
+                                         r"\(was \[2, 3, 40, 40\]\): .*kernel channels.*The model keeps its previous shapes"):
+        model.resize(model.get_inputs(), [[2, 1, 40, 40]])
+    mlp = build(sample("mlp"))
+    with pytest.raises(InputError, match=r"cannot take input 'x' of shape \[2, 65\].*Incompatible dimensions for matrix multiplication"):
+        mlp.resize(mlp.get_inputs(), [[2, 65]])  # ONNX Runtime refuses to build it
+    assert model._session is session and model.get_inputs()[0].shape == [2, 3, 40, 40]
+    assert model.predict([np.zeros((2, 3, 40, 40), np.float32)])[0].shape == [2, 10]
+    assert mlp.predict([np.zeros((3, 64), np.float32)])[0].shape == [3, 64]
+
+
+def test_resize_model_with_external_data(sample, tmp_path, monkeypatch):
+    path = sample("image", external_data=True)
+    assert path.with_name(path.name + ".data").exists()
+    model = build(path)
+    monkeypatch.chdir(tmp_path)  # the weights are found beside the model, not in the working directory
+    model.resize(model.get_inputs(), [[3, 3, 40, 36]])
+    assert model._resized_shapes == {"x": [3, 3, 40, 36]}
+    x = np.random.default_rng(7).standard_normal((3, 3, 40, 36), dtype=np.float32)
+    np.testing.assert_allclose(model.predict([x])[0].get_data_to_numpy(), reference_any_size(path, x), atol=TOL)
+
+
+def test_resize_argument_errors(sample):
+    model = build(sample("add"))
+    inputs = model.get_inputs()
+    with pytest.raises(ValueError, match="got 2 inputs and 1 shapes"):
+        model.resize(inputs, [[2, 2]])
+    with pytest.raises(TypeError, match="dims must be a list"):
+        model.resize(inputs, ((2, 2), (2, 2)))
+    with pytest.raises(TypeError, match=r"dims\[1\] must be a list or tuple of int, got float 2.0 at index 0"):
+        model.resize(inputs, [[2, 2], [2.0, 2]])
+    with pytest.raises(TypeError, match="inputs must be Tensors, got ndarray at index 0"):
+        model.resize([np.ones((2, 2))], [[2, 2]])
+    with pytest.raises(InputError, match=r"shape \[4\] has 1 dimensions, the model's has 2"):
+        model.resize(inputs[:1], [[4]])
+    with pytest.raises(InputError, match="every dimension must be positive"):
+        model.resize(inputs[:1], [[0, 2]])
+    with pytest.raises(InputError, match=r"cannot take input 'y' of shape \[3, 2\] \(was \[2, 2\]\)"):
+        model.resize(inputs[1:], [[3, 2]])  # one input of several may be resized; [2, 2] + [3, 2] does not broadcast
+    with pytest.raises(InputError, match="the model has no input named 'nope'"):
+        model.resize([mslite.Tensor(name="nope")], [[2, 2]])
 
 
 @pytest.mark.parametrize(
@@ -258,3 +383,96 @@ def test_variable_weights_that_the_model_lacks_fail_at_build(sample, tmp_path):
     ini.write_text("[ascend_context]\nvariable_weights_file=names.txt\n")
     with pytest.raises(ConfigError, match=r"variable weights \['no.such.weight'\] are not weights of"):
         mslite.Model().build_from_file(str(sample("mlp")), mslite.ModelType.ONNX, mslite.Context(), str(ini))
+
+
+def test_get_inputs_gives_each_caller_its_own_tensors(sample):
+    model = build(sample("add"), thread_num=1)
+    a, b = model.get_inputs(), model.get_inputs()
+    assert a is not b and a[0] is not b[0]
+    a[0].set_data_from_numpy(np.ones((2, 2), np.float32))
+    assert not b[0].has_data() and not model.get_inputs()[0].has_data()
+    errors, results = [], {}
+
+    def worker(i):  # the seeds' thread body: get_inputs, set_data_from_numpy, predict
+        try:
+            for _ in range(20):
+                inputs = model.get_inputs()
+                inputs[0].set_data_from_numpy(np.full((2, 2), i, np.float32))
+                inputs[1].set_data_from_numpy(np.full((2, 2), i, np.float32))
+                value = model.predict(inputs)[0].get_data_to_numpy()
+                if not np.array_equal(value, np.full((2, 2), 2 * i, np.float32)):
+                    results[i] = value
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not results
+
+
+def test_get_outputs_are_tensor_metas(sample):
+    model = build(sample("add"))
+    (meta,) = model.get_outputs()
+    assert isinstance(meta, mslite.TensorMeta) and not isinstance(meta, mslite.Tensor)
+    assert (meta.name, meta.dtype, meta.shape, meta.format, meta.element_num, meta.data_size) == (
+        "z", mslite.DataType.FLOAT32, [2, 2], mslite.Format.DEFAULT, 4, 16)
+    assert str(meta).endswith("element_num: 4,\ndata_size: 16.")
+
+
+def test_model_str(sample):
+    model = mslite.Model()
+    assert str(model) == "model_path: ."
+    path = sample("add")
+    model.build_from_file(str(path), mslite.ModelType.ONNX, mslite.Context())
+    assert str(model) == f"model_path: {path}."
+
+
+def test_decryption_arguments(sample):
+    path = sample("add")
+    model = mslite.Model()
+    model.build_from_file(path, mslite.ModelType.ONNX, None, "", None, None, "AES-CBC", 4)  # positional, as MindSpore Lite
+    with pytest.raises(RuntimeError, match="encrypted models are not supported by this runtime .* Decrypt the model first") as info:
+        model.build_from_file(path, mslite.ModelType.ONNX, dec_key=b"0123456789abcdef")
+    assert isinstance(info.value, ModelError)
+    for kwargs, error, message in [
+        ({"dec_key": "0123456789abcdef"}, TypeError, "dec_key must be bytes, got str"),
+        ({"dec_mode": 1}, TypeError, "dec_mode must be a str"),
+        ({"dec_mode": ""}, ValueError, "dec_mode must not be empty"),
+        ({"dec_num_parallel": 1.0}, TypeError, "dec_num_parallel must be an int"),
+        ({"dec_num_parallel": 65}, ValueError, r"dec_num_parallel must be in 0..64, got 65"),
+        ({"dec_num_parallel": -1}, ValueError, r"dec_num_parallel must be in 0..64, got -1"),
+    ]:
+        with pytest.raises(error, match=message):
+            mslite.Model().build_from_file(path, mslite.ModelType.ONNX, **kwargs)
+
+
+def test_build_errors_are_the_builtins_mindspore_lite_raises(sample, tmp_path):
+    path = sample("add")
+    with pytest.raises(RuntimeError, match="does not exist"):
+        mslite.Model().build_from_file(tmp_path / "missing.onnx", mslite.ModelType.ONNX)
+    (tmp_path / "bad.onnx").write_bytes(b"not a model" * 20)
+    with pytest.raises(RuntimeError, match="is not a readable ONNX model"):
+        mslite.Model().build_from_file(tmp_path / "bad.onnx", mslite.ModelType.ONNX)
+    with pytest.raises(RuntimeError) as info:
+        mslite.Model().build_from_file(path, mslite.ModelType.ONNX, mslite.Context(), config_path=str(tmp_path / "none.ini"))
+    assert isinstance(info.value, ConfigError)
+    (tmp_path / "bad.ini").write_text("[cpu_context]\nthread_num=two\n")
+    with pytest.raises(RuntimeError, match=r"bad.ini: \[cpu_context\] thread_num must be an integer, got 'two'"):
+        mslite.Model().build_from_file(path, mslite.ModelType.ONNX, mslite.Context(), config_path=str(tmp_path / "bad.ini"))
+    with pytest.raises(TypeError, match="model_type must be a ModelType") as info:
+        mslite.Model().build_from_file(path, 3)
+    assert isinstance(info.value, ConfigTypeError)
+    with pytest.raises(TypeError, match="context must be a Context, got dict"):
+        mslite.Model().build_from_file(path, mslite.ModelType.ONNX, {"target": "cpu"})
+
+
+def test_predict_type_errors(sample):
+    model = build(sample("add"))
+    x = np.ones((2, 2), np.float32)
+    with pytest.raises(InputTypeError, match="outputs must be a list of Tensors"):
+        model.predict([x, x], outputs=[np.empty((2, 2), np.float32)])
+    with pytest.raises(RuntimeError, match="holds no data yet"):
+        model.predict(model.get_inputs())

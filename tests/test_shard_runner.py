@@ -11,7 +11,7 @@ import pytest
 
 from _shard_helpers import ThreadGroup
 from orchestrator import shard_model
-from ranks import Model, ModelNotFoundError, ShardError, SingleCommunicator, StagedRunner, resolve_shard_path
+from ranks import Model, ModelError, ModelNotFoundError, ShardError, SingleCommunicator, StagedRunner, resolve_shard_path
 from ranks._staged_runner import cut_stages
 
 
@@ -67,6 +67,25 @@ def test_model_api_runs_a_shard_with_a_given_communicator(sample, tmp_path):
     def rank(comm):
         model = Model()
         model.build_from_file(str(result.shard_paths[comm.rank]), communicator=comm)
+        return model.predict([x])[0].get_data_to_numpy()
+
+    for out in ThreadGroup(2).run(rank):
+        assert np.max(np.abs(out - expected)) < 1e-5
+
+
+def test_resize_of_a_shard_sets_free_dimensions_only(sample, tmp_path):
+    result = shard_model(sample("transformer"), 2, tmp_path, progress=False)
+    x = np.random.default_rng(3).standard_normal((2, 3, 32)).astype(np.float32)
+    expected, _ = _whole(sample("transformer"), {"x": x})
+
+    def rank(comm):
+        model = Model()
+        model.build_from_file(str(result.shard_paths[comm.rank]), communicator=comm)
+        model.resize(model.get_inputs(), [[2, 3, 32]])  # batch and sequence are free in the shard too
+        assert model.get_inputs()[0].shape == [2, 3, 32]
+        with pytest.raises(ModelError, match=r"tensor-parallel shard, whose graph cannot be rebuilt .*input 'x' of shape "
+                                             r"\[2, 3, 16\] \(was \[2, 3, 32\]\)\); only free dimensions can be set"):
+            model.resize(model.get_inputs(), [[2, 3, 16]])
         return model.predict([x])[0].get_data_to_numpy()
 
     for out in ThreadGroup(2).run(rank):
