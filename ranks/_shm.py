@@ -127,4 +127,17 @@ def open_peer_fd(pid: int, fd: int) -> int:
     """
     if not os.path.isdir(f"/proc/{pid}"):
         raise ProcessLookupError(pid)
-    return os.open(peer_fd_path(pid, fd), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.open(peer_fd_path(pid, fd), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if _is_zombie(pid):  # exited, not yet reaped by its parent: its fds are gone with it
+            raise ProcessLookupError(pid) from None
+        raise
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
