@@ -1,5 +1,5 @@
-"""Processes that publish, attach to, or load a model without sharing, driven over a pipe (tests/test_shared_weights.py,
-benchmarks/shared_weights.py).
+"""Processes that publish, attach to, or load a model without sharing, driven over a pipe (tests/test_shared_weights.py),
+and checks that nothing is left behind (also tests/seeds/test_seed001_weight_sharing.py).
 
 Each ``Peer`` is a real process (spawn) running ``_serve``: it answers one
 request at a time and sends back ("ok", value) or ("error", type name, message),
