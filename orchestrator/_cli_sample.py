@@ -10,7 +10,7 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser(
         "sample",
-        help="write a sample model (add, mlp, transformer, image)",
+        help="write a sample model (add, mlp, transformer, image, unet)",
         description="Write a sample ONNX model built by code. Sizes: --set width=256 --set layers=2 ...",
     )
     parser.add_argument("name", choices=sorted(SAMPLE_MODELS))

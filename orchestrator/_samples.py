@@ -11,6 +11,8 @@ add               x, y: float32 [2, 2]                   z = x + y
 mlp               x: float32 [batch, width]              y: float32 [batch, width]
 transformer       x: float32 [batch, seq, d_model]       y: float32 [batch, seq, d_model]
 image             x: float32 [batch, 3, 224, 224] NCHW   probs: float32 [batch, 1000]
+unet              sample: float32 [1, 8, 168, 128],      noise: float32 [1, 8, 168, 128]
+                  timestep: int32 [1]
 ================  =====================================  =========================
 """
 
@@ -209,11 +211,84 @@ def make_image_model(
     )
 
 
+def make_unet_model(
+    channels: int = 32, bottleneck: int = 2048, time_hidden: int = 512, seed: int = 0
+) -> onnx.ModelProto:
+    """A small diffusion UNet with the seeds' weight-sharing inputs: a latent [1, 8, 168, 128] and an int32 timestep [1].
+
+    The timestep is cast to float, embedded sinusoidally, passed through an MLP
+    (``time_hidden`` wide) and added to the first feature map; three stride-2
+    convolutions go down to 1/8 resolution, a token-wise MLP (``bottleneck``
+    wide) mixes channels there, and nearest-neighbour upsampling with skip
+    connections comes back up. Most weights sit in the two MLPs, whose cost
+    grows with their width far less than the convolutions' would, so a wide
+    ``bottleneck``/``time_hidden`` gives tens of MB of weights at a modest
+    compute cost.
+    """
+    _check_positive(channels=channels, bottleneck=bottleneck, time_hidden=time_hidden)
+    height, width, latent = 168, 128, 8
+    b = _GraphBuilder(seed)
+
+    def conv(prefix: str, x: str, c_in: int, c_out: int, stride: int = 1) -> str:
+        w = b.weight(f"{prefix}.weight", (c_out, c_in, 3, 3), c_in * 9)
+        bias = b.const(f"{prefix}.bias", (b.rng.standard_normal(c_out) * 0.02).astype(np.float32))
+        return b.node("Conv", [x, w, bias], f"{prefix}.out", kernel_shape=[3, 3], strides=[stride, stride], pads=[1, 1, 1, 1])
+
+    def silu(prefix: str, x: str) -> str:
+        return b.node("Mul", [x, b.node("Sigmoid", [x], f"{prefix}.sigmoid")], f"{prefix}.out")
+
+    # Timestep embedding: [sin(t * f), cos(t * f)] over geometric frequencies, then an MLP to `channels`.
+    time_dim = 2 * max(8, channels // 2)
+    half = time_dim // 2
+    freqs = np.exp(-math.log(10000.0) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+    t = b.node("Cast", ["timestep"], "time.float", to=_FLOAT)
+    t = b.node("Unsqueeze", [t, b.const("time.axis", np.array([1], np.int64))], "time.column")
+    args = b.node("Mul", [t, b.const("time.freqs", freqs.reshape(1, half))], "time.args")
+    emb = b.node("Concat", [b.node("Sin", [args], "time.sin"), b.node("Cos", [args], "time.cos")], "time.sinusoid", axis=1)
+    emb = silu("time.act", b.linear("time.fc1", emb, time_dim, time_hidden))
+    emb = b.linear("time.fc2", emb, time_hidden, channels)
+    emb = b.node("Reshape", [emb, b.const("time.map_shape", np.array([1, channels, 1, 1], np.int64))], "time.embedding")
+
+    h0 = b.node("Add", [conv("conv_in", "sample", latent, channels), emb], "conv_in.timed")
+    h0 = silu("conv_in.act", h0)
+    h1 = silu("down.0.act", conv("down.0", h0, channels, 2 * channels, stride=2))          # 1/2
+    h2 = silu("down.1.act", conv("down.1", h1, 2 * channels, 4 * channels, stride=2))      # 1/4
+    h3 = silu("down.2.act", conv("down.2", h2, 4 * channels, 4 * channels, stride=2))      # 1/8
+
+    # Bottleneck: every position is a token; a residual MLP mixes its channels.
+    mid = 4 * channels
+    tokens = b.node("Reshape", [h3, b.const("mid.flat_shape", np.array([1, mid, -1], np.int64))], "mid.flat")
+    tokens = b.node("Transpose", [tokens], "mid.tokens", perm=[0, 2, 1])
+    up = silu("mid.act", b.linear("mid.fc1", tokens, mid, bottleneck))
+    tokens = b.node("Add", [tokens, b.linear("mid.fc2", up, bottleneck, mid)], "mid.residual")
+    tokens = b.node("Transpose", [tokens], "mid.channels", perm=[0, 2, 1])
+    h = b.node("Reshape", [tokens, b.const("mid.map_shape", np.array([1, mid, height // 8, width // 8], np.int64))], "mid.out")
+
+    scales = b.const("up.scales", np.array([1, 1, 2, 2], np.float32))
+    for i, (skip, c_in, c_out) in enumerate(((h2, mid, 4 * channels), (h1, 4 * channels, 2 * channels), (h0, 2 * channels, channels))):
+        h = b.node("Resize", [h, "", scales], f"up.{i}.resize", mode="nearest")
+        h = b.node("Add", [conv(f"up.{i}", h, c_in, c_out), skip], f"up.{i}.skip")
+        h = silu(f"up.{i}.act", h)
+    out = conv("conv_out", h, channels, latent)
+    b.nodes[-1].output[0] = "noise"
+    del out
+    return b.model(
+        "unet",
+        [
+            helper.make_tensor_value_info("sample", _FLOAT, [1, latent, height, width]),
+            helper.make_tensor_value_info("timestep", TensorProto.INT32, [1]),
+        ],
+        [helper.make_tensor_value_info("noise", _FLOAT, [1, latent, height, width])],
+        f"diffusion unet channels={channels} bottleneck={bottleneck} time_hidden={time_hidden} seed={seed}",
+    )
+
+
 SAMPLE_MODELS = {
     "add": make_add_model,
     "mlp": make_mlp_model,
     "transformer": make_transformer_model,
     "image": make_image_model,
+    "unet": make_unet_model,
 }
 
 

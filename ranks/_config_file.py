@@ -6,7 +6,8 @@ Sections, as MindSpore Lite uses them, plus this project's ``[comm]``:
 section           keys
 ================  ==========================================================
 [ascend_context]  rank_table_file, device_id, rank_id, provider, precision_mode, input_shape, dynamic_dims,
-                  variable_weights_file, variable_weights_list
+                  variable_weights_file, variable_weights_list,
+                  shareable_weight_pid_list, shareable_weight_mem_handle (``_shared_weights``)
 [gpu_context]     device_id, provider, precision_mode, input_shape, dynamic_dims
 [cpu_context]     thread_num, inter_op_parallel_num, thread_affinity_mode, thread_affinity_core_list,
                   precision_mode, allow_spinning, input_shape, dynamic_dims
@@ -22,6 +23,9 @@ MindSpore Lite know stays an error naming the key, the section and the file.
 Other unknown sections are kept (``RankConfig.extra``) and handed on.
 Values may be quoted (``variable_weights_file="names.txt"``), as MindSpore
 Lite's documents write them.
+``config_dict`` also takes MindSpore Lite's flat weight-sharing keys:
+``{"pids": "pid1, pid2"}`` and ``{"shared_mem_handle": handle}`` mean
+``[ascend_context] shareable_weight_pid_list`` and ``shareable_weight_mem_handle``.
 Relative paths inside the file (``rank_table_file``) are resolved against the
 file's own directory, so a rank can be started from any working directory.
 """
@@ -42,6 +46,7 @@ KNOWN_SECTIONS: dict[str, tuple[str, ...]] = {
     "ascend_context": (
         "rank_table_file", "device_id", "rank_id", "provider", "precision_mode", "input_shape", "dynamic_dims",
         "variable_weights_file", "variable_weights_list",
+        "shareable_weight_pid_list", "shareable_weight_mem_handle",
     ),
     "gpu_context": ("device_id", "provider", "precision_mode", "input_shape", "dynamic_dims"),
     "cpu_context": (
@@ -51,6 +56,11 @@ KNOWN_SECTIONS: dict[str, tuple[str, ...]] = {
     "comm": ("backend", "timeout", "base_port", "rank_table_file", "mpi_arrival_check"),
 }
 COMM_BACKENDS = ("mpi", "zmq", "single")
+# config_dict's flat (section-less) keys, as MindSpore Lite's weight-sharing examples write them.
+FLAT_KEYS = {
+    "pids": ("ascend_context", "shareable_weight_pid_list"),
+    "shared_mem_handle": ("ascend_context", "shareable_weight_mem_handle"),
+}
 
 # Keys MindSpore Lite documents for its config files that have no meaning on ONNX Runtime:
 # accepted with a warning. (Its converter and Ascend runtime documents, [ascend_context] and
@@ -141,6 +151,10 @@ def load_config(config_path: str | os.PathLike | None = "", config_dict: dict | 
         if not isinstance(config_dict, dict):
             raise ConfigError(f"config_dict must be a dict of {{section: {{key: value}}}}, got {type(config_dict).__name__}")
         for name, values in config_dict.items():
+            if name in FLAT_KEYS and not isinstance(values, dict):
+                section, key = FLAT_KEYS[name]
+                sections.setdefault(section, {})[key] = _flat_value(name, values)
+                continue
             if not isinstance(values, dict):
                 raise ConfigError(f"config_dict[{name!r}] must be a dict of key: value, got {values!r}")
             for key, value in values.items():
@@ -156,6 +170,15 @@ def _unquote(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
         return value[1:-1]
     return value
+
+
+def _flat_value(name: str, value) -> str:
+    """A flat key's value as the ini would hold it: ints and lists of ints become "1, 2"."""
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ConfigError(f"config_dict[{name!r}] must be a str or int, got {value!r}")
+    return str(value)
 
 
 def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) -> RankConfig:

@@ -15,10 +15,11 @@ from ._config_file import RankConfig, load_config
 from ._context import Context
 from ._errors import ConfigError, ConfigTypeError, InputError, InputTypeError, ModelError, ModelNotFoundError, OrchestratorError
 from ._session import execution_providers, session_options
+from ._shared_weights import release_freed_heap, share_weights
 from ._tensor import DataType, Tensor, TensorMeta, check_shape_argument, data_type_from_ort, fit_shape
 
 COLLECTIVE_OPS = ("AllReduce", "AllGather")
-MODEL_INFO_KEYS = ("user_info", "input_shape", "dynamic_dims")
+MODEL_INFO_KEYS = ("user_info", "input_shape", "dynamic_dims", "current_pid", "shareable_weight_mem_handle")
 
 
 class ModelType(enum.Enum):
@@ -113,6 +114,7 @@ class Model:
         self._initializers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._weight_overrides: dict[str, ort.OrtValue] = {}
         self._resized_shapes: dict[str, list[int]] | None = None  # set when resize() rewrote the graph's inputs
+        self._shared_weights = None  # ranks._shared_weights.SharedWeights when publishing or attached
         self._metadata: dict[str, str] = {}
         self._communicator = None
         self._lock = threading.Lock()
@@ -138,7 +140,10 @@ class Model:
             model_type: ``ModelType.ONNX``; MindIR files are refused with a clear message.
             context: devices and threads; ``Context()`` (CPU) when omitted.
             config_path: a ``config_file.ini`` (see ``ranks._config_file``).
-            config_dict: ``{section: {key: value}}`` overriding the file.
+            config_dict: ``{section: {key: value}}`` overriding the file; also the flat
+                weight-sharing keys ``{"pids": "pid1, pid2"}`` (publish this model's
+                weights to those processes) and ``{"shared_mem_handle": handle}``
+                (run on weights another process published; see ``ranks._shared_weights``).
             dec_key, dec_mode, dec_num_parallel: MindSpore Lite's decryption arguments; they are
                 type-checked, and a ``dec_key`` is refused (ONNX models are not encrypted).
             communicator: for a tensor-parallel shard, the communicator to its peers
@@ -181,6 +186,13 @@ class Model:
                 + (f"; its weights include {sorted(self._initializers)[:8]}" if self._initializers else "")
             )
         self._weight_overrides = {}
+        previous, self._shared_weights = self._shared_weights, None
+        if previous is not None:
+            previous.close()  # a rebuild stops publishing the old weights
+        # None unless the config asks to publish the weights or attach to published ones
+        self._shared_weights = share_weights(proto, path, context, config, sharded=is_sharded(proto))
+        if self._shared_weights is not None:
+            self._weight_overrides = dict(self._shared_weights.ort_values)
         if is_sharded(proto):
             self._session = self._build_sharded(proto, communicator, identity)
         else:
@@ -201,6 +213,8 @@ class Model:
             for arg in self._session.get_outputs()
         ]
         del proto
+        if self._shared_weights is not None:
+            release_freed_heap()  # the parsed file's weights, now stood in for by the shared ones
 
     def _new_session(self):
         options = session_options(self._context, self._config)
@@ -214,6 +228,8 @@ class Model:
             folder = str(self._path.absolute().parent)
             options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
         try:
+            if self._shared_weights is not None:
+                return self._shared_weights.new_session(model, options, providers)
             return ort.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime could not build {self._path}: {_ort_message(exc)}") from None
@@ -272,8 +288,19 @@ class Model:
         return [TensorMeta(t.name, t.dtype, t.shape, t.format) for t in self._outputs]
 
     def get_model_info(self, key: str) -> str:
-        """``user_info`` (the model's metadata), ``input_shape`` ("x:1,3,224,224;...") or ``dynamic_dims``."""
+        """``user_info`` (the model's metadata), ``input_shape`` ("x:1,3,224,224;..."), ``dynamic_dims``,
+        ``current_pid`` (this process's id, also before building) or ``shareable_weight_mem_handle``
+        (the handle other processes attach with, once built with ``config_dict={"pids": ...}``)."""
+        if key == "current_pid":
+            return str(os.getpid())
         self._require_built()
+        if key == "shareable_weight_mem_handle":
+            if self._shared_weights is None:
+                raise ModelError(
+                    "get_model_info('shareable_weight_mem_handle'): this model does not share its weights; build it with "
+                    "config_dict={'pids': 'pid1, pid2'} (the processes that may attach) first"
+                )
+            return str(self._shared_weights.handle)
         if key == "user_info":
             return ";".join(f"{k}:{v}" for k, v in sorted(self._metadata.items()))
         if key == "input_shape":
@@ -536,8 +563,12 @@ class Model:
                 raise
 
     def close(self) -> None:
-        """Release the session (and the communicator of a shard)."""
+        """Release the session (and the communicator of a shard, and this process's hold on shared weights)."""
         self._session = None
+        if self._shared_weights is not None:
+            self._shared_weights.close()
+            self._shared_weights = None
+            self._weight_overrides = {}
         if self._communicator is not None:
             self._communicator.close()
             self._communicator = None

@@ -21,6 +21,7 @@ SMALL = {
     "mlp": {"width": 64, "hidden": 128, "layers": 2},
     "transformer": {"d_model": 32, "heads": 4, "layers": 2, "ffn": 64},
     "image": {"classes": 10, "size": 32},
+    "unet": {"channels": 8, "bottleneck": 64, "time_hidden": 32},
 }
 
 

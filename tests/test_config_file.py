@@ -117,3 +117,14 @@ def test_variable_weights_file_missing_is_clear(tmp_path):
 def test_mindspore_lite_bracketed_input_shape(tmp_path):
     config = load_config(write(tmp_path, '[ascend_context]\ninput_shape="x:[1,3,8,8];y:[1,4]"\n'))
     assert config.input_shapes == {"x": [1, 3, 8, 8], "y": [1, 4]}
+
+
+def test_weight_sharing_keys_flat_as_the_seed_writes_them_or_in_ascend_context(tmp_path):
+    flat = load_config("", {"pids": "101, 102", "shared_mem_handle": 7 << 32 | 9})
+    assert flat.get("ascend_context", "shareable_weight_pid_list") == "101, 102"
+    assert flat.get("ascend_context", "shareable_weight_mem_handle") == str(7 << 32 | 9)
+    assert load_config("", {"pids": [0, 5]}).get("ascend_context", "shareable_weight_pid_list") == "0, 5"
+    ini = load_config(write(tmp_path, "[ascend_context]\nshareable_weight_pid_list=1, 2\nshareable_weight_mem_handle=3\n"))
+    assert ini.get("ascend_context", "shareable_weight_pid_list") == "1, 2"
+    with pytest.raises(ConfigError, match=r"config_dict\['shared_mem_handle'\] must be a str or int, got 1.5"):
+        load_config("", {"shared_mem_handle": 1.5})
