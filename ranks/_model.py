@@ -68,6 +68,17 @@ def _load_model_file(path: Path, model_type: "ModelType") -> onnx.ModelProto:
         ) from None
 
 
+def _weights_folded_at_build(proto: onnx.ModelProto) -> set[str]:
+    """Initializers that feed a node computing from constants alone (ONNX Runtime folds those at build)."""
+    constants = {init.name for init in proto.graph.initializer} | {""}
+    constants |= {out for node in proto.graph.node if node.op_type == "Constant" for out in node.output}
+    return {
+        name for node in proto.graph.node
+        if node.op_type != "Constant" and set(node.input) <= constants
+        for name in node.input if name
+    }
+
+
 def _identity(context: Context, config: RankConfig):
     """Whose shard this process loads: a rank set on the context or in the config, else the launcher's.
 
@@ -113,6 +124,7 @@ class Model:
         self._outputs: list[Tensor] = []
         self._initializers: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._weight_overrides: dict[str, ort.OrtValue] = {}
+        self._folded_weights: set[str] = set()
         self._resized_shapes: dict[str, list[int]] | None = None  # set when resize() rewrote the graph's inputs
         self._shared_weights = None  # ranks._shared_weights.SharedWeights when publishing or attached
         self._metadata: dict[str, str] = {}
@@ -186,6 +198,7 @@ class Model:
                 + (f"; its weights include {sorted(self._initializers)[:8]}" if self._initializers else "")
             )
         self._weight_overrides = {}
+        self._folded_weights = _weights_folded_at_build(proto)
         previous, self._shared_weights = self._shared_weights, None
         if previous is not None:
             previous.close()  # a rebuild stops publishing the old weights
@@ -230,9 +243,24 @@ class Model:
         try:
             if self._shared_weights is not None:
                 return self._shared_weights.new_session(model, options, providers)
-            return ort.InferenceSession(model, sess_options=options, providers=providers)
+            return ort.InferenceSession(model, sess_options=options, providers=providers,
+                                        disabled_optimizers=self._optimizers_to_skip())
         except Exception as exc:
             raise ModelError(f"ONNX Runtime could not build {self._path}: {_ort_message(exc)}") from None
+
+    def _optimizers_to_skip(self) -> list[str]:
+        """Optimizers that would bake the model file's weight values in, ignoring updated ones.
+
+        ONNX Runtime's graph optimizers read initializers from the graph, not from
+        ``add_initializer``: a folded ``Transpose(W)`` or a fused Conv+BN would keep
+        the old values after update_weights.
+        """
+        if not self._weight_overrides:
+            return []
+        from ._shared_weights import WEIGHT_REWRITING_OPTIMIZERS
+
+        folded = bool(self._folded_weights & set(self._weight_overrides))
+        return list(WEIGHT_REWRITING_OPTIMIZERS) + (["ConstantFolding"] if folded else [])
 
     def _build_sharded(self, proto, communicator, identity):
         from ._staged_runner import StagedRunner

@@ -476,3 +476,24 @@ def test_predict_type_errors(sample):
         model.predict([x, x], outputs=[np.empty((2, 2), np.float32)])
     with pytest.raises(RuntimeError, match="holds no data yet"):
         model.predict(model.get_inputs())
+
+
+def test_update_weights_reaches_weights_that_onnx_runtime_folds(tmp_path):
+    # ONNX Runtime folds Transpose(W) at build from the file's W; an updated W must not be ignored.
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["W"], ["WT"]), helper.make_node("MatMul", ["x", "WT"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    path = tmp_path / "folded.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = build(path)
+    x = np.ones((1, 3), np.float32)
+    assert np.array_equal(model.predict([x])[0].get_data_to_numpy(), x @ w.T)
+    new = np.full((2, 3), 2.0, np.float32)
+    model.update_weights({"W": new})
+    assert np.array_equal(model.predict([x])[0].get_data_to_numpy(), x @ new.T)
