@@ -68,7 +68,7 @@ def test_npy_and_bin_inputs(sample, tmp_path):
 def test_errors_exit_nonzero_with_one_clear_line(sample, extra, message):
     args = [f"--model_path={sample('add')}"] + extra
     result = run_command(python_command("-m", "ranks", *args))
-    assert result.returncode == 1
+    assert result.returncode == 2  # a file named on the command line that is not there: a usage error
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -76,7 +76,7 @@ def test_errors_exit_nonzero_with_one_clear_line(sample, extra, message):
 def test_wrong_input_shape_names_the_input(sample, tmp_path):
     np.save(tmp_path / "x.npy", np.ones((3, 3), np.float32))
     result = run_command(python_command("-m", "ranks", f"--model_path={sample('add')}", f"--input={tmp_path / 'x.npy'}"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "input 'x': shape [3, 3] does not match [2, 2]" in result.stderr
 
 
