@@ -74,7 +74,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         text = super().format_help()
-        if any(_spelling_key(o) != o for o in self._option_string_actions if o.startswith("--")):
+        if any("-" in o[2:] or "_" in o[2:] for o in self._option_string_actions if o.startswith("--")):
             text += "\n" + SPELLING_NOTE + "\n"
         return text
 
