@@ -15,7 +15,7 @@ import argparse
 import signal
 import sys
 
-from ranks._command_line import ArgumentParser, non_negative_float, positive_float, positive_int
+from ranks._command_line import ArgumentParser, non_negative_float, positive_float, positive_int, split_list
 
 EPILOG_MPI = """\
 examples:
@@ -104,7 +104,7 @@ def register(subparsers) -> None:
                        help="ini file handed to every rank as --config_file")
     table.add_argument("--server", dest="servers", action="append", metavar="SERVER_ID",
                        help="this host's server_id in the table (default: matched by this host's names and "
-                       "addresses); repeatable")
+                       "addresses); repeatable or comma-separated")
     _common_options(table)
     table.set_defaults(func=_run_rank_table)
 
@@ -156,7 +156,7 @@ def _run_rank_table(args) -> int:
                 rank_table=args.rank_table,
                 config_file=args.config_file,
                 program=_program(args),
-                servers=args.servers,
+                servers=split_list(args.servers) or None,
                 log_dir=args.log_dir,
                 timeout=args.timeout,
                 stop_timeout=args.stop_timeout,

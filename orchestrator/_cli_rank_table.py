@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ranks._command_line import UsageError, prepare_output, write_failed
+from ranks._command_line import UsageError, prepare_output, split_list, write_failed
 
 
 def register(subparsers) -> None:
@@ -25,9 +25,10 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="HOST",
-        help="a server id: the host's IP address (or a name that resolves to it); repeat for several servers",
+        help="a server id: the host's IP address (or a name that resolves to it); for several servers repeat it "
+             "or give them comma-separated",
     )
-    parser.add_argument("--servers", help="comma-separated server ids (same as repeating --server)")
+    parser.add_alias("--servers", "--server")  # its comma-separated twin, one name for one idea now
     parser.add_argument(
         "--device-ips",
         action="append",
@@ -98,11 +99,9 @@ def _run(args) -> int:
 
     if not args.devices:
         raise UsageError("--devices is required (e.g. --devices 0,1)")
-    servers = list(args.server)
-    if args.servers:
-        servers += [s.strip() for s in args.servers.split(",") if s.strip()]
+    servers = split_list(args.server)
     if not servers:
-        raise UsageError("give at least one --server HOST (or --servers h1,h2)")
+        raise UsageError("give at least one --server HOST (or --server h1,h2)")
     devices = _parse_ints(args.devices, "--devices")
     try:
         device_ips = _parse_device_ips(args.device_ips, servers)

@@ -165,6 +165,11 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def split_list(values: list[str] | None) -> list[str]:
+    """A repeatable option whose values may also be comma-separated: ["a,b", "c"] -> ["a", "b", "c"]."""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
 def _number(kind, text: str, what: str):
     try:
         return kind(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from importlib import metadata
@@ -119,6 +120,9 @@ def test_one_name_per_idea_old_names_still_work():
     # the same idea has the same name in the per-rank program
     assert "--thread_num" in parsers["python -m ranks"]._option_string_actions
     assert "--model_path" in parsers["python -m ranks"]._option_string_actions
+    table = parsers["orchestrate rank-table"]
+    assert table.parse_args(["--servers", "a,b", "--server", "c"]).server == ["a,b", "c"]
+    assert "--servers" not in table.format_help()
     shard = parsers["orchestrate shard"]
     assert shard.parse_args(["m.onnx", "--tp", "2", "-o", "d", "--quiet"]).progress is False
     assert shard.parse_args(["m.onnx", "--tp", "2", "-o", "d"]).progress is None
@@ -159,6 +163,9 @@ def test_sample_and_rank_table_run_with_snake_case_flags(tmp_path):
     run_command(orchestrate_command("rank-table", "--devices", "0", "--server", "127.0.0.1", "--hccn_conf",
                                     str(tmp_path / "hccn.conf"), "-o", str(tmp_path / "t.json")), check=True)
     assert '"device_ip": "192.1.27.6"' in (tmp_path / "t.json").read_text()
+    result = run_command(orchestrate_command("rank-table", "--devices", "0", "--server", "10.77.0.1,10.77.0.2",
+                                             "--server", "10.77.0.3"), check=True)
+    assert [s["server_id"] for s in json.loads(result.stdout)["server_list"]] == ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
 
 
 # -- 3. exit codes: 2 for a usage error, 1 for a runtime error, in every command
