@@ -4,9 +4,10 @@ Only argument parsing and exit codes live here; the launchers are in the
 ``launchers`` package (config dataclass -> launcher -> process group).
 
 Exit codes: 0 when every rank succeeded; the first failed rank's own status
-when one failed (its exit code, or 128 + the signal number); 124 when
-``--timeout`` ran out; 130 on Ctrl-C (143 on SIGTERM); 2 when nothing could be
-started (bad option, no mpirun, bad rank table).
+when one failed (its exit code, or 128 + the signal number; ``python -m ranks``
+exits 2 for a usage error such as a missing model, 1 for a runtime error); 124
+when ``--timeout`` ran out; 130 on Ctrl-C (143 on SIGTERM); 2 when nothing could
+be started (bad option, no mpirun, bad rank table).
 """
 
 from __future__ import annotations
