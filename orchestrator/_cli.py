@@ -11,16 +11,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ranks._command_line import SPELLING_NOTE, ArgumentParser, add_version_option, report
+from ranks._errors import OrchestratorError
+
 from . import _cli_launch, _cli_predict, _cli_rank, _cli_rank_table, _cli_sample, _cli_shard
 
 COMMANDS = [_cli_rank, _cli_rank_table, _cli_sample, _cli_launch, _cli_predict, _cli_shard]
 
+EPILOG = f"""\
+exit codes: 0 done; 1 a runtime error (a model that fails, a rank or worker that dies);
+2 a usage error (bad flag or value, malformed config or rank table, missing input file).
+{SPELLING_NOTE}"""
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="orchestrate",
         description="Run ONNX models across processes, ranks and hosts.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version_option(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(subparsers)
@@ -28,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``orchestrate``: 0, 1 for a runtime error, 2 for a usage error (``ranks._command_line``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # Commands that hand every argument on (like ``rank``) bypass our parser,
     # which would otherwise claim options such as --model_path=... for itself.
@@ -37,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.run_passthrough(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (OrchestratorError, OSError) as exc:
+        return report(exc, f"orchestrate {args.command}")
 
 
 if __name__ == "__main__":  # pragma: no cover

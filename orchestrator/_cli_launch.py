@@ -4,9 +4,10 @@ Only argument parsing and exit codes live here; the launchers are in the
 ``launchers`` package (config dataclass -> launcher -> process group).
 
 Exit codes: 0 when every rank succeeded; the first failed rank's own status
-when one failed (its exit code, or 128 + the signal number); 124 when
-``--timeout`` ran out; 130 on Ctrl-C (143 on SIGTERM); 2 when nothing could be
-started (bad option, no mpirun, bad rank table).
+when one failed (its exit code, or 128 + the signal number; ``python -m ranks``
+exits 2 for a usage error such as a missing model, 1 for a runtime error); 124
+when ``--timeout`` ran out; 130 on Ctrl-C (143 on SIGTERM); 2 when nothing could
+be started (bad option, no mpirun, bad rank table).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import argparse
 import signal
 import sys
 
+from ranks._command_line import ArgumentParser, non_negative_float, positive_float, positive_int, split_list
+
 EPILOG_MPI = """\
 examples:
   orchestrate launch mpi -n 2 -- python -m ranks --model_path=shards/model.onnx
   orchestrate launch mpi -n 4 -H host1:2,host2:2 --log-dir logs -- python -m ranks --model_path=shards/model.onnx
+  orchestrate launch mpi -np 2 -- python -m ranks --model_path=shards/model.onnx   (mpirun's spelling)
   orchestrate launch mpi -n 2 --hostfile hosts --mca btl self,tcp --mca btl_tcp_if_include 10.0.0.0/24 \
       --mca oob_tcp_if_include 10.0.0.0/24 -- python -m ranks --model_path=shards/model.onnx
 A first word "python" (or "python3") runs as this interpreter, so the ranks use the same environment.
@@ -27,7 +31,7 @@ A first word "python" (or "python3") runs as this interpreter, so the ranks use 
 EPILOG_TABLE = """\
 each local rank runs: PROGRAM ARGS --device_id=D --rank_id=R --config_file=INI
 with RANK, WORLD_SIZE and LOCAL_RANK exported. example:
-  orchestrate launch rank-table rank_tables/local_2p.json --config_file config_file.ini -- \\
+  orchestrate launch rank-table rank_tables/local_2p.json --config-file config_file.ini -- \\
       python -m ranks --model_path=shards/model.onnx
 """
 
@@ -45,7 +49,7 @@ def run_passthrough(argv: list[str]) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, program = argv[:cut], argv[cut + 1 :]
-    parser = argparse.ArgumentParser(prog="orchestrate")
+    parser = ArgumentParser(prog="orchestrate")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["launch", *argv])
     if program is not None:
@@ -73,7 +77,9 @@ def register(subparsers) -> None:
         epilog=EPILOG_MPI,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    mpi.add_argument("-n", "--np", dest="nprocs", type=int, required=True, help="number of ranks")
+    # -np as mpirun users type it; argparse takes a one-dash long option as it is.
+    mpi.add_argument("-n", "-np", "--np", dest="nprocs", type=positive_int, required=True, metavar="N",
+                     help="number of ranks")
     mpi.add_argument("-H", "--host", dest="hosts", help="hosts for mpirun, e.g. host1:2,host2:2 (passed through)")
     mpi.add_argument("--hostfile", help="hostfile for mpirun (passed through)")
     mpi.add_argument("--bind-to", default="none", help="mpirun's process binding (default: none; Open MPI's own "
@@ -100,19 +106,19 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     table.add_argument("rank_table", metavar="RANK_TABLE", help="HCCL rank table JSON")
-    table.add_argument("--config_file", "--config-file", dest="config_file", required=True,
+    table.add_argument("--config-file", dest="config_file", required=True,
                        help="ini file handed to every rank as --config_file")
     table.add_argument("--server", dest="servers", action="append", metavar="SERVER_ID",
                        help="this host's server_id in the table (default: matched by this host's names and "
-                       "addresses); repeatable")
+                       "addresses); repeatable or comma-separated")
     _common_options(table)
     table.set_defaults(func=_run_rank_table)
 
 
 def _common_options(parser) -> None:
     parser.add_argument("--log-dir", help="also write each rank's output to LOG_DIR/rank_N.log")
-    parser.add_argument("--timeout", type=float, help="seconds the whole job may run before it is stopped (default: no limit)")
-    parser.add_argument("--stop-timeout", type=float,
+    parser.add_argument("--timeout", type=positive_float, help="seconds the whole job may run before it is stopped (default: no limit)")
+    parser.add_argument("--stop-timeout", type=non_negative_float,
                         help="seconds between SIGTERM and SIGKILL when stopping ranks (default: ORCH_STOP_TIMEOUT, 10)")
     parser.add_argument("program", nargs="*", metavar="-- PROGRAM ARGS",
                         help="the command every rank runs, after --")
@@ -157,7 +163,7 @@ def _run_rank_table(args) -> int:
                 rank_table=args.rank_table,
                 config_file=args.config_file,
                 program=_program(args),
-                servers=args.servers,
+                servers=split_list(args.servers) or None,
                 log_dir=args.log_dir,
                 timeout=args.timeout,
                 stop_timeout=args.stop_timeout,

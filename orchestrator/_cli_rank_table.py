@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from ranks._command_line import UsageError, prepare_output, split_list, write_failed
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -23,9 +25,10 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="HOST",
-        help="a server id: the host's IP address (or a name that resolves to it); repeat for several servers",
+        help="a server id: the host's IP address (or a name that resolves to it); for several servers repeat it "
+             "or give them comma-separated",
     )
-    parser.add_argument("--servers", help="comma-separated server ids (same as repeating --server)")
+    parser.add_alias("--servers", "--server")  # its comma-separated twin, one name for one idea now
     parser.add_argument(
         "--device-ips",
         action="append",
@@ -41,7 +44,7 @@ def register(subparsers) -> None:
         metavar="PATH",
         help="read device_ip from PATH's address_N=IP lines (default: /etc/hccn.conf when it exists)",
     )
-    parser.add_argument("-o", "--output", help="file to write (default: print to stdout)")
+    parser.add_argument("-o", "--output", help="file to write, missing directories created (default: print to stdout)")
     parser.add_argument("--check", metavar="TABLE", help="validate TABLE and print its ranks instead of generating")
     parser.set_defaults(func=_run)
 
@@ -50,9 +53,9 @@ def _parse_ints(text: str, what: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip() != ""]
     except ValueError:
-        raise SystemExit(f"orchestrate rank-table: {what} must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
     if not values:
-        raise SystemExit(f"orchestrate rank-table: {what} is empty")
+        raise UsageError(f"{what} is empty")
     return values
 
 
@@ -81,50 +84,41 @@ def _parse_device_ips(items: list[str], servers: list[str]) -> dict[tuple[str, i
 
 
 def _run(args) -> int:
+    """Errors go up to ``orchestrate``'s main: bad flags and malformed tables exit 2, a failed write 1."""
     import os
 
-    from ranks import RankTable, RankTableError, generate_rank_table
+    from ranks import RankTable, generate_rank_table
     from ranks._rank_table import HCCN_CONF
 
     if args.check:
-        try:
-            table = RankTable.load(args.check)
-        except RankTableError as exc:
-            print(f"orchestrate rank-table: {exc}", file=sys.stderr)
-            return 1
+        table = RankTable.load(args.check)
         print(f"{table.source}: version {table.version}, {table.server_count} server(s), {table.world_size} rank(s)")
         for d in table.devices:
             print(f"  rank {d.rank_id}: server {d.server_id} device {d.device_id} device_ip {d.device_ip or '-'}")
         return 0
 
     if not args.devices:
-        print("orchestrate rank-table: --devices is required (e.g. --devices 0,1)", file=sys.stderr)
-        return 2
-    servers = list(args.server)
-    if args.servers:
-        servers += [s.strip() for s in args.servers.split(",") if s.strip()]
+        raise UsageError("--devices is required (e.g. --devices 0,1)")
+    servers = split_list(args.server)
     if not servers:
-        print("orchestrate rank-table: give at least one --server HOST (or --servers h1,h2)", file=sys.stderr)
-        return 2
+        raise UsageError("give at least one --server HOST (or --server h1,h2)")
     devices = _parse_ints(args.devices, "--devices")
     try:
         device_ips = _parse_device_ips(args.device_ips, servers)
     except ValueError as exc:
-        print(f"orchestrate rank-table: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(str(exc)) from None
     if args.hccn_conf is not None and not os.path.isfile(args.hccn_conf):
-        print(f"orchestrate rank-table: --hccn-conf {args.hccn_conf!r} does not exist", file=sys.stderr)
-        return 2
-    try:
-        table = generate_rank_table(
-            [(s, devices) for s in servers], device_ips, hccn_conf=args.hccn_conf if args.hccn_conf is not None else HCCN_CONF
-        )
-    except RankTableError as exc:
-        print(f"orchestrate rank-table: {exc}", file=sys.stderr)
-        return 1
-    if args.output:
-        table.dump(args.output)
-        print(f"wrote {args.output}: {table.server_count} server(s), {table.world_size} rank(s)", file=sys.stderr)
+        raise UsageError(f"--hccn-conf {args.hccn_conf!r} does not exist")
+    output = prepare_output(args.output, "-o") if args.output else None
+    table = generate_rank_table(
+        [(s, devices) for s in servers], device_ips, hccn_conf=args.hccn_conf if args.hccn_conf is not None else HCCN_CONF
+    )
+    if output is not None:
+        try:
+            table.dump(output)
+        except OSError as exc:
+            raise write_failed(output, "-o", exc) from None
+        print(f"wrote {output}: {table.server_count} server(s), {table.world_size} rank(s)", file=sys.stderr)
     else:
         import json
 

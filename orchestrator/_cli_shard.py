@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from ranks._command_line import non_negative_float, positive_int, prepare_output
 
 
 def register(subparsers) -> None:
@@ -12,8 +12,8 @@ def register(subparsers) -> None:
         description="Write DIR/MODEL0.onnx ... DIR/MODEL{N-1}.onnx and DIR/MODEL.manifest.json.",
     )
     parser.add_argument("model", help="the ONNX model to slice")
-    parser.add_argument("--tp", type=int, required=True, help="tensor-parallel degree: number of ranks")
-    parser.add_argument("-o", "--output", required=True, help="directory for the shards and the manifest")
+    parser.add_argument("--tp", type=positive_int, required=True, help="tensor-parallel degree: number of ranks")
+    parser.add_argument("-o", "--output", required=True, help="directory for the shards and the manifest (created)")
     parser.add_argument("--allow-replicate", action="store_true",
                         help="write whole-model shards when nothing can be split, keep undividable layers whole")
     data = parser.add_mutually_exclusive_group()
@@ -23,28 +23,34 @@ def register(subparsers) -> None:
                       help="weights inside the shard files")
     parser.add_argument("--check", action="store_true",
                         help="run the model and the shards (simulated in one process) on random inputs and compare")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute difference --check accepts")
+    parser.add_argument("--tolerance", type=non_negative_float, default=1e-4,
+                        help="largest absolute difference --check accepts")
     parser.add_argument("--seed", type=int, default=0, help="seed of --check's random inputs")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_options(parser)
+    parser.add_alias("--quiet", "--no-progress")  # its first name, in README
     parser.set_defaults(func=_run)
 
 
-def _run(args) -> int:
-    from ranks._errors import OrchestratorError
+def add_progress_options(parser) -> None:
+    """--progress / --no-progress; by default a bar on stderr only when stderr is a terminal."""
+    bar = parser.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_true", default=None,
+                     help="always show the progress bar on stderr (default: only when stderr is a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
 
+
+def _run(args) -> int:
+    """Errors go up to ``orchestrate``'s main: a bad model or flag exits 2, a failing run 1."""
     from ._shard import shard_model
     from ._shard_check import check_shards
 
-    try:
-        result = shard_model(args.model, args.tp, args.output, allow_replicate=args.allow_replicate,
-                             external_data=args.external_data, progress=not args.quiet and sys.stderr.isatty())
-        print(result.summary())
-        if not args.check:
-            return 0
-        check = check_shards(args.model, result.model_path, seed=args.seed)
-    except OrchestratorError as exc:
-        print(f"orchestrate shard: error: {exc}", file=sys.stderr)
-        return 2
+    prepare_output(args.output, "-o", directory=True)
+    result = shard_model(args.model, args.tp, args.output, allow_replicate=args.allow_replicate,
+                         external_data=args.external_data, progress=args.progress)
+    print(result.summary(), flush=True)
+    if not args.check:
+        return 0
+    check = check_shards(args.model, result.model_path, seed=args.seed, progress=args.progress)
     for name, diff in check.per_output.items():
         print(f"check: output {name}: max abs difference {diff:.3g}")
     verdict = "ok" if check.ok(args.tolerance) else "FAILED"

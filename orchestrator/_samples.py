@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,18 @@ OPSET = 17
 _FLOAT = TensorProto.FLOAT
 
 
+class _WeightCount:
+    """A dry run of a factory: the bytes of its random weights, for a progress bar's total."""
+
+    def __init__(self):
+        self.nbytes = 0
+
+
+# What the builders of the current write_sample_model report to: None, a
+# _WeightCount (the dry run: no data made) or a progress bar (bytes made).
+_REPORT: ContextVar = ContextVar("sample_progress", default=None)
+
+
 class _GraphBuilder:
     """Collects nodes and initializers with unique, readable names."""
 
@@ -37,10 +50,16 @@ class _GraphBuilder:
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.report = _REPORT.get()
 
     def weight(self, name: str, shape: tuple[int, ...], fan_in: int) -> str:
+        if isinstance(self.report, _WeightCount):
+            self.report.nbytes += 4 * math.prod(shape)
+            return name
         data = self.rng.standard_normal(shape, dtype=np.float32) / np.float32(math.sqrt(fan_in))
         self.initializers.append(numpy_helper.from_array(data.astype(np.float32), name))
+        if self.report is not None:
+            self.report.update(data.nbytes)
         return name
 
     def const(self, name: str, value: np.ndarray) -> str:
@@ -74,7 +93,9 @@ class _GraphBuilder:
         halved = self.node("Mul", [x, half], f"{prefix}.halved")
         return self.node("Mul", [halved, shifted], f"{prefix}.out")
 
-    def model(self, name, inputs, outputs, doc: str) -> onnx.ModelProto:
+    def model(self, name, inputs, outputs, doc: str) -> onnx.ModelProto | None:
+        if isinstance(self.report, _WeightCount):
+            return None
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
         model = helper.make_model(
             graph,
@@ -292,20 +313,38 @@ SAMPLE_MODELS = {
 }
 
 
-def write_sample_model(name: str, path: str | os.PathLike, *, external_data: bool = False, **options) -> Path:
+def write_sample_model(name: str, path: str | os.PathLike, *, external_data: bool = False,
+                       progress: bool | None = None, **options) -> Path:
     """Build sample model ``name`` (see SAMPLE_MODELS) and write it to ``path``.
 
     With ``external_data=True`` the weights go to ``<file>.data`` beside the
-    model, as exporters do for large models. Returns the path written.
+    model, as exporters do for large models. ``progress``: a bar on stderr
+    (weight bytes made, then written); None shows it only when stderr is a
+    terminal. Returns the path written.
     """
+    from ._progress import progress_bar
+
     try:
         factory = SAMPLE_MODELS[name]
     except KeyError:
         raise ValueError(f"unknown sample model {name!r}; choose one of {sorted(SAMPLE_MODELS)}") from None
-    model = factory(**options)
+    count = _WeightCount()
+    token = _REPORT.set(count)
+    try:
+        factory(**options)  # shapes only: the bar's total
+    finally:
+        _REPORT.reset(token)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, path, external_data=external_data)
+    with progress_bar(2 * count.nbytes, f"sample {name}", unit="B", enabled=progress,
+                      unit_scale=True, unit_divisor=1024) as bar:
+        token = _REPORT.set(bar)
+        try:
+            model = factory(**options)
+        finally:
+            _REPORT.reset(token)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_model(model, path, external_data=external_data)
+        bar.update(count.nbytes)
     return path
 
 

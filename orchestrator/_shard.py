@@ -29,6 +29,7 @@ from ranks._shard_manifest import (
     write_manifest,
 )
 
+from ._progress import progress_bar
 from ._samples import save_model
 from ._shard_analysis import linear_weight, plan_split
 from ._shard_graph import GraphIndex, elem_types
@@ -82,12 +83,13 @@ class ShardResult:
 
 def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLike, *,
                 allow_replicate: bool = False, external_data: bool | None = None,
-                progress: bool = True) -> ShardResult:
+                progress: bool | None = None) -> ShardResult:
     """Slice ``model_path`` into ``tp`` shards in ``out_dir``.
 
     ``allow_replicate``: write whole-model shards when nothing can be split (and keep
     layers whole whose widths ``tp`` does not divide) instead of raising.
     ``external_data``: weights in ``<shard>.data`` files; None mirrors the source.
+    ``progress``: a bar on stderr; None shows it only when stderr is a terminal.
     Raises ShardError (nothing to split, tp not dividing a width or head count),
     ModelNotFoundError.
     """
@@ -131,7 +133,8 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
     shards = []
     paths = []
     collectives: list[dict] = []
-    bar = _progress_bar(progress, tp * len(model.graph.initializer), f"shard {model_path.name} tp={tp}")
+    bar = progress_bar(tp * len(model.graph.initializer), f"shard {model_path.name} tp={tp}", unit="tensor",
+                       enabled=progress)
     try:
         for rank in range(tp):
             meta = {META_ID: shard_id, META_RANK: rank, META_WORLD_SIZE: tp, META_MANIFEST: manifest_file.name}
@@ -144,8 +147,7 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
                 collectives = built.collectives
             del built
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
     manifest = {
         "format": FORMAT,
@@ -229,14 +231,6 @@ def _hash_files(paths: list[Path]) -> tuple[str, int]:
                 digest.update(chunk)
                 total += len(chunk)
     return digest.hexdigest(), total
-
-
-def _progress_bar(enabled: bool, total: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tensor", leave=False, mininterval=0.5)
 
 
 __all__ = ["ShardResult", "shard_model"]

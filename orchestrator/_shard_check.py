@@ -20,6 +20,8 @@ from ranks._shard_files import resolve_shard_path
 from ranks._shard_manifest import manifest_path_for, read_manifest
 from ranks._staged_runner import Arg, StagedProgram, default_session_factory
 
+from ._progress import progress_bar
+
 _NP_OF_TYPE = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
@@ -61,9 +63,13 @@ def shard_files(shard_path: str | os.PathLike) -> list[Path]:
 class SimulatedRanks:
     """N shards run in one process; ``run(feeds)`` returns what every rank would output."""
 
-    def __init__(self, shard_paths: list[str | os.PathLike], make_session=None):
+    def __init__(self, shard_paths: list[str | os.PathLike], make_session=None, *, progress=None):
         make_session = make_session or default_session_factory()
-        self.programs = [StagedProgram(onnx.load(str(p)), make_session, label=str(p)) for p in shard_paths]
+        self.programs = []
+        for p in shard_paths:
+            self.programs.append(StagedProgram(onnx.load(str(p)), make_session, label=str(p)))
+            if progress is not None:
+                progress.update(1)
         first = self.programs[0]
         for p in self.programs[1:]:
             if len(p.stages) != len(first.stages) or [
@@ -103,14 +109,23 @@ class CheckResult:
 
 
 def check_shards(model_path: str | os.PathLike, shard_path: str | os.PathLike, *, seed: int = 0,
-                 dynamic: int = 3, make_session=None) -> CheckResult:
-    """Run the whole model and its simulated shards on the same random inputs; report the largest difference."""
+                 dynamic: int = 3, make_session=None, progress: bool | None = None) -> CheckResult:
+    """Run the whole model and its simulated shards on the same random inputs; report the largest difference.
+
+    ``progress``: a bar on stderr (loading the model, each shard, the two runs); None shows it
+    only when stderr is a terminal.
+    """
     make_session = make_session or default_session_factory()
-    whole = make_session(str(model_path))
-    ranks = SimulatedRanks(shard_files(shard_path), make_session)
-    feeds = random_inputs(whole.get_inputs(), dynamic=dynamic, seed=seed)
-    expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds)))
-    got = ranks.run(feeds)
+    files = shard_files(shard_path)
+    with progress_bar(len(files) + 3, f"check {Path(model_path).name} tp={len(files)}", enabled=progress) as bar:
+        whole = make_session(str(model_path))
+        bar.update(1)
+        ranks = SimulatedRanks(files, make_session, progress=bar)
+        feeds = random_inputs(whole.get_inputs(), dynamic=dynamic, seed=seed)
+        expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds)))
+        bar.update(1)
+        got = ranks.run(feeds)
+        bar.update(1)
     per_output = {}
     for name, value in expected.items():
         if got[name].shape != value.shape:

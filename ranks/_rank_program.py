@@ -14,6 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ._command_line import (
+    ArgumentParser,
+    add_version_option,
+    check_input_files,
+    non_negative_int,
+    positive_int,
+    prepare_output,
+    read_numpy_file,
+    report,
+    write_failed,
+)
 from ._context import Context
 from ._errors import InputError, OrchestratorError
 from ._model import Model, ModelType
@@ -23,22 +34,25 @@ PRINT_VALUES = 50
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m ranks",
-        description="Run one rank of a model (or a whole model on one device) and print its outputs.",
+        description="Run one rank of a model (or a whole model on one device) and print its outputs. "
+                    "Exit code 2 for a usage error (bad flag, missing file, malformed config), 1 when the model "
+                    "or a peer fails.",
     )
+    add_version_option(parser)
     parser.add_argument("--model_path", required=True, help="ONNX file; shards/m.onnx resolves to shards/m{rank}.onnx")
     parser.add_argument("--input", action="append", default=[], metavar="FILE",
                         help=".npy (one input), .npz (arrays by input name) or .bin (raw bytes of the first input); default: ones")
     parser.add_argument("--output", metavar="FILE.npz", help="also save the outputs, by name, to this .npz file ({rank} is replaced by the rank)")
-    parser.add_argument("--device_id", type=int, help="device this rank runs on")
-    parser.add_argument("--rank_id", type=int, help="this rank (default: from mpirun or RANK)")
-    parser.add_argument("--world_size", type=int, help="number of ranks (default: from mpirun, WORLD_SIZE or the rank table)")
+    parser.add_argument("--device_id", type=non_negative_int, help="device this rank runs on")
+    parser.add_argument("--rank_id", type=non_negative_int, help="this rank (default: from mpirun or RANK)")
+    parser.add_argument("--world_size", type=positive_int, help="number of ranks (default: from mpirun, WORLD_SIZE or the rank table)")
     parser.add_argument("--config_file", default="", help="config_file.ini ([ascend_context] rank_table_file=..., [comm] ...)")
     parser.add_argument("--target", default="cpu", choices=("cpu", "gpu", "ascend"), help="device type (default cpu)")
-    parser.add_argument("--thread_num", type=int, default=0, help="CPU threads (0: ONNX Runtime's default)")
+    parser.add_argument("--thread_num", type=non_negative_int, default=0, help="CPU threads (0: ONNX Runtime's default)")
     parser.add_argument("--backend", choices=("mpi", "zmq", "single"), help="communicator for shards (default: automatic)")
-    parser.add_argument("--repeat", type=int, default=1, help="run predict this many times (prints the last outputs)")
+    parser.add_argument("--repeat", type=positive_int, default=1, help="run predict this many times (prints the last outputs)")
     parser.add_argument("--quiet", action="store_true", help="do not print the outputs")
     return parser
 
@@ -52,16 +66,15 @@ def read_input_files(files: list[str], tensors: list[Tensor]) -> dict[str, np.nd
         if not path.is_file():
             raise InputError(f"input file {path} does not exist")
         if path.suffix == ".npz":
-            with np.load(path) as data:
-                for key in data.files:
-                    if key not in names:
-                        raise InputError(f"input file {path} holds {key!r}, which is not an input of the model; inputs are {names}")
-                    arrays[key] = data[key]
+            for key, value in read_numpy_file(path).items():
+                if key not in names:
+                    raise InputError(f"input file {path} holds {key!r}, which is not an input of the model; inputs are {names}")
+                arrays[key] = value
         elif path.suffix == ".npy":
             free = [n for n in names if n not in arrays]
             if not free:
                 raise InputError(f"input file {path}: every input already has data")
-            arrays[free[0]] = np.load(path)
+            arrays[free[0]] = read_numpy_file(path)
         else:
             first = tensors[0]
             raw = np.fromfile(path, dtype=first.dtype.to_numpy())
@@ -107,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.target == "ascend":
         context.ascend.device_id = identity.device_id
         context.ascend.rank_id = identity.rank
-    model_path = _resolve_model_path(args.model_path, identity.rank)
+    output = _output_path(args.output, identity.rank) if args.output else None
+    # The launch's size, when a launcher gave one, so shards made for another size say so.
+    model_path = _resolve_model_path(args.model_path, identity.rank, identity.size if identity.source != "single" else None)
     config_dict = {"comm": {"backend": args.backend}} if args.backend else None
     model = Model()
     try:
@@ -122,11 +137,22 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             for tensor in outputs:
                 print(format_output(tensor), flush=True)
-        if args.output:
-            np.savez(args.output.replace("{rank}", str(identity.rank)), **{t.name: t.get_data_to_numpy() for t in outputs})
+        if output is not None:
+            try:
+                np.savez(output, **{t.name: t.get_data_to_numpy() for t in outputs})
+            except OSError as exc:
+                raise write_failed(output, "--output", exc) from None
     finally:
         model.close()
     return 0
+
+
+def _output_path(template: str, rank: int) -> Path:
+    """The file np.savez will write (it adds .npz to other names), checked before the model runs."""
+    path = Path(template.replace("{rank}", str(rank)))
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    return prepare_output(path, "--output")
 
 
 def _stop_peers(model: Model, exc: BaseException) -> None:
@@ -165,10 +191,13 @@ def _resolve_model_path(path: str, rank: int, size: int | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """``python -m ranks``: 0, 1 for a runtime error, 2 for a usage error (see ``_command_line``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        check_input_files(args.input)
         return run(args)
-    except OrchestratorError as exc:
-        # A user error: one clear line, no traceback; exit code 1 so launchers see a failure.
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return 1
+    except (OrchestratorError, OSError) as exc:
+        # One clear line, no traceback. No program name: under a launcher every
+        # line already carries its rank, and the launcher quotes this one.
+        return report(exc)

@@ -74,7 +74,9 @@ def session_options(context: Context, config: RankConfig | None = None, *, allow
         allow_spinning = section["allow_spinning"].strip().lower() in ("1", "true", "yes", "on")
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings from the engine are not the user's business
+    # Fatal only: the engine's errors reach the user as our exceptions; its own
+    # coloured log line would repeat each one on stderr.
+    options.log_severity_level = 4
     options.intra_op_num_threads = threads
     if inter_op > 1:
         options.execution_mode = ort.ExecutionMode.ORT_PARALLEL

@@ -78,6 +78,7 @@ def default_session_factory(threads: int | None = None, providers: list[str] | N
 
     def make_session(model_bytes):
         options = ort.SessionOptions()
+        options.log_severity_level = 4  # errors reach the user as exceptions, not also as ORT's log lines
         # Idle pool threads of one stage would spin while another stage runs: 4x slower on 2 cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")

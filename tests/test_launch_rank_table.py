@@ -164,7 +164,7 @@ def test_the_per_rank_program_runs_under_the_rank_table_launcher(sample, ini):
         "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
         "python", "-m", "ranks", f"--model_path={model}.missing",
     ))
-    assert result.returncode == 1
+    assert result.returncode == 2  # each rank's own code: a missing model file is a usage error
     assert f"    | error: ModelNotFoundError: model file {model}.missing does not exist" in result.stderr
 
 

@@ -48,13 +48,14 @@ def test_predict_with_a_broadcast_input_and_default_ones(tmp_path):
 
 def test_predict_errors_are_one_clear_line(sample, tmp_path):
     result = run_command(orchestrate_command("predict", "--model", str(sample("mlp")), "--devices", "0,0"))
-    assert result.returncode == 1
-    assert "error: ConfigError: device_ids has repeated devices: [0, 0]" in result.stderr
+    assert result.returncode == 2
+    assert "orchestrate predict: error: ConfigError: device_ids has repeated devices: [0, 0]" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_command(orchestrate_command("predict", "--model", str(tmp_path / "none.onnx"), "--devices", "0,1"))
-    assert result.returncode == 1 and "does not exist" in result.stderr
+    assert result.returncode == 2 and "does not exist" in result.stderr
     result = run_command(orchestrate_command("predict", "--model", str(sample("mlp")), "--devices", "a,b"))
-    assert result.returncode == 1 and "--devices must be comma-separated integers" in result.stderr
+    assert result.returncode == 2
+    assert "orchestrate predict: error: --devices must be comma-separated integers" in result.stderr
 
 
 @pytest.mark.timeout(180)
@@ -75,4 +76,4 @@ def test_predict_with_one_model_file_per_device(sample, tmp_path):
         np.testing.assert_allclose(saved["y"], reference(sample("mlp"), [np.ones((2, 64), np.float32)])[0], atol=1e-5)
     result = run_command(orchestrate_command("predict", "--model", paths[0], "--model", paths[1], "--devices", "0,1",
                                              "--batch", "3"))
-    assert result.returncode == 1 and "batch sizes that fit are [1, 2]" in result.stderr
+    assert result.returncode == 2 and "batch sizes that fit are [1, 2]" in result.stderr

@@ -68,7 +68,7 @@ def test_npy_and_bin_inputs(sample, tmp_path):
 def test_errors_exit_nonzero_with_one_clear_line(sample, extra, message):
     args = [f"--model_path={sample('add')}"] + extra
     result = run_command(python_command("-m", "ranks", *args))
-    assert result.returncode == 1
+    assert result.returncode == 2  # a file named on the command line that is not there: a usage error
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -76,7 +76,7 @@ def test_errors_exit_nonzero_with_one_clear_line(sample, extra, message):
 def test_wrong_input_shape_names_the_input(sample, tmp_path):
     np.save(tmp_path / "x.npy", np.ones((3, 3), np.float32))
     result = run_command(python_command("-m", "ranks", f"--model_path={sample('add')}", f"--input={tmp_path / 'x.npy'}"))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "input 'x': shape [3, 3] does not match [2, 2]" in result.stderr
 
 
@@ -108,3 +108,44 @@ def test_port_of_mindspore_lite_script(sample, tmp_path):
     name, size, count, *values = result.stdout.replace("[", " ").replace("]", " ").split()
     assert (name, int(size), int(count)) == ("probs", 40, 10)
     np.testing.assert_allclose([float(v) for v in values], expected.reshape(-1)[:5], rtol=1e-5)
+
+
+@pytest.fixture
+def two_rank_shards(sample, tmp_path):
+    from orchestrator import shard_model
+
+    return shard_model(sample("mlp"), 2, tmp_path / "shards", progress=False)
+
+
+@pytest.mark.parametrize("rank", ["2", "0"])
+def test_shards_for_two_ranks_launched_with_three_say_so(two_rank_shards, rank):
+    from tests._cli_helpers import error_lines, run_with_env
+
+    model = two_rank_shards.model_path
+    result = run_with_env(python_command("-m", "ranks", f"--model_path={model}"), {"RANK": rank, "WORLD_SIZE": "3"})
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        f"error: ShardError: the shards of {model} were made for 2 ranks ({two_rank_shards.manifest_path}), "
+        f"but this launch has 3 ranks; re-run `orchestrate shard --tp 3` or launch 2 ranks"
+    ]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_shards_for_two_ranks_under_a_three_rank_mpirun_say_so(two_rank_shards):
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "3", "--", "python", "-m", "ranks",
+                                             f"--model_path={two_rank_shards.model_path}"), timeout=110)
+    assert result.returncode == 2, result.stderr
+    assert "were made for 2 ranks" in result.stderr and "but this launch has 3 ranks" in result.stderr
+    assert "is missing" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["unbuildable", "fails at run"])
+def test_a_failing_model_prints_exactly_one_line_not_the_engines_log_too(tmp_path, kind):
+    from tests._cli_helpers import write_failing_model, write_unbuildable_model
+
+    path = (write_unbuildable_model if kind == "unbuildable" else write_failing_model)(tmp_path / "m.onnx")
+    result = run_command(python_command("-m", "ranks", f"--model_path={path}"))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ModelError: "), result.stderr
+    assert "[E:onnxruntime" not in result.stderr and "\x1b[" not in result.stderr

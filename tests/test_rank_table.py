@@ -349,10 +349,10 @@ def test_cli_check_and_errors(tmp_path):
     data["version"] = "0.9"
     bad.write_text(json.dumps(data))
     result = _cli("--check", str(bad))
-    assert result.returncode == 1 and "field 'version' is '0.9'" in result.stderr
+    assert result.returncode == 2 and "field 'version' is '0.9'" in result.stderr  # malformed table: usage error
     result = _cli("--server", "h")
     assert result.returncode == 2 and "--devices is required" in result.stderr
     result = _cli("--devices", "0,x", "--server", "h")
-    assert result.returncode != 0 and "--devices must be comma-separated integers" in result.stderr
+    assert result.returncode == 2 and "--devices must be comma-separated integers" in result.stderr
     result = _cli("--devices", "0")
     assert result.returncode == 2 and "at least one --server" in result.stderr
