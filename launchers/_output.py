@@ -112,9 +112,18 @@ class RankOutput:
 
 
 def pump(pipe, on_line: Callable[[str], None]) -> None:
-    """Read ``pipe`` (binary) to its end, calling ``on_line`` with each decoded line."""
+    """Read ``pipe`` (binary) to its end, calling ``on_line`` with each decoded line.
+
+    NUL bytes are dropped, and a line that held nothing else with them: Open
+    MPI's prterun ends its abort message with a lone NUL, which a console
+    shows as ``^@`` and which no log or report should carry.
+    """
     try:
         for raw in iter(pipe.readline, b""):
+            if b"\0" in raw:
+                raw = raw.replace(b"\0", b"")
+                if not raw.strip():
+                    continue
             on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
     except (OSError, ValueError):
         pass  # the pipe was closed under us while stopping: nothing more to read

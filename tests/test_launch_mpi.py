@@ -95,6 +95,17 @@ def test_output_is_split_back_into_ranks(tmp_path):
     assert parse_record("plain line") is None and parse_record(MARKER + "{not json") is None
 
 
+def test_nul_bytes_never_reach_the_console():
+    # prterun (Open MPI 5) writes a lone "\0" after its MPI_ABORT message: it showed as "[mpirun] ^@"
+    import io
+
+    from launchers._output import pump
+
+    lines = []
+    pump(io.BytesIO(b"----\n\x00\nabc\x00def\n\x00"), lines.append)
+    assert lines == ["----", "abcdef"]
+
+
 # --- real mpirun -----------------------------------------------------------------------------------
 
 
@@ -143,6 +154,8 @@ def test_a_rank_that_raises_under_mpirun_is_reported_first():
     assert re.match(r"orchestrate launch mpi: rank 1 of 3 on host \S+ \(pid \d+\) failed: exit code 1\n  at ", report), report
     assert "    | RuntimeError: mpi rank 1 broke on purpose" in report
     assert "[rank 1] RuntimeError: mpi rank 1 broke on purpose" in result.stderr
+    # Open MPI's prterun ends its abort message with a NUL byte; it must not reach the console
+    assert "\x00" not in result.stdout + result.stderr
     assert not leftovers(marker)
 
 
