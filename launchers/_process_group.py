@@ -11,8 +11,10 @@ what orders failures.
 
 Stopping, torchrun's way: SIGTERM to every rank's process group, ONE shared
 deadline (``stop_timeout``), then SIGKILL to whatever is left, then a sweep of
-each group for stragglers (grandchildren that ignored SIGTERM). ``stop`` may
-be called any number of times, from any thread.
+each group for stragglers (grandchildren that ignored SIGTERM). Each SIGTERM
+is followed by SIGCONT: a stopped (SIGSTOPped, or Ctrl-Z'd) process keeps
+SIGTERM pending until it is continued, and would cost the whole deadline.
+``stop`` may be called any number of times, from any thread.
 """
 
 from __future__ import annotations
@@ -387,7 +389,7 @@ class ProcessGroup:
                     self._stop_started = time.time()
             running = self.running()
             for rank in running:
-                self._signal_group(self._procs[rank].pid, signal.SIGTERM)
+                self._terminate_group(self._procs[rank].pid)
             deadline = time.monotonic() + self.stop_timeout
             while self.running() and time.monotonic() < deadline and not self._hurry:
                 self._changed.wait(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -408,7 +410,10 @@ class ProcessGroup:
         if not groups:
             return
         for pgid in groups:
-            self._signal_group(pgid, first_signal)
+            if first_signal == signal.SIGTERM:
+                self._terminate_group(pgid)
+            else:
+                self._signal_group(pgid, first_signal)
         if first_signal != signal.SIGKILL:
             deadline = time.monotonic() + self.stop_timeout
             while any(group_members(g) for g in groups) and time.monotonic() < deadline:
@@ -416,6 +421,13 @@ class ProcessGroup:
             for pgid in groups:
                 if group_members(pgid):
                     self._signal_group(pgid, signal.SIGKILL)
+
+    @classmethod
+    def _terminate_group(cls, pgid: int) -> None:
+        """SIGTERM, then SIGCONT so that a stopped member acts on it now (in this order: a member
+        continued first could run on before the SIGTERM reaches it)."""
+        cls._signal_group(pgid, signal.SIGTERM)
+        cls._signal_group(pgid, signal.SIGCONT)
 
     @staticmethod
     def _signal_group(pgid: int, signum: int) -> None:

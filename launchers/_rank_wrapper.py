@@ -13,8 +13,9 @@ For its rank (from the MPI launcher's environment) it
 - writes one ``start`` and one ``exit`` record to stderr, each a single line
   ``MARKER + JSON`` (the format is defined here and nowhere else; the
   launcher reads it with ``parse_record``);
-- on SIGTERM/SIGINT/SIGHUP (mpirun tearing the job down) passes SIGTERM to
-  the program's process group, SIGKILLs it after ``--stop-timeout`` seconds,
+- on SIGTERM/SIGINT/SIGHUP (mpirun tearing the job down) passes SIGTERM (then
+  SIGCONT, for a stopped program) to the program's process group, SIGKILLs it
+  after ``--stop-timeout`` seconds,
   and marks the exit record ``stopped``;
 - dies with its parent (Linux parent-death signal), so the program never
   outlives mpirun's daemon, and gives the program the same guarantee.
@@ -128,10 +129,12 @@ class _Wrapper:
         if self.stop_requested is None:
             self.stop_requested = time.monotonic()
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+            # SIGCONT after SIGTERM: a stopped program acts on the SIGTERM only once continued
+            for signum in (signal.SIGTERM, signal.SIGCONT):
+                try:
+                    os.killpg(self.proc.pid, signum)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def run(self) -> int:
         parent = os.getppid()

@@ -62,7 +62,8 @@ declare -A RANK_OF=()
 
 stop_all() {
     local pid waited=0
-    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+    # SIGCONT after SIGTERM: a stopped rank acts on SIGTERM only once continued
+    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; kill -CONT -- "-$pid" 2>/dev/null; done
     while [ "$waited" -lt $((STOP_TIMEOUT * 10)) ]; do
         local alive=0
         for pid in "${PIDS[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done

@@ -45,13 +45,30 @@ def leftovers(marker: str, wait: float = 5.0) -> list[str]:
         time.sleep(0.1)
 
 
-def alive(pid: int) -> bool:
+def state(pid: int) -> str | None:
+    """The process state letter from /proc (R, S, T for stopped, Z, ...), or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()[0]
+            return f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+        return None
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in (None, "Z", "X")
+
+
+def wait_stopped(pids, wait: float = 30.0) -> None:
+    """Wait until every pid is stopped (SIGSTOP, state T)."""
+    deadline = time.monotonic() + wait
+    while not all(state(pid) == "T" for pid in pids):
+        assert time.monotonic() < deadline, f"not all stopped: {[(pid, state(pid)) for pid in pids]}"
+        time.sleep(0.05)
+
+
+def pids_in(lines, text: str = "hello from rank") -> list[int]:
+    """The pids the test programs print ("... pid 123 ...") on the lines holding ``text``."""
+    return [int(line.split(" pid ")[1].split()[0]) for line in lines if text in line and " pid " in line]
 
 
 def wait_gone(pids, wait: float = 5.0) -> list[int]:
@@ -66,9 +83,9 @@ def wait_gone(pids, wait: float = 5.0) -> list[int]:
 class Background:
     """A command started in the background whose output lines are collected as they come."""
 
-    def __init__(self, argv: list[str], cwd=ROOT):
+    def __init__(self, argv: list[str], cwd=ROOT, env=None):
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, env=project_env(), stdin=subprocess.DEVNULL,
+            argv, cwd=cwd, env=project_env() if env is None else env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.out: list[str] = []

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import orchestrate_command, run_command
-from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker
+from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker, pids_in, wait_stopped
 from launchers import MpiLaunchConfig, build_mpirun_command, find_mpirun
 from launchers._mpi import MPICH, OPEN_MPI, WRAPPER, MpiOutput, mpi_flavor
 from launchers._rank_wrapper import MARKER, parse_record
@@ -300,3 +300,31 @@ def test_wrapper_records_fit_one_atomic_pipe_write(monkeypatch, capsys):
     monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
     with pytest.raises(SystemExit, match="meant to be started by mpirun"):
         _rank_wrapper._Wrapper(["true"], 1.0, 20)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_the_wrapper_continues_a_sigstopped_program_when_stopping_it():
+    import os
+    import time
+
+    from conftest import project_env
+
+    marker = new_marker()
+    env = {**project_env(), "OMPI_COMM_WORLD_RANK": "0"}
+    wrapper = Background([sys.executable, str(WRAPPER), "--stop-timeout", "30", "--",
+                          sys.executable, PROGRAM, "--others", "stop", "--marker", marker], env=env)
+    try:
+        wrapper.wait_for("stops itself")
+        wait_stopped(pids_in(wrapper.out))
+        started = time.monotonic()
+        wrapper.interrupt(signal.SIGTERM)  # what mpirun does to end the job
+        code = wrapper.finish(60)
+        took = time.monotonic() - started
+    finally:
+        wrapper.kill()
+    assert code == 128 + signal.SIGTERM, wrapper.stderr
+    assert took < 10, took  # the deadline alone is 30 s
+    record = next(parse_record(line) for line in wrapper.err if parse_record(line) and parse_record(line)["event"] == "exit")
+    assert (record["signal"], record["stopped"]) == ("SIGTERM", True)
+    assert not leftovers(marker)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from launch_helpers import PROGRAM, alive, leftovers, new_marker, wait_gone
+from launch_helpers import PROGRAM, alive, leftovers, new_marker, pids_in, wait_gone, wait_stopped
 from launchers import ProcessGroup, ProcessSpec, RankOutput
 from launchers._failures import RankExit, format_report, split_failures
 from ranks import LaunchError, LaunchTimeoutError, RankFailedError
@@ -108,6 +108,21 @@ def test_ranks_ignoring_sigterm_are_killed_after_the_shared_deadline():
     took = time.monotonic() - started
     assert [(e.rank, e.signal, e.stopped) for e in exits] == [(r, "SIGKILL", True) for r in range(3)]
     assert 1.0 <= took < 10, took  # one deadline shared by all ranks, not one each
+    assert not leftovers(marker)
+
+
+@pytest.mark.timeout(60)
+def test_stopped_ranks_are_continued_so_sigterm_ends_them_at_once():
+    # a SIGSTOPped process keeps SIGTERM pending until SIGCONT: without it, the stop waits out the deadline
+    group, out, err, marker = make_group(2, "--others", "stop", stop_timeout=20.0)
+    group.start()
+    wait_output(out, "stops itself", 2)
+    wait_stopped(pids_in(out.getvalue().splitlines()))
+    started = time.monotonic()
+    exits = group.stop()
+    took = time.monotonic() - started
+    assert [(e.rank, e.signal, e.stopped) for e in exits] == [(r, "SIGTERM", True) for r in range(2)]
+    assert took < 5, took
     assert not leftovers(marker)
 
 

@@ -190,3 +190,23 @@ def test_a_second_ctrl_c_does_not_wait_out_the_stop_deadline(ini):
     finally:
         launcher.kill()
     assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_sigstopped_rank_is_stopped_without_waiting_out_the_deadline(ini):
+    import time
+
+    marker = new_marker()
+    started = time.monotonic()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--stop-timeout", "30", "--",
+        "python", PROGRAM, "--bad-rank", "1", "--bad", "raise", "--delay", "2", "--others", "stop", "--marker", marker,
+    ))
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"rank-table: rank 1 of 2 on host \S+ \(pid \d+\) failed: exit code 1\n", result.stderr), result.stderr
+    assert "ranks stopped afterwards: 0 (pid" in result.stderr and "signal SIGTERM" in result.stderr
+    assert took < 15, took  # the rank failed after 2 s; the deadline alone would be 30 s
+    assert not leftovers(marker)
