@@ -35,16 +35,18 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CONFIG_INI=$(cd "$(dirname "$CONFIG_INI")" && pwd)/$(basename "$CONFIG_INI")
 
 # One line per local rank: "rank_id device_id local_rank world_size", read with the project's parser
-# (so a malformed table fails here with the parser's message).
-LOCAL_RANKS=$(PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$RANK_TABLE" "${SERVER_ID:-}" <<'PY'
+# (so a malformed table, or an ini the ranks could not read, fails here, before any rank starts).
+LOCAL_RANKS=$(PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - "$RANK_TABLE" "${SERVER_ID:-}" "$CONFIG_INI" <<'PY'
 import sys
-from ranks._errors import RankTableError
+from launchers._rank_table_launcher import check_config_file
+from ranks._errors import ConfigError, RankTableError
 from ranks._rank_table import RankTable
 
-path, server = sys.argv[1], sys.argv[2]
+path, server, ini = sys.argv[1], sys.argv[2], sys.argv[3]
 try:
+    check_config_file(ini)
     table = RankTable.load(path)
-except RankTableError as exc:
+except (ConfigError, RankTableError) as exc:
     sys.exit(f"run_ranks.sh: {exc}")
 devices = table.local_devices([server] if server else None)
 if not devices:

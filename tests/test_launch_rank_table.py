@@ -49,6 +49,42 @@ def test_bad_inputs_are_named(tmp_path, ini):
         RankTableLauncher(RankTableLaunchConfig(str(bad), str(ini), ["p"]))
 
 
+BAD_INIS = {
+    "malformed": ("rank_table_file = x.json\n[ascend_context]\n", r"comes before any \[section\] header"),
+    "missing table": ("[ascend_context]\nrank_table_file = nowhere/table.json\n",
+                      r"rank_table_file .*nowhere/table\.json.* does not exist"),
+    "bad value": ("[comm]\nbase_port = many\n", r"\[comm\] base_port must be an integer"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_INIS)
+def test_the_ini_is_checked_before_any_rank_starts(tmp_path, kind):
+    text, message = BAD_INIS[kind]
+    bad = tmp_path / "config_file.ini"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        RankTableLaunchConfig(str(TABLES / "local_2p.json"), str(bad), ["p"])
+
+
+@pytest.mark.cli
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["malformed", "missing table"])
+def test_a_bad_ini_fails_in_one_line_with_exit_code_2_and_starts_nothing(tmp_path, kind):
+    text, message = BAD_INIS[kind]
+    bad = tmp_path / "config_file.ini"
+    bad.write_text(text)
+    marker = new_marker()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(bad), "--",
+        "python", PROGRAM, "--others", "hang", "--marker", marker,
+    ), timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()  # no rank ran: no "[rank N]" line
+    assert line.startswith("orchestrate launch rank-table: error: ") and re.search(message, line), line
+    assert not leftovers(marker)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.cli
 @pytest.mark.timeout(120)

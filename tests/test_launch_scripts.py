@@ -87,6 +87,17 @@ def test_run_ranks_rejects_a_bad_table(tmp_path, ini):
     assert result.returncode == 2 and "usage:" in result.stderr
 
 
+def test_run_ranks_checks_the_ini_before_starting_a_rank(tmp_path):
+    bad = tmp_path / "config_file.ini"
+    bad.write_text("[ascend_context]\nrank_table_file = nowhere.json\n")
+    marker = new_marker()
+    result = run_command(["bash", RUN_RANKS, TABLE, str(bad), sys.executable, PROGRAM, "--others", "hang", "--marker", marker],
+                         timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"run_ranks.sh: {bad}: rank_table_file {tmp_path / 'nowhere.json'} does not exist"]
+    assert not leftovers(marker)
+
+
 @pytest.mark.timeout(120)
 def test_run_mpi_three_ranks_tagged_and_oversubscribed():
     result = run_command(["bash", RUN_MPI, "3", "python", MPI_PROGRAM])
