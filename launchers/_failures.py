@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ranks._errors import RankFailedError
 
@@ -118,25 +119,58 @@ def where(exit_: RankExit, world: int | None = None) -> str:
     return f"rank {exit_.rank}{of} on host {exit_.host} (pid {exit_.pid})"
 
 
+def _output_lines(exit_: RankExit) -> list[str]:
+    """When it ended and the last lines it wrote, indented under a report's headline."""
+    if not exit_.tail:
+        return [f"  at {format_time(exit_.time)}; it wrote nothing to stderr or stdout"]
+    what = "last line" if len(exit_.tail) == 1 else f"last {len(exit_.tail)} lines"
+    return [f"  at {format_time(exit_.time)}; {what} of its output:"] + [f"    | {line}" for line in exit_.tail]
+
+
+def _stopped_line(stopped: list[RankExit]) -> list[str]:
+    if not stopped:
+        return []
+    parts = ", ".join(f"{e.rank} (pid {e.pid}, {e.how()})" for e in stopped)
+    return [f"ranks stopped afterwards: {parts}"]
+
+
 def format_report(failures: list[RankExit], stopped: list[RankExit], world: int | None = None) -> str:
     """The multi-line failure report: the first failure in full, then the rest in one line each."""
     first = failures[0]
     count = f" (first of {len(failures)} failed ranks)" if len(failures) > 1 else ""
     lines = [f"{where(first, world)} failed{count}: {first.how()}"]
-    if first.tail:
-        what = "last line" if len(first.tail) == 1 else f"last {len(first.tail)} lines"
-        lines.append(f"  at {format_time(first.time)}; {what} of its output:")
-        lines.extend(f"    | {line}" for line in first.tail)
-    else:
-        lines.append(f"  at {format_time(first.time)}; it wrote nothing to stderr or stdout")
+    lines.extend(_output_lines(first))
     if len(failures) > 1:
         lines.append("other failed ranks:")
         for other in failures[1:]:
             last = f": {other.tail[-1]}" if other.tail else ""
             lines.append(f"  {where(other)} failed: {other.how()} at {format_time(other.time)}{last}")
-    if stopped:
-        parts = ", ".join(f"{e.rank} (pid {e.pid}, {e.how()})" for e in stopped)
-        lines.append(f"ranks stopped afterwards: {parts}")
+    lines.extend(_stopped_line(stopped))
+    return "\n".join(lines)
+
+
+def early_exit(exits: list[RankExit], not_reported: Sequence[int] = ()) -> tuple[RankExit, list[int]] | None:
+    """(the first rank that exited with code 0 while others still ran, those others), or None.
+
+    For a job that failed although no rank failed on its own: under MPI a rank
+    that leaves without MPI_Finalize (``os._exit(0)``, say) makes mpirun end
+    the job. ``not_reported``: ranks that never said how they ended (still
+    running when the job was torn down).
+    """
+    for first in sorted((e for e in exits if not e.failed and not e.stopped), key=lambda e: (e.time, e.rank)):
+        later = {e.rank for e in exits if e.rank != first.rank and (e.stopped or e.time > first.time)}
+        still_running = sorted(later | (set(not_reported) - {first.rank}))
+        if still_running:
+            return first, still_running
+    return None
+
+
+def format_early_exit(first: RankExit, still_running: list[int], stopped: list[RankExit], world: int | None = None) -> str:
+    """The report for ``early_exit``'s rank: it is the root cause although its exit code is 0."""
+    ranks = f"rank {still_running[0]} was" if len(still_running) == 1 else f"ranks {', '.join(map(str, still_running))} were"
+    lines = [f"{where(first, world)} exited with {first.how()} before the job finished, while {ranks} still running"]
+    lines.extend(_output_lines(first))
+    lines.extend(_stopped_line(stopped))
     return "\n".join(lines)
 
 

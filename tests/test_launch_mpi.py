@@ -176,6 +176,30 @@ def test_a_rank_killed_under_mpirun_is_reported_by_signal_name():
 @pytest.mark.multiprocess
 @pytest.mark.cli
 @pytest.mark.timeout(120)
+def test_a_rank_that_exits_0_early_is_named_with_its_own_pid():
+    import time
+
+    marker = new_marker()
+    started = time.monotonic()
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--timeout", "60", "--",
+        "python", MPI_PROGRAM, "--bad-rank", "1", "--bad", "exit0", "--marker", marker,
+    ))
+    took = time.monotonic() - started
+    # not 2 ("nothing could be started"): a rank ran and ended the job
+    assert result.returncode == 1, result.stdout + result.stderr
+    [pid] = [line.split(" pid ")[1] for line in result.stdout.splitlines() if line.startswith("[rank 1] mpi rank 1 of 2 pid ")]
+    report = result.stderr[result.stderr.index("orchestrate launch mpi: "):]
+    assert re.match(rf"orchestrate launch mpi: rank 1 of 2 on host \S+ \(pid {pid}\) exited with exit code 0 before the "
+                    rf"job finished, while rank 0 was still running\n", report), report
+    assert "    | mpi rank 1 leaves early" in report
+    assert took < 30, took
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
 def test_ctrl_c_stops_mpirun_and_every_rank():
     marker = new_marker()
     launcher = Background(orchestrate_command(

@@ -207,6 +207,25 @@ def test_report_lists_first_failure_then_the_rest():
     assert RankExit.from_dict(exits[1].to_dict()) == exits[1]
 
 
+def test_a_clean_exit_while_others_ran_is_named_when_nothing_else_failed():
+    from launchers._failures import early_exit, format_early_exit
+
+    exits = [
+        RankExit(0, "h", 10, None, "SIGTERM", 5.0, ("x",), stopped=True),
+        RankExit(1, "h", 11, 0, None, 3.0, ("leaving",)),
+        RankExit(2, "h", 12, 0, None, 4.0, ()),
+    ]
+    first, still_running = early_exit(exits, not_reported=[3])
+    assert first.rank == 1 and still_running == [0, 2, 3]
+    text = format_early_exit(first, still_running, [exits[0]], 4)
+    assert text.splitlines()[0] == (
+        "rank 1 of 4 on host h (pid 11) exited with exit code 0 before the job finished, while ranks 0, 2, 3 were still running"
+    )
+    assert text.endswith("    | leaving\nranks stopped afterwards: 0 (pid 10, signal SIGTERM (15))")
+    # every rank ended on its own, cleanly: nobody to blame
+    assert early_exit([RankExit(0, "h", 10, 0, None, 1.0), RankExit(1, "h", 11, 0, None, 1.0)]) is None
+
+
 def test_launchers_exports():
     import launchers
 
