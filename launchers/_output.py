@@ -11,6 +11,7 @@ import collections
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Callable
 
@@ -51,6 +52,7 @@ class RankOutput:
         self._logs: dict[object, IO[str]] = {}
         self._err_tail: dict[object, collections.deque] = {}
         self._out_tail: dict[object, collections.deque] = {}
+        self._last_time: dict[object, float] = {}
         self._closed = False
 
     def open(self, keys) -> None:
@@ -78,6 +80,7 @@ class RankOutput:
     def emit(self, key, stream: str, text: str, console_text: str | None) -> None:
         """Record ``text`` for ``key`` (tail and log) and write ``console_text`` (if any) to the console."""
         with self._lock:
+            self._last_time[key] = time.time()
             tails = self._err_tail if stream == "stderr" else self._out_tail
             tail = tails.get(key)
             if tail is None:
@@ -102,6 +105,11 @@ class RankOutput:
                 return tuple(err)[-self._tail_lines :] if self._tail_lines > 0 else ()
             out = self._out_tail.get(key)
             return tuple(out)[-self._tail_lines :] if out and self._tail_lines > 0 else ()
+
+    def last_time(self, key) -> float | None:
+        """The Unix time ``key``'s last line (on either stream) arrived, None when it wrote none."""
+        with self._lock:
+            return self._last_time.get(key)
 
     def close(self) -> None:
         with self._lock:

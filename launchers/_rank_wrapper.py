@@ -16,7 +16,7 @@ For its rank (from the MPI launcher's environment) it
 - on SIGTERM/SIGINT/SIGHUP (mpirun tearing the job down) passes SIGTERM (then
   SIGCONT, for a stopped program) to the program's process group, SIGKILLs it
   after ``--stop-timeout`` seconds,
-  and marks the exit record ``stopped``;
+  and marks the exit record ``stopped`` (when the program was still running);
 - dies with its parent (Linux parent-death signal), so the program never
   outlives mpirun's daemon, and gives the program the same guarantee.
 
@@ -26,7 +26,10 @@ Record fields (version 1)::
 
     start: {"v": 1, "event": "start", "rank", "host", "pid" (program), "wrapper_pid", "time"}
     exit:  {"v": 1, "event": "exit",  "rank", "host", "pid", "exitcode" | null, "signal" (name) | null,
-            "time", "tail" (last lines of stderr, else stdout), "stopped"}
+            "time", "tail" (last lines of stderr, else stdout), "stopped", "last_output" (time) | null}
+
+("last_output", the time of the program's last line, was added within version 1:
+readers take a missing one as null.)
 """
 
 from __future__ import annotations
@@ -94,6 +97,8 @@ class _Wrapper:
         self.out_tail: collections.deque = collections.deque(maxlen=max(tail_lines, 1))
         self.tail_lines = tail_lines
         self.stop_requested: float | None = None
+        self.stopped = False  # signalled while the program still ran: not a failure of its own
+        self.last_output: float | None = None
         self.proc: subprocess.Popen | None = None
 
     def record(self, **fields) -> None:
@@ -115,6 +120,7 @@ class _Wrapper:
             for raw in iter(pipe.readline, b""):
                 text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 with self.lock:
+                    self.last_output = time.time()
                     tail.append(text)
                     try:
                         out.write(self.prefix + text + "\n")
@@ -129,6 +135,8 @@ class _Wrapper:
         if self.stop_requested is None:
             self.stop_requested = time.monotonic()
         if self.proc is not None:
+            if not _has_exited(self.proc.pid):
+                self.stopped = True
             # SIGCONT after SIGTERM: a stopped program acts on the SIGTERM only once continued
             for signum in (signal.SIGTERM, signal.SIGCONT):
                 try:
@@ -189,7 +197,7 @@ class _Wrapper:
                         pass
                     killed = True
         ended = time.time()
-        stopped = self.stop_requested is not None
+        stopped = self.stopped
         drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
         for reader in readers:
             reader.join(max(0.0, drained - time.monotonic()))
@@ -208,9 +216,20 @@ class _Wrapper:
             time=ended,
             tail=tail[-self.tail_lines :] if self.tail_lines > 0 else [],
             stopped=stopped,
+            last_output=self.last_output,
         )
         sys.stdout.flush()
         return code if code >= 0 else 128 - code
+
+
+def _has_exited(pid: int) -> bool:
+    """True when child ``pid`` has ended, without reaping it (as ``_process_group.has_exited``)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+    except OSError:
+        return False
 
 
 def _signal_name(signum: int) -> str:

@@ -142,6 +142,7 @@ def _stop_peers(model: Model, exc: BaseException) -> None:
     if comm is None or comm.size < 2:
         return
     print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    exc._orch_printed = True  # printed once, before the abort: a copy after it would follow the peers' errors
     comm.abort(f"rank {comm.rank} of {comm.size}: {type(exc).__name__} while building {model._path}; stopping the job")
 
 
@@ -172,5 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except OrchestratorError as exc:
         # A user error: one clear line, no traceback; exit code 1 so launchers see a failure.
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        if not getattr(exc, "_orch_printed", False):
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -8,11 +8,13 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from conftest import ROOT, project_env
 
 PROGRAM = str(ROOT / "tests" / "programs" / "rank_program.py")
 MPI_PROGRAM = str(ROOT / "tests" / "programs" / "mpi_rank.py")
+ZMQ_PROGRAM = str(ROOT / "tests" / "programs" / "zmq_rank.py")
 
 
 def new_marker() -> str:
@@ -33,6 +35,28 @@ def processes_with(marker: str) -> list[str]:
         if marker in cmdline and alive(int(entry)):
             found.append(f"{entry} {cmdline}")
     return found
+
+
+def shm_segments_of(pids) -> list[str]:
+    """/dev/shm segments created by any of ``pids`` (the communicators put the creator's pid in the name)."""
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith("orch_") and any(f"_{pid}_" in n for pid in pids))
+
+
+def private_tmp(monkeypatch, tmp_path) -> Path:
+    """A TMPDIR of the test's own for the processes it starts, so what they leave there is theirs."""
+    path = tmp_path / "tmpdir"
+    path.mkdir()
+    monkeypatch.setenv("TMPDIR", str(path))
+    return path
+
+
+def orch_dirs(tmpdir: Path) -> list[str]:
+    """``orch_*`` files or directories in ``tmpdir``."""
+    return sorted(p.name for p in tmpdir.glob("orch_*"))
 
 
 def leftovers(marker: str, wait: float = 5.0) -> list[str]:

@@ -9,9 +9,11 @@ import sys
 import pytest
 
 from conftest import ROOT, orchestrate_command, run_command
-from launch_helpers import PROGRAM, Background, leftovers, new_marker
+from launch_helpers import (
+    PROGRAM, ZMQ_PROGRAM, Background, leftovers, new_marker, orch_dirs, pids_in, private_tmp, shm_segments_of,
+)
 from launchers import RankTableLaunchConfig, RankTableLauncher
-from ranks import ConfigError, LaunchError, RankTableError
+from ranks import ConfigError, LaunchError, RankTableError, free_base_port
 
 TABLES = ROOT / "rank_tables"
 
@@ -47,6 +49,14 @@ def test_bad_inputs_are_named(tmp_path, ini):
     bad.write_text("{")
     with pytest.raises(RankTableError, match="invalid JSON"):
         RankTableLauncher(RankTableLaunchConfig(str(bad), str(ini), ["p"]))
+
+
+@pytest.fixture
+def zmq_ini(tmp_path):
+    path = tmp_path / "zmq.ini"
+    path.write_text(f"[ascend_context]\nrank_table_file={TABLES / 'local_2p.json'}\n"
+                    f"[comm]\nbase_port={free_base_port(2)}\ntimeout=30\n")
+    return path
 
 
 BAD_INIS = {
@@ -246,3 +256,60 @@ def test_a_sigstopped_rank_is_stopped_without_waiting_out_the_deadline(ini):
     assert "ranks stopped afterwards: 0 (pid" in result.stderr and "signal SIGTERM" in result.stderr
     assert took < 15, took  # the rank failed after 2 s; the deadline alone would be 30 s
     assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_the_root_cause_is_the_rank_that_failed_first_not_the_peer_it_took_down(zmq_ini, tmp_path, monkeypatch):
+    # rank 1 fails and aborts its communicator; rank 0, waiting in allreduce, fails at once with
+    # PeerLostError and exits BEFORE rank 1 (which takes 0.5 s to exit, as a rank freeing models does)
+    import time
+
+    tmpdir = private_tmp(monkeypatch, tmp_path)
+    marker = new_marker()
+    started = time.monotonic()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(zmq_ini), "--stop-timeout", "5", "--",
+        "python", ZMQ_PROGRAM, "--bad-rank", "1", "--slow-exit", "0.5", "--marker", marker,
+    ), timeout=60)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert took < 20, took
+    report = result.stderr[result.stderr.index("orchestrate launch rank-table: "):]
+    assert re.match(r"orchestrate launch rank-table: rank 1 of 2 on host \S+ \(pid \d+\) failed \(first of 2 failed "
+                    r"ranks\): exit code 1\n  at .*; last line of its output:\n"
+                    r"    \| error: ShardError: rank 1 was given another rank's shard \(on purpose\)\n", report), report
+    assert re.search(r"\nwhat followed \(other ranks that failed after it\):\n  rank 0 on host \S+ \(pid \d+\) failed: "
+                     r"exit code 1 at .*: error: PeerLostError: allreduce #2 on rank 0 of 2", report), report
+    assert "ranks stopped afterwards" not in report
+    # each error line once on the console and once in the report
+    assert result.stderr.count("error: ShardError") == 2 and result.stderr.count("error: PeerLostError") == 2
+    assert not leftovers(marker)
+    assert not shm_segments_of(pids_in(result.stdout.splitlines(), "connected"))
+    assert not orch_dirs(tmpdir)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(180)
+def test_python_m_ranks_with_a_wrong_shard_names_it_once_as_the_root_cause(sample, tmp_path, monkeypatch, zmq_ini):
+    import shutil
+
+    from orchestrator import shard_model
+
+    tmpdir = private_tmp(monkeypatch, tmp_path)
+    shards = tmp_path / "shards"
+    shard_model(sample("mlp"), 2, shards, progress=False)
+    shutil.copy(shards / "mlp0.onnx", shards / "mlp1.onnx")  # rank 1 gets rank 0's shard
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(zmq_ini), "--",
+        "python", "-m", "ranks", f"--model_path={shards / 'mlp.onnx'}",
+    ), timeout=120)
+    assert result.returncode == 1, result.stderr
+    line = f"error: ShardError: {shards / 'mlp1.onnx'} is the shard of rank 0, but it was loaded by rank 1"
+    assert result.stderr.count(f"[rank 1] {line}") == 1, result.stderr  # the rank printed it once
+    report = result.stderr[result.stderr.index("orchestrate launch rank-table: "):]
+    assert re.match(r"orchestrate launch rank-table: rank 1 of 2 on host \S+ \(pid \d+\) failed", report), report
+    assert report.count(line) == 1, report
+    assert not orch_dirs(tmpdir)
