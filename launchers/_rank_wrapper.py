@@ -22,6 +22,16 @@ For its rank (from the MPI launcher's environment) it
 
 It exits with the program's exit code, or 128 + the signal number.
 
+``launchers/run_ranks.sh`` runs each rank under it too (the script cannot
+trap its own SIGKILL; the wrapper's parent-death signal outlives it):
+
+    python .../_rank_wrapper.py --rank R --parent SCRIPT_PID --report-as run_ranks.sh -- PROGRAM ARGS...
+
+``--rank`` replaces the MPI variables, ``--parent`` makes it refuse to start
+when that process is already gone, and ``--report-as NAME`` writes no
+records: when the program fails on its own it writes the one line
+``NAME: rank R (pid P) failed: exit code C`` (or ``signal SIGX``) instead.
+
 Record fields (version 1)::
 
     start: {"v": 1, "event": "start", "rank", "host", "pid" (program), "wrapper_pid", "time"}
@@ -86,10 +96,13 @@ def _prctl_deathsig(signum: int) -> None:
 
 
 class _Wrapper:
-    def __init__(self, program: list[str], stop_timeout: float, tail_lines: int):
+    def __init__(self, program: list[str], stop_timeout: float, tail_lines: int, *, rank: int | None = None,
+                 parent: int | None = None, report_as: str | None = None):
         self.program = program
         self.stop_timeout = stop_timeout
-        self.rank = rank_from_environment()
+        self.rank = rank_from_environment() if rank is None else rank
+        self.parent = parent
+        self.report_as = report_as
         self.host = socket.gethostname()
         self.prefix = f"[rank {self.rank}] "
         self.lock = threading.Lock()
@@ -102,6 +115,8 @@ class _Wrapper:
         self.proc: subprocess.Popen | None = None
 
     def record(self, **fields) -> None:
+        if self.report_as is not None:
+            return
         tail = [text if len(text) <= TAIL_LINE_CHARS else text[:TAIL_LINE_CHARS] + "..." for text in fields.pop("tail", ())]
         while True:
             body = {"v": VERSION, "rank": self.rank, "host": self.host, **fields}
@@ -145,10 +160,10 @@ class _Wrapper:
                     pass
 
     def run(self) -> int:
-        parent = os.getppid()
+        parent = os.getppid() if self.parent is None else self.parent
         _prctl_deathsig(signal.SIGTERM)
         if os.getppid() != parent:
-            return 1  # mpirun's daemon died before we could ask to die with it
+            return 1  # our parent (mpirun's daemon, the script) died before we could ask to die with it
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.on_signal)
 
@@ -198,6 +213,11 @@ class _Wrapper:
                     killed = True
         ended = time.time()
         stopped = self.stopped
+        if self.report_as is not None and code != 0 and not stopped:
+            how = f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
+            with self.lock:
+                sys.stderr.write(f"{self.report_as}: rank {self.rank} (pid {self.proc.pid}) failed: {how}\n")
+                sys.stderr.flush()
         drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
         for reader in readers:
             reader.join(max(0.0, drained - time.monotonic()))
@@ -240,19 +260,25 @@ def _signal_name(signum: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    usage = "usage: [--stop-timeout S] [--tail-lines N] [--rank R] [--parent PID] [--report-as NAME] -- PROGRAM ARGS..."
     args = list(sys.argv[1:] if argv is None else argv)
     stop_timeout, tail_lines = 10.0, 20
+    options: dict = {}
     while args and args[0] != "--":
         option = args.pop(0)
         if option == "--stop-timeout" and args:
             stop_timeout = float(args.pop(0))
         elif option == "--tail-lines" and args:
             tail_lines = int(args.pop(0))
+        elif option in ("--rank", "--parent") and args:
+            options[option[2:]] = int(args.pop(0))
+        elif option == "--report-as" and args:
+            options["report_as"] = args.pop(0)
         else:
-            raise SystemExit(f"_rank_wrapper.py: unknown option {option!r}; usage: [--stop-timeout S] -- PROGRAM ARGS")
+            raise SystemExit(f"_rank_wrapper.py: unknown option {option!r}; {usage}")
     if not args or len(args) < 2:
-        raise SystemExit("_rank_wrapper.py: usage: [--stop-timeout S] [--tail-lines N] -- PROGRAM ARGS...")
-    return _Wrapper(args[1:], stop_timeout, tail_lines).run()
+        raise SystemExit(f"_rank_wrapper.py: {usage}")
+    return _Wrapper(args[1:], stop_timeout, tail_lines, **options).run()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,35 @@ def orch_dirs(tmpdir: Path) -> list[str]:
     return sorted(p.name for p in tmpdir.glob("orch_*"))
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return [p for p in found if alive(p)]
+
+
+def kill_all(marker: str) -> None:
+    """SIGKILL whatever a failed test left running (processes whose command line holds ``marker``)."""
+    for line in processes_with(marker):
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def leftovers(marker: str, wait: float = 5.0) -> list[str]:
     """Processes whose command line holds ``marker`` (waits up to ``wait`` s for dying ones to go)."""
     deadline = time.monotonic() + wait
