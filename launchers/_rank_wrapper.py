@@ -213,14 +213,14 @@ class _Wrapper:
                     killed = True
         ended = time.time()
         stopped = self.stopped
+        drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
+        for reader in readers:
+            reader.join(max(0.0, drained - time.monotonic()))
         if self.report_as is not None and code != 0 and not stopped:
             how = f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
             with self.lock:
                 sys.stderr.write(f"{self.report_as}: rank {self.rank} (pid {self.proc.pid}) failed: {how}\n")
                 sys.stderr.flush()
-        drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
-        for reader in readers:
-            reader.join(max(0.0, drained - time.monotonic()))
         # Whatever the program left in its group goes with it.
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
