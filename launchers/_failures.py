@@ -2,17 +2,40 @@
 
 One ``RankExit`` per rank that ended (torchrun calls them failure records).
 The report names the EARLIEST failure as the root cause, with its last lines
-of stderr, then lists the other failures, then the ranks the launcher stopped
-itself because of the first one.
+of stderr, then lists the other failures (what followed), then the ranks the
+launcher stopped itself because of the first one.
+
+"Earliest" is when a rank failed, not when its process ended: a rank that
+prints its error and aborts its communicator may take a while to exit (freeing
+models, closing sockets), while the peer it took down prints PeerLostError and
+exits at once. So:
+
+- a rank whose last line is a ``PeerLostError`` (the communicators' error for
+  "a peer closed its communicator or vanished mid-operation") failed because
+  of another rank, and comes after the ranks that failed for other reasons;
+- among the rest, a rank that exited on its own counts from its last line of
+  output when that came shortly before its exit (``RankExit.failed_at``),
+  else from its exit.
+
+Only failures close together in time are compared this way: after the first
+one the launcher gives the others a short grace, then stops them, and a
+rank it stopped is not a failure of its own.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ranks._errors import RankFailedError
+
+# Longest time between a rank's error line and its exit for the line to date the failure
+# (tearing down a rank that holds large models can take seconds).
+ERROR_LINE_WINDOW = 5.0
+_PEER_LOST = re.compile(r"\bPeerLostError\b")
 
 
 def signal_name(signum: int) -> str:
@@ -39,7 +62,8 @@ class RankExit:
     launcher itself had already asked it to stop (SIGTERM/SIGKILL after another
     rank failed, a time limit or Ctrl-C), so it is not a failure of its own.
     ``time`` is the Unix time the exit was seen; ``tail`` the last lines of the
-    rank's stderr (or stdout when stderr was empty).
+    rank's stderr (or stdout when stderr was empty); ``last_output`` the Unix
+    time its last line (on either stream) was read, None when it wrote none.
     """
 
     rank: int
@@ -50,10 +74,25 @@ class RankExit:
     time: float
     tail: tuple[str, ...] = field(default=())
     stopped: bool = False
+    last_output: float | None = None
 
     @property
     def failed(self) -> bool:
         return self.signal is not None or (self.exitcode or 0) != 0
+
+    @property
+    def lost_a_peer(self) -> bool:
+        """Its last line is a PeerLostError: it failed because another rank did."""
+        return bool(self.tail) and _PEER_LOST.search(self.tail[-1]) is not None
+
+    @property
+    def failed_at(self) -> float:
+        """When it failed: the time of its last line when it exited by itself within
+        ``ERROR_LINE_WINDOW`` seconds of that line (the line is its error), else its exit time."""
+        if self.exitcode is not None and self.last_output is not None:
+            if 0.0 <= self.time - self.last_output <= ERROR_LINE_WINDOW:
+                return self.last_output
+        return self.time
 
     @property
     def shell_code(self) -> int:
@@ -79,6 +118,7 @@ class RankExit:
             "time": self.time,
             "tail": list(self.tail),
             "stopped": self.stopped,
+            "last_output": self.last_output,
         }
 
     @classmethod
@@ -92,6 +132,7 @@ class RankExit:
             time=float(data["time"]),
             tail=tuple(str(line) for line in data.get("tail", ())),
             stopped=bool(data.get("stopped", False)),
+            last_output=None if data.get("last_output") is None else float(data["last_output"]),
         )
 
 
@@ -102,12 +143,14 @@ def format_time(unix_time: float) -> str:
 
 
 def split_failures(exits: list[RankExit]) -> tuple[list[RankExit], list[RankExit]]:
-    """(failures earliest first, ranks the launcher stopped) among ``exits``.
+    """(failures, root cause first, ranks the launcher stopped) among ``exits``.
+
+    Failures are ordered by ``failed_at``, those that lost a peer after the others.
 
     When every failed rank was stopped by the launcher (say, Ctrl-C or a time
     limit), there is no failure of their own: the first list is empty.
     """
-    failures = sorted((e for e in exits if e.failed and not e.stopped), key=lambda e: (e.time, e.rank))
+    failures = sorted((e for e in exits if e.failed and not e.stopped), key=lambda e: (e.lost_a_peer, e.failed_at, e.time, e.rank))
     stopped = sorted((e for e in exits if e.stopped and e.failed), key=lambda e: e.rank)
     return failures, stopped
 
@@ -118,25 +161,64 @@ def where(exit_: RankExit, world: int | None = None) -> str:
     return f"rank {exit_.rank}{of} on host {exit_.host} (pid {exit_.pid})"
 
 
+def _when(exit_: RankExit) -> str:
+    """``at <time>``: when it failed, and when it exited if that was noticeably later."""
+    later = exit_.time - exit_.failed_at
+    return f"at {format_time(exit_.failed_at)}" + (f" (exited {later:.1f} s later)" if later >= 0.05 else "")
+
+
+def _output_lines(exit_: RankExit) -> list[str]:
+    """When it ended and the last lines it wrote, indented under a report's headline."""
+    if not exit_.tail:
+        return [f"  {_when(exit_)}; it wrote nothing to stderr or stdout"]
+    what = "last line" if len(exit_.tail) == 1 else f"last {len(exit_.tail)} lines"
+    return [f"  {_when(exit_)}; {what} of its output:"] + [f"    | {line}" for line in exit_.tail]
+
+
+def _stopped_line(stopped: list[RankExit]) -> list[str]:
+    if not stopped:
+        return []
+    parts = ", ".join(f"{e.rank} (pid {e.pid}, {e.how()})" for e in stopped)
+    return [f"ranks stopped afterwards: {parts}"]
+
+
 def format_report(failures: list[RankExit], stopped: list[RankExit], world: int | None = None) -> str:
     """The multi-line failure report: the first failure in full, then the rest in one line each."""
     first = failures[0]
     count = f" (first of {len(failures)} failed ranks)" if len(failures) > 1 else ""
     lines = [f"{where(first, world)} failed{count}: {first.how()}"]
-    if first.tail:
-        what = "last line" if len(first.tail) == 1 else f"last {len(first.tail)} lines"
-        lines.append(f"  at {format_time(first.time)}; {what} of its output:")
-        lines.extend(f"    | {line}" for line in first.tail)
-    else:
-        lines.append(f"  at {format_time(first.time)}; it wrote nothing to stderr or stdout")
+    lines.extend(_output_lines(first))
     if len(failures) > 1:
-        lines.append("other failed ranks:")
+        lines.append("what followed (other ranks that failed after it):")
         for other in failures[1:]:
             last = f": {other.tail[-1]}" if other.tail else ""
-            lines.append(f"  {where(other)} failed: {other.how()} at {format_time(other.time)}{last}")
-    if stopped:
-        parts = ", ".join(f"{e.rank} (pid {e.pid}, {e.how()})" for e in stopped)
-        lines.append(f"ranks stopped afterwards: {parts}")
+            lines.append(f"  {where(other)} failed: {other.how()} {_when(other)}{last}")
+    lines.extend(_stopped_line(stopped))
+    return "\n".join(lines)
+
+
+def early_exit(exits: list[RankExit], not_reported: Sequence[int] = ()) -> tuple[RankExit, list[int]] | None:
+    """(the first rank that exited with code 0 while others still ran, those others), or None.
+
+    For a job that failed although no rank failed on its own: under MPI a rank
+    that leaves without MPI_Finalize (``os._exit(0)``, say) makes mpirun end
+    the job. ``not_reported``: ranks that never said how they ended (still
+    running when the job was torn down).
+    """
+    for first in sorted((e for e in exits if not e.failed and not e.stopped), key=lambda e: (e.time, e.rank)):
+        later = {e.rank for e in exits if e.rank != first.rank and (e.stopped or e.time > first.time)}
+        still_running = sorted(later | (set(not_reported) - {first.rank}))
+        if still_running:
+            return first, still_running
+    return None
+
+
+def format_early_exit(first: RankExit, still_running: list[int], stopped: list[RankExit], world: int | None = None) -> str:
+    """The report for ``early_exit``'s rank: it is the root cause although its exit code is 0."""
+    ranks = f"rank {still_running[0]} was" if len(still_running) == 1 else f"ranks {', '.join(map(str, still_running))} were"
+    lines = [f"{where(first, world)} exited with {first.how()} before the job finished, while {ranks} still running"]
+    lines.extend(_output_lines(first))
+    lines.extend(_stopped_line(stopped))
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from typing import Sequence
 from ranks import _env
 from ranks._errors import ConfigError, LaunchError, RankFailedError
 
-from ._failures import RankExit, failure_error, format_report, split_failures
+from ._failures import RankExit, early_exit, failure_error, format_early_exit, format_report, split_failures
 from ._output import RankOutput, prefix
 from ._launch_options import check_common_options
 from ._process_group import ProcessGroup, ProcessSpec, resolve_program
@@ -308,10 +308,18 @@ class MpiLauncher:
                 f"{r} (pid {self.output.starts[r].get('pid')} on host {self.output.starts[r].get('host')})" for r in silent
             )
             note = f"\nranks stopped by mpirun before they could report how they ended: {pids}"
+        failures, stopped = split_failures(exits)
         if error is not None:
-            failures, stopped = split_failures(exits)
             message = format_report(failures, stopped, self.config.nprocs) + note
             return RankFailedError(message, failures, stopped)
+        early = early_exit(exits, silent)
+        if early is not None:
+            # the job failed, yet every rank that reported exited 0: the one that left first ended it
+            first, still_running = early
+            message = format_early_exit(first, still_running, stopped, self.config.nprocs) + note
+            if mpirun_exit is not None:
+                message += f"\n{Path(self.mpirun).name} then ended the job with {mpirun_exit.how()}"
+            return RankFailedError(message, [first], stopped)
         tail = self.output.tail("mpirun")
         lines = "\n".join(f"    | {line}" for line in tail) or "    (it printed nothing)"
         how = mpirun_exit.how() if mpirun_exit is not None else "a stop"

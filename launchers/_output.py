@@ -11,6 +11,7 @@ import collections
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Callable
 
@@ -51,6 +52,7 @@ class RankOutput:
         self._logs: dict[object, IO[str]] = {}
         self._err_tail: dict[object, collections.deque] = {}
         self._out_tail: dict[object, collections.deque] = {}
+        self._last_time: dict[object, float] = {}
         self._closed = False
 
     def open(self, keys) -> None:
@@ -78,6 +80,7 @@ class RankOutput:
     def emit(self, key, stream: str, text: str, console_text: str | None) -> None:
         """Record ``text`` for ``key`` (tail and log) and write ``console_text`` (if any) to the console."""
         with self._lock:
+            self._last_time[key] = time.time()
             tails = self._err_tail if stream == "stderr" else self._out_tail
             tail = tails.get(key)
             if tail is None:
@@ -103,6 +106,11 @@ class RankOutput:
             out = self._out_tail.get(key)
             return tuple(out)[-self._tail_lines :] if out and self._tail_lines > 0 else ()
 
+    def last_time(self, key) -> float | None:
+        """The Unix time ``key``'s last line (on either stream) arrived, None when it wrote none."""
+        with self._lock:
+            return self._last_time.get(key)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -112,9 +120,18 @@ class RankOutput:
 
 
 def pump(pipe, on_line: Callable[[str], None]) -> None:
-    """Read ``pipe`` (binary) to its end, calling ``on_line`` with each decoded line."""
+    """Read ``pipe`` (binary) to its end, calling ``on_line`` with each decoded line.
+
+    NUL bytes are dropped, and a line that held nothing else with them: Open
+    MPI's prterun ends its abort message with a lone NUL, which a console
+    shows as ``^@`` and which no log or report should carry.
+    """
     try:
         for raw in iter(pipe.readline, b""):
+            if b"\0" in raw:
+                raw = raw.replace(b"\0", b"")
+                if not raw.strip():
+                    continue
             on_line(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
     except (OSError, ValueError):
         pass  # the pipe was closed under us while stopping: nothing more to read

@@ -5,14 +5,23 @@ per local rank through it, the MPI launcher runs ``mpirun`` through it.
 
 Each rank starts in its own session (so a stop reaches its children too) and,
 on Linux, with a parent-death signal (so it dies with the launcher even when
-the launcher is SIGKILLed). Two reader threads per rank prefix its lines;
-one waiter thread per rank records its exit the moment it happens, which is
-what orders failures.
+the launcher is SIGKILLed). Two reader threads per rank prefix its lines
+(and date each rank's last line); one waiter thread per rank records its exit
+the moment it happens. Together they order failures (see ``_failures``).
+
+When a rank fails, the others get a short grace (``failure_grace``, 1 s) to
+end on their own before they are stopped: the rank that failed first may
+still be exiting when the peer it took down has already gone, and stopping
+it then would record it as stopped by the launcher, hiding the root cause.
+A rank counts as stopped only when the launcher signalled it while it was
+still running.
 
 Stopping, torchrun's way: SIGTERM to every rank's process group, ONE shared
 deadline (``stop_timeout``), then SIGKILL to whatever is left, then a sweep of
-each group for stragglers (grandchildren that ignored SIGTERM). ``stop`` may
-be called any number of times, from any thread.
+each group for stragglers (grandchildren that ignored SIGTERM). Each SIGTERM
+is followed by SIGCONT: a stopped (SIGSTOPped, or Ctrl-Z'd) process keeps
+SIGTERM pending until it is continued, and would cost the whole deadline.
+``stop`` may be called any number of times, from any thread.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ from ._output import RankOutput, pump
 # How long a waiter thread waits for a dead rank's pipes to drain before it
 # records the exit without the last lines (a grandchild may hold them open).
 _DRAIN_SECONDS = 2.0
+# After the first failure, how long the other ranks may take to end on their own
+# (at most the stop timeout) before they are stopped.
+FAILURE_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,16 @@ def _drain(readers, pipes, seconds: float) -> None:
         time.sleep(0.01)
 
 
+def has_exited(pid: int) -> bool:
+    """True when child ``pid`` has ended (a zombie not yet reaped, or already reaped), without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # its waiter thread reaped it
+    except OSError:
+        return False
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes in process group ``pgid``, from /proc; [] when none."""
     members = []
@@ -177,7 +199,10 @@ class ProcessGroup:
     ORCH_STOP_TIMEOUT). ``world_size``: for reports ("rank 1 of 4").
     ``die_with_parent``: give each rank a parent-death signal; Linux ties it to
     the THREAD that calls ``start``, so call ``start`` from a thread that lives
-    as long as the ranks should (turn it off otherwise).
+    as long as the ranks should (turn it off otherwise). ``failure_grace``:
+    seconds the other ranks may take to end on their own after the first
+    failure before they are stopped (default ``FAILURE_GRACE``, at most
+    ``stop_timeout``).
     """
 
     def __init__(
@@ -188,6 +213,7 @@ class ProcessGroup:
         stop_timeout: float | None = None,
         world_size: int | None = None,
         die_with_parent: bool = True,
+        failure_grace: float | None = None,
     ):
         if not specs:
             raise LaunchError("no ranks to start: the list of processes is empty")
@@ -199,6 +225,7 @@ class ProcessGroup:
             tail_lines=_env.LOG_TAIL_LINES.get_int() or 20
         )
         self.stop_timeout = _env.stop_timeout() if stop_timeout is None else float(stop_timeout)
+        self.failure_grace = min(FAILURE_GRACE, self.stop_timeout) if failure_grace is None else float(failure_grace)
         self.world_size = world_size
         self.host = socket.gethostname()
         self._die_with_parent = die_with_parent
@@ -206,6 +233,7 @@ class ProcessGroup:
         self._readers: dict[int, list[threading.Thread]] = {}
         self._waiters: list[threading.Thread] = []
         self._exits: dict[int, RankExit] = {}
+        self._signalled: set[int] = set()  # ranks the launcher signalled while they still ran
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._stop_started: float | None = None
@@ -276,7 +304,7 @@ class ProcessGroup:
         code = proc.wait()
         seen = time.time()
         with self._lock:
-            stopped = self._stop_started is not None
+            stopped = spec.rank in self._signalled
         _drain(self._readers.get(spec.rank, ()), (proc.stdout, proc.stderr), _DRAIN_SECONDS)
         record = RankExit(
             rank=spec.rank,
@@ -287,6 +315,7 @@ class ProcessGroup:
             time=seen,
             tail=self.output.tail(spec.rank),
             stopped=stopped,
+            last_output=self.output.last_time(spec.rank),
         )
         with self._lock:
             self._exits[spec.rank] = record
@@ -333,38 +362,48 @@ class ProcessGroup:
     def wait(self, timeout: float | None = None) -> list[RankExit]:
         """Block until every rank ended well, one failed, ``timeout`` seconds passed, or an interrupt.
 
-        Returns each rank's ``RankExit`` (all exit code 0). On a failure, stops
-        the others and raises ``RankFailedError`` (first failure in
-        ``.first``); on the time limit raises ``LaunchTimeoutError``; after
-        ``interrupt`` raises ``LaunchInterruptedError``. No rank is left
-        running when it raises.
+        Returns each rank's ``RankExit`` (all exit code 0). On a failure, gives
+        the others ``failure_grace`` seconds to end on their own, stops the
+        rest and raises ``RankFailedError`` (first failure in ``.first``); on
+        the time limit raises ``LaunchTimeoutError``; after ``interrupt``
+        raises ``LaunchInterruptedError``. No rank is left running when it raises.
         """
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
+        failure_seen: float | None = None
         while True:
-            if self._interrupted:
-                return self._raise_interrupted()
-            if self._external_error is not None:
-                self.stop()
-                raise self._external_error
+            now = time.monotonic()
             exits = self.exits()
-            if any(e.failed and not e.stopped for e in exits):
+            if failure_seen is None and (
+                self._external_error is not None or any(e.failed and not e.stopped for e in exits)
+            ):
+                failure_seen = now
+            if self._interrupted and failure_seen is None:
+                return self._raise_interrupted()
+            if failure_seen is not None and (
+                len(exits) == len(self._procs) or now - failure_seen >= self.failure_grace or self._interrupted
+            ):
                 self.stop()
+                if self._external_error is not None:
+                    raise self._external_error
                 error = failure_error(self.exits(), self.world_size)
                 if error is not None:
                     raise error
-            if len(exits) == len(self._procs):
+                return self.exits()  # not reached: a failure once seen stays in the records
+            if failure_seen is None and len(exits) == len(self._procs):
                 self._sweep(signal.SIGTERM)
                 return exits
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
+            if failure_seen is None and deadline is not None and now >= deadline:
                 running = self._names(self.running())
                 self.stop()
                 raise LaunchTimeoutError(
                     f"{running} still running after {now - started:.1f} s (the launcher's time limit "
                     f"is {timeout:g} s); stopped them: SIGTERM, then SIGKILL after {self.stop_timeout:g} s"
                 )
-            wait_for = 0.2 if deadline is None else max(0.0, min(0.2, deadline - now))
+            if failure_seen is not None:
+                wait_for = 0.05
+            else:
+                wait_for = 0.2 if deadline is None else max(0.0, min(0.2, deadline - now))
             self._changed.wait(wait_for)
             self._changed.clear()
 
@@ -385,9 +424,15 @@ class ProcessGroup:
             with self._lock:
                 if self._stop_started is None:
                     self._stop_started = time.time()
-            running = self.running()
-            for rank in running:
-                self._signal_group(self._procs[rank].pid, signal.SIGTERM)
+            for rank in self.running():
+                pid = self._procs[rank].pid
+                # A rank that already ended on its own (its waiter has not recorded it yet)
+                # is not one the launcher stopped; its group is swept below.
+                with self._lock:
+                    if has_exited(pid):
+                        continue
+                    self._signalled.add(rank)
+                self._terminate_group(pid)
             deadline = time.monotonic() + self.stop_timeout
             while self.running() and time.monotonic() < deadline and not self._hurry:
                 self._changed.wait(min(0.05, max(0.0, deadline - time.monotonic())))
@@ -408,7 +453,10 @@ class ProcessGroup:
         if not groups:
             return
         for pgid in groups:
-            self._signal_group(pgid, first_signal)
+            if first_signal == signal.SIGTERM:
+                self._terminate_group(pgid)
+            else:
+                self._signal_group(pgid, first_signal)
         if first_signal != signal.SIGKILL:
             deadline = time.monotonic() + self.stop_timeout
             while any(group_members(g) for g in groups) and time.monotonic() < deadline:
@@ -416,6 +464,13 @@ class ProcessGroup:
             for pgid in groups:
                 if group_members(pgid):
                     self._signal_group(pgid, signal.SIGKILL)
+
+    @classmethod
+    def _terminate_group(cls, pgid: int) -> None:
+        """SIGTERM, then SIGCONT so that a stopped member acts on it now (in this order: a member
+        continued first could run on before the SIGTERM reaches it)."""
+        cls._signal_group(pgid, signal.SIGTERM)
+        cls._signal_group(pgid, signal.SIGCONT)
 
     @staticmethod
     def _signal_group(pgid: int, signum: int) -> None:

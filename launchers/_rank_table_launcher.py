@@ -11,12 +11,14 @@ and addresses do not match the table's).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ranks import _env
+from ranks._config_file import load_config
 from ranks._errors import ConfigError, LaunchError
 from ranks._rank_table import RankDevice, RankTable, this_host_addresses
 
@@ -31,7 +33,8 @@ class RankTableLaunchConfig:
     """``orchestrate launch rank-table`` as data.
 
     ``rank_table``: HCCL JSON. ``config_file``: the ini each rank gets as
-    ``--config_file`` (it must exist; the ranks read it). ``program``: the
+    ``--config_file`` (checked here as the ranks will read it, and any
+    ``rank_table_file`` it names must exist). ``program``: the
     command before the appended flags. ``servers``: which ``server_id``(s) of
     the table are this host (default: matched by this host's names and
     addresses). ``log_dir``, ``timeout``, ``stop_timeout``: as for mpirun.
@@ -51,8 +54,27 @@ class RankTableLaunchConfig:
         check_common_options(self)
         if not Path(self.config_file).is_file():
             raise ConfigError(f"--config_file {self.config_file!r} does not exist")
+        check_config_file(self.config_file)
         if self.servers is not None:
             self.servers = list(self.servers)
+
+
+def check_config_file(path: str) -> None:
+    """Read the ini as every rank will, so a mistake in it fails once, here, before any rank starts.
+
+    Raises ``ConfigError`` naming the file (and line or key) when it does not
+    parse, or when the ``rank_table_file`` it names does not exist. Its
+    warnings (MindSpore Lite keys without effect) are left to the ranks.
+    """
+    logger = logging.getLogger("ranks.config")
+    was_disabled, logger.disabled = logger.disabled, True
+    try:
+        config = load_config(path)
+    finally:
+        logger.disabled = was_disabled
+    table = config.rank_table_file
+    if table and not Path(table).is_file():
+        raise ConfigError(f"{path}: rank_table_file {table} does not exist")
 
 
 def rank_specs(table: RankTable, devices: Sequence[RankDevice], config: RankTableLaunchConfig) -> list[ProcessSpec]:

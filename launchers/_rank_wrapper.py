@@ -13,19 +13,33 @@ For its rank (from the MPI launcher's environment) it
 - writes one ``start`` and one ``exit`` record to stderr, each a single line
   ``MARKER + JSON`` (the format is defined here and nowhere else; the
   launcher reads it with ``parse_record``);
-- on SIGTERM/SIGINT/SIGHUP (mpirun tearing the job down) passes SIGTERM to
-  the program's process group, SIGKILLs it after ``--stop-timeout`` seconds,
-  and marks the exit record ``stopped``;
+- on SIGTERM/SIGINT/SIGHUP (mpirun tearing the job down) passes SIGTERM (then
+  SIGCONT, for a stopped program) to the program's process group, SIGKILLs it
+  after ``--stop-timeout`` seconds,
+  and marks the exit record ``stopped`` (when the program was still running);
 - dies with its parent (Linux parent-death signal), so the program never
   outlives mpirun's daemon, and gives the program the same guarantee.
 
 It exits with the program's exit code, or 128 + the signal number.
 
+``launchers/run_ranks.sh`` runs each rank under it too (the script cannot
+trap its own SIGKILL; the wrapper's parent-death signal outlives it):
+
+    python .../_rank_wrapper.py --rank R --parent SCRIPT_PID --report-as run_ranks.sh -- PROGRAM ARGS...
+
+``--rank`` replaces the MPI variables, ``--parent`` makes it refuse to start
+when that process is already gone, and ``--report-as NAME`` writes no
+records: when the program fails on its own it writes the one line
+``NAME: rank R (pid P) failed: exit code C`` (or ``signal SIGX``) instead.
+
 Record fields (version 1)::
 
     start: {"v": 1, "event": "start", "rank", "host", "pid" (program), "wrapper_pid", "time"}
     exit:  {"v": 1, "event": "exit",  "rank", "host", "pid", "exitcode" | null, "signal" (name) | null,
-            "time", "tail" (last lines of stderr, else stdout), "stopped"}
+            "time", "tail" (last lines of stderr, else stdout), "stopped", "last_output" (time) | null}
+
+("last_output", the time of the program's last line, was added within version 1:
+readers take a missing one as null.)
 """
 
 from __future__ import annotations
@@ -82,10 +96,13 @@ def _prctl_deathsig(signum: int) -> None:
 
 
 class _Wrapper:
-    def __init__(self, program: list[str], stop_timeout: float, tail_lines: int):
+    def __init__(self, program: list[str], stop_timeout: float, tail_lines: int, *, rank: int | None = None,
+                 parent: int | None = None, report_as: str | None = None):
         self.program = program
         self.stop_timeout = stop_timeout
-        self.rank = rank_from_environment()
+        self.rank = rank_from_environment() if rank is None else rank
+        self.parent = parent
+        self.report_as = report_as
         self.host = socket.gethostname()
         self.prefix = f"[rank {self.rank}] "
         self.lock = threading.Lock()
@@ -93,9 +110,13 @@ class _Wrapper:
         self.out_tail: collections.deque = collections.deque(maxlen=max(tail_lines, 1))
         self.tail_lines = tail_lines
         self.stop_requested: float | None = None
+        self.stopped = False  # signalled while the program still ran: not a failure of its own
+        self.last_output: float | None = None
         self.proc: subprocess.Popen | None = None
 
     def record(self, **fields) -> None:
+        if self.report_as is not None:
+            return
         tail = [text if len(text) <= TAIL_LINE_CHARS else text[:TAIL_LINE_CHARS] + "..." for text in fields.pop("tail", ())]
         while True:
             body = {"v": VERSION, "rank": self.rank, "host": self.host, **fields}
@@ -114,6 +135,7 @@ class _Wrapper:
             for raw in iter(pipe.readline, b""):
                 text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 with self.lock:
+                    self.last_output = time.time()
                     tail.append(text)
                     try:
                         out.write(self.prefix + text + "\n")
@@ -128,16 +150,20 @@ class _Wrapper:
         if self.stop_requested is None:
             self.stop_requested = time.monotonic()
         if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+            if not _has_exited(self.proc.pid):
+                self.stopped = True
+            # SIGCONT after SIGTERM: a stopped program acts on the SIGTERM only once continued
+            for signum in (signal.SIGTERM, signal.SIGCONT):
+                try:
+                    os.killpg(self.proc.pid, signum)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def run(self) -> int:
-        parent = os.getppid()
+        parent = os.getppid() if self.parent is None else self.parent
         _prctl_deathsig(signal.SIGTERM)
         if os.getppid() != parent:
-            return 1  # mpirun's daemon died before we could ask to die with it
+            return 1  # our parent (mpirun's daemon, the script) died before we could ask to die with it
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self.on_signal)
 
@@ -186,10 +212,15 @@ class _Wrapper:
                         pass
                     killed = True
         ended = time.time()
-        stopped = self.stop_requested is not None
+        stopped = self.stopped
         drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
         for reader in readers:
             reader.join(max(0.0, drained - time.monotonic()))
+        if self.report_as is not None and code != 0 and not stopped:
+            how = f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
+            with self.lock:
+                sys.stderr.write(f"{self.report_as}: rank {self.rank} (pid {self.proc.pid}) failed: {how}\n")
+                sys.stderr.flush()
         # Whatever the program left in its group goes with it.
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -205,9 +236,20 @@ class _Wrapper:
             time=ended,
             tail=tail[-self.tail_lines :] if self.tail_lines > 0 else [],
             stopped=stopped,
+            last_output=self.last_output,
         )
         sys.stdout.flush()
         return code if code >= 0 else 128 - code
+
+
+def _has_exited(pid: int) -> bool:
+    """True when child ``pid`` has ended, without reaping it (as ``_process_group.has_exited``)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+    except OSError:
+        return False
 
 
 def _signal_name(signum: int) -> str:
@@ -218,19 +260,25 @@ def _signal_name(signum: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    usage = "usage: [--stop-timeout S] [--tail-lines N] [--rank R] [--parent PID] [--report-as NAME] -- PROGRAM ARGS..."
     args = list(sys.argv[1:] if argv is None else argv)
     stop_timeout, tail_lines = 10.0, 20
+    options: dict = {}
     while args and args[0] != "--":
         option = args.pop(0)
         if option == "--stop-timeout" and args:
             stop_timeout = float(args.pop(0))
         elif option == "--tail-lines" and args:
             tail_lines = int(args.pop(0))
+        elif option in ("--rank", "--parent") and args:
+            options[option[2:]] = int(args.pop(0))
+        elif option == "--report-as" and args:
+            options["report_as"] = args.pop(0)
         else:
-            raise SystemExit(f"_rank_wrapper.py: unknown option {option!r}; usage: [--stop-timeout S] -- PROGRAM ARGS")
+            raise SystemExit(f"_rank_wrapper.py: unknown option {option!r}; {usage}")
     if not args or len(args) < 2:
-        raise SystemExit("_rank_wrapper.py: usage: [--stop-timeout S] [--tail-lines N] -- PROGRAM ARGS...")
-    return _Wrapper(args[1:], stop_timeout, tail_lines).run()
+        raise SystemExit(f"_rank_wrapper.py: {usage}")
+    return _Wrapper(args[1:], stop_timeout, tail_lines, **options).run()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from ._command_line import (
     ArgumentParser,
     add_version_option,
     check_input_files,
+    exit_code,
     non_negative_int,
     positive_int,
     prepare_output,
@@ -166,6 +167,7 @@ def _stop_peers(model: Model, exc: BaseException) -> None:
     if comm is None or comm.size < 2:
         return
     print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    exc._orch_printed = True  # printed once, before the abort: a copy after it would follow the peers' errors
     comm.abort(f"rank {comm.rank} of {comm.size}: {type(exc).__name__} while building {model._path}; stopping the job")
 
 
@@ -199,5 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except (OrchestratorError, OSError) as exc:
         # One clear line, no traceback. No program name: under a launcher every
-        # line already carries its rank, and the launcher quotes this one.
+        # line already carries its rank, and the launcher quotes this one. A rank
+        # that stopped its peers printed it already, before the abort.
+        if getattr(exc, "_orch_printed", False):
+            return exit_code(exc)
         return report(exc)

@@ -8,11 +8,13 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from conftest import ROOT, project_env
 
 PROGRAM = str(ROOT / "tests" / "programs" / "rank_program.py")
 MPI_PROGRAM = str(ROOT / "tests" / "programs" / "mpi_rank.py")
+ZMQ_PROGRAM = str(ROOT / "tests" / "programs" / "zmq_rank.py")
 
 
 def new_marker() -> str:
@@ -35,6 +37,57 @@ def processes_with(marker: str) -> list[str]:
     return found
 
 
+def shm_segments_of(pids) -> list[str]:
+    """/dev/shm segments created by any of ``pids`` (the communicators put the creator's pid in the name)."""
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith("orch_") and any(f"_{pid}_" in n for pid in pids))
+
+
+def private_tmp(monkeypatch, tmp_path) -> Path:
+    """A TMPDIR of the test's own for the processes it starts, so what they leave there is theirs."""
+    path = tmp_path / "tmpdir"
+    path.mkdir()
+    monkeypatch.setenv("TMPDIR", str(path))
+    return path
+
+
+def orch_dirs(tmpdir: Path) -> list[str]:
+    """``orch_*`` files or directories in ``tmpdir``."""
+    return sorted(p.name for p in tmpdir.glob("orch_*"))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()
+                parents[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return [p for p in found if alive(p)]
+
+
+def kill_all(marker: str) -> None:
+    """SIGKILL whatever a failed test left running (processes whose command line holds ``marker``)."""
+    for line in processes_with(marker):
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def leftovers(marker: str, wait: float = 5.0) -> list[str]:
     """Processes whose command line holds ``marker`` (waits up to ``wait`` s for dying ones to go)."""
     deadline = time.monotonic() + wait
@@ -45,13 +98,30 @@ def leftovers(marker: str, wait: float = 5.0) -> list[str]:
         time.sleep(0.1)
 
 
-def alive(pid: int) -> bool:
+def state(pid: int) -> str | None:
+    """The process state letter from /proc (R, S, T for stopped, Z, ...), or None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()[0]
+            return f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+        return None
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in (None, "Z", "X")
+
+
+def wait_stopped(pids, wait: float = 30.0) -> None:
+    """Wait until every pid is stopped (SIGSTOP, state T)."""
+    deadline = time.monotonic() + wait
+    while not all(state(pid) == "T" for pid in pids):
+        assert time.monotonic() < deadline, f"not all stopped: {[(pid, state(pid)) for pid in pids]}"
+        time.sleep(0.05)
+
+
+def pids_in(lines, text: str = "hello from rank") -> list[int]:
+    """The pids the test programs print ("... pid 123 ...") on the lines holding ``text``."""
+    return [int(line.split(" pid ")[1].split()[0]) for line in lines if text in line and " pid " in line]
 
 
 def wait_gone(pids, wait: float = 5.0) -> list[int]:
@@ -66,9 +136,9 @@ def wait_gone(pids, wait: float = 5.0) -> list[int]:
 class Background:
     """A command started in the background whose output lines are collected as they come."""
 
-    def __init__(self, argv: list[str], cwd=ROOT):
+    def __init__(self, argv: list[str], cwd=ROOT, env=None):
         self.proc = subprocess.Popen(
-            argv, cwd=cwd, env=project_env(), stdin=subprocess.DEVNULL,
+            argv, cwd=cwd, env=project_env() if env is None else env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.out: list[str] = []

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import orchestrate_command, run_command
-from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker
+from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker, pids_in, wait_stopped
 from launchers import MpiLaunchConfig, build_mpirun_command, find_mpirun
 from launchers._mpi import MPICH, OPEN_MPI, WRAPPER, MpiOutput, mpi_flavor
 from launchers._rank_wrapper import MARKER, parse_record
@@ -117,6 +117,17 @@ def test_output_is_split_back_into_ranks(tmp_path):
     assert parse_record("plain line") is None and parse_record(MARKER + "{not json") is None
 
 
+def test_nul_bytes_never_reach_the_console():
+    # prterun (Open MPI 5) writes a lone "\0" after its MPI_ABORT message: it showed as "[mpirun] ^@"
+    import io
+
+    from launchers._output import pump
+
+    lines = []
+    pump(io.BytesIO(b"----\n\x00\nabc\x00def\n\x00"), lines.append)
+    assert lines == ["----", "abcdef"]
+
+
 # --- real mpirun -----------------------------------------------------------------------------------
 
 
@@ -165,6 +176,8 @@ def test_a_rank_that_raises_under_mpirun_is_reported_first():
     assert re.match(r"orchestrate launch mpi: rank 1 of 3 on host \S+ \(pid \d+\) failed: exit code 1\n  at ", report), report
     assert "    | RuntimeError: mpi rank 1 broke on purpose" in report
     assert "[rank 1] RuntimeError: mpi rank 1 broke on purpose" in result.stderr
+    # Open MPI's prterun ends its abort message with a NUL byte; it must not reach the console
+    assert "\x00" not in result.stdout + result.stderr
     assert not leftovers(marker)
 
 
@@ -179,6 +192,30 @@ def test_a_rank_killed_under_mpirun_is_reported_by_signal_name():
     ))
     assert result.returncode == 137, result.stdout + result.stderr
     assert re.search(r"orchestrate launch mpi: rank 0 of 2 on host \S+ \(pid \d+\) failed: signal SIGKILL \(9\)", result.stderr)
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_rank_that_exits_0_early_is_named_with_its_own_pid():
+    import time
+
+    marker = new_marker()
+    started = time.monotonic()
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--timeout", "60", "--",
+        "python", MPI_PROGRAM, "--bad-rank", "1", "--bad", "exit0", "--marker", marker,
+    ))
+    took = time.monotonic() - started
+    # not 2 ("nothing could be started"): a rank ran and ended the job
+    assert result.returncode == 1, result.stdout + result.stderr
+    [pid] = [line.split(" pid ")[1] for line in result.stdout.splitlines() if line.startswith("[rank 1] mpi rank 1 of 2 pid ")]
+    report = result.stderr[result.stderr.index("orchestrate launch mpi: "):]
+    assert re.match(rf"orchestrate launch mpi: rank 1 of 2 on host \S+ \(pid {pid}\) exited with exit code 0 before the "
+                    rf"job finished, while rank 0 was still running\n", report), report
+    assert "    | mpi rank 1 leaves early" in report
+    assert took < 30, took
     assert not leftovers(marker)
 
 
@@ -309,3 +346,31 @@ def test_wrapper_records_fit_one_atomic_pipe_write(monkeypatch, capsys):
     monkeypatch.delenv("OMPI_COMM_WORLD_RANK")
     with pytest.raises(SystemExit, match="meant to be started by mpirun"):
         _rank_wrapper._Wrapper(["true"], 1.0, 20)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_the_wrapper_continues_a_sigstopped_program_when_stopping_it():
+    import os
+    import time
+
+    from conftest import project_env
+
+    marker = new_marker()
+    env = {**project_env(), "OMPI_COMM_WORLD_RANK": "0"}
+    wrapper = Background([sys.executable, str(WRAPPER), "--stop-timeout", "30", "--",
+                          sys.executable, PROGRAM, "--others", "stop", "--marker", marker], env=env)
+    try:
+        wrapper.wait_for("stops itself")
+        wait_stopped(pids_in(wrapper.out))
+        started = time.monotonic()
+        wrapper.interrupt(signal.SIGTERM)  # what mpirun does to end the job
+        code = wrapper.finish(60)
+        took = time.monotonic() - started
+    finally:
+        wrapper.kill()
+    assert code == 128 + signal.SIGTERM, wrapper.stderr
+    assert took < 10, took  # the deadline alone is 30 s
+    record = next(parse_record(line) for line in wrapper.err if parse_record(line) and parse_record(line)["event"] == "exit")
+    assert (record["signal"], record["stopped"]) == ("SIGTERM", True)
+    assert not leftovers(marker)

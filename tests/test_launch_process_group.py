@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from launch_helpers import PROGRAM, alive, leftovers, new_marker, wait_gone
+from launch_helpers import PROGRAM, alive, leftovers, new_marker, pids_in, wait_gone, wait_stopped
 from launchers import ProcessGroup, ProcessSpec, RankOutput
 from launchers._failures import RankExit, format_report, split_failures
 from ranks import LaunchError, LaunchTimeoutError, RankFailedError
@@ -112,6 +112,21 @@ def test_ranks_ignoring_sigterm_are_killed_after_the_shared_deadline():
 
 
 @pytest.mark.timeout(60)
+def test_stopped_ranks_are_continued_so_sigterm_ends_them_at_once():
+    # a SIGSTOPped process keeps SIGTERM pending until SIGCONT: without it, the stop waits out the deadline
+    group, out, err, marker = make_group(2, "--others", "stop", stop_timeout=20.0)
+    group.start()
+    wait_output(out, "stops itself", 2)
+    wait_stopped(pids_in(out.getvalue().splitlines()))
+    started = time.monotonic()
+    exits = group.stop()
+    took = time.monotonic() - started
+    assert [(e.rank, e.signal, e.stopped) for e in exits] == [(r, "SIGTERM", True) for r in range(2)]
+    assert took < 5, took
+    assert not leftovers(marker)
+
+
+@pytest.mark.timeout(60)
 def test_grandchildren_go_with_their_rank():
     group, out, err, marker = make_group(2, "--grandchild", "--others", "hang")
     group.start()
@@ -187,9 +202,49 @@ def test_report_lists_first_failure_then_the_rest():
     text = format_report(failures, stopped, 4)
     assert text.splitlines()[0] == "rank 2 of 4 on host h (pid 12) failed (first of 2 failed ranks): signal SIGSEGV (11)"
     assert text.splitlines()[1].endswith("; last line of its output:")
-    assert "other failed ranks:\n  rank 1 on host h (pid 11) failed: exit code 2 at" in text
+    assert "what followed (other ranks that failed after it):\n  rank 1 on host h (pid 11) failed: exit code 2 at" in text
     assert text.endswith("ValueError: late\nranks stopped afterwards: 0 (pid 10, signal SIGTERM (15))")
     assert RankExit.from_dict(exits[1].to_dict()) == exits[1]
+
+
+def test_the_root_cause_is_who_failed_first_not_who_exited_first():
+    # rank 1 printed its error, aborted, and took 0.5 s to exit; rank 0 lost it and exited at once
+    victim = RankExit(0, "h", 10, 1, None, 2.0, ("error: PeerLostError: allreduce #2 on rank 0 of 2: rank 1 closed "
+                                                 "its communicator",), last_output=1.99)
+    cause = RankExit(1, "h", 11, 1, None, 2.5, ("error: ShardError: wrong shard",), last_output=2.0)
+    assert [e.rank for e in split_failures([victim, cause])[0]] == [1, 0]
+    # a peer loss comes after the other failures even when its line was read first
+    early_victim = RankExit(0, "h", 10, 1, None, 2.0, ("ranks._errors.PeerLostError: rank 1 vanished",), last_output=1.9)
+    assert [e.rank for e in split_failures([early_victim, cause])[0]] == [1, 0]
+    # without a peer loss, the error lines' times decide
+    a = RankExit(0, "h", 10, 1, None, 2.0, ("ValueError: b",), last_output=1.99)
+    b = RankExit(1, "h", 11, 1, None, 2.5, ("ValueError: a",), last_output=1.5)
+    assert [e.rank for e in split_failures([a, b])[0]] == [1, 0]
+    # a line long before the exit does not date it, nor does one before a death by signal
+    assert RankExit(2, "h", 12, 1, None, 10.0, ("hello",), last_output=1.0).failed_at == 10.0
+    assert RankExit(3, "h", 13, None, "SIGKILL", 3.0, ("hello",), last_output=2.9).failed_at == 3.0
+    text = format_report(*split_failures([victim, cause]), 2)
+    assert text.splitlines()[1].endswith("(exited 0.5 s later); last line of its output:")
+    assert "what followed (other ranks that failed after it):\n  rank 0 on host h (pid 10) failed: exit code 1 at " in text
+
+
+def test_a_clean_exit_while_others_ran_is_named_when_nothing_else_failed():
+    from launchers._failures import early_exit, format_early_exit
+
+    exits = [
+        RankExit(0, "h", 10, None, "SIGTERM", 5.0, ("x",), stopped=True),
+        RankExit(1, "h", 11, 0, None, 3.0, ("leaving",)),
+        RankExit(2, "h", 12, 0, None, 4.0, ()),
+    ]
+    first, still_running = early_exit(exits, not_reported=[3])
+    assert first.rank == 1 and still_running == [0, 2, 3]
+    text = format_early_exit(first, still_running, [exits[0]], 4)
+    assert text.splitlines()[0] == (
+        "rank 1 of 4 on host h (pid 11) exited with exit code 0 before the job finished, while ranks 0, 2, 3 were still running"
+    )
+    assert text.endswith("    | leaving\nranks stopped afterwards: 0 (pid 10, signal SIGTERM (15))")
+    # every rank ended on its own, cleanly: nobody to blame
+    assert early_exit([RankExit(0, "h", 10, 0, None, 1.0), RankExit(1, "h", 11, 0, None, 1.0)]) is None
 
 
 def test_launchers_exports():

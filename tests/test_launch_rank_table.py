@@ -9,7 +9,9 @@ import sys
 import pytest
 
 from conftest import ROOT, orchestrate_command, run_command
-from launch_helpers import PROGRAM, Background, leftovers, new_marker
+from launch_helpers import (
+    PROGRAM, ZMQ_PROGRAM, Background, leftovers, new_marker, orch_dirs, pids_in, private_tmp, shm_segments_of,
+)
 from launchers import RankTableLaunchConfig, RankTableLauncher
 from ranks import ConfigError, LaunchError, RankTableError, free_base_port
 
@@ -48,6 +50,50 @@ def test_bad_inputs_are_named(tmp_path, ini):
     bad.write_text("{")
     with pytest.raises(RankTableError, match="invalid JSON"):
         RankTableLauncher(RankTableLaunchConfig(str(bad), str(ini), ["p"]))
+
+
+@pytest.fixture
+def zmq_ini(tmp_path):
+    path = tmp_path / "zmq.ini"
+    path.write_text(f"[ascend_context]\nrank_table_file={TABLES / 'local_2p.json'}\n"
+                    f"[comm]\nbase_port={free_base_port(2)}\ntimeout=30\n")
+    return path
+
+
+BAD_INIS = {
+    "malformed": ("rank_table_file = x.json\n[ascend_context]\n", r"comes before any \[section\] header"),
+    "missing table": ("[ascend_context]\nrank_table_file = nowhere/table.json\n",
+                      r"rank_table_file .*nowhere/table\.json.* does not exist"),
+    "bad value": ("[comm]\nbase_port = many\n", r"\[comm\] base_port must be an integer"),
+}
+
+
+@pytest.mark.parametrize("kind", BAD_INIS)
+def test_the_ini_is_checked_before_any_rank_starts(tmp_path, kind):
+    text, message = BAD_INIS[kind]
+    bad = tmp_path / "config_file.ini"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        RankTableLaunchConfig(str(TABLES / "local_2p.json"), str(bad), ["p"])
+
+
+@pytest.mark.cli
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["malformed", "missing table"])
+def test_a_bad_ini_fails_in_one_line_with_exit_code_2_and_starts_nothing(tmp_path, kind):
+    text, message = BAD_INIS[kind]
+    bad = tmp_path / "config_file.ini"
+    bad.write_text(text)
+    marker = new_marker()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(bad), "--",
+        "python", PROGRAM, "--others", "hang", "--marker", marker,
+    ), timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()  # no rank ran: no "[rank N]" line
+    assert line.startswith("orchestrate launch rank-table: error: ") and re.search(message, line), line
+    assert not leftovers(marker)
 
 
 @pytest.mark.multiprocess
@@ -212,3 +258,80 @@ def test_a_program_that_calls_create_communicator_joins_its_peers(tmp_path, ini,
     assert result.returncode == 0, result.stderr
     for r in range(2):
         assert f"[rank {r}] JOINED zmq {r} 2 2.0" in result.stdout, result.stdout
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_sigstopped_rank_is_stopped_without_waiting_out_the_deadline(ini):
+    import time
+
+    marker = new_marker()
+    started = time.monotonic()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--stop-timeout", "30", "--",
+        "python", PROGRAM, "--bad-rank", "1", "--bad", "raise", "--delay", "2", "--others", "stop", "--marker", marker,
+    ))
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"rank-table: rank 1 of 2 on host \S+ \(pid \d+\) failed: exit code 1\n", result.stderr), result.stderr
+    assert "ranks stopped afterwards: 0 (pid" in result.stderr and "signal SIGTERM" in result.stderr
+    assert took < 15, took  # the rank failed after 2 s; the deadline alone would be 30 s
+    assert not leftovers(marker)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_the_root_cause_is_the_rank_that_failed_first_not_the_peer_it_took_down(zmq_ini, tmp_path, monkeypatch):
+    # rank 1 fails and aborts its communicator; rank 0, waiting in allreduce, fails at once with
+    # PeerLostError and exits BEFORE rank 1 (which takes 0.5 s to exit, as a rank freeing models does)
+    import time
+
+    tmpdir = private_tmp(monkeypatch, tmp_path)
+    marker = new_marker()
+    started = time.monotonic()
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(zmq_ini), "--stop-timeout", "5", "--",
+        "python", ZMQ_PROGRAM, "--bad-rank", "1", "--slow-exit", "0.5", "--marker", marker,
+    ), timeout=60)
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert took < 20, took
+    report = result.stderr[result.stderr.index("orchestrate launch rank-table: "):]
+    assert re.match(r"orchestrate launch rank-table: rank 1 of 2 on host \S+ \(pid \d+\) failed \(first of 2 failed "
+                    r"ranks\): exit code 1\n  at .*; last line of its output:\n"
+                    r"    \| error: ShardError: rank 1 was given another rank's shard \(on purpose\)\n", report), report
+    assert re.search(r"\nwhat followed \(other ranks that failed after it\):\n  rank 0 on host \S+ \(pid \d+\) failed: "
+                     r"exit code 1 at .*: error: PeerLostError: allreduce #2 on rank 0 of 2", report), report
+    assert "ranks stopped afterwards" not in report
+    # each error line once on the console and once in the report
+    assert result.stderr.count("error: ShardError") == 2 and result.stderr.count("error: PeerLostError") == 2
+    assert not leftovers(marker)
+    assert not shm_segments_of(pids_in(result.stdout.splitlines(), "connected"))
+    assert not orch_dirs(tmpdir)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(180)
+def test_python_m_ranks_with_a_wrong_shard_names_it_once_as_the_root_cause(sample, tmp_path, monkeypatch, zmq_ini):
+    import shutil
+
+    from orchestrator import shard_model
+
+    tmpdir = private_tmp(monkeypatch, tmp_path)
+    shards = tmp_path / "shards"
+    shard_model(sample("mlp"), 2, shards, progress=False)
+    shutil.copy(shards / "mlp0.onnx", shards / "mlp1.onnx")  # rank 1 gets rank 0's shard
+    result = run_command(orchestrate_command(
+        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(zmq_ini), "--",
+        "python", "-m", "ranks", f"--model_path={shards / 'mlp.onnx'}",
+    ), timeout=120)
+    assert result.returncode == 2, result.stderr  # a ShardError is a usage error (exit code 2), passed through
+    line = f"error: ShardError: {shards / 'mlp1.onnx'} is the shard of rank 0, but it was loaded by rank 1"
+    assert result.stderr.count(f"[rank 1] {line}") == 1, result.stderr  # the rank printed it once
+    report = result.stderr[result.stderr.index("orchestrate launch rank-table: "):]
+    assert re.match(r"orchestrate launch rank-table: rank 1 of 2 on host \S+ \(pid \d+\) failed", report), report
+    assert report.count(line) == 1, report
+    assert not orch_dirs(tmpdir)

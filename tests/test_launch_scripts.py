@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -10,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_command
-from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker
+from launch_helpers import (
+    MPI_PROGRAM, PROGRAM, ZMQ_PROGRAM, Background, descendants, kill_all, leftovers, new_marker, orch_dirs, pids_in,
+    private_tmp, processes_with, shm_segments_of, wait_gone,
+)
+from ranks import free_base_port
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.cli]
 
@@ -49,7 +54,11 @@ def test_run_ranks_fails_with_the_failed_rank_status_and_stops_the_rest(ini):
     result = run_command(["bash", RUN_RANKS, TABLE, str(ini), sys.executable, PROGRAM,
                           "--bad-rank", "1", "--bad", "exit3", "--others", "hang", "--delay", "0.5", "--marker", marker])
     assert result.returncode == 3, result.stderr
-    assert "run_ranks.sh: rank 1 (pid" in result.stderr and "failed: exit code 3; stopping the other ranks" in result.stderr
+    assert re.search(r"^run_ranks.sh: rank 1 \(pid \d+\) failed: exit code 3$", result.stderr, re.M), result.stderr
+    assert "run_ranks.sh: rank 1 ended with status 3; stopping the other ranks" in result.stderr
+    # the pid named is the program's own (it prints it), not its watcher's
+    [pid] = pids_in(result.stdout.splitlines(), "hello from rank 1")
+    assert f"run_ranks.sh: rank 1 (pid {pid}) failed" in result.stderr
     assert not leftovers(marker)
 
 
@@ -78,6 +87,38 @@ def test_run_ranks_ctrl_c_stops_every_rank(ini):
     assert not leftovers(marker)
 
 
+@pytest.mark.timeout(60)
+def test_run_ranks_sigkilled_takes_its_ranks_with_it(tmp_path, monkeypatch):
+    # the script cannot trap SIGKILL: each rank runs under a watcher that goes, with its rank, when the script goes
+    import time
+
+    ini = tmp_path / "zmq.ini"
+    ini.write_text(f"[ascend_context]\nrank_table_file={TABLE}\n[comm]\nbase_port={free_base_port(2)}\ntimeout=60\n")
+    tmpdir = private_tmp(monkeypatch, tmp_path)
+    marker = new_marker()
+    # rank 1 waits forever, rank 0 waits for it in a collective (through shared memory)
+    script = Background(["bash", RUN_RANKS, TABLE, str(ini), sys.executable, ZMQ_PROGRAM,
+                         "--bad-rank", "1", "--bad", "hang", "--marker", marker])
+    try:
+        script.wait_for("waits forever", count=2)
+        below = descendants(script.proc.pid)  # the ranks and whatever helps the script run them
+        ranks = pids_in(script.out, "connected")
+        assert len(ranks) == 2 and set(ranks) <= set(below), (ranks, below)
+        script.interrupt(signal.SIGKILL)
+        assert script.finish(30) == -signal.SIGKILL
+        started = time.monotonic()
+        left = wait_gone(below, wait=10)
+        took = time.monotonic() - started
+        assert not left, "\n".join(line for line in processes_with("") if int(line.split()[0]) in left)
+    finally:
+        script.kill()
+        kill_all(marker)
+    assert took < 5, took
+    assert not leftovers(marker, wait=1)
+    assert not shm_segments_of(ranks)
+    assert not orch_dirs(tmpdir)
+
+
 def test_run_ranks_rejects_a_bad_table(tmp_path, ini):
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": "2.0"}')
@@ -85,6 +126,17 @@ def test_run_ranks_rejects_a_bad_table(tmp_path, ini):
     assert result.returncode == 2 and "run_ranks.sh: rank table" in result.stderr
     result = run_command(["bash", RUN_RANKS, TABLE])
     assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_run_ranks_checks_the_ini_before_starting_a_rank(tmp_path):
+    bad = tmp_path / "config_file.ini"
+    bad.write_text("[ascend_context]\nrank_table_file = nowhere.json\n")
+    marker = new_marker()
+    result = run_command(["bash", RUN_RANKS, TABLE, str(bad), sys.executable, PROGRAM, "--others", "hang", "--marker", marker],
+                         timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"run_ranks.sh: {bad}: rank_table_file {tmp_path / 'nowhere.json'} does not exist"]
+    assert not leftovers(marker)
 
 
 @pytest.mark.timeout(120)

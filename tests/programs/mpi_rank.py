@@ -1,6 +1,8 @@
 """An MPI rank for the launcher tests: prints its rank, all-reduces its rank, optionally fails.
 
-    python mpi_rank.py [--bad-rank R] [--bad raise|sigkill] [--marker TEXT]
+    python mpi_rank.py [--bad-rank R] [--bad raise|sigkill|exit0] [--marker TEXT]
+
+``exit0`` leaves through ``os._exit(0)`` without MPI_Finalize while the others wait in allreduce.
 """
 
 import argparse
@@ -23,6 +25,9 @@ def main() -> int:
     if rank == args.bad_rank:
         if args.bad == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if args.bad == "exit0":
+            print(f"mpi rank {rank} leaves early", flush=True)
+            os._exit(0)
         raise RuntimeError(f"mpi rank {rank} broke on purpose")
     total = comm.allreduce(rank, op=MPI.SUM)
     print(f"rank {rank} allreduce sum {total}", flush=True)

@@ -1,11 +1,12 @@
 """A rank for the launcher tests: says hello, then one rank misbehaves on purpose.
 
-    python rank_program.py [--bad-rank R[,R...]] [--bad raise|exit3|sigkill|segfault|hang] [--stagger S]
-                           [--others ok|hang|ignore-term] [--grandchild] [--delay S] [--marker TEXT]
+    python rank_program.py [--bad-rank R[,R...]] [--bad raise|exit3|exit0|sigkill|segfault|hang] [--stagger S]
+                           [--others ok|hang|ignore-term|stop] [--grandchild] [--delay S] [--marker TEXT]
                            [--rank_id N --device_id N --config_file INI]   (the rank-table launcher's flags)
 
 The rank comes from --rank_id, else RANK, else the MPI launchers' variables.
-``--marker`` is not used: tests put a unique word there to find leftovers with pgrep -f.
+``--bad exit0`` leaves at once through ``os._exit(0)``; ``--others stop`` SIGSTOPs itself (then
+waits forever once continued). ``--marker`` is not used: tests put a unique word there to find leftovers with pgrep -f.
 """
 
 import argparse
@@ -55,6 +56,9 @@ def main() -> int:
         if args.bad == "exit3":
             print(f"rank {rank} exits with 3", file=sys.stderr, flush=True)
             return 3
+        if args.bad == "exit0":
+            print(f"rank {rank} leaves early with os._exit(0)", flush=True)
+            os._exit(0)
         if args.bad == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
         if args.bad == "segfault":
@@ -68,7 +72,10 @@ def main() -> int:
 
     if args.others == "ignore-term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if args.others in ("hang", "ignore-term"):
+    if args.others == "stop":
+        print(f"rank {rank} stops itself", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if args.others in ("hang", "ignore-term", "stop"):
         print(f"rank {rank} waits forever", flush=True)
         while True:
             time.sleep(1)
