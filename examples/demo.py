@@ -28,7 +28,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orchestrator as mslite  # noqa: E402
-from ranks._rank_program import format_output  # noqa: E402
+from ranks._tensor_io import format_output  # noqa: E402
 
 
 def reference(path: Path, feeds: dict) -> list[np.ndarray]:

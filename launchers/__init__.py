@@ -1,6 +1,6 @@
 """Starting many rank processes (through mpirun, from a rank table, as local children) and watching them."""
 
-from ranks._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError, RankFailedError
+from ._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError, RankFailedError
 
 from ._failures import RankExit, format_report
 from ._mpi import MpiLaunchConfig, MpiLauncher, build_mpirun_command, find_mpirun, mpi_flavor

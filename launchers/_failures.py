@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ranks._errors import RankFailedError
+from ._errors import RankFailedError
 
 # Longest time between a rank's error line and its exit for the line to date the failure
 # (tearing down a rank that holds large models can take seconds).

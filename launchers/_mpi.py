@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ranks import _env
-from ranks._errors import ConfigError, LaunchError, RankFailedError
+from ranks._errors import ConfigError
+
+from ._errors import LaunchError, RankFailedError
 
 from ._failures import RankExit, early_exit, failure_error, format_early_exit, format_report, split_failures
 from ._output import RankOutput, prefix

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ranks import _env
-from ranks._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError
+from ._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError
 
 from ._failures import RankExit, failure_error, signal_name
 from ._output import RankOutput, pump

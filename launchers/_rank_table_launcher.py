@@ -19,7 +19,9 @@ from typing import Sequence
 
 from ranks import _env
 from ranks._config_file import load_config
-from ranks._errors import ConfigError, LaunchError
+from ranks._errors import ConfigError
+
+from ._errors import LaunchError
 from ranks._rank_table import RankDevice, RankTable, this_host_addresses
 
 from ._failures import RankExit

@@ -174,13 +174,8 @@ def _run_rank_table(args) -> int:
 
 
 def _launch(kind: str, build) -> int:
-    from ranks._errors import (
-        ConfigError,
-        LaunchError,
-        LaunchInterruptedError,
-        LaunchTimeoutError,
-        RankFailedError,
-    )
+    from launchers import LaunchError, LaunchInterruptedError, LaunchTimeoutError, RankFailedError
+    from ranks._errors import ConfigError
 
     name = f"orchestrate launch {kind}"
     try:

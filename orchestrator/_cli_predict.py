@@ -21,7 +21,7 @@ from ranks._command_line import (
     write_failed,
 )
 from ranks._context import Context
-from ranks._rank_program import format_output, ones_for, read_input_files
+from ranks._tensor_io import format_output, ones_for, read_input_files
 from ranks._tensor import Tensor
 
 

@@ -37,7 +37,9 @@ import numpy as np
 
 from ranks._context import Context
 from ranks._env import default_timeout
-from ranks._errors import ConfigError, InputError, ModelNotFoundError, WorkerError, WorkerLostError, WorkerTimeoutError
+from ranks._errors import ConfigError, InputError, ModelNotFoundError
+
+from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
 from ranks._remote_errors import unpack_exception
 from ranks._session import usable_cores
 from ranks._tensor import DataType, Tensor, check_shape

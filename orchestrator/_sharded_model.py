@@ -34,7 +34,9 @@ from ranks._model import load_onnx_header, validate_feeds
 from ranks._ports import free_base_port
 from ranks._shard_files import resolve_shard_path
 from ranks._tensor import DataType
-from ranks._errors import ConfigError, ModelNotFoundError, WorkerError
+from ranks._errors import ConfigError, ModelNotFoundError
+
+from ._errors import WorkerError
 from ranks._remote_errors import unpack_exception
 from ranks._shard_manifest import manifest_path_for, read_manifest
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ranks._errors import WorkerError
+from ._errors import WorkerError
 
 VERSION = 1
 

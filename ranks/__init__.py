@@ -14,20 +14,13 @@ from ._errors import (
     ConfigTypeError,
     InputError,
     InputTypeError,
-    LaunchError,
-    LaunchInterruptedError,
-    LaunchTimeoutError,
     ModelError,
     ModelNotFoundError,
     OrchestratorError,
     PeerLostError,
     ProviderError,
-    RankFailedError,
     RankTableError,
     ShardError,
-    WorkerError,
-    WorkerLostError,
-    WorkerTimeoutError,
 )
 from ._model import Model, ModelType
 from ._ports import free_base_port

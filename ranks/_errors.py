@@ -1,9 +1,11 @@
-"""Exception types of the project.
+"""Exception types of one process: the base of every error of the project, and those of ``ranks``.
 
 Every type derives from ``OrchestratorError`` and from the builtin a user's
 ``except`` clause would naturally name (``ValueError`` for bad input,
 ``TimeoutError`` for a wait that ran out, ``FileNotFoundError`` for a missing
-model), so both styles of handling work.
+model), so both styles of handling work. Each package owns its own errors under
+this base: ``launchers._errors`` (launching ranks), ``orchestrator._errors``
+(the master side's workers); ``orchestrator`` re-exports them all.
 
 Scripts ported from MindSpore Lite catch what MindSpore Lite raises: a
 ``TypeError`` for an argument of the wrong type, a ``ValueError`` for a bad
@@ -75,55 +77,3 @@ class CommTimeoutError(CommError, TimeoutError):
 
 class PeerLostError(CommError, ConnectionError):
     """A peer that exited or closed its connection mid-operation."""
-
-
-class WorkerError(OrchestratorError, RuntimeError):
-    """A worker process that died, stalled or refused a request."""
-
-
-class WorkerTimeoutError(WorkerError, TimeoutError):
-    """A worker process that did not answer within the timeout."""
-
-
-class WorkerLostError(WorkerError, ConnectionError):
-    """A worker process that died (exited or was killed) before answering."""
-
-
-class LaunchError(OrchestratorError, RuntimeError):
-    """A launcher that could not start its ranks (no mpirun, bad host list, bad program)."""
-
-
-class RankFailedError(LaunchError):
-    """One or more ranks exited with a non-zero code or were killed by a signal.
-
-    ``failures`` holds one record per failed rank, earliest first (the
-    launchers' ``RankExit`` records); ``first`` is the root cause a user should
-    read; ``stopped`` holds the ranks the launcher itself stopped afterwards.
-    """
-
-    def __init__(self, message: str, failures: list, stopped: list | None = None):
-        super().__init__(message)
-        self.failures = list(failures)
-        self.stopped = list(stopped or [])
-
-    @property
-    def first(self):
-        return self.failures[0] if self.failures else None
-
-    def __reduce__(self):
-        return (type(self), (self.args[0], self.failures, self.stopped))
-
-
-class LaunchTimeoutError(LaunchError, TimeoutError):
-    """Ranks that were still running when the launcher's time limit ran out."""
-
-
-class LaunchInterruptedError(LaunchError):
-    """The launcher received SIGINT (Ctrl-C) or SIGTERM and stopped every rank."""
-
-    def __init__(self, message: str, signal_name: str = "SIGINT"):
-        super().__init__(message)
-        self.signal_name = signal_name
-
-    def __reduce__(self):
-        return (type(self), (self.args[0], self.signal_name))

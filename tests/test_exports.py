@@ -14,9 +14,27 @@ def test_ranks_exports():
     assert {
         "Context", "Model", "ModelType", "Tensor", "TensorMeta", "DataType", "Format", "Communicator", "SingleCommunicator",
         "OrchestratorError", "ConfigError", "ConfigTypeError", "InputError", "InputTypeError", "ModelError", "ModelNotFoundError", "ProviderError",
-        "CommError", "CommTimeoutError", "PeerLostError", "RankTableError", "ShardError", "WorkerError",
+        "CommError", "CommTimeoutError", "PeerLostError", "RankTableError", "ShardError",
         "RemoteError", "RemoteTraceback", "load_config", "rank_main", "environment_variables",
     } <= set(dir(ranks))
+
+
+def test_each_package_owns_its_errors_and_orchestrator_reexports_them_all():
+    import launchers
+
+    errors = {"LaunchError", "LaunchInterruptedError", "LaunchTimeoutError", "RankFailedError"}
+    assert errors <= set(dir(launchers)) and not errors & set(dir(ranks))
+    workers = {"WorkerError", "WorkerLostError", "WorkerTimeoutError"}
+    assert not workers & set(dir(ranks))
+    for name in errors | workers | {"ConfigError", "InputError", "ModelError", "CommError", "ShardError"}:
+        error = getattr(orchestrator, name)
+        assert issubclass(error, ranks.OrchestratorError), name
+    assert orchestrator.LaunchError is launchers.LaunchError
+
+
+def test_orchestrator_exports_are_explicit():
+    text = (ROOT / "orchestrator" / "__init__.py").read_text()
+    assert "import *" not in text
 
 
 def test_orchestrator_reexports_the_mindspore_lite_surface():

@@ -13,7 +13,8 @@ from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_mark
 from launchers import MpiLaunchConfig, build_mpirun_command, find_mpirun
 from launchers._mpi import MPICH, OPEN_MPI, WRAPPER, MpiOutput, mpi_flavor
 from launchers._rank_wrapper import MARKER, parse_record
-from ranks import ConfigError, LaunchError
+from launchers import LaunchError
+from ranks import ConfigError
 
 
 def command(config, flavor=OPEN_MPI, root=True, cores=2):

@@ -11,7 +11,7 @@ import pytest
 from launch_helpers import PROGRAM, alive, leftovers, new_marker, pids_in, wait_gone, wait_stopped
 from launchers import ProcessGroup, ProcessSpec, RankOutput
 from launchers._failures import RankExit, format_report, split_failures
-from ranks import LaunchError, LaunchTimeoutError, RankFailedError
+from launchers import LaunchError, LaunchTimeoutError, RankFailedError
 
 pytestmark = pytest.mark.multiprocess
 

@@ -13,7 +13,8 @@ from launch_helpers import (
     PROGRAM, ZMQ_PROGRAM, Background, leftovers, new_marker, orch_dirs, pids_in, private_tmp, shm_segments_of,
 )
 from launchers import RankTableLaunchConfig, RankTableLauncher
-from ranks import ConfigError, LaunchError, RankTableError, free_base_port
+from launchers import LaunchError
+from ranks import ConfigError, RankTableError, free_base_port
 
 TABLES = ROOT / "rank_tables"
 

@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from orchestrator import ShardedModel, run_sharded, shard_model
-from ranks import ConfigError, InputError, WorkerError, free_base_port
+from orchestrator import WorkerError
+from ranks import ConfigError, InputError, free_base_port
 
 pytestmark = [pytest.mark.multiprocess]
 
