@@ -41,10 +41,14 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from ranks import _env
+from ranks._log import get_logger
+
 from ._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError
 
 from ._failures import RankExit, failure_error, signal_name
 from ._output import RankOutput, pump
+
+log = get_logger("launch")
 
 # How long a waiter thread waits for a dead rank's pipes to drain before it
 # records the exit without the last lines (a grandchild may hold them open).
@@ -271,6 +275,7 @@ class ProcessGroup:
                 self._start_threads()
                 self.stop()
                 raise LaunchError(f"cannot start {spec.name}: {spec.argv[0]!r}: {exc.strerror or exc}") from exc
+            log.info("started %s (pid %d): %s", spec.name, self._procs[spec.rank].pid, " ".join(map(str, spec.argv)))
         self._start_threads()
 
     def _start_threads(self) -> None:
@@ -437,7 +442,10 @@ class ProcessGroup:
             while self.running() and time.monotonic() < deadline and not self._hurry:
                 self._changed.wait(min(0.05, max(0.0, deadline - time.monotonic())))
                 self._changed.clear()
+            if self._signalled:
+                log.info("stopping %s with SIGTERM (deadline %.1f s)", self._names(sorted(self._signalled)), self.stop_timeout)
             for rank in self.running():
+                log.warning("%s did not end within %.1f s of SIGTERM; sending SIGKILL", self._names([rank]), self.stop_timeout)
                 self._signal_group(self._procs[rank].pid, signal.SIGKILL)
             # A SIGKILLed process is reaped at once; the waiters record it.
             for waiter in self._waiters:

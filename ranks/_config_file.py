@@ -33,14 +33,14 @@ file's own directory, so a rank can be started from any working directory.
 from __future__ import annotations
 
 import configparser
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import ConfigError
+from ._log import get_logger
 
-log = logging.getLogger("ranks.config")
+log = get_logger("config")
 
 KNOWN_SECTIONS: dict[str, tuple[str, ...]] = {
     "ascend_context": (

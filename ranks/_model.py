@@ -14,9 +14,12 @@ import onnxruntime as ort
 from ._config_file import RankConfig, load_config
 from ._context import Context
 from ._errors import ConfigError, ConfigTypeError, InputError, InputTypeError, ModelError, ModelNotFoundError, OrchestratorError
+from ._log import get_logger
 from ._session import execution_providers, session_options
 from ._shared_weights import release_freed_heap, share_weights
 from ._tensor import DataType, Tensor, TensorMeta, check_shape_argument, data_type_from_ort, fit_shape
+
+log = get_logger("model")
 
 COLLECTIVE_OPS = ("AllReduce", "AllGather")
 MODEL_INFO_KEYS = ("user_info", "input_shape", "dynamic_dims", "current_pid", "shareable_weight_mem_handle")
@@ -206,7 +209,8 @@ class Model:
         self._shared_weights = share_weights(proto, path, context, config, sharded=is_sharded(proto))
         if self._shared_weights is not None:
             self._weight_overrides = dict(self._shared_weights.ort_values)
-        if is_sharded(proto):
+        is_sharded_model = is_sharded(proto)
+        if is_sharded_model:
             self._session = self._build_sharded(proto, communicator, identity)
         else:
             self._session = self._new_session()
@@ -228,6 +232,8 @@ class Model:
         del proto
         if self._shared_weights is not None:
             release_freed_heap()  # the parsed file's weights, now stood in for by the shared ones
+        log.info("built %s (%s; inputs %s)", path, "shard of rank %d of %d" % (identity.rank, identity.size)
+                 if is_sharded_model else "whole model", self.get_model_info("input_shape"))
 
     def _new_session(self):
         options = session_options(self._context, self._config)

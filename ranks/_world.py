@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from . import _env
 from ._comm_base import Communicator
 from ._errors import ConfigError
+from ._log import get_logger
+
+log = get_logger("comm")
 
 BACKENDS = ("mpi", "zmq", "single")
 
@@ -232,6 +235,7 @@ def create_communicator(
             raise ConfigError(f"size {size} was asked for, but MPI's COMM_WORLD has {comm.size} ranks")
         if rank is not None and rank != comm.rank:
             raise ConfigError(f"rank {rank} was asked for, but this process is rank {comm.rank} of MPI's COMM_WORLD")
+        log.info("joined rank %d of %d over mpi", comm.rank, comm.size)
         return comm
     from ._comm_zmq import ZmqCommunicator
     from ._rank_table import RankTable
@@ -247,4 +251,6 @@ def create_communicator(
         raise ConfigError(f"size {size} was asked for, but rank table {table.source} lists {table.world_size} ranks")
     if base_port is None:
         base_port = _env.BASE_PORT.get_int()
-    return ZmqCommunicator(rank, table, base_port=base_port, timeout=timeout, shared_memory=shared_memory)
+    comm = ZmqCommunicator(rank, table, base_port=base_port, timeout=timeout, shared_memory=shared_memory)
+    log.info("joined rank %d of %d over zmq (rank table %s, base port %d)", comm.rank, comm.size, table.source, base_port)
+    return comm

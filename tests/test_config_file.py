@@ -86,7 +86,7 @@ def test_mindspore_lite_keys_without_effect_warn_once_and_load(tmp_path, caplog)
         "[ascend_context]\nrank_table_file=t.json\nop_select_impl_mode=high_precision\ninput_format=NCHW\n"
         "[ge_session_options]\nge.exec.formatMode=1\n"
     )
-    with caplog.at_level("WARNING", logger="ranks.config"):
+    with caplog.at_level("WARNING", logger="orchestrator.config"):
         config = load_config(write(tmp_path, text))
     messages = [r.getMessage() for r in caplog.records]
     assert any("[ascend_context] op_select_impl_mode is a MindSpore Lite option with no effect" in m for m in messages)

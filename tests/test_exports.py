@@ -82,3 +82,10 @@ def test_environment_is_read_in_one_place():
 def test_environment_variables_are_documented():
     for var in ranks.environment_variables():
         assert var.help and var.name.isupper()
+
+
+def test_every_variable_the_shell_scripts_read_is_declared():
+    declared = {var.name for var in ranks.environment_variables()}
+    for script in (ROOT / "launchers").glob("*.sh"):
+        read = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):-", script.read_text()))
+        assert read <= declared, f"{script.name} reads {sorted(read - declared)}, not declared in ranks/_env.py"
