@@ -163,7 +163,8 @@ def test_a_rank_killed_on_the_remote_host_is_reported_with_that_host(tmp_path, w
                 rf"orchestrate launch mpi: rank 1 of 2 on host {b.hostname} \(pid {pid}\) failed: signal SIGKILL \(9\)",
                 launcher.stderr,
             ), launcher.stderr
-            assert re.search(r"ranks stopped afterwards: 0 \(pid \d+", launcher.stderr), launcher.stderr
+            # rank 0 is stopped either by the launcher or, first, by mpirun itself (which ends the job at once)
+            assert re.search(r"ranks stopped (afterwards|by mpirun before they could report how they ended): 0 \(pid \d+", launcher.stderr), launcher.stderr
         else:
             # With its wrapper gone no record comes: the launcher names the silent rank and its host.
             assert code == 2, launcher.stderr
