@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -268,6 +269,7 @@ class MpiLauncher:
 
     def __init__(self, config: MpiLaunchConfig, *, stdout=None, stderr=None):
         self.config = config
+        self._started = time.time()
         self.mpirun = find_mpirun(config.mpirun)
         self.flavor = mpi_flavor(self.mpirun)
         self.command = build_mpirun_command(config, self.mpirun, self.flavor)
@@ -289,6 +291,7 @@ class MpiLauncher:
         self.group.request_stop(_RankReported(exit_))
 
     def run(self) -> list[RankExit]:
+        self._started = time.time()
         try:
             try:
                 self.group.run(self.config.timeout)
@@ -337,7 +340,7 @@ class MpiLauncher:
             if start.get("host") != host:
                 continue
             for pid in (start.get("pid"), start.get("wrapper_pid")):
-                if isinstance(pid, int) and _is_ours(pid, resolve_program(self.config.program)):
+                if isinstance(pid, int) and _is_ours(pid, resolve_program(self.config.program), self._started):
                     try:
                         os.kill(pid, 9)
                     except (ProcessLookupError, PermissionError):
@@ -352,15 +355,20 @@ class _RankReported(Exception):
         self.exit = exit_
 
 
-def _is_ours(pid: int, program: Sequence[str]) -> bool:
-    """True when ``pid`` is alive and still runs our wrapper or the program (not a recycled pid)."""
+def _is_ours(pid: int, program: Sequence[str], since: float) -> bool:
+    """True when ``pid`` is alive and still runs our wrapper or the program.
+
+    A pid recycled by the system belongs to a process created after the launch
+    began, but so are ours: the command line tells them apart, and a process
+    created before the launch (``since``) is never ours.
+    """
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().decode("utf-8", "replace")
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().decode("ascii", "replace").rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) or process.create_time() < since - 1.0:
+            return False
+        cmdline = process.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    if state in ("Z", "X"):
-        return False
-    return str(WRAPPER) in cmdline or cmdline.split("\0")[: len(program)] == list(program)
+    return str(WRAPPER) in cmdline or cmdline[: len(program)] == list(program)
