@@ -18,10 +18,9 @@ from ranks._command_line import (
     positive_float,
     positive_int,
     prepare_output,
-    write_failed,
 )
 from ranks._context import Context
-from ranks._tensor_io import format_output, ones_for, read_input_files
+from ranks._tensor_io import emit_outputs, ones_for, read_input_files
 from ranks._tensor import Tensor
 
 
@@ -102,12 +101,5 @@ def run(args) -> int:
         outputs = predictor.predict(arrays)
         print(f"split a batch of {batch} over devices {devices} as {predictor.split_sizes(batch)}",
               file=sys.stderr, flush=True)
-    if not args.quiet:
-        for tensor in outputs:
-            print(format_output(tensor), flush=True)
-    if output is not None:
-        try:
-            np.savez(output, **{t.name: t.get_data_to_numpy() for t in outputs})
-        except OSError as exc:
-            raise write_failed(output, "--output", exc) from None
+    emit_outputs(outputs, output, quiet=args.quiet)
     return 0

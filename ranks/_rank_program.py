@@ -12,8 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ._command_line import (
     ArgumentParser,
     add_version_option,
@@ -23,12 +21,11 @@ from ._command_line import (
     positive_int,
     prepare_output,
     report,
-    write_failed,
 )
 from ._context import Context
 from ._errors import OrchestratorError
 from ._model import Model, ModelType
-from ._tensor_io import format_output, load_inputs
+from ._tensor_io import emit_outputs, load_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,14 +76,7 @@ def run(args: argparse.Namespace) -> int:
         arrays = load_inputs(args.input, model)
         for _ in range(max(1, args.repeat)):
             outputs = model.predict(arrays)
-        if not args.quiet:
-            for tensor in outputs:
-                print(format_output(tensor), flush=True)
-        if output is not None:
-            try:
-                np.savez(output, **{t.name: t.get_data_to_numpy() for t in outputs})
-            except OSError as exc:
-                raise write_failed(output, "--output", exc) from None
+        emit_outputs(outputs, output, quiet=args.quiet)
     finally:
         model.close()
     return 0

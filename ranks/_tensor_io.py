@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._command_line import read_numpy_file
+from ._command_line import read_numpy_file, write_failed
 from ._errors import InputError
 from ._model import Model
 from ._tensor import Tensor
@@ -71,3 +71,15 @@ def format_output(tensor: Tensor, count: int = PRINT_VALUES) -> str:
         f"tensor's name is:{tensor.name} data size is:{tensor.data_size} tensor elements num is:{tensor.element_num}\n"
         f"output data is: {values}"
     )
+
+
+def emit_outputs(outputs: list[Tensor], output_file: Path | None, *, quiet: bool = False) -> None:
+    """Print each output in the seeds' format (unless ``quiet``) and save them by name to ``output_file``."""
+    if not quiet:
+        for tensor in outputs:
+            print(format_output(tensor), flush=True)
+    if output_file is not None:
+        try:
+            np.savez(output_file, **{t.name: t.get_data_to_numpy() for t in outputs})
+        except OSError as exc:
+            raise write_failed(output_file, "--output", exc) from None
