@@ -4,7 +4,8 @@ It pins itself to its cores (CPU target), builds the model, reports
 BUILD_FINISH or ERROR, then answers PREDICT/COLLECT until EXIT. It exits on
 its own when the master goes away: the pipe reaches EOF, or (while the model
 is running, when nobody reads the pipe) a watcher thread sees the parent pid
-change. Either way it unlinks the slot it has mapped first, since a killed
+change. Either way it removes the master's named segments first (those it
+has mapped, and once the master is dead every other one), since a killed
 master cannot.
 """
 
@@ -23,7 +24,7 @@ from ranks._model import Model, ModelType
 from ranks._remote_errors import pack_exception, where_header
 
 from . import _worker_protocol as proto
-from ._shared_memory import Attachments, layout, view
+from ._worker_memory import Attachments, layout, view
 
 EXIT_PARENT_GONE = 70
 PARENT_POLL_SECONDS = 0.5
@@ -43,7 +44,7 @@ def _watch_parent(parent_pid: int, attachments: Attachments) -> None:
     while True:
         time.sleep(PARENT_POLL_SECONDS)
         if os.getppid() != parent_pid:
-            attachments.unlink()
+            attachments.unlink(parent_pid)  # reparented: the master is surely dead, so sweep all it left
             os._exit(EXIT_PARENT_GONE)
 
 
@@ -77,7 +78,7 @@ def worker_main(conn, spec: WorkerSpec) -> None:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
-            _parent_gone(attachments)
+            _parent_gone(attachments, spec.parent_pid)
         kind, request_id = msg.get("kind"), msg.get("id", 0)
         if msg.get("v") != proto.VERSION or kind == proto.EXIT:
             # A master of another version cannot be answered sensibly; it reports the mismatch.
@@ -179,9 +180,11 @@ def _send(conn, msg: dict, attachments: Attachments) -> None:
     try:
         conn.send(msg)
     except (BrokenPipeError, EOFError, OSError):
-        _parent_gone(attachments)
+        _parent_gone(attachments, os.getppid())
 
 
-def _parent_gone(attachments: Attachments):
-    attachments.unlink()
+def _parent_gone(attachments: Attachments, parent_pid: int):
+    # The pipe is closed, so the master is exiting (it sends EXIT before a clean close); it may not be
+    # dead quite yet, in which case only what we mapped goes now and the rest to a later sweep.
+    attachments.unlink(parent_pid)
     os._exit(EXIT_PARENT_GONE)
