@@ -195,6 +195,7 @@ class ZmqCommunicator(Communicator):
         self._router = None
         self._dealers: dict[int, zmq.Socket] = {}
         self._monitors: dict[zmq.Socket, int] = {}
+        _shared_memory.sweep_once()  # named segments that SIGKILLed ranks on this host left behind
         try:
             self._open_sockets()
             self._handshake(shared_memory, chunk_bytes)

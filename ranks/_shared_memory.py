@@ -340,19 +340,28 @@ def _unlink_name(name: str) -> None:
 # -- the registry, and what runs at exit and on signals ----------------------------------
 _registry: dict[str, Segment] = {}
 _started_in: set[int] = set()
+_swept_in: set[int] = set()
 _previous_handlers: dict[int, object] = {}
+
+
+def sweep_once() -> None:
+    """``remove_stale()`` once per process: what SIGKILLed owners on this host left (a rank calls it as it starts)."""
+    pid = os.getpid()
+    if pid in _swept_in:
+        return
+    _swept_in.add(pid)
+    try:
+        remove_stale()
+    except OSError:
+        pass
 
 
 def _once_per_process() -> None:
     pid = os.getpid()
-    if pid in _started_in:
-        return
-    _started_in.add(pid)
-    atexit.register(_unlink_all)
-    try:
-        remove_stale()  # what a SIGKILLed process on this host left behind
-    except OSError:
-        pass
+    if pid not in _started_in:
+        _started_in.add(pid)
+        atexit.register(_unlink_all)
+    sweep_once()
 
 
 def _unlink_all() -> None:
