@@ -44,7 +44,7 @@ def _watch_parent(parent_pid: int, attachments: Attachments) -> None:
     while True:
         time.sleep(PARENT_POLL_SECONDS)
         if os.getppid() != parent_pid:
-            attachments.unlink(parent_pid)  # reparented: the master is surely dead, so sweep all it left
+            attachments.unlink()
             os._exit(EXIT_PARENT_GONE)
 
 
@@ -53,7 +53,7 @@ def worker_main(conn, spec: WorkerSpec) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the master turns it
     # into a shutdown of the workers, which must not die half way on their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    attachments = Attachments()
+    attachments = Attachments(spec.parent_pid)
     threading.Thread(target=_watch_parent, args=(spec.parent_pid, attachments), daemon=True,
                      name="orch-parent-watch").start()
     where = where_header(f"worker for device {spec.device_id}")
@@ -78,7 +78,7 @@ def worker_main(conn, spec: WorkerSpec) -> None:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
-            _parent_gone(attachments, spec.parent_pid)
+            _parent_gone(attachments)
         kind, request_id = msg.get("kind"), msg.get("id", 0)
         if msg.get("v") != proto.VERSION or kind == proto.EXIT:
             # A master of another version cannot be answered sensibly; it reports the mismatch.
@@ -180,11 +180,10 @@ def _send(conn, msg: dict, attachments: Attachments) -> None:
     try:
         conn.send(msg)
     except (BrokenPipeError, EOFError, OSError):
-        _parent_gone(attachments, os.getppid())
+        _parent_gone(attachments)
 
 
-def _parent_gone(attachments: Attachments, parent_pid: int):
-    # The pipe is closed, so the master is exiting (it sends EXIT before a clean close); it may not be
-    # dead quite yet, in which case only what we mapped goes now and the rest to a later sweep.
-    attachments.unlink(parent_pid)
+def _parent_gone(attachments: Attachments):
+    # The pipe is closed without EXIT: the master is dying (a clean close sends EXIT first).
+    attachments.unlink()
     os._exit(EXIT_PARENT_GONE)

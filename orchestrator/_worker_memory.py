@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -250,7 +251,8 @@ class Attachments:
 
     MAX_BLOCKS = 16
 
-    def __init__(self):
+    def __init__(self, master_pid: int | None = None):
+        self.master_pid = master_pid
         self._slot: Segment | None = None
         self._blocks: dict[str, Segment] = {}
 
@@ -283,11 +285,13 @@ class Attachments:
         self.close_slot()
         self.forget(list(self._blocks))
 
-    def unlink(self, master_pid: int | None = None) -> None:
+    def unlink(self, wait: float = 1.0) -> None:
         """Remove the master's named segments: only when the master is gone and cannot do it.
 
-        What this worker has mapped goes at once; with ``master_pid`` every
-        other segment of that master goes too, once the master is dead.
+        What this worker has mapped goes at once. Every other named segment of
+        the master (a slot of another worker, a block nobody mapped) goes once
+        the master is dead, which takes a moment after its pipe closed: up to
+        ``wait`` seconds are spent waiting for that.
         """
         try:
             mapped = [self._slot, *list(self._blocks.values())]
@@ -296,5 +300,18 @@ class Attachments:
         for segment in mapped:
             if segment is not None:
                 _shared_memory.remove(segment.handle)
-        if master_pid is not None:
-            _shared_memory.remove_stale([master_pid])
+        if self.master_pid is None:
+            return
+        prefix = segment_prefix(self.master_pid)
+        deadline = time.monotonic() + wait
+        while any(n.startswith(prefix) for n in _listdir(_shared_memory.SHM_DIR)):
+            if _shared_memory.remove_stale([self.master_pid]) or time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []

@@ -150,8 +150,8 @@ class ZmqCommunicator(Communicator):
 
     ``base_port``: rank r listens on ``base_port + r`` (default ``ORCH_BASE_PORT``, 29500).
     ``shared_memory``: None (default) uses the same-host fast path when every
-    rank is on one server and the ranks share ``/dev/shm``; False forces TCP;
-    True requires shared memory and fails if it cannot be used.
+    rank is on one server and the ranks share a kernel and mount namespace;
+    False forces TCP; True requires shared memory and fails if it cannot be used.
     ``path`` tells which one is in use: ``"shm"`` or ``"tcp"``.
     """
 

@@ -10,8 +10,8 @@ tracker are not used: the tracker is one more process per program that can
 itself leak or complain, and this module's registry does its job.
 
 Names
-    ``orch_<kind>_<owner pid>_<start>.<pidns>_<tag><random>``, e.g.
-    ``orch_zmq_4242_1f3a9.effffffc_5d0c9e3a1b7f``. ``kind`` says which user
+    ``orch_<kind>_<owner pid>_<start>.<pidns>_[<tag>-]<random>``, e.g.
+    ``orch_zmq_4242_1f3a9.effffffc_5d0c9e3a1b7f`` or ``orch_pp_4242_1f3a9.effffffc_w0g1-9e3a1b7f5d0c``. ``kind`` says which user
     made it (``zmq``, ``mpi``, ``pp`` for the batch-split master), the owner
     pid which process must unlink it. ``start`` (the owner's start time in
     clock ticks after boot, hex) and ``pidns`` (its pid namespace's inode,
@@ -85,7 +85,7 @@ from ._env import SHM_MODE
 SHM_DIR = "/dev/shm"
 PREFIX = "orch_"
 MODES = ("auto", "memfd", "named")
-_NAME = re.compile(r"^orch_([a-z]+)_(\d+)_([0-9a-f]+)\.([0-9a-f]+)_([A-Za-z0-9]+)$")
+_NAME = re.compile(r"^orch_([a-z]+)_(\d+)_([0-9a-f]+)\.([0-9a-f]+)_([A-Za-z0-9]+-)?([0-9a-f]+)$")
 _WORD = re.compile(r"^[A-Za-z0-9]*$")
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name))
 
@@ -244,8 +244,8 @@ def create(kind: str, size: int, *, tag: str = "", mode: str | None = None) -> S
     """A new zero-filled segment of ``size`` bytes owned by this process.
 
     ``kind``: lowercase letters naming the user (``zmq``, ``mpi``, ``pp``);
-    ``tag``: letters and digits put in front of the random part (to tell a
-    user's segments apart when reading names). ``mode``: ``auto``,
+    ``tag``: letters and digits put before the random part (``<tag>-``), to
+    tell a user's segments apart when reading names. ``mode``: ``auto``,
     ``memfd`` or ``named`` (default ``ORCH_SHM_MODE``). Raises OSError when
     the segment cannot be made (``/dev/shm`` full or missing, no memfd).
     """
@@ -258,7 +258,7 @@ def create(kind: str, size: int, *, tag: str = "", mode: str | None = None) -> S
         mode = "memfd" if memfd_usable() else "named"
     _once_per_process()
     size = max(int(size), 1)
-    name = f"{PREFIX}{kind}_{os.getpid()}_{_own_stamp()}_{tag}{secrets.token_hex(6)}"
+    name = f"{PREFIX}{kind}_{os.getpid()}_{_own_stamp()}_{tag + '-' if tag else ''}{secrets.token_hex(6)}"
     if mode == "memfd":
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
@@ -511,10 +511,13 @@ def remove_stale(owners=None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    """``python -m ranks._shared_memory [--remove-stale]``: list our segments on this host (and remove dead owners')."""
+    """List our segments on this host with their owners; ``--remove-stale`` removes those of dead owners.
+
+    Meant for an operator's command (``orchestrate`` can wire it as a subcommand).
+    """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m ranks._shared_memory", description=main.__doc__)
+    parser = argparse.ArgumentParser(description="Shared-memory segments of the orchestrator on this host.")
     parser.add_argument("--remove-stale", action="store_true", help="unlink /dev/shm segments whose owner is dead")
     parser.add_argument("--owner", type=int, help="only the segments of this pid")
     args = parser.parse_args(argv)
@@ -524,7 +527,3 @@ def main(argv=None) -> int:
         for name in remove_stale(None if args.owner is None else [args.owner]):
             print(f"removed {name}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

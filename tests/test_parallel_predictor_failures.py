@@ -139,6 +139,7 @@ MASTER = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     from orchestrator import Context, ParallelPredictor
+    from orchestrator._worker_memory import Slot
 
     if __name__ == "__main__":
         context = Context()
@@ -147,7 +148,9 @@ MASTER = textwrap.dedent("""
         x = np.ones((4, 64), np.float32)
         keep = predictor.predict([x])
         predictor.predict([x])  # the second request uses an output block as well
-        print(json.dumps({"pids": predictor.pids, "segments": predictor.segment_names}), flush=True)
+        unmapped = Slot(9)  # a segment of the master's that no worker has mapped
+        unmapped.ensure(1 << 16, 0)
+        print(json.dumps({"pids": predictor.pids, "segments": predictor.segment_names + [unmapped.name]}), flush=True)
         time.sleep(600)
 """)
 
@@ -172,7 +175,9 @@ def test_killed_master_leaves_no_worker_and_no_segment(sample, tmp_path, mode):
         os.kill(master.pid, signal.SIGKILL)
         master.wait(10)
         assert wait_until(lambda: _gone(info["pids"]), 10), "workers outlived their master"
+        # named: each worker removed what it had mapped and swept the rest of its dead master's (the unmapped slot)
         assert wait_until(lambda: our_segments(master.pid) == [], 10), our_segments(master.pid)
+        assert not set(info["segments"]) & set(os.listdir("/dev/shm"))
     finally:
         if master.poll() is None:
             master.kill()

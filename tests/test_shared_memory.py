@@ -26,7 +26,7 @@ def test_create_attach_unlink(mode):
     segment = shm.create("test", 10000, tag="t1", mode=mode)
     try:
         assert segment.mode == mode and segment.owner and segment.size == 10000
-        assert segment.name.startswith(f"orch_test_{os.getpid()}_") and "_t1" in segment.name
+        assert segment.name.startswith(f"orch_test_{os.getpid()}_") and "_t1-" in segment.name
         assert ("@" in segment.handle) == (mode == "memfd")
         assert _in_dev_shm(segment.name) == (mode == "named")
         assert segment in shm.owned()
@@ -162,7 +162,7 @@ def test_a_handler_or_ignore_set_before_decides(tmp_path, how, sig):
 
 
 def _fake_name(pid: int, start: int, pidns: int) -> str:
-    return f"orch_test_{pid}_{start:x}.{pidns:x}_{os.urandom(6).hex()}"
+    return f"orch_test_{pid}_{start:x}.{pidns:x}_fake-{os.urandom(6).hex()}"
 
 
 def test_remove_stale_tells_dead_owners_from_live_and_foreign_ones():
@@ -188,11 +188,9 @@ def test_remove_stale_tells_dead_owners_from_live_and_foreign_ones():
             shm._unlink_name(name)
 
 
-def test_the_listing_command(tmp_path):
+def test_the_listing_command(capsys):
     with shm.create("test", 10, mode="named") as named, shm.create("test", 10, mode="memfd") as memfd:
-        result = subprocess.run([sys.executable, "-m", "ranks._shared_memory", "--owner", str(os.getpid())],
-                                capture_output=True, text=True, env=project_env(), timeout=60)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+        assert shm.main(["--owner", str(os.getpid())]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert any(named.name in line and line.startswith("/dev/shm") and "owner alive" in line for line in lines), lines
     assert any(memfd.name in line and line.startswith("memfd") for line in lines), lines
