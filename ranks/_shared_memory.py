@@ -11,61 +11,74 @@ itself leak or complain, and this module's registry does its job.
 
 Names
     ``orch_<kind>_<owner pid>_<start>.<pidns>_[<tag>-]<random>``, e.g.
-    ``orch_zmq_4242_1f3a9.effffffc_5d0c9e3a1b7f`` or ``orch_pp_4242_1f3a9.effffffc_w0g1-9e3a1b7f5d0c``. ``kind`` says which user
-    made it (``zmq``, ``mpi``, ``pp`` for the batch-split master), the owner
-    pid which process must unlink it. ``start`` (the owner's start time in
-    clock ticks after boot, hex) and ``pidns`` (its pid namespace's inode,
-    hex) let a sweep tell a dead owner from a reused pid, and leave alone a
-    segment made in another pid namespace that shares this ``/dev/shm``.
+    ``orch_zmq_4242_1f3a9.effffffc_5d0c9e3a1b7f`` or
+    ``orch_pp_4242_1f3a9.effffffc_w0g1-9e3a1b7f5d0c``. ``kind`` says which
+    user made it, the owner pid which process must unlink it. ``start`` (the
+    owner's start time in clock ticks after boot, hex) and ``pidns`` (its pid
+    namespace's inode, hex) let a sweep tell a dead owner from a reused pid,
+    and leave alone a segment made in another pid namespace that shares this
+    ``/dev/shm``. A memfd carries the same name (``/proc/<pid>/fd`` and
+    ``/proc/<pid>/maps`` show ``/memfd:<name> (deleted)``).
 
 Modes (``create(mode=...)``, default ``ORCH_SHM_MODE``: ``auto``)
-    ``memfd``: an anonymous ``memfd_create`` file with that name. A peer
-    opens it through ``/proc/<owner pid>/fd/<fd>`` (the handle it is given
-    is ``<name>@<pid>/<fd>``) and checks that the link names the segment.
-    The owner holds that fd (read-only, which tells it from the fd its own
-    mapping keeps) until it unlinks.
-    Nothing ever appears in ``/dev/shm``; the kernel frees the memory with
-    the last fd and mapping, so a SIGKILLed owner leaks nothing. Needs a
-    ``/proc`` of the owner's pid namespace and peers allowed to open the
-    owner's fds (same user with the owner dumpable, or root).
+    ``memfd``: an anonymous ``memfd_create`` file. A peer opens it through
+    ``/proc/<owner pid>/fd/<fd>`` (the handle it is given is
+    ``<name>@<pid>/<fd>``) and checks that the link names the segment. The
+    owner holds that fd (read-only, which tells it from the fd its own
+    mapping keeps) until it unlinks. Nothing ever appears in ``/dev/shm``;
+    the kernel frees the memory with the last fd and mapping, so a SIGKILLed
+    owner leaks nothing. Needs a ``/proc`` of the owner's pid namespace and
+    peers allowed to open the owner's fds (same user with the owner
+    dumpable, or root).
     ``named``: ``/dev/shm/<name>``, opened by name (the handle is the name).
     ``auto``: memfd where ``memfd_usable()``, named otherwise.
 
+Users
+
+====  ============================  =================================  ============================
+kind  owner                         mode                               unlinks when
+====  ============================  =================================  ============================
+zmq   rank 0 (``_comm_zmq``)        memfd when every rank shares its   every rank's READY is in (a
+                                    pid namespace, else named          few ms after the hellos)
+mpi   local rank 0 (``_comm_mpi``)  memfd; named when a local rank     every local rank attached
+                                    cannot open it                     (one node allreduce)
+pp    the batch-split master        auto                               slot: replaced or closed;
+      (``orchestrator.``                                               block: its request ends
+      ``_worker_memory``)
+====  ============================  =================================  ============================
+
 Who unlinks when (the owner is the process that called ``create``)
 
-=================================  ===============================  ==========================
-event                              named (``/dev/shm/<name>``)      memfd
-=================================  ===============================  ==========================
-every peer has mapped it           owner ``unlink()``: name gone    owner ``unlink()``: fd closed
-owner ``close()``, error paths     ``close()`` unlinks and unmaps   same
-owner exits (normally, exception)  ``atexit``: registry unlinks     kernel closes the fd
-owner gets SIGTERM/SIGHUP/SIGINT   handler unlinks, then the        kernel closes the fd
-(default action)                   default action (see below)
-owner SIGKILLed or crashes         left for a sweep: the next       kernel frees it with the
-                                   ``create`` in any process on     last mapping: nothing
-                                   this host, a launcher after a    to sweep
-                                   failure, ``remove_stale()``
-=================================  ===============================  ==========================
+=============================  ================================  ===========================
+event                          named (``/dev/shm/<name>``)       memfd
+=============================  ================================  ===========================
+every peer has mapped it       owner ``unlink()``: name gone     owner ``unlink()``: fd closed
+owner ``close()``; errors      ``close()`` unlinks and unmaps    the same
+owner exits (return, raise)    ``atexit``: the registry          the kernel closes the fd
+                               unlinks what is left
+SIGTERM/HUP/INT, default act.  the handler unlinks, then the     the kernel closes the fd
+                               default action (see below)
+SIGKILL, a crash               left for a sweep: the next        the kernel frees it with the
+                               ``create`` or zmq rank on this    last mapping: nothing to
+                               host, a launcher's ``stop()``,    sweep
+                               a batch-split worker whose
+                               master died, ``remove_stale()``
+=============================  ================================  ===========================
 
 After ``unlink()`` the mapping stays valid in every process that has it; a
 peer that tries to attach afterwards gets ``FileNotFoundError``.
 
-Signals: while this process owns a named segment (and only then, from the
-main thread, since Python allows no other), SIGTERM, SIGHUP and SIGINT get a
-handler. When the handler it replaced is the default action it unlinks every
-named segment this process owns, restores the default and raises the signal
-again, so the process still dies of it. When the replaced handler is a
-Python one (Python's own KeyboardInterrupt for SIGINT, a launcher's) that one
-is called instead and decides: if it ends the process, ``atexit`` and the
-``finally`` blocks unlink. Ignored signals stay ignored. The handler is
-removed when the last named segment is unlinked, so a process blocked in a
-long C call (where Python cannot run handlers) stays killable by SIGTERM
-whenever it owns no name.
-
-Which user takes which path: see ``_comm_zmq`` (rank 0: memfd when every
-rank shares its pid namespace, else named), ``_comm_mpi`` (local rank 0:
-memfd, named when a local rank cannot open it) and
-``orchestrator._worker_memory`` (the master: ``auto``).
+Signals: while this process owns a named segment (and only then; and only
+from the main thread, since Python allows no other), SIGTERM, SIGHUP and
+SIGINT get a handler. When the handler it replaced is the default action it
+unlinks every named segment this process owns, restores the default and
+raises the signal again, so the process still dies of it. When the replaced
+handler is a Python one (Python's own KeyboardInterrupt for SIGINT, a
+launcher's) that one is called instead and decides: if it ends the process,
+``atexit`` and the ``finally`` blocks unlink. Ignored signals stay ignored.
+The handler is removed when the last named segment is unlinked, so a process
+blocked in a long C call (where Python cannot run handlers) stays killable
+by SIGTERM whenever it owns no name.
 """
 
 from __future__ import annotations
