@@ -26,7 +26,9 @@ Wire protocol (the only place it is defined)
     shape  ndim*i64
     ====== ======= =====================================================
 
-    HELLO and READY carry a JSON payload; ABORT carries the reason (UTF-8).
+    HELLO and READY carry a JSON payload (READY: ``shm``, whether this rank
+    can use the segment, and from rank 0 ``segment``, its handle); ABORT
+    carries the reason (UTF-8).
 
 Handshake (order matters)
     1. Every rank binds, connects and sends HELLO to every peer, then waits
@@ -296,7 +298,9 @@ class ZmqCommunicator(Communicator):
                                                     mode=None if same_pids else "named")
                 except OSError:
                     segment = None
-                self._send_ready(segment is not None, segment.handle if segment is not None else "")
+                everyone = segment is not None
+                self._send_ready(everyone, segment.handle if segment is not None else "")
+                waiting_for = list(self._dealers)
             elif use:
                 (offer,) = self._collect(_READY, 0, 0, [0], "joining (waiting for rank 0's ready)")
                 offered = json.loads(bytes(offer.payload.buffer))
@@ -308,13 +312,13 @@ class ZmqCommunicator(Communicator):
                 ok = segment is not None and segment.size >= ShmGroup.segment_size(self.size, chunk)
                 self._send_ready(ok)
                 everyone = ok and offered["shm"]
+                waiting_for = [p for p in self._dealers if p != 0]
             else:
                 self._send_ready(False)
+                everyone = False
+                waiting_for = list(self._dealers)
             # Step 3: every READY; then rank 0 unlinks (every rank has attached or given up).
-            others = [p for p in self._dealers if not (use and self.rank != 0 and p == 0)]
-            if self.rank == 0 or not use:
-                everyone = segment is not None
-            for msg in self._collect(_READY, 0, 0, others, "joining (waiting for every rank's ready)"):
+            for msg in self._collect(_READY, 0, 0, waiting_for, "joining (waiting for every rank's ready)"):
                 everyone = everyone and json.loads(bytes(msg.payload.buffer))["shm"]
             if segment is not None:
                 segment.unlink()
