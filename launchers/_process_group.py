@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from ranks import _env
+from ranks import _env, _shared_memory
 from ranks._log import get_logger
 
 from ._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError
@@ -451,6 +451,8 @@ class ProcessGroup:
             for waiter in self._waiters:
                 waiter.join(_DRAIN_SECONDS + 5.0)
             self._sweep(signal.SIGKILL)
+            # Named segments of ranks that died owning them (SIGKILL cannot be caught); memfd ones free themselves.
+            _shared_memory.remove_stale()
             self.output.close()
             self._stop_done.set()
             return self.exits()

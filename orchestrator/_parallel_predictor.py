@@ -3,8 +3,9 @@
     with ParallelPredictor("model.onnx", device_ids=[0, 1], context=ctx) as predictor:
         outputs = predictor.predict({"x": batch})
 
-Pieces: the pipe messages are in ``_worker_protocol``, the shared-memory
-slots (and who unlinks them when) in ``_shared_memory``, the child's loop in
+Pieces: the pipe messages are in ``_worker_protocol``, the layout of the
+shared-memory slots and blocks in ``_worker_memory`` (their segments, and who
+unlinks them when, in ``ranks._shared_memory``), the child's loop in
 ``_worker_main``. This module plans cores and slices, starts and watches the
 workers, and turns every way a worker can fail into an exception in the
 caller.
@@ -45,7 +46,7 @@ from ranks._session import usable_cores
 from ranks._tensor import DataType, Tensor, check_shape
 
 from . import _worker_protocol as proto
-from ._shared_memory import BlockPool, Slot, aligned, layout, segment_prefix
+from ._worker_memory import BlockPool, Slot, aligned, layout, segment_prefix
 from ._worker_protocol import TensorSpec
 from ._worker_main import WorkerSpec, worker_main
 
@@ -586,8 +587,8 @@ class ParallelPredictor:
                 start += count
                 forget, w.forget = w.forget, []
                 self._send(w, proto.message(
-                    proto.PREDICT, request_id, slot=w.slot.name, inputs=specs, out_offset=w.slot.out_offset,
-                    out_capacity=w.slot.out_capacity, block=block.name if block else None, placement=placement,
+                    proto.PREDICT, request_id, slot=w.slot.handle, inputs=specs, out_offset=w.slot.out_offset,
+                    out_capacity=w.slot.out_capacity, block=block.handle if block else None, placement=placement,
                     forget=forget,
                 ), request_id)
             replies, errors = self._collect(request_id, rows, deadline, timeout)
@@ -678,7 +679,7 @@ class ParallelPredictor:
                         del pending[item]
                     elif msg["kind"] == proto.REPLY and msg["status"] == proto.STATUS_NEED_SPACE:
                         w.slot.ensure(0, msg["needed"])
-                        self._send(w, proto.message(proto.COLLECT, request_id, slot=w.slot.name,
+                        self._send(w, proto.message(proto.COLLECT, request_id, slot=w.slot.handle,
                                                     out_offset=w.slot.out_offset, out_capacity=w.slot.out_capacity), request_id)
                     elif msg["kind"] == proto.REPLY:
                         replies[w.index] = msg

@@ -4,7 +4,8 @@ It pins itself to its cores (CPU target), builds the model, reports
 BUILD_FINISH or ERROR, then answers PREDICT/COLLECT until EXIT. It exits on
 its own when the master goes away: the pipe reaches EOF, or (while the model
 is running, when nobody reads the pipe) a watcher thread sees the parent pid
-change. Either way it unlinks the slot it has mapped first, since a killed
+change. Either way it removes the master's named segments first (those it
+has mapped, and once the master is dead every other one), since a killed
 master cannot.
 """
 
@@ -23,7 +24,7 @@ from ranks._model import Model, ModelType
 from ranks._remote_errors import pack_exception, where_header
 
 from . import _worker_protocol as proto
-from ._shared_memory import Attachments, layout, view
+from ._worker_memory import Attachments, layout, view
 
 EXIT_PARENT_GONE = 70
 PARENT_POLL_SECONDS = 0.5
@@ -52,7 +53,7 @@ def worker_main(conn, spec: WorkerSpec) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the master turns it
     # into a shutdown of the workers, which must not die half way on their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    attachments = Attachments()
+    attachments = Attachments(spec.parent_pid)
     threading.Thread(target=_watch_parent, args=(spec.parent_pid, attachments), daemon=True,
                      name="orch-parent-watch").start()
     where = where_header(f"worker for device {spec.device_id}")
@@ -183,5 +184,6 @@ def _send(conn, msg: dict, attachments: Attachments) -> None:
 
 
 def _parent_gone(attachments: Attachments):
+    # The pipe is closed without EXIT: the master is dying (a clean close sends EXIT first).
     attachments.unlink()
     os._exit(EXIT_PARENT_GONE)

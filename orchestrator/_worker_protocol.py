@@ -3,18 +3,19 @@
 Every message is a dict with a protocol version (``v``), a kind, and the
 request id it belongs to (0 outside requests). Tensors never travel in a
 message: a message carries ``TensorSpec`` tuples that say where in the
-worker's shared-memory slot (see ``_shared_memory``) the bytes lie.
+worker's shared-memory slot (see ``_worker_memory``) the bytes lie.
 
 ==============  ===============  ==================================================
 kind            direction        body
 ==============  ===============  ==================================================
 BUILD_FINISH    worker->master   device_id, pid, inputs, outputs (name, dtype, shape
                                  with -1 for free dimensions), cores, threads
-PREDICT         master->worker   slot (name), inputs [TensorSpec] in the slot,
+PREDICT         master->worker   slot (handle), inputs [TensorSpec] in the slot,
                                  out_offset, out_capacity (the slot's output area);
-                                 block (name or None), placement [TensorSpec]:
+                                 block (handle or None), placement [TensorSpec]:
                                  where in the request's block each output goes,
-                                 with the shape the master expects
+                                 with the shape the master expects; forget
+                                 [handle]: released blocks to unmap
 REPLY           worker->master   status "ok": placed (True: outputs lie in the
                                  block as placed; False: in the slot), outputs
                                  [TensorSpec]; status "need_space": needed

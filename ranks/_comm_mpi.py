@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 
-from . import _shm
+from . import _shared_memory
 from ._comm_base import Communicator
 from ._comm_util import (
     DTYPE_CODE, DTYPES, OP_CODE, ResultPool, as_array, check_op, check_out, check_rank, check_tag, gather_axis, gathered_shape,
@@ -150,32 +150,16 @@ class MpiCommunicator(Communicator):
 
     # -- where every rank is: a shared-memory window per host -----------------
     def _setup_progress_window(self) -> None:
-        # A plain /dev/shm segment rather than an MPI shared window: Open MPI's
-        # one-sided components print errors on hosts without UCX hardware.
+        # A segment of our own (``_shared_memory``) rather than an MPI shared window:
+        # Open MPI's one-sided components print errors on hosts without UCX hardware.
         MPI = self._MPI
         self._node = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
         self._local = self._node.Get_rank()
         nbytes = _STRIDE * self._node.Get_size()
-        self._segment = None
-        if self._local == 0:
-            try:
-                name, self._segment = _shm.create("mpi", nbytes)
-            except OSError:
-                name = ""
-        else:
-            name = None
-        name = self._node.bcast(name, root=0)
-        if name and self._local != 0:
-            try:
-                self._segment = _shm.attach(name)
-            except OSError:
-                self._segment = None
-        self._node.Barrier()  # everyone attached (or gave up): the name can go
-        if self._local == 0 and name:
-            _shm.unlink(name)
+        self._segment = self._share_progress_segment(nbytes)
         if self._segment is not None:
-            self._progress_buf = self._segment
-        else:  # no /dev/shm: errors cannot say which local rank is behind, nothing else changes
+            self._progress_buf = self._segment.mmap
+        else:  # no shared memory: errors cannot say which local rank is behind, nothing else changes
             self._progress_buf = bytearray(nbytes)
         for slot in (0, _SLOT):
             _CALL.pack_into(self._progress_buf, _STRIDE * self._local + slot, -1, 0, 0)
@@ -188,6 +172,39 @@ class MpiCommunicator(Communicator):
         # (a fraction of a microsecond) instead of an Ibarrier (about 3 us).
         everyone_here = self._want_shm_arrival and self._node.Get_size() == self.size and self._segment is not None
         self._shm_arrival = bool(self._comm.allreduce(1 if everyone_here else 0, op=MPI.MIN))
+
+    def _share_progress_segment(self, nbytes: int):
+        """Local rank 0 makes the per-host segment, the others attach it; None where that failed.
+
+        memfd first (``_shared_memory``'s default), a named segment when some
+        local rank could not open the memfd (another pid namespace, another
+        user). The name lives from ``create`` to the allreduce below only.
+        """
+        node = self._node
+        for mode in (None, "named"):
+            segment = None
+            handle = ""
+            if self._local == 0:
+                try:
+                    segment = _shared_memory.create("mpi", nbytes, mode=mode)
+                    handle = segment.handle
+                except OSError:
+                    pass
+            handle = node.bcast(handle, root=0)
+            if handle and self._local != 0:
+                try:
+                    segment = _shared_memory.attach(handle)
+                except (OSError, ValueError):
+                    segment = None
+            # Every local rank has attached or given up: the name can go.
+            everyone = node.allreduce(0 if segment is None else 1, op=self._MPI.MIN)
+            if self._local == 0 and segment is not None:
+                segment.unlink()
+            if everyone or "@" not in handle:
+                return segment
+            if segment is not None:
+                segment.close()
+        return None
 
     def _enter(self, op: str, key: int = 0, count: int = 0) -> int:
         """Count the call and publish (seq, op, key, count) for the ranks on this host."""

@@ -26,24 +26,41 @@ Wire protocol (the only place it is defined)
     shape  ndim*i64
     ====== ======= =====================================================
 
-    HELLO and READY carry a JSON payload; ABORT carries the reason (UTF-8).
+    HELLO and READY carry a JSON payload (READY: ``shm``, whether this rank
+    can use the segment, and from rank 0 ``segment``, its handle); ABORT
+    carries the reason (UTF-8).
 
 Handshake (order matters)
-    1. Rank 0 creates the shared-memory segment when every rank of the table
-       is on one server (before anything else, so its name can travel in the
-       HELLO). 2. Every rank binds, connects and sends HELLO to every peer,
-       then waits for every peer's HELLO: a rank missing at the timeout is
-       named in ``CommTimeoutError``. 3. Every rank decides from the HELLOs
-       (same boot id and mount namespace everywhere) whether to use the
-       segment, attaches it, and sends READY(ok) to every peer; it waits for
-       every READY. 4. Rank 0 unlinks the segment's name: from then on it
-       lives exactly as long as the ranks' mappings. Only after step 3 does
-       any collective run, so no DATA can meet a peer that is not listening.
+    1. Every rank binds, connects and sends HELLO to every peer, then waits
+       for every peer's HELLO: a rank missing at the timeout is named in
+       ``CommTimeoutError``. No shared memory exists yet, so a rank stopped
+       here (a peer that never comes: a missing shard, a port in use,
+       Ctrl-C to the launcher; SIGTERM or SIGKILL alike) leaves nothing in
+       ``/dev/shm``.
+    2. Every rank decides from the HELLOs whether all ranks share this host
+       (same boot id and mount namespace). If so, rank 0 creates the segment
+       through ``_shared_memory`` (memfd when every rank shares its pid
+       namespace, so peers can open ``/proc/<its pid>/fd/<fd>``; a named
+       ``/dev/shm`` segment otherwise) and sends READY carrying its handle.
+       Every other rank first waits for rank 0's READY, attaches, and only
+       then sends its own READY(ok) to every peer.
+    3. Every rank waits for every READY. Rank 0 unlinks the segment as soon
+       as it has them all: each rank attached (or gave up) before sending
+       READY, so nobody can still need the name. It lives only while every
+       rank is known to be in this handshake; if rank 0 is SIGKILLed inside
+       that window a named segment is left for the next sweep (see
+       ``_shared_memory``), a memfd is freed by the kernel.
+    Reordering would break it: a peer sending READY before attaching would
+    let rank 0 unlink under it; rank 0 unlinking before every READY would
+    leave a slow peer without a segment; creating before the HELLOs (as this
+    backend once did) leaves a 6 MB name behind a rank killed while it
+    waits for a peer. Only after step 3 does any collective run, so no DATA
+    can meet a peer that is not listening.
 
 Collectives
     Over TCP, every rank sends its array to every peer and reduces (or
     concatenates) in rank order, so every rank computes bitwise the same
-    result. Over shared memory see ``_ShmGroup``.
+    result. Over shared memory see ``_comm_zmq_shm_group``.
 """
 
 from __future__ import annotations
@@ -60,9 +77,9 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import _shm
+from . import _shared_memory
 from ._comm_base import Communicator
-from ._comm_shm import _ShmGroup
+from ._comm_zmq_shm_group import ShmGroup
 from ._comm_util import (
     DTYPE_CODE,
     DTYPES,
@@ -135,8 +152,8 @@ class ZmqCommunicator(Communicator):
 
     ``base_port``: rank r listens on ``base_port + r`` (default ``ORCH_BASE_PORT``, 29500).
     ``shared_memory``: None (default) uses the same-host fast path when every
-    rank is on one server and the ranks share ``/dev/shm``; False forces TCP;
-    True requires shared memory and fails if it cannot be used.
+    rank is on one server and the ranks share a kernel and mount namespace;
+    False forces TCP; True requires shared memory and fails if it cannot be used.
     ``path`` tells which one is in use: ``"shm"`` or ``"tcp"``.
     """
 
@@ -175,11 +192,12 @@ class ZmqCommunicator(Communicator):
         self._lost_at: dict[int, float] = {}
         self._connected: set[int] = set()
         self._trackers: list = []
-        self._shm: _ShmGroup | None = None
+        self._shm: ShmGroup | None = None
         self._ctx = zmq.Context(io_threads=1)
         self._router = None
         self._dealers: dict[int, zmq.Socket] = {}
         self._monitors: dict[zmq.Socket, int] = {}
+        _shared_memory.sweep_once()  # named segments that SIGKILLed ranks on this host left behind
         try:
             self._open_sockets()
             self._handshake(shared_memory, chunk_bytes)
@@ -235,71 +253,90 @@ class ZmqCommunicator(Communicator):
 
     def _handshake(self, shared_memory: bool | None, chunk_bytes: int) -> None:
         servers = {d.server_id for d in self.table.devices}
-        candidate = shared_memory is not False and len(servers) == 1 and self.size > 1 and _shm.shm_available()
+        candidate = shared_memory is not False and len(servers) == 1 and self.size > 1 and _shared_memory.available()
         if shared_memory and not candidate:
             raise CommError(
                 f"rank {self.rank}: shared_memory=True, but the rank table {self.table.source} spreads the ranks over "
-                f"servers {sorted(servers)} (or /dev/shm is not writable); shared memory needs one host"
+                f"servers {sorted(servers)} (or this host offers no shared memory); shared memory needs one host"
             )
-        segment_name = ""
-        mapping = None
-        if candidate and self.rank == 0:
-            mapping_size = _ShmGroup.segment_size(self.size, chunk_bytes)
-            segment_name, mapping = _shm.create("zmq", mapping_size)
+        # Step 1 (see the module docstring): hellos, with no shared memory in existence yet.
+        hello = {
+            "rank": self.rank, "size": self.size, "host": socket.gethostname(), "pid": os.getpid(),
+            "boot_id": _boot_id(), "mnt_ns": _namespace("mnt"), "pid_ns": _namespace("pid"),
+            "chunk": chunk_bytes, "base_port": self.base_port,
+        }
+        payload = json.dumps(hello).encode()
+        for peer, dealer in self._dealers.items():
+            dealer.send_multipart([_encode_header(_HELLO, 0, None, 0), payload])
+        hellos = {self.rank: hello}
+        for msg in self._collect(_HELLO, 0, 0, [p for p in self._dealers], "joining (waiting for every rank's hello)"):
+            info = json.loads(bytes(msg.payload.buffer))
+            if info.get("size") != self.size:
+                raise CommError(
+                    f"rank {self.rank}: rank {msg.source} ({info.get('host')}, pid {info.get('pid')}) runs with world size "
+                    f"{info.get('size')} but this rank with {self.size}; do both use the same rank table?"
+                )
+            if info.get("base_port") != self.base_port:
+                raise CommError(
+                    f"rank {self.rank}: rank {msg.source} uses base port {info.get('base_port')} but this rank "
+                    f"{self.base_port}; give every rank the same [comm] base_port"
+                )
+            hellos[msg.source] = info
+        self.peers = hellos
+        same_host = all(
+            h["boot_id"] == hello["boot_id"] and h["mnt_ns"] == hello["mnt_ns"] and h["boot_id"] for h in hellos.values()
+        )
+        use = candidate and same_host
+        chunk = int(hellos[0]["chunk"])  # rank 0 lays the segment out: its chunk size is everyone's
+        segment = None
         try:
-            hello = {
-                "rank": self.rank, "size": self.size, "host": socket.gethostname(), "pid": os.getpid(),
-                "boot_id": _boot_id(), "mnt_ns": _namespace("mnt"), "pid_ns": _namespace("pid"),
-                "segment": segment_name, "chunk": chunk_bytes, "base_port": self.base_port,
-            }
-            payload = json.dumps(hello).encode()
-            for peer, dealer in self._dealers.items():
-                dealer.send_multipart([_encode_header(_HELLO, 0, None, 0), payload])
-            hellos = {self.rank: hello}
-            for msg in self._collect(_HELLO, 0, 0, [p for p in self._dealers], "joining (waiting for every rank's hello)"):
-                info = json.loads(bytes(msg.payload.buffer))
-                if info.get("size") != self.size:
-                    raise CommError(
-                        f"rank {self.rank}: rank {msg.source} ({info.get('host')}, pid {info.get('pid')}) runs with world size "
-                        f"{info.get('size')} but this rank with {self.size}; do both use the same rank table?"
-                    )
-                if info.get("base_port") != self.base_port:
-                    raise CommError(
-                        f"rank {self.rank}: rank {msg.source} uses base port {info.get('base_port')} but this rank "
-                        f"{self.base_port}; give every rank the same [comm] base_port"
-                    )
-                hellos[msg.source] = info
-            self.peers = hellos
-            same_host = all(
-                h["boot_id"] == hello["boot_id"] and h["mnt_ns"] == hello["mnt_ns"] and h["boot_id"] for h in hellos.values()
-            )
-            offered = hellos.get(0, {}).get("segment", "")
-            ok = False
-            if candidate and same_host and offered:
+            # Step 2: rank 0 creates and offers; the others attach before they say READY.
+            if use and self.rank == 0:
+                same_pids = all(h["pid_ns"] == hello["pid_ns"] and h["pid_ns"] for h in hellos.values())
                 try:
-                    if self.rank != 0:
-                        mapping = _shm.attach(offered)
-                    ok = len(mapping) >= _ShmGroup.segment_size(self.size, int(hellos[0]["chunk"]))
+                    segment = _shared_memory.create("zmq", ShmGroup.segment_size(self.size, chunk),
+                                                    mode=None if same_pids else "named")
                 except OSError:
-                    ok = False
-            for dealer in self._dealers.values():
-                dealer.send_multipart([_encode_header(_READY, 0, None, 0), json.dumps({"shm": ok}).encode()])
-            everyone = ok
-            for msg in self._collect(_READY, 0, 0, [p for p in self._dealers], "joining (waiting for every rank's ready)"):
+                    segment = None
+                everyone = segment is not None
+                self._send_ready(everyone, segment.handle if segment is not None else "")
+                waiting_for = list(self._dealers)
+            elif use:
+                (offer,) = self._collect(_READY, 0, 0, [0], "joining (waiting for rank 0's ready)")
+                offered = json.loads(bytes(offer.payload.buffer))
+                try:
+                    if offered.get("segment"):
+                        segment = _shared_memory.attach(offered["segment"])
+                except (OSError, ValueError):
+                    segment = None
+                ok = segment is not None and segment.size >= ShmGroup.segment_size(self.size, chunk)
+                self._send_ready(ok)
+                everyone = ok and offered["shm"]
+                waiting_for = [p for p in self._dealers if p != 0]
+            else:
+                self._send_ready(False)
+                everyone = False
+                waiting_for = list(self._dealers)
+            # Step 3: every READY; then rank 0 unlinks (every rank has attached or given up).
+            for msg in self._collect(_READY, 0, 0, waiting_for, "joining (waiting for every rank's ready)"):
                 everyone = everyone and json.loads(bytes(msg.payload.buffer))["shm"]
-            if everyone and mapping is not None:
-                # Rank 0 laid the segment out: its chunk size is everyone's.
-                self._shm = _ShmGroup(self, mapping, int(hellos[0]["chunk"]), {r: h["pid"] for r, h in hellos.items()},
-                                      same_pids=all(h["pid_ns"] == hello["pid_ns"] for h in hellos.values()))
+            if segment is not None:
+                segment.unlink()
+            if everyone:
+                self._shm = ShmGroup(self, segment, chunk, {r: h["pid"] for r, h in hellos.items()},
+                                     same_pids=all(h["pid_ns"] == hello["pid_ns"] for h in hellos.values()))
                 self.path = "shm"
-                mapping = None
+                segment = None
             elif shared_memory:
                 raise CommError(f"rank {self.rank}: shared_memory=True, but not every rank could map the shared segment")
         finally:
-            if segment_name:
-                _shm.unlink(segment_name)
-            if mapping is not None:
-                mapping.close()
+            if segment is not None:
+                segment.close()
+
+    def _send_ready(self, ok: bool, segment: str = "") -> None:
+        payload = json.dumps({"shm": ok, "segment": segment}).encode()
+        for dealer in self._dealers.values():
+            dealer.send_multipart([_encode_header(_READY, 0, None, 0), payload])
 
     # -- receiving -----------------------------------------------------------
     def _pump(self, wait_ms: int) -> None:

@@ -64,6 +64,11 @@ MPI_ARRIVAL_CHECK = _var(
     "mpi backend: check that every rank arrived at a collective before moving data (true: a catchable "
     "CommTimeoutError and mismatch detection; false: raw MPI speed, a timeout aborts the job)",
 )
+SHM_MODE = _var(
+    "ORCH_SHM_MODE", "auto",
+    "how shared-memory segments are made: memfd (peers open /proc/<owner pid>/fd/<fd>; nothing in /dev/shm, nothing "
+    "can leak), named (/dev/shm/orch_*), or auto (memfd where peers can open it, else named)",
+)
 COMM_BACKEND = _var("ORCH_COMM_BACKEND", None, "force a communicator backend: mpi, zmq or single")
 LOG_LEVEL = _var("ORCH_LOG_LEVEL", "WARNING", "logging level of the orchestrator's own loggers")
 STOP_TIMEOUT = _var("ORCH_STOP_TIMEOUT", "10", "seconds a launcher waits after SIGTERM before it SIGKILLs the ranks it is stopping")

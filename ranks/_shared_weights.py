@@ -11,7 +11,7 @@ shareable_weight_mem_handle``), an *attacher*, maps the same pages read-only
 and ONNX Runtime runs on them in place (``SessionOptions.add_initializer``),
 so N processes hold one copy of the weights instead of N.
 
-Mechanism: ``memfd_create`` (see ``_shm.create_sealed``). The file has no
+Mechanism: ``memfd_create`` (see ``_shared_memory.create_sealed``). The file has no
 name in /dev/shm or anywhere else, so nothing can be left behind and nothing
 needs unlinking; it is sealed (no write, grow or shrink) before the handle
 exists, so no process can change weights under another's feet. The handle
@@ -82,7 +82,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
-from . import _shm
+from . import _shared_memory
 from ._errors import ConfigError, ModelError
 
 MAGIC = b"ORCHWGT\0"
@@ -252,17 +252,17 @@ class SharedWeights:
                 array = np.ascontiguousarray(numpy_helper.to_array(init, base_dir))
                 entry = entries[i]
                 entries[i] = TensorEntry(entry.name, entry.onnx_type, entry.dtype, entry.shape, entry.offset, entry.nbytes, _sample(array))
-                _shm.write_all(fd, array, data_offset + entry.offset)
+                _shared_memory.write_all(fd, array, data_offset + entry.offset)
                 del array
             body = _toc_json(pids, str(path.resolve()), entries)
-            _shm.write_all(fd, _PREFIX.pack(MAGIC, VERSION, me, data_offset, total, len(body)) + body, 0)
+            _shared_memory.write_all(fd, _PREFIX.pack(MAGIC, VERSION, me, data_offset, total, len(body)) + body, 0)
 
         try:
-            fd = _shm.create_sealed(f"{MEMFD_NAME}_{me}", total, fill)
+            fd = _shared_memory.create_sealed(f"{MEMFD_NAME}_{me}", total, fill)
         except OSError as exc:
             raise ModelError(f"could not publish the weights of {path} ({_mb(total)}) in shared memory: {exc}") from None
         try:
-            mapping = _shm.map_readonly(fd)
+            mapping = _shared_memory.map_readonly(fd)
         except OSError as exc:
             os.close(fd)
             raise ModelError(f"could not map the shared weights of {path}: {exc}") from None
@@ -281,7 +281,7 @@ class SharedWeights:
                 f"can have those; pass the number get_model_info('shareable_weight_mem_handle') returned in the publisher"
             )
         try:
-            own_fd = _shm.open_peer_fd(pid, fd)
+            own_fd = _shared_memory.open_peer_fd(pid, fd)
         except ProcessLookupError:
             raise ModelError(f"{what} is stale: no process {pid} is running; the publisher has exited, {never}") from None
         except FileNotFoundError:
@@ -292,12 +292,12 @@ class SharedWeights:
         except PermissionError:
             raise ModelError(f"{what}: the kernel refuses to open process {pid}'s fd (it runs as another user)") from None
         try:
-            target = _readlink(_shm.peer_fd_path(pid, fd))
+            target = _readlink(_shared_memory.peer_fd_path(pid, fd))
             if not target.startswith(f"/memfd:{MEMFD_NAME}"):
                 raise ModelError(f"{what} does not name published weights: that fd is {target!r}; the publisher closed its model, {never}")
-            if not _shm.is_sealed(own_fd):
+            if not _shared_memory.is_sealed(own_fd):
                 raise ModelError(f"{what} names memory that is not sealed, so not (yet) published weights")
-            mapping = _shm.map_readonly(own_fd)
+            mapping = _shared_memory.map_readonly(own_fd)
         finally:
             os.close(own_fd)
         publisher, pids, model, data_offset, entries = _read_header(mapping, what)

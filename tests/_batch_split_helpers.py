@@ -12,7 +12,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from orchestrator import Context, Model, ModelType, save_model
-from orchestrator._shared_memory import segment_prefix
+from orchestrator._worker_memory import KIND
+from ranks import _shared_memory
 
 
 def one_thread() -> Context:
@@ -76,8 +77,9 @@ def write_fixed_batch(source: Path, path: Path, batch: int) -> Path:
 
 
 def our_segments(master_pid: int | None = None) -> list[str]:
-    prefix = segment_prefix(master_pid)
-    return sorted(name for name in os.listdir("/dev/shm") if name.startswith(prefix))
+    """The names of the master's segments a worker could still attach: in /dev/shm, or memfds the master holds."""
+    pid = os.getpid() if master_pid is None else master_pid
+    return sorted(info.name for info in _shared_memory.segments(pid) if info.kind == KIND)
 
 
 def process_alive(pid: int) -> bool:

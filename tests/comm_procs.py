@@ -64,10 +64,23 @@ def assert_none_left(marker: str, grace: float = 5.0) -> None:
 
 
 def orch_segments() -> set[str]:
+    """Communicator segments in /dev/shm whose owner (the pid in the name) is gone: leftovers.
+
+    Segments of owners still running (another job on this machine) are not counted.
+    """
     try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith(("orch_zmq_", "orch_mpi_"))}
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(("orch_zmq_", "orch_mpi_"))]
     except OSError:
         return set()
+    return {n for n in names if not _running(n.split("_")[2])}
+
+
+def _running(pid: str) -> bool:
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def mpirun_command(n: int, *args: str) -> list[str]:

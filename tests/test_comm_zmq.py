@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+import zmq
 
 from ranks import CommError, RankTable, ZmqCommunicator, generate_rank_table
+from ranks import _shared_memory as shared_memory
+from ranks._comm_zmq import _HEAD, _HELLO, _READY, _boot_id, _encode_header, _namespace
 from ranks._rank_table import this_host_addresses
-from tests.comm_procs import ROOT, TESTS, free_base_port, orch_segments, run_ranks, write_local_table
+from tests.comm_procs import (
+    ROOT, TESTS, assert_none_left, env_with_marker, free_base_port, orch_segments, run_ranks, write_local_table,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -224,3 +236,117 @@ def test_server_named_by_host_name():
     with ZmqCommunicator(0, table, base_port=free_base_port(1), timeout=5) as comm:
         assert comm.endpoints[0].startswith("tcp://localhost:")
         assert comm.allgather(np.arange(3)).tolist() == [0, 1, 2]
+
+
+# -- a rank stopped in the handshake leaves no shared memory ------------------------------
+def _start_rank_0(tmp_path, n: int, mode: str):
+    """Rank 0 of ``n`` in its own process (the others are left to the test); returns (process, port, marker)."""
+    table = write_local_table(tmp_path / "t.json", n)
+    port = free_base_port(n)
+    env, marker = env_with_marker()
+    env["ORCH_SHM_MODE"] = mode
+    code = f"from ranks import ZmqCommunicator; ZmqCommunicator(0, {str(table)!r}, base_port={port}, timeout=60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:  # listening: it is in the handshake
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.05)
+    return proc, port, marker
+
+
+def _stop(proc, sig) -> None:
+    proc.send_signal(sig)
+    try:
+        proc.wait(10)  # promptly: no handler of ours stands between a waiting rank and SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -sig, proc.returncode
+
+
+def _segments_of(pid: int) -> list[str]:
+    return [info.name for info in shared_memory.segments(pid)]
+
+
+def _next_rank_starts(port: int) -> None:
+    """Another rank on this host starts (a one-rank job is enough): it sweeps what dead ranks left."""
+    code = (f"from ranks import ZmqCommunicator, generate_rank_table; "
+            f"ZmqCommunicator(0, generate_rank_table([('127.0.0.1', [0])]), base_port={port}, timeout=5).close()")
+    env, marker = env_with_marker()
+    subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, timeout=60)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["auto", "named"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_rank_stopped_while_waiting_for_a_peer_leaves_no_segment(tmp_path, sig, mode):
+    # The peer never comes (a missing shard, a port in use, Ctrl-C to the launcher): rank 0 waits for its hello.
+    proc, port, marker = _start_rank_0(tmp_path, 2, mode)
+    try:
+        time.sleep(0.3)
+        assert _segments_of(proc.pid) == []  # nothing is made before every rank has said hello
+        _stop(proc, sig)
+        assert _segments_of(proc.pid) == []
+        assert not [n for n in orch_segments() if n.startswith(f"orch_zmq_{proc.pid}_")]
+    finally:
+        assert_none_left(marker)
+
+
+class _FakeRank1:
+    """Rank 1 of 2 made by hand: says hello, takes rank 0's ready (with the segment), then never answers."""
+
+    def __init__(self, port: int):
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.bind(f"tcp://127.0.0.1:{port + 1}")
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.ROUTING_ID, b"1")
+        self.dealer.connect(f"tcp://127.0.0.1:{port}")
+        hello = {"rank": 1, "size": 2, "host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(),
+                 "mnt_ns": _namespace("mnt"), "pid_ns": _namespace("pid"), "chunk": 1 << 20, "base_port": port}
+        self.dealer.send_multipart([_encode_header(_HELLO, 0, None, 0), json.dumps(hello).encode()])
+
+    def offered_segment(self, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.router.poll(100):
+                frames = self.router.recv_multipart()
+                if _HEAD.unpack_from(frames[1])[1] == _READY:
+                    ready = json.loads(frames[2])
+                    assert ready["shm"], ready
+                    return ready["segment"]
+        raise AssertionError("rank 0 sent no ready")
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["memfd", "named"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_rank_0_stopped_while_its_segment_waits_for_the_peers(tmp_path, sig, mode):
+    # The one window a segment exists before its name goes: after every hello, before every ready.
+    proc, port, marker = _start_rank_0(tmp_path, 2, mode)
+    peer = _FakeRank1(port)
+    try:
+        handle = peer.offered_segment()
+        name = handle.partition("@")[0]
+        assert name.startswith(f"orch_zmq_{proc.pid}_")
+        assert _segments_of(proc.pid) == [name]
+        assert ("@" in handle) == (mode == "memfd")
+        assert (name in os.listdir("/dev/shm")) == (mode == "named")
+        _stop(proc, sig)
+        if mode == "named" and sig == signal.SIGKILL:
+            assert name in os.listdir("/dev/shm")  # SIGKILL cannot be caught: the name outlives its owner ...
+            _next_rank_starts(free_base_port(1))  # ... until the next rank on this host sweeps it
+        assert name not in os.listdir("/dev/shm")
+        assert _segments_of(proc.pid) == []
+    finally:
+        peer.close()
+        assert_none_left(marker)

@@ -139,6 +139,7 @@ MASTER = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     from orchestrator import Context, ParallelPredictor
+    from orchestrator._worker_memory import Slot
 
     if __name__ == "__main__":
         context = Context()
@@ -147,17 +148,24 @@ MASTER = textwrap.dedent("""
         x = np.ones((4, 64), np.float32)
         keep = predictor.predict([x])
         predictor.predict([x])  # the second request uses an output block as well
-        print(json.dumps({"pids": predictor.pids, "segments": predictor.segment_names}), flush=True)
+        unmapped = Slot(9)  # a segment of the master's that no worker has mapped
+        unmapped.ensure(1 << 16, 0)
+        print(json.dumps({"pids": predictor.pids, "segments": predictor.segment_names + [unmapped.name]}), flush=True)
         time.sleep(600)
 """)
 
 
+def _env(mode: str) -> dict[str, str]:
+    return {**project_env(), "ORCH_SHM_MODE": mode}
+
+
 @pytest.mark.timeout(120)
-def test_killed_master_leaves_no_worker_and_no_segment(sample, tmp_path):
+@pytest.mark.parametrize("mode", ["memfd", "named"])
+def test_killed_master_leaves_no_worker_and_no_segment(sample, tmp_path, mode):
     script = tmp_path / "master.py"
     script.write_text(MASTER)
     master = subprocess.Popen([sys.executable, str(script), str(sample("mlp"))], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=project_env())
+                              stderr=subprocess.PIPE, text=True, env=_env(mode))
     try:
         line = master.stdout.readline()
         assert line, master.stderr.read()
@@ -167,7 +175,9 @@ def test_killed_master_leaves_no_worker_and_no_segment(sample, tmp_path):
         os.kill(master.pid, signal.SIGKILL)
         master.wait(10)
         assert wait_until(lambda: _gone(info["pids"]), 10), "workers outlived their master"
+        # named: each worker removed what it had mapped and swept the rest of its dead master's (the unmapped slot)
         assert wait_until(lambda: our_segments(master.pid) == [], 10), our_segments(master.pid)
+        assert not set(info["segments"]) & set(os.listdir("/dev/shm"))
     finally:
         if master.poll() is None:
             master.kill()
@@ -193,21 +203,22 @@ FORGETFUL = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("mode", ["memfd", "named"])
 @pytest.mark.parametrize("how", ["return", "raise"])
-def test_exit_without_close_cleans_up(sample, tmp_path, how):
+def test_exit_without_close_cleans_up(sample, tmp_path, how, mode):
     script = tmp_path / "forgetful.py"
     script.write_text(FORGETFUL)
     result = subprocess.run([sys.executable, str(script), str(sample("mlp")), how], capture_output=True, text=True,
-                            timeout=90, env=project_env())
+                            timeout=90, env=_env(mode))
     info = json.loads(result.stdout.splitlines()[0])
     assert wait_until(lambda: _gone(info["pids"]), 10)
     assert not set(info["segments"]) & set(os.listdir("/dev/shm"))
-    assert "leaked" not in result.stderr  # our own exit hook unlinked them, not the resource tracker
+    assert "leaked" not in result.stderr  # no resource tracker is involved at all
 
 
 UNMAPPED = textwrap.dedent("""
     import json, os, signal
-    from orchestrator._shared_memory import BlockPool, Slot
+    from orchestrator._worker_memory import BlockPool, Slot
 
     if __name__ == "__main__":
         slot = Slot(0)
@@ -217,12 +228,19 @@ UNMAPPED = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)  # no worker ever mapped them
 """)
 
+NEXT_START = "from ranks import _shared_memory; _shared_memory.create('pp', 4096).close()"
 
-def test_segments_nobody_mapped_are_unlinked_by_the_resource_tracker(tmp_path):
+
+@pytest.mark.parametrize("mode", ["memfd", "named"])
+def test_segments_nobody_mapped_are_gone_after_a_sigkill(tmp_path, mode):
+    """memfd: the kernel freed them with the process. named: the next process on this host that makes a segment sweeps them."""
     script = tmp_path / "unmapped.py"
     script.write_text(UNMAPPED)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=project_env())
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=_env(mode))
     assert result.returncode == -signal.SIGKILL
     names = json.loads(result.stdout.splitlines()[0])
-    assert all(name.startswith("orch_pp") for name in names)
-    assert wait_until(lambda: not set(names) & set(os.listdir("/dev/shm")), 10), names
+    assert all(name.startswith("orch_pp_") for name in names)
+    if mode == "named":
+        assert set(names) <= set(os.listdir("/dev/shm"))  # SIGKILL cannot be caught: the names outlive the owner
+        subprocess.run([sys.executable, "-c", NEXT_START], check=True, timeout=60, env=_env("named"))
+    assert not set(names) & set(os.listdir("/dev/shm")), names

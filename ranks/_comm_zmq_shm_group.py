@@ -1,6 +1,11 @@
 """The zmq communicator's same-host fast path: collectives through one shared segment.
 
-Memory layout (``/dev/shm/orch_zmq_*``, created by rank 0, name unlinked once all ranks mapped it)::
+The segment (kind ``zmq``) comes from ``_shared_memory``: rank 0 creates it
+after every rank's HELLO and unlinks it once every rank has sent READY (see
+the handshake in ``_comm_zmq``); this module only lays it out and runs the
+collectives in it.
+
+Memory layout::
 
     control   N blocks of 160 int64 (1280 bytes, so counters of different ranks never share a cache line)
               [0] arrivals   how many barriers this rank has entered
@@ -63,13 +68,16 @@ _SPIN_SECONDS = 0.0002
 _YIELD_SECONDS = 0.005
 
 
-class _ShmGroup:
-    def __init__(self, comm, mapping, chunk: int, pids: dict[int, int], same_pids: bool):
+class ShmGroup:
+    """The ranks of ``comm`` meeting in ``segment`` (a ``_shared_memory.Segment`` every rank has mapped)."""
+
+    def __init__(self, comm, segment, chunk: int, pids: dict[int, int], same_pids: bool):
         self.comm = comm
         self.rank = comm.rank
         self.size = comm.size
         self.chunk = chunk
-        self.mapping = mapping
+        self.segment = segment
+        self.mapping = mapping = segment.mmap
         self.pids = pids
         self.same_pids = same_pids
         n = self.size
@@ -363,10 +371,8 @@ class _ShmGroup:
             pass
         self.ctl = None
         self.pool.clear()
-        try:
-            self.mapping.close()
-        except BufferError:
-            pass  # an array the caller still holds views the mapping; it is freed with the last reference
+        self.mapping = None
+        self.segment.close()  # an array the caller still holds keeps the mapping until it goes
 
 
 def _alive(pid: int | None) -> bool:
