@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ranks import _env
+from ranks import _shared_memory
 from ranks._errors import ConfigError
 
 from ._errors import LaunchError, RankFailedError
@@ -163,9 +164,13 @@ class MpiLaunchConfig:
 
 
 def build_mpirun_command(
-    config: MpiLaunchConfig, mpirun: str, flavor: str, *, root: bool | None = None, cores: int | None = None
+    config: MpiLaunchConfig, mpirun: str, flavor: str, *, root: bool | None = None, cores: int | None = None,
+    shm_dir: str | None = None,
 ) -> list[str]:
-    """The full mpirun argv for ``config`` (each rank runs the wrapper, which runs the program)."""
+    """The full mpirun argv for ``config`` (each rank runs the wrapper, which runs the program).
+
+    ``shm_dir`` (Open MPI): where its shared-memory transports put their backing files.
+    """
     root = is_root() if root is None else root
     cores = available_cores() if cores is None else cores
     oversubscribe = config.oversubscribe
@@ -197,6 +202,8 @@ def build_mpirun_command(
             argv += ["-hosts", config.hosts]
         if config.hostfile:
             argv += ["-f", config.hostfile]
+    if shm_dir is not None:
+        argv += ["--mca", "btl_sm_backing_directory", shm_dir, "--mca", "osc_sm_backing_directory", shm_dir]
     argv += list(config.mpirun_args)
     argv += [
         sys.executable,
@@ -205,6 +212,7 @@ def build_mpirun_command(
         f"{config.stop_timeout:g}",
         "--tail-lines",
         str(config.tail_lines),
+        *(["--shm-dir", shm_dir] if shm_dir is not None else []),
         "--",
         *resolve_program(config.program),
     ]
@@ -272,7 +280,13 @@ class MpiLauncher:
         self._started = time.time()
         self.mpirun = find_mpirun(config.mpirun)
         self.flavor = mpi_flavor(self.mpirun)
-        self.command = build_mpirun_command(config, self.mpirun, self.flavor)
+        self.shm_dir = None
+        if self.flavor == OPEN_MPI and config.hosts is None and config.hostfile is None:
+            # Open MPI leaves its shared-memory files (/dev/shm/sm_segment.*) behind when mpirun
+            # is killed; in a directory of ours they go with it (removed at the end, by the
+            # ranks' wrappers when this launcher is SIGKILLed, or by the next sweep).
+            self.shm_dir = _shared_memory.make_directory("ompi")
+        self.command = build_mpirun_command(config, self.mpirun, self.flavor, shm_dir=self.shm_dir)
         self.output = MpiOutput(
             config.nprocs, config.log_dir, stdout=stdout, stderr=stderr,
             tail_lines=config.tail_lines, console=config.console, on_failure=self._rank_failed,
@@ -301,6 +315,8 @@ class MpiLauncher:
                 raise self._rank_error(None) from None
         finally:
             self._reap_leftovers()
+            if self.shm_dir is not None:
+                _shared_memory.remove_directory(self.shm_dir)
         return sorted(self.output.exits(), key=lambda e: e.rank)
 
     def _rank_error(self, mpirun_exit: RankExit | None) -> Exception:

@@ -260,9 +260,11 @@ def _signal_name(signum: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    usage = "usage: [--stop-timeout S] [--tail-lines N] [--rank R] [--parent PID] [--report-as NAME] -- PROGRAM ARGS..."
+    usage = ("usage: [--stop-timeout S] [--tail-lines N] [--rank R] [--parent PID] [--report-as NAME] "
+             "[--shm-dir DIR] -- PROGRAM ARGS...")
     args = list(sys.argv[1:] if argv is None else argv)
     stop_timeout, tail_lines = 10.0, 20
+    shm_dir = None
     options: dict = {}
     while args and args[0] != "--":
         option = args.pop(0)
@@ -274,11 +276,29 @@ def main(argv: list[str] | None = None) -> int:
             options[option[2:]] = int(args.pop(0))
         elif option == "--report-as" and args:
             options["report_as"] = args.pop(0)
+        elif option == "--shm-dir" and args:
+            shm_dir = args.pop(0)
         else:
             raise SystemExit(f"_rank_wrapper.py: unknown option {option!r}; {usage}")
     if not args or len(args) < 2:
         raise SystemExit(f"_rank_wrapper.py: {usage}")
-    return _Wrapper(args[1:], stop_timeout, tail_lines, **options).run()
+    try:
+        return _Wrapper(args[1:], stop_timeout, tail_lines, **options).run()
+    finally:
+        if shm_dir:
+            _remove_if_orphaned(shm_dir)
+
+
+def _remove_if_orphaned(shm_dir: str) -> None:
+    """The launcher's directory of Open MPI's shared-memory files, when the launcher died without removing it.
+
+    A SIGKILLed launcher takes mpirun with it, and this wrapper, told by its parent's
+    death, is the last of the job to run code on this host.
+    """
+    from ranks import _shared_memory
+
+    if _shared_memory.owner_state(os.path.basename(shm_dir)) == "dead":
+        _shared_memory.remove_directory(shm_dir)
 
 
 if __name__ == "__main__":

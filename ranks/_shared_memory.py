@@ -90,6 +90,7 @@ import mmap
 import os
 import re
 import secrets
+import shutil
 import signal
 import threading
 from typing import Callable
@@ -346,14 +347,50 @@ def owned() -> list[Segment]:
 
 
 def _unlink_name(name: str) -> None:
+    path = os.path.join(SHM_DIR, name)
     try:
-        os.unlink(os.path.join(SHM_DIR, name))
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
     except FileNotFoundError:
         pass
 
 
+def make_directory(kind: str) -> str:
+    """A new directory ``/dev/shm/orch_<kind>_<pid>_...`` owned by this process; its path.
+
+    For shared-memory files that a library we start makes itself (Open MPI's
+    backing files, told where by ``--mca btl_sm_backing_directory``): they
+    land in a directory named like our segments, so it goes with them: removed
+    by ``remove_directory``, at exit, on the handled signals, and swept as a
+    dead owner's when this process is SIGKILLed.
+    """
+    if not re.fullmatch(r"[a-z]+", kind):
+        raise ValueError(f"kind must be lowercase letters, got {kind!r}")
+    _once_per_process()
+    name = f"{PREFIX}{kind}_{os.getpid()}_{_own_stamp()}_{secrets.token_hex(6)}"
+    os.mkdir(os.path.join(SHM_DIR, name), 0o700)
+    _directories[name] = os.getpid()
+    _named_count_changed()
+    return os.path.join(SHM_DIR, name)
+
+
+def remove_directory(path: str) -> None:
+    """Remove a directory of ``make_directory`` with everything in it; calling it twice is harmless."""
+    name = os.path.basename(path)
+    _directories.pop(name, None)
+    _unlink_name(name)
+    _named_count_changed()
+
+
+def _owned_directories() -> list[str]:
+    return [name for name, pid in list(_directories.items()) if pid == os.getpid()]
+
+
 # -- the registry, and what runs at exit and on signals ----------------------------------
 _registry: dict[str, Segment] = {}
+_directories: dict[str, int] = {}  # name -> owner pid (a forked child inherits the dict, not the ownership)
 _started_in: set[int] = set()
 _swept_in: set[int] = set()
 _previous_handlers: dict[int, object] = {}
@@ -385,13 +422,15 @@ def _unlink_all() -> None:
             segment.unlink()
         except OSError:
             pass
+    for name in _owned_directories():
+        _unlink_name(name)
 
 
 def _named_count_changed() -> None:
     """Guard SIGTERM/SIGHUP/SIGINT while we own a named segment, and only then."""
     if threading.current_thread() is not threading.main_thread():
         return  # Python installs handlers only from the main thread; atexit and sweeps still cover this process
-    if any(s.mode == "named" for s in owned()):
+    if any(s.mode == "named" for s in owned()) or _owned_directories():
         for signum in _SIGNALS:
             current = signal.getsignal(signum)
             if current is _on_signal or current is signal.SIG_IGN or current is None:
@@ -413,6 +452,8 @@ def _on_signal(signum, frame) -> None:
     for segment in owned():
         if segment.mode == "named":
             _unlink_name(segment.name)
+    for name in _owned_directories():
+        _unlink_name(name)
     signal.signal(signum, signal.SIG_DFL)
     signal.raise_signal(signum)
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
+import time
 
 import pytest
 
 from conftest import orchestrate_command, run_command
-from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker, pids_in, wait_stopped
-from launchers import MpiLaunchConfig, build_mpirun_command, find_mpirun
+from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker, pids_in, processes_with, wait_stopped
+from launchers import LaunchError, MpiLaunchConfig, build_mpirun_command, find_mpirun
 from launchers._mpi import MPICH, OPEN_MPI, WRAPPER, MpiOutput, mpi_flavor
 from launchers._rank_wrapper import MARKER, parse_record
-from launchers import LaunchError
 from ranks import ConfigError
 
 
@@ -375,3 +376,44 @@ def test_the_wrapper_continues_a_sigstopped_program_when_stopping_it():
     record = next(parse_record(line) for line in wrapper.err if parse_record(line) and parse_record(line)["event"] == "exit")
     assert (record["signal"], record["stopped"]) == ("SIGTERM", True)
     assert not leftovers(marker)
+
+
+def _open_mpi_shm_files() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(("sm_segment.", "orch_ompi_"))}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", ["launcher", "mpirun"])
+def test_open_mpis_shared_memory_files_go_when_the_launcher_or_mpirun_is_sigkilled(tmp_path, victim):
+    # Open MPI left /dev/shm/sm_segment.* (2 x 16 MB) behind every time mpirun or the launcher was SIGKILLed.
+    marker = new_marker()
+    program = tmp_path / "mpi_wait.py"
+    program.write_text(
+        "import sys, time\nfrom mpi4py import MPI\nimport numpy as np\n"
+        "MPI.COMM_WORLD.Allreduce(np.ones(1 << 16), np.empty(1 << 16))\n"
+        "print('connected', MPI.COMM_WORLD.Get_rank(), flush=True)\ntime.sleep(600)\n"
+    )
+    before = _open_mpi_shm_files()
+    launcher = Background(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--stop-timeout", "3", "--", "python", str(program), marker,
+    ))
+    try:
+        launcher.wait_for("connected", count=2)
+        during = _open_mpi_shm_files() - before
+        assert any(n.startswith("orch_ompi_") for n in during), during  # Open MPI's files are in our directory
+        assert not any(n.startswith("sm_segment.") for n in during), during
+        if victim == "launcher":
+            launcher.interrupt(signal.SIGKILL)
+        else:
+            [mpirun] = [line.split()[0] for line in processes_with(marker) if "prterun" in line or "mpirun" in line]
+            os.kill(int(mpirun), signal.SIGKILL)
+        launcher.finish(30)
+    finally:
+        launcher.kill()
+    assert not leftovers(marker, wait=20)
+    deadline = time.monotonic() + 10
+    while _open_mpi_shm_files() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _open_mpi_shm_files() - before
