@@ -375,14 +375,22 @@ class ShmGroup:
         self.segment.close()  # an array the caller still holds keeps the mapping until it goes
 
 
+_peers: dict[int, object] = {}
+
+
 def _alive(pid: int | None) -> bool:
+    """Whether peer ``pid`` still runs code (checked while waiting for it, so its Process is kept)."""
     if not pid:
         return True
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0] not in ("Z", "X")
-    except (OSError, IndexError):
+        process = _peers.get(pid)
+        if process is None:
+            process = _peers[pid] = psutil.Process(pid)
+        return process.is_running() and process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        _peers.pop(pid, None)
         return False
 
 

