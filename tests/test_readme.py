@@ -1,6 +1,6 @@
-"""The README, checked line by line: its ```bash and ```python blocks run as shown, and say what they print.
+"""The READMEs, checked line by line: their ```bash and ```python blocks run as shown, and say what they print.
 
-The blocks run in README order in one scratch directory, as a new user types them in the checkout after
+README.md and then rank_tables/README.md. The blocks run in order in one scratch directory, as a new user types them in the checkout after
 ``source .venv/bin/activate``. The scratch directory links to the checkout's top-level entries (``examples/``,
 ``rank_tables/``, ``launchers/``, ``benchmarks/``, ...; ``.venv`` to this interpreter's environment), so
 relative paths work as in the checkout while every file a block writes lands in the scratch directory; a last
@@ -64,7 +64,7 @@ from ranks import free_base_port
 from ranks._config_file import KNOWN_SECTIONS, MINDSPORE_LITE_ONLY_KEYS, MINDSPORE_LITE_ONLY_SECTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+READMES = ("README.md", "rank_tables/README.md")  # run in this order, each from the checkout's root
 
 pytestmark = pytest.mark.cli
 
@@ -80,6 +80,7 @@ _ARROW = re.compile(r"(?:^|\s)# -> (?P<text>.+?)\s*$")
 
 @dataclass
 class Block:
+    source: str  # the README's path in the checkout
     line: int  # 1-based line of the opening fence
     lang: str
     text: str
@@ -93,17 +94,22 @@ class Block:
         return self.lang in RUN_LANGUAGES and "skip" not in self.markers
 
     @property
+    def at(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    @property
     def name(self) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.section.lower()).strip("-")[:40]
-        return f"L{self.line}-{self.lang or 'output'}-{slug}"
+        prefix = "" if self.source == READMES[0] else self.source.split("/")[0] + "-"
+        return f"{prefix}L{self.line}-{self.lang or 'output'}-{slug}"
 
     def arrows(self) -> list[str]:
         """The ``# -> TEXT`` expectations of a bash or python block."""
         return [m.group("text") for m in map(_ARROW.search, self.text.splitlines()) if m]
 
 
-def parse_readme(text: str) -> list[Block]:
-    """Every fenced block of the README with its markers, its section, and expected output attached."""
+def parse_readme(text: str, source: str = "README.md") -> list[Block]:
+    """Every fenced block of a README with its markers, its section, and expected output attached."""
     blocks: list[Block] = []
     lines = text.splitlines()
     section = "top"
@@ -120,13 +126,13 @@ def parse_readme(text: str) -> list[Block]:
             if marker:
                 kind, arg = marker.group("kind"), marker.group("arg")
                 if kind not in ("skip", "file", "output", "timeout"):
-                    raise ValueError(f"README.md:{i + 1}: unknown readme-test marker {kind!r}")
+                    raise ValueError(f"{source}:{i + 1}: unknown readme-test marker {kind!r}")
                 markers[kind] = arg
             elif line.lstrip().startswith("<!--") and "readme-test" in line:
-                raise ValueError(f"README.md:{i + 1}: malformed readme-test marker: {line.strip()}")
+                raise ValueError(f"{source}:{i + 1}: malformed readme-test marker: {line.strip()}")
             elif line.strip():
                 if markers:
-                    raise ValueError(f"README.md:{i + 1}: a readme-test marker must come right before its block")
+                    raise ValueError(f"{source}:{i + 1}: a readme-test marker must come right before its block")
                 since_block.append(line)
             i += 1
             continue
@@ -137,14 +143,14 @@ def parse_readme(text: str) -> list[Block]:
             body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
             i += 1
         if i == len(lines):
-            raise ValueError(f"README.md:{len(blocks) and blocks[-1].line}: a fenced block is never closed")
+            raise ValueError(f"{source}:{len(blocks) and blocks[-1].line}: a fenced block is never closed")
         previous = blocks[-1] if blocks else None
-        block = Block(line=i - len(body), lang=lang, text="\n".join(body) + "\n", section=section, markers=markers,
+        block = Block(source=source, line=i - len(body), lang=lang, text="\n".join(body) + "\n", section=section, markers=markers,
                       follows_run_block=bool(previous and previous.lang in RUN_LANGUAGES and not since_block))
         if lang == "" and (block.follows_run_block or "output" in markers):
             owner = next((b for b in reversed(blocks) if b.lang in RUN_LANGUAGES), None)
             if owner is None:
-                raise ValueError(f"README.md:{block.line}: an output block with no bash/python block before it")
+                raise ValueError(f"{block.at}: an output block with no bash/python block before it")
             owner.expected.extend(body)
         blocks.append(block)
         markers, since_block = {}, []
@@ -152,7 +158,7 @@ def parse_readme(text: str) -> list[Block]:
     return blocks
 
 
-BLOCKS = parse_readme(README.read_text())
+BLOCKS = [block for source in READMES for block in parse_readme((ROOT / source).read_text(), source)]
 RUNNABLE = [b for b in BLOCKS if b.runs]
 
 
@@ -219,7 +225,7 @@ class Scratch:
 
     def __init__(self, path: Path):
         self.path = path
-        self.done: dict[int, str | None] = {}  # block line -> None (passed) or the failure
+        self.done: dict[str, str | None] = {}  # block.at -> None (passed) or the failure
         venv = Path(sys.prefix)
         self.bin = Path(sys.executable).parent
         for entry in ROOT.iterdir():
@@ -244,7 +250,7 @@ class Scratch:
         port = free_base_port(4)
         text = block.text.replace(DOCUMENTED_PORT, str(port))
         if block.lang == "python":
-            script = self.path / f"readme_block_{block.line}.py"
+            script = self.path / f"readme_block_{BLOCKS.index(block)}.py"
             script.write_text(text)
             command = [sys.executable, script.name]
         else:
@@ -257,14 +263,14 @@ class Scratch:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             output, _ = process.communicate()
-            raise AssertionError(f"README.md:{block.line}: did not finish within {timeout:.0f} s; output:\n{output}")
+            raise AssertionError(f"{block.at}: did not finish within {timeout:.0f} s; output:\n{output}")
         finally:
             try:
                 os.killpg(process.pid, signal.SIGKILL)  # background jobs the block left running
             except ProcessLookupError:
                 pass
         self.last_output = output
-        where = f"README.md:{block.line} ({block.lang} block in {block.section!r})"
+        where = f"{block.at} ({block.lang} block in {block.section!r})"
         if process.returncode != 0:
             raise AssertionError(f"{where} exited with {process.returncode}; output:\n{output}")
         missing = missing_output_lines(block.expected, output) + missing_arrows(block.arrows(), output)
@@ -273,26 +279,16 @@ class Scratch:
                                  f"\noutput:\n{output}")
 
     def run_through(self, block: Block) -> None:
-        """Run every runnable block up to ``block`` that has not run yet, then ``block``."""
-        for earlier in RUNNABLE:
-            if earlier.line in self.done:
-                continue
-            if earlier.line < block.line:
-                self.done[earlier.line] = self._attempt(earlier)
-                continue
-            assert earlier is block
-            self.done[block.line] = failure = self._attempt(block)
-            if failure:
-                raise AssertionError(failure)
-            return
-        failure = self.done[block.line]
+        """Run every runnable block before ``block`` that has not run yet, then ``block``."""
+        for earlier in RUNNABLE[:RUNNABLE.index(block) + 1]:
+            if earlier.at not in self.done:
+                self.done[earlier.at] = self._attempt(earlier)
+        failure = self.done[block.at]
         if failure:
             raise AssertionError(failure)
 
     def _attempt(self, block: Block) -> str | None:
-        for earlier in BLOCKS:
-            if earlier.line >= block.line:
-                break
+        for earlier in BLOCKS[:BLOCKS.index(block)]:
             if "file" in earlier.markers:  # files the README shows are in place before the commands after them
                 target = self.path / earlier.markers["file"]
                 if not target.exists():
@@ -349,28 +345,28 @@ def test_readme_ini_and_json_blocks_parse(block):
         json.loads(block.text)
         return
     parser = _ini_sections(block.text)
-    assert parser.sections(), f"README.md:{block.line}: an ini block without sections"
+    assert parser.sections(), f"{block.at}: an ini block without sections"
     for section in parser.sections():
         if section in MINDSPORE_LITE_ONLY_SECTIONS:
             continue
-        assert section in KNOWN_SECTIONS, f"README.md:{block.line}: unknown section [{section}]"
+        assert section in KNOWN_SECTIONS, f"{block.at}: unknown section [{section}]"
         known = KNOWN_SECTIONS[section] + MINDSPORE_LITE_ONLY_KEYS.get(section, ())
         for key in parser[section]:
-            assert key in known, f"README.md:{block.line}: [{section}] {key} is not a key ranks/_config_file.py knows"
+            assert key in known, f"{block.at}: [{section}] {key} is not a key ranks/_config_file.py knows"
 
 
 def test_skipped_blocks_are_few_and_say_why():
     skipped = [b for b in BLOCKS if "skip" in b.markers]
     for block in skipped:
         assert re.fullmatch(r"\(.{10,}\)", block.markers["skip"]), (
-            f"README.md:{block.line}: write the reason: <!-- readme-test: skip (why it cannot run here) -->")
-        assert block.lang in RUN_LANGUAGES, f"README.md:{block.line}: only bash/python blocks are run, or skipped"
-    assert len(skipped) <= MAX_SKIPPED, [b.line for b in skipped]
+            f"{block.at}: write the reason: <!-- readme-test: skip (why it cannot run here) -->")
+        assert block.lang in RUN_LANGUAGES, f"{block.at}: only bash/python blocks are run, or skipped"
+    assert len(skipped) <= MAX_SKIPPED, [b.at for b in skipped]
 
 
 def test_every_block_has_a_known_language():
     known = set(RUN_LANGUAGES) | {"", "ini", "json", "text"}
-    assert not [(b.line, b.lang) for b in BLOCKS if b.lang not in known]
+    assert not [(b.at, b.lang) for b in BLOCKS if b.lang not in known]
 
 
 _TOP_DIRS = r"(?:\.ci|benchmarks|docs|examples|launchers|orchestrator|rank_tables|ranks|tests)"
