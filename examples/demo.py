@@ -11,6 +11,9 @@ against one plain ONNX Runtime session on the whole model:
 4. a batch split across 2 worker processes, the seeds' dual-core case.
 
     python examples/demo.py [--workdir DIR] [--quick]
+
+The models, shards and rank tables go to --workdir, else to $ORCH_DEMO_DIR, else
+to a temporary directory removed at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import orchestrator as mslite  # noqa: E402
+from ranks._env import DEMO_DIR  # noqa: E402
 from ranks._tensor_io import format_output  # noqa: E402
 
 
@@ -85,12 +89,12 @@ def rank_table_and_ini(workdir: Path) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="where to write models (default: a temporary directory)")
+    parser.add_argument("--workdir", help="where to write models (default: $ORCH_DEMO_DIR, else a temporary directory)")
     parser.add_argument("--quick", action="store_true", help="only the one-process step")
     args = parser.parse_args()
     ok = True
     with tempfile.TemporaryDirectory(prefix="orch_demo_") as tmp:
-        workdir = Path(args.workdir or tmp)
+        workdir = Path(args.workdir or DEMO_DIR.get() or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         single_process(workdir)
         if not args.quick:

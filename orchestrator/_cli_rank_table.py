@@ -16,7 +16,7 @@ def register(subparsers) -> None:
             "(the host's address, where its ranks listen) gets the same --devices, ranks are numbered server by "
             "server in the order given, host_nic_ip is \"reserve\". A device's device_ip (its NPU's own address) "
             "comes from --device-ips, else from /etc/hccn.conf for a server that is this host, else is left out. "
-            "Example: orchestrate rank-table --devices 0,1 --server 127.0.0.1 -o rank_tables/local_2p.json"
+            "Example: orchestrate rank-table --devices 0,1 --server 127.0.0.1 -o rank_table.json"
         ),
     )
     parser.add_argument("--devices", help="comma-separated device ids on each server, e.g. 0,1")

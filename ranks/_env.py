@@ -74,7 +74,11 @@ LOG_LEVEL = _var("ORCH_LOG_LEVEL", "WARNING", "logging level of the orchestrator
 STOP_TIMEOUT = _var("ORCH_STOP_TIMEOUT", "10", "seconds a launcher waits after SIGTERM before it SIGKILLs the ranks it is stopping")
 LOG_TAIL_LINES = _var("ORCH_LOG_TAIL_LINES", "20", "how many last lines of a failed rank's stderr a launcher's failure report quotes")
 MPIRUN = _var("ORCH_MPIRUN", None, "the mpirun or mpiexec a launcher runs (default: next to the Python interpreter, then on PATH)")
-DEMO_DIR = _var("ORCH_DEMO_DIR", None, "where the demo writes its sample model (default: a temporary directory)")
+DEMO_DIR = _var(
+    "ORCH_DEMO_DIR", None,
+    "where examples/demo.py writes its sample models, shards and rank tables (default: a temporary directory, "
+    "removed at the end; --workdir wins)",
+)
 
 # --- set by other launchers; read, never required ----------------------------
 RANK_TABLE_FILE = _var(

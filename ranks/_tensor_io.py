@@ -8,6 +8,7 @@ per output tensor.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,10 @@ def emit_outputs(outputs: list[Tensor], output_file: Path | None, *, quiet: bool
     """Print each output in the seeds' format (unless ``quiet``) and save them by name to ``output_file``."""
     if not quiet:
         for tensor in outputs:
-            print(format_output(tensor), flush=True)
+            # One write per output: ranks sharing a terminal (PYTHONUNBUFFERED=1 makes print() write
+            # the text and its newline apart) would otherwise interleave their lines.
+            sys.stdout.write(format_output(tensor) + "\n")
+            sys.stdout.flush()
     if output_file is not None:
         try:
             np.savez(output_file, **{t.name: t.get_data_to_numpy() for t in outputs})

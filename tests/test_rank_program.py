@@ -1,9 +1,14 @@
 """The per-rank program as a user types it: python -m ranks / orchestrate rank."""
 
+import io
+import sys
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
+import ranks
+from ranks._tensor_io import emit_outputs
 from tests.conftest import orchestrate_command, python_command, run_command
 
 pytestmark = pytest.mark.cli
@@ -149,3 +154,21 @@ def test_a_failing_model_prints_exactly_one_line_not_the_engines_log_too(tmp_pat
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ModelError: "), result.stderr
     assert "[E:onnxruntime" not in result.stderr and "\x1b[" not in result.stderr
+
+
+def test_each_output_is_one_write_so_ranks_sharing_a_terminal_do_not_splice_lines(sample, monkeypatch):
+    """With PYTHONUNBUFFERED=1 print() writes a text and its newline apart; two ranks on one terminal then
+    interleave between the two. emit_outputs writes each tensor's lines, newline included, at once."""
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+    model = ranks.Model()
+    model.build_from_file(str(sample("add")), ranks.ModelType.ONNX)
+    outputs = model.predict([np.ones((2, 2), np.float32), np.ones((2, 2), np.float32)])
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    emit_outputs(outputs, None)
+    assert writes == ["tensor's name is:z data size is:16 tensor elements num is:4\noutput data is: 2.0 2.0 2.0 2.0\n"]
