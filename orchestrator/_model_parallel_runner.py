@@ -23,9 +23,10 @@ affinity mode 2 and core lists refused      modes 0, 1, 2 and core lists (worker
 Pieces: ``_pool_plan`` reads the ``[pool]`` options and plans workers, threads
 and cores; ``_pool_queue`` is the request queue and its state machine;
 ``_pool_threads`` builds the thread workers (one ONNX Runtime session each).
-A process-worker backend will plug in beside ``_pool_threads``: it has to
-supply engines with ``run(request)`` (see ``_pool_queue``) and nothing here
-changes but the choice in ``_start_workers``.
+A process-worker backend will plug in beside ``_pool_threads.ThreadWorkers``
+(``BACKENDS``): one dispatcher thread per child process serving the same
+queue, with engines whose ``run(request)`` forwards to the child and whose
+cancel tells it to stop (see ``_pool_queue``); nothing else here changes.
 """
 
 from __future__ import annotations
@@ -42,13 +43,17 @@ from ranks._config_file import load_config
 from ranks._log import get_logger
 from ranks._model import ModelType, _load_model_file, is_sharded, validate_feeds
 from ranks._shared_weights import HANDLE_KEY, PID_LIST_KEY
-from ranks._tensor import DataType, Tensor, TensorMeta, data_type_from_ort
+from ranks._tensor import DataType, Tensor, TensorMeta
 
 from ._pool_plan import PoolOptions, WorkerPlan, plan_workers, pool_options, worker_config
 from ._pool_queue import Request, RequestQueue
-from ._pool_threads import SharedInitializers, build_thread_engines, start_worker_threads
+from ._pool_threads import ThreadWorkers
 
 log = get_logger("pool")
+
+# worker_type -> backend. A process backend (workers in child processes, started and watched by the
+# project's process supervisor) goes here once that supervisor exists; until then 'process' is refused.
+BACKENDS = {"thread": ThreadWorkers}
 
 CLOSE_JOIN_SECONDS = 10.0  # close(): how long worker threads get to finish their (stopped) runs
 
@@ -67,7 +72,6 @@ class ModelParallelRunner:
         self._plan: WorkerPlan | None = None
         self._inputs: list[tuple[str, DataType, list[int]]] = []
         self._outputs: list[TensorMeta] = []
-        self._shared: SharedInitializers | None = None
         self._shutdown = None  # weakref.finalize: closes the queue and joins the workers, once
 
     # -- building ------------------------------------------------------------------
@@ -100,10 +104,10 @@ class ModelParallelRunner:
         config = load_config(context.parallel.config_path, context.parallel.config_info)
         options = pool_options(config, queue_size=queue_size, timeout=timeout, share_weights=share_weights,
                                worker_type=worker_type)
-        if options.worker_type == "process":
+        if options.worker_type not in BACKENDS:
             raise ConfigError(
-                "worker_type 'process' is not available yet: use thread workers (worker_type 'thread', the default; "
-                "ONNX Runtime releases the GIL, so thread workers run in parallel)"
+                f"worker_type {options.worker_type!r} is not available yet: use thread workers (worker_type 'thread', the "
+                f"default; ONNX Runtime releases the GIL, so thread workers run in parallel)"
             )
         section = config.sections.get("ascend_context", {})
         if PID_LIST_KEY in section or HANDLE_KEY in section:
@@ -127,26 +131,17 @@ class ModelParallelRunner:
         plan = plan_workers(context, config)
         if plan.warning:
             warnings.warn(plan.warning, RuntimeWarning, stacklevel=2)
-        shared = SharedInitializers(proto, str(path.resolve().parent)) if options.share_weights else None
+        backend = BACKENDS[options.worker_type](path, proto, plan, context, worker_config(config), options.share_weights)
         del proto
-        engines = build_thread_engines(path, plan, context, worker_config(config), shared)
-        session = engines[0].session
-        self._inputs = [
-            (arg.name, data_type_from_ort(arg.type),
-             config.input_shapes.get(arg.name, [d if isinstance(d, int) else -1 for d in arg.shape]))
-            for arg in session.get_inputs()
-        ]
-        self._outputs = [
-            TensorMeta(arg.name, data_type_from_ort(arg.type), [d if isinstance(d, int) else -1 for d in arg.shape])
-            for arg in session.get_outputs()
-        ]
+        self._inputs = [(name, dtype, config.input_shapes.get(name, shape)) for name, dtype, shape in backend.inputs]
+        self._outputs = [TensorMeta(name, dtype, shape) for name, dtype, shape in backend.outputs]
         label = f"ModelParallelRunner({path.name}, {plan.workers} workers)"
         queue = RequestQueue(options.queue_size, plan.workers, label)
-        threads = start_worker_threads(engines, queue, _tag_error(plan.workers), label)
+        threads = backend.serve(queue, _tag_error(plan.workers), label)
         self._model_path = str(model_path)
-        self._queue, self._options, self._plan, self._shared = queue, options, plan, shared
+        self._queue, self._options, self._plan = queue, options, plan
         # Closes the workers on close(), when the runner is collected, or at interpreter exit (the seeds never close).
-        self._shutdown = weakref.finalize(self, _shut_down, queue, threads)
+        self._shutdown = weakref.finalize(self, _shut_down, queue, threads, backend)
 
     # -- introspection -------------------------------------------------------------
     def get_inputs(self) -> list[Tensor]:
@@ -266,7 +261,7 @@ def _tag_error(workers: int):
     return tag
 
 
-def _shut_down(queue: RequestQueue, threads, reason: str = "close() was called") -> None:
+def _shut_down(queue: RequestQueue, threads, backend, reason: str = "close() was called") -> None:
     queue.close(reason)
     deadline = time.monotonic() + CLOSE_JOIN_SECONDS
     for thread in threads:
@@ -275,3 +270,4 @@ def _shut_down(queue: RequestQueue, threads, reason: str = "close() was called")
     if stuck:
         log.warning("%s still running %.0f s after close (a run that ONNX Runtime could not stop); left behind as "
                     "daemon threads", stuck, CLOSE_JOIN_SECONDS)
+    backend.close()

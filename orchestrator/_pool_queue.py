@@ -95,32 +95,46 @@ class RequestQueue:
             self._cond.notify()
 
     def wait(self, request: Request):
-        """The outputs of ``request``, or its error raised; WorkerTimeoutError once its timeout has passed."""
+        """The outputs of ``request``, or its error raised; WorkerTimeoutError once its timeout has passed.
+
+        A caller interrupted while waiting (KeyboardInterrupt) gives its request up: it leaves the
+        queue, or its run is stopped, so no worker spends time on a reply nobody reads.
+        """
         remaining = request.submitted + request.timeout - time.monotonic()
-        if not request._done.wait(max(0.0, remaining)):
-            with self._cond:
-                if request.state is State.QUEUED:
-                    position = self._waiting.index(request) + 1
-                    waiting = len(self._waiting)
-                    self._waiting.remove(request)
-                    self._abandon(request, WorkerTimeoutError(
-                        f"{self.label}: predict timed out after {request.timeout:g} s still waiting in the queue, at "
-                        f"position {position} of {waiting} ({len(self._running)} of {self.workers} workers busy); it "
-                        f"never ran. Raise the timeout (predict(..., timeout=S) or [pool] timeout) or add workers"
-                    ))
-                elif request.state is State.RUNNING:
-                    ran = time.monotonic() - request.started
-                    queued = request.started - request.submitted
-                    self._abandon(request, WorkerTimeoutError(
-                        f"{self.label}: predict timed out after {request.timeout:g} s: worker {request.worker} of "
-                        f"{self.workers} had run it for {ran:.2f} s (after {queued:.2f} s in the queue); the run was "
-                        f"stopped and the worker serves the next request. Raise the timeout (predict(..., timeout=S) "
-                        f"or [pool] timeout) if the model needs longer"
-                    ))
-                    _cancel(request)
+        try:
+            done = request._done.wait(max(0.0, remaining))
+        except BaseException:
+            self._give_up(request, lambda where: PoolClosedError(f"{self.label}: the caller was interrupted {where}"))
+            raise
+        if not done:
+            self._give_up(request, lambda where: WorkerTimeoutError(
+                f"{self.label}: predict timed out after {request.timeout:g} s {where}. Raise the timeout "
+                f"(predict(..., timeout=S) or [pool] timeout)" + (" or add workers" if request.started is None else
+                                                                  " if the model needs longer")
+            ))
         if request.error is not None:
             raise request.error
         return request.outputs
+
+    def _give_up(self, request: Request, error) -> None:
+        """Abandon a request that is still QUEUED or RUNNING; ``error(where)`` says where it was."""
+        with self._cond:
+            if request.state is State.QUEUED:
+                position = self._waiting.index(request) + 1
+                waiting = len(self._waiting)
+                self._waiting.remove(request)
+                self._abandon(request, error(
+                    f"while it waited in the queue, at position {position} of {waiting} ({len(self._running)} of "
+                    f"{self.workers} workers busy); it never ran"
+                ))
+            elif request.state is State.RUNNING:
+                ran = time.monotonic() - request.started
+                queued = request.started - request.submitted
+                self._abandon(request, error(
+                    f"while worker {request.worker} of {self.workers} ran it (for {ran:.2f} s, after {queued:.2f} s in "
+                    f"the queue); the run was stopped and the worker serves the next request"
+                ))
+                _cancel(request)
 
     # -- workers -----------------------------------------------------------------
     def take(self, worker: int) -> Request | None:

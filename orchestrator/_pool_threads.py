@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -42,6 +43,7 @@ from ranks._log import get_logger
 from ranks._model import _ort_message, _weights_folded_at_build
 from ranks._session import execution_providers, session_options
 from ranks._shared_weights import WEIGHT_REWRITING_OPTIMIZERS, _FOLDABLE_WEIGHT_BYTES, _shareable, release_freed_heap
+from ranks._tensor import data_type_from_ort
 
 from ._pool_plan import WorkerPlan
 from ._pool_queue import Request, State, serve
@@ -102,8 +104,47 @@ class ThreadEngine:
             raise
 
 
-def build_thread_engines(path, plan: WorkerPlan, context: Context, config: RankConfig,
-                         shared: SharedInitializers | None) -> list[ThreadEngine]:
+class ThreadWorkers:
+    """The thread backend of a ModelParallelRunner: ``plan.workers`` sessions in this process, a thread each.
+
+    What the runner needs of a backend: ``inputs`` and ``outputs`` ([(name, DataType,
+    shape)]), ``serve(queue, tag_error, label)`` starting one thread per worker that
+    serves the queue (``_pool_queue.serve``), and ``close()`` once those threads ended.
+    """
+
+    def __init__(self, path: Path, proto: onnx.ModelProto, plan: WorkerPlan, context: Context, config: RankConfig,
+                 share_weights: bool):
+        self.shared = SharedInitializers(proto, str(path.resolve().parent)) if share_weights else None
+        self.engines = _build_engines(path, plan, context, config, self.shared)
+        session = self.engines[0].session
+        self.inputs = [(arg.name, data_type_from_ort(arg.type), _dims(arg.shape)) for arg in session.get_inputs()]
+        self.outputs = [(arg.name, data_type_from_ort(arg.type), _dims(arg.shape)) for arg in session.get_outputs()]
+
+    def serve(self, queue, tag_error, label: str) -> list[threading.Thread]:
+        """One daemon thread per worker (daemon: a script that never closes its runner still exits)."""
+
+        def loop(engine: ThreadEngine) -> None:
+            engine.bind_thread()
+            serve(queue, engine, engine.index, tag_error)
+
+        threads = []
+        for engine in self.engines:
+            thread = threading.Thread(target=loop, args=(engine,), name=f"{label} worker {engine.index}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        return threads
+
+    def close(self) -> None:
+        self.engines = []
+        self.shared = None
+
+
+def _dims(shape) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _build_engines(path: Path, plan: WorkerPlan, context: Context, config: RankConfig,
+                   shared: SharedInitializers | None) -> list[ThreadEngine]:
     """One session per worker, built one after another (the peak memory of one build at a time).
 
     Raises ModelError naming the worker whose session failed to build.
@@ -141,17 +182,3 @@ def worker_session_options(context: Context, config: RankConfig, threads: int, c
     options = session_options(mine, config, allow_spinning=False)
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
-
-
-def start_worker_threads(engines: list[ThreadEngine], queue, tag_error, label: str) -> list[threading.Thread]:
-    """One daemon thread per engine, serving ``queue`` (daemon: a script that never closes its runner still exits)."""
-    def loop(engine: ThreadEngine) -> None:
-        engine.bind_thread()
-        serve(queue, engine, engine.index, tag_error)
-
-    threads = []
-    for engine in engines:
-        thread = threading.Thread(target=loop, args=(engine,), name=f"{label} worker {engine.index}", daemon=True)
-        thread.start()
-        threads.append(thread)
-    return threads
