@@ -73,6 +73,7 @@ class ModelParallelRunner:
         self._inputs: list[tuple[str, DataType, list[int]]] = []
         self._outputs: list[TensorMeta] = []
         self._shutdown = None  # weakref.finalize: closes the queue and joins the workers, once
+        self._close_reason = ["the runner was garbage-collected or the interpreter exited"]  # what pending requests hear
 
     # -- building ------------------------------------------------------------------
     def build_from_file(self, model_path, context: Context | None = None, *, queue_size: int | None = None,
@@ -99,7 +100,7 @@ class ModelParallelRunner:
             raise ConfigTypeError(f"model_path must be a str, got {type(model_path).__name__}")
         if context is not None and not isinstance(context, Context):
             raise ConfigTypeError(f"context must be a Context or None, got {type(context).__name__}")
-        self.close()  # a rebuild replaces the old workers; requests still pending there fail as on close()
+        self._close("build_from_file() was called again")  # requests still pending there fail as on close()
         context = context or Context()
         config = load_config(context.parallel.config_path, context.parallel.config_info)
         options = pool_options(config, queue_size=queue_size, timeout=timeout, share_weights=share_weights,
@@ -141,7 +142,8 @@ class ModelParallelRunner:
         self._model_path = str(model_path)
         self._queue, self._options, self._plan = queue, options, plan
         # Closes the workers on close(), when the runner is collected, or at interpreter exit (the seeds never close).
-        self._shutdown = weakref.finalize(self, _shut_down, queue, threads, backend)
+        self._close_reason = ["the runner was garbage-collected or the interpreter exited"]
+        self._shutdown = weakref.finalize(self, _shut_down, queue, threads, backend, self._close_reason)
 
     # -- introspection -------------------------------------------------------------
     def get_inputs(self) -> list[Tensor]:
@@ -218,7 +220,11 @@ class ModelParallelRunner:
 
     def close(self) -> None:
         """Stop the workers. Requests still waiting or running fail with PoolClosedError; harmless twice."""
-        if self._shutdown is not None:
+        self._close("close() was called")
+
+    def _close(self, reason: str) -> None:
+        if self._shutdown is not None and self._shutdown.alive:
+            self._close_reason[0] = reason
             self._shutdown()
 
     def _require_built(self) -> RequestQueue:
@@ -261,8 +267,8 @@ def _tag_error(workers: int):
     return tag
 
 
-def _shut_down(queue: RequestQueue, threads, backend, reason: str = "close() was called") -> None:
-    queue.close(reason)
+def _shut_down(queue: RequestQueue, threads, backend, reason: list[str]) -> None:
+    queue.close(reason[0])
     deadline = time.monotonic() + CLOSE_JOIN_SECONDS
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))

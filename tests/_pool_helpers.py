@@ -19,7 +19,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 WIDTH = 64
-ITERATIONS_PER_SECOND_GUESS = 200_000  # ~5 us per iteration at width 64; only for sizing "slow" requests
 
 
 def _model(graph) -> onnx.ModelProto:

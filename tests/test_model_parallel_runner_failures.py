@@ -203,7 +203,8 @@ def test_rebuilding_closes_the_old_workers(slow, tmp_path):
     context = mslite.Context()
     context.parallel.workers_num = 1
     runner.build_from_file(slow, context)
-    assert isinstance(pending.exception(timeout=10), PoolClosedError)
+    error = pending.exception(timeout=10)
+    assert isinstance(error, PoolClosedError) and "closed (build_from_file() was called again) while worker 0" in str(error)
     assert not any(t.is_alive() for t in old)
     assert runner.predict(slow_feeds(3))[0].shape == [1, 1]
     runner.close()
