@@ -1,4 +1,4 @@
-"""The master side: the MindSpore Lite-style API, batch-split master, worker pool, slicing, serving.
+"""The master side: the MindSpore Lite-style API, batch-split master, worker pool (ModelParallelRunner), slicing, serving.
 
 ``import orchestrator as mslite`` gives a MindSpore Lite script what it uses
 (Context, Model, ModelType, Tensor, DataType, Format) on ONNX Runtime, and
@@ -54,7 +54,8 @@ from ranks import (
 )
 from launchers import LaunchError, LaunchInterruptedError, LaunchTimeoutError, RankFailedError
 
-from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
+from ._errors import PoolClosedError, PoolQueueFullError, WorkerError, WorkerLostError, WorkerTimeoutError
+from ._model_parallel_runner import ModelParallelRunner
 from ._parallel_predictor import ParallelPredictor
 from ._samples import SAMPLE_MODELS, save_model, write_sample_model
 from ._shard import ShardResult, shard_model

@@ -189,7 +189,7 @@ class AscendDeviceInfo(_Settings):
 
 class ParallelConfig(_Settings):
     _owner = "parallel"
-    workers_num = Setting(0, _int(), "Workers of a worker pool; 0 picks cores // cpu.thread_num.")
+    workers_num = Setting(0, _int(), "Workers of a ModelParallelRunner; 0 picks a count from the usable cores (CPU affinity and cgroup quota).")
     config_info = Setting({}, _config_info, "{section: {key: value}} handed to every worker's model.")
     config_path = Setting("", _string, "A config_file.ini for every worker's model.")
 

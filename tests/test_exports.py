@@ -24,7 +24,7 @@ def test_each_package_owns_its_errors_and_orchestrator_reexports_them_all():
 
     errors = {"LaunchError", "LaunchInterruptedError", "LaunchTimeoutError", "RankFailedError"}
     assert errors <= set(dir(launchers)) and not errors & set(dir(ranks))
-    workers = {"WorkerError", "WorkerLostError", "WorkerTimeoutError"}
+    workers = {"WorkerError", "WorkerLostError", "WorkerTimeoutError", "PoolQueueFullError", "PoolClosedError"}
     assert not workers & set(dir(ranks))
     for name in errors | workers | {"ConfigError", "InputError", "ModelError", "CommError", "ShardError"}:
         error = getattr(orchestrator, name)
@@ -38,7 +38,8 @@ def test_orchestrator_exports_are_explicit():
 
 
 def test_orchestrator_reexports_the_mindspore_lite_surface():
-    for name in ("Context", "Model", "ModelType", "Tensor", "TensorMeta", "DataType", "Format", "write_sample_model"):
+    for name in ("Context", "Model", "ModelParallelRunner", "ModelType", "Tensor", "TensorMeta", "DataType", "Format",
+                 "write_sample_model"):
         assert getattr(orchestrator, name) is not None
     assert orchestrator.Model is ranks.Model
     public = {name for name in dir(ranks) if not name.startswith("_")}
