@@ -5,7 +5,7 @@ Layers, each usable alone:
 - ``find_mpirun`` / ``mpi_flavor`` / ``available_cores``: facts about this machine;
 - ``MpiLaunchConfig``: what the user asked for, validated;
 - ``build_mpirun_command``: config + facts -> argv (a pure function);
-- ``MpiLauncher``: runs that argv in a ``ProcessGroup`` and turns what the
+- ``MpiLauncher``: runs that argv in a ``Supervisor`` and turns what the
   ranks' wrappers report into ``RankFailedError``.
 
 Every rank runs under ``_rank_wrapper.py``, which prefixes its lines with
@@ -34,7 +34,7 @@ from ranks._errors import ConfigError, LaunchError, RankFailedError
 from ._failures import RankExit, early_exit, failure_error, format_early_exit, format_report, split_failures
 from ._output import RankOutput, prefix
 from ._launch_options import check_common_options
-from ._process_group import ProcessGroup, ProcessSpec, resolve_program
+from ._supervisor import ProcessSpec, Supervisor, resolve_program
 from ._rank_wrapper import parse_record
 
 WRAPPER = Path(__file__).with_name("_rank_wrapper.py")
@@ -262,9 +262,15 @@ class MpiLauncher:
     ``LaunchInterruptedError`` or ``LaunchError`` (mpirun failed before any
     rank did, e.g. an unknown host). mpirun, every wrapper and every rank
     process on this host are gone when it returns or raises.
+
+    A master that talks to the ranks while they run uses the same three calls
+    as on a ``Supervisor``: ``start()``; ``failure()`` (None while no rank
+    failed and mpirun runs, else the error ``run`` would raise, built from the
+    wrappers' records, so no record line reaches a message); ``stop()``.
+    ``cleanup_paths``: as for ``Supervisor`` (removed if this process dies first).
     """
 
-    def __init__(self, config: MpiLaunchConfig, *, stdout=None, stderr=None):
+    def __init__(self, config: MpiLaunchConfig, *, stdout=None, stderr=None, cleanup_paths=()):
         self.config = config
         self.mpirun = find_mpirun(config.mpirun)
         self.flavor = mpi_flavor(self.mpirun)
@@ -274,12 +280,32 @@ class MpiLauncher:
             tail_lines=config.tail_lines, console=config.console, on_failure=self._rank_failed,
         )
         # mpirun forwards the ranks' output in its own order; the group's key -1 is mpirun itself.
-        self.group = ProcessGroup(
+        self.group = Supervisor(
             [ProcessSpec(-1, self.command, label="mpirun")],
             output=self.output,
             stop_timeout=config.stop_timeout,
             world_size=config.nprocs,
+            cleanup_paths=cleanup_paths,
         )
+
+    def start(self) -> None:
+        """Start mpirun (every rank under its wrapper) and return."""
+        self.group.start()
+
+    def failure(self) -> Exception | None:
+        """The error of the job so far (a rank failed, or mpirun ended), or None while it runs well."""
+        mpirun = self.group.exit_of(-1)
+        if mpirun is None and not any(e.failed and not e.stopped for e in self.output.exits()):
+            return None
+        return self._rank_error(mpirun if mpirun is not None and mpirun.failed else None)
+
+    def stop(self) -> list[RankExit]:
+        """Stop mpirun (TERM + CONT, a deadline, KILL) and kill any rank it left behind; the ranks' exits."""
+        try:
+            self.group.stop()
+        finally:
+            self._reap_leftovers()
+        return sorted(self.output.exits(), key=lambda e: e.rank)
 
     def _rank_failed(self, exit_: RankExit) -> None:
         # Open MPI ends the job by itself when a rank fails; MPICH's hydra waits
