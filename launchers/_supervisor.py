@@ -273,6 +273,22 @@ def has_exited(pid: int) -> bool:
         return False
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` from /proc (R, S, T: stopped, Z: zombie, ...), None when gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[0] if fields else None
+
+
+def is_suspended(pid: int) -> bool:
+    """True while ``pid`` is stopped by a signal (SIGSTOP, Ctrl-Z): it acts on nothing until continued."""
+    return process_state(pid) in ("T", "t")
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes in process group ``pgid``, from /proc; [] when none."""
     members = []
@@ -526,8 +542,9 @@ class Supervisor:
     def join(self, timeout: float, *, skip_suspended: bool = False) -> bool:
         """Wait up to ``timeout`` seconds for every child to end on its own; True when all have.
 
-        ``skip_suspended``: stop waiting once every child still running is
-        suspended (SIGSTOP, Ctrl-Z): it cannot act on anything until continued.
+        ``skip_suspended``: stop waiting as soon as a child still running is
+        suspended (SIGSTOP, Ctrl-Z): it cannot act on anything until continued,
+        and peers that wait for it (an MPI finalize, a collective) cannot end either.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -535,23 +552,14 @@ class Supervisor:
             if not running:
                 return True
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or (skip_suspended and set(running) <= set(self.suspended())):
+            if remaining <= 0 or (skip_suspended and self.suspended()):
                 return False
             with self._exited:
                 self._exited.wait(min(remaining, 0.05))
 
     def suspended(self) -> list[int]:
         """Children that are stopped by a signal right now (process state T), by key (Linux; [] elsewhere)."""
-        found = []
-        for rank in self.running():
-            try:
-                with open(f"/proc/{self._procs[rank].pid}/stat", "rb") as f:
-                    stat = f.read().decode("ascii", "replace")
-            except OSError:
-                continue
-            if stat[stat.rfind(")") + 2:].split()[:1] in (["T"], ["t"]):
-                found.append(rank)
-        return found
+        return [rank for rank in self.running() if is_suspended(self._procs[rank].pid)]
 
     def failure(self, *, every_exit_fails: bool = False) -> RankFailedError | None:
         """The first-failure report of the children ended so far, or None when none failed on its own.

@@ -1,28 +1,38 @@
 """One rank of a ``ShardedModel``: build this rank's shard, then answer the master's requests.
 
 ``python -m orchestrator._sharded_worker --model PATH --master ipc://DIR/master.sock
---backend mpi|zmq [--rank R --size N --rank_table FILE] [--threads T] [--master_pid PID]``
+--backend mpi|zmq [--rank R --size N --rank_table FILE --base_port P] [--threads T] [--master_pid PID]``
 
-Every rank gets every request from the master (not through a collective),
-so ranks that sit idle between requests never run into a collective's
-timeout. Rank 0 replies with the outputs; the other ranks reply with an
-empty REPLY so the master knows they finished (or an ERROR).
+Messages are the one protocol's (``_protocol``, ZeroMQ framing; this rank's
+DEALER talks to the master's ROUTER). Its states::
+
+    BUILDING  communicator, shard, a barrier with every rank --> BUILD_FINISH (or ERROR, exit 1)
+    SERVING   PREDICT --> STARTED, run, REPLY (or ERROR, exit 1); EXIT --> close, exit 0
+
+The barrier comes before BUILD_FINISH, so BUILD_FINISH from every rank means
+every rank is ready. Every rank gets every request from the master (not
+through a collective), so ranks that sit idle between requests never run into
+a collective's timeout. STARTED says the rank took the request: when a request
+stalls, the master names the ranks that never did. Rank 0 replies with the
+outputs; the other ranks reply with an empty REPLY so the master knows they
+finished. After an ERROR inside a request the rank exits: its peers may be
+stuck in a collective, the job is over.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 import time
 
 import zmq
 
-from ranks._remote_errors import pack_exception, where_header
 from ranks._shard_files import resolve_shard_path
 from ranks._staged_runner import StagedRunner, default_session_factory
 
-from . import _sharded_protocol as proto
+from . import _protocol as proto
 
 _POLL_MS = 500
 
@@ -73,44 +83,48 @@ def main(argv=None) -> int:
     sock.connect(args.master)
     comm = None
     rank = args.rank if args.rank is not None else "?"
-    where = where_header(f"rank {rank}")
+    who = f"rank {rank}"
     try:
         try:
             comm = make_communicator(args)
             rank = comm.rank
-            where = where_header(f"rank {comm.rank} of {comm.size}")
+            who = f"rank {comm.rank} of {comm.size}"
             path = resolve_shard_path(args.model, comm.rank, comm.size)
             runner = StagedRunner(path, comm, make_session=default_session_factory(threads=args.threads))
-            # Every rank built its shard before any READY: the master starts no request on a half-built job.
+            # Every rank built its shard before any BUILD_FINISH: the master starts no request on a half-built job.
             comm.barrier()
         except BaseException as exc:
-            _send_error(sock, exc, where, rank, None)
+            sock.send_multipart(proto.error_frames(0, exc, who, rank=rank))
             return 1
-        sock.send_multipart(proto.encode(proto.READY, {
-            "rank": comm.rank, "size": comm.size,
-            "inputs": [a.name for a in runner.get_inputs()], "outputs": [a.name for a in runner.get_outputs()],
-        }))
+        sock.send_multipart(proto.encode(
+            proto.BUILD_FINISH, 0, status=proto.OK, who=who, host=socket.gethostname(), pid=os.getpid(),
+            rank=comm.rank, size=comm.size,
+            inputs=[a.name for a in runner.get_inputs()], outputs=[a.name for a in runner.get_outputs()],
+        ))
+        names = [a.name for a in runner.get_outputs()]
         while True:
             if not sock.poll(_POLL_MS):
                 if not _master_alive(args.master_pid):
                     return 1  # orphaned: the master is gone, nobody will send EXIT
                 continue
-            kind, header, arrays, _ = proto.decode(sock.recv_multipart())
-            if kind == proto.EXIT:
-                return 0
-            if kind != proto.PREDICT:
-                continue
+            request_id = 0
             try:
+                msg = proto.decode(sock.recv_multipart(), "the master")
+                request_id = msg.id
+                if msg.kind == proto.EXIT:
+                    return 0
+                if msg.kind != proto.PREDICT:
+                    raise proto.ProtocolError(f"{who} received {msg.kind}, which a master never sends to a rank")
+                sock.send_multipart(proto.encode(proto.STARTED, request_id, status=proto.OK, rank=comm.rank))
                 started = time.perf_counter()
-                outputs = runner.run(None, arrays)
+                outputs = runner.run(None, msg.arrays())
                 seconds = time.perf_counter() - started
             except BaseException as exc:
-                _send_error(sock, exc, where, comm.rank, header.get("id"))
+                sock.send_multipart(proto.error_frames(request_id, exc, who, rank=comm.rank))
                 return 1  # peers may be stuck in a collective: this job is over
-            names = [a.name for a in runner.get_outputs()]
             payload = dict(zip(names, outputs)) if comm.rank == 0 else {}
-            reply = {"id": header["id"], "rank": comm.rank, "seconds": seconds}
-            sock.send_multipart(proto.encode(proto.REPLY, reply, payload))
+            sock.send_multipart(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,
+                                             seconds=seconds, arrays=payload))
     finally:
         if comm is not None:
             try:
@@ -119,12 +133,6 @@ def main(argv=None) -> int:
                 pass
         sock.close()
         ctx.term()
-
-
-def _send_error(sock, exc, where, rank, request_id) -> None:
-    packed = pack_exception(exc, where)
-    pickled = packed.pop("pickled", b"")
-    sock.send_multipart(proto.encode(proto.ERROR, {"id": request_id, "rank": rank, "error": packed}, extra=[pickled]))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from ._errors import (
     ModelNotFoundError,
     OrchestratorError,
     PeerLostError,
+    PortInUseError,
     ProviderError,
     RankFailedError,
     RankTableError,
