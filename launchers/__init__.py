@@ -1,4 +1,9 @@
-"""Starting many rank processes (through mpirun, from a rank table, as local children) and watching them."""
+"""Starting and watching child processes: the one supervisor, and the launchers built on it.
+
+``Supervisor`` (``ProcessGroup``) starts, watches, reports and stops every set of child
+processes in the project (ranks, ShardedModel's ranks, batch-split workers); ``MpiLauncher``
+and ``RankTableLauncher`` run ranks through it.
+"""
 
 from ranks._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError, RankFailedError
 

@@ -195,3 +195,22 @@ def test_a_stopped_group_releases_its_watchdog_and_keeps_the_paths(tmp_path):
     assert not wait_gone([janitor], 5)
     assert keep.is_dir()  # the owner removes its own paths; the watchdog only acts when the owner died
     assert not leftovers(marker)
+
+
+@pytest.mark.timeout(60)
+def test_stop_from_two_threads_at_once():
+    marker = new_marker()
+    group = Supervisor(_specs(2, marker, "--others", "ignore-term"), output=_quiet(), stop_timeout=1.0)
+    group.start()
+    time.sleep(0.5)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(group.stop())) for _ in range(2)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert time.monotonic() - started < 10  # one shared deadline, not one per caller
+    assert len(results) == 2 and results[0] == results[1]
+    assert [(e.rank, e.stopped) for e in results[0]] == [(0, True), (1, True)]
+    assert not leftovers(marker)
