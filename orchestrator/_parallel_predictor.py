@@ -34,7 +34,6 @@ import collections
 import copy
 import os
 import pickle
-import select
 import socket
 import threading
 import time
@@ -343,8 +342,7 @@ class ParallelPredictor:
                 raise WorkerTimeoutError(
                     f"building the model: {names} did not report BUILD_FINISH within {self._timeout:g} s"
                 )
-            ready, _, _ = select.select(list(pending), [], [], remaining)
-            for channel in ready:
+            for channel in proto.wait(list(pending), remaining):
                 worker = pending[channel]
                 msg = self._receive(worker, f"building the model {worker.model_path}")
                 if msg.kind == proto.ERROR:
@@ -665,8 +663,7 @@ class ParallelPredictor:
                 names = ", ".join(f"{w.name} (rows {rows[w.index][0]}:{rows[w.index][1]})" for w in pending.values())
                 raise WorkerTimeoutError(f"predict request {request_id}: {names} did not answer within {timeout:g} s")
             # A worker that dies closes its socket: EOF wakes this select at once.
-            ready, _, _ = select.select(list(pending), [], [], remaining)
-            for channel in ready:
+            for channel in proto.wait(list(pending), remaining):
                 w = pending[channel]
                 first, last = rows[w.index]
                 msg = self._receive(w, f"running rows {first}:{last} of predict request {request_id}")

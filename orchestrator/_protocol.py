@@ -26,7 +26,9 @@ BUILD_FINISH    worker->master  status ok; who, host, pid, inputs and outputs as
 PREDICT         master->worker  batch-split: slot, inputs [TensorSpec], out_offset,
                                 out_capacity, block, placement [TensorSpec], forget [names];
                                 sharded: arrays [{name, dtype, shape}] + one buffer per array
-STARTED         rank->master    status ok; rank: it took request ``id`` and runs it
+STARTED         rank->master    status ok; rank: it took request ``id`` and still runs it (sent
+                                once, only for a request running longer than a short while,
+                                so a short request costs no message)
 REPLY           worker->master  status ok: batch-split: placed, outputs [TensorSpec];
                                 sharded: rank, seconds (time in run()), arrays + buffers
                                 (rank 0 only); status need_space: needed (bytes)
@@ -46,8 +48,8 @@ Order (handshake before traffic; each master documents its side):
   batch-split worker after its BUILD); the master sends no PREDICT before it
   has BUILD_FINISH from EVERY worker, so a build error surfaces in the
   constructor, not in some later request;
-- for each PREDICT, a worker sends exactly one REPLY or ERROR (a rank sends
-  STARTED first), one more after each COLLECT; a master never sends a second
+- for each PREDICT, a worker sends exactly one REPLY or ERROR (a rank may send
+  STARTED before it), one more after each COLLECT; a master never sends a second
   PREDICT to a worker before the answer to the first;
 - a version mismatch is refused by whichever side reads the other's first
   message: ``decode`` raises ``ProtocolError`` naming both versions.
@@ -272,11 +274,25 @@ class StreamChannel:
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """True when a message (or EOF) is waiting, within ``timeout`` seconds."""
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        return bool(ready)
+        return bool(wait([self], timeout))
 
     def close(self) -> None:
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+def wait(channels, timeout: float | None) -> list:
+    """The channels among ``channels`` with a message (or EOF) waiting, within ``timeout`` seconds (None: no limit).
+
+    ``poll``, not ``select``: it takes file descriptors above 1023, which a busy master may hold.
+    """
+    poller = select.poll()
+    by_fd = {}
+    for channel in channels:
+        fd = channel.fileno()
+        by_fd[fd] = channel
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+    events = poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+    return [by_fd[fd] for fd, _ in events if fd in by_fd]

@@ -20,8 +20,10 @@ Handshake and order (reordering any step would deadlock or misreport):
    or the startup timeout end the constructor. (zmq: a rank whose port was
    taken after the master probed it reports ``PortInUseError``; the master
    stops every rank and starts them again on other ports, ``PORT_ATTEMPTS`` times);
-4. one request at a time (a lock): PREDICT to every rank; each answers
-   STARTED, then REPLY (rank 0's carries the outputs) or ERROR;
+4. one request at a time (a lock): PREDICT to every rank; each answers REPLY
+   (rank 0's carries the outputs) or ERROR, and STARTED before it when the
+   request runs longer than a short while (a stalled request's ranks have said
+   whether they took it);
 5. close: EXIT to every rank, up to ``EXIT_GRACE`` seconds for them to leave
    (not waiting for a suspended rank, which cannot read it), then the
    supervisor's stop: TERM + CONT, one deadline, KILL.
@@ -154,7 +156,7 @@ class ShardedModel:
         self._ranks: dict[int, dict] = {}  # each rank's BUILD_FINISH header: pid, host, ...
         self.last_rank_seconds: float | None = None
         self._job = _Job(tempfile.mkdtemp(prefix="orch_sharded_"))
-        self._finalizer = weakref.finalize(self, self._job.shutdown, False)
+        self._finalizer = weakref.finalize(self, self._job.shutdown, True)  # garbage collection, interpreter exit
         try:
             # A Unix socket in our own temporary directory: every rank runs on this host, and it moves a
             # batch-64 tensor faster than TCP on 127.0.0.1; it goes away with the directory.
@@ -319,7 +321,7 @@ class ShardedModel:
         what = "did not answer" if started is not None else "did not report BUILD_FINISH"
         parts = []
         for rank in silent:
-            note = ["it never took the request"] if started is not None else []
+            note = ["it never reported taking the request"] if started is not None else []
             if rank in suspended:
                 note.append("its process is stopped (SIGSTOP or Ctrl-Z)")
             parts.append(f"{self._where(rank)} {what} within {self.timeout:g} s" + (f": {', and '.join(note)}" if note else ""))

@@ -7,13 +7,18 @@ Messages are the one protocol's (``_protocol``, ZeroMQ framing; this rank's
 DEALER talks to the master's ROUTER). Its states::
 
     BUILDING  communicator, shard, a barrier with every rank --> BUILD_FINISH (or ERROR, exit 1)
-    SERVING   PREDICT --> STARTED, run, REPLY (or ERROR, exit 1); EXIT --> close, exit 0
+    SERVING   PREDICT --> run (STARTED once it has run STARTED_AFTER s), REPLY (or ERROR, exit 1);
+              EXIT --> close, exit 0
 
 The barrier comes before BUILD_FINISH, so BUILD_FINISH from every rank means
 every rank is ready. Every rank gets every request from the master (not
 through a collective), so ranks that sit idle between requests never run into
 a collective's timeout. STARTED says the rank took the request: when a request
-stalls, the master names the ranks that never did. Rank 0 replies with the
+stalls, the master names the ranks that never said so. A helper thread sends it
+on its own socket, and only for a request still running after a short while
+(``_Progress``): a short request costs no message, and no wake-up of the
+master while the ranks compute (on a machine with as many cores as ranks,
+that wake-up would delay a rank and its peers with it). Rank 0 replies with the
 outputs; the other ranks reply with an empty REPLY so the master knows they
 finished. After an ERROR inside a request the rank exits: its peers may be
 stuck in a collective, the job is over.
@@ -25,6 +30,7 @@ import argparse
 import os
 import socket
 import sys
+import threading
 import time
 
 import zmq
@@ -35,6 +41,42 @@ from ranks._staged_runner import StagedRunner, default_session_factory
 from . import _protocol as proto
 
 _POLL_MS = 500
+STARTED_AFTER = 0.2  # seconds a request runs before the rank reports it took it (at most a quarter of the timeout)
+
+
+class _Progress:
+    """A thread that sends STARTED for a request once it has run ``after`` seconds, on its own socket.
+
+    The main thread only writes ``current`` (request id, start) before a run and
+    None after it: no system call per request. A stopped process sends nothing,
+    which is what the master needs to tell a stopped rank from one that waits
+    for it inside a collective.
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, rank: int, after: float):
+        self.current: tuple[int, float] | None = None
+        self._ctx, self._address, self._rank, self._after = ctx, address, rank, after
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="orch-progress", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)  # made, used and closed on this thread only
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self._address)
+        reported = None
+        try:
+            while not self._stop.wait(self._after / 2):
+                current = self.current
+                if current is not None and current[0] != reported and time.monotonic() - current[1] >= self._after:
+                    sock.send_multipart(proto.encode(proto.STARTED, current[0], status=proto.OK, rank=self._rank))
+                    reported = current[0]
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +124,7 @@ def main(argv=None) -> int:
     sock.setsockopt(zmq.LINGER, 2000)
     sock.connect(args.master)
     comm = None
+    progress = None
     rank = args.rank if args.rank is not None else "?"
     who = f"rank {rank}"
     try:
@@ -102,6 +145,8 @@ def main(argv=None) -> int:
             inputs=[a.name for a in runner.get_inputs()], outputs=[a.name for a in runner.get_outputs()],
         ))
         names = [a.name for a in runner.get_outputs()]
+        after = STARTED_AFTER if not args.timeout else min(STARTED_AFTER, args.timeout / 4)
+        progress = _Progress(ctx, args.master, comm.rank, after)
         while True:
             if not sock.poll(_POLL_MS):
                 if not _master_alive(args.master_pid):
@@ -115,10 +160,11 @@ def main(argv=None) -> int:
                     return 0
                 if msg.kind != proto.PREDICT:
                     raise proto.ProtocolError(f"{who} received {msg.kind}, which a master never sends to a rank")
-                sock.send_multipart(proto.encode(proto.STARTED, request_id, status=proto.OK, rank=comm.rank))
+                progress.current = (request_id, time.monotonic())
                 started = time.perf_counter()
                 outputs = runner.run(None, msg.arrays())
                 seconds = time.perf_counter() - started
+                progress.current = None
             except BaseException as exc:
                 sock.send_multipart(proto.error_frames(request_id, exc, who, rank=comm.rank))
                 return 1  # peers may be stuck in a collective: this job is over
@@ -126,6 +172,8 @@ def main(argv=None) -> int:
             sock.send_multipart(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,
                                              seconds=seconds, arrays=payload))
     finally:
+        if progress is not None:
+            progress.close()
         if comm is not None:
             try:
                 comm.close()

@@ -68,7 +68,7 @@ def test_a_stuck_rank_is_named(mlp_shards, backend):
     took = time.monotonic() - started
     message = str(info.value)
     assert message.startswith(f"predict request 2: rank 1 of 2 on host {socket.gethostname()} (pid {stuck}) "
-                              f"did not answer within 3 s: it never took the request, and its process is stopped")
+                              f"did not answer within 3 s: it never reported taking the request, and its process is stopped")
     assert f"rank 0 of 2 on host {socket.gethostname()} (pid {model.pids[0]}) took it and waits" in message
     assert "@@" not in message and "orchestrate-rank" not in message
     assert 3.0 <= took < 6.0, took  # the timeout, plus stopping the job
