@@ -80,6 +80,9 @@ EXIT_GRACE = 2.0  # close(): seconds the ranks get to leave after EXIT before th
 PORT_ATTEMPTS = 3  # zmq: how often the ranks are started again when a port was taken under them
 FAILURE_GRACE = 1.0  # after a rank reports a lost or silent peer: how long to wait for that peer's own failure
 _LAST_WORD_MS = 250  # after a death: how long its last message (an ERROR) may take to arrive
+# A rank that took a request says so (STARTED) within about 0.3 s (_sharded_worker.STARTED_AFTER and its
+# helper's cadence): one that has not after this long never took it.
+SILENT_AFTER = 1.0
 
 
 class _Job:
@@ -212,18 +215,18 @@ class ShardedModel:
         ) from taken
 
     def _wait_built(self, deadline: float) -> None:
-        pending = set(range(self.tp))
-        while pending:
-            msg, identity = self._receive(deadline, "starting the ranks", pending)
+        exchange = _Exchange("starting the ranks", set(range(self.tp)), None)
+        while exchange.pending:
+            msg, identity = self._receive(deadline, exchange)
             if msg.kind == proto.ERROR:
-                raise self._error_from(msg, "starting the ranks", pending, None)
+                raise self._error_from(msg, exchange)
             if msg.kind != proto.BUILD_FINISH:
                 raise WorkerError(f"starting the ranks: a rank sent {msg.kind}; expected BUILD_FINISH or ERROR")
             rank = msg["rank"]
             self._job.peers[rank] = identity
             self._ranks[rank] = msg.header
             self.inputs, self.outputs = msg["inputs"], msg["outputs"]
-            pending.discard(rank)
+            exchange.pending.discard(rank)
 
     # -- running -------------------------------------------------------------
     def predict(self, inputs) -> dict[str, np.ndarray]:
@@ -240,99 +243,126 @@ class ShardedModel:
         """Send checked inputs to every rank and wait for rank 0's outputs (the lock is held)."""
         request = self._next_id
         self._next_id += 1
-        doing = f"predict request {request}"
+        exchange = _Exchange(f"predict request {request}", set(range(self.tp)), set())
         frames = proto.encode(proto.PREDICT, request, arrays=inputs)
         deadline = time.monotonic() + self.timeout
-        pending, started = set(range(self.tp)), set()
         result = None
         self.last_rank_seconds = None  # slowest rank's time inside run(), without the transfers
         try:
             for rank in range(self.tp):
                 self._job.sock.send_multipart([self._job.peers[rank]] + frames)
-            while pending:
-                msg, _ = self._receive(deadline, doing, pending, started)
+            while exchange.pending:
+                msg, _ = self._receive(deadline, exchange)
                 if msg.kind == proto.ERROR:
-                    raise self._error_from(msg, doing, pending, started)
+                    raise self._error_from(msg, exchange)
                 if msg.id != request:
                     continue
                 if msg.kind == proto.STARTED:
-                    started.add(msg["rank"])
+                    exchange.started.add(msg["rank"])
                 elif msg.kind == proto.REPLY:
-                    pending.discard(msg["rank"])
+                    exchange.pending.discard(msg["rank"])
                     self.last_rank_seconds = max(self.last_rank_seconds or 0.0, msg.get("seconds", 0.0))
                     if msg["rank"] == 0:
                         result = {k: np.array(v) for k, v in msg.arrays().items()}
                 else:
-                    raise WorkerError(f"{doing}: {self._where(msg.get('rank'))} sent {msg.kind}; expected STARTED, REPLY or ERROR")
+                    raise WorkerError(f"{exchange.doing}: {self._where(msg.get('rank'))} sent {msg.kind}; "
+                                      f"expected STARTED, REPLY or ERROR")
         except BaseException as exc:
             # A failed or stalled rank leaves its peers inside a collective: the job is over.
-            self._closed = f"{doing} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            self._closed = f"{exchange.doing} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             self._job.shutdown(graceful=False)
             raise
         return result
 
     __call__ = predict
 
-    def _receive(self, deadline: float, doing: str, pending: set, started: set | None = None):
-        """The next message and its sender's identity; a dead rank or the deadline raise (naming the rank)."""
+    def _receive(self, deadline: float, exchange: "_Exchange"):
+        """The next message and its sender's identity; a dead rank or the deadline raise (naming the root cause)."""
         sock, launcher = self._job.sock, self._job.launcher
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._stall(doing, pending, started)
+                raise self._stall(exchange, self._silent(exchange, at_deadline=True))
             if sock.poll(max(1, int(min(remaining, 0.1) * 1000))):
                 return self._recv()
+            # An idle moment: note who is stopped now (by the time a peer gives up on it, the
+            # launcher may already be tearing it down), and whether a rank has died.
+            exchange.suspended.update(set(launcher.suspended()) & exchange.pending)
             error = launcher.failure(every_exit_fails=True)
             if error is not None:
                 if sock.poll(_LAST_WORD_MS):  # its last word (an ERROR) may still be on the way
                     return self._recv()
-                raise _death(doing, error)
+                raise self._root_cause(exchange, _death(exchange.doing, error), error)
 
     def _recv(self):
         frames = self._job.sock.recv_multipart()
         return proto.decode(frames[1:], "a rank"), frames[0]
 
-    def _error_from(self, msg: proto.Message, doing: str, pending: set, started: set | None) -> BaseException:
+    def _error_from(self, msg: proto.Message, exchange: "_Exchange") -> BaseException:
         """The exception for a rank's ERROR: its own, unless it only reports another rank's failure or silence."""
         exc = proto.unpack_error(msg)
         if not isinstance(exc, (CommTimeoutError, PeerLostError)):
             return exc
         # A lost or silent peer: the root cause is that peer. Its death, if it died, is reported at once.
+        exchange.pending.discard(msg.get("rank"))
         deadline = time.monotonic() + FAILURE_GRACE
         while time.monotonic() < deadline:
             error = self._job.launcher.failure(every_exit_fails=True)
-            if error is not None:
-                death = _death(doing, error)
-                death.__cause__ = exc
-                return death
+            failures = getattr(error, "failures", None)
+            # (the rank that sent the ERROR exits after it: its own exit is not the root cause)
+            if error is not None and (failures is None or any(e.rank != msg.get("rank") for e in failures)):
+                return self._root_cause(exchange, _death(exchange.doing, error, exc), error)
             time.sleep(0.05)
-        silent = pending - {msg.get("rank")} - (started if started is not None else set())
+        silent = self._silent(exchange)
         if silent:
-            stall = self._stall(doing, silent | ({msg.get("rank")} & pending), started)
+            stall = self._stall(exchange, silent)
             stall.__cause__ = exc
             return stall
         return exc
 
-    def _stall(self, doing: str, pending: set, started: set | None) -> WorkerTimeoutError:
-        """Name the ranks that did not answer: those that never took the request first (pid, host, stopped or not)."""
-        suspended = set(self._job.launcher.suspended())
-        silent = sorted(pending - started) if started is not None else sorted(pending)
-        busy = sorted(pending & started) if started is not None else []
-        what = "did not answer" if started is not None else "did not report BUILD_FINISH"
+    def _silent(self, exchange: "_Exchange", dead=(), at_deadline: bool = False) -> list[int]:
+        """Ranks that never said they took the request although they had the time to (not dead ones)."""
+        if exchange.started is None:
+            return sorted(exchange.pending) if at_deadline else []
+        if not at_deadline and time.monotonic() - exchange.since < SILENT_AFTER:
+            return []
+        return sorted(exchange.pending - exchange.started - set(dead))
+
+    def _root_cause(self, exchange: "_Exchange", death: WorkerError, report) -> BaseException:
+        """A rank that died during a request may have died of waiting for one that never took it."""
+        failed = {e.rank: e for e in getattr(report, "failures", [])}
+        silent = self._silent(exchange, dead=failed)
+        if not silent:
+            return death
+        stall = self._stall(exchange, silent, failed)
+        stall.__cause__ = death
+        return stall
+
+    def _stall(self, exchange: "_Exchange", silent: list[int], failed: dict | None = None) -> WorkerTimeoutError:
+        """Name the ranks that did not answer: those that never took the request first (pid, host, stopped or
+        not), then those that took it and wait, or failed waiting (``failed``: rank -> RankExit)."""
+        failed = failed or {}
+        suspended = exchange.suspended | set(self._job.launcher.suspended())
+        busy = sorted((exchange.pending & exchange.started) - set(silent)) if exchange.started is not None else []
+        what = "did not answer" if exchange.started is not None else "did not report BUILD_FINISH"
         parts = []
         for rank in silent:
-            note = ["it never reported taking the request"] if started is not None else []
+            note = ["it never reported taking the request"] if exchange.started is not None else []
             if rank in suspended:
                 note.append("its process is stopped (SIGSTOP or Ctrl-Z)")
             parts.append(f"{self._where(rank)} {what} within {self.timeout:g} s" + (f": {', and '.join(note)}" if note else ""))
         text = "; ".join(parts)
-        if busy:
-            names = ", ".join(self._where(r) for r in busy)
+        gave_up = [r for r in busy if r in failed]
+        waiting = [r for r in busy if r not in failed]
+        if waiting:
+            names = ", ".join(self._where(r) for r in waiting)
             if silent:
                 text += f"; {names} took it and waits (in a collective, for the rank(s) above)"
             else:
                 text = f"{names} took the request but did not finish within {self.timeout:g} s"
-        return WorkerTimeoutError(f"{doing}: {text}")
+        for rank in gave_up:
+            text += f"; {self._where(rank)} took it, waited for the rank(s) above and failed: {failed[rank].how()}"
+        return WorkerTimeoutError(f"{exchange.doing}: {text}")
 
     def _where(self, rank) -> str:
         """``rank 1 of 2 on host h (pid 123)``, from its BUILD_FINISH, else from the launcher."""
@@ -375,10 +405,21 @@ class ShardedModel:
         self.close()
 
 
-def _death(doing: str, report: Exception) -> WorkerError:
+class _Exchange:
+    """What the master knows about one exchange with the ranks: the startup, or one request."""
+
+    def __init__(self, doing: str, pending: set, started: set | None):
+        self.doing = doing
+        self.pending = pending  # ranks whose BUILD_FINISH / REPLY has not come
+        self.started = started  # ranks that said they took the request (None at startup)
+        self.since = time.monotonic()
+        self.suspended: set[int] = set()  # pending ranks seen stopped by a signal while the master waited
+
+
+def _death(doing: str, report: Exception, cause: BaseException | None = None) -> WorkerError:
     """A WorkerError carrying the launchers' first-failure report."""
     error = WorkerError(f"{doing}: {report}")
-    error.__cause__ = report
+    error.__cause__ = cause if cause is not None else report
     return error
 
 

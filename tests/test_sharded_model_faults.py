@@ -33,18 +33,20 @@ def mlp_shards(sample, tmp_path_factory):
     return shard_model(sample("mlp"), 2, tmp_path_factory.mktemp("mlp_tp2"), progress=False).model_path
 
 
-def _everything(model: ShardedModel) -> list[int]:
-    """Every process of the job below us: ranks, mpirun and its wrappers, the watchdog."""
-    return descendants(os.getpid())
+def _new_processes(before: set[int]) -> list[int]:
+    """Processes below us that were not there ``before``: the job's ranks, mpirun and its wrappers, the watchdog
+    (not what else the test session keeps, such as multiprocessing's resource tracker)."""
+    return [pid for pid in descendants(os.getpid()) if pid not in before]
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_close_with_a_stopped_rank_is_quick(mlp_shards, backend):
     """Was 10 s (zmq) and 5 s (mpi): EXIT waited for, then SIGTERM without SIGCONT."""
+    before = set(descendants(os.getpid()))
     model = ShardedModel(mlp_shards, backend=backend, timeout=60)
     model.predict([np.ones((2, 64), np.float32)])
-    processes = _everything(model)
+    processes = _new_processes(before)
     os.kill(model.pids[1], signal.SIGSTOP)
     started = time.monotonic()
     model.close()
@@ -57,9 +59,10 @@ def test_close_with_a_stopped_rank_is_quick(mlp_shards, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_stuck_rank_is_named(mlp_shards, backend):
     """Was a generic "no answer from the 2 ranks" (mpi: with raw @@orchestrate-rank lines), after 13 s on zmq."""
+    before = set(descendants(os.getpid()))
     model = ShardedModel(mlp_shards, backend=backend, timeout=3)
     model.predict([np.ones((2, 64), np.float32)])
-    processes = _everything(model)
+    processes = _new_processes(before)
     stuck = model.pids[1]
     os.kill(stuck, signal.SIGSTOP)
     started = time.monotonic()
@@ -69,7 +72,8 @@ def test_a_stuck_rank_is_named(mlp_shards, backend):
     message = str(info.value)
     assert message.startswith(f"predict request 2: rank 1 of 2 on host {socket.gethostname()} (pid {stuck}) "
                               f"did not answer within 3 s: it never reported taking the request, and its process is stopped")
-    assert f"rank 0 of 2 on host {socket.gethostname()} (pid {model.pids[0]}) took it and waits" in message
+    # rank 0 waits in a collective for rank 1; its own collective timeout may end it first (mpi aborts it)
+    assert f"rank 0 of 2 on host {socket.gethostname()} (pid {model.pids[0]}) took it" in message
     assert "@@" not in message and "orchestrate-rank" not in message
     assert 3.0 <= took < 6.0, took  # the timeout, plus stopping the job
     assert not wait_gone(processes, 10)  # the job is over: everything stopped, the stopped rank too
@@ -139,10 +143,11 @@ def test_a_port_taken_under_the_ranks_is_retried(mlp_shards, monkeypatch):
         return held.getsockname()[1] if len(probes) == 1 else free_base_port(count, *args, **kwargs)
 
     monkeypatch.setattr(sharded, "free_base_port", probe)
+    before = set(descendants(os.getpid()))
     try:
         with ShardedModel(mlp_shards, backend="zmq", timeout=60) as model:
             out = model.predict([np.ones((2, 64), np.float32)])["y"]
-            processes = _everything(model)
+            processes = _new_processes(before)
         assert out.shape == (2, 64) and len(probes) == 2
         assert not wait_gone(processes, 10)
     finally:
@@ -194,3 +199,40 @@ def test_a_worker_of_another_protocol_version_says_so(tmp_path):
             worker.kill()
         worker.wait()
         worker.stderr.close()
+
+
+def test_the_root_cause_of_a_stall_is_the_rank_that_never_took_the_request():
+    """In-process: rank 0 took request 7 and died of waiting in a collective (its communicator aborts the
+    process); rank 1 never said it took the request and was seen stopped. Rank 1 is named, rank 0's death
+    is the cause. A death with no silent rank stays a death."""
+    from launchers import RankExit
+    from orchestrator._sharded_model import _death, _Exchange
+    from ranks import RankFailedError
+
+    class Launcher:
+        def suspended(self):
+            return []  # already torn down by the time the report is written
+
+    model = ShardedModel.__new__(ShardedModel)
+    model.tp, model.timeout = 2, 3.0
+    model._ranks = {0: {"pid": 100, "host": "h"}, 1: {"pid": 101, "host": "h"}}
+    model._job = type("Job", (), {"launcher": Launcher()})()
+    exchange = _Exchange("predict request 7", {0, 1}, {0})
+    exchange.since -= 3.0
+    exchange.suspended.add(1)
+    died = RankExit(0, "h", 100, 1, None, time.time(), ("rank 0 of 2: exiting after a failed collective",))
+    report = RankFailedError("rank 0 of 2 on host h (pid 100) failed: exit code 1", [died])
+    error = model._root_cause(exchange, _death(exchange.doing, report), report)
+    assert isinstance(error, WorkerTimeoutError)
+    assert str(error) == ("predict request 7: rank 1 of 2 on host h (pid 101) did not answer within 3 s: it never "
+                          "reported taking the request, and its process is stopped (SIGSTOP or Ctrl-Z); rank 0 of 2 on "
+                          "host h (pid 100) took it, waited for the rank(s) above and failed: exit code 1")
+    assert "exit code 1" in str(error.__cause__)
+    # every pending rank took the request: the death is the answer
+    exchange.started.add(1)
+    death = _death(exchange.doing, report)
+    assert model._root_cause(exchange, death, report) is death
+    # a fresh request (younger than SILENT_AFTER): a rank that has not said so yet may still take it
+    young = _Exchange("predict request 8", {0, 1}, {0})
+    death = _death(young.doing, report)
+    assert model._root_cause(young, death, report) is death
