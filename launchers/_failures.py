@@ -64,6 +64,8 @@ class RankExit:
     ``time`` is the Unix time the exit was seen; ``tail`` the last lines of the
     rank's stderr (or stdout when stderr was empty); ``last_output`` the Unix
     time its last line (on either stream) was read, None when it wrote none.
+    ``label``: what reports call a child that is not a rank ("worker for
+    device 0"); None for a rank, which reports call "rank N of W".
     """
 
     rank: int
@@ -75,6 +77,7 @@ class RankExit:
     tail: tuple[str, ...] = field(default=())
     stopped: bool = False
     last_output: float | None = None
+    label: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -119,6 +122,7 @@ class RankExit:
             "tail": list(self.tail),
             "stopped": self.stopped,
             "last_output": self.last_output,
+            **({"label": self.label} if self.label is not None else {}),
         }
 
     @classmethod
@@ -133,6 +137,7 @@ class RankExit:
             tail=tuple(str(line) for line in data.get("tail", ())),
             stopped=bool(data.get("stopped", False)),
             last_output=None if data.get("last_output") is None else float(data["last_output"]),
+            label=data.get("label"),
         )
 
 
@@ -155,10 +160,16 @@ def split_failures(exits: list[RankExit]) -> tuple[list[RankExit], list[RankExit
     return failures, stopped
 
 
+def name(exit_: RankExit, world: int | None = None) -> str:
+    """``rank 1 of 4``, or the child's label (``worker for device 0``)."""
+    if exit_.label is not None:
+        return exit_.label
+    return f"rank {exit_.rank}" + (f" of {world}" if world else "")
+
+
 def where(exit_: RankExit, world: int | None = None) -> str:
     """``rank 1 of 4 on host h (pid 123)``: the same header ``ranks._remote_errors.where_header`` writes."""
-    of = f" of {world}" if world else ""
-    return f"rank {exit_.rank}{of} on host {exit_.host} (pid {exit_.pid})"
+    return f"{name(exit_, world)} on host {exit_.host} (pid {exit_.pid})"
 
 
 def _when(exit_: RankExit) -> str:
@@ -178,8 +189,11 @@ def _output_lines(exit_: RankExit) -> list[str]:
 def _stopped_line(stopped: list[RankExit]) -> list[str]:
     if not stopped:
         return []
-    parts = ", ".join(f"{e.rank} (pid {e.pid}, {e.how()})" for e in stopped)
-    return [f"ranks stopped afterwards: {parts}"]
+    if all(e.label is None for e in stopped):
+        parts = ", ".join(f"{e.rank} (pid {e.pid}, {e.how()})" for e in stopped)
+        return [f"ranks stopped afterwards: {parts}"]
+    parts = ", ".join(f"{name(e)} (pid {e.pid}, {e.how()})" for e in stopped)
+    return [f"stopped afterwards: {parts}"]
 
 
 def format_report(failures: list[RankExit], stopped: list[RankExit], world: int | None = None) -> str:

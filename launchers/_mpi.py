@@ -5,7 +5,7 @@ Layers, each usable alone:
 - ``find_mpirun`` / ``mpi_flavor`` / ``available_cores``: facts about this machine;
 - ``MpiLaunchConfig``: what the user asked for, validated;
 - ``build_mpirun_command``: config + facts -> argv (a pure function);
-- ``MpiLauncher``: runs that argv in a ``ProcessGroup`` and turns what the
+- ``MpiLauncher``: runs that argv in a ``Supervisor`` and turns what the
   ranks' wrappers report into ``RankFailedError``.
 
 Every rank runs under ``_rank_wrapper.py``, which prefixes its lines with
@@ -38,7 +38,7 @@ from ._errors import LaunchError, RankFailedError
 from ._failures import RankExit, early_exit, failure_error, format_early_exit, format_report, split_failures
 from ._output import RankOutput, prefix
 from ._launch_options import check_common_options
-from ._process_group import ProcessGroup, ProcessSpec, resolve_program
+from ._supervisor import ProcessSpec, Supervisor, is_suspended, resolve_program
 from ._rank_wrapper import parse_record
 
 WRAPPER = Path(__file__).with_name("_rank_wrapper.py")
@@ -219,6 +219,15 @@ def build_mpirun_command(
     return argv
 
 
+def scratch_environment(directory: str) -> dict[str, str]:
+    """Open MPI variables that put its session directory and shared-memory backing files in ``directory``."""
+    return {
+        "PRTE_MCA_prte_tmpdir_base": directory,
+        "OMPI_MCA_btl_sm_backing_directory": directory,
+        "OMPI_MCA_osc_sm_backing_directory": directory,
+    }
+
+
 # --- running it ---------------------------------------------------------------------------------
 class MpiOutput(RankOutput):
     """mpirun's output, split back into ranks: ``[rank N]`` lines go to rank N, records are kept, the rest is mpirun's."""
@@ -273,15 +282,31 @@ class MpiLauncher:
     ``LaunchInterruptedError`` or ``LaunchError`` (mpirun failed before any
     rank did, e.g. an unknown host). mpirun, every wrapper and every rank
     process on this host are gone when it returns or raises.
+
+    A master that talks to the ranks while they run uses the same three calls
+    as on a ``Supervisor``: ``start()``; ``failure()`` (None while no rank
+    failed and mpirun runs, else the error ``run`` would raise, built from the
+    wrappers' records, so no record line reaches a message); ``stop()``.
+    ``join``, ``suspended`` and ``pids`` as on a ``Supervisor`` (ranks are this host's,
+    from the wrappers' start records). ``env``: extra environment for mpirun, and so
+    for the ranks it starts on this host. ``cleanup_paths``: as for ``Supervisor``
+    (removed if this process dies first). ``scratch_dir``: a directory for the
+    MPI's own files on this host (Open MPI: its session directory and its
+    shared-memory backing files, which it leaves behind when mpirun is
+    killed); give one that is in ``cleanup_paths`` to leave nothing.
     """
 
-    def __init__(self, config: MpiLaunchConfig, *, stdout=None, stderr=None):
+    def __init__(self, config: MpiLaunchConfig, *, stdout=None, stderr=None, env=None, cleanup_paths=(),
+                 scratch_dir=None):
         self.config = config
         self._started = time.time()
         self.mpirun = find_mpirun(config.mpirun)
         self.flavor = mpi_flavor(self.mpirun)
         self.shm_dir = None
-        if self.flavor == OPEN_MPI and config.hosts is None and config.hostfile is None:
+        env = dict(env or {})
+        if scratch_dir is not None and self.flavor == OPEN_MPI:
+            env.update(scratch_environment(os.fspath(scratch_dir)))
+        elif self.flavor == OPEN_MPI and config.hosts is None and config.hostfile is None:
             # Open MPI leaves its shared-memory files (/dev/shm/sm_segment.*) behind when mpirun
             # is killed; in a directory of ours they go with it (removed at the end, by the
             # ranks' wrappers when this launcher is SIGKILLed, or by the next sweep).
@@ -292,12 +317,64 @@ class MpiLauncher:
             tail_lines=config.tail_lines, console=config.console, on_failure=self._rank_failed,
         )
         # mpirun forwards the ranks' output in its own order; the group's key -1 is mpirun itself.
-        self.group = ProcessGroup(
-            [ProcessSpec(-1, self.command, label="mpirun")],
+        self.group = Supervisor(
+            [ProcessSpec(-1, self.command, env=env, label="mpirun")],
             output=self.output,
             stop_timeout=config.stop_timeout,
             world_size=config.nprocs,
+            cleanup_paths=cleanup_paths,
         )
+
+    def start(self) -> None:
+        """Start mpirun (every rank under its wrapper) and return."""
+        self.group.start()
+
+    def failure(self, *, every_exit_fails: bool = True) -> Exception | None:
+        """The error of the job so far (a rank failed, or mpirun ended), or None while it runs well.
+
+        mpirun ending at all counts (``every_exit_fails`` is accepted for the
+        ``Supervisor`` interface): a master calls this only while it needs the ranks."""
+        mpirun = self.group.exit_of(-1)
+        if mpirun is None and not any(e.failed and not e.stopped for e in self.output.exits()):
+            return None
+        return self._rank_error(mpirun if mpirun is not None and mpirun.failed else None)
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """{-1: mpirun's pid} once started."""
+        return self.group.pids
+
+    def rank_pids(self) -> dict[int, int]:
+        """Rank -> pid of its program, for the ranks on this host that have started (wrappers' start records)."""
+        host = socket.gethostname()
+        return {rank: start["pid"] for rank, start in dict(self.output.starts).items()
+                if start.get("host") == host and isinstance(start.get("pid"), int)}
+
+    def suspended(self) -> list[int]:
+        """Ranks on this host whose program is stopped by a signal now and has not ended."""
+        ended = {e.rank for e in self.output.exits()}
+        return sorted(r for r, pid in self.rank_pids().items() if r not in ended and is_suspended(pid))
+
+    def join(self, timeout: float, *, skip_suspended: bool = False) -> bool:
+        """Wait up to ``timeout`` seconds for mpirun to end; True when it has. ``skip_suspended``: stop
+        waiting as soon as a rank still running here is suspended (it cannot act until continued, and
+        its peers wait for it in MPI's finalize)."""
+        deadline = time.monotonic() + timeout
+        while self.group.running():
+            if time.monotonic() >= deadline or (skip_suspended and self.suspended()):
+                return False
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> list[RankExit]:
+        """Stop mpirun (TERM + CONT, a deadline, KILL) and kill any rank it left behind; the ranks' exits."""
+        try:
+            self.group.stop()
+        finally:
+            self._reap_leftovers()
+            if self.shm_dir is not None:
+                _shared_memory.remove_directory(self.shm_dir)
+        return sorted(self.output.exits(), key=lambda e: e.rank)
 
     def _rank_failed(self, exit_: RankExit) -> None:
         # Open MPI ends the job by itself when a rank fails; MPICH's hydra waits

@@ -2,7 +2,7 @@
 
 For each local device: ``PROGRAM ARGS --device_id=D --rank_id=R --config_file=INI``
 with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` exported, all watched by one
-``ProcessGroup`` (first failure reported, the others stopped).
+``Supervisor`` (first failure reported, the others stopped).
 
 On a multi-host table, run the same command on every host: each starts only
 its own ranks (``--server`` names this host's ``server_id`` when its names
@@ -27,7 +27,7 @@ from ranks._rank_table import RankDevice, RankTable, this_host_addresses
 from ._failures import RankExit
 from ._output import RankOutput
 from ._launch_options import check_common_options
-from ._process_group import ProcessGroup, ProcessSpec, resolve_program
+from ._supervisor import ProcessSpec, Supervisor, resolve_program
 
 
 @dataclass
@@ -106,7 +106,7 @@ class RankTableLauncher:
 
     Raises ``RankTableError`` for a bad table, ``LaunchError`` when the
     table lists nothing for this host; ``run()`` then behaves as
-    ``ProcessGroup.run`` (``RankFailedError``, ``LaunchTimeoutError``,
+    ``Supervisor.run`` (``RankFailedError``, ``LaunchTimeoutError``,
     ``LaunchInterruptedError``), leaving nothing running.
     """
 
@@ -125,7 +125,7 @@ class RankTableLauncher:
         self.output = RankOutput(
             config.log_dir, stdout=stdout, stderr=stderr, tail_lines=config.tail_lines, console=config.console
         )
-        self.group = ProcessGroup(
+        self.group = Supervisor(
             self.specs, output=self.output, stop_timeout=config.stop_timeout, world_size=self.table.world_size
         )
 

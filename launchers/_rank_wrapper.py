@@ -243,7 +243,7 @@ class _Wrapper:
 
 
 def _has_exited(pid: int) -> bool:
-    """True when child ``pid`` has ended, without reaping it (as ``_process_group.has_exited``)."""
+    """True when child ``pid`` has ended, without reaping it (as ``_supervisor.has_exited``)."""
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:

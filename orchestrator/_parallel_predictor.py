@@ -3,12 +3,21 @@
     with ParallelPredictor("model.onnx", device_ids=[0, 1], context=ctx) as predictor:
         outputs = predictor.predict({"x": batch})
 
-Pieces: the pipe messages are in ``_worker_protocol``, the layout of the
-shared-memory slots and blocks in ``_worker_memory`` (their segments, and who
-unlinks them when, in ``ranks._shared_memory``), the child's loop in
-``_worker_main``. This module plans cores and slices, starts and watches the
-workers, and turns every way a worker can fail into an exception in the
-caller.
+Pieces: the messages are in ``_protocol`` (stream framing over one
+socketpair per worker), the layout of the shared-memory slots and blocks
+in ``_worker_memory`` (their segments, and who unlinks them when, in
+``ranks._shared_memory``), the worker's loop in ``_worker_main``, which the
+supervisor (``launchers.Supervisor``) starts as ``python -m
+orchestrator._worker_main``: the caller's script is never imported again, so
+it needs no main guard, and ``python -c``, stdin and notebooks work. This
+module plans cores and slices, talks to the workers, and turns every way a
+worker can fail into an exception in the caller.
+
+Handshake (before any traffic): start every worker; send each its BUILD; wait
+for BUILD_FINISH from EVERY worker before the first PREDICT, so a build error
+surfaces in the constructor. Then per request: one PREDICT per worker used,
+one REPLY or ERROR back from each (a need_space REPLY asks for a COLLECT);
+requests are served one at a time.
 
 Failure policy: an exception raised by the model inside a worker (bad input,
 an ONNX Runtime error) reaches the caller with its type and the worker's
@@ -24,34 +33,32 @@ from __future__ import annotations
 
 import collections
 import copy
-import multiprocessing
 import os
-import signal
+import pickle
+import socket
 import threading
 import time
 import warnings
 import weakref
-from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import numpy as np
 
+from launchers import LaunchError, ProcessSpec, RankOutput, Supervisor, python_module
 from ranks._context import Context
 from ranks._env import default_timeout
 from ranks._errors import ConfigError, InputError, ModelNotFoundError
-
-from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
-from ranks._remote_errors import unpack_exception
 from ranks._session import usable_cores
 from ranks._tensor import DataType, Tensor, check_shape
 
-from . import _worker_protocol as proto
+from . import _protocol as proto
+from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
+from ._protocol import TensorSpec
 from ._worker_memory import BlockPool, Slot, aligned, layout, segment_prefix
-from ._worker_protocol import TensorSpec
-from ._worker_main import WorkerSpec, worker_main
 
-EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT before TERM
-TERM_GRACE_SECONDS = 1.0  # then how long after TERM before KILL
+EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT (not a suspended one) before TERM
+TERM_GRACE_SECONDS = 1.0  # then how long after TERM + CONT before KILL
+WORKER_MODULE = "orchestrator._worker_main"
 
 
 def plan_cores(workers: int, threads: int, pool: list[int]) -> tuple[list[list[int]], int, str | None]:
@@ -129,13 +136,13 @@ def _rows_of(spec: TensorSpec, start: int, count: int) -> TensorSpec:
 
 
 class _Worker:
-    def __init__(self, index: int, device_id: int, model_path: str, process, conn):
+    def __init__(self, index: int, device_id: int, model_path: str, channel: proto.StreamChannel):
         self.index = index
         self.device_id = device_id
         self.model_path = model_path
-        self.process = process
-        self.pid = process.pid  # kept: the process object refuses questions once closed
-        self.conn = conn
+        self.channel = channel
+        self.pid = 0  # known once started
+        self.supervisor: Supervisor | None = None
         self.slot = Slot(index)
         self.info: dict = {}
         self.out_bytes_per_row = 0.0  # learned from replies, to size the output area up front
@@ -145,17 +152,17 @@ class _Worker:
     def name(self) -> str:
         return f"worker for device {self.device_id} (pid {self.pid})"
 
-    def death_text(self) -> str:
-        self.process.join(1.0)
-        code = self.process.exitcode
-        if code is None:
-            return "closed its pipe"
-        if code < 0:
-            try:
-                return f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                return f"was killed by signal {-code}"
-        return f"exited with code {code}"
+    def death_text(self, doing: str) -> str:
+        """``was killed by SIGKILL while <doing>`` (or ``exited with code 1 ...``), waiting up to a second
+        for the supervisor's record; then its last lines of output, when it wrote any."""
+        ended = self.supervisor.exit_of(self.index, timeout=1.0) if self.supervisor is not None else None
+        if ended is None:
+            return f"closed its connection while {doing}"
+        how = f"was killed by {ended.signal}" if ended.signal else f"exited with code {ended.exitcode}"
+        text = f"{how} while {doing}"
+        if ended.tail:
+            text += "; its last lines of output:\n" + "\n".join(f"    | {line}" for line in ended.tail[-5:])
+        return text
 
 
 class _Workers:
@@ -163,6 +170,7 @@ class _Workers:
 
     def __init__(self):
         self.workers: list[_Worker] = []
+        self.supervisor: Supervisor | None = None
         self.blocks = BlockPool()
         self.lock = threading.Lock()
         self.down = False
@@ -172,45 +180,25 @@ class _Workers:
             if self.down:
                 return
             self.down = True
-        workers = self.workers
-        # EXIT first so that healthy workers leave cleanly; then one shared
-        # deadline for all of them, then TERM, another deadline, then KILL.
-        if graceful:
-            for w in workers:
-                if w.process.is_alive():
-                    try:
-                        w.conn.send(proto.message(proto.EXIT))
-                    except (OSError, ValueError):
-                        pass
-            _join_all(workers, EXIT_GRACE_SECONDS)
-        for w in workers:
-            if w.process.is_alive():
-                w.process.terminate()
-        _join_all(workers, TERM_GRACE_SECONDS)
-        for w in workers:
-            if w.process.is_alive():
-                w.process.kill()
-        _join_all(workers, TERM_GRACE_SECONDS)
+        supervisor = self.supervisor
+        # EXIT first so that healthy workers leave cleanly, within one shared deadline
+        # (a suspended worker cannot read it: not waited for); then the supervisor's
+        # stop: TERM + CONT, another deadline, KILL.
+        if supervisor is not None:
+            if graceful:
+                running = set(supervisor.running())
+                for w in self.workers:
+                    if w.index in running:
+                        try:
+                            w.channel.send(proto.encode(proto.EXIT))
+                        except OSError:
+                            pass
+                supervisor.join(EXIT_GRACE_SECONDS, skip_suspended=True)
+            supervisor.stop()
         self.blocks.release_all()
-        for w in workers:
-            try:
-                w.conn.close()
-            except OSError:
-                pass
+        for w in self.workers:
+            w.channel.close()
             w.slot.unlink()
-            try:
-                w.process.close()
-            except ValueError:
-                pass  # still running after KILL: nothing more a process can do about it
-
-
-def _join_all(workers: list[_Worker], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    for w in workers:
-        try:
-            w.process.join(max(0.0, deadline - time.monotonic()))
-        except ValueError:
-            pass
 
 
 class ParallelPredictor:
@@ -309,17 +297,32 @@ class ParallelPredictor:
         return contexts, cores
 
     def _start(self, paths, contexts, cores) -> None:
-        mp = multiprocessing.get_context("spawn")
+        specs, theirs = [], []
         try:
-            for index, (device_id, path, ctx, mine) in enumerate(zip(self._device_ids, paths, contexts, cores)):
-                ours, theirs = mp.Pipe(duplex=True)
-                spec = WorkerSpec(index, device_id, path, ctx, mine, os.getpid())
-                process = mp.Process(target=worker_main, args=(theirs, spec), daemon=True,
-                                     name=f"orch-predict-device{device_id}")
-                process.start()
-                # Our copy of the child's end must go, or a dead child's pipe never reaches EOF.
-                theirs.close()
-                self._workers.workers.append(_Worker(index, device_id, path, process, ours))
+            for index, (device_id, path) in enumerate(zip(self._device_ids, paths)):
+                ours, their_end = socket.socketpair()
+                theirs.append(their_end)
+                self._workers.workers.append(_Worker(index, device_id, path, proto.StreamChannel(ours)))
+                argv, env = python_module(WORKER_MODULE, "--fd", str(their_end.fileno()))
+                specs.append(ProcessSpec(index, argv, env=env, label=f"worker for device {device_id}",
+                                         pass_fds=(their_end.fileno(),)))
+            supervisor = Supervisor(specs, output=RankOutput(tail_lines=20), stop_timeout=TERM_GRACE_SECONDS)
+            self._workers.supervisor = supervisor
+            try:
+                supervisor.start()
+            except LaunchError as exc:
+                raise WorkerError(f"cannot start the workers: {exc}") from exc
+            finally:
+                # Our copies of the workers' ends must go, or a dead worker's socket never reaches EOF.
+                for their_end in theirs:
+                    their_end.close()
+            for w in self._workers.workers:
+                w.pid = supervisor.pids[w.index]
+                w.supervisor = supervisor
+                self._send(w, proto.encode(
+                    proto.BUILD, 0, model_path=w.model_path, device_id=w.device_id, index=w.index,
+                    cores=cores[w.index], parent_pid=os.getpid(), buffers=[pickle.dumps(contexts[w.index])],
+                ), 0)
             # Handshake before traffic: every worker must report BUILD_FINISH
             # before the first PREDICT, so that a build error surfaces here and
             # not inside some later request.
@@ -329,8 +332,7 @@ class ParallelPredictor:
             raise
 
     def _wait_build(self) -> None:
-        pending = {w.conn: w for w in self._workers.workers}
-        sentinels = {w.process.sentinel: w for w in self._workers.workers}
+        pending = {w.channel: w for w in self._workers.workers}
         deadline = time.monotonic() + self._timeout
         while pending:
             remaining = deadline - time.monotonic()
@@ -339,29 +341,22 @@ class ParallelPredictor:
                 raise WorkerTimeoutError(
                     f"building the model: {names} did not report BUILD_FINISH within {self._timeout:g} s"
                 )
-            ready = mp_connection.wait(list(pending) + [s for s, w in sentinels.items() if w.conn in pending], remaining)
-            for item in ready:
-                if item in pending:
-                    worker = pending[item]
-                    msg = self._receive(worker, "building the model")
-                    if msg["kind"] == proto.ERROR:
-                        raise unpack_exception(msg["error"])
-                    if msg["kind"] != proto.BUILD_FINISH:
-                        raise WorkerError(f"{worker.name} sent {msg['kind']} while building; expected BUILD_FINISH or ERROR")
-                    worker.info = msg
-                    del pending[item]
-                elif item in sentinels and sentinels[item].conn in pending:
-                    worker = sentinels[item]
-                    if worker.conn.poll():
-                        continue  # its last words are in the pipe: read them first
-                    raise WorkerLostError(f"{worker.name} {worker.death_text()} while building the model {worker.model_path}")
+            for channel in proto.wait(list(pending), remaining):
+                worker = pending[channel]
+                msg = self._receive(worker, f"building the model {worker.model_path}")
+                if msg.kind == proto.ERROR:
+                    raise proto.unpack_error(msg)
+                if msg.kind != proto.BUILD_FINISH:
+                    raise WorkerError(f"{worker.name} sent {msg.kind} while building; expected BUILD_FINISH or ERROR")
+                worker.info = msg.header
+                del pending[channel]
 
-    def _receive(self, worker: _Worker, doing: str) -> dict:
+    def _receive(self, worker: _Worker, doing: str) -> proto.Message:
         try:
-            msg = worker.conn.recv()
+            frames = worker.channel.recv()
         except (EOFError, OSError):
-            raise WorkerLostError(f"{worker.name} {worker.death_text()} while {doing}") from None
-        return proto.check(msg, worker.name)
+            raise WorkerLostError(f"{worker.name} {worker.death_text(doing)}") from None
+        return proto.decode(frames, worker.name)
 
     def _check_models(self) -> None:
         first = self._workers.workers[0]
@@ -586,7 +581,7 @@ class ParallelPredictor:
                     placement = [_rows_of(spec, start, count) for spec in joined]
                 start += count
                 forget, w.forget = w.forget, []
-                self._send(w, proto.message(
+                self._send(w, proto.encode(
                     proto.PREDICT, request_id, slot=w.slot.handle, inputs=specs, out_offset=w.slot.out_offset,
                     out_capacity=w.slot.out_capacity, block=block.handle if block else None, placement=placement,
                     forget=forget,
@@ -650,49 +645,41 @@ class ParallelPredictor:
             total = aligned(total + count * int(np.prod(rest, dtype=np.int64)) * np.dtype(dtype).itemsize)
         return max(total, int(w.out_bytes_per_row * count))
 
-    def _send(self, w: _Worker, msg: dict, request_id: int) -> None:
+    def _send(self, w: _Worker, frames: list, request_id: int) -> None:
         try:
-            w.conn.send(msg)
-        except (OSError, ValueError):
-            raise WorkerLostError(f"{w.name} {w.death_text()} before request {request_id} reached it") from None
+            w.channel.send(frames)
+        except OSError:
+            raise WorkerLostError(f"{w.name} {w.death_text(f'request {request_id} was on its way to it')}") from None
 
     def _collect(self, request_id: int, rows: dict, deadline: float, timeout: float) -> tuple[dict, dict]:
         workers = self._workers.workers
-        pending = {workers[i].conn: workers[i] for i in rows}
-        sentinels = {workers[i].process.sentinel: workers[i] for i in rows}
-        replies: dict[int, dict] = {}
+        pending = {workers[i].channel: workers[i] for i in rows}
+        replies: dict[int, proto.Message] = {}
         errors: dict[int, BaseException] = {}
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 names = ", ".join(f"{w.name} (rows {rows[w.index][0]}:{rows[w.index][1]})" for w in pending.values())
                 raise WorkerTimeoutError(f"predict request {request_id}: {names} did not answer within {timeout:g} s")
-            waiting_on = list(pending) + [s for s, w in sentinels.items() if w.conn in pending]
-            for item in mp_connection.wait(waiting_on, remaining):
-                if item in pending:
-                    w = pending[item]
-                    msg = self._receive(w, f"running request {request_id} (rows {rows[w.index][0]}:{rows[w.index][1]})")
-                    if msg["id"] != request_id:
-                        raise WorkerError(f"{w.name} answered request {msg['id']} during request {request_id}")
-                    if msg["kind"] == proto.ERROR:
-                        errors[w.index] = unpack_exception(msg["error"])
-                        del pending[item]
-                    elif msg["kind"] == proto.REPLY and msg["status"] == proto.STATUS_NEED_SPACE:
-                        w.slot.ensure(0, msg["needed"])
-                        self._send(w, proto.message(proto.COLLECT, request_id, slot=w.slot.handle,
-                                                    out_offset=w.slot.out_offset, out_capacity=w.slot.out_capacity), request_id)
-                    elif msg["kind"] == proto.REPLY:
-                        replies[w.index] = msg
-                        del pending[item]
-                    else:
-                        raise WorkerError(f"{w.name} sent {msg['kind']} during request {request_id}; expected REPLY or ERROR")
-                elif item in sentinels and sentinels[item].conn in pending:
-                    w = sentinels[item]
-                    if w.conn.poll():
-                        continue  # a reply it sent before dying is still in the pipe
-                    first, last = rows[w.index]
-                    raise WorkerLostError(f"predict request {request_id}: {w.name} {w.death_text()} "
-                                          f"while running rows {first}:{last}")
+            # A worker that dies closes its socket: EOF wakes this select at once.
+            for channel in proto.wait(list(pending), remaining):
+                w = pending[channel]
+                first, last = rows[w.index]
+                msg = self._receive(w, f"running rows {first}:{last} of predict request {request_id}")
+                if msg.id != request_id:
+                    raise WorkerError(f"{w.name} answered request {msg.id} during request {request_id}")
+                if msg.kind == proto.ERROR:
+                    errors[w.index] = proto.unpack_error(msg)
+                    del pending[channel]
+                elif msg.kind == proto.REPLY and msg.status == proto.NEED_SPACE:
+                    w.slot.ensure(0, msg["needed"])
+                    self._send(w, proto.encode(proto.COLLECT, request_id, slot=w.slot.handle,
+                                               out_offset=w.slot.out_offset, out_capacity=w.slot.out_capacity), request_id)
+                elif msg.kind == proto.REPLY:
+                    replies[w.index] = msg
+                    del pending[channel]
+                else:
+                    raise WorkerError(f"{w.name} sent {msg.kind} during request {request_id}; expected REPLY or ERROR")
         return replies, errors
 
     def _join(self, replies: dict, rows: dict, block) -> list[Tensor]:

@@ -5,45 +5,127 @@
 
     run_sharded("shards/model.onnx", {"x": x})   # the same, in one call
 
-Ranks are started with ``mpirun -n N`` (backend ``mpi``) or as N local
-processes with a generated rank table (backend ``zmq``). Each builds its
-shard (``ranks.StagedRunner``); requests and replies travel over ZeroMQ on a
-Unix socket (``_sharded_protocol``). A rank that fails turns into the rank's
-own exception in the caller (type kept, remote traceback as ``__cause__``),
-a rank that dies or stalls into a ``WorkerError`` within the timeout; then
-every rank process is stopped (TERM, a deadline, KILL).
+The ranks are the supervisor's children (``launchers``): ``mpirun -n N`` under
+``MpiLauncher`` (backend ``mpi``), or N local processes with a generated rank
+table under ``Supervisor`` (backend ``zmq``). Each runs ``_sharded_worker``;
+messages are the one protocol's (``_protocol``, ZeroMQ framing) over a Unix
+socket in the model's temporary directory.
+
+Handshake and order (reordering any step would deadlock or misreport):
+
+1. the master binds its ROUTER before it starts any rank;
+2. each rank builds its communicator and its shard, passes a barrier with
+   every other rank, then sends BUILD_FINISH (pid, host, inputs, outputs);
+3. no PREDICT before BUILD_FINISH from EVERY rank: a rank's ERROR, its death
+   or the startup timeout end the constructor. (zmq: a rank whose port was
+   taken after the master probed it reports ``PortInUseError``; the master
+   stops every rank and starts them again on other ports, ``PORT_ATTEMPTS`` times);
+4. one request at a time (a lock): PREDICT to every rank; each answers REPLY
+   (rank 0's carries the outputs) or ERROR, and STARTED before it when the
+   request runs longer than a short while (a stalled request's ranks have said
+   whether they took it);
+5. close: EXIT to every rank, up to ``EXIT_GRACE`` seconds for them to leave
+   (not waiting for a suspended rank, which cannot read it), then the
+   supervisor's stop: TERM + CONT, one deadline, KILL.
+
+Failures. A rank that raises re-raises its own exception type in the caller
+(its traceback as ``__cause__``). A rank that dies gives a ``WorkerError``
+with the launchers' first-failure report (rank, host, pid, signal or exit
+code, last lines). A request that stalls gives a ``WorkerTimeoutError``
+naming the ranks that did not answer (pid, host, whether they took the
+request, whether their process is stopped). After any of these the job is
+over: every rank process is stopped.
+
+Nothing is left behind: ``close()`` (also ``with``, garbage collection and
+interpreter exit) stops every process and removes the temporary directory.
+If the caller dies without it (SIGKILL, an unhandled SIGTERM), the ranks die
+with it (parent-death signal) and the supervisor's watchdog sweeps their
+process groups and removes the directory.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
+import shutil
+import socket
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
 import onnx
 import zmq
 
+from launchers import MpiLaunchConfig, MpiLauncher, ProcessSpec, RankOutput, Supervisor, python_module
 from ranks._env import default_timeout
+from ranks._errors import CommError, CommTimeoutError, ConfigError, ModelNotFoundError, PeerLostError, PortInUseError
 from ranks._model import load_onnx_header, validate_feeds
 from ranks._ports import free_base_port
+from ranks._rank_table import generate_rank_table
 from ranks._shard_files import resolve_shard_path
-from ranks._tensor import DataType
-from ranks._errors import ConfigError, ModelNotFoundError
-
-from ._errors import WorkerError
-from ranks._remote_errors import unpack_exception
 from ranks._shard_manifest import manifest_path_for, read_manifest
+from ranks import _shared_memory
+from ranks._tensor import DataType
 
-from . import _sharded_protocol as proto
+from . import _protocol as proto
+from ._errors import WorkerError, WorkerTimeoutError
 
 BACKENDS = ("mpi", "zmq")
-_STOP_GRACE = 5.0
+WORKER_MODULE = "orchestrator._sharded_worker"
+EXIT_GRACE = 2.0  # close(): seconds the ranks get to leave after EXIT before the supervisor stops them
+PORT_ATTEMPTS = 3  # zmq: how often the ranks are started again when a port was taken under them
+FAILURE_GRACE = 1.0  # after a rank reports a lost or silent peer: how long to wait for that peer's own failure
+_LAST_WORD_MS = 250  # after a death: how long its last message (an ERROR) may take to arrive
+# A rank that took a request says so (STARTED) within about 0.3 s (_sharded_worker.STARTED_AFTER and its
+# helper's cadence): one that has not after this long never took it.
+SILENT_AFTER = 1.0
+
+
+class _Job:
+    """What ``close()``, errors and the exit hook stop: the ranks (a Supervisor or an MpiLauncher), the socket, the directory."""
+
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+        self.launcher: Supervisor | MpiLauncher | None = None
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.scratch: str | None = None  # mpi: Open MPI's files
+        self.peers: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+        self.down = False
+
+    def stop_ranks(self, graceful: bool) -> None:
+        launcher, peers = self.launcher, dict(self.peers)
+        self.peers.clear()
+        if launcher is None:
+            return
+        if graceful and peers:
+            for identity in peers.values():
+                try:
+                    self.sock.send_multipart([identity] + proto.encode(proto.EXIT), flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            launcher.join(EXIT_GRACE, skip_suspended=True)
+        launcher.stop()
+
+    def shutdown(self, graceful: bool = True) -> None:
+        with self.lock:
+            if self.down:
+                return
+            self.down = True
+        try:
+            self.stop_ranks(graceful)
+        finally:
+            self.sock.close()
+            self.ctx.term()
+            if self.scratch is not None and os.path.dirname(self.scratch) == _shared_memory.SHM_DIR:
+                _shared_memory.remove_directory(self.scratch)  # made by the home: it forgets it too
+            for path in (self.tmp, self.scratch):
+                if path is not None:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 class ShardedModel:
@@ -51,7 +133,10 @@ class ShardedModel:
 
     ``model_path``: ``DIR/MODEL.onnx`` whose shards ``DIR/MODEL{r}.onnx`` and manifest exist
     (or the shard directory when it holds one manifest). ``tp``: defaults to the manifest's
-    world size; another value is an error. ``threads``: intra-op threads per rank.
+    world size; another value is an error. ``backend``: ``mpi`` or ``zmq``. ``threads``:
+    intra-op threads per rank. ``timeout``: seconds a request may take (and the ranks'
+    collectives); default ORCH_TIMEOUT. ``startup_timeout``: seconds the ranks may take to
+    build their shards (default: the timeout, at least 60).
     """
 
     def __init__(self, model_path: str | os.PathLike, *, tp: int | None = None, backend: str = "mpi",
@@ -68,69 +153,81 @@ class ShardedModel:
         self._input_specs = _input_specs(resolve_shard_path(self.model_path, 0, size))
         self.backend = backend
         self.timeout = default_timeout() if timeout is None else timeout
-        self._closed = False
+        self._closed: str | None = None
         self._lock = threading.Lock()
-        self._next_id = 0
+        self._next_id = 1
+        self._ranks: dict[int, dict] = {}  # each rank's BUILD_FINISH header: pid, host, ...
         self.last_rank_seconds: float | None = None
-        self._procs: list[subprocess.Popen] = []
-        self._logs: list = []
-        self._tmp = tempfile.TemporaryDirectory(prefix="orch_sharded_")
-        self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.ROUTER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        # A Unix socket in our own temporary directory: every rank runs on this host, and it moves a
-        # batch-64 tensor faster than TCP on 127.0.0.1; it goes away with the directory.
-        address = f"ipc://{self._tmp.name}/master.sock"
-        self._sock.bind(address)
-        self._peers: dict[int, bytes] = {}
+        self._job = _Job(tempfile.mkdtemp(prefix="orch_sharded_"))
+        self._finalizer = weakref.finalize(self, self._job.shutdown, True)  # garbage collection, interpreter exit
         try:
-            self._start(address, threads)
-            self._wait_ready(startup_timeout or max(self.timeout, 60.0))
+            # A Unix socket in our own temporary directory: every rank runs on this host, and it moves a
+            # batch-64 tensor faster than TCP on 127.0.0.1; it goes away with the directory.
+            self._address = f"ipc://{self._job.tmp}/master.sock"
+            self._job.sock.bind(self._address)
+            self._start(threads, startup_timeout or max(self.timeout, 60.0))
         except BaseException:
-            self.close()
+            self._closed = "it failed to start"
+            self._job.shutdown(graceful=False)
             raise
 
     # -- starting ------------------------------------------------------------
-    def _start(self, address: str, threads: int) -> None:
-        worker = [sys.executable, "-m", "orchestrator._sharded_worker", "--model", str(self.model_path),
-                  "--master", address, "--backend", self.backend, "--threads", str(threads),
-                  "--master_pid", str(os.getpid()), "--timeout", str(self.timeout)]
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    def _start(self, threads: int, startup_timeout: float) -> None:
+        argv, env = python_module(WORKER_MODULE, "--model", str(self.model_path), "--master", self._address,
+                                  "--backend", self.backend, "--threads", str(threads),
+                                  "--master_pid", str(os.getpid()), "--timeout", str(self.timeout))
+        deadline = time.monotonic() + startup_timeout
         if self.backend == "mpi":
-            from launchers import MpiLaunchConfig, build_mpirun_command, find_mpirun, mpi_flavor
-
             # Each rank runs under the launchers' wrapper: lines prefixed with the rank, an exit record
-            # per rank, and the rank's process group stopped when mpirun tears the job down.
-            mpirun = find_mpirun()
-            config = MpiLaunchConfig(nprocs=self.tp, program=worker, console=False)
-            self._spawn(build_mpirun_command(config, mpirun, mpi_flavor(mpirun)), env, "mpirun")
-        else:
-            from ranks._rank_table import generate_rank_table
-
-            table = Path(self._tmp.name) / "rank_table.json"
-            generate_rank_table([("127.0.0.1", list(range(self.tp)))]).dump(table)
+            # per rank (the reports are built from them), its process group stopped with the job.
+            config = MpiLaunchConfig(nprocs=self.tp, program=argv, console=False)
+            # Open MPI's own files (session directory, shared-memory backing files) in a directory of
+            # ours on /dev/shm, which goes with the job however it ends.
+            scratch = (_shared_memory.make_directory("sharded") if _shared_memory.named_usable()
+                       else tempfile.mkdtemp(prefix="ompi_", dir=self._job.tmp))
+            self._job.scratch = scratch
+            self._job.launcher = MpiLauncher(config, env=env, cleanup_paths=[self._job.tmp, scratch], scratch_dir=scratch)
+            self._job.launcher.start()
+            self._wait_built(deadline)
+            return
+        table = Path(self._job.tmp) / "rank_table.json"
+        generate_rank_table([("127.0.0.1", list(range(self.tp)))]).dump(table)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            # The ports are probed free, then the ranks bind them: another process may take one in
+            # between. The rank that cannot bind says so (PortInUseError); then every rank starts again.
             base_port = free_base_port(self.tp)
-            for rank in range(self.tp):
-                self._spawn(worker + ["--rank", str(rank), "--size", str(self.tp), "--rank_table", str(table),
-                                      "--base_port", str(base_port)], env, f"rank{rank}")
+            specs = [ProcessSpec(rank, argv + ["--rank", str(rank), "--size", str(self.tp), "--rank_table", str(table),
+                                               "--base_port", str(base_port)], env=env, label=f"rank {rank}")
+                     for rank in range(self.tp)]
+            self._job.launcher = Supervisor(specs, output=RankOutput(console=False, tail_lines=20), world_size=self.tp,
+                                            cleanup_paths=[self._job.tmp])
+            self._job.launcher.start()
+            try:
+                self._wait_built(deadline)
+                return
+            except PortInUseError as exc:
+                taken = exc
+                self._job.stop_ranks(graceful=False)
+                self._ranks.clear()
+        raise CommError(
+            f"starting the zmq ranks of {self.model_path}: {PORT_ATTEMPTS} times, another process took a port "
+            f"between the master's probe and the rank's bind (last: {taken}); try again, or run fewer jobs that "
+            f"open ports at once"
+        ) from taken
 
-    def _spawn(self, cmd: list[str], env: dict, name: str) -> None:
-        log = open(Path(self._tmp.name) / f"{name}.log", "w+b")
-        self._logs.append(log)
-        self._procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True))
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self._peers) < self.tp:
-            kind, header, _, extra, identity = self._receive(deadline, "starting the ranks")
-            if kind == proto.READY:
-                self._peers[header["rank"]] = identity
-                self.inputs, self.outputs = header["inputs"], header["outputs"]
-            elif kind == proto.ERROR:
-                raise self._remote_error(header, extra)
+    def _wait_built(self, deadline: float) -> None:
+        exchange = _Exchange("starting the ranks", set(range(self.tp)), None)
+        while exchange.pending:
+            msg, identity = self._receive(deadline, exchange)
+            if msg.kind == proto.ERROR:
+                raise self._error_from(msg, exchange)
+            if msg.kind != proto.BUILD_FINISH:
+                raise WorkerError(f"starting the ranks: a rank sent {msg.kind}; expected BUILD_FINISH or ERROR")
+            rank = msg["rank"]
+            self._job.peers[rank] = identity
+            self._ranks[rank] = msg.header
+            self.inputs, self.outputs = msg["inputs"], msg["outputs"]
+            exchange.pending.discard(rank)
 
     # -- running -------------------------------------------------------------
     def predict(self, inputs) -> dict[str, np.ndarray]:
@@ -140,103 +237,167 @@ class ShardedModel:
 
     def _predict(self, inputs) -> dict[str, np.ndarray]:
         if self._closed:
-            raise WorkerError("predict on a closed ShardedModel")
+            raise WorkerError(f"predict on a closed ShardedModel ({self._closed}); create a new ShardedModel")
         return self._request(validate_feeds(inputs, self._input_specs))
 
     def _request(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Send checked inputs to every rank and wait for rank 0's outputs (the lock is held)."""
         request = self._next_id
         self._next_id += 1
-        frames = proto.encode(proto.PREDICT, {"id": request}, inputs)
-        for rank in range(self.tp):
-            self._sock.send_multipart([self._peers[rank]] + frames)
+        exchange = _Exchange(f"predict request {request}", set(range(self.tp)), set())
+        frames = proto.encode(proto.PREDICT, request, arrays=inputs)
         deadline = time.monotonic() + self.timeout
-        pending = set(range(self.tp))
         result = None
         self.last_rank_seconds = None  # slowest rank's time inside run(), without the transfers
         try:
-            while pending:
-                kind, header, arrays, extra, _ = self._receive(deadline, f"predict request {request}")
-                if kind == proto.ERROR:
-                    raise self._remote_error(header, extra)
-                if kind == proto.REPLY and header.get("id") == request:
-                    pending.discard(header["rank"])
-                    self.last_rank_seconds = max(self.last_rank_seconds or 0.0, header.get("seconds", 0.0))
-                    if header["rank"] == 0:
-                        result = {k: np.array(v) for k, v in arrays.items()}
-        except BaseException:
-            self.close()  # a failed or stalled rank leaves its peers inside a collective: the job is over
+            for rank in range(self.tp):
+                self._job.sock.send_multipart([self._job.peers[rank]] + frames)
+            while exchange.pending:
+                msg, _ = self._receive(deadline, exchange)
+                if msg.kind == proto.ERROR:
+                    raise self._error_from(msg, exchange)
+                if msg.id != request:
+                    continue
+                if msg.kind == proto.STARTED:
+                    exchange.started.add(msg["rank"])
+                elif msg.kind == proto.REPLY:
+                    exchange.pending.discard(msg["rank"])
+                    self.last_rank_seconds = max(self.last_rank_seconds or 0.0, msg.get("seconds", 0.0))
+                    if msg["rank"] == 0:
+                        result = {k: np.array(v) for k, v in msg.arrays().items()}
+                else:
+                    raise WorkerError(f"{exchange.doing}: {self._where(msg.get('rank'))} sent {msg.kind}; "
+                                      f"expected STARTED, REPLY or ERROR")
+        except BaseException as exc:
+            # A failed or stalled rank leaves its peers inside a collective: the job is over.
+            self._closed = f"{exchange.doing} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            self._job.shutdown(graceful=False)
             raise
         return result
 
     __call__ = predict
 
-    def _receive(self, deadline: float, doing: str):
+    def _receive(self, deadline: float, exchange: "_Exchange"):
+        """The next message and its sender's identity; a dead rank or the deadline raise (naming the root cause)."""
+        sock, launcher = self._job.sock, self._job.launcher
         while True:
-            for proc, log in zip(self._procs, self._logs):
-                code = proc.poll()
-                if code is not None and (code != 0 or not self._closed):
-                    if self._sock.poll(50):  # its last word (an ERROR) may still be on the way
-                        break
-                    raise self._death_error(doing, proc, code, log)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise WorkerError(f"{doing}: no answer from the {self.tp} ranks of {self.model_path} "
-                                  f"within {self.timeout:.0f} s\n" + "\n".join(_tail(log) for log in self._logs))
-            if self._sock.poll(int(min(remaining, 0.2) * 1000)):
-                frames = self._sock.recv_multipart()
-                kind, header, arrays, extra = proto.decode(frames[1:])
-                return kind, header, arrays, extra, frames[0]
+                raise self._stall(exchange, self._silent(exchange, at_deadline=True))
+            if sock.poll(max(1, int(min(remaining, 0.1) * 1000))):
+                return self._recv()
+            # An idle moment: note who is stopped now (by the time a peer gives up on it, the
+            # launcher may already be tearing it down), and whether a rank has died.
+            exchange.suspended.update(set(launcher.suspended()) & exchange.pending)
+            error = launcher.failure(every_exit_fails=True)
+            if error is not None:
+                if sock.poll(_LAST_WORD_MS):  # its last word (an ERROR) may still be on the way
+                    return self._recv()
+                raise self._root_cause(exchange, _death(exchange.doing, error), error)
 
-    def _death_error(self, doing: str, proc: subprocess.Popen, code: int, log) -> WorkerError:
-        """The first failed rank, as the launchers report it (from the wrappers' exit records) when known."""
-        from launchers._failures import RankExit, failure_error
-        from launchers._rank_wrapper import parse_record
+    def _recv(self):
+        frames = self._job.sock.recv_multipart()
+        return proto.decode(frames[1:], "a rank"), frames[0]
 
-        text = _tail(log, limit=1 << 20)
-        records = [parse_record(line) for line in text.splitlines()]
-        exits = [RankExit.from_dict(r) for r in records if r and r.get("event") == "exit"]
-        report = failure_error(exits, self.tp)
-        name = "mpirun" if self.backend == "mpi" else f"rank {self._procs.index(proc)}"
-        detail = str(report) if report is not None else _tail(log, 4000)
-        error = WorkerError(f"{doing}: {name} (pid {proc.pid}) exited with {_describe_exit(code)}\n{detail}")
-        error.__cause__ = report
-        return error
+    def _error_from(self, msg: proto.Message, exchange: "_Exchange") -> BaseException:
+        """The exception for a rank's ERROR: its own, unless it only reports another rank's failure or silence."""
+        exc = proto.unpack_error(msg)
+        if not isinstance(exc, (CommTimeoutError, PeerLostError)):
+            return exc
+        # A lost or silent peer: the root cause is that peer. Its death, if it died, is reported at once.
+        exchange.pending.discard(msg.get("rank"))
+        deadline = time.monotonic() + FAILURE_GRACE
+        while time.monotonic() < deadline:
+            error = self._job.launcher.failure(every_exit_fails=True)
+            failures = getattr(error, "failures", None)
+            # (the rank that sent the ERROR exits after it: its own exit is not the root cause)
+            if error is not None and (failures is None or any(e.rank != msg.get("rank") for e in failures)):
+                return self._root_cause(exchange, _death(exchange.doing, error, exc), error)
+            time.sleep(0.05)
+        silent = self._silent(exchange)
+        if silent:
+            stall = self._stall(exchange, silent)
+            stall.__cause__ = exc
+            return stall
+        return exc
 
-    def _remote_error(self, header: dict, extra: list[bytes]) -> BaseException:
-        packed = dict(header["error"])
-        packed["pickled"] = extra[0] if extra else b""
-        return unpack_exception(packed)
+    def _silent(self, exchange: "_Exchange", dead=(), at_deadline: bool = False) -> list[int]:
+        """Ranks that never said they took the request although they had the time to (not dead ones)."""
+        if exchange.started is None:
+            return sorted(exchange.pending) if at_deadline else []
+        if not at_deadline and time.monotonic() - exchange.since < SILENT_AFTER:
+            return []
+        return sorted(exchange.pending - exchange.started - set(dead))
+
+    def _root_cause(self, exchange: "_Exchange", death: WorkerError, report) -> BaseException:
+        """A rank that died during a request may have died of waiting for one that never took it."""
+        failed = {e.rank: e for e in getattr(report, "failures", [])}
+        silent = self._silent(exchange, dead=failed)
+        if not silent:
+            return death
+        stall = self._stall(exchange, silent, failed)
+        stall.__cause__ = death
+        return stall
+
+    def _stall(self, exchange: "_Exchange", silent: list[int], failed: dict | None = None) -> WorkerTimeoutError:
+        """Name the ranks that did not answer: those that never took the request first (pid, host, stopped or
+        not), then those that took it and wait, or failed waiting (``failed``: rank -> RankExit)."""
+        failed = failed or {}
+        suspended = exchange.suspended | set(self._job.launcher.suspended())
+        busy = sorted((exchange.pending & exchange.started) - set(silent)) if exchange.started is not None else []
+        what = "did not answer" if exchange.started is not None else "did not report BUILD_FINISH"
+        parts = []
+        for rank in silent:
+            note = ["it never reported taking the request"] if exchange.started is not None else []
+            if rank in suspended:
+                note.append("its process is stopped (SIGSTOP or Ctrl-Z)")
+            parts.append(f"{self._where(rank)} {what} within {self.timeout:g} s" + (f": {', and '.join(note)}" if note else ""))
+        text = "; ".join(parts)
+        gave_up = [r for r in busy if r in failed]
+        waiting = [r for r in busy if r not in failed]
+        if waiting:
+            names = ", ".join(self._where(r) for r in waiting)
+            if silent:
+                text += f"; {names} took it and waits (in a collective, for the rank(s) above)"
+            else:
+                text = f"{names} took the request but did not finish within {self.timeout:g} s"
+        for rank in gave_up:
+            text += f"; {self._where(rank)} took it, waited for the rank(s) above and failed: {failed[rank].how()}"
+        return WorkerTimeoutError(f"{exchange.doing}: {text}")
+
+    def _where(self, rank) -> str:
+        """``rank 1 of 2 on host h (pid 123)``, from its BUILD_FINISH, else from the launcher."""
+        info = self._ranks.get(rank)
+        if info is not None:
+            return f"rank {rank} of {self.tp} on host {info['host']} (pid {info['pid']})"
+        launcher = self._job.launcher
+        pid = launcher.rank_pids().get(rank) if isinstance(launcher, MpiLauncher) else launcher.pids.get(rank)
+        if pid is None:
+            return f"rank {rank} of {self.tp}"
+        return f"rank {rank} of {self.tp} on host {socket.gethostname()} (pid {pid})"
+
+    # -- introspection -------------------------------------------------------
+    @property
+    def pids(self) -> dict[int, int]:
+        """Rank -> pid of each rank's process (as the rank reported it)."""
+        return {rank: info["pid"] for rank, info in sorted(self._ranks.items())}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
 
     # -- stopping ------------------------------------------------------------
     def close(self) -> None:
-        """Stop every rank (EXIT, then TERM and KILL after a deadline); calling it twice is harmless."""
-        if self._closed:
-            return
-        self._closed = True
-        for identity in self._peers.values():
-            try:
-                self._sock.send_multipart([identity] + proto.encode(proto.EXIT, {}), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-        deadline = time.monotonic() + _STOP_GRACE
-        for proc in self._procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + _STOP_GRACE
-        for proc in self._procs:
-            try:
-                proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
-        for log in self._logs:
-            log.close()
-        self._sock.close()
-        self._ctx.term()
-        self._tmp.cleanup()
+        """Stop every rank (EXIT, then TERM + CONT and KILL after a deadline); calling it twice is harmless."""
+        # Let a request in flight on another thread finish (it is bounded by its timeout).
+        held = self._lock.acquire(timeout=self.timeout + EXIT_GRACE)
+        try:
+            self._closed = self._closed or "close() was called"
+            self._job.shutdown(graceful=True)
+            self._finalizer.detach()
+        finally:
+            if held:
+                self._lock.release()
 
     def __enter__(self) -> "ShardedModel":
         return self
@@ -244,11 +405,23 @@ class ShardedModel:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+
+class _Exchange:
+    """What the master knows about one exchange with the ranks: the startup, or one request."""
+
+    def __init__(self, doing: str, pending: set, started: set | None):
+        self.doing = doing
+        self.pending = pending  # ranks whose BUILD_FINISH / REPLY has not come
+        self.started = started  # ranks that said they took the request (None at startup)
+        self.since = time.monotonic()
+        self.suspended: set[int] = set()  # pending ranks seen stopped by a signal while the master waited
+
+
+def _death(doing: str, report: Exception, cause: BaseException | None = None) -> WorkerError:
+    """A WorkerError carrying the launchers' first-failure report."""
+    error = WorkerError(f"{doing}: {report}")
+    error.__cause__ = cause if cause is not None else report
+    return error
 
 
 def run_sharded(model_path: str | os.PathLike, inputs, *, backend: str = "mpi", tp: int | None = None,
@@ -280,30 +453,3 @@ def _input_specs(shard_path: Path) -> list[tuple[str, DataType, list[int]]]:
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
         specs.append((value.name, dtype, shape))
     return specs
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
-def _tail(log, limit: int = 4000) -> str:
-    try:
-        log.flush()
-        log.seek(0, os.SEEK_END)
-        size = log.tell()
-        log.seek(max(0, size - limit))
-        return log.read().decode(errors="replace")
-    except (OSError, ValueError):
-        return ""

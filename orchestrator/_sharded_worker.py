@@ -1,30 +1,82 @@
 """One rank of a ``ShardedModel``: build this rank's shard, then answer the master's requests.
 
 ``python -m orchestrator._sharded_worker --model PATH --master ipc://DIR/master.sock
---backend mpi|zmq [--rank R --size N --rank_table FILE] [--threads T] [--master_pid PID]``
+--backend mpi|zmq [--rank R --size N --rank_table FILE --base_port P] [--threads T] [--master_pid PID]``
 
-Every rank gets every request from the master (not through a collective),
-so ranks that sit idle between requests never run into a collective's
-timeout. Rank 0 replies with the outputs; the other ranks reply with an
-empty REPLY so the master knows they finished (or an ERROR).
+Messages are the one protocol's (``_protocol``, ZeroMQ framing; this rank's
+DEALER talks to the master's ROUTER). Its states::
+
+    BUILDING  communicator, shard, a barrier with every rank --> BUILD_FINISH (or ERROR, exit 1)
+    SERVING   PREDICT --> run (STARTED once it has run STARTED_AFTER s), REPLY (or ERROR, exit 1);
+              EXIT --> close, exit 0
+
+The barrier comes before BUILD_FINISH, so BUILD_FINISH from every rank means
+every rank is ready. Every rank gets every request from the master (not
+through a collective), so ranks that sit idle between requests never run into
+a collective's timeout. STARTED says the rank took the request: when a request
+stalls, the master names the ranks that never said so. A helper thread sends it
+on its own socket, and only for a request still running after a short while
+(``_Progress``): a short request costs no message, and no wake-up of the
+master while the ranks compute (on a machine with as many cores as ranks,
+that wake-up would delay a rank and its peers with it). Rank 0 replies with the
+outputs; the other ranks reply with an empty REPLY so the master knows they
+finished. After an ERROR inside a request the rank exits: its peers may be
+stuck in a collective, the job is over.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import threading
 import time
 
 import zmq
 
-from ranks._remote_errors import pack_exception, where_header
 from ranks._shard_files import resolve_shard_path
 from ranks._staged_runner import StagedRunner, default_session_factory
 
-from . import _sharded_protocol as proto
+from . import _protocol as proto
 
 _POLL_MS = 500
+STARTED_AFTER = 0.2  # seconds a request runs before the rank reports it took it (at most a quarter of the timeout)
+
+
+class _Progress:
+    """A thread that sends STARTED for a request once it has run ``after`` seconds, on its own socket.
+
+    The main thread only writes ``current`` (request id, start) before a run and
+    None after it: no system call per request. A stopped process sends nothing,
+    which is what the master needs to tell a stopped rank from one that waits
+    for it inside a collective.
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, rank: int, after: float):
+        self.current: tuple[int, float] | None = None
+        self._ctx, self._address, self._rank, self._after = ctx, address, rank, after
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="orch-progress", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)  # made, used and closed on this thread only
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self._address)
+        reported = None
+        try:
+            while not self._stop.wait(self._after / 2):
+                current = self.current
+                if current is not None and current[0] != reported and time.monotonic() - current[1] >= self._after:
+                    sock.send_multipart(proto.encode(proto.STARTED, current[0], status=proto.OK, rank=self._rank))
+                    reported = current[0]
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,46 +124,56 @@ def main(argv=None) -> int:
     sock.setsockopt(zmq.LINGER, 2000)
     sock.connect(args.master)
     comm = None
+    progress = None
     rank = args.rank if args.rank is not None else "?"
-    where = where_header(f"rank {rank}")
+    who = f"rank {rank}"
     try:
         try:
             comm = make_communicator(args)
             rank = comm.rank
-            where = where_header(f"rank {comm.rank} of {comm.size}")
+            who = f"rank {comm.rank} of {comm.size}"
             path = resolve_shard_path(args.model, comm.rank, comm.size)
             runner = StagedRunner(path, comm, make_session=default_session_factory(threads=args.threads))
-            # Every rank built its shard before any READY: the master starts no request on a half-built job.
+            # Every rank built its shard before any BUILD_FINISH: the master starts no request on a half-built job.
             comm.barrier()
         except BaseException as exc:
-            _send_error(sock, exc, where, rank, None)
+            sock.send_multipart(proto.error_frames(0, exc, who, rank=rank))
             return 1
-        sock.send_multipart(proto.encode(proto.READY, {
-            "rank": comm.rank, "size": comm.size,
-            "inputs": [a.name for a in runner.get_inputs()], "outputs": [a.name for a in runner.get_outputs()],
-        }))
+        sock.send_multipart(proto.encode(
+            proto.BUILD_FINISH, 0, status=proto.OK, who=who, host=socket.gethostname(), pid=os.getpid(),
+            rank=comm.rank, size=comm.size,
+            inputs=[a.name for a in runner.get_inputs()], outputs=[a.name for a in runner.get_outputs()],
+        ))
+        names = [a.name for a in runner.get_outputs()]
+        after = STARTED_AFTER if not args.timeout else min(STARTED_AFTER, args.timeout / 4)
+        progress = _Progress(ctx, args.master, comm.rank, after)
         while True:
             if not sock.poll(_POLL_MS):
                 if not _master_alive(args.master_pid):
                     return 1  # orphaned: the master is gone, nobody will send EXIT
                 continue
-            kind, header, arrays, _ = proto.decode(sock.recv_multipart())
-            if kind == proto.EXIT:
-                return 0
-            if kind != proto.PREDICT:
-                continue
+            request_id = 0
             try:
+                msg = proto.decode(sock.recv_multipart(), "the master")
+                request_id = msg.id
+                if msg.kind == proto.EXIT:
+                    return 0
+                if msg.kind != proto.PREDICT:
+                    raise proto.ProtocolError(f"{who} received {msg.kind}, which a master never sends to a rank")
+                progress.current = (request_id, time.monotonic())
                 started = time.perf_counter()
-                outputs = runner.run(None, arrays)
+                outputs = runner.run(None, msg.arrays())
                 seconds = time.perf_counter() - started
+                progress.current = None
             except BaseException as exc:
-                _send_error(sock, exc, where, comm.rank, header.get("id"))
+                sock.send_multipart(proto.error_frames(request_id, exc, who, rank=comm.rank))
                 return 1  # peers may be stuck in a collective: this job is over
-            names = [a.name for a in runner.get_outputs()]
             payload = dict(zip(names, outputs)) if comm.rank == 0 else {}
-            reply = {"id": header["id"], "rank": comm.rank, "seconds": seconds}
-            sock.send_multipart(proto.encode(proto.REPLY, reply, payload))
+            sock.send_multipart(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,
+                                             seconds=seconds, arrays=payload))
     finally:
+        if progress is not None:
+            progress.close()
         if comm is not None:
             try:
                 comm.close()
@@ -119,12 +181,6 @@ def main(argv=None) -> int:
                 pass
         sock.close()
         ctx.term()
-
-
-def _send_error(sock, exc, where, rank, request_id) -> None:
-    packed = pack_exception(exc, where)
-    pickled = packed.pop("pickled", b"")
-    sock.send_multipart(proto.encode(proto.ERROR, {"id": request_id, "rank": rank, "error": packed}, extra=[pickled]))
 
 
 if __name__ == "__main__":

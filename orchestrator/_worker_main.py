@@ -1,43 +1,44 @@
-"""The loop of one batch-split worker process (started with ``spawn`` by ``_parallel_predictor``).
+"""One batch-split worker process: ``python -m orchestrator._worker_main --fd N``.
 
-It pins itself to its cores (CPU target), builds the model, reports
-BUILD_FINISH or ERROR, then answers PREDICT/COLLECT until EXIT. It exits on
-its own when the master goes away: the pipe reaches EOF, or (while the model
-is running, when nobody reads the pipe) a watcher thread sees the parent pid
-change. Either way it removes the master's named segments first (those it
-has mapped, and once the master is dead every other one), since a killed
-master cannot.
+Started by ``ParallelPredictor`` through the supervisor (``launchers.Supervisor``)
+as a module of this installation: it never imports the caller's script, so
+masters without a main guard, ``python -c``, stdin and notebooks work.
+``--fd``: its end of a socketpair with the master (the protocol's stream
+framing, ``_protocol``). Shared memory comes from ``ranks._shared_memory``
+(through the slot and block layout of ``_worker_memory``).
+
+Its states::
+
+    STARTED  --BUILD-->  pin to its cores, build the model  --> BUILD_FINISH (or ERROR, exit 1)
+    SERVING  --PREDICT/COLLECT--> REPLY or ERROR; --EXIT or EOF--> exit
+
+It exits on its own when the master goes away: the socket reaches EOF, or
+(while the model is running, when nobody reads the socket) a watcher thread
+sees the parent pid change; either way it unlinks the segments it has mapped
+first, and once the master is dead every other segment of the master's,
+since a killed master cannot. (The supervisor also gives it a parent-death signal.)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import signal
+import socket
+import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import onnxruntime as ort
 
-from ranks._context import Context
 from ranks._model import Model, ModelType
-from ranks._remote_errors import pack_exception, where_header
 
-from . import _worker_protocol as proto
+from . import _protocol as proto
 from ._worker_memory import Attachments, layout, view
 
 EXIT_PARENT_GONE = 70
 PARENT_POLL_SECONDS = 0.5
-
-
-@dataclass
-class WorkerSpec:
-    index: int
-    device_id: int
-    model_path: str
-    context: Context
-    cores: list[int] | None  # CPU target: pin the process to these cores
-    parent_pid: int
 
 
 def _watch_parent(parent_pid: int, attachments: Attachments) -> None:
@@ -48,44 +49,70 @@ def _watch_parent(parent_pid: int, attachments: Attachments) -> None:
             os._exit(EXIT_PARENT_GONE)
 
 
-def worker_main(conn, spec: WorkerSpec) -> None:
-    """Entry point of the child: never returns normally before EXIT or the master's death."""
-    # Ctrl-C in a terminal reaches the whole process group: the master turns it
-    # into a shutdown of the workers, which must not die half way on their own.
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator._worker_main",
+                                     description="a batch-split worker; ParallelPredictor starts it")
+    parser.add_argument("--fd", type=int, required=True, help="this worker's end of the socketpair with its master")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    # Ctrl-C in a terminal reaches the whole foreground process group: the master turns
+    # it into a shutdown of the workers, which must not die half way on their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    attachments = Attachments(spec.parent_pid)
-    threading.Thread(target=_watch_parent, args=(spec.parent_pid, attachments), daemon=True,
-                     name="orch-parent-watch").start()
-    where = where_header(f"worker for device {spec.device_id}")
+    channel = proto.StreamChannel.from_fd(args.fd)
+    # The master is this process's parent (the supervisor starts workers directly): once it is dead,
+    # a worker removes the master's named segments, which a killed master cannot.
+    attachments = Attachments(os.getppid())
+    who = "worker"
     try:
-        if spec.cores:
-            os.sched_setaffinity(0, spec.cores)
+        msg = proto.decode(channel.recv(), "the master")
+        if msg.kind != proto.BUILD:
+            raise proto.ProtocolError(f"the master sent {msg.kind} first; a worker starts with BUILD")
+        who = f"worker for device {msg['device_id']}"
+        threading.Thread(target=_watch_parent, args=(msg["parent_pid"], attachments), daemon=True,
+                         name="orch-parent-watch").start()
+        context = pickle.loads(msg.buffers[0])
+        if msg["cores"]:
+            os.sched_setaffinity(0, msg["cores"])
         model = Model()
-        model.build_from_file(spec.model_path, ModelType.ONNX, spec.context)
+        model.build_from_file(msg["model_path"], ModelType.ONNX, context)
         inputs = [(t.name, t.dtype.to_numpy().str, list(t.shape)) for t in model.get_inputs()]
         outputs = [(t.name, t.dtype.to_numpy().str, list(t.shape)) for t in model.get_outputs()]
+    except EOFError:
+        return _parent_gone(attachments)
     except BaseException as exc:  # noqa: BLE001  every failure must reach the master
-        _send(conn, proto.message(proto.ERROR, 0, error=pack_exception(exc, where)), attachments)
-        return
-    _send(conn, proto.message(
-        proto.BUILD_FINISH, 0, device_id=spec.device_id, pid=os.getpid(), inputs=inputs, outputs=outputs,
-        cores=sorted(os.sched_getaffinity(0)), threads=spec.context.cpu.thread_num,
+        _send(channel, proto.error_frames(0, exc, who), attachments)
+        return 1
+    _send(channel, proto.encode(
+        proto.BUILD_FINISH, 0, status=proto.OK, who=who, host=socket.gethostname(), pid=os.getpid(),
+        device_id=msg["device_id"], inputs=inputs, outputs=outputs, cores=sorted(os.sched_getaffinity(0)),
+        threads=context.cpu.thread_num,
     ), attachments)
+    serve(channel, model, attachments, who)
+    attachments.close()
+    model.close()
+    return 0
 
+
+def serve(channel: proto.StreamChannel, model: Model, attachments: Attachments, who: str) -> None:
+    """Answer PREDICT and COLLECT until EXIT (the loop of the SERVING state)."""
     runner = _BoundRunner(model)
     held = None  # (request id, arrays) waiting for a COLLECT after a need_space REPLY
     while True:
         try:
-            msg = conn.recv()
+            frames = channel.recv()
         except (EOFError, OSError):
             _parent_gone(attachments)
-        kind, request_id = msg.get("kind"), msg.get("id", 0)
-        if msg.get("v") != proto.VERSION or kind == proto.EXIT:
-            # A master of another version cannot be answered sensibly; it reports the mismatch.
-            break
+        request_id = 0
         try:
-            if kind == proto.PREDICT:
-                attachments.forget(msg.get("forget", ()))
+            msg = proto.decode(frames, "the master")
+            request_id = msg.id
+            if msg.kind == proto.EXIT:
+                return
+            if msg.kind == proto.PREDICT:
+                attachments.forget(msg.get("forget") or ())
                 placement = msg.get("placement")
                 reply = runner.run_placed(attachments, msg) if placement else None
                 if reply is None:
@@ -99,21 +126,23 @@ def worker_main(conn, spec: WorkerSpec) -> None:
                     else:
                         held = (request_id, arrays)
                         reply = _write_outputs(attachments, msg, arrays)
-            elif kind == proto.COLLECT:
+            elif msg.kind == proto.COLLECT:
                 if held is None or held[0] != request_id:
                     raise RuntimeError(f"COLLECT for request {request_id}, but this worker holds no outputs for it")
                 attachments.buffer(msg["slot"])
                 reply = _write_outputs(attachments, msg, held[1])
             else:
-                raise RuntimeError(f"worker received {kind!r}, which a master never sends")
-            if reply["status"] == proto.STATUS_OK:
+                raise proto.ProtocolError(f"worker received {msg.kind!r}, which a master never sends while it serves")
+            if reply["status"] == proto.OK:
                 held = None
-            _send(conn, reply, attachments)
+            _send(channel, proto.encode(proto.REPLY, request_id, **reply), attachments)
+        except proto.ProtocolError as exc:
+            # A master of another version cannot be answered sensibly: say so once and leave.
+            _send(channel, proto.error_frames(request_id, exc, who), attachments)
+            return
         except BaseException as exc:  # noqa: BLE001
             held = None
-            _send(conn, proto.message(proto.ERROR, request_id, error=pack_exception(exc, where)), attachments)
-    attachments.close()
-    model.close()
+            _send(channel, proto.error_frames(request_id, exc, who), attachments)
 
 
 class _BoundRunner:
@@ -130,7 +159,7 @@ class _BoundRunner:
         self._quiet = ort.RunOptions()
         self._quiet.log_severity_level = 4  # a refused placement is not an error worth a log line
 
-    def run_placed(self, attachments: Attachments, msg: dict) -> dict | None:
+    def run_placed(self, attachments: Attachments, msg: proto.Message) -> dict | None:
         buf = attachments.buffer(msg["slot"])
         block = attachments.block(msg["block"])
         inputs = {spec.name: view(buf, spec) for spec in msg["inputs"]}
@@ -141,7 +170,7 @@ class _BoundRunner:
             return None
         finally:
             del inputs, outputs, buf, block
-        return proto.message(proto.REPLY, msg["id"], status=proto.STATUS_OK, placed=True, outputs=msg["placement"])
+        return {"status": proto.OK, "placed": True, "outputs": msg["placement"]}
 
 
 def _fits(placement, arrays) -> bool:
@@ -150,36 +179,35 @@ def _fits(placement, arrays) -> bool:
     )
 
 
-def _write_placed(attachments: Attachments, msg: dict, arrays) -> dict:
+def _write_placed(attachments: Attachments, msg: proto.Message, arrays) -> dict:
     block = attachments.block(msg["block"])
     for spec, array in zip(msg["placement"], arrays):
         target = view(block, spec)
         target[...] = array
         del target
     del block
-    return proto.message(proto.REPLY, msg["id"], status=proto.STATUS_OK, placed=True, outputs=msg["placement"])
+    return {"status": proto.OK, "placed": True, "outputs": msg["placement"]}
 
 
-def _write_outputs(attachments: Attachments, msg: dict, arrays) -> dict:
-    request_id = msg["id"]
+def _write_outputs(attachments: Attachments, msg: proto.Message, arrays) -> dict:
     start = msg["out_offset"]
     specs, end = layout([(f"out{i}", a.dtype, a.shape) for i, a in enumerate(arrays)], start)
     needed = end - start
     if needed > msg["out_capacity"]:
-        return proto.message(proto.REPLY, request_id, status=proto.STATUS_NEED_SPACE, needed=needed)
+        return {"status": proto.NEED_SPACE, "needed": needed}
     buf = attachments.buffer(msg["slot"])
     for spec, array in zip(specs, arrays):
         target = view(buf, spec)
         target[...] = array
         del target
     del buf
-    return proto.message(proto.REPLY, request_id, status=proto.STATUS_OK, placed=False, outputs=specs)
+    return {"status": proto.OK, "placed": False, "outputs": specs}
 
 
-def _send(conn, msg: dict, attachments: Attachments) -> None:
+def _send(channel: proto.StreamChannel, frames: list, attachments: Attachments) -> None:
     try:
-        conn.send(msg)
-    except (BrokenPipeError, EOFError, OSError):
+        channel.send(frames)
+    except OSError:
         _parent_gone(attachments)
 
 
@@ -187,3 +215,7 @@ def _parent_gone(attachments: Attachments):
     # The pipe is closed without EXIT: the master is dying (a clean close sends EXIT first).
     attachments.unlink()
     os._exit(EXIT_PARENT_GONE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,7 @@ to have other shapes, the worker writes them to its slot's output area and
 the master joins them with a copy.
 
 Every tensor starts on a 64-byte boundary; where each one lies is said by the
-``TensorSpec`` tuples of the PREDICT and REPLY messages (``_worker_protocol``).
+``TensorSpec`` tuples of the PREDICT and REPLY messages (``_protocol``).
 When a request needs more room in a slot, the master creates a bigger segment
 (the generation goes up) and unlinks the old one; the worker maps the new
 handle when a PREDICT or COLLECT names it.
@@ -63,7 +63,7 @@ import numpy as np
 from ranks import _shared_memory
 from ranks._shared_memory import Segment
 
-from ._worker_protocol import TensorSpec
+from ._protocol import TensorSpec
 
 ALIGN = 64
 PAGE = 4096

@@ -18,6 +18,7 @@ from ._errors import (
     ModelNotFoundError,
     OrchestratorError,
     PeerLostError,
+    PortInUseError,
     ProviderError,
     RankTableError,
     ShardError,

@@ -95,7 +95,7 @@ from ._comm_util import (
     reduce_arrays,
 )
 from ._env import default_timeout
-from ._errors import CommError, CommTimeoutError, PeerLostError
+from ._errors import CommError, CommTimeoutError, PeerLostError, PortInUseError
 from ._rank_table import RankTable, this_host_addresses
 
 _MAGIC = b"ORZ1"
@@ -228,7 +228,8 @@ class ZmqCommunicator(Communicator):
                 )
             else:
                 hint = str(exc)
-            raise CommError(f"rank {self.rank} of {self.size}: cannot listen on {endpoint} (from rank table {self.table.source}): {hint}") from None
+            error = PortInUseError if exc.errno == zmq.EADDRINUSE else CommError
+            raise error(f"rank {self.rank} of {self.size}: cannot listen on {endpoint} (from rank table {self.table.source}): {hint}") from None
         identity = str(self.rank).encode()
         for peer in range(self.size):
             if peer == self.rank:

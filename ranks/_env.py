@@ -97,6 +97,7 @@ PMI_SIZE = _var("PMI_SIZE", None, "set by MPICH's mpiexec (hydra)")
 MPI_LOCALRANKID = _var("MPI_LOCALRANKID", None, "set by MPICH's mpiexec (hydra): the rank on this host")
 PMIX_RANK = _var("PMIX_RANK", None, "set by PMIx-based launchers (Open MPI 5's prterun, Slurm): the rank")
 PYTHONUNBUFFERED = _var("PYTHONUNBUFFERED", None, "set to 1 by the launchers for the ranks they start, so printed lines arrive at once")
+PYTHONPATH = _var("PYTHONPATH", None, "read by the supervisor when it starts a module of a checkout that is not installed: the checkout goes first on the child's PYTHONPATH")
 PYTHONFAULTHANDLER = _var("PYTHONFAULTHANDLER", None, "set to 1 by the launchers for the ranks they start, so a segfault prints the Python stack")
 
 # --- read by the shell entry points (launchers/run_ranks.sh, launchers/run_mpi.sh) only ---------

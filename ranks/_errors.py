@@ -75,5 +75,9 @@ class CommTimeoutError(CommError, TimeoutError):
     """A peer that did not answer within the timeout."""
 
 
+class PortInUseError(CommError):
+    """A port a communicator must listen on is taken by another process (a master may retry on other ports)."""
+
+
 class PeerLostError(CommError, ConnectionError):
     """A peer that exited or closed its connection mid-operation."""

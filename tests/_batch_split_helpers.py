@@ -101,8 +101,27 @@ def wait_until(condition, seconds: float, step: float = 0.05) -> bool:
     return condition()
 
 
+def worker_pids(parent: int | None = None) -> set[int]:
+    """Live batch-split workers (``python -m orchestrator._worker_main``) whose parent is ``parent`` (default: us)."""
+    parent = os.getpid() if parent is None else parent
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent and fields[0] not in ("Z", "X") and b"orchestrator._worker_main" in cmdline:
+            found.add(int(entry))
+    return found
+
+
 def no_children_left() -> bool:
-    return not multiprocessing.active_children()
+    return not multiprocessing.active_children() and not worker_pids()
 
 
 def write_three_outputs_model(path: Path) -> Path:

@@ -251,7 +251,8 @@ def test_launchers_exports():
     import launchers
 
     assert {
-        "ProcessGroup", "ProcessSpec", "RankOutput", "RankExit", "format_report",
+        "ProcessGroup", "ProcessSpec", "RankOutput", "RankExit", "format_report", "failure_error",
+        "Supervisor", "python_module",
         "MpiLaunchConfig", "MpiLauncher", "build_mpirun_command", "find_mpirun", "mpi_flavor",
         "RankTableLaunchConfig", "RankTableLauncher",
         "LaunchError", "LaunchInterruptedError", "LaunchTimeoutError", "RankFailedError",

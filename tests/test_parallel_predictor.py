@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import threading
 import time
 
@@ -18,6 +17,7 @@ from tests._batch_split_helpers import (
     our_segments,
     reference,
     wait_until,
+    worker_pids,
     write_fixed_batch,
     write_timestep_model,
 )
@@ -34,8 +34,7 @@ def clean():
     yield
     gc.collect()
     keep_pids = {pid for p in _shared if not p.closed for pid in p.pids}
-    assert wait_until(lambda: {c.pid for c in multiprocessing.active_children()} <= keep_pids, 10), \
-        "worker processes left behind"
+    assert wait_until(lambda: worker_pids() <= keep_pids, 10), "worker processes left behind"
     keep = {name for p in _shared if not p.closed for name in p.segment_names}
     assert set(our_segments()) <= keep
 
@@ -80,18 +79,46 @@ def test_plan_cores_disjoint_then_shared_with_a_warning():
 
 
 def test_wire_protocol_checks_version_and_kind():
-    from orchestrator import _worker_protocol as proto
+    import json
+    import socket
 
-    msg = proto.message(proto.PREDICT, 7, slot="orch_pp1_0_1_ab")
-    assert msg["v"] == proto.VERSION and msg["kind"] == "PREDICT" and msg["id"] == 7
-    assert proto.check(msg, "worker for device 0") is msg
+    from orchestrator import _protocol as proto
+
+    frames = proto.encode(proto.PREDICT, 7, slot="orch_pp1_0_1_ab", inputs=[proto.TensorSpec("x", "<f4", (2, 3), 0, 24)])
+    msg = proto.decode(frames, "worker for device 0")
+    assert msg.kind == "PREDICT" and msg.id == 7 and msg["v"] == proto.VERSION and msg["slot"] == "orch_pp1_0_1_ab"
+    assert msg["inputs"] == [proto.TensorSpec("x", "<f4", (2, 3), 0, 24)]  # TensorSpecs survive the JSON header
     with pytest.raises(ValueError, match="unknown message kind 'HELLO'"):
-        proto.message("HELLO")
-    with pytest.raises(WorkerError, match="worker for device 1 speaks worker protocol version 99, this master speaks 1"):
-        proto.check({"v": 99, "kind": "REPLY", "id": 1}, "worker for device 1")
+        proto.encode("HELLO")
+    old = [b"REPLY", json.dumps({"v": 99, "kind": "REPLY", "id": 1}).encode()]
+    with pytest.raises(WorkerError, match="worker for device 1 speaks worker protocol version 99, this side speaks 2"):
+        proto.decode(old, "worker for device 1")
     with pytest.raises(WorkerError, match="not a message of the worker protocol"):
-        proto.check(("REPLY", 1), "worker for device 1")
+        proto.decode([b"REPLY", b"\x80pickle"], "worker for device 1")
     assert {"BUILD_FINISH", "PREDICT", "REPLY", "ERROR", "EXIT"} <= set(proto.KINDS)
+    # the stream framing carries the same frames, arrays and errors included
+    a, b = socket.socketpair()
+    ours, theirs = proto.StreamChannel(a), proto.StreamChannel(b)
+    try:
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        ours.send(proto.encode(proto.REPLY, 3, status=proto.OK, arrays={"y": x}))
+        got = proto.decode(theirs.recv())
+        assert got.status == "ok" and np.array_equal(got.arrays()["y"], x)
+        try:
+            raise InputError("bad rows")
+        except InputError as exc:
+            ours.send(proto.error_frames(3, exc, "worker for device 0"))
+        got = proto.decode(theirs.recv())
+        assert got.kind == proto.ERROR and got.status == proto.FAILED
+        assert {"type", "message", "traceback", "who", "host", "pid", "where"} <= set(got["error"])
+        error = proto.unpack_error(got)
+        assert type(error) is InputError and "[worker for device 0 on host" in str(error)
+        ours.close()
+        with pytest.raises(EOFError):
+            theirs.recv()
+    finally:
+        ours.close()
+        theirs.close()
 
 
 # -- results equal one device ----------------------------------------------------

@@ -35,6 +35,7 @@ from tests._batch_split_helpers import (
     process_alive,
     reference,
     wait_until,
+    worker_pids,
     write_reshape_model,
 )
 from tests.conftest import project_env
@@ -67,7 +68,7 @@ def test_worker_exception_keeps_type_traceback_and_device(tmp_path):
 def test_build_error_stops_the_other_workers_and_reports_the_first(sample):
     context = one_thread()
     context.target = ["gpu"]
-    pids_before = {p.pid for p in __import__("multiprocessing").active_children()}
+    pids_before = worker_pids()
     started = time.monotonic()
     with pytest.raises(ProviderError) as info:
         ParallelPredictor(sample("mlp"), device_ids=[3, 4], context=context)
@@ -75,7 +76,7 @@ def test_build_error_stops_the_other_workers_and_reports_the_first(sample):
     assert "worker for device 3" in str(info.value) or "worker for device 4" in str(info.value)
     assert "CUDAExecutionProvider" in str(info.value)
     assert "Traceback" in str(info.value.__cause__)
-    assert wait_until(lambda: {p.pid for p in __import__("multiprocessing").active_children()} <= pids_before, 10)
+    assert wait_until(lambda: worker_pids() <= pids_before, 10)
 
 
 @pytest.mark.timeout(120)
@@ -132,6 +133,22 @@ def test_hanging_worker_is_an_error_at_the_timeout(sample):
     with pytest.raises(WorkerError, match="no longer accepts requests"):
         predictor.predict([x])
     assert wait_until(lambda: _gone(pids), 10)
+    assert not set(names) & set(our_segments())
+
+
+@pytest.mark.timeout(60)
+def test_close_with_a_stopped_worker_is_quick(sample):
+    """A SIGSTOPped worker cannot read EXIT and keeps SIGTERM pending: close() continues it (TERM + CONT)."""
+    predictor = ParallelPredictor(sample("mlp"), device_ids=[0, 1], context=one_thread())
+    pids = predictor.pids
+    predictor.predict([np.ones((4, 64), np.float32)])
+    names = predictor.segment_names
+    os.kill(pids[1], signal.SIGSTOP)
+    started = time.monotonic()
+    predictor.close()
+    took = time.monotonic() - started
+    assert took < 2.0, f"close() took {took:.2f} s"  # was 6 s: 5 s for EXIT, then TERM without CONT
+    assert wait_until(lambda: _gone(pids), 5)
     assert not set(names) & set(our_segments())
 
 

@@ -67,8 +67,8 @@ def test_mpi_ranks_match_the_whole_model(sample, transformer_shards, tmp_path):
             outs = list(pool.map(lambda b: model.predict({"x": b})["y"], batches))
         for b, out in zip(batches, outs):
             assert np.max(np.abs(out - _expected(source, b))) < 1e-5
-        procs = list(model._procs)
-    assert all(p.poll() is not None for p in procs)
+        pids = list(model.pids.values()) + list(model._job.launcher.pids.values())
+    assert len(pids) == 3 and not any(_alive(p) for p in pids)  # 2 ranks and mpirun
     # one call, on the MLP, by directory
     mlp = sample("mlp")
     shards = shard_model(mlp, 2, tmp_path / "mlp", progress=False)
@@ -85,7 +85,7 @@ def test_a_rank_error_reaches_the_caller_and_stops_the_job(transformer_shards):
         with pytest.raises(InputError, match=r"rank \d of 2 on host .*missing input\(s\) \['x'\]"):
             # predict() checks inputs in the caller; sent past that check, the ranks themselves fail.
             model._request({"wrong": np.ones((1, 2, 32), np.float32)})
-        assert all(p.poll() is not None for p in model._procs)
+        assert not any(_alive(p) for p in list(model.pids.values()) + list(model._job.launcher.pids.values()))
         with pytest.raises(WorkerError, match="closed"):
             model.predict({"x": np.ones((1, 2, 32), np.float32)})
     finally:
@@ -97,7 +97,7 @@ def test_a_rank_that_dies_is_reported_without_a_hang(transformer_shards):
     _, result = transformer_shards
     model = ShardedModel(result.model_path, backend="mpi", timeout=60)
     try:
-        mpirun = model._procs[0].pid
+        mpirun = model._job.launcher.pids[-1]
         wrappers = _children(mpirun)
         ranks = [p for w in wrappers for p in _children(w) if b"_sharded_worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(ranks) == 2
@@ -127,9 +127,9 @@ def test_zmq_ranks_from_python(sample, tmp_path):
     x = np.random.default_rng(3).standard_normal((3, 64)).astype(np.float32)
     with ShardedModel(shards.model_path, backend="zmq", timeout=120) as model:
         out = model.predict([x])["y"]
-        procs = list(model._procs)
+        launcher = model._job.launcher
     assert np.max(np.abs(out - _expected(source, x))) < 1e-5
-    assert len(procs) == 2 and all(p.poll() == 0 for p in procs)
+    assert [(e.rank, e.exitcode) for e in launcher.exits()] == [(0, 0), (1, 0)]  # they left on EXIT
 
 
 @pytest.mark.cli

@@ -1,27 +1,51 @@
-"""Start N rank processes, watch them, stop them all when one fails.
+"""The one supervisor: start a set of child processes, watch them, name the first failure, stop them all.
 
-The core every launcher here uses: the rank-table launcher runs one process
-per local rank through it, the MPI launcher runs ``mpirun`` through it.
+Every part of the project that runs child processes goes through ``Supervisor``:
+the rank-table launcher (one child per local rank), the MPI launcher (one
+child: ``mpirun``), ``ShardedModel`` (its ranks, or mpirun), ``ParallelPredictor``
+(one worker per device), and the pool and serving workers to come. It knows
+nothing about command-line options (those are parsed a layer above) or about
+what the children say to their master (``orchestrator._protocol``).
 
-Each rank starts in its own session (so a stop reaches its children too) and,
-on Linux, with a parent-death signal (so it dies with the launcher even when
-the launcher is SIGKILLed). Two reader threads per rank prefix its lines
-(and date each rank's last line); one waiter thread per rank records its exit
-the moment it happens. Together they order failures (see ``_failures``).
+Starting (``start``). Each child is a ``ProcessSpec``: argv, extra environment,
+cwd, file descriptors to inherit (say, one end of a socketpair). It starts in
+its own session, so a stop reaches its children too, and on Linux with a
+parent-death signal (SIGKILL), so it dies with this process even when this
+process is SIGKILLed. Linux sends that signal when the THREAD that forked the
+child ends, so every child is forked by one long-lived thread of the supervisor
+(``_Spawner``), whichever thread calls ``start``. ``python_module`` builds the
+argv of a child that runs a module of this installation (``python -m ...``).
 
-When a rank fails, the others get a short grace (``failure_grace``, 1 s) to
-end on their own before they are stopped: the rank that failed first may
-still be exiting when the peer it took down has already gone, and stopping
-it then would record it as stopped by the launcher, hiding the root cause.
-A rank counts as stopped only when the launcher signalled it while it was
-still running.
+Watching. Two reader threads per child prefix its lines (and date each
+child's last line) into a ``RankOutput``; one waiter thread per child records
+its exit (``RankExit``: code or signal, time, last lines) the moment it
+happens. A master asks without blocking (``exits``, ``running``, ``exit_of``,
+``failure``, ``suspended``) or waits (``join``); a launcher blocks in ``wait``.
 
-Stopping, torchrun's way: SIGTERM to every rank's process group, ONE shared
+The first failure (``failure``, ``wait``): the failure records are ordered as
+``_failures`` describes, the earliest named as the root cause. When a child
+fails, the others get a short grace (``failure_grace``, 1 s) to end on their
+own before ``wait`` stops them: the child that failed first may still be
+exiting when the peer it took down has already gone, and stopping it then
+would record it as stopped by the launcher, hiding the root cause. A child
+counts as stopped only when the supervisor signalled it while it still ran.
+
+Stopping (``stop``), torchrun's way: SIGTERM to every child's process group,
+each followed by SIGCONT (a SIGSTOPped or Ctrl-Z'd process keeps SIGTERM
+pending until it is continued, and would cost the whole deadline), ONE shared
 deadline (``stop_timeout``), then SIGKILL to whatever is left, then a sweep of
-each group for stragglers (grandchildren that ignored SIGTERM). Each SIGTERM
-is followed by SIGCONT: a stopped (SIGSTOPped, or Ctrl-Z'd) process keeps
-SIGTERM pending until it is continued, and would cost the whole deadline.
-``stop`` may be called any number of times, from any thread.
+each group for stragglers (grandchildren that ignored SIGTERM). ``stop`` may be
+called any number of times, from any thread.
+
+Watchdog. With ``cleanup_paths`` (or ``watchdog=True``) a janitor process
+(``_janitor.py``) outlives this one: if this process dies before ``stop``
+(SIGKILL, or a SIGTERM nobody handles), it sweeps the children's process
+groups and removes those paths. ``stop`` releases it.
+
+Lifecycle::
+
+    NEW --start()--> RUNNING --stop() / wait() / run()--> STOPPED
+                     (a child that cannot start: the started ones are stopped, LaunchError)
 """
 
 from __future__ import annotations
@@ -29,8 +53,11 @@ from __future__ import annotations
 import array
 import ctypes
 import fcntl
+import importlib
 import os
+import queue
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -38,14 +65,15 @@ import termios
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 from ranks import _env, _shared_memory
 from ranks._log import get_logger
 
-from ._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError
+from ._errors import LaunchError, LaunchInterruptedError, LaunchTimeoutError, RankFailedError
 
-from ._failures import RankExit, failure_error, signal_name
+from ._failures import RankExit, early_exit, failure_error, format_early_exit, signal_name
 from ._output import RankOutput, pump
 
 log = get_logger("launch")
@@ -56,14 +84,19 @@ _DRAIN_SECONDS = 2.0
 # After the first failure, how long the other ranks may take to end on their own
 # (at most the stop timeout) before they are stopped.
 FAILURE_GRACE = 1.0
+JANITOR = Path(__file__).with_name("_janitor.py")
 
 
 @dataclass(frozen=True)
 class ProcessSpec:
-    """One rank to start: its number, its command line, extra environment variables.
+    """One child to start: its number in the group, its command line, extra environment variables.
 
+    ``rank``: the child's key (a rank, a worker's index); unique in a group.
     ``env`` is added to this process's environment. ``label`` is the console
-    prefix (default ``"rank N"``).
+    prefix and what reports call the child (default ``"rank N"``).
+    ``pass_fds``: file descriptors of this process the child inherits under the
+    same numbers (one end of a socketpair, say); the caller closes its copies
+    after ``start``.
     """
 
     rank: int
@@ -71,11 +104,13 @@ class ProcessSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     label: str | None = None
+    pass_fds: Sequence[int] = ()
 
     def __post_init__(self):
         if not self.argv:
             raise LaunchError(f"rank {self.rank}: empty command line")
         object.__setattr__(self, "argv", tuple(str(a) for a in self.argv))
+        object.__setattr__(self, "pass_fds", tuple(int(fd) for fd in self.pass_fds))
 
     @property
     def name(self) -> str:
@@ -95,6 +130,32 @@ def resolve_program(program: Sequence[str]) -> list[str]:
     return argv
 
 
+def python_module(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, extra environment) of a child running ``python -m module args`` on THIS installation.
+
+    The interpreter is ``sys.executable``. When the module's top package was
+    imported from a directory that is not one of the interpreter's
+    site-packages (a checkout on ``sys.path``), that directory goes first on
+    the child's PYTHONPATH, so the child runs the same code as this process.
+    The child never imports the caller's ``__main__`` (unlike ``multiprocessing``'s
+    spawn), so scripts without a main guard, ``python -c``, stdin and notebooks work.
+    """
+    package = importlib.import_module(module.split(".")[0])
+    root = str(Path(package.__file__).resolve().parent.parent)
+    sites = set()
+    try:
+        sites.update(str(Path(p).resolve()) for p in site.getsitepackages())
+        sites.add(str(Path(site.getusersitepackages()).resolve()))
+    except (AttributeError, OSError):
+        pass
+    env = {}
+    if root not in sites:
+        current = _env.PYTHONPATH.get()
+        parts = [root] + [p for p in (current or "").split(os.pathsep) if p and p != root]
+        env[_env.PYTHONPATH.name] = os.pathsep.join(parts)
+    return [sys.executable, "-m", module, *args], env
+
+
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment plus ``extra``, with Python's output unbuffered and faulthandler on.
 
@@ -107,6 +168,56 @@ def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
     env.setdefault(_env.PYTHONUNBUFFERED.name, "1")
     env.setdefault(_env.PYTHONFAULTHANDLER.name, "1")
     return env
+
+
+class _Spawner:
+    """One long-lived daemon thread that forks every child with a parent-death signal.
+
+    Linux delivers PR_SET_PDEATHSIG when the thread that forked the child ends,
+    not the process: children forked by a short-lived thread (a thread pool's,
+    a request handler's) would be killed when it ends. This thread ends only
+    with the process.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue | None = None
+        self._thread: threading.Thread | None = None
+
+    def call(self, fn: Callable[[], object]):
+        """Run ``fn`` on the spawner thread and return what it returns (or raise what it raised)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():  # first use, or in a forked child
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._loop, args=(self._queue,), name="orch-spawner", daemon=True)
+                self._thread.start()
+            jobs = self._queue
+        done = threading.Event()
+        box: list = []
+        jobs.put((fn, done, box))
+        try:
+            done.wait()
+        except BaseException:
+            done.wait()  # Ctrl-C meanwhile: the children are being started; let the caller's stop() see them
+            raise
+        ok, value = box[0]
+        if ok:
+            return value
+        raise value
+
+    @staticmethod
+    def _loop(jobs: queue.SimpleQueue) -> None:
+        while True:
+            fn, done, box = jobs.get()
+            try:
+                box.append((True, fn()))
+            except BaseException as exc:  # noqa: BLE001  handed to the caller
+                box.append((False, exc))
+            finally:
+                done.set()
+
+
+_SPAWNER = _Spawner()
 
 
 def _parent_death_hook():
@@ -166,6 +277,22 @@ def has_exited(pid: int) -> bool:
         return False
 
 
+def process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` from /proc (R, S, T: stopped, Z: zombie, ...), None when gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[0] if fields else None
+
+
+def is_suspended(pid: int) -> bool:
+    """True while ``pid`` is stopped by a signal (SIGSTOP, Ctrl-Z): it acts on nothing until continued."""
+    return process_state(pid) in ("T", "t")
+
+
 def group_members(pgid: int) -> list[int]:
     """Live (not zombie) processes in process group ``pgid``, from /proc; [] when none."""
     members = []
@@ -192,21 +319,27 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-class ProcessGroup:
-    """Rank processes started together and stopped together.
+class Supervisor:
+    """Child processes started together, watched together and stopped together.
 
-    >>> group = ProcessGroup([ProcessSpec(0, ["python", "a.py"]), ProcessSpec(1, ["python", "a.py"])])
+    >>> group = Supervisor([ProcessSpec(0, ["python", "a.py"]), ProcessSpec(1, ["python", "a.py"])])
     >>> exits = group.run(timeout=60)   # raises RankFailedError naming the first failure
+
+    A master that talks to its children keeps them running instead:
+
+    >>> group.start(); ...; error = group.failure()   # None while no child failed
+    >>> group.stop()                                    # TERM + CONT, one deadline, KILL, sweep
 
     ``output``: where lines go (default: the console, prefixed ``[rank N]``).
     ``stop_timeout``: seconds between SIGTERM and SIGKILL (default
     ORCH_STOP_TIMEOUT). ``world_size``: for reports ("rank 1 of 4").
-    ``die_with_parent``: give each rank a parent-death signal; Linux ties it to
-    the THREAD that calls ``start``, so call ``start`` from a thread that lives
-    as long as the ranks should (turn it off otherwise). ``failure_grace``:
-    seconds the other ranks may take to end on their own after the first
-    failure before they are stopped (default ``FAILURE_GRACE``, at most
-    ``stop_timeout``).
+    ``die_with_parent``: give each child a parent-death signal (SIGKILL).
+    ``failure_grace``: seconds the other children may take to end on their
+    own after the first failure before ``wait`` stops them (default
+    ``FAILURE_GRACE``, at most ``stop_timeout``). ``cleanup_paths``: files or
+    directories a watchdog removes if this process dies before ``stop``;
+    ``watchdog``: start that watchdog even without paths (it also sweeps the
+    children's process groups).
     """
 
     def __init__(
@@ -218,6 +351,8 @@ class ProcessGroup:
         world_size: int | None = None,
         die_with_parent: bool = True,
         failure_grace: float | None = None,
+        cleanup_paths: Sequence[str | os.PathLike] = (),
+        watchdog: bool = False,
     ):
         if not specs:
             raise LaunchError("no ranks to start: the list of processes is empty")
@@ -246,22 +381,39 @@ class ProcessGroup:
         self._interrupted: str | None = None
         self._external_error: BaseException | None = None
         self._hurry = False
+        self._exited = threading.Condition(self._lock)
+        self._started = False
+        self._cleanup_paths = [os.fspath(p) for p in cleanup_paths]
+        self._watchdog = watchdog or bool(self._cleanup_paths)
+        self._janitor: subprocess.Popen | None = None
 
     # --- starting ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Start every rank. Raises ``LaunchError`` (after stopping those already started) when one cannot start."""
-        if self._procs:
+        """Start every child. Raises ``LaunchError`` (after stopping those already started) when one cannot start."""
+        if self._started:
             raise LaunchError("this process group was already started")
+        self._started = True
         try:
             self.output.open([s.rank for s in self.specs])
         except OSError as exc:
             raise LaunchError(f"cannot write the ranks' logs: {exc}") from exc
+        if self._watchdog:
+            self._start_janitor()
+        # Every child is forked before any reader or waiter thread of this group exists,
+        # and (for the parent-death signal) by the spawner thread.
+        failed = _SPAWNER.call(self._spawn_all) if self._die_with_parent else self._spawn_all()
+        self._start_threads()
+        if failed is not None:
+            spec, exc = failed
+            self.stop()
+            raise LaunchError(f"cannot start {spec.name}: {spec.argv[0]!r}: {exc.strerror or exc}") from exc
+
+    def _spawn_all(self):
+        """Fork every child; (spec, OSError) of the first that could not start, or None."""
         hook = _parent_death_hook() if self._die_with_parent else None
-        # Every Popen happens before any of our threads exist: a preexec hook
-        # after fork is only safe while this process has no other threads of ours.
         for spec in self.specs:
             try:
-                self._procs[spec.rank] = subprocess.Popen(
+                proc = subprocess.Popen(
                     list(spec.argv),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
@@ -269,14 +421,51 @@ class ProcessGroup:
                     env=child_environment(spec.env),
                     cwd=spec.cwd,
                     start_new_session=True,
+                    pass_fds=spec.pass_fds,
                     preexec_fn=hook,
                 )
             except OSError as exc:
-                self._start_threads()
-                self.stop()
-                raise LaunchError(f"cannot start {spec.name}: {spec.argv[0]!r}: {exc.strerror or exc}") from exc
-            log.info("started %s (pid %d): %s", spec.name, self._procs[spec.rank].pid, " ".join(map(str, spec.argv)))
-        self._start_threads()
+                return spec, exc
+            self._procs[spec.rank] = proc
+            log.info("started %s (pid %d): %s", spec.name, proc.pid, " ".join(map(str, spec.argv)))
+            self._tell_janitor(f"group {proc.pid}")
+        return None
+
+    def _start_janitor(self) -> None:
+        try:
+            self._janitor = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(JANITOR), "--parent", str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot start the supervisor's watchdog {JANITOR}: {exc.strerror or exc}") from exc
+        for path in self._cleanup_paths:
+            self._tell_janitor(f"path {path}")
+
+    def _tell_janitor(self, line: str) -> None:
+        if self._janitor is None:
+            return
+        try:
+            self._janitor.stdin.write(line.encode("utf-8", "surrogateescape") + b"\n")
+            self._janitor.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    def _release_janitor(self) -> None:
+        janitor, self._janitor = self._janitor, None
+        if janitor is None:
+            return
+        try:
+            janitor.stdin.write(b"release\n")
+            janitor.stdin.close()
+        except (OSError, ValueError):
+            pass
+        try:
+            janitor.wait(2.0)
+        except subprocess.TimeoutExpired:
+            janitor.kill()
+            janitor.wait()
 
     def _start_threads(self) -> None:
         specs = {s.rank: s for s in self.specs}
@@ -321,9 +510,11 @@ class ProcessGroup:
             tail=self.output.tail(spec.rank),
             stopped=stopped,
             last_output=self.output.last_time(spec.rank),
+            label=spec.label,
         )
         with self._lock:
             self._exits[spec.rank] = record
+            self._exited.notify_all()
         self._changed.set()
 
     # --- watching ---------------------------------------------------------------------------
@@ -338,8 +529,59 @@ class ProcessGroup:
             return [self._exits[r] for r in sorted(self._exits)]
 
     def running(self) -> list[int]:
+        """The children started and not yet ended, by key."""
         with self._lock:
             return [r for r in self._procs if r not in self._exits]
+
+    def exit_of(self, rank: int, timeout: float = 0.0) -> RankExit | None:
+        """How child ``rank`` ended, waiting up to ``timeout`` seconds for it to end; None while it runs."""
+        deadline = time.monotonic() + timeout
+        with self._exited:
+            while rank not in self._exits:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or rank not in self._procs:
+                    return None
+                self._exited.wait(remaining)
+            return self._exits[rank]
+
+    def join(self, timeout: float, *, skip_suspended: bool = False) -> bool:
+        """Wait up to ``timeout`` seconds for every child to end on its own; True when all have.
+
+        ``skip_suspended``: stop waiting as soon as a child still running is
+        suspended (SIGSTOP, Ctrl-Z): it cannot act on anything until continued,
+        and peers that wait for it (an MPI finalize, a collective) cannot end either.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            running = self.running()
+            if not running:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (skip_suspended and self.suspended()):
+                return False
+            with self._exited:
+                self._exited.wait(min(remaining, 0.05))
+
+    def suspended(self) -> list[int]:
+        """Children that are stopped by a signal right now (process state T), by key (Linux; [] elsewhere)."""
+        return [rank for rank in self.running() if is_suspended(self._procs[rank].pid)]
+
+    def failure(self, *, every_exit_fails: bool = False) -> RankFailedError | None:
+        """The first-failure report of the children ended so far, or None when none failed on its own.
+
+        Does not stop anything. ``every_exit_fails``: a child that exited with
+        code 0 fails too (for a master whose children must run until told to stop).
+        """
+        exits = self.exits()
+        error = failure_error(exits, self.world_size)
+        if error is not None or not every_exit_fails:
+            return error
+        early = early_exit(exits, self.running())
+        if early is None:
+            return None
+        first, still_running = early
+        stopped = [e for e in exits if e.stopped and e.failed]
+        return RankFailedError(format_early_exit(first, still_running, stopped, self.world_size), [first], stopped)
 
     def _names(self, ranks) -> str:
         names = {s.rank: s.name for s in self.specs}
@@ -454,6 +696,7 @@ class ProcessGroup:
             # Named segments of ranks that died owning them (SIGKILL cannot be caught); memfd ones free themselves.
             _shared_memory.remove_stale()
             self.output.close()
+            self._release_janitor()
             self._stop_done.set()
             return self.exits()
 
@@ -512,8 +755,12 @@ class ProcessGroup:
                 for signum, handler in previous.items():
                     signal.signal(signum, handler)
 
-    def __enter__(self) -> "ProcessGroup":
+    def __enter__(self) -> "Supervisor":
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+# The launchers' name for it since before it supervised more than ranks.
+ProcessGroup = Supervisor

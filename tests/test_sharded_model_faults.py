@@ -1,0 +1,238 @@
+"""ShardedModel's faults, each with its test: a stopped rank, a stuck rank, a killed caller, a port taken, a version.
+
+Every case runs the real ranks (mpirun, or local zmq ranks) on the small MLP
+and checks that nothing is left: no process, no temporary directory, no
+/dev/shm segment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from launch_helpers import descendants, orch_dirs, private_tmp, shm_segments_of, wait_gone
+from orchestrator import ShardedModel, shard_model
+from ranks import CommError, WorkerTimeoutError
+from tests.conftest import project_env
+
+pytestmark = [pytest.mark.multiprocess]
+BACKENDS = ["zmq", "mpi"]
+
+
+@pytest.fixture(scope="module")
+def mlp_shards(sample, tmp_path_factory):
+    return shard_model(sample("mlp"), 2, tmp_path_factory.mktemp("mlp_tp2"), progress=False).model_path
+
+
+def _new_processes(before: set[int]) -> list[int]:
+    """Processes below us that were not there ``before``: the job's ranks, mpirun and its wrappers, the watchdog
+    (not what else the test session keeps, such as multiprocessing's resource tracker)."""
+    return [pid for pid in descendants(os.getpid()) if pid not in before]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_with_a_stopped_rank_is_quick(mlp_shards, backend):
+    """Was 10 s (zmq) and 5 s (mpi): EXIT waited for, then SIGTERM without SIGCONT."""
+    before = set(descendants(os.getpid()))
+    model = ShardedModel(mlp_shards, backend=backend, timeout=60)
+    model.predict([np.ones((2, 64), np.float32)])
+    processes = _new_processes(before)
+    os.kill(model.pids[1], signal.SIGSTOP)
+    started = time.monotonic()
+    model.close()
+    took = time.monotonic() - started
+    assert took < 2.0, f"close() took {took:.2f} s"
+    assert not wait_gone(processes, 10)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stuck_rank_is_named(mlp_shards, backend):
+    """Was a generic "no answer from the 2 ranks" (mpi: with raw @@orchestrate-rank lines), after 13 s on zmq."""
+    before = set(descendants(os.getpid()))
+    model = ShardedModel(mlp_shards, backend=backend, timeout=3)
+    model.predict([np.ones((2, 64), np.float32)])
+    processes = _new_processes(before)
+    stuck = model.pids[1]
+    os.kill(stuck, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(WorkerTimeoutError) as info:
+        model.predict([np.ones((2, 64), np.float32)])
+    took = time.monotonic() - started
+    message = str(info.value)
+    assert message.startswith(f"predict request 2: rank 1 of 2 on host {socket.gethostname()} (pid {stuck}) "
+                              f"did not answer within 3 s: it never reported taking the request, and its process is stopped")
+    # rank 0 waits in a collective for rank 1; its own collective timeout may end it first (mpi aborts it)
+    assert f"rank 0 of 2 on host {socket.gethostname()} (pid {model.pids[0]}) took it" in message
+    assert "@@" not in message and "orchestrate-rank" not in message
+    assert 3.0 <= took < 6.0, took  # the timeout, plus stopping the job
+    assert not wait_gone(processes, 10)  # the job is over: everything stopped, the stopped rank too
+    model.close()
+
+
+CALLER = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from orchestrator import ShardedModel
+    model = ShardedModel(sys.argv[1], backend=sys.argv[2], timeout=60)   # no `with`, no close()
+    model.predict([np.ones((2, 64), np.float32)])
+    print(json.dumps({"ranks": list(model.pids.values()), "tmp": model._job.tmp, "scratch": model._job.scratch}), flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_killed_caller_leaves_nothing(mlp_shards, monkeypatch, tmp_path, backend, how):
+    """Was /tmp/orch_sharded_* left behind. SIGINT: the exit hook closes the model; SIGTERM (unhandled)
+    and SIGKILL: the ranks die with the caller and the supervisor's watchdog removes the directory."""
+    tmpdir = private_tmp(monkeypatch, tmp_path)
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(mlp_shards), backend], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=project_env())
+    try:
+        line = caller.stdout.readline()
+        assert line, caller.stderr.read()
+        info = json.loads(line)
+        processes = descendants(caller.pid)
+        assert len(processes) >= 3 and set(info["ranks"]) <= set(processes)
+        assert orch_dirs(tmpdir) == [os.path.basename(info["tmp"])]
+        if backend == "mpi":  # Open MPI's session directory and shared-memory files live in the job's scratch dir
+            assert info["scratch"].startswith("/dev/shm/orch_sharded_")
+            assert any(name.startswith("sm_segment.") for name in os.listdir(info["scratch"]))
+        os.kill(caller.pid, how)
+        caller.wait(30)
+        assert not wait_gone(processes, 15), "processes outlived the caller"
+        deadline = time.monotonic() + 10
+        while orch_dirs(tmpdir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert orch_dirs(tmpdir) == []
+        assert shm_segments_of(info["ranks"]) == []
+        assert info["scratch"] is None or not os.path.exists(info["scratch"])
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+            caller.wait()
+        caller.stdout.close()
+        caller.stderr.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_port_taken_under_the_ranks_is_retried(mlp_shards, monkeypatch):
+    """zmq ranks listen on ports the master probed free: one taken in between is retried on other ports."""
+    import orchestrator._sharded_model as sharded
+    from ranks import free_base_port
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    probes = []
+
+    def probe(count, *args, **kwargs):
+        probes.append(count)
+        return held.getsockname()[1] if len(probes) == 1 else free_base_port(count, *args, **kwargs)
+
+    monkeypatch.setattr(sharded, "free_base_port", probe)
+    before = set(descendants(os.getpid()))
+    try:
+        with ShardedModel(mlp_shards, backend="zmq", timeout=60) as model:
+            out = model.predict([np.ones((2, 64), np.float32)])["y"]
+            processes = _new_processes(before)
+        assert out.shape == (2, 64) and len(probes) == 2
+        assert not wait_gone(processes, 10)
+    finally:
+        held.close()
+
+
+@pytest.mark.timeout(120)
+def test_ports_taken_every_time_is_a_clear_error(mlp_shards, monkeypatch):
+    import orchestrator._sharded_model as sharded
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    monkeypatch.setattr(sharded, "free_base_port", lambda count, *a, **k: held.getsockname()[1])
+    before = set(descendants(os.getpid()))
+    try:
+        with pytest.raises(CommError, match=r"starting the zmq ranks of .*: 3 times, another process took a port "
+                                            r"between the master's probe and the rank's bind \(last: .*cannot listen on"):
+            ShardedModel(mlp_shards, backend="zmq", timeout=60)
+    finally:
+        held.close()
+    assert not wait_gone(set(descendants(os.getpid())) - before, 10)
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_of_another_protocol_version_says_so(tmp_path):
+    """The worker refuses a master of another version with an ERROR that names both versions, and leaves."""
+    import json as json_module
+
+    from orchestrator import _protocol as proto
+
+    ours, theirs = socket.socketpair()
+    worker = subprocess.Popen([sys.executable, "-m", "orchestrator._worker_main", "--fd", str(theirs.fileno())],
+                              pass_fds=(theirs.fileno(),), env=project_env(), stderr=subprocess.PIPE)
+    theirs.close()
+    channel = proto.StreamChannel(ours)
+    try:
+        channel.send([b"BUILD", json_module.dumps({"v": 99, "kind": "BUILD", "id": 0}).encode()])
+        assert channel.poll(30)
+        reply = proto.decode(channel.recv(), "the worker")
+        assert reply.kind == proto.ERROR and reply.status == proto.FAILED
+        error = proto.unpack_error(reply)
+        assert isinstance(error, proto.ProtocolError)
+        assert "the master speaks worker protocol version 99, this side speaks 2" in str(error)
+        assert worker.wait(30) == 1
+    finally:
+        channel.close()
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+        worker.stderr.close()
+
+
+def test_the_root_cause_of_a_stall_is_the_rank_that_never_took_the_request():
+    """In-process: rank 0 took request 7 and died of waiting in a collective (its communicator aborts the
+    process); rank 1 never said it took the request and was seen stopped. Rank 1 is named, rank 0's death
+    is the cause. A death with no silent rank stays a death."""
+    from launchers import RankExit
+    from orchestrator._sharded_model import _death, _Exchange
+    from ranks import RankFailedError
+
+    class Launcher:
+        def suspended(self):
+            return []  # already torn down by the time the report is written
+
+    model = ShardedModel.__new__(ShardedModel)
+    model.tp, model.timeout = 2, 3.0
+    model._ranks = {0: {"pid": 100, "host": "h"}, 1: {"pid": 101, "host": "h"}}
+    model._job = type("Job", (), {"launcher": Launcher()})()
+    exchange = _Exchange("predict request 7", {0, 1}, {0})
+    exchange.since -= 3.0
+    exchange.suspended.add(1)
+    died = RankExit(0, "h", 100, 1, None, time.time(), ("rank 0 of 2: exiting after a failed collective",))
+    report = RankFailedError("rank 0 of 2 on host h (pid 100) failed: exit code 1", [died])
+    error = model._root_cause(exchange, _death(exchange.doing, report), report)
+    assert isinstance(error, WorkerTimeoutError)
+    assert str(error) == ("predict request 7: rank 1 of 2 on host h (pid 101) did not answer within 3 s: it never "
+                          "reported taking the request, and its process is stopped (SIGSTOP or Ctrl-Z); rank 0 of 2 on "
+                          "host h (pid 100) took it, waited for the rank(s) above and failed: exit code 1")
+    assert "exit code 1" in str(error.__cause__)
+    # every pending rank took the request: the death is the answer
+    exchange.started.add(1)
+    death = _death(exchange.doing, report)
+    assert model._root_cause(exchange, death, report) is death
+    # a fresh request (younger than SILENT_AFTER): a rank that has not said so yet may still take it
+    young = _Exchange("predict request 8", {0, 1}, {0})
+    death = _death(young.doing, report)
+    assert model._root_cause(young, death, report) is death
