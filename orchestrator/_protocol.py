@@ -77,8 +77,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ranks._errors import WorkerError
 from ranks._remote_errors import pack_exception, unpack_exception, where_header
+
+from ._errors import WorkerError
 
 VERSION = 2
 

@@ -21,7 +21,8 @@ import pytest
 
 from launch_helpers import descendants, orch_dirs, private_tmp, shm_segments_of, wait_gone
 from orchestrator import ShardedModel, shard_model
-from ranks import CommError, WorkerTimeoutError
+from orchestrator import WorkerTimeoutError
+from ranks import CommError
 from tests.conftest import project_env
 
 pytestmark = [pytest.mark.multiprocess]
@@ -207,7 +208,7 @@ def test_the_root_cause_of_a_stall_is_the_rank_that_never_took_the_request():
     is the cause. A death with no silent rank stays a death."""
     from launchers import RankExit
     from orchestrator._sharded_model import _death, _Exchange
-    from ranks import RankFailedError
+    from launchers import RankFailedError
 
     class Launcher:
         def suspended(self):

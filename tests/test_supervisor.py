@@ -17,7 +17,7 @@ import pytest
 
 from launch_helpers import PROGRAM, alive, leftovers, new_marker, pids_in, wait_gone, wait_stopped
 from launchers import ProcessGroup, ProcessSpec, RankOutput, Supervisor, python_module
-from ranks import RankFailedError
+from launchers import RankFailedError
 
 pytestmark = pytest.mark.multiprocess
 
