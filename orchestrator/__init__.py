@@ -29,6 +29,7 @@ from ranks import (
     OrchestratorError,
     ParallelConfig,
     PeerLostError,
+    PortInUseError,
     ProviderError,
     RankConfig,
     RankDevice,
