@@ -54,6 +54,9 @@ class DataType(enum.Enum):
     @classmethod
     def from_numpy(cls, dtype) -> "DataType":
         """The DataType of a numpy dtype; ``UNKNOWN`` when there is none (complex, datetime, ...)."""
+        found = _FROM_DTYPE.get(dtype)  # the hot path: an array's own dtype object
+        if found is not None:
+            return found
         dtype = np.dtype(dtype)
         if dtype.kind in ("U", "S", "O"):
             return cls.STRING
@@ -61,10 +64,10 @@ class DataType(enum.Enum):
 
     def to_numpy(self) -> np.dtype:
         """The numpy dtype of this DataType (``object`` for STRING); InputTypeError for UNKNOWN and INVALID."""
-        name = _TO_NUMPY.get(self)
-        if name is None:
+        dtype = _TO_DTYPE.get(self)
+        if dtype is None:
             raise InputTypeError(f"{self} has no numpy equivalent")
-        return np.dtype(name)
+        return dtype
 
 
 _TO_NUMPY = {
@@ -74,6 +77,9 @@ _TO_NUMPY = {
     DataType.STRING: "object",
 }
 _FROM_NUMPY = {name: member for member, name in _TO_NUMPY.items() if member is not DataType.STRING}
+# The same as dtype objects, so the per-call conversions are one dict lookup (no dtype parsing or naming).
+_TO_DTYPE = {member: np.dtype(name) for member, name in _TO_NUMPY.items()}
+_FROM_DTYPE = {np.dtype(name): member for name, member in _FROM_NUMPY.items()}
 
 # ONNX Runtime's type strings ("tensor(float)") -> DataType.
 _ORT_TYPES = {
