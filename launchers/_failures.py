@@ -15,7 +15,10 @@ exits at once. So:
   of another rank, and comes after the ranks that failed for other reasons;
 - among the rest, a rank that exited on its own counts from its last line of
   output when that came shortly before its exit (``RankExit.failed_at``),
-  else from its exit.
+  else from its exit;
+- when every failure lost a peer, a rank that had already exited with code 0
+  and that their errors name (it left with ``os._exit(0)``, say, while they
+  waited for it in a collective) is the root cause (``left_early``).
 
 Only failures close together in time are compared this way: after the first
 one the launcher gives the others a short grace, then stops them, and a
@@ -236,9 +239,38 @@ def format_early_exit(first: RankExit, still_running: list[int], stopped: list[R
     return "\n".join(lines)
 
 
+def left_early(exits: list[RankExit], failures: list[RankExit]) -> RankExit | None:
+    """The rank that exited with code 0 and so took down the ranks in ``failures``, or None.
+
+    Only when every failure lost a peer (a rank that leaves with code 0 while its peers wait
+    in a collective, ``os._exit(0)`` say, fails nobody's exit code but its own peers'): the
+    rank that ended on its own before the first of them, and that their errors name.
+    """
+    if not failures or not all(f.lost_a_peer for f in failures):
+        return None
+    for candidate in sorted((e for e in exits if not e.failed and not e.stopped), key=lambda e: (e.time, e.rank)):
+        named = re.compile(rf"\brank {candidate.rank}\b")
+        if candidate.time <= failures[0].time and any(named.search(f.tail[-1]) for f in failures):
+            return candidate
+    return None
+
+
 def failure_error(exits: list[RankExit], world: int | None = None) -> RankFailedError | None:
-    """A ``RankFailedError`` describing ``exits``, or None when no rank failed on its own."""
+    """A ``RankFailedError`` describing ``exits``, or None when no rank failed on its own.
+
+    When the only failures are peers lost to a rank that exited with code 0 before the job
+    finished (``left_early``), that rank is the root cause: it is named first, and ``first``.
+    """
     failures, stopped = split_failures(exits)
     if not failures:
         return None
+    early = left_early(exits, failures)
+    if early is not None:
+        still_running = sorted({f.rank for f in failures} | {s.rank for s in stopped})
+        lines = format_early_exit(early, still_running, [], world).splitlines()
+        lines.append("what followed (other ranks that failed after it):")
+        for other in failures:
+            lines.append(f"  {where(other)} failed: {other.how()} {_when(other)}: {other.tail[-1]}")
+        lines.extend(_stopped_line(stopped))
+        return RankFailedError("\n".join(lines), [early] + failures, stopped)
     return RankFailedError(format_report(failures, stopped, world), failures, stopped)

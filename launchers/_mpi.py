@@ -35,7 +35,7 @@ from ranks._errors import ConfigError
 
 from ._errors import LaunchError, RankFailedError
 
-from ._failures import RankExit, early_exit, failure_error, format_early_exit, format_report, split_failures
+from ._failures import RankExit, early_exit, failure_error, format_early_exit, split_failures
 from ._output import RankOutput, prefix
 from ._launch_options import check_common_options
 from ._supervisor import ProcessSpec, Supervisor, is_suspended, resolve_program
@@ -408,8 +408,7 @@ class MpiLauncher:
             note = f"\nranks stopped by mpirun before they could report how they ended: {pids}"
         failures, stopped = split_failures(exits)
         if error is not None:
-            message = format_report(failures, stopped, self.config.nprocs) + note
-            return RankFailedError(message, failures, stopped)
+            return RankFailedError(str(error) + note, error.failures, error.stopped)
         early = early_exit(exits, silent)
         if early is not None:
             # the job failed, yet every rank that reported exited 0: the one that left first ended it

@@ -30,7 +30,9 @@ trap its own SIGKILL; the wrapper's parent-death signal outlives it):
 ``--rank`` replaces the MPI variables, ``--parent`` makes it refuse to start
 when that process is already gone, and ``--report-as NAME`` writes no
 records: when the program fails on its own it writes the one line
-``NAME: rank R (pid P) failed: exit code C`` (or ``signal SIGX``) instead.
+``NAME: rank R on host H (pid P) failed: exit code C`` (or ``signal SIGX (N)``) instead.
+The script reports the first watcher that ends, so the watcher of a rank that failed because it lost
+a peer (a ``PeerLostError``) waits up to ``PEER_LOST_GRACE`` s before it ends: the peer's is seen first.
 
 Record fields (version 1)::
 
@@ -63,6 +65,11 @@ RECORD_BYTES = 4000
 TAIL_LINE_CHARS = 400
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 _PR_SET_PDEATHSIG = 1
+# --report-as: how long the watcher of a rank that failed because it lost a peer (its last line is a
+# PeerLostError) waits before it exits, so that the script sees the watcher of the rank that failed
+# first end first (the launchers order such failures after the others: launchers/_failures.py).
+PEER_LOST_GRACE = 1.0
+_PEER_LOST = "PeerLostError"
 
 
 def parse_record(line: str) -> dict | None:
@@ -216,10 +223,15 @@ class _Wrapper:
         drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
         for reader in readers:
             reader.join(max(0.0, drained - time.monotonic()))
+        if self.report_as is not None and code != 0 and not stopped and self._lost_a_peer():
+            grace = time.monotonic() + PEER_LOST_GRACE
+            while self.stop_requested is None and time.monotonic() < grace:
+                time.sleep(0.02)
+            stopped = self.stop_requested is not None  # the script stopped the job: not the failure to report
         if self.report_as is not None and code != 0 and not stopped:
-            how = f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)}"
+            how = f"exit code {code}" if code >= 0 else f"signal {_signal_name(-code)} ({-code})"
             with self.lock:
-                sys.stderr.write(f"{self.report_as}: rank {self.rank} (pid {self.proc.pid}) failed: {how}\n")
+                sys.stderr.write(f"{self.report_as}: rank {self.rank} on host {self.host} (pid {self.proc.pid}) failed: {how}\n")
                 sys.stderr.flush()
         # Whatever the program left in its group goes with it.
         try:
@@ -240,6 +252,12 @@ class _Wrapper:
         )
         sys.stdout.flush()
         return code if code >= 0 else 128 - code
+
+
+    def _lost_a_peer(self) -> bool:
+        with self.lock:
+            last = (list(self.err_tail) or list(self.out_tail) or [""])[-1]
+        return _PEER_LOST in last
 
 
 def _has_exited(pid: int) -> bool:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import array
 import atexit
+import os
 import struct
 import sys
 import threading
@@ -167,7 +168,10 @@ class MpiCommunicator(Communicator):
         self._node_world = self._node.allgather(self.rank)
         self._local_peers = [j for j in range(self._node.Get_size()) if j != self._local]
         self._row_offsets = [(_STRIDE * j, world) for j, world in enumerate(self._node_world)]
-        self._hosts = self._comm.allgather(self._host)
+        # Each rank's host and pid, for errors that name a peer (one small collective, once).
+        where = self._comm.allgather((self._host, os.getpid()))
+        self._hosts = [host for host, _ in where]
+        self._pids = [pid for _, pid in where]
         # Every rank on this host and the segment shared: arrival through shared memory
         # (a fraction of a microsecond) instead of an Ibarrier (about 3 us).
         everyone_here = self._want_shm_arrival and self._node.Get_size() == self.size and self._segment is not None
@@ -314,7 +318,7 @@ class MpiCommunicator(Communicator):
             )
             if seq < self._seq:
                 last = f"operation #{seq} ({_op_name(opcode)})" if seq else "no operation yet"
-                behind.append(f"rank {world} (it is at {last})")
+                behind.append(f"rank {world} (pid {self._pids[world]}; it is at {last})")
         remote = [r for r in range(self.size) if self._hosts[r] != self._host]
         parts = []
         if behind:
@@ -772,8 +776,6 @@ def _abort(comm: MpiCommunicator, message: str) -> None:
     try:
         comm._MPI.COMM_WORLD.Abort(1)
     finally:
-        import os
-
         os._exit(1)
 
 

@@ -431,17 +431,22 @@ class ZmqCommunicator(Communicator):
         if problem is not None:
             self._fail(problem)
 
+    def _who(self, peer: int) -> str:
+        """``rank 1 (pid 4242 on host node1)`` once its hello is in, else ``rank 1``: errors name the process."""
+        info = getattr(self, "peers", {}).get(peer)
+        return f"rank {peer} (pid {info.get('pid')} on host {info.get('host')})" if info else f"rank {peer}"
+
     def _peer_problem(self, waiting_for: list[int], what: str, start: float, now: float) -> PeerLostError | None:
         for peer in waiting_for:
             state = self._peer_state.get(peer)
             if state is not None:
                 return PeerLostError(
-                    f"{what} on rank {self.rank} of {self.size}: rank {peer} {state} (waited {now - start:.1f} s)"
+                    f"{what} on rank {self.rank} of {self.size}: {self._who(peer)} {state} (waited {now - start:.1f} s)"
                 )
             lost = self._lost_at.get(peer)
             if lost is not None and now - lost > _LOST_GRACE:
                 return PeerLostError(
-                    f"{what} on rank {self.rank} of {self.size}: lost rank {peer} at {self.endpoints[peer]} "
+                    f"{what} on rank {self.rank} of {self.size}: lost {self._who(peer)} at {self.endpoints[peer]} "
                     f"(its connection closed: the process exited or died; waited {now - start:.1f} s)"
                 )
         return None

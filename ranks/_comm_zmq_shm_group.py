@@ -175,11 +175,12 @@ class ShmGroup:
         state = int(self.ctl[peer, _STATE])
         if problem is None and state != _RUNNING:
             detail = "closed its communicator" if state == _CLOSED else comm._peer_state.get(peer, "failed")
-            problem = PeerLostError(f"{what} on rank {self.rank} of {self.size}: rank {peer} {detail} (waited {now - start:.1f} s)")
+            problem = PeerLostError(
+                f"{what} on rank {self.rank} of {self.size}: {comm._who(peer)} {detail} (waited {now - start:.1f} s)"
+            )
         if problem is None and self.same_pids and not _alive(self.pids.get(peer)):
             problem = PeerLostError(
-                f"{what} on rank {self.rank} of {self.size}: rank {peer} (pid {self.pids.get(peer)}) exited "
-                f"(waited {now - start:.1f} s)"
+                f"{what} on rank {self.rank} of {self.size}: {comm._who(peer)} exited (waited {now - start:.1f} s)"
             )
         # The peer may have arrived and then closed or exited in between: that is no loss.
         if problem is not None and self.ctl[peer, _ARRIVALS] < target:

@@ -64,7 +64,7 @@ def test_rank_that_never_joins_times_out_with_names(arrival):
     assert result.returncode != 0
     out = result.stdout
     assert "FAILED CommTimeoutError" in out, out
-    assert re.search(r"allreduce #2 on rank 0 of 2 timed out after 4\.\d s: waiting for rank 1 \(it is at operation #1 \(allreduce\)\)", out), out
+    assert re.search(r"allreduce #2 on rank 0 of 2 timed out after 4\.\d s: waiting for rank 1 \(pid \d+; it is at operation #1 \(allreduce\)\)", out), out
     assert seconds < 40, f"took {seconds:.1f} s"
 
 

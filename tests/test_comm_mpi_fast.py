@@ -35,7 +35,7 @@ def test_rank_that_never_joins_aborts_the_job_in_fast_mode():
     out = result.stdout
     assert re.search(
         r"ranks\.CommTimeoutError: allreduce #2 on rank 0 of 2 did not finish within 3\.0 s \(fast mode, no arrival check\): "
-        r"waiting for rank 1 \(it is at operation #1 \(allreduce\)\); aborting the MPI job", out), out
+        r"waiting for rank 1 \(pid \d+; it is at operation #1 \(allreduce\)\); aborting the MPI job", out), out
     assert "UNEXPECTED" not in out, out
     # The watchdog wakes twice a second: the abort comes right after the timeout, not after rank 1's 60 s nap.
     assert seconds < 25, f"took {seconds:.1f} s"

@@ -54,11 +54,11 @@ def test_run_ranks_fails_with_the_failed_rank_status_and_stops_the_rest(ini):
     result = run_command(["bash", RUN_RANKS, TABLE, str(ini), sys.executable, PROGRAM,
                           "--bad-rank", "1", "--bad", "exit3", "--others", "hang", "--delay", "0.5", "--marker", marker])
     assert result.returncode == 3, result.stderr
-    assert re.search(r"^run_ranks.sh: rank 1 \(pid \d+\) failed: exit code 3$", result.stderr, re.M), result.stderr
+    assert re.search(r"^run_ranks.sh: rank 1 on host \S+ \(pid \d+\) failed: exit code 3$", result.stderr, re.M), result.stderr
     assert "run_ranks.sh: rank 1 ended with status 3; stopping the other ranks" in result.stderr
     # the pid named is the program's own (it prints it), not its watcher's
     [pid] = pids_in(result.stdout.splitlines(), "hello from rank 1")
-    assert f"run_ranks.sh: rank 1 (pid {pid}) failed" in result.stderr
+    assert f"(pid {pid}) failed" in result.stderr
     assert not leftovers(marker)
 
 

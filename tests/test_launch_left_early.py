@@ -1,0 +1,41 @@
+"""The launchers' report when a rank leaves with exit code 0 while its peers wait for it.
+
+Under ``orchestrate launch rank-table`` the peers fail with a PeerLostError that names it; the rank
+that left is the root cause, not the first of its victims (found by the fault matrix,
+tests/test_fault_matrix.py, cell launch-rank-table x exit0).
+"""
+
+from __future__ import annotations
+
+from launchers._failures import RankExit, failure_error, left_early, split_failures
+
+
+def _lost(rank: int, peer: int, at: float) -> RankExit:
+    line = f"ranks._errors.PeerLostError: allreduce #2 on rank {rank} of 3: rank {peer} (pid 1{peer} on host h) exited"
+    return RankExit(rank, "h", 10 + rank, 1, None, at, ("Traceback (most recent call last):", line), last_output=at - 0.01)
+
+
+def test_a_rank_that_left_with_code_0_is_the_root_cause_of_the_peer_losses_that_name_it():
+    left = RankExit(1, "h", 11, 0, None, 1.0, ("FAULT exit0",), last_output=0.9)
+    exits = [_lost(0, 1, 1.2), left, _lost(2, 1, 1.3)]
+    error = failure_error(exits, 3)
+    assert error.first is left and [e.rank for e in error.failures] == [1, 0, 2]
+    lines = str(error).splitlines()
+    assert lines[0] == ("rank 1 of 3 on host h (pid 11) exited with exit code 0 before the job finished, "
+                        "while ranks 0, 2 were still running")
+    assert "what followed (other ranks that failed after it):" in lines
+    assert lines[-2].startswith("  rank 0 on host h (pid 10) failed: exit code 1 at ")
+    assert lines[-1].endswith("rank 1 (pid 11 on host h) exited")
+    assert (error.first.shell_code or 1) == 1  # what orchestrate launch exits with
+
+
+def test_a_rank_that_finished_is_not_blamed_for_other_failures():
+    done = RankExit(2, "h", 12, 0, None, 1.0, ("done",))
+    # a real failure of its own: the usual report
+    crash = RankExit(1, "h", 11, None, "SIGKILL", 1.1, ())
+    assert failure_error([done, crash, _lost(0, 1, 1.2)], 3).first is crash
+    # a peer loss that names another rank
+    assert left_early([done, _lost(0, 1, 1.2)], split_failures([done, _lost(0, 1, 1.2)])[0]) is None
+    # a rank that ended after the failure
+    late = RankExit(1, "h", 11, 0, None, 2.0, ("done",))
+    assert left_early([late, _lost(0, 1, 1.2)], [_lost(0, 1, 1.2)]) is None
