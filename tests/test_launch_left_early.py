@@ -1,8 +1,8 @@
 """The launchers' report when a rank leaves with exit code 0 while its peers wait for it.
 
 Under ``orchestrate launch rank-table`` the peers fail with a PeerLostError that names it; the rank
-that left is the root cause, not the first of its victims (found by the fault matrix,
-tests/test_fault_matrix.py, cell launch-rank-table x exit0).
+that left is the root cause, not the first of its victims (found by the fault matrix, in its cell
+"launch rank-table x exit(0)").
 """
 
 from __future__ import annotations
