@@ -16,7 +16,9 @@ State machine::
     WATCHING --"release"--------------------------------------------> exit 0, nothing done
     WATCHING --EOF on stdin, or the parent pid changed (it died)--> SWEEPING
     SWEEPING: SIGTERM + SIGCONT to every group, up to GRACE seconds for the
-              members to leave, SIGKILL to what is left; remove every path -> exit 0
+              members to leave, SIGKILL to what is left; remove every path and the
+              parent's named shared-memory segments (/dev/shm/orch_<kind>_<parent pid>_*,
+              named as ranks._shared_memory names them) -> exit 0
 
 EOF alone means the parent died: a parent that ends normally says
 ``release`` first. (The parent's children already carry a parent-death signal;
@@ -66,6 +68,20 @@ def _signal(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except OSError:
         pass
+
+
+def _owned_segments(parent: int) -> list[str]:
+    """The parent's named segments and directories in /dev/shm (the owner pid is in the name)."""
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        parts = name.split("_")
+        if len(parts) > 3 and parts[0] == "orch" and parts[1].isalpha() and parts[2] == str(parent):
+            found.append(os.path.join("/dev/shm", name))
+    return found
 
 
 def sweep(groups: list[int], paths: list[str]) -> None:
@@ -119,7 +135,8 @@ def main(argv: list[str]) -> int:
                 groups.append(int(value))
             elif word == "path" and value:
                 paths.append(value)
-    sweep(groups, paths)
+    # The children (killed by their parent-death signal) cannot remove the dead parent's segments.
+    sweep(groups, paths + _owned_segments(parent))
     return 0
 
 

@@ -38,12 +38,12 @@ import weakref
 from pathlib import Path
 
 from ranks._context import Context
-from ranks._errors import ConfigError, ConfigTypeError, InputError, InputTypeError, ModelError, ModelNotFoundError
+from ranks._errors import ConfigError, ConfigTypeError, InputTypeError, ModelError, ModelNotFoundError
 from ranks._config_file import load_config
 from ranks._log import get_logger
 from ranks._model import ModelType, _load_model_file, is_sharded, validate_feeds
 from ranks._shared_weights import HANDLE_KEY, PID_LIST_KEY
-from ranks._tensor import DataType, Tensor, TensorMeta
+from ranks._tensor import DataType, Tensor, TensorMeta, output_tensors
 
 from ._pool_plan import PoolOptions, WorkerPlan, plan_workers, pool_options, worker_config
 from ._pool_queue import Request, RequestQueue
@@ -208,15 +208,7 @@ class ModelParallelRunner:
         request = Request(feeds, float(timeout) if timeout is not None else self._options.timeout)
         queue.submit(request)
         results = queue.wait(request)
-        if outputs is not None:
-            if len(outputs) != len(results):
-                raise InputError(f"predict: got {len(outputs)} output tensors, the model has {len(results)} outputs")
-            for tensor, array in zip(outputs, results):
-                tensor._dtype = DataType.from_numpy(array.dtype)
-                tensor._shape = list(array.shape)
-                tensor._data = array
-            return outputs
-        return [Tensor(array, name=meta.name) for meta, array in zip(self._outputs, results)]
+        return output_tensors([meta.name for meta in self._outputs], results, outputs)
 
     def close(self) -> None:
         """Stop the workers. Requests still waiting or running fail with PoolClosedError; harmless twice."""

@@ -306,7 +306,8 @@ class ParallelPredictor:
                 argv, env = python_module(WORKER_MODULE, "--fd", str(their_end.fileno()))
                 specs.append(ProcessSpec(index, argv, env=env, label=f"worker for device {device_id}",
                                          pass_fds=(their_end.fileno(),)))
-            supervisor = Supervisor(specs, output=RankOutput(tail_lines=20), stop_timeout=TERM_GRACE_SECONDS)
+            supervisor = Supervisor(specs, output=RankOutput(tail_lines=20), stop_timeout=TERM_GRACE_SECONDS,
+                                    watchdog=True)  # removes our named segments if this process is SIGKILLed
             self._workers.supervisor = supervisor
             try:
                 supervisor.start()

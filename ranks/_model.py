@@ -17,7 +17,7 @@ from ._errors import ConfigError, ConfigTypeError, InputError, InputTypeError, M
 from ._log import get_logger
 from ._session import execution_providers, session_options
 from ._shared_weights import release_freed_heap, share_weights
-from ._tensor import DataType, Tensor, TensorMeta, check_shape_argument, data_type_from_ort, fit_shape
+from ._tensor import DataType, Tensor, TensorMeta, check_shape_argument, data_type_from_ort, fit_shape, output_tensors
 
 log = get_logger("model")
 
@@ -473,15 +473,7 @@ class Model:
             if getattr(self._session, "is_staged", False):
                 raise
             raise ModelError(f"running {self._path.name} failed: {_ort_message(exc)}") from None
-        if outputs is not None:
-            if len(outputs) != len(results):
-                raise InputError(f"predict: got {len(outputs)} output tensors, the model has {len(results)} outputs")
-            for tensor, array in zip(outputs, results):
-                tensor._dtype = DataType.from_numpy(array.dtype)
-                tensor._shape = list(array.shape)
-                tensor._data = array
-            return outputs
-        return [Tensor(array, name=meta.name) for meta, array in zip(self._outputs, results)]
+        return output_tensors([meta.name for meta in self._outputs], results, outputs)
 
     def predict_into(self, inputs, outputs: dict[str, np.ndarray], run_options: ort.RunOptions | None = None) -> None:
         """Run the model with every output written straight into the caller's array (no copy).

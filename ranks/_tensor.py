@@ -405,3 +405,16 @@ def check_shape(name: str, expected: list[int], got, *, what: str | None = None)
 
 def _spell(shape: list[int]) -> str:
     return "[" + ", ".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def output_tensors(names, arrays, outputs=None) -> list:
+    """The Tensors ``predict`` returns: new ones named ``names``, or the caller's ``outputs`` filled in place."""
+    if outputs is None:
+        return [Tensor(array, name=name) for name, array in zip(names, arrays)]
+    if len(outputs) != len(arrays):
+        raise InputError(f"predict: got {len(outputs)} output tensors, the model has {len(arrays)} outputs")
+    for tensor, array in zip(outputs, arrays):
+        tensor._dtype = DataType.from_numpy(array.dtype)
+        tensor._shape = list(array.shape)
+        tensor._data = array
+    return outputs
