@@ -1,5 +1,12 @@
 """The fault matrix: every way in crossed with every fault (the issue on the house and its faults).
 
+NOT YET IN THE DEFAULT RUN (its name does not start with ``test_``): run it with
+``.venv/bin/python -m pytest tests/fault_matrix.py -rxXf`` (about 4 minutes). It was written against
+the code before the one supervisor landed; on today's code 45 cells pass, 28 are expected failures
+(``FAILING_TODAY``, each a known bug with its reason) and five cells fail because the supervisor
+changed what they check (sharded-mpi sigkill, sigsegv and caller_int; sharded-zmq raise and
+caller_int). When those five are settled it becomes ``tests/test_fault_matrix.py``.
+
 Ways in (``WAYS``): ``orchestrate launch mpi``, ``orchestrate launch rank-table``, two ranks started
 by hand as a shell script starts them (no launcher), ``launchers/run_mpi.sh``, ``launchers/run_ranks.sh``,
 ``ShardedModel`` over mpi and over zmq, ``ParallelPredictor``. The rank-program ways run
@@ -315,7 +322,6 @@ FAILING_TODAY: dict[tuple[str, str], str] = {
     ("sharded-zmq", "sigkill"): SM_VICTIM,
     ("sharded-zmq", "sigsegv"): SM_VICTIM,
     ("sharded-zmq", "sigstop"): SM_HANG_ZMQ,
-    ("sharded-zmq", "absent"): SM_ABSENT_ZMQ,
     ("sharded-zmq", "caller_kill"): SM_TMP_LEFT,
     ("sharded-zmq", "caller_term"): SM_TMP_LEFT,
     ("parallel", "exit0"): PP_NO_HOST,
@@ -325,7 +331,6 @@ FAILING_TODAY: dict[tuple[str, str], str] = {
     ("parallel", "absent"): PP_NO_HOST,
     ("sharded-mpi", "stop_close"): SM_CLOSE_STOPPED,
     ("sharded-zmq", "stop_close"): SM_CLOSE_STOPPED,
-    ("parallel", "stop_close"): PP_CLOSE_STOPPED,
 }
 
 # Failing cells whose bug shows only when one of two equal timeouts wins: strict would make them flaky.
