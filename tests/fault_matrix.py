@@ -5,14 +5,14 @@ NOT YET IN THE DEFAULT RUN (its name does not start with ``test_``): run it with
 the code before the one supervisor landed; on today's code 45 cells pass, 28 are expected failures
 (``FAILING_TODAY``, each a known bug with its reason) and five cells fail because the supervisor
 changed what they check (sharded-mpi sigkill, sigsegv and caller_int; sharded-zmq raise and
-caller_int). When those five are settled it becomes ``tests/test_fault_matrix.py``.
+caller_int). When those five are settled it is renamed to be collected (``test_`` prefix).
 
 Ways in (``WAYS``): ``orchestrate launch mpi``, ``orchestrate launch rank-table``, two ranks started
 by hand as a shell script starts them (no launcher), ``launchers/run_mpi.sh``, ``launchers/run_ranks.sh``,
 ``ShardedModel`` over mpi and over zmq, ``ParallelPredictor``. The rank-program ways run
 ``tests/programs/fault_rank.py`` (a user's program: ``create_communicator()``, no error caught);
 ``ShardedModel`` and ``ParallelPredictor`` run in ``tests/programs/fault_caller.py``, and their
-ranks/workers fail through ``tests/programs/fault_hooks/sitecustomize.py`` inside a request.
+ranks and workers fail through ``tests/programs/fault_hooks/sitecustomize.py`` inside a request.
 
 Faults (``FAULTS``): an exception; an exception inside ``with create_communicator() as comm:``;
 ``os._exit(0)`` while the peers wait; SIGKILL; SIGSEGV; SIGSTOP (a hang); a peer that never joins;
