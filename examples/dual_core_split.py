@@ -31,7 +31,13 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=224, help="image side (default 224, as MobileNetV2)")
     parser.add_argument("--classes", type=int, default=1000)
     args = parser.parse_args()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orch_dual_core_"))
+    if args.workdir:
+        return run(args, Path(args.workdir))
+    with tempfile.TemporaryDirectory(prefix="orch_dual_core_") as workdir:  # removed afterwards, whatever happens
+        return run(args, Path(workdir))
+
+
+def run(args, workdir: Path) -> int:
     model_path = write_sample_model("image", workdir / "model.onnx", size=args.size, classes=args.classes)
 
     batch = np.random.default_rng(0).random((2, 3, args.size, args.size), dtype=np.float32)  # NCHW, 2 images
