@@ -10,8 +10,10 @@ After it comes the seed's script as it is, but for the lines marked "# changed:"
 """
 
 import argparse
+import atexit
 import os
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,8 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--workdir", help="where to write model/mobilenetv2.onnx and model/input.bin (default: a temporary directory)")
 args = parser.parse_args()
 workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orch_parallel_runner_"))
+if not args.workdir:
+    atexit.register(shutil.rmtree, workdir, True)  # a directory we made goes when the example ends
 (workdir / "model").mkdir(parents=True, exist_ok=True)
 os.chdir(workdir)
 import numpy  # noqa: E402

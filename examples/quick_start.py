@@ -8,8 +8,10 @@ as mslite`.
 """
 
 import argparse
+import atexit
 import os
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,6 +27,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to write model.onnx and input.bin (default: a temporary directory)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orch_quick_start_"))
+    if not args.workdir:
+        atexit.register(shutil.rmtree, workdir, True)  # a directory we made goes when the example ends
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
     mslite.write_sample_model("image", "model.onnx")

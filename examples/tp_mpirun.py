@@ -9,8 +9,10 @@ compares what every rank saved with the unsliced model's output.
 """
 
 import argparse
+import atexit
 import subprocess
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,8 @@ def main() -> int:
     parser.add_argument("--workdir", help="where to write the models, shards and outputs (default: a temporary directory)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orch_tp_mpirun_"))
+    if not args.workdir:
+        atexit.register(shutil.rmtree, workdir, True)  # a directory we made goes when the example ends
     workdir.mkdir(parents=True, exist_ok=True)
     ok = True
     for name in ("mlp", "transformer"):

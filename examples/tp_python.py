@@ -9,7 +9,9 @@ the unsliced model gives.
 """
 
 import argparse
+import atexit
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,8 @@ def main() -> int:
     parser.add_argument("--workdir", help="where to write the models and shards (default: a temporary directory)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orch_tp_python_"))
+    if not args.workdir:
+        atexit.register(shutil.rmtree, workdir, True)  # a directory we made goes when the example ends
     workdir.mkdir(parents=True, exist_ok=True)
     ok = True
     for name in ("mlp", "transformer"):

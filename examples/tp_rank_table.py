@@ -13,9 +13,11 @@ and compares what each rank saved with the unsliced model's output.
 """
 
 import argparse
+import atexit
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,6 +37,8 @@ def main() -> int:
     parser.add_argument("--workdir", help="where to write models, shards, the rank table and outputs (default: a temporary directory)")
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="orch_tp_rank_table_"))
+    if not args.workdir:
+        atexit.register(shutil.rmtree, workdir, True)  # a directory we made goes when the example ends
     workdir.mkdir(parents=True, exist_ok=True)
     table = workdir / "rank_table_2p.json"
     generate_rank_table([("127.0.0.1", [0, 1])]).dump(table)
