@@ -294,28 +294,21 @@ def is_suspended(pid: int) -> bool:
 
 
 def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes in process group ``pgid``, from /proc; [] when none."""
+    """Live (not zombie) processes in process group ``pgid``; [] when none.
+
+    (The watchdog, ``_janitor.py``, keeps its own standard-library copy: it runs without our packages.)
+    """
+    import psutil
+
     members = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
+    for process in psutil.process_iter(["status"]):
         try:
-            os.killpg(pgid, 0)
-            return [pgid]
-        except (ProcessLookupError, PermissionError):
-            return []
-    for entry in entries:
-        if not entry.isdigit():
+            if process.info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                continue
+            if os.getpgid(process.pid) == pgid:
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode("ascii", "replace")
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) >= 3 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(entry))
     return members
 
 
