@@ -221,11 +221,7 @@ def build_mpirun_command(
 
 def scratch_environment(directory: str) -> dict[str, str]:
     """Open MPI variables that put its session directory and shared-memory backing files in ``directory``."""
-    return {
-        "PRTE_MCA_prte_tmpdir_base": directory,
-        "OMPI_MCA_btl_sm_backing_directory": directory,
-        "OMPI_MCA_osc_sm_backing_directory": directory,
-    }
+    return {var.name: directory for var in (_env.PRTE_TMPDIR_BASE, _env.OMPI_BTL_SM_DIR, _env.OMPI_OSC_SM_DIR)}
 
 
 # --- running it ---------------------------------------------------------------------------------
@@ -311,6 +307,11 @@ class MpiLauncher:
             # is killed; in a directory of ours they go with it (removed at the end, by the
             # ranks' wrappers when this launcher is SIGKILLed, or by the next sweep).
             self.shm_dir = _shared_memory.make_directory("ompi")
+            # Its session directory too: Open MPI names it after mpirun's pid ($TMPDIR/ompi.PID) and
+            # leaves it when mpirun is killed; a later mpirun given the same pid then fails to start
+            # ("The PMIx server's listener thread failed to start"), which a long-running host meets.
+            if _env.PRTE_TMPDIR_BASE.get() is None:
+                env.setdefault(_env.PRTE_TMPDIR_BASE.name, self.shm_dir)
         self.command = build_mpirun_command(config, self.mpirun, self.flavor, shm_dir=self.shm_dir)
         self.output = MpiOutput(
             config.nprocs, config.log_dir, stdout=stdout, stderr=stderr,

@@ -95,6 +95,14 @@ OMPI_COMM_WORLD_LOCAL_RANK = _var("OMPI_COMM_WORLD_LOCAL_RANK", None, "set by Op
 PMI_RANK = _var("PMI_RANK", None, "set by MPICH's mpiexec (hydra): tells a process it runs under MPI")
 PMI_SIZE = _var("PMI_SIZE", None, "set by MPICH's mpiexec (hydra)")
 MPI_LOCALRANKID = _var("MPI_LOCALRANKID", None, "set by MPICH's mpiexec (hydra): the rank on this host")
+PRTE_TMPDIR_BASE = _var(
+    "PRTE_MCA_prte_tmpdir_base", None,
+    "Open MPI 5's session directory base; the mpirun launcher sets it to a per-launch directory of its own on a "
+    "single host (a killed mpirun leaves $TMPDIR/ompi.PID, and a later mpirun given that pid cannot start); "
+    "a value you export wins",
+)
+OMPI_BTL_SM_DIR = _var("OMPI_MCA_btl_sm_backing_directory", None, "Open MPI's shared-memory backing directory; set by the sharded model's mpi backend")
+OMPI_OSC_SM_DIR = _var("OMPI_MCA_osc_sm_backing_directory", None, "Open MPI's one-sided shared-memory backing directory; set by the sharded model's mpi backend")
 PMIX_RANK = _var("PMIX_RANK", None, "set by PMIx-based launchers (Open MPI 5's prterun, Slurm): the rank")
 PYTHONUNBUFFERED = _var("PYTHONUNBUFFERED", None, "set to 1 by the launchers for the ranks they start, so printed lines arrive at once")
 PYTHONPATH = _var("PYTHONPATH", None, "read by the supervisor when it starts a module of a checkout that is not installed: the checkout goes first on the child's PYTHONPATH")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import orchestrate_command, run_command
+from conftest import orchestrate_command, project_env, run_command
 from launch_helpers import MPI_PROGRAM, PROGRAM, Background, leftovers, new_marker, pids_in, processes_with, wait_stopped
 from launchers import LaunchError, MpiLaunchConfig, build_mpirun_command, find_mpirun
 from launchers._mpi import MPICH, OPEN_MPI, WRAPPER, MpiOutput, mpi_flavor
@@ -396,9 +399,11 @@ def test_open_mpis_shared_memory_files_go_when_the_launcher_or_mpirun_is_sigkill
         "print('connected', MPI.COMM_WORLD.Get_rank(), flush=True)\ntime.sleep(600)\n"
     )
     before = _open_mpi_shm_files()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
     launcher = Background(orchestrate_command(
         "launch", "mpi", "-n", "2", "--stop-timeout", "3", "--", "python", str(program), marker,
-    ))
+    ), env={**project_env(), "TMPDIR": str(tmpdir)})
     try:
         launcher.wait_for("connected", count=2)
         during = _open_mpi_shm_files() - before
@@ -417,3 +422,29 @@ def test_open_mpis_shared_memory_files_go_when_the_launcher_or_mpirun_is_sigkill
     while _open_mpi_shm_files() - before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _open_mpi_shm_files() - before
+    assert not list(tmpdir.glob("ompi.*"))  # Open MPI's session directory ($TMPDIR/ompi.PID) was in ours too
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_sessions_left_by_killed_mpiruns_do_not_stop_a_launch(tmp_path):
+    # A killed mpirun leaves $TMPDIR/ompi.PID/pmix.HOST.tool.PID; a later mpirun given the same pid
+    # failed with "The PMIx server's listener thread failed to start" (CI met it once pids wrapped).
+    # Here every pid has such a leftover, so the launch meets one whatever pid mpirun gets.
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    host = socket.gethostname()
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert pid_max <= 1 << 22, pid_max
+    for pid in range(2, pid_max + 1):
+        session = tmpdir / f"ompi.{pid}"
+        session.mkdir()
+        (session / f"pmix.{host}.tool.{pid}").write_text("left by a killed mpirun\n")
+    result = subprocess.run(
+        orchestrate_command("launch", "mpi", "-n", "2", "--", "python", MPI_PROGRAM),
+        env={**project_env(), "TMPDIR": str(tmpdir)}, capture_output=True, text=True, timeout=100,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[rank 1] rank 1 allreduce sum 1" in result.stdout.splitlines()
+    assert len(list(tmpdir.glob("ompi.*"))) == pid_max - 1  # nothing new, nothing of the user's touched
