@@ -23,10 +23,9 @@ affinity mode 2 and core lists refused      modes 0, 1, 2 and core lists (worker
 Pieces: ``_pool_plan`` reads the ``[pool]`` options and plans workers, threads
 and cores; ``_pool_queue`` is the request queue and its state machine;
 ``_pool_threads`` builds the thread workers (one ONNX Runtime session each).
-A process-worker backend will plug in beside ``_pool_threads.ThreadWorkers``
-(``BACKENDS``): one dispatcher thread per child process serving the same
-queue, with engines whose ``run(request)`` forwards to the child and whose
-cancel tells it to stop (see ``_pool_queue``); nothing else here changes.
+``_pool_processes`` the process workers (``worker_type = process``): one
+dispatcher thread per child process serving the same queue, with engines
+whose ``run(request)`` forwards to the child and whose cancel tells it to stop.
 """
 
 from __future__ import annotations
@@ -47,13 +46,13 @@ from ranks._tensor import DataType, Tensor, TensorMeta, output_tensors
 
 from ._pool_plan import PoolOptions, WorkerPlan, plan_workers, pool_options, worker_config
 from ._pool_queue import Request, RequestQueue
+from ._pool_processes import ProcessWorkers
 from ._pool_threads import ThreadWorkers
 
 log = get_logger("pool")
 
-# worker_type -> backend. A process backend (workers in child processes, started and watched by the
-# project's process supervisor) goes here once that supervisor exists; until then 'process' is refused.
-BACKENDS = {"thread": ThreadWorkers}
+# worker_type -> backend (both: ``inputs``, ``outputs``, ``serve(queue, tag_error, label)``, ``close()``)
+BACKENDS = {"thread": ThreadWorkers, "process": ProcessWorkers}
 
 CLOSE_JOIN_SECONDS = 10.0  # close(): how long worker threads get to finish their (stopped) runs
 
@@ -70,6 +69,7 @@ class ModelParallelRunner:
         self._queue: RequestQueue | None = None
         self._options: PoolOptions | None = None
         self._plan: WorkerPlan | None = None
+        self._backend = None
         self._inputs: list[tuple[str, DataType, list[int]]] = []
         self._outputs: list[TensorMeta] = []
         self._shutdown = None  # weakref.finalize: closes the queue and joins the workers, once
@@ -91,10 +91,11 @@ class ModelParallelRunner:
 
         Raises:
             ConfigTypeError: an argument of the wrong type.
-            ConfigError: a bad ``[pool]`` value, a core list that does not fit,
-                ``worker_type='process'`` (not available yet).
+            ConfigError: a bad ``[pool]`` value, a core list that does not fit.
             ModelNotFoundError, ModelError: the file is missing or cannot be built
                 (the error names the worker).
+            WorkerError, WorkerLostError, WorkerTimeoutError: a process worker could not
+                start, died or stalled while building.
         """
         if not isinstance(model_path, (str, os.PathLike)):
             raise ConfigTypeError(f"model_path must be a str, got {type(model_path).__name__}")
@@ -105,11 +106,6 @@ class ModelParallelRunner:
         config = load_config(context.parallel.config_path, context.parallel.config_info)
         options = pool_options(config, queue_size=queue_size, timeout=timeout, share_weights=share_weights,
                                worker_type=worker_type)
-        if options.worker_type not in BACKENDS:
-            raise ConfigError(
-                f"worker_type {options.worker_type!r} is not available yet: use thread workers (worker_type 'thread', the "
-                f"default; ONNX Runtime releases the GIL, so thread workers run in parallel)"
-            )
         section = config.sections.get("ascend_context", {})
         if PID_LIST_KEY in section or HANDLE_KEY in section:
             raise ConfigError(
@@ -140,7 +136,7 @@ class ModelParallelRunner:
         queue = RequestQueue(options.queue_size, plan.workers, label)
         threads = backend.serve(queue, _tag_error(plan.workers), label)
         self._model_path = str(model_path)
-        self._queue, self._options, self._plan = queue, options, plan
+        self._queue, self._options, self._plan, self._backend = queue, options, plan, backend
         # Closes the workers on close(), when the runner is collected, or at interpreter exit (the seeds never close).
         self._close_reason = ["the runner was garbage-collected or the interpreter exited"]
         self._shutdown = weakref.finalize(self, _shut_down, queue, threads, backend, self._close_reason)
@@ -174,6 +170,12 @@ class ModelParallelRunner:
         return [list(c) for c in self._plan.cores]
 
     @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the worker processes, in worker order (process workers; [] for thread workers)."""
+        self._require_built()
+        return list(getattr(self._backend, "pids", []))
+
+    @property
     def options(self) -> PoolOptions:
         """The ``[pool]`` options in force (queue_size, timeout, share_weights, worker_type)."""
         self._require_built()
@@ -196,8 +198,10 @@ class ModelParallelRunner:
             PoolQueueFullError: queue_size requests are already waiting (at once, no wait).
             WorkerTimeoutError: the timeout passed (the error says where the request was).
             PoolClosedError: the runner is closed, or was closed while the request was pending.
+            WorkerLostError: the process worker running the request died (it names the worker,
+                its host, pid and signal or exit code); the other workers serve on.
             The worker's own exception (e.g. ModelError when ONNX Runtime fails), its message
-            starting with ``[worker k of N]``.
+            starting with ``[worker k of N]`` (a process worker: ``[worker k of N on host H (pid P)]``).
         """
         queue = self._require_built()
         if outputs is not None and (not isinstance(outputs, list) or not all(isinstance(t, Tensor) for t in outputs)):

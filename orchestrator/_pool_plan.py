@@ -14,7 +14,8 @@ timeout          ``ORCH_TIMEOUT`` (120 s)  seconds a request may take, queue wai
                                            before it is abandoned (``WorkerTimeoutError``)
 share_weights    false                     all workers run on one copy of the weights
 worker_type      thread                    ``thread`` (one ONNX Runtime session per worker
-                                           thread); ``process`` is not available yet
+                                           thread) or ``process`` (one child process per
+                                           worker, see ``_pool_processes``)
 ===============  ========================  ==============================================
 
 Workers and threads (``context.parallel.workers_num``, ``context.cpu.thread_num``;

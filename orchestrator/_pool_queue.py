@@ -77,6 +77,7 @@ class RequestQueue:
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}
         self._closed: str | None = None  # why, once closed
+        self._gone: dict[int, str] = {}  # workers lost for good (process workers), and why
 
     # -- callers ---------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -161,6 +162,15 @@ class RequestQueue:
             request.state = State.DONE
             request.outputs, request.error = outputs, error
             request._done.set()
+
+    def worker_gone(self, worker: int, reason: str) -> None:
+        """Worker ``worker`` serves no more (its process died). The others serve on; when it was the
+        last, the queue closes, and every waiting and later request hears why."""
+        with self._cond:
+            self._gone[worker] = reason
+            left = self.workers - len(self._gone)
+        if left == 0:
+            self.close(f"every worker is gone; the last: {reason}")
 
     # -- owner -------------------------------------------------------------------
     def close(self, reason: str) -> None:

@@ -18,11 +18,14 @@ A message is a kind, a header and buffers:
 kind            direction       header fields beyond v, kind, id (and status) / buffers
 ==============  ==============  ===============================================================
 BUILD           master->worker  batch-split: model_path, device_id, index, cores, parent_pid;
-                                buffer 0: the pickled ``Context``. (A rank gets its arguments
+                                buffer 0: the pickled ``Context``; a pool worker adds who (its
+                                name), config (Model's config_dict) and publish_weights (send
+                                the shared weights' handle back). (A rank gets its arguments
                                 on its command line instead.)
 BUILD_FINISH    worker->master  status ok; who, host, pid, inputs and outputs as
                                 [name, dtype, shape] (-1: a free dimension); batch-split adds
-                                device_id, cores, threads; a rank adds rank, size
+                                device_id, cores, threads (and weights_handle when asked
+                                to publish); a rank adds rank, size
 PREDICT         master->worker  batch-split: slot, inputs [TensorSpec], out_offset,
                                 out_capacity, block, placement [TensorSpec], forget [names];
                                 sharded: arrays [{name, dtype, shape}] + one buffer per array
@@ -40,6 +43,10 @@ ERROR           worker->master  status error; error {type, message, traceback, w
                                 it, ``unpack_error`` turns it back into the exception (its
                                 own type, the remote traceback as ``__cause__``)
 EXIT            master->worker  leave: close what is open, exit 0
+CANCEL          master->worker  stop the run of request ``id`` if it is running or about to
+                                (a pool worker's second socket, read by a thread of its own
+                                while the model runs); the worker then answers that request
+                                with ERROR as usual. Ids at or below ``id`` are cancelled.
 ==============  ==============  ===============================================================
 
 Order (handshake before traffic; each master documents its side):
@@ -91,7 +98,8 @@ REPLY = "REPLY"
 COLLECT = "COLLECT"
 ERROR = "ERROR"
 EXIT = "EXIT"
-KINDS = (BUILD, BUILD_FINISH, PREDICT, STARTED, REPLY, COLLECT, ERROR, EXIT)
+CANCEL = "CANCEL"
+KINDS = (BUILD, BUILD_FINISH, PREDICT, STARTED, REPLY, COLLECT, ERROR, EXIT, CANCEL)
 
 OK = "ok"
 NEED_SPACE = "need_space"

@@ -1,10 +1,13 @@
-"""One batch-split worker process: ``python -m orchestrator._worker_main --fd N``.
+"""One worker process: ``python -m orchestrator._worker_main --fd N [--cancel-fd M]``.
 
-Started by ``ParallelPredictor`` through the supervisor (``launchers.Supervisor``)
+Started by ``ParallelPredictor`` (batch-split) and by ``ModelParallelRunner``'s
+process workers (``_pool_processes``) through the supervisor (``launchers.Supervisor``)
 as a module of this installation: it never imports the caller's script, so
 masters without a main guard, ``python -c``, stdin and notebooks work.
 ``--fd``: its end of a socketpair with the master (the protocol's stream
-framing, ``_protocol``). Shared memory comes from ``ranks._shared_memory``
+framing, ``_protocol``). ``--cancel-fd``: a second socket on which the master
+sends CANCEL while the model runs (a thread here reads it and sets ONNX
+Runtime's ``terminate`` on that run). Shared memory comes from ``ranks._shared_memory``
 (through the slot and block layout of ``_worker_memory``).
 
 Its states::
@@ -53,7 +56,50 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator._worker_main",
                                      description="a batch-split worker; ParallelPredictor starts it")
     parser.add_argument("--fd", type=int, required=True, help="this worker's end of the socketpair with its master")
+    parser.add_argument("--cancel-fd", type=int, help="a second socket on which the master sends CANCEL while a request runs")
     return parser
+
+
+class _Canceller:
+    """The run options of the request running now, and a thread that stops that run on CANCEL.
+
+    Request ids only grow, so a CANCEL that arrives before its request started
+    (the master gave up while the PREDICT was on its way) is kept as "every id up
+    to this one" and stops the run as soon as it begins.
+    """
+
+    def __init__(self, channel: proto.StreamChannel | None):
+        self._lock = threading.Lock()
+        self._current: tuple[int, ort.RunOptions] | None = None
+        self._cancelled_up_to = 0
+        if channel is not None:
+            threading.Thread(target=self._read, args=(channel,), daemon=True, name="orch-cancel").start()
+
+    def begin(self, request_id: int) -> ort.RunOptions:
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a stopped run is the master's doing, not an error to print
+        with self._lock:
+            self._current = (request_id, options)
+            if request_id <= self._cancelled_up_to:
+                options.terminate = True
+        return options
+
+    def end(self) -> None:
+        with self._lock:
+            self._current = None
+
+    def _read(self, channel: proto.StreamChannel) -> None:
+        while True:
+            try:
+                msg = proto.decode(channel.recv(), "the master")
+            except (EOFError, OSError, proto.ProtocolError):
+                return  # the master is gone or closed it: the main loop sees that on its own socket
+            if msg.kind != proto.CANCEL:
+                continue
+            with self._lock:
+                self._cancelled_up_to = max(self._cancelled_up_to, msg.id)
+                if self._current is not None and self._current[0] <= msg.id:
+                    self._current[1].terminate = True
 
 
 def main(argv=None) -> int:
@@ -70,16 +116,17 @@ def main(argv=None) -> int:
         msg = proto.decode(channel.recv(), "the master")
         if msg.kind != proto.BUILD:
             raise proto.ProtocolError(f"the master sent {msg.kind} first; a worker starts with BUILD")
-        who = f"worker for device {msg['device_id']}"
+        who = msg.get("who") or f"worker for device {msg['device_id']}"
         threading.Thread(target=_watch_parent, args=(msg["parent_pid"], attachments), daemon=True,
                          name="orch-parent-watch").start()
         context = pickle.loads(msg.buffers[0])
         if msg["cores"]:
             os.sched_setaffinity(0, msg["cores"])
         model = Model()
-        model.build_from_file(msg["model_path"], ModelType.ONNX, context)
+        model.build_from_file(msg["model_path"], ModelType.ONNX, context, config_dict=msg.get("config") or None)
         inputs = [(t.name, t.dtype.to_numpy().str, list(t.shape)) for t in model.get_inputs()]
         outputs = [(t.name, t.dtype.to_numpy().str, list(t.shape)) for t in model.get_outputs()]
+        extra = {"weights_handle": int(model.get_model_info("shareable_weight_mem_handle"))} if msg.get("publish_weights") else {}
     except EOFError:
         return _parent_gone(attachments)
     except BaseException as exc:  # noqa: BLE001  every failure must reach the master
@@ -88,16 +135,19 @@ def main(argv=None) -> int:
     _send(channel, proto.encode(
         proto.BUILD_FINISH, 0, status=proto.OK, who=who, host=socket.gethostname(), pid=os.getpid(),
         device_id=msg["device_id"], inputs=inputs, outputs=outputs, cores=sorted(os.sched_getaffinity(0)),
-        threads=context.cpu.thread_num,
+        threads=context.cpu.thread_num, **extra,
     ), attachments)
-    serve(channel, model, attachments, who)
+    cancel = proto.StreamChannel.from_fd(args.cancel_fd) if args.cancel_fd is not None else None
+    serve(channel, model, attachments, who, _Canceller(cancel))
     attachments.close()
     model.close()
     return 0
 
 
-def serve(channel: proto.StreamChannel, model: Model, attachments: Attachments, who: str) -> None:
+def serve(channel: proto.StreamChannel, model: Model, attachments: Attachments, who: str,
+          canceller: _Canceller | None = None) -> None:
     """Answer PREDICT and COLLECT until EXIT (the loop of the SERVING state)."""
+    canceller = canceller or _Canceller(None)
     runner = _BoundRunner(model)
     held = None  # (request id, arrays) waiting for a COLLECT after a need_space REPLY
     while True:
@@ -118,7 +168,10 @@ def serve(channel: proto.StreamChannel, model: Model, attachments: Attachments, 
                 if reply is None:
                     buf = attachments.buffer(msg["slot"])
                     feeds = {s.name: view(buf, s) for s in msg["inputs"]}
-                    results = model.predict(feeds)
+                    try:
+                        results = model.predict(feeds, run_options=canceller.begin(request_id))
+                    finally:
+                        canceller.end()
                     del feeds, buf
                     arrays = [t.get_data_to_numpy() for t in results]
                     if placement and _fits(placement, arrays):

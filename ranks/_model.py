@@ -446,13 +446,15 @@ class Model:
                 dim.Clear()
         return proto.SerializeToString()
 
-    def predict(self, inputs, outputs: list[Tensor] | None = None) -> list[Tensor]:
+    def predict(self, inputs, outputs: list[Tensor] | None = None, *, run_options: ort.RunOptions | None = None) -> list[Tensor]:
         """Run the model.
 
         Args:
             inputs: a list of Tensors or numpy arrays in the model's input order,
                 or a dict {input name: array or Tensor}.
             outputs: optional Tensors to fill in place (MindSpore Lite style).
+            run_options: ONNX Runtime's run options (another thread may set their
+                ``terminate`` to stop the run: a worker pool's timeout does).
 
         Returns:
             One Tensor per model output, in order.
@@ -466,7 +468,7 @@ class Model:
             raise InputTypeError(f"predict: outputs must be a list of Tensors, got {outputs!r}")
         feeds = self._feeds(inputs)
         try:
-            results = self._session.run(None, feeds)
+            results = self._session.run(None, feeds, run_options) if run_options is not None else self._session.run(None, feeds)
         except OrchestratorError:
             raise
         except Exception as exc:

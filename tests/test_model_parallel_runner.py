@@ -27,7 +27,8 @@ def context_of(workers: int, threads: int = 1, **parallel) -> mslite.Context:
 
 
 @pytest.mark.timeout(120)
-def test_many_client_threads_each_get_their_own_replies(sample):
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_many_client_threads_each_get_their_own_replies(sample, worker_type):
     # 16 clients x 8 requests, every input distinct, on 2 workers: each reply must be its own request's,
     # equal to a single-threaded run of the same input (no lost, duplicated or swapped replies).
     path = sample("mlp")
@@ -40,7 +41,7 @@ def test_many_client_threads_each_get_their_own_replies(sample):
     barrier = threading.Barrier(clients)
 
     with ModelParallelRunner() as runner:
-        runner.build_from_file(path, context_of(workers=2))
+        runner.build_from_file(path, context_of(workers=2), worker_type=worker_type)
 
         def client(c: int) -> None:
             try:
@@ -156,11 +157,19 @@ def test_bad_pool_options_are_config_errors_that_name_the_key(pair, pool, messag
         ModelParallelRunner().build_from_file(pair, context_of(1, config_info={"pool": pool}))
 
 
-def test_process_workers_are_not_available_yet(pair):
-    with pytest.raises(ConfigError, match="not available yet: use thread workers"):
-        ModelParallelRunner().build_from_file(pair, context_of(1, config_info={"pool": {"worker_type": "process"}}))
-    with pytest.raises(ConfigError, match="not available yet: use thread workers"):
-        ModelParallelRunner().build_from_file(pair, worker_type="process")
+@pytest.mark.multiprocess
+def test_process_workers_from_the_config_run_several_inputs_and_outputs(pair):
+    feeds = {"a": np.random.default_rng(4).standard_normal((1, 16)).astype(np.float32),
+             "b": np.array([[1, 2, 3, 4]], np.int64)}
+    expected = reference(pair, feeds)
+    with ModelParallelRunner() as runner:
+        runner.build_from_file(pair, context_of(2, config_info={"pool": {"worker_type": "process"}}))
+        assert runner.options.worker_type == "process" and len(runner.worker_pids) == 2
+        assert [(t.name, t.shape) for t in runner.get_outputs()] == [("y", [1, 8]), ("n", [1, 4])]
+        for _ in range(4):
+            y, n = runner.predict(feeds)
+            np.testing.assert_allclose(y.get_data_to_numpy(), expected[0], rtol=1e-6)
+            np.testing.assert_array_equal(n.get_data_to_numpy(), expected[1])
 
 
 def test_the_config_reaches_every_workers_model(pair, tmp_path):

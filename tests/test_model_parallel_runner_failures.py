@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import queue
+import re
 import threading
 import time
 
@@ -27,6 +28,12 @@ FOREVER = 10**9  # Loop iterations: hours, i.e. until the run is stopped
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory):
     return slow_model(tmp_path_factory.mktemp("pool") / "slow.onnx")
+
+
+@pytest.fixture(params=["thread", "process"])
+def worker_type(request):
+    """Both backends must behave the same to a caller."""
+    return request.param
 
 
 def runner_on(path, workers: int, **options) -> ModelParallelRunner:
@@ -61,8 +68,8 @@ def waiting(runner) -> int:
 
 
 @pytest.mark.timeout(60)
-def test_a_full_queue_refuses_at_once_and_says_its_size(slow):
-    with runner_on(slow, workers=1, queue_size=2) as runner:
+def test_a_full_queue_refuses_at_once_and_says_its_size(slow, worker_type):
+    with runner_on(slow, workers=1, queue_size=2, worker_type=worker_type) as runner:
         held = in_background(runner.predict, slow_feeds(FOREVER))
         wait_until(lambda: busy(runner) == 1, what="the worker taking the first request")
         queued = [in_background(runner.predict, slow_feeds(1, seed=i)) for i in range(2)]
@@ -76,6 +83,7 @@ def test_a_full_queue_refuses_at_once_and_says_its_size(slow):
         assert "queue is full" in message and "queue_size 2" in message and "2 requests waiting" in message
         assert isinstance(caught.value, RuntimeError) and isinstance(caught.value, queue.Full)
 
+        wait_until(lambda: runner._queue._running[0].cancel is not None, what="the first run under way")
         runner._queue._running[0].cancel()  # let the first request go: the queued two are served
         for future in queued:
             assert future.result(timeout=30)[0].shape == [1, 1]
@@ -83,8 +91,8 @@ def test_a_full_queue_refuses_at_once_and_says_its_size(slow):
 
 
 @pytest.mark.timeout(60)
-def test_a_request_that_times_out_in_the_queue_names_its_position(slow):
-    with runner_on(slow, workers=1, timeout=30) as runner:
+def test_a_request_that_times_out_in_the_queue_names_its_position(slow, worker_type):
+    with runner_on(slow, workers=1, timeout=30, worker_type=worker_type) as runner:
         in_background(runner.predict, slow_feeds(FOREVER))
         wait_until(lambda: busy(runner) == 1, what="the worker taking the first request")
         in_background(runner.predict, slow_feeds(FOREVER))  # position 1
@@ -100,8 +108,8 @@ def test_a_request_that_times_out_in_the_queue_names_its_position(slow):
 
 
 @pytest.mark.timeout(60)
-def test_a_request_that_times_out_running_names_the_worker_and_the_worker_goes_on(slow):
-    with runner_on(slow, workers=1) as runner:
+def test_a_request_that_times_out_running_names_the_worker_and_the_worker_goes_on(slow, worker_type):
+    with runner_on(slow, workers=1, worker_type=worker_type) as runner:
         start = time.monotonic()
         with pytest.raises(WorkerTimeoutError) as caught:
             runner.predict(slow_feeds(FOREVER), timeout=0.5)
@@ -116,8 +124,8 @@ def test_a_request_that_times_out_running_names_the_worker_and_the_worker_goes_o
 
 
 @pytest.mark.timeout(60)
-def test_a_worker_failure_reaches_its_caller_with_its_type_and_the_worker_and_nobody_else(slow):
-    with runner_on(slow, workers=2) as runner:
+def test_a_worker_failure_reaches_its_caller_with_its_type_and_the_worker_and_nobody_else(slow, worker_type):
+    with runner_on(slow, workers=2, worker_type=worker_type) as runner:
         good = [slow_feeds(2000, index=i % 64, seed=i) for i in range(24)]
         futures = [in_background(runner.predict, feeds) for feeds in good]
         failures = [in_background(runner.predict, slow_feeds(2000, index=99, seed=100 + i)) for i in range(4)]
@@ -125,7 +133,7 @@ def test_a_worker_failure_reaches_its_caller_with_its_type_and_the_worker_and_no
         for future in failures:
             error = future.exception(timeout=30)
             assert type(error) is ModelError  # what Model.predict raises for this input: not a bare "predict failed!"
-            assert str(error).startswith("[worker ") and " of 2] running slow.onnx failed" in str(error)
+            assert re.match(r"\[worker [01] of 2( on host \S+ \(pid \d+\))?\] running slow.onnx failed", str(error)), error
             assert "indices element out of data bounds, idx=99" in str(error)
             assert error.worker in (0, 1)
         for feeds, future in zip(good, futures):
@@ -153,8 +161,8 @@ def test_an_exception_of_another_type_keeps_its_type(slow, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_closing_under_load_fails_every_pending_request_clearly_and_nothing_hangs(slow):
-    runner = runner_on(slow, workers=2)
+def test_closing_under_load_fails_every_pending_request_clearly_and_nothing_hangs(slow, worker_type):
+    runner = runner_on(slow, workers=2, worker_type=worker_type)
     threads_before = worker_threads(runner)
     running = [in_background(runner.predict, slow_feeds(FOREVER, seed=i)) for i in range(2)]
     wait_until(lambda: busy(runner) == 2, what="both workers busy")
@@ -183,8 +191,8 @@ def test_closing_under_load_fails_every_pending_request_clearly_and_nothing_hang
 
 
 @pytest.mark.timeout(60)
-def test_a_runner_dropped_without_close_stops_its_workers(slow):
-    runner = runner_on(slow, workers=2)
+def test_a_runner_dropped_without_close_stops_its_workers(slow, worker_type):
+    runner = runner_on(slow, workers=2, worker_type=worker_type)
     threads = worker_threads(runner)
     assert len(threads) == 2
     del runner
@@ -195,14 +203,14 @@ def test_a_runner_dropped_without_close_stops_its_workers(slow):
 
 
 @pytest.mark.timeout(60)
-def test_rebuilding_closes_the_old_workers(slow, tmp_path):
-    runner = runner_on(slow, workers=1)
+def test_rebuilding_closes_the_old_workers(slow, tmp_path, worker_type):
+    runner = runner_on(slow, workers=1, worker_type=worker_type)
     old = worker_threads(runner)
     pending = in_background(runner.predict, slow_feeds(FOREVER))
     wait_until(lambda: busy(runner) == 1, what="the worker busy")
     context = mslite.Context()
     context.parallel.workers_num = 1
-    runner.build_from_file(slow, context)
+    runner.build_from_file(slow, context, worker_type=worker_type)
     error = pending.exception(timeout=10)
     assert isinstance(error, PoolClosedError) and "closed (build_from_file() was called again) while worker 0" in str(error)
     assert not any(t.is_alive() for t in old)

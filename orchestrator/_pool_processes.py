@@ -1,0 +1,371 @@
+"""Process workers: each worker of a ModelParallelRunner in a child process of its own.
+
+``worker_type = process`` (``[pool]`` option or ``build_from_file(...,
+worker_type="process")``). Why: a model whose custom ops hold the GIL, a
+crash that must not take the caller with it, or memory that must be returned
+to the system when the runner closes. Threads are the default because they
+cost nothing per request; a process worker costs one round trip over a
+socket per request (inputs and outputs go through shared memory).
+
+Pieces reused from the batch-split master: the worker program
+(``python -m orchestrator._worker_main``, started and watched by
+``launchers.Supervisor``: the caller's script is never imported again), the
+protocol (``_protocol``: BUILD, PREDICT/REPLY/COLLECT, ERROR, EXIT, and CANCEL
+on a second socket) and the slots (``_worker_memory.Slot``: one shared-memory
+segment per worker, inputs then outputs, reused across requests).
+
+One dispatcher thread per worker serves the runner's queue
+(``_pool_queue.RequestQueue``), as a thread worker does; its engine's ``run``
+writes the inputs into the slot, sends PREDICT and waits for the answer. A
+timeout or ``close()`` cancels a running request: CANCEL goes to the worker,
+which sets ONNX Runtime's ``terminate`` on that run; a worker that has not
+answered ``CANCEL_GRACE_SECONDS`` later (stopped, or stuck in native code) is
+killed and counts as lost.
+
+Failure policy: an exception of the model reaches its caller with its type
+and the worker's traceback, and the worker serves on. A worker that dies is
+out of the pool: the request it ran fails with ``WorkerLostError`` naming the
+worker, its host, pid and signal or exit code, at once (its socket reaches
+EOF); the other workers serve on. When none is left the runner closes itself
+and every later call says why. (No restart: a worker that died once usually
+dies again, and a rebuild would take seconds inside someone's request.)
+
+Shared weights (``share_weights = true``): worker 0 publishes the model's
+weights in a sealed memory file and the others map the same pages
+(``ranks._shared_weights``, MindSpore Lite's cross-process weight sharing),
+so N workers hold one copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from launchers import LaunchError, ProcessSpec, RankOutput, Supervisor, python_module
+from ranks._config_file import RankConfig
+from ranks._context import Context
+from ranks._env import default_timeout
+from ranks._log import get_logger
+from ranks._tensor import DataType
+
+from . import _protocol as proto
+from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
+from ._pool_plan import WorkerPlan
+from ._pool_queue import RequestQueue, Request, State
+from ._worker_memory import Slot, layout
+
+log = get_logger("pool")
+
+WORKER_MODULE = "orchestrator._worker_main"
+CANCEL_GRACE_SECONDS = 2.0  # a cancelled run must end this soon, or its worker is killed
+EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT before TERM
+TERM_GRACE_SECONDS = 1.0  # then how long after TERM + CONT before KILL
+_POLL_SECONDS = 0.1  # how often a dispatcher waiting for a reply looks at its request's cancel flag
+
+
+class ProcessEngine:
+    """The parent's side of one worker process: its sockets, its slot, and ``run(request)``."""
+
+    def __init__(self, index: int, workers: int, channel: proto.StreamChannel, cancel: proto.StreamChannel):
+        self.index = index
+        self.workers = workers
+        self.channel = channel
+        self.cancel_channel = cancel
+        self.slot = Slot(index)
+        self.pid = 0
+        self.host = socket.gethostname()
+        self.supervisor: Supervisor | None = None
+        self.info: dict = {}
+        self._out_bytes = 0  # outputs of the largest request so far: the slot's output area is sized for it
+        self._next_id = 0
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.index} of {self.workers} on host {self.host} (pid {self.pid})"
+
+    # -- building ------------------------------------------------------------
+    def send_build(self, model_path: Path, context: Context, cores: list[int], config: dict, publish: bool) -> None:
+        self._send(proto.encode(
+            proto.BUILD, 0, model_path=str(model_path), device_id=0, index=self.index, cores=cores,
+            parent_pid=os.getpid(), who=f"worker {self.index} of {self.workers}", config=config,
+            publish_weights=publish, buffers=[pickle.dumps(context)],
+        ), "its BUILD was on its way to it")
+
+    def receive_build(self, model_path: Path) -> None:
+        msg = self._receive(f"building {model_path}")
+        if msg.kind == proto.ERROR:
+            raise proto.unpack_error(msg)
+        if msg.kind != proto.BUILD_FINISH:
+            raise WorkerError(f"{self.name} sent {msg.kind} while building; expected BUILD_FINISH or ERROR")
+        self.info = msg.header
+
+    # -- serving -------------------------------------------------------------
+    def run(self, request: Request) -> list[np.ndarray] | None:
+        """Run ``request`` in the worker; its outputs (copied out of the slot), or the worker's exception raised."""
+        names = list(request.feeds)
+        arrays = [np.ascontiguousarray(request.feeds[n]) for n in names]
+        specs, in_end = layout([(n, a.dtype, a.shape) for n, a in zip(names, arrays)], 0)
+        self.slot.ensure(in_end, self._out_bytes)
+        self.slot.write_inputs(specs, arrays)
+        del arrays
+        self._next_id += 1
+        request_id = self._next_id
+        cancelled = threading.Event()
+
+        def cancel() -> None:
+            cancelled.set()
+            try:
+                self.cancel_channel.send(proto.encode(proto.CANCEL, request_id))
+            except OSError:
+                pass  # the worker is gone: the dispatcher sees EOF on the main socket
+
+        request.cancel = cancel
+        if request.state is State.ABANDONED:  # abandoned before cancel was armed: do not run it at all
+            return None
+        doing = f"request {request_id}"
+        self._send(proto.encode(
+            proto.PREDICT, request_id, slot=self.slot.handle, inputs=specs, out_offset=self.slot.out_offset,
+            out_capacity=self.slot.out_capacity, block=None, placement=None, forget=[],
+        ), f"{doing} was on its way to it")
+        while True:
+            msg = self._answer(request_id, cancelled, f"running {doing}")
+            if msg.kind == proto.ERROR:
+                raise proto.unpack_error(msg)
+            if msg.kind != proto.REPLY:
+                raise WorkerError(f"{self.name} sent {msg.kind} during {doing}; expected REPLY or ERROR")
+            if msg.status == proto.NEED_SPACE:
+                self._out_bytes = max(self._out_bytes, int(msg["needed"]))
+                self.slot.ensure(0, self._out_bytes)
+                self._send(proto.encode(proto.COLLECT, request_id, slot=self.slot.handle,
+                                        out_offset=self.slot.out_offset, out_capacity=self.slot.out_capacity),
+                           f"{doing} was on its way to it")
+                continue
+            return [self.slot.read(spec) for spec in msg["outputs"]]
+
+    def _answer(self, request_id: int, cancelled: threading.Event, doing: str) -> proto.Message:
+        """The worker's next message about ``request_id``; a worker that ignores a cancel is killed."""
+        cancel_deadline = None
+        while True:
+            if proto.wait([self.channel], _POLL_SECONDS):
+                msg = self._receive(doing)
+                if msg.id != request_id:
+                    raise WorkerError(f"{self.name} answered request {msg.id} while {doing}")
+                return msg
+            if cancelled.is_set():
+                now = time.monotonic()
+                if cancel_deadline is None:
+                    cancel_deadline = now + CANCEL_GRACE_SECONDS
+                elif now >= cancel_deadline:
+                    state = "is stopped (SIGSTOP)" if self._suspended() else "did not stop"
+                    self.kill()
+                    raise WorkerLostError(
+                        f"{self.name} {state}: request {request_id} was cancelled (timeout or close) and the worker "
+                        f"had not answered {CANCEL_GRACE_SECONDS:g} s later, so it was killed and left the pool"
+                    )
+
+    def _suspended(self) -> bool:
+        from launchers._supervisor import is_suspended
+
+        return bool(self.pid) and is_suspended(self.pid)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _send(self, frames: list, doing: str) -> None:
+        try:
+            self.channel.send(frames)
+        except OSError:
+            raise WorkerLostError(f"{self.name} {self._death_text(doing)}") from None
+
+    def _receive(self, doing: str) -> proto.Message:
+        try:
+            frames = self.channel.recv()
+        except (EOFError, OSError):
+            raise WorkerLostError(f"{self.name} {self._death_text(doing)}") from None
+        return proto.decode(frames, self.name)
+
+    def _death_text(self, doing: str) -> str:
+        ended = self.supervisor.exit_of(self.index, timeout=1.0) if self.supervisor is not None else None
+        if ended is None:
+            return f"closed its connection while {doing}"
+        how = f"was killed by {ended.signal}" if ended.signal else f"exited with code {ended.exitcode}"
+        text = f"{how} while {doing}; it left the pool"
+        if ended.tail:
+            text += "; its last lines of output:\n" + "\n".join(f"    | {line}" for line in ended.tail[-5:])
+        return text
+
+    def close(self) -> None:
+        self.slot.unlink()
+        self.channel.close()
+        self.cancel_channel.close()
+
+
+class ProcessWorkers:
+    """The process backend of a ModelParallelRunner: ``plan.workers`` child processes, a dispatcher thread each.
+
+    The same interface as ``_pool_threads.ThreadWorkers``: ``inputs``, ``outputs``,
+    ``serve(queue, tag_error, label)`` and ``close()``.
+    """
+
+    def __init__(self, path: Path, model: onnx.ModelProto, plan: WorkerPlan, context: Context, config: RankConfig,
+                 share_weights: bool):
+        del model  # the workers load the file themselves
+        self.plan = plan
+        self.engines: list[ProcessEngine] = []
+        self.supervisor: Supervisor | None = None
+        self._closed = False
+        try:
+            self._start(plan)
+            self._build(path, plan, context, config, share_weights and plan.workers > 1)
+        except BaseException:
+            self.close(graceful=False)
+            raise
+        first = self.engines[0].info
+        self.inputs = [(name, DataType.from_numpy(np.dtype(dtype)), list(shape)) for name, dtype, shape in first["inputs"]]
+        self.outputs = [(name, DataType.from_numpy(np.dtype(dtype)), list(shape)) for name, dtype, shape in first["outputs"]]
+        log.info("built %d process workers x %d threads for %s (pids %s, cores %s, shared weights %s)", plan.workers,
+                 plan.threads, path, [e.pid for e in self.engines], plan.cores, "on" if share_weights else "off")
+
+    @property
+    def pids(self) -> list[int]:
+        return [e.pid for e in self.engines]
+
+    def _start(self, plan: WorkerPlan) -> None:
+        specs, theirs = [], []
+        try:
+            for index in range(plan.workers):
+                ours, their_end = socket.socketpair()
+                cancel_ours, cancel_theirs = socket.socketpair()
+                theirs += [their_end, cancel_theirs]
+                self.engines.append(ProcessEngine(index, plan.workers, proto.StreamChannel(ours),
+                                                  proto.StreamChannel(cancel_ours)))
+                argv, env = python_module(WORKER_MODULE, "--fd", str(their_end.fileno()),
+                                          "--cancel-fd", str(cancel_theirs.fileno()))
+                specs.append(ProcessSpec(index, argv, env=env, label=f"pool worker {index}",
+                                         pass_fds=(their_end.fileno(), cancel_theirs.fileno())))
+            # The watchdog removes our named segments if this process is SIGKILLed.
+            self.supervisor = Supervisor(specs, output=RankOutput(tail_lines=20), stop_timeout=TERM_GRACE_SECONDS,
+                                         world_size=plan.workers, watchdog=True)
+            try:
+                self.supervisor.start()
+            except LaunchError as exc:
+                raise WorkerError(f"cannot start the pool's worker processes: {exc}") from exc
+        finally:
+            # Our copies of the workers' ends must go, or a dead worker's socket never reaches EOF.
+            for end in theirs:
+                end.close()
+        for engine in self.engines:
+            engine.pid = self.supervisor.pids[engine.index]
+            engine.supervisor = self.supervisor
+
+    def _build(self, path: Path, plan: WorkerPlan, context: Context, config: RankConfig, share: bool) -> None:
+        sections = _worker_sections(config)
+        deadline = time.monotonic() + default_timeout()
+        contexts = [_worker_context(context, plan.threads) for _ in self.engines]
+        if share:
+            # Worker 0 publishes the weights to the others' pids; they attach once it has.
+            others = ", ".join(str(e.pid) for e in self.engines[1:])
+            first = self.engines[0]
+            first.send_build(path, contexts[0], plan.cores[0], {**sections, "pids": others}, publish=True)
+            self._wait_build([first], path, deadline)
+            sections = {**sections, "shared_mem_handle": str(first.info["weights_handle"])}
+            rest = self.engines[1:]
+        else:
+            rest = self.engines
+        for engine in rest:
+            engine.send_build(path, contexts[engine.index], plan.cores[engine.index], sections, publish=False)
+        self._wait_build(rest, path, deadline)
+
+    def _wait_build(self, engines: list[ProcessEngine], path: Path, deadline: float) -> None:
+        pending = {e.channel: e for e in engines}
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                names = ", ".join(e.name for e in pending.values())
+                raise WorkerTimeoutError(f"building {path}: {names} did not report BUILD_FINISH within "
+                                         f"{default_timeout():g} s (ORCH_TIMEOUT)")
+            for channel in proto.wait(list(pending), remaining):
+                pending.pop(channel).receive_build(path)
+
+    def serve(self, queue: RequestQueue, tag_error, label: str) -> list[threading.Thread]:
+        """One daemon dispatcher thread per worker process."""
+        del tag_error  # a worker's errors name it already (who, host and pid travel with them)
+        threads = []
+        for engine in self.engines:
+            thread = threading.Thread(target=_dispatch, args=(queue, engine), name=f"{label} worker {engine.index}",
+                                      daemon=True)
+            thread.start()
+            threads.append(thread)
+        return threads
+
+    def close(self, graceful: bool = True) -> None:
+        """EXIT to every worker (one shared deadline), then TERM + CONT, a deadline, KILL; slots unlinked."""
+        if self._closed:
+            return
+        self._closed = True
+        supervisor = self.supervisor
+        if supervisor is not None:
+            if graceful:
+                running = set(supervisor.running())
+                for engine in self.engines:
+                    if engine.index in running:
+                        try:
+                            engine.channel.send(proto.encode(proto.EXIT))
+                        except OSError:
+                            pass
+                supervisor.join(EXIT_GRACE_SECONDS, skip_suspended=True)
+            supervisor.stop()
+        for engine in self.engines:
+            engine.close()
+
+
+def _dispatch(queue: RequestQueue, engine: ProcessEngine) -> None:
+    """A dispatcher's loop: take, run in the worker process, finish; until the queue closes or the worker is lost."""
+    while True:
+        request = queue.take(engine.index)
+        if request is None:
+            return
+        try:
+            outputs = engine.run(request)
+        except WorkerLostError as exc:
+            exc.worker = engine.index
+            queue.finish(request, error=exc)
+            queue.worker_gone(engine.index, str(exc).splitlines()[0])
+            return
+        except Exception as exc:  # the model's failure in the worker, raised here with its type
+            try:
+                exc.worker = engine.index
+            except AttributeError:
+                pass
+            queue.finish(request, error=exc)
+        else:
+            queue.finish(request, outputs=outputs)
+        finally:
+            request.feeds = None
+
+
+def _worker_context(context: Context, threads: int) -> Context:
+    """A worker's context: the user's, with its share of threads; the worker process pins itself to its cores."""
+    mine = copy.deepcopy(context)
+    mine.cpu.thread_num = threads
+    mine.cpu.thread_affinity_mode = 0
+    mine.cpu.thread_affinity_core_list = []
+    return mine
+
+
+def _worker_sections(config: RankConfig) -> dict:
+    """The user's config for each worker's Model: without ``[pool]``, with spinning off unless the user chose."""
+    sections = {name: dict(values) for name, values in config.sections.items() if name != "pool"}
+    sections.setdefault("cpu_context", {}).setdefault("allow_spinning", "false")
+    return sections
