@@ -59,6 +59,7 @@ from ._worker_memory import BlockPool, Slot, aligned, layout, segment_prefix
 EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT (not a suspended one) before TERM
 TERM_GRACE_SECONDS = 1.0  # then how long after TERM + CONT before KILL
 WORKER_MODULE = "orchestrator._worker_main"
+_HOST = socket.gethostname()  # workers run on this host: the supervisor starts them here
 
 
 def plan_cores(workers: int, threads: int, pool: list[int]) -> tuple[list[list[int]], int, str | None]:
@@ -150,7 +151,7 @@ class _Worker:
 
     @property
     def name(self) -> str:
-        return f"worker for device {self.device_id} (pid {self.pid})"
+        return f"worker for device {self.device_id} on host {_HOST} (pid {self.pid})"
 
     def death_text(self, doing: str) -> str:
         """``was killed by SIGKILL while <doing>`` (or ``exited with code 1 ...``), waiting up to a second

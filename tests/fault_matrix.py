@@ -324,11 +324,6 @@ FAILING_TODAY: dict[tuple[str, str], str] = {
     ("sharded-zmq", "sigstop"): SM_HANG_ZMQ,
     ("sharded-zmq", "caller_kill"): SM_TMP_LEFT,
     ("sharded-zmq", "caller_term"): SM_TMP_LEFT,
-    ("parallel", "exit0"): PP_NO_HOST,
-    ("parallel", "sigkill"): PP_NO_HOST,
-    ("parallel", "sigsegv"): PP_NO_HOST,
-    ("parallel", "sigstop"): PP_NO_HOST,
-    ("parallel", "absent"): PP_NO_HOST,
     ("sharded-mpi", "stop_close"): SM_CLOSE_STOPPED,
     ("sharded-zmq", "stop_close"): SM_CLOSE_STOPPED,
 }
@@ -772,7 +767,7 @@ def _is_victim(pid: int, way: str) -> bool:
     """Rank 1 of a ShardedModel, or a worker of a ParallelPredictor, by its command line and environment."""
     argv = (_read(f"/proc/{pid}/cmdline") or "").split("\0")
     if way == "parallel":
-        return any("spawn_main" in a for a in argv)
+        return "orchestrator._worker_main" in argv
     if "orchestrator._sharded_worker" not in argv:
         return False
     if "--rank" in argv:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -54,7 +55,7 @@ def test_worker_exception_keeps_type_traceback_and_device(tmp_path):
         with pytest.raises(ModelError) as info:
             predictor.predict([x])
         message = str(info.value)
-        assert "worker for device 1" in message and f"pid {predictor.pids[1]}" in message
+        assert f"worker for device 1 on host {socket.gethostname()} (pid {predictor.pids[1]})" in message
         assert "device 0" not in message
         assert isinstance(info.value.__cause__, RemoteTraceback)
         assert "Traceback" in str(info.value.__cause__) and "_worker_main.py" in str(info.value.__cause__)
