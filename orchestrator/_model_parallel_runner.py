@@ -133,7 +133,7 @@ class ModelParallelRunner:
         self._inputs = [(name, dtype, config.input_shapes.get(name, shape)) for name, dtype, shape in backend.inputs]
         self._outputs = [TensorMeta(name, dtype, shape) for name, dtype, shape in backend.outputs]
         label = f"ModelParallelRunner({path.name}, {plan.workers} workers)"
-        queue = RequestQueue(options.queue_size, plan.workers, label)
+        queue = RequestQueue(options.queue_size, plan.workers, label, getattr(backend, "names", None))
         threads = backend.serve(queue, _tag_error(plan.workers), label)
         self._model_path = str(model_path)
         self._queue, self._options, self._plan, self._backend = queue, options, plan, backend

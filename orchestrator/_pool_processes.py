@@ -241,6 +241,11 @@ class ProcessWorkers:
     def pids(self) -> list[int]:
         return [e.pid for e in self.engines]
 
+    @property
+    def names(self) -> list[str]:
+        """How the queue's messages name each worker: with its host and pid."""
+        return [e.name for e in self.engines]
+
     def _start(self, plan: WorkerPlan) -> None:
         specs, theirs = [], []
         try:

@@ -69,10 +69,12 @@ class Request:
 class RequestQueue:
     """The bounded queue between callers and ``workers`` worker threads (see the module docstring)."""
 
-    def __init__(self, capacity: int, workers: int, label: str):
+    def __init__(self, capacity: int, workers: int, label: str, names: list[str] | None = None):
         self.capacity = capacity
         self.workers = workers
         self.label = label
+        # How messages name worker k: "worker k of N", or a process worker's name with its host and pid.
+        self.names = list(names) if names else [f"worker {k} of {workers}" for k in range(workers)]
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, Request] = {}
@@ -132,7 +134,7 @@ class RequestQueue:
                 ran = time.monotonic() - request.started
                 queued = request.started - request.submitted
                 self._abandon(request, error(
-                    f"while worker {request.worker} of {self.workers} ran it (for {ran:.2f} s, after {queued:.2f} s in "
+                    f"while {self.names[request.worker]} ran it (for {ran:.2f} s, after {queued:.2f} s in "
                     f"the queue); the run was stopped and the worker serves the next request"
                 ))
                 _cancel(request)
@@ -190,7 +192,7 @@ class RequestQueue:
                 if request.state is not State.RUNNING:
                     continue  # timed out already; its caller has its error
                 self._abandon(request, PoolClosedError(
-                    f"{self.label} was closed ({reason}) while worker {worker} of {self.workers} ran this request; "
+                    f"{self.label} was closed ({reason}) while {self.names[worker]} ran this request; "
                     f"the run was stopped"
                 ))
                 _cancel(request)

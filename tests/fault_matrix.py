@@ -9,7 +9,7 @@ caller_int). When those five are settled it is renamed to be collected (``test_`
 
 Ways in (``WAYS``): ``orchestrate launch mpi``, ``orchestrate launch rank-table``, two ranks started
 by hand as a shell script starts them (no launcher), ``launchers/run_mpi.sh``, ``launchers/run_ranks.sh``,
-``ShardedModel`` over mpi and over zmq, ``ParallelPredictor``. The rank-program ways run
+``ShardedModel`` over mpi and over zmq, ``ParallelPredictor``, ``ModelParallelRunner`` with process workers. The rank-program ways run
 ``tests/programs/fault_rank.py`` (a user's program: ``create_communicator()``, no error caught);
 ``ShardedModel`` and ``ParallelPredictor`` run in ``tests/programs/fault_caller.py``, and their
 ranks and workers fail through ``tests/programs/fault_hooks/sitecustomize.py`` inside a request.
@@ -119,6 +119,7 @@ WAYS = {
     "sharded-mpi": "ShardedModel(shards, backend='mpi').predict",
     "sharded-zmq": "ShardedModel(shards, backend='zmq').predict",
     "parallel": "ParallelPredictor(model, device_ids=[0, 1]).predict",
+    "pool": "ModelParallelRunner with 2 process workers: two predicts at once, one per worker",
 }
 FAULTS = {
     "raise": "rank 1 / worker 1 raises",
@@ -232,6 +233,7 @@ RUN_RANKS_FAILED = r"\Arun_ranks\.sh: rank 1 on host <host> \(pid <pid>\) failed
 # run_mpi.sh leaves the report to mpirun: mpirun's words.
 MPIRUN_NAMES = r"process rank 1 with PID <pid> on node <host> "
 WORKER = r"worker for device \d"
+POOL_WORKER = r"worker 1 of 2"
 REFUSES = "WorkerError: this ParallelPredictor no longer accepts requests"
 
 MATRIX: dict[tuple[str, str], Expect] = {
@@ -295,6 +297,19 @@ MATRIX: dict[tuple[str, str], Expect] = {
     ("parallel", "caller_term"): Expect(-15, bound="caller"),
     ("parallel", "caller_int"): Expect(-2, bound="caller"),
 
+    # a process worker's death or hang costs its request; the other worker serves the next ones
+    ("pool", "raise"): Expect("ModelError", (rf"\[{POOL_WORKER} on host <host> \(pid <pid>\)\] [^\n]*fault injected",),
+                              after="OK"),
+    ("pool", "exit0"): Expect("WorkerLostError", (first(POOL_WORKER, "code 0"),), after="OK"),
+    ("pool", "sigkill"): Expect("WorkerLostError", (first(POOL_WORKER, "SIGKILL"),), after="OK"),
+    ("pool", "sigsegv"): Expect("WorkerLostError", (first(POOL_WORKER, "SIGSEGV"),), after="OK"),
+    ("pool", "sigstop"): Expect("WorkerTimeoutError", (first(POOL_WORKER, "ran it"),), bound="hang", after="OK"),
+    ("pool", "absent"): Expect("WorkerTimeoutError", (first(r"worker \d of 2", "BUILD_FINISH"),), bound="hang"),
+    ("pool", "caller_kill"): Expect(-9, bound="caller"),
+    ("pool", "caller_term"): Expect(-15, bound="caller"),
+    ("pool", "caller_int"): Expect(-2, bound="caller"),
+    ("pool", "stop_close"): Expect(0, bound="close"),
+
     # close() must not wait out its deadlines for a stopped process (SIGCONT after SIGTERM, as the launchers do)
     ("sharded-mpi", "stop_close"): Expect(0, bound="close"),
     ("sharded-zmq", "stop_close"): Expect(0, bound="close"),
@@ -335,6 +350,7 @@ NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("sharded-mpi", "raise_in_with"): "the ranks run the project's code, not a user's with block (see raise)",
     ("sharded-zmq", "raise_in_with"): "the ranks run the project's code, not a user's with block (see raise)",
     ("parallel", "raise_in_with"): "the workers run the project's code, not a user's with block (see raise)",
+    ("pool", "raise_in_with"): "the workers run the project's code, not a user's with block (see raise)",
     ("shell-ranks", "caller_kill"): "no launcher: a SIGKILL reaches a rank, which is the sigkill cell",
     **{(way, "stop_close"): "no close(): the launchers stop a stopped rank in the sigstop cell (SIGTERM, then SIGCONT)"
        for way in RANK_PROGRAM_WAYS},
@@ -766,7 +782,7 @@ def _descendants(pid: int) -> list[int]:
 def _is_victim(pid: int, way: str) -> bool:
     """Rank 1 of a ShardedModel, or a worker of a ParallelPredictor, by its command line and environment."""
     argv = (_read(f"/proc/{pid}/cmdline") or "").split("\0")
-    if way == "parallel":
+    if way in ("parallel", "pool"):
         return "orchestrator._worker_main" in argv
     if "orchestrator._sharded_worker" not in argv:
         return False
@@ -797,6 +813,11 @@ def run_caller(cell: Cell, models: dict) -> Outcome:
     if way == "parallel":
         argv = [sys.executable, FAULT_CALLER, "parallel", str(models["model"]), "--commands", str(fifo),
                 "--timeout", str(TIMEOUT), "--build-timeout", str(TIMEOUT if fault == "absent" else 60)]
+    elif way == "pool":
+        argv = [sys.executable, FAULT_CALLER, "pool", str(models["model"]), "--commands", str(fifo),
+                "--timeout", str(TIMEOUT)]
+        if fault != "absent":
+            env["ORCH_TIMEOUT"] = "60"  # the build's bound: only the absent cell waits it out
     else:
         argv = [sys.executable, FAULT_CALLER, "sharded", str(models["shards"]), "--commands", str(fifo),
                 "--backend", way.split("-")[1], "--timeout", str(TIMEOUT), "--build-timeout", str(GIVE_UP)]

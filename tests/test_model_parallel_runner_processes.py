@@ -96,7 +96,7 @@ def test_a_stopped_worker_times_its_request_out_then_is_killed_and_the_other_ser
         worker = next(w for w in (0, 1) if running_on(runner, w))
         os.kill(pids[worker], signal.SIGSTOP)
         error = stuck.exception(timeout=10)
-        assert isinstance(error, WorkerTimeoutError) and f"while worker {worker} of 2 ran it" in str(error)
+        assert isinstance(error, WorkerTimeoutError) and f"while worker {worker} of 2 on host {HOST} (pid {pids[worker]}) ran it" in str(error)
         # The cancel cannot reach a stopped process: it is killed after the grace and leaves the pool.
         wait_until(lambda: not psutil.pid_exists(pids[worker]) or psutil.Process(pids[worker]).status() == "zombie",
                    timeout=10, what="the stopped worker killed")

@@ -1,7 +1,8 @@
-"""A caller of ShardedModel or ParallelPredictor for the fault matrix (tests/fault_matrix.py).
+"""A caller of ShardedModel, ParallelPredictor or ModelParallelRunner for the fault matrix (tests/fault_matrix.py).
 
     python fault_caller.py sharded SHARDS/MODEL.onnx --commands FIFO --backend mpi|zmq --timeout S
     python fault_caller.py parallel MODEL.onnx --commands FIFO --timeout S [--build-timeout S]
+    python fault_caller.py pool MODEL.onnx --commands FIFO --timeout S   (2 process workers; ORCH_TIMEOUT bounds the build)
 
 Builds the model (ranks or workers), runs one request and prints, one line each, flushed:
 
@@ -110,7 +111,7 @@ def main() -> int:
     # SIGUSR1 prints every thread's stack: the matrix asks for it when this process does not end
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("sharded", "parallel"))
+    parser.add_argument("what", choices=("sharded", "parallel", "pool"))
     parser.add_argument("model")
     parser.add_argument("--commands", required=True)
     parser.add_argument("--backend", default="mpi")
@@ -130,6 +131,36 @@ def main() -> int:
                 return model.predict({"x": x})
 
             pids = rank_pids(model)
+        elif args.what == "pool":
+            import threading
+
+            from orchestrator import Context, ModelParallelRunner
+
+            context = Context()
+            context.cpu.thread_num = 1
+            context.parallel.workers_num = 2
+            model = ModelParallelRunner()
+            model.build_from_file(args.model, context, worker_type="process", timeout=args.timeout)
+
+            def predict():
+                # One request per worker at once, so that worker 1 (the victim) runs one too.
+                errors = []
+
+                def one():
+                    try:
+                        model.predict({"x": x})
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(exc)
+
+                threads = [threading.Thread(target=one) for _ in range(2)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                if errors:
+                    raise errors[0]
+
+            pids = model.worker_pids
         else:
             from orchestrator import Context, ParallelPredictor
 
