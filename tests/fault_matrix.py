@@ -196,8 +196,6 @@ SM_ABSENT_ZMQ = ("ShardedModel (zmq): rank 0's CommTimeoutError reaches the call
                  "SIGTERMs the stopped rank without SIGCONT and waits 2 x 5 s")
 SM_TMP_LEFT = ("ShardedModel leaves its $TMPDIR/orch_sharded_* directory (socket, rank table, logs) when its "
                "caller is killed: SIGKILL, and SIGTERM's default action, run no finalizer")
-OMPI_SESSION_LEFT = ("Open MPI's session directory $TMPDIR/ompi.<mpirun pid> (PMIx rendezvous files, hwloc "
-                     "topology) is left when mpirun dies with the SIGKILLed launcher (its parent-death signal)")
 SM_CLOSE_STOPPED = ("ShardedModel.close() waits 5 s for a stopped rank to take EXIT before it signals; then (zmq) "
                     "it SIGTERMs the rank without SIGCONT and waits 5 s more (10 s in all); under mpi, mpirun's rank "
                     "wrappers continue it (5.3 s)")
@@ -304,7 +302,6 @@ MATRIX: dict[tuple[str, str], Expect] = {
 # Cells that fail today because of a real bug: xfail(strict=True) with the bug as the reason.
 FAILING_TODAY: dict[tuple[str, str], str] = {
     ("launch-mpi", "absent"): NO_MPI_JOIN_TIMEOUT,
-    ("launch-mpi", "caller_kill"): OMPI_SESSION_LEFT,
     ("run_mpi.sh", "raise"): RUN_MPI_ABORT_PID,
     ("run_mpi.sh", "raise_in_with"): RUN_MPI_ABORT_PID,
     ("run_mpi.sh", "absent"): NO_MPI_JOIN_TIMEOUT,
