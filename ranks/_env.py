@@ -104,6 +104,11 @@ PRTE_TMPDIR_BASE = _var(
 OMPI_BTL_SM_DIR = _var("OMPI_MCA_btl_sm_backing_directory", None, "Open MPI's shared-memory backing directory; set by the sharded model's mpi backend")
 OMPI_OSC_SM_DIR = _var("OMPI_MCA_osc_sm_backing_directory", None, "Open MPI's one-sided shared-memory backing directory; set by the sharded model's mpi backend")
 PMIX_RANK = _var("PMIX_RANK", None, "set by PMIx-based launchers (Open MPI 5's prterun, Slurm): the rank")
+PMIX_NAMESPACE = _var(
+    "PMIX_NAMESPACE", None,
+    "set by PMIx-based launchers (Open MPI 5's prterun): the job; the mpi communicator finds the ranks of its own job "
+    "by it when MPI_Init waits for a rank that never came",
+)
 PYTHONUNBUFFERED = _var("PYTHONUNBUFFERED", None, "set to 1 by the launchers for the ranks they start, so printed lines arrive at once")
 PYTHONPATH = _var("PYTHONPATH", None, "read by the supervisor when it starts a module of a checkout that is not installed: the checkout goes first on the child's PYTHONPATH")
 PYTHONFAULTHANDLER = _var("PYTHONFAULTHANDLER", None, "set to 1 by the launchers for the ranks they start, so a segfault prints the Python stack")

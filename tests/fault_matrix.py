@@ -168,11 +168,9 @@ STUCK = (r"waiting for rank 1\b|rank 1\b[^\n]*(did not answer|no answer|timed ou
 ABSENT = (r"waiting for rank 1\b", r"\bpid <pid>\b|rank 1 at tcp://")
 
 # The bugs that make cells fail today (the final report of the issue describes each with a reproducer).
-NO_MPI_JOIN_TIMEOUT = (
-    "a rank that never joins under mpirun never calls MPI_Init; Open MPI's MPI_Init (in the first "
-    "`from mpi4py import MPI`) waits for every rank, before any timeout of ours: the job hangs until "
-    "the launcher's --timeout (none by default)"
-)
+SM_MPI_ABSENT = ("ShardedModel (mpi): rank 0's CommTimeoutError from joining (MPI_Init timed out; it names rank 1 and "
+                 "its pid) goes to the master over the socket, but the master reports rank 0's exit first: "
+                 "'rank 0 ... failed: exit code 1 ... it wrote nothing to stderr or stdout'")
 RUN_RANKS_EXIT0 = ("run_ranks.sh names rank 0, which lost its peer, as the failed rank: a rank that leaves with "
                    "exit code 0 while the others wait is never reported by the script")
 RUN_MPI_ABORT_PID = ("run_mpi.sh leaves the report to Open MPI's prterun, which names a rank that called MPI_Abort "
@@ -301,10 +299,8 @@ MATRIX: dict[tuple[str, str], Expect] = {
 
 # Cells that fail today because of a real bug: xfail(strict=True) with the bug as the reason.
 FAILING_TODAY: dict[tuple[str, str], str] = {
-    ("launch-mpi", "absent"): NO_MPI_JOIN_TIMEOUT,
     ("run_mpi.sh", "raise"): RUN_MPI_ABORT_PID,
     ("run_mpi.sh", "raise_in_with"): RUN_MPI_ABORT_PID,
-    ("run_mpi.sh", "absent"): NO_MPI_JOIN_TIMEOUT,
     ("run_mpi.sh", "caller_kill"): RUN_MPI_ORPHANS,
     ("run_mpi.sh", "caller_term"): RUN_MPI_SIGNAL_CODE,
     ("run_mpi.sh", "caller_int"): RUN_MPI_SIGNAL_CODE,
@@ -312,7 +308,7 @@ FAILING_TODAY: dict[tuple[str, str], str] = {
     ("sharded-mpi", "raise"): SM_MPI_RAISE,
     ("sharded-mpi", "exit0"): SM_MPI_EXIT0,
     ("sharded-mpi", "sigstop"): SM_HANG_MPI,
-    ("sharded-mpi", "absent"): NO_MPI_JOIN_TIMEOUT,
+    ("sharded-mpi", "absent"): SM_MPI_ABSENT,
     ("sharded-mpi", "caller_kill"): SM_TMP_LEFT,
     ("sharded-mpi", "caller_term"): SM_TMP_LEFT,
     ("sharded-zmq", "exit0"): SM_VICTIM,
