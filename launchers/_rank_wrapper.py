@@ -72,6 +72,8 @@ RECORD_BYTES = 4000
 TAIL_LINE_CHARS = 400
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_EXITED_0 = "rank-exited-0"  # a watcher's process name once its rank exited with code 0 (at most 15 bytes)
 # --report-as: how long the watcher of a rank that failed because it lost a peer (its last line is a
 # PeerLostError) waits before it exits, so that the script sees the watcher of the rank that failed
 # first end first (the launchers order such failures after the others: launchers/_failures.py).
@@ -249,6 +251,8 @@ class _Wrapper:
                         pass
                     killed = True
         ended = time.time()
+        if code == 0 and self.report_as is not None:
+            _set_process_name(_EXITED_0)  # its siblings must not count this watcher as a rank still running
         stopped = self.stopped
         drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
         for reader in readers:
@@ -310,18 +314,34 @@ class _Wrapper:
         return _PEER_LOST in last
 
 
-def _sibling_ranks(parent: int) -> set[int]:
-    """Ranks of the rank watchers other than this one that ``parent`` runs now (from /proc: standard library only)."""
+def _set_process_name(name: str) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _children(pid: int) -> list[int]:
     try:
-        with open(f"/proc/{parent}/task/{parent}/children") as f:
-            children = [int(pid) for pid in f.read().split()]
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
     except (OSError, ValueError):
-        return set()
+        return []
+
+
+def _sibling_ranks(parent: int) -> set[int]:
+    """Ranks of the other rank watchers of ``parent`` still running: their program runs, or failed and
+    they report it; watchers whose rank exited with code 0 (named ``_EXITED_0``) do not count. From /proc:
+    standard library only."""
     ranks = set()
-    for pid in children:
+    for pid in _children(parent):
         if pid == os.getpid():
             continue
         try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == _EXITED_0 and not _children(pid):
+                    continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().decode("utf-8", "replace").split("\0")
             with open(f"/proc/{pid}/stat") as f:

@@ -100,3 +100,36 @@ def test_every_verb_and_dtype_under_mpich(mpich_python):
     result = subprocess.run([mpiexec, "-n", "2", mpich_python, CHECK, "mpi"], env=env, capture_output=True, text=True, timeout=140)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "CHECKED rank 0 of 2" in result.stdout and "CHECKED rank 1 of 2" in result.stdout
+
+
+NEVER_JOINS = """
+import os, sys, time
+from ranks import CommTimeoutError, MpiCommunicator
+
+rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+print(f"PID rank {rank} {os.getpid()}", flush=True)
+if rank == 1:
+    time.sleep(60)  # never gets to MPI_Init: its peer must not wait for it forever
+started = time.monotonic()
+try:
+    MpiCommunicator(timeout=3)
+except CommTimeoutError as exc:
+    print(f"JOIN FAILED after {time.monotonic() - started:.1f} s: {exc}", flush=True)
+    raise
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_that_never_calls_mpi_init_is_named_by_its_peers_join_timeout():
+    # Open MPI's MPI_Init (done at `from mpi4py import MPI`) waited for every rank, with no timeout:
+    # the job hung until the launcher's own time limit, if it had one.
+    result, seconds, _ = run_mpi(2, "-c", NEVER_JOINS, timeout=80)
+    out = result.stdout
+    assert result.returncode != 0, out
+    [pid] = re.findall(r"PID rank 1 (\d+)", out)
+    found = re.search(r"JOIN FAILED after (\d+\.\d) s: joining the MPI job \(MPI_Init\) on rank 0 of 2 timed out after 3\.\d s: "
+                      rf"waiting for rank 1 \(pid {pid}; it has not called MPI_Init\)$", out, re.M)
+    assert found, out
+    assert float(found.group(1)) < 5, found.group(1)
+    assert "ranks._errors.CommTimeoutError: joining the MPI job (MPI_Init) on rank 0 of 2" in out, out  # uncaught: printed
+    assert seconds < 40, f"took {seconds:.1f} s: rank 0 waited for rank 1's nap"  # run_mpi: no process left
