@@ -115,7 +115,7 @@ PYTHONFAULTHANDLER = _var("PYTHONFAULTHANDLER", None, "set to 1 by the launchers
 
 # --- read by the shell entry points (launchers/run_ranks.sh, launchers/run_mpi.sh) only ---------
 SH_PYTHON = _var("PYTHON", "python3", "run_ranks.sh / run_mpi.sh: the Python that reads the rank table and runs each rank's watcher")
-SH_STOP_TIMEOUT = _var("STOP_TIMEOUT", None, "run_ranks.sh: seconds between SIGTERM and SIGKILL when stopping ranks (default: ORCH_STOP_TIMEOUT)")
+SH_STOP_TIMEOUT = _var("STOP_TIMEOUT", None, "run_ranks.sh / run_mpi.sh: seconds between SIGTERM and SIGKILL when stopping ranks (default: ORCH_STOP_TIMEOUT)")
 SH_SERVER_ID = _var("SERVER_ID", None, "run_ranks.sh: this host's server_id in the rank table when its names and addresses do not match")
 SH_MPIRUN = _var("MPIRUN", None, "run_mpi.sh: the mpirun or mpiexec to run (default: next to $PYTHON, then on PATH)")
 SH_HOSTS = _var("HOSTS", None, "run_mpi.sh: mpirun's -H host list")
