@@ -51,7 +51,7 @@ import time
 
 import numpy as np
 
-from . import _shared_memory
+from . import _env, _shared_memory
 from ._comm_base import Communicator
 from ._comm_util import (
     DTYPE_CODE, DTYPES, OP_CODE, ResultPool, as_array, check_op, check_out, check_rank, check_tag, gather_axis, gathered_shape,
@@ -107,8 +107,6 @@ _BEACON = "orch-mpi-join/{job}/{rank}"  # an abstract unix socket: "this rank ha
 
 def _launcher_rank_size() -> tuple[int | None, int | None]:
     """This process's rank and the world size as the MPI launcher's environment gives them (None: not said)."""
-    from . import _env
-
     def first(*variables):
         for var in variables:
             value = (var.get() or "").strip()
@@ -248,6 +246,12 @@ def _join(MPI, timeout: float) -> None:
         result.append(init(None, None, required, ctypes.byref(provided)))
         done.set()
 
+    # Without a launcher this process is an MPI singleton (a world of one). Open MPI's shared-memory
+    # transport would make it a 16 MB /dev/shm/sm_segment.* file that only mpirun's daemon removes, so
+    # it outlived every singleton; a world of one has no peer to share memory with: no sm transport.
+    singleton = rank is None and size is None and not _env.OMPI_BTL.is_set()
+    if singleton:
+        os.environ[_env.OMPI_BTL.name] = "^sm"
     started = time.monotonic()
     threading.Thread(target=call, name="orch-mpi-init", daemon=True).start()
     try:
@@ -259,6 +263,8 @@ def _join(MPI, timeout: float) -> None:
             atexit.register(_leave_without_finalize)  # runs before mpi4py's MPI_Finalize
             raise CommTimeoutError(message)
     finally:
+        if singleton and done.is_set():
+            os.environ.pop(_env.OMPI_BTL.name, None)  # read by MPI_Init only: not for this process's children
         if beacon is not None:
             if done.is_set():
                 beacon.close()  # the rank has joined

@@ -101,6 +101,11 @@ PRTE_TMPDIR_BASE = _var(
     "single host (a killed mpirun leaves $TMPDIR/ompi.PID, and a later mpirun given that pid cannot start); "
     "a value you export wins",
 )
+OMPI_BTL = _var(
+    "OMPI_MCA_btl", None,
+    "Open MPI's transports; the mpi communicator sets ^sm while an MPI singleton (no mpirun) initialises, whose "
+    "shared-memory file nothing would remove; a value you export wins",
+)
 OMPI_BTL_SM_DIR = _var("OMPI_MCA_btl_sm_backing_directory", None, "Open MPI's shared-memory backing directory; set by the sharded model's mpi backend")
 OMPI_OSC_SM_DIR = _var("OMPI_MCA_osc_sm_backing_directory", None, "Open MPI's one-sided shared-memory backing directory; set by the sharded model's mpi backend")
 PMIX_RANK = _var("PMIX_RANK", None, "set by PMIx-based launchers (Open MPI 5's prterun, Slurm): the rank")

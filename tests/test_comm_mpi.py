@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -133,3 +134,33 @@ def test_a_rank_that_never_calls_mpi_init_is_named_by_its_peers_join_timeout():
     assert float(found.group(1)) < 5, found.group(1)
     assert "ranks._errors.CommTimeoutError: joining the MPI job (MPI_Init) on rank 0 of 2" in out, out  # uncaught: printed
     assert seconds < 40, f"took {seconds:.1f} s: rank 0 waited for rank 1's nap"  # run_mpi: no process left
+
+
+SINGLETON = """
+import os, re
+import numpy as np
+import ranks
+
+comm = ranks.MpiCommunicator(arrival_check=False)  # run alone: a world of one (README: the fast mode)
+assert comm.size == 1 and comm.allreduce(np.ones(3)).tolist() == [1.0, 1.0, 1.0]
+mapped = sorted(set(re.findall(r"/dev/shm/(sm_segment\\.\\S+)", open("/proc/self/maps").read())))
+print("MAPPED", mapped, "OMPI_MCA_btl", os.environ.get("OMPI_MCA_btl"), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_mpi_singleton_leaves_no_shared_memory_file():
+    # Open MPI made /dev/shm/sm_segment.HOST.UID.JOB.0 (16 MB) for a singleton, which only mpirun's daemon removes:
+    # every run of a program that used MPI without mpirun left one
+    import subprocess
+    import sys
+
+    from tests.comm_procs import env_with_marker
+
+    env, _ = env_with_marker()
+    result = subprocess.run([sys.executable, "-c", SINGLETON], env=env, capture_output=True, text=True, timeout=50)
+    mapped = re.findall(r"'(sm_segment\.\S+)'", result.stdout)
+    for name in mapped:  # this process's own file (the pid of the test's child maps it): ours to remove
+        os.unlink(f"/dev/shm/{name}") if os.path.exists(f"/dev/shm/{name}") else None
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MAPPED [] OMPI_MCA_btl None" in result.stdout, result.stdout  # nor is the setting handed to its children
