@@ -17,6 +17,9 @@ For its rank (from the MPI launcher's environment) it
   SIGCONT, for a stopped program) to the program's process group, SIGKILLs it
   after ``--stop-timeout`` seconds,
   and marks the exit record ``stopped`` (when the program was still running);
+  except for a program that said it is aborting the MPI job (``ranks._comm_mpi``'s
+  line): MPI_Abort is what made mpirun stop the job, so that program gets
+  ``ABORT_GRACE`` s to end by itself and its failure stays its own;
 - dies with its parent (Linux parent-death signal), so the program never
   outlives mpirun's daemon, and gives the program the same guarantee.
 
