@@ -127,8 +127,8 @@ def _job_key(process=None) -> str | None:
     try:
         process = process or psutil.Process()
         environ = process.environ() if process.pid != os.getpid() else os.environ
-        if environ.get("PMIX_NAMESPACE"):
-            return "pmix:" + environ["PMIX_NAMESPACE"]
+        if environ.get(_env.PMIX_NAMESPACE.name):
+            return "pmix:" + environ[_env.PMIX_NAMESPACE.name]
         for parent in process.parents():
             if parent.name().startswith(("hydra_pmi_proxy", "prted", "prterun", "orted")):
                 return f"daemon:{parent.pid}"
@@ -138,8 +138,8 @@ def _job_key(process=None) -> str | None:
 
 
 def _rank_of(environ) -> int | None:
-    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
-        value = environ.get(name, "").strip()
+    for var in (_env.OMPI_COMM_WORLD_RANK, _env.PMI_RANK, _env.PMIX_RANK):
+        value = environ.get(var.name, "").strip()
         if value.isdigit():
             return int(value)
     return None
