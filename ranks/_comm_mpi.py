@@ -44,6 +44,7 @@ from __future__ import annotations
 import array
 import atexit
 import os
+import re
 import struct
 import sys
 import threading
@@ -275,6 +276,18 @@ def _join(MPI, timeout: float) -> None:
 
 
 def _leave_without_finalize() -> None:
+    # MPI's shared-memory files this process maps: MPICH unlinks its segment only once every local rank
+    # has attached it, which the rank that never came never will. The job is over: nobody needs them.
+    try:
+        with open("/proc/self/maps") as maps:
+            names = set(re.findall(r"/dev/shm/((?:mpich_shm_|sm_segment\.)\S+)", maps.read()))
+    except OSError:
+        names = set()
+    for name in names:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

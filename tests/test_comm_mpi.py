@@ -104,10 +104,10 @@ def test_every_verb_and_dtype_under_mpich(mpich_python):
 
 
 NEVER_JOINS = """
-import os, sys, time
+import os, re, sys, time
 from ranks import CommTimeoutError, MpiCommunicator
 
-rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+rank = int(os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ["PMI_RANK"])
 print(f"PID rank {rank} {os.getpid()}", flush=True)
 if rank == 1:
     time.sleep(60)  # never gets to MPI_Init: its peer must not wait for it forever
@@ -116,8 +116,21 @@ try:
     MpiCommunicator(timeout=3)
 except CommTimeoutError as exc:
     print(f"JOIN FAILED after {time.monotonic() - started:.1f} s: {exc}", flush=True)
+    print("MAPPED", sorted(set(re.findall(r"/dev/shm/(\\S+)", open("/proc/self/maps").read()))), flush=True)
     raise
 """
+
+
+def _check_never_joins(out: str) -> None:
+    [pid] = re.findall(r"PID rank 1 (\d+)", out)
+    found = re.search(r"JOIN FAILED after (\d+\.\d) s: joining the MPI job \(MPI_Init\) on rank 0 of 2 timed out after 3\.\d s: "
+                      rf"waiting for rank 1 \(pid {pid}; it has not called MPI_Init\)$", out, re.M)
+    assert found, out
+    assert float(found.group(1)) < 5, found.group(1)
+    assert "ranks._errors.CommTimeoutError: joining the MPI job (MPI_Init) on rank 0 of 2" in out, out  # uncaught: printed
+    [mapped] = re.findall(r"^MAPPED (.*)$", out, re.M)
+    left = [name for name in re.findall(r"'([^']+)'", mapped) if os.path.exists(f"/dev/shm/{name}")]
+    assert not left, left  # MPICH's segment, which the rank that never came would never attach
 
 
 @pytest.mark.timeout(90)
@@ -125,14 +138,8 @@ def test_a_rank_that_never_calls_mpi_init_is_named_by_its_peers_join_timeout():
     # Open MPI's MPI_Init (done at `from mpi4py import MPI`) waited for every rank, with no timeout:
     # the job hung until the launcher's own time limit, if it had one.
     result, seconds, _ = run_mpi(2, "-c", NEVER_JOINS, timeout=80)
-    out = result.stdout
-    assert result.returncode != 0, out
-    [pid] = re.findall(r"PID rank 1 (\d+)", out)
-    found = re.search(r"JOIN FAILED after (\d+\.\d) s: joining the MPI job \(MPI_Init\) on rank 0 of 2 timed out after 3\.\d s: "
-                      rf"waiting for rank 1 \(pid {pid}; it has not called MPI_Init\)$", out, re.M)
-    assert found, out
-    assert float(found.group(1)) < 5, found.group(1)
-    assert "ranks._errors.CommTimeoutError: joining the MPI job (MPI_Init) on rank 0 of 2" in out, out  # uncaught: printed
+    assert result.returncode != 0, result.stdout
+    _check_never_joins(result.stdout)
     assert seconds < 40, f"took {seconds:.1f} s: rank 0 waited for rank 1's nap"  # run_mpi: no process left
 
 
@@ -164,3 +171,24 @@ def test_an_mpi_singleton_leaves_no_shared_memory_file():
         os.unlink(f"/dev/shm/{name}") if os.path.exists(f"/dev/shm/{name}") else None
     assert result.returncode == 0, result.stdout + result.stderr
     assert "MAPPED [] OMPI_MCA_btl None" in result.stdout, result.stdout  # nor is the setting handed to its children
+
+
+@pytest.mark.timeout(900)
+def test_a_rank_that_never_calls_mpi_init_under_mpich(mpich_python):
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from tests.comm_procs import assert_none_left, env_with_marker
+
+    env, marker = env_with_marker()
+    mpiexec = str(Path(mpich_python).parent / "mpiexec")
+    started = time.monotonic()
+    try:
+        result = subprocess.run([mpiexec, "-n", "2", mpich_python, "-c", NEVER_JOINS], env=env, capture_output=True,
+                                text=True, timeout=80)
+    finally:
+        assert_none_left(marker)
+    assert result.returncode != 0, result.stdout + result.stderr
+    _check_never_joins(result.stdout + result.stderr)
+    assert time.monotonic() - started < 40
