@@ -48,6 +48,7 @@ def test_run_ranks_starts_each_rank_with_its_flags(ini):
         assert any(l.startswith(f"[rank {r}] hello from rank {r} of 2 pid ") and l.endswith(f"device {r} config {ini} local_rank {r}")
                    for l in result.stdout.splitlines()), result.stdout
         assert f"[rank {r}] rank {r} done" in result.stdout
+    assert "run_ranks.sh" not in result.stderr, result.stderr  # ranks that end together are no early exit
 
 
 @pytest.mark.timeout(60)
