@@ -14,8 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
 
 from conftest import ROOT, project_env
 from launchers import ProcessSpec, RankOutput, Supervisor
@@ -107,3 +111,31 @@ def children_of(pid: int) -> list[int]:
         return [p.pid for p in psutil.Process(pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def write_sub_model(path: Path) -> None:
+    """A version 2 of ``add`` for the tests: x - y, so a reply shows which version ran it."""
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "y", "z")]
+    graph = helper.make_graph([helper.make_node("Sub", ["x", "y"], ["z"])], "tensor_sub", io[:2], io[2:])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+SERVE_TWO_VERSIONS = textwrap.dedent("""
+    import os, sys
+    from orchestrator.serving import master, worker
+
+    servable_dir = os.path.abspath(".")
+    worker.start_servable_in_master(servable_dir, "add", version_number=1, device_id=0)
+    worker.start_servable_in_master(servable_dir, "add", version_number=2, device_id=0)
+    master.start_grpc_server("127.0.0.1", int(sys.argv[1]))
+    master.start_restful_server("127.0.0.1", int(sys.argv[2]), max_msg_mb_size=1)
+""")
+
+
+def serve_two_versions(servers: Servers, folder: Path, name: str = "two_versions") -> tuple[int, int]:
+    """Serve ``folder``'s add with versions 1 and 2 loaded, over gRPC and REST (bodies up to 1 MB): the ports."""
+    (folder / "serve_two_versions.py").write_text(SERVE_TWO_VERSIONS)
+    grpc_port, rest_port = free_port(), free_port()
+    servers.start(name, [sys.executable, "serve_two_versions.py", str(grpc_port), str(rest_port)], folder,
+                  ready="Serving RESTful server start success")
+    return grpc_port, rest_port

@@ -14,44 +14,19 @@ import sys
 import textwrap
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
-from _serving_helpers import Servers, children_of, example_copy, free_port
+from _serving_helpers import Servers, children_of, example_copy, free_port, serve_two_versions, write_sub_model
 from conftest import ROOT, project_env
 
 pytestmark = [pytest.mark.multiprocess]
-
-
-def write_sub_model(path):
-    """Version 2 of ``add`` for these tests: x - y, so a reply shows which version ran it."""
-    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "y", "z")]
-    graph = helper.make_graph([helper.make_node("Sub", ["x", "y"], ["z"])], "tensor_sub", io[:2], io[2:])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
-
-
-SERVE_TWO_VERSIONS = textwrap.dedent("""
-    import os, sys
-    from orchestrator.serving import master, worker
-
-    servable_dir = os.path.abspath(".")
-    worker.start_servable_in_master(servable_dir, "add", version_number=1, device_id=0)
-    worker.start_servable_in_master(servable_dir, "add", version_number=2, device_id=0)
-    master.start_grpc_server("127.0.0.1", int(sys.argv[1]))
-    master.start_restful_server("127.0.0.1", int(sys.argv[2]), max_msg_mb_size=1)
-""")
 
 
 @pytest.fixture(scope="module")
 def versions_server(server):
     """The same folder served with both versions loaded, over gRPC and REST (bodies up to 1 MB): (grpc port, rest port)."""
     servers, folder, _ = server
-    (folder / "serve_two_versions.py").write_text(SERVE_TWO_VERSIONS)
-    grpc_port, rest_port = free_port(), free_port()
-    servers.start("two_versions", [sys.executable, "serve_two_versions.py", str(grpc_port), str(rest_port)], folder,
-                  ready="Serving RESTful server start success")
-    return grpc_port, rest_port
+    return serve_two_versions(servers, folder)
 
 
 @pytest.fixture(scope="module")

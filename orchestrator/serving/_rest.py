@@ -48,7 +48,9 @@ class _BadRequest(Exception):
 
 
 def _error(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error_msg": message}, status_code=status)
+    # A refused body is not read: the connection cannot carry another request after it.
+    headers = {"Connection": "close"} if status == 413 else None
+    return JSONResponse({"error_msg": message}, status_code=status, headers=headers)
 
 
 def parse_url(path: str) -> tuple[str, int, str]:
