@@ -8,7 +8,9 @@ exactly its own rows back (MindSpore Serving pads a batch to the model's fixed
 size with copies of the first instance; we join what arrived and split exactly).
 
 There are as many runners as the model can run batches at once (the pool's
-workers), so a batch is gathered while others run. An instance whose deadline
+workers), and one of them gathers at a time (``_gathering``): a batch is
+gathered while others run, and two runners never split the instances of one
+moment between them. An instance whose deadline
 passes while it waits fails alone; an error of a batch fails its instances.
 """
 
@@ -51,6 +53,7 @@ class Batcher:
         self._shared = set(shared)
         self._waiting: collections.deque[_Item] = collections.deque()
         self._cond = threading.Condition()
+        self._gathering = threading.Lock()
         self._closed = False
         self.batches_run = 0
         self.instances_run = 0
@@ -117,7 +120,8 @@ class Batcher:
 
     def _loop(self) -> None:
         while True:
-            batch = self._gather()
+            with self._gathering:
+                batch = self._gather()
             if batch is None:
                 return
             now = time.monotonic()

@@ -33,7 +33,7 @@ from ranks._log import get_logger
 from ._batching import Batcher
 from ._threads import ServingExecutor
 from ._declarations import Declarations, MethodDef, collecting, running
-from ._errors import RequestError, ServableConfigError, ServingError, ServingQueueFullError
+from ._errors import RequestError, ServableConfigError, ServingError, ServingQueueFullError, ServingTimeoutError
 
 log = get_logger("serving")
 
@@ -194,7 +194,6 @@ class Servable:
     def _predict(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            from ._errors import ServingTimeoutError
             raise ServingTimeoutError(f"{self.label}: the request's timeout passed before the model ran")
         outputs = self._backend.predict(arrays, timeout=remaining)
         return [t.get_data_to_numpy() for t in outputs]
@@ -205,6 +204,8 @@ class Servable:
     def infer(self, args, deadline: float) -> list[np.ndarray]:
         """``call_servable``: the model's outputs for one instance's inputs (checked against the model first)."""
         arrays = self._check_model_inputs(args)
+        if deadline <= time.monotonic():
+            raise ServingTimeoutError(f"{self.label}: the request's timeout passed before the model ran")
         if not self.with_batch_dim:
             return self._predict(arrays, deadline)
         if self._batcher is not None:
@@ -265,7 +266,6 @@ class Servable:
                 try:
                     results.append(future.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0))
                 except concurrent.futures.TimeoutError:
-                    from ._errors import ServingTimeoutError
                     results.append(ServingTimeoutError(f"{self.label}: the request's timeout passed"))
             return results
         finally:
