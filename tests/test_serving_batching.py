@@ -127,3 +127,44 @@ def test_several_device_ids_split_each_batch_over_worker_processes(servables, re
             np.testing.assert_allclose(result["y"], reference(row), rtol=1e-5, atol=1e-5)
     finally:
         servable.close()
+
+
+def test_the_seeds_imports_work_and_the_serving_errors_are_the_projects():
+    import orchestrator.serving.worker.register as worker_register
+    from orchestrator import OrchestratorError, WorkerError
+    from orchestrator.serving import master, register, worker  # noqa: F401
+    from orchestrator.serving import ServableConfigError, ServingWorkerError, ServingWorkerLostError
+    from orchestrator.serving.client import Client  # noqa: F401
+    from orchestrator.serving.worker import register as seed_register
+
+    for name in register.__all__:
+        assert getattr(seed_register, name) is getattr(register, name) is getattr(worker_register, name)
+    assert {"start_grpc_server", "start_restful_server", "start_master_server", "stop"} <= set(dir(master))
+    assert {"start_servable", "start_servable_in_master", "stop"} <= set(dir(worker))
+    assert issubclass(ServingWorkerLostError, ServingWorkerError) and issubclass(ServingWorkerError, WorkerError)
+    assert issubclass(ServableConfigError, OrchestratorError) and issubclass(ServableConfigError, ValueError)
+    with pytest.raises(ServableConfigError, match="belongs in a servable_config.py"):
+        register.declare_servable(servable_file="m.onnx", model_format="ONNX")
+
+
+@pytest.mark.parametrize("config, message", [
+    ("", "declares no model: call register.declare_servable"),
+    ("register.declare_servable(servable_file='mlp.onnx', model_format='MindIR')", "is not read yet; export the model to ONNX"),
+    ("register.declare_servable(servable_file='other.onnx', model_format='ONNX')\n"
+     "@register.register_method(output_names=['y'])\ndef f(x):\n    return register.call_servable(x)",
+     "model file .*other.onnx does not exist"),
+    ("register.declare_servable(servable_file='mlp.onnx', model_format='ONNX')", "registers no method"),
+    ("raise KeyError('oops')", r"servable_config.py failed to load: KeyError: 'oops'"),
+])
+def test_a_servable_that_cannot_load_says_why(servables, tmp_path, config, message):
+    from orchestrator.serving import ServableConfigError
+
+    (tmp_path / "bad" / "1").mkdir(parents=True)
+    (tmp_path / "bad" / "1" / "mlp.onnx").write_bytes((servables / "mlp" / "1" / "mlp.onnx").read_bytes())
+    (tmp_path / "bad" / "servable_config.py").write_text("from orchestrator.serving import register\n" + config + "\n")
+    with pytest.raises(ServableConfigError, match=message):
+        Servable(tmp_path, "bad")
+    with pytest.raises(ServableConfigError, match=r"servable 'bad' has no version 3; versions in .*: \[1\]"):
+        Servable(tmp_path, "bad", 3)
+    with pytest.raises(ServableConfigError, match=r"servable 'nope': no folder"):
+        Servable(tmp_path, "nope")

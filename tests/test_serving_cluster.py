@@ -104,7 +104,17 @@ def test_a_worker_that_stops_answering_heartbeats_is_out_of_rotation_and_rejoins
 
     os.kill(frozen, signal.SIGSTOP)
     try:
-        time.sleep(1.2)  # the master drops a worker after 0.8 s without a heartbeat
+        # Requests sent now go to both workers; those on the frozen one fail when it is dropped (0.8 s
+        # without a heartbeat) and are retried once on the other: none waits for its own timeout.
+        replies = [None] * 4
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, whoami(port, timeout=20))) for i in range(4)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(25)
+        assert time.monotonic() - started < 5.0
+        assert all(isinstance(r, list) and int(r[0]["pid"]) == servers.pid("worker") for r in replies), replies
         assert set(served_by(port, 10)) == {servers.pid("worker")}
     finally:
         os.kill(frozen, signal.SIGCONT)

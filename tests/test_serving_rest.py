@@ -152,14 +152,10 @@ def test_a_body_over_the_size_limit_is_refused_before_it_is_read(rest):
     import socket
 
     host, port = rest.removeprefix("http://").split(":")
-    body = b'{"instances": "' + b"x" * (4 << 20) + b'"}'
     with socket.create_connection((host, int(port)), timeout=30) as sock:
+        # Only the headers: the answer must come without the server reading (or waiting for) the 4 MB.
         sock.sendall(b"POST /model/add:add_common HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body))
-        try:
-            sock.sendall(body)
-        except OSError:
-            pass  # the server answered and closed without reading 4 MB: what it should do
+                     b"Content-Length: %d\r\n\r\n" % (4 << 20))
         reply = b""
         while b"}" not in reply.partition(b"\r\n\r\n")[2] and (chunk := sock.recv(65536)):
             reply += chunk

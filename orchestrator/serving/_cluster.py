@@ -14,7 +14,9 @@ worker serves it on its address), forwarded unchanged. A worker is out of
 rotation as soon as it leaves, as soon as a request to it finds it
 unreachable (that request is retried once on another worker of the same
 servable version: see ``_dispatch``), or when no heartbeat came for
-``HEARTBEAT_MISSES`` intervals (``HEARTBEAT_INTERVAL`` x 4 = 0.8 s).
+``HEARTBEAT_MISSES`` intervals (``HEARTBEAT_INTERVAL`` x 4 = 0.8 s); then its
+requests in flight fail at once and are retried the same way (a worker that
+leaves finishes its own).
 """
 
 from __future__ import annotations
@@ -53,10 +55,22 @@ class RemoteBackend:
         self.last_seen = time.monotonic()
         self._channel = grpc.insecure_channel(address, options=message_options(max_bytes))
         self._stub = service_grpc.MSServiceStub(self._channel)
+        self._calls: set = set()
+        self._calls_lock = threading.Lock()
+        self._dropped: str | None = None
 
     def predict(self, request, version: int, timeout: float | None):
+        call = self._stub.Predict.future(request, timeout=timeout)
+        with self._calls_lock:
+            self._calls.add(call)
+            dropped = self._dropped
+        if dropped is not None:
+            call.cancel()
         try:
-            return self._stub.Predict(request, timeout=timeout)
+            return call.result()
+        except grpc.FutureCancelledError:
+            raise ServingWorkerLostError(f"{self.label} was taken out of rotation during the request: "
+                                         f"{self._dropped}") from None
         except grpc.RpcError as exc:
             code = exc.code()
             if code in _UNREACHABLE:
@@ -65,6 +79,17 @@ class RemoteBackend:
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise ServingTimeoutError(f"{self.label} did not answer within {timeout:.1f} s") from None
             raise ServingWorkerError(f"{self.label} failed the request: {code.name}: {exc.details()}") from None
+        finally:
+            with self._calls_lock:
+                self._calls.discard(call)
+
+    def abandon(self, reason: str) -> None:
+        """Fail the requests in flight on this worker now (it stopped answering): each is retried elsewhere once."""
+        with self._calls_lock:
+            self._dropped = reason
+            calls = list(self._calls)
+        for call in calls:
+            call.cancel()
 
     def close(self) -> None:
         self._channel.close()
@@ -150,7 +175,9 @@ class ClusterMaster(cluster_grpc.ServingMasterServicer):
             now = time.monotonic()
             with self._lock:
                 for backend in [w for w in self._workers.values() if now - w.last_seen > limit]:
-                    self._drop(backend, f"no heartbeat for {now - backend.last_seen:.1f} s")
+                    why = f"no heartbeat for {now - backend.last_seen:.1f} s"
+                    self._drop(backend, why)
+                    backend.abandon(why)  # a worker that left finishes its requests; a silent one may never
             self.drop_unreachable()
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import threading
 
+from ranks._env import default_timeout
 from ranks._errors import OrchestratorError
 from ranks._log import get_logger
 
@@ -168,6 +169,8 @@ class Dispatcher:
     def predict(self, request: pb.PredictRequest, timeout: float | None = None) -> pb.PredictReply:
         """The reply to ``request``; never raises (a failure is the reply's ``error_msg``)."""
         spec = request.servable_spec
+        if timeout is None:
+            timeout = default_timeout()  # MindSpore Serving's client sets no deadline; we never wait without one
         try:
             version, backends = self._candidates(spec)
             if not request.instances:
