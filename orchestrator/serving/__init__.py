@@ -14,6 +14,7 @@ and the modules generated from them.
 
 from . import client, master, register, worker
 from ._errors import (
+    NotServedError,
     RequestError,
     ServableConfigError,
     ServingError,

@@ -160,7 +160,12 @@ class ClusterMaster(cluster_grpc.ServingMasterServicer):
         self._dispatcher.remove(backend)
         log.info("%s is out of rotation: %s", backend.label, why)
         # Requests in flight on it still finish or fail on their own channel; close it after they had their time.
-        threading.Timer(60.0, backend.close).start() if backend.inflight else backend.close()
+        if backend.inflight:
+            timer = threading.Timer(60.0, backend.close)
+            timer.daemon = True  # never what keeps a stopping process alive
+            timer.start()
+        else:
+            backend.close()
 
     def drop_unreachable(self) -> None:
         """Forget workers the dispatcher already took out (a request found them unreachable)."""

@@ -23,7 +23,7 @@ from ranks._env import default_timeout
 from ranks._errors import OrchestratorError
 from ranks._log import get_logger
 
-from ._errors import RequestError, ServingError, ServingWorkerLostError
+from ._errors import NotServedError, RequestError, ServingError, ServingWorkerLostError
 from ._proto import ms_service_pb2 as pb
 from ._tensors import from_tensor, to_tensor
 
@@ -37,10 +37,16 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# ErrorMsg.error_code: MindSpore Serving's clients read only 0 (success) or not; REST maps NOT_SERVED to 404.
+FAILED = 1
+NOT_SERVED = 2
+
+
 def error_reply(spec: pb.ServableSpec, exc: BaseException) -> pb.PredictReply:
     reply = pb.PredictReply()
     reply.servable_spec.CopyFrom(spec)
-    reply.error_msg.add(error_code=1, error_msg=error_text(exc).encode("utf-8"))
+    code = NOT_SERVED if isinstance(exc, NotServedError) else FAILED
+    reply.error_msg.add(error_code=code, error_msg=error_text(exc).encode("utf-8"))
     return reply
 
 
@@ -148,7 +154,7 @@ class Dispatcher:
                 raise RequestError("the request names no servable (servable_spec.name is empty)")
             if not versions:
                 served = ", ".join(sorted(self._table)) or "none yet"
-                raise RequestError(f"servable {spec.name!r} is not served here; servables served: {served}")
+                raise NotServedError(f"servable {spec.name!r} is not served here; servables served: {served}")
             version = spec.version_number or max(versions)
             backends = list(versions.get(version, ()))
             if not backends:
@@ -160,11 +166,19 @@ class Dispatcher:
                                    f"its methods: {', '.join(methods)}")
             return version, backends
 
-    def _pick(self, backends: list):
-        turn = next(self._turn)
-        least = min(b.inflight for b in backends)
-        idle = [b for b in backends if b.inflight == least]
-        return idle[turn % len(idle)]
+    def _take(self, backends: list):
+        """The backend with the fewest requests in flight (round-robin among equals), counted as taken."""
+        with self._lock:
+            turn = next(self._turn)
+            least = min(b.inflight for b in backends)
+            idle = [b for b in backends if b.inflight == least]
+            backend = idle[turn % len(idle)]
+            backend.inflight += 1
+            return backend
+
+    def _release(self, backend) -> None:
+        with self._lock:
+            backend.inflight -= 1
 
     def predict(self, request: pb.PredictRequest, timeout: float | None = None) -> pb.PredictReply:
         """The reply to ``request``; never raises (a failure is the reply's ``error_msg``)."""
@@ -177,9 +191,8 @@ class Dispatcher:
                 raise RequestError("the request has no instances")
             tried = []
             while True:
-                backend = self._pick([b for b in backends if b not in tried])
+                backend = self._take([b for b in backends if b not in tried])
                 tried.append(backend)
-                backend.inflight += 1
                 try:
                     return backend.predict(request, version, timeout)
                 except ServingWorkerLostError as exc:
@@ -194,7 +207,7 @@ class Dispatcher:
                     log.warning("retrying a request of %s once on %s", spec.name, others[0].label)
                     backends = others
                 finally:
-                    backend.inflight -= 1
+                    self._release(backend)
         except RequestError as exc:
             return error_reply(spec, exc)
         except Exception as exc:  # noqa: BLE001 - the client hears every failure

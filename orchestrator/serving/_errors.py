@@ -6,6 +6,7 @@
                             (also ``ConfigError``: ValueError and RuntimeError)
 ``RequestError``            a request that does not fit (unknown servable/method/version,
                             wrong instance keys, dtype or shape; also ``InputError``)
+``NotServedError``          a request for a servable not served here (a ``RequestError``)
 ``ServingQueueFullError``   a servable's queue is full: refused at once (also ``queue.Full``)
 ``ServingTimeoutError``     a request that did not finish within its timeout
 ``ServingWorkerError``      a cluster worker that died, left or did not answer; names the
@@ -32,6 +33,10 @@ class ServableConfigError(ServingError, ConfigError):
 
 class RequestError(ServingError, InputError):
     """A request that names something not served or carries inputs that do not fit."""
+
+
+class NotServedError(RequestError):
+    """A request for a servable (name) that is not served here."""
 
 
 class ServingQueueFullError(ServingError, queue.Full):

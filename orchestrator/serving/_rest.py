@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ._dispatch import NOT_SERVED
 from ._errors import RequestError
 from ._proto import ms_service_pb2 as pb
 from ._tensors import TYPE_NAMES, from_tensor, to_tensor
@@ -193,12 +194,8 @@ def make_app(dispatcher, max_body_bytes: int, timeout: float | None = None) -> S
         except ClientDisconnect:
             return _error("the client went away", 400)
         reply = await run_in_threadpool(dispatcher.predict, pb_request, timeout)
-        result = reply_to_json(reply)
-        status = 200
-        if "error_msg" in result and result["error_msg"].startswith("servable ") and (
-                "is not served here" in result["error_msg"]):
-            status = 404
-        return JSONResponse(result, status_code=status)
+        not_served = len(reply.error_msg) == 1 and reply.error_msg[0].error_code == NOT_SERVED
+        return JSONResponse(reply_to_json(reply), status_code=404 if not_served else 200)
 
     async def not_found(request: Request):
         return _error(f"URL {request.url.path} is not /model/NAME[/version/N]:METHOD (POST)", 404)

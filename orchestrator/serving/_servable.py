@@ -29,6 +29,7 @@ import numpy as np
 from ranks._context import Context
 from ranks._env import default_timeout
 from ranks._log import get_logger
+from ranks._session import usable_cores
 
 from ._batching import Batcher
 from ._threads import ServingExecutor
@@ -74,6 +75,10 @@ class ServableOptions:
             raise ServableConfigError(f"batch_delay_ms must be a number >= 0, got {self.batch_delay_ms!r}")
         if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise ServableConfigError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+
+
+def usable_cores_count() -> int:
+    return max(1, len(usable_cores()))
 
 
 def versions_of(servable_dir: Path, name: str) -> list[int]:
@@ -184,12 +189,13 @@ class Servable:
         context.parallel.workers_num = self.options.workers_num
         runner = ModelParallelRunner()
         runner.build_from_file(str(self.model_path), context, timeout=self.timeout)
-        return runner, runner.workers_num
+        # Batches that may run at once: the pool's workers (the count it chose when workers_num is 0).
+        return runner, getattr(runner, "workers_num", None) or self.options.workers_num or usable_cores_count()
 
     def _describe_backend(self) -> str:
         if len(self.options.device_ids) > 1:
             return f"a batch-split master over devices {list(self.options.device_ids)}"
-        return f"a pool of {self._backend.workers_num} workers"
+        return f"a pool of {getattr(self._backend, 'workers_num', '?')} workers"
 
     def _predict(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         remaining = deadline - time.monotonic()
@@ -249,7 +255,7 @@ class Servable:
         method = self.method(method_name)
         if self._closed:
             raise ServingError(f"{self.label} is stopped")
-        deadline = time.monotonic() + (timeout or self.timeout)
+        deadline = time.monotonic() + (self.timeout if timeout is None else min(timeout, self.timeout))
         taken = 0
         try:
             for _ in instances:

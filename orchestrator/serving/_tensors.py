@@ -81,7 +81,8 @@ def from_tensor(tensor: pb.Tensor, name: str = "value", *, scalars: bool = False
     if len(tensor.data) != expected:
         raise RequestError(f"{name}: shape {dims} of {dtype} needs {expected} bytes of data, the tensor has "
                            f"{len(tensor.data)}")
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(dims)
+    # A writable copy: a method may change its inputs in place, as it may with MindSpore Serving's.
+    array = np.frombuffer(bytearray(tensor.data), dtype=dtype).reshape(dims)
     if scalars and (not dims or dims == [1]):
         return array.reshape(1)[0]
     return array
