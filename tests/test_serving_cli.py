@@ -120,3 +120,36 @@ def test_usage_errors_name_what_is_wrong(servables, capsys, argv, message):
     code = main([str(servables) if a == "DIR" else a for a in argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+LOOPING_SCRIPT = '''
+import os, sys, time
+from orchestrator.serving import master, worker
+
+worker.start_servable_in_master(sys.argv[1], "add", device_id=0)
+master.start_grpc_server("127.0.0.1", int(sys.argv[2]))
+print("looping", flush=True)
+while True:          # a script that keeps its main thread busy after starting
+    time.sleep(0.1)
+'''
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("signum, ends_with", [(signal.SIGINT, "KeyboardInterrupt"), (signal.SIGTERM, None)])
+def test_a_script_still_running_its_own_loop_stops_serving_then_gets_the_signals_usual_effect(servables, tmp_path,
+                                                                                               signum, ends_with):
+    script = tmp_path / "looping.py"
+    script.write_text(LOOPING_SCRIPT)
+    servers = Servers(tmp_path)
+    try:
+        servers.start("loop", [sys.executable, str(script), str(servables), str(free_port())], tmp_path, ready="looping")
+        exit_ = servers.signal("loop", signum, timeout=20)
+        log = servers.log("loop")
+        assert "Serving stopped" in log
+        assert exit_.failed  # the script did not finish on its own: KeyboardInterrupt, or killed by SIGTERM
+        if ends_with:
+            assert log.rstrip().endswith(ends_with), log
+        else:
+            assert exit_.signal == "SIGTERM", exit_
+    finally:
+        servers.stop_all()

@@ -10,10 +10,17 @@ seconds), a cluster worker leaves its master, models close (their worker
 threads or processes end), then the keeper ends and so does the process.
 
     NEW --first start_*--> SERVING --SIGINT / SIGTERM / stop()--> STOPPED
+
+A script whose main thread still runs its own code when the signal comes (a
+``while True: sleep`` after the start calls) gets the signal's usual effect
+once everything is stopped: KeyboardInterrupt for SIGINT, the default action
+for SIGTERM; a main thread in ``master.wait()`` (as ``orchestrate serve``)
+just returns.
 """
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 import signal
@@ -43,6 +50,8 @@ class ServingProcess:
         self._wake_r, self._wake_w = -1, -1
         self._stopped = threading.Event()
         self._previous_handlers: dict = {}
+        self.main_waits = False  # the main thread is in master.wait(): a signal ends that wait, nothing more
+        self._redeliver = False
 
     # -- keeping the process up ----------------------------------------------------------
     def serving(self) -> None:
@@ -60,23 +69,47 @@ class ServingProcess:
             self._keeper = threading.Thread(target=self._keep, name="serving keeper", daemon=False)
             self._keeper.start()
 
-    def _on_signal(self, signum, _frame) -> None:
+    def _on_signal(self, signum, frame) -> None:
+        if self._redeliver:
+            # Everything is stopped; the main thread still runs the script's code: the signal's usual effect.
+            self._redeliver = False
+            self._restore_handlers()
+            previous = signal.getsignal(signum)
+            if callable(previous):
+                previous(signum, frame)  # SIGINT: KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+            return
         try:
             os.write(self._wake_w, bytes([signum]))
         except OSError:
             pass
 
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            try:
+                signal.signal(signum, handler)
+            except (ValueError, TypeError):
+                pass  # not the main thread: the handlers go with the process
+        self._previous_handlers = {}
+
     def _keep(self) -> None:
+        signum = 0
         while True:
             ready, _, _ = select.select([self._wake_r], [], [], 1.0)
             if ready:
                 data = os.read(self._wake_r, 16)
-                if data and data[0] != 0:
-                    log.info("serving: %s received, stopping", signal.Signals(data[0]).name)
+                signum = data[0] if data else 0
+                if signum:
+                    log.info("serving: %s received, stopping", signal.Signals(signum).name)
                 break
             if self._stopped.is_set():
                 break
         self._shutdown()
+        # After the script ended, the main thread is no longer alive (the interpreter waits for this thread).
+        if signum and threading.main_thread().is_alive() and not self.main_waits and self._previous_handlers:
+            self._redeliver = True
+            _thread.interrupt_main(signum)  # runs _on_signal in the main thread, which may change handlers
 
     def stop(self) -> None:
         """Stop every server and model of this process (idempotent); returns once they are stopped."""
@@ -92,6 +125,8 @@ class ServingProcess:
             pass
         if keeper is not threading.current_thread():
             keeper.join(60.0)
+        if threading.current_thread() is threading.main_thread():
+            self._restore_handlers()  # Ctrl-C acts as usual again
 
     def _shutdown(self) -> None:
         with self._lock:
@@ -115,11 +150,8 @@ class ServingProcess:
                     servable.close()
                 except Exception as exc:  # noqa: BLE001 - the others still close
                     log.warning("%s did not close cleanly: %s", servable.label, exc)
-            for signum, handler in self._previous_handlers.items():
-                try:
-                    signal.signal(signum, handler)
-                except ValueError:
-                    pass  # not the main thread: the handlers go with the process
+            if threading.current_thread() is threading.main_thread():
+                self._restore_handlers()
             print("Serving stopped", flush=True)
 
     @property

@@ -114,5 +114,12 @@ def wait(timeout: float | None = None) -> bool:
     keeper = PROCESS._keeper
     if keeper is None:
         return PROCESS.stopped
-    keeper.join(timeout)
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        PROCESS.main_waits = True
+    try:
+        keeper.join(timeout)
+    finally:
+        if main:
+            PROCESS.main_waits = False
     return not keeper.is_alive()
