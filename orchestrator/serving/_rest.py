@@ -197,14 +197,10 @@ def make_app(dispatcher, max_body_bytes: int, timeout: float | None = None) -> S
         not_served = len(reply.error_msg) == 1 and reply.error_msg[0].error_code == NOT_SERVED
         return JSONResponse(reply_to_json(reply), status_code=404 if not_served else 200)
 
-    async def not_found(request: Request):
-        return _error(f"URL {request.url.path} is not /model/NAME[/version/N]:METHOD (POST)", 404)
-
     routes = [Route("/model/{path:path}", predict, methods=["POST"])]
     app = Starlette(routes=routes)
     app.add_exception_handler(404, lambda request, exc: _error(
         f"URL {request.url.path} is not /model/NAME[/version/N]:METHOD (POST)", 404))
     app.add_exception_handler(405, lambda request, exc: _error(
         f"{request.method} {request.url.path}: only POST is served", 405))
-    del not_found
     return app

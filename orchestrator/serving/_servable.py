@@ -297,10 +297,6 @@ class Servable:
         except Exception as exc:
             return exc
 
-    def info(self) -> dict:
-        return {"name": self.name, "version": self.version, "with_batch_dim": self.with_batch_dim,
-                "methods": {m.name: (m.input_names, m.output_names) for m in self.methods.values()}}
-
     def close(self) -> None:
         if self._closed:
             return

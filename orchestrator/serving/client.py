@@ -13,7 +13,6 @@ raising them (a failed request, a gRPC failure), but every call has a timeout
 from __future__ import annotations
 
 import grpc
-import numpy as np
 
 from ranks._env import default_timeout
 
