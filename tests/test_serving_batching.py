@@ -168,3 +168,17 @@ def test_a_servable_that_cannot_load_says_why(servables, tmp_path, config, messa
         Servable(tmp_path, "bad", 3)
     with pytest.raises(ServableConfigError, match=r"servable 'nope': no folder"):
         Servable(tmp_path, "nope")
+
+
+def test_a_port_in_use_is_a_clear_error():
+    import socket
+
+    from orchestrator.serving import ServingError
+    from orchestrator.serving._grpc_service import start_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServingError, match=rf"serving gRPC server: cannot listen on 127.0.0.1:{port} \(in use"):
+            start_server("127.0.0.1", port, "serving gRPC server", lambda server: None, 1 << 20)
