@@ -110,6 +110,17 @@ def test_a_request_for_something_not_served_fails_whole_with_a_clear_error(versi
     assert result == {"error": expected}
 
 
+def test_the_newer_clients_address_form_async_calls_and_a_server_that_is_gone(versions_server):
+    from orchestrator.serving.client import Client
+
+    port, _ = versions_server
+    ones = {"x1": np.ones((2, 2), np.float32), "x2": np.ones((2, 2), np.float32)}
+    pending = Client(f"127.0.0.1:{port}", "add", "add_common", version_number=1).infer_async([ones, ones])
+    assert [r["y"].tolist() for r in pending.result()] == [[[2.0, 2.0], [2.0, 2.0]]] * 2
+    gone = Client("127.0.0.1", 1, "add", "add_common", timeout=5).infer(ones)
+    assert set(gone) == {"error"} and gone["error"].startswith("gRPC error UNAVAILABLE calling 127.0.0.1:1")
+
+
 CLIENT_FROM_PROTO = textwrap.dedent("""
     # A client that knows only the .proto: stubs generated here with grpcio-tools, under MindSpore
     # Serving's own module path; no orchestrator code is imported.
