@@ -135,7 +135,15 @@ SERVE_TWO_VERSIONS = textwrap.dedent("""
 def serve_two_versions(servers: Servers, folder: Path, name: str = "two_versions") -> tuple[int, int]:
     """Serve ``folder``'s add with versions 1 and 2 loaded, over gRPC and REST (bodies up to 1 MB): the ports."""
     (folder / "serve_two_versions.py").write_text(SERVE_TWO_VERSIONS)
-    grpc_port, rest_port = free_port(), free_port()
-    servers.start(name, [sys.executable, "serve_two_versions.py", str(grpc_port), str(rest_port)], folder,
-                  ready="Serving RESTful server start success")
-    return grpc_port, rest_port
+    for attempt in range(3):
+        grpc_port, rest_port = free_port(), free_port()
+        try:
+            servers.start(name, [sys.executable, "serve_two_versions.py", str(grpc_port), str(rest_port)], folder,
+                          ready="Serving RESTful server start success")
+            return grpc_port, rest_port
+        except AssertionError:
+            # A free port can be taken by another program before the server binds it: new ports, once more.
+            if "cannot listen" not in servers.log(name) or attempt == 2:
+                raise
+            servers.groups.pop(name).stop()
+    raise AssertionError("not reached")
