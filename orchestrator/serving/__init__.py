@@ -12,6 +12,7 @@ process serving and stops it; ``_proto`` holds the protocols' .proto files
 and the modules generated from them.
 """
 
+from . import _grpc_setup  # noqa: F401  (first: before any module here imports grpc)
 from . import client, master, register, worker
 from ._errors import (
     NotServedError,
