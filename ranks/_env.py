@@ -116,6 +116,11 @@ PMIX_NAMESPACE = _var(
 )
 PYTHONUNBUFFERED = _var("PYTHONUNBUFFERED", None, "set to 1 by the launchers for the ranks they start, so printed lines arrive at once")
 PYTHONPATH = _var("PYTHONPATH", None, "read by the supervisor when it starts a module of a checkout that is not installed: the checkout goes first on the child's PYTHONPATH")
+GRPC_ENABLE_FORK_SUPPORT = _var(
+    "GRPC_ENABLE_FORK_SUPPORT", "false",
+    "gRPC's fork handlers; the serving front sets false before gRPC starts (grpcio >= 1.81 with them on can crash a "
+    "child the supervisor forks, before its exec: grpc/grpc#43055); a value you export wins",
+)
 PYTHONFAULTHANDLER = _var("PYTHONFAULTHANDLER", None, "set to 1 by the launchers for the ranks they start, so a segfault prints the Python stack")
 
 # --- read by the shell entry points (launchers/run_ranks.sh, launchers/run_mpi.sh) only ---------
