@@ -197,7 +197,7 @@ class ShardedModel:
             # between. The rank that cannot bind says so (PortInUseError); then every rank starts again.
             base_port = free_base_port(self.tp)
             specs = [ProcessSpec(rank, argv + ["--rank", str(rank), "--size", str(self.tp), "--rank_table", str(table),
-                                               "--base_port", str(base_port)], env=env, label=f"rank {rank}")
+                                               "--base_port", str(base_port)], env=env)
                      for rank in range(self.tp)]
             self._job.launcher = Supervisor(specs, output=RankOutput(console=False, tail_lines=20), world_size=self.tp,
                                             cleanup_paths=[self._job.tmp])

@@ -1,4 +1,5 @@
-"""ShardedModel's faults, each with its test: a stopped rank, a stuck rank, a killed caller, a port taken, a version.
+"""ShardedModel's faults, each with its test: a rank that fails mid-request, a stopped rank, a stuck rank, a killed
+caller, a port taken, a version.
 
 Every case runs the real ranks (mpirun, or local zmq ranks) on the small MLP
 and checks that nothing is left: no process, no temporary directory, no
@@ -21,12 +22,14 @@ import pytest
 
 from launch_helpers import descendants, orch_dirs, private_tmp, shm_segments_of, wait_gone
 from orchestrator import ShardedModel, shard_model
-from orchestrator import WorkerTimeoutError
-from ranks import CommError
-from tests.conftest import project_env
+from orchestrator import WorkerError, WorkerTimeoutError
+from ranks import CommError, PeerLostError
+from tests.conftest import ROOT, project_env
 
 pytestmark = [pytest.mark.multiprocess]
 BACKENDS = ["zmq", "mpi"]
+# Fault injection inside a rank's request (tests/programs/fault_hooks/sitecustomize.py, as the fault matrix uses it)
+FAULT_HOOKS = str(ROOT / "tests" / "programs" / "fault_hooks")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,58 @@ def _new_processes(before: set[int]) -> list[int]:
     """Processes below us that were not there ``before``: the job's ranks, mpirun and its wrappers, the watchdog
     (not what else the test session keeps, such as multiprocessing's resource tracker)."""
     return [pid for pid in descendants(os.getpid()) if pid not in before]
+
+
+# How rank 1's failure must read, on the first line of the caller's exception (HOST and PID filled in).
+MID_REQUEST = {
+    "raise": (RuntimeError, "[rank 1 of 2 on host HOST (pid PID)] fault injected in pid PID (raise)"),
+    "exit0": (WorkerError, "predict request 2: rank 1 of 2 on host HOST (pid PID) exited with exit code 0 before the "
+                           "job finished, while rank 0 was still running"),
+    "sigkill": (WorkerError, "predict request 2: rank 1 of 2 on host HOST (pid PID) failed: signal SIGKILL (9)"),
+    "sigsegv": (WorkerError, "predict request 2: rank 1 of 2 on host HOST (pid PID) failed: signal SIGSEGV (11)"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fault", list(MID_REQUEST))
+def test_a_rank_failing_mid_request_is_named(mlp_shards, monkeypatch, tmp_path, backend, fault):
+    """Rank 1 fails inside a request while rank 0 waits for it in a collective. The caller gets rank 1's own
+    exception, or a WorkerError naming rank 1's death (host, pid, exit code or signal), at once, not rank 0's
+    PeerLostError (the victim, zmq: was so for exit0, sigkill, sigsegv) and not after rank 0's collective timed
+    out (mpi raise: the raising rank's comm.close() waited for its peer); no '@@orchestrate-rank' records (mpi
+    exit0). Then the job is over: nothing left running, no temporary directory."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    monkeypatch.setenv("FAULT_MATRIX_DIR", str(faults))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (FAULT_HOOKS, os.environ.get("PYTHONPATH")) if p))
+    before = set(descendants(os.getpid()))
+    timeout = 30.0
+    model = ShardedModel(mlp_shards, backend=backend, timeout=timeout)
+    try:
+        x = np.ones((2, 64), np.float32)
+        model.predict([x])
+        processes = _new_processes(before)
+        victim = model.pids[1]
+        (faults / f"fault.{victim}").write_text(fault)
+        started = time.monotonic()
+        with pytest.raises(Exception) as info:
+            model.predict([x])
+        took = time.monotonic() - started
+        assert (faults / f"fired.{victim}").exists(), "the fault never fired in rank 1"
+        kind, first_line = MID_REQUEST[fault]
+        first_line = first_line.replace("HOST", socket.gethostname()).replace("PID", str(victim))
+        message = str(info.value)
+        assert type(info.value) is kind and not isinstance(info.value, PeerLostError), repr(info.value)
+        assert message.splitlines()[0].startswith(first_line), message
+        assert "@@" not in message and "orchestrate-rank" not in message
+        assert took < timeout / 2, f"the error came after {took:.1f} s: a death is not a hang"
+        assert not wait_gone(processes, 10), "the job is over, but processes are left"
+        assert not os.path.exists(model._job.tmp)
+        with pytest.raises(WorkerError, match=r"predict on a closed ShardedModel \(predict request 2 failed: "):
+            model.predict([x])
+    finally:
+        model.close()
 
 
 @pytest.mark.timeout(120)
@@ -112,7 +167,9 @@ def test_a_killed_caller_leaves_nothing(mlp_shards, monkeypatch, tmp_path, backe
             assert info["scratch"].startswith("/dev/shm/orch_sharded_")
             assert any(name.startswith("sm_segment.") for name in os.listdir(info["scratch"]))
         os.kill(caller.pid, how)
-        caller.wait(30)
+        # It dies of the signal, as a script without a ShardedModel would (SIGINT: was exit 1 on zmq, when
+        # closing the model at interpreter exit imported a module, and CPython forgot the KeyboardInterrupt)
+        assert caller.wait(30) == -how, caller.stderr.read()
         assert not wait_gone(processes, 15), "processes outlived the caller"
         deadline = time.monotonic() + 10
         while orch_dirs(tmpdir) and time.monotonic() < deadline:
