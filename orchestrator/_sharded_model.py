@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import psutil
 import zmq
 
 from launchers import MpiLaunchConfig, MpiLauncher, ProcessSpec, RankOutput, Supervisor, python_module
@@ -77,6 +78,7 @@ WORKER_MODULE = "orchestrator._sharded_worker"
 EXIT_GRACE = 2.0  # close(): seconds the ranks get to leave after EXIT before the supervisor stops them
 PORT_ATTEMPTS = 3  # zmq: how often the ranks are started again when a port was taken under them
 FAILURE_GRACE = 1.0  # after a rank reports a lost or silent peer: how long to wait for that peer's own failure
+DEAD_PEER_GRACE = 2.0  # ... and how long when that peer's process is seen gone (its report is on the way)
 _LAST_WORD_MS = 250  # after a death: how long its last message (an ERROR) may take to arrive
 # A rank that took a request says so (STARTED) within about 0.3 s (_sharded_worker.STARTED_AFTER and its
 # helper's cadence): one that has not after this long never took it.
@@ -300,26 +302,73 @@ class ShardedModel:
         return proto.decode(frames[1:], "a rank"), frames[0]
 
     def _error_from(self, msg: proto.Message, exchange: "_Exchange") -> BaseException:
-        """The exception for a rank's ERROR: its own, unless it only reports another rank's failure or silence."""
+        """The exception for a rank's ERROR: its own, unless it only reports another rank's failure or silence.
+
+        A lost or silent peer (``PeerLostError``, ``CommTimeoutError``) makes the sender a victim; the root
+        cause is that peer: its own ERROR if it sends one (its exception), its death (the launchers' report),
+        or its silence. A peer whose process is seen gone died first, whatever arrived first: its report
+        is waited for a little longer (``DEAD_PEER_GRACE``), and if it does not come the peer is named anyway.
+        """
         exc = proto.unpack_error(msg)
         if not isinstance(exc, (CommTimeoutError, PeerLostError)):
             return exc
-        # A lost or silent peer: the root cause is that peer. Its death, if it died, is reported at once.
+        victims = {msg.get("rank")}
         exchange.pending.discard(msg.get("rank"))
-        deadline = time.monotonic() + FAILURE_GRACE
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        while True:
+            if self._job.sock.poll(50):
+                other, _ = self._recv()
+                if other.kind == proto.ERROR:
+                    own = proto.unpack_error(other)
+                    if not isinstance(own, (CommTimeoutError, PeerLostError)):
+                        return own  # the failed rank's own exception, just behind its peer's word
+                    victims.add(other.get("rank"))
+                    exchange.pending.discard(other.get("rank"))
+                elif other.kind == proto.STARTED and exchange.started is not None:
+                    exchange.started.add(other.get("rank"))
+                continue
             error = self._job.launcher.failure(every_exit_fails=True)
             failures = getattr(error, "failures", None)
-            # (the rank that sent the ERROR exits after it: its own exit is not the root cause)
-            if error is not None and (failures is None or any(e.rank != msg.get("rank") for e in failures)):
+            # (the ranks that sent the ERROR exit after it: their own exits are not the root cause)
+            if error is not None and (failures is None or any(e.rank not in victims for e in failures)):
                 return self._root_cause(exchange, _death(exchange.doing, error, exc), error)
-            time.sleep(0.05)
+            waited = time.monotonic() - started
+            if waited >= FAILURE_GRACE:
+                gone = [r for r in self._gone() if r not in victims]
+                if not gone:
+                    break
+                if waited >= DEAD_PEER_GRACE:
+                    names = ", ".join(self._where(r) for r in gone)
+                    death = WorkerError(f"{exchange.doing}: {names} ended while its peers waited for it (its process "
+                                        f"is gone; how it ended was not reported within {waited:.1f} s)")
+                    death.__cause__ = exc
+                    return death
         silent = self._silent(exchange)
         if silent:
             stall = self._stall(exchange, silent)
             stall.__cause__ = exc
             return stall
         return exc
+
+    def _gone(self) -> list[int]:
+        """Ranks whose process has ended (it may not be recorded by the launcher yet)."""
+        gone = []
+        for rank, pid in self._rank_pids().items():
+            try:
+                if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    gone.append(rank)
+            except psutil.NoSuchProcess:
+                gone.append(rank)
+            except psutil.Error:
+                pass
+        return sorted(gone)
+
+    def _rank_pids(self) -> dict[int, int]:
+        """Rank -> pid of its program: from its BUILD_FINISH, else from the launcher."""
+        launcher = self._job.launcher
+        pids = launcher.rank_pids() if isinstance(launcher, MpiLauncher) else dict(launcher.pids)
+        pids.update({rank: info["pid"] for rank, info in self._ranks.items()})
+        return pids
 
     def _silent(self, exchange: "_Exchange", dead=(), at_deadline: bool = False) -> list[int]:
         """Ranks that never said they took the request although they had the time to (not dead ones)."""
@@ -370,8 +419,7 @@ class ShardedModel:
         info = self._ranks.get(rank)
         if info is not None:
             return f"rank {rank} of {self.tp} on host {info['host']} (pid {info['pid']})"
-        launcher = self._job.launcher
-        pid = launcher.rank_pids().get(rank) if isinstance(launcher, MpiLauncher) else launcher.pids.get(rank)
+        pid = self._rank_pids().get(rank)
         if pid is None:
             return f"rank {rank} of {self.tp}"
         return f"rank {rank} of {self.tp} on host {socket.gethostname()} (pid {pid})"

@@ -294,3 +294,88 @@ def test_the_root_cause_of_a_stall_is_the_rank_that_never_took_the_request():
     young = _Exchange("predict request 8", {0, 1}, {0})
     death = _death(young.doing, report)
     assert model._root_cause(young, death, report) is death
+
+
+class _FakeSocket:
+    """The master's ROUTER, holding the messages that arrive after the first one (each as a rank sent it)."""
+
+    def __init__(self, messages=()):
+        self.queue = [[b"identity", *frames] for frames in messages]
+
+    def poll(self, timeout_ms):
+        if not self.queue:
+            time.sleep(timeout_ms / 1000)
+        return bool(self.queue)
+
+    def recv_multipart(self):
+        return self.queue.pop(0)
+
+
+class _QuietLauncher:
+    """A launcher that has recorded no failure (yet)."""
+
+    pids: dict[int, int] = {}
+
+    def failure(self, every_exit_fails=False):
+        return None
+
+    def suspended(self):
+        return []
+
+
+def _model_with(pids: dict[int, int], messages=()) -> ShardedModel:
+    model = ShardedModel.__new__(ShardedModel)
+    model.tp, model.timeout = 2, 30.0
+    model._ranks = {rank: {"pid": pid, "host": "h"} for rank, pid in pids.items()}
+    model._job = type("Job", (), {"launcher": _QuietLauncher(), "sock": _FakeSocket(messages)})()
+    return model
+
+
+def _error_message(exc: BaseException, rank: int, request: int = 7):
+    """The ERROR rank ``rank`` sends for ``exc``, as the master decodes it."""
+    from orchestrator import _protocol as proto
+
+    return proto.decode(proto.error_frames(request, exc, f"rank {rank} of 2", rank=rank), "a rank")
+
+
+def _a_dead_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+def test_a_peer_seen_dead_is_named_even_before_its_exit_is_recorded():
+    """In-process: rank 0's PeerLostError arrives first, rank 1's process is gone, but no launcher has recorded
+    how it ended (mpirun's forwarding of its wrapper's record is slow under load). Rank 1 is named, not rank 0."""
+    from orchestrator._sharded_model import DEAD_PEER_GRACE, _Exchange
+
+    dead = _a_dead_pid()
+    model = _model_with({0: os.getpid(), 1: dead})
+    exchange = _Exchange("predict request 7", {0, 1}, {0, 1})
+    lost = PeerLostError("allreduce #5 on rank 0 of 2: rank 1 exited")
+    started = time.monotonic()
+    error = model._error_from(_error_message(lost, 0), exchange)
+    assert type(error) is WorkerError, repr(error)
+    assert str(error).startswith(f"predict request 7: rank 1 of 2 on host h (pid {dead}) ended while its peers "
+                                 f"waited for it (its process is gone; how it ended was not reported within ")
+    assert isinstance(error.__cause__, PeerLostError)
+    assert time.monotonic() - started < DEAD_PEER_GRACE + 1.0
+    # both alive: the peer's word stands (nothing better is known)
+    model = _model_with({0: os.getpid(), 1: os.getpid()})
+    error = model._error_from(_error_message(lost, 0), _Exchange("predict request 7", {0, 1}, {0, 1}))
+    assert type(error) is PeerLostError, repr(error)
+
+
+def test_the_failed_rank_s_own_error_wins_over_its_peer_s_word_that_came_first():
+    """In-process: rank 0's PeerLostError arrives just before rank 1's own ERROR (its RuntimeError): the caller
+    gets rank 1's RuntimeError with its header, not the victim's PeerLostError nor a bare exit code."""
+    from orchestrator._sharded_model import _Exchange
+
+    from orchestrator import _protocol as proto
+
+    own = proto.error_frames(7, RuntimeError("the model broke"), "rank 1 of 2", rank=1)
+    model = _model_with({0: os.getpid(), 1: os.getpid()}, [own])
+    lost = PeerLostError("allreduce #5 on rank 0 of 2: rank 1 exited")
+    error = model._error_from(_error_message(lost, 0), _Exchange("predict request 7", {0, 1}, {0, 1}))
+    assert type(error) is RuntimeError, repr(error)
+    assert str(error).startswith(f"[rank 1 of 2 on host {socket.gethostname()} (pid {os.getpid()})] the model broke")
