@@ -332,6 +332,10 @@ class ShardedModel:
             # (the ranks that sent the ERROR exit after it: their own exits are not the root cause)
             if error is not None and (failures is None or any(e.rank not in victims for e in failures)):
                 return self._root_cause(exchange, _death(exchange.doing, error, exc), error)
+            others = exchange.pending - victims
+            if others and others <= set(self._job.launcher.suspended()):
+                exchange.suspended.update(others)
+                break  # the peers they wait for are stopped: they cannot fail on their own, they are the silent ones
             waited = time.monotonic() - started
             if waited >= FAILURE_GRACE:
                 gone = [r for r in self._gone() if r not in victims]

@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     comm = None
     progress = None
     rank = args.rank if args.rank is not None else "?"
-    who = f"rank {rank}"
+    who = f"rank {rank}" + (f" of {args.size}" if args.size else "")  # before the communicator knows better
     try:
         try:
             comm = make_communicator(args)

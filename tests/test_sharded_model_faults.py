@@ -136,6 +136,48 @@ def test_a_stuck_rank_is_named(mlp_shards, backend):
     model.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_rank_stopped_before_it_joins_is_named_at_the_timeout(mlp_shards):
+    """zmq: rank 1 is SIGSTOPped before it can join. Rank 0's CommTimeoutError reaches the caller at the timeout,
+    naming rank 1's address (was: only after close(), which waited 2 x 5 s for the stopped rank), and the
+    stopped rank is stopped for good."""
+    import threading
+
+    import psutil
+
+    from ranks import CommTimeoutError
+
+    stopped: list[int] = []
+
+    def stop_rank_1():
+        deadline = time.monotonic() + 60
+        while not stopped and time.monotonic() < deadline:
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    argv = child.cmdline()
+                except psutil.Error:
+                    continue
+                if "orchestrator._sharded_worker" in argv and argv[argv.index("--rank") + 1] == "1":
+                    os.kill(child.pid, signal.SIGSTOP)
+                    stopped.append(child.pid)
+                    return
+            time.sleep(0.01)
+
+    stopper = threading.Thread(target=stop_rank_1, daemon=True)
+    stopper.start()
+    started = time.monotonic()
+    with pytest.raises(CommTimeoutError) as info:
+        ShardedModel(mlp_shards, backend="zmq", timeout=3, startup_timeout=30)
+    took = time.monotonic() - started
+    stopper.join(5)
+    assert stopped, "rank 1 was never seen"
+    message = str(info.value)
+    assert message.startswith(f"[rank 0 of 2 on host {socket.gethostname()} (pid ")
+    assert "joining (waiting for every rank's hello) on rank 0 of 2 timed out after 3.0 s waiting for rank 1 at tcp://" in message
+    assert took < 3 + 5.0, took  # the timeout, the ranks' start and stopping the job; not the 30 s startup timeout
+    assert not wait_gone(stopped, 10)
+
+
 CALLER = textwrap.dedent("""
     import json, sys, time
     import numpy as np
