@@ -31,7 +31,9 @@ Handshake and order (reordering any step would deadlock or misreport):
 Failures. A rank that raises re-raises its own exception type in the caller
 (its traceback as ``__cause__``). A rank that dies gives a ``WorkerError``
 with the launchers' first-failure report (rank, host, pid, signal or exit
-code, last lines). A request that stalls gives a ``WorkerTimeoutError``
+code, last lines). A rank that only lost its peer (``PeerLostError``) or
+timed out waiting for it is a victim: the peer is named instead (its own
+exception, its death, or its silence), whichever message came first. A request that stalls gives a ``WorkerTimeoutError``
 naming the ranks that did not answer (pid, host, whether they took the
 request, whether their process is stopped). After any of these the job is
 over: every rank process is stopped.
@@ -326,7 +328,6 @@ class ShardedModel:
                     exchange.pending.discard(other.get("rank"))
                 elif other.kind == proto.STARTED and exchange.started is not None:
                     exchange.started.add(other.get("rank"))
-                continue
             error = self._job.launcher.failure(every_exit_fails=True)
             failures = getattr(error, "failures", None)
             # (the ranks that sent the ERROR exit after it: their own exits are not the root cause)
