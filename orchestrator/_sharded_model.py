@@ -33,10 +33,11 @@ Failures. A rank that raises re-raises its own exception type in the caller
 with the launchers' first-failure report (rank, host, pid, signal or exit
 code, last lines). A rank that only lost its peer (``PeerLostError``) or
 timed out waiting for it is a victim: the peer is named instead (its own
-exception, its death, or its silence), whichever message came first. A request that stalls gives a ``WorkerTimeoutError``
-naming the ranks that did not answer (pid, host, whether they took the
-request, whether their process is stopped). After any of these the job is
-over: every rank process is stopped.
+exception, its death, or its silence), whichever message came first. A
+request that stalls gives a ``WorkerTimeoutError`` naming the ranks that
+did not answer (pid, host, whether they took the request, whether their
+process is stopped). After any of these the job is over: every rank
+process is stopped.
 
 Nothing is left behind: ``close()`` (also ``with``, garbage collection and
 interpreter exit) stops every process and removes the temporary directory.

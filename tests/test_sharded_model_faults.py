@@ -96,6 +96,36 @@ def test_a_rank_failing_mid_request_is_named(mlp_shards, monkeypatch, tmp_path, 
 
 
 @pytest.mark.timeout(120)
+def test_a_rank_that_left_early_is_named_after_its_victim_exited_too(mlp_shards, monkeypatch, tmp_path):
+    """zmq: rank 1 leaves with os._exit(0) mid-request; rank 0 sends its PeerLostError and exits 1 BEFORE the
+    master weighs that ERROR (a busy machine). The report still names rank 1's early exit (was: rank 1
+    "ended ... how it ended was not reported", as rank 0's exit code 1 hid rank 1's exit 0)."""
+    import orchestrator._sharded_model as sharded
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    monkeypatch.setenv("FAULT_MATRIX_DIR", str(faults))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (FAULT_HOOKS, os.environ.get("PYTHONPATH")) if p))
+    weigh = sharded.ShardedModel._error_from
+
+    def late(self, msg, exchange):
+        assert self._job.launcher.exit_of(0, timeout=20) is not None, "rank 0 did not exit after its ERROR"
+        return weigh(self, msg, exchange)
+
+    monkeypatch.setattr(sharded.ShardedModel, "_error_from", late)
+    with ShardedModel(mlp_shards, backend="zmq", timeout=30) as model:
+        x = np.ones((2, 64), np.float32)
+        model.predict([x])
+        victim = model.pids[1]
+        (faults / f"fault.{victim}").write_text("exit0")
+        with pytest.raises(WorkerError) as info:
+            model.predict([x])
+    assert str(info.value).startswith(f"predict request 2: rank 1 of 2 on host {socket.gethostname()} (pid {victim}) "
+                                      f"exited with exit code 0 before the job finished, while rank 0 was still running")
+    assert "PeerLostError" in str(info.value)  # what followed: rank 0 lost its peer
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_close_with_a_stopped_rank_is_quick(mlp_shards, backend):
     """Was 10 s (zmq) and 5 s (mpi): EXIT waited for, then SIGTERM without SIGCONT."""
