@@ -317,6 +317,7 @@ class ShardedModel:
             return exc
         victims = {msg.get("rank")}
         exchange.pending.discard(msg.get("rank"))
+        exchange.gave_up[msg.get("rank")] = exc
         started = time.monotonic()
         while True:
             if self._job.sock.poll(50):
@@ -327,6 +328,7 @@ class ShardedModel:
                         return own  # the failed rank's own exception, just behind its peer's word
                     victims.add(other.get("rank"))
                     exchange.pending.discard(other.get("rank"))
+                    exchange.gave_up[other.get("rank")] = own
                 elif other.kind == proto.STARTED and exchange.started is not None:
                     exchange.started.add(other.get("rank"))
             error = self._job.launcher.failure(every_exit_fails=True)
@@ -396,7 +398,8 @@ class ShardedModel:
 
     def _stall(self, exchange: "_Exchange", silent: list[int], failed: dict | None = None) -> WorkerTimeoutError:
         """Name the ranks that did not answer: those that never took the request first (pid, host, stopped or
-        not), then those that took it and wait, or failed waiting (``failed``: rank -> RankExit)."""
+        not), then those that took it and wait, or failed waiting (``failed``: rank -> RankExit), or gave up
+        waiting with an ERROR of their own."""
         failed = failed or {}
         suspended = exchange.suspended | set(self._job.launcher.suspended())
         busy = sorted((exchange.pending & exchange.started) - set(silent)) if exchange.started is not None else []
@@ -418,6 +421,11 @@ class ShardedModel:
                 text = f"{names} took the request but did not finish within {self.timeout:g} s"
         for rank in gave_up:
             text += f"; {self._where(rank)} took it, waited for the rank(s) above and failed: {failed[rank].how()}"
+        # Ranks that said so themselves (a collective's CommTimeoutError may come just before our own deadline)
+        for rank, error in sorted(exchange.gave_up.items()):
+            if exchange.started is not None and rank not in silent:
+                how = f"failed: {failed[rank].how()}" if rank in failed else f"gave up ({type(error).__name__})"
+                text += f"; {self._where(rank)} took it, waited for the rank(s) above and {how}"
         return WorkerTimeoutError(f"{exchange.doing}: {text}")
 
     def _where(self, rank) -> str:
@@ -469,6 +477,7 @@ class _Exchange:
         self.started = started  # ranks that said they took the request (None at startup)
         self.since = time.monotonic()
         self.suspended: set[int] = set()  # pending ranks seen stopped by a signal while the master waited
+        self.gave_up: dict[int, BaseException] = {}  # ranks whose ERROR reported a lost or silent peer
 
 
 def _death(doing: str, report: Exception, cause: BaseException | None = None) -> WorkerError:

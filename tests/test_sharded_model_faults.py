@@ -451,3 +451,31 @@ def test_the_failed_rank_s_own_error_wins_over_its_peer_s_word_that_came_first()
     error = model._error_from(_error_message(lost, 0), _Exchange("predict request 7", {0, 1}, {0, 1}))
     assert type(error) is RuntimeError, repr(error)
     assert str(error).startswith(f"[rank 1 of 2 on host {socket.gethostname()} (pid {os.getpid()})] the model broke")
+
+
+def test_a_stall_reported_first_by_the_waiting_rank_still_names_both():
+    """In-process: rank 1 is stopped; rank 0's own collective timeout (CommTimeoutError) reaches the master just
+    before the master's deadline of the same length. The caller gets the stall naming rank 1 (stopped, never took
+    the request) and rank 0 (took it, waited, gave up), as when the master's deadline comes first; not rank 0's
+    CommTimeoutError, and without the 1 s grace for a failure that a stopped rank cannot have."""
+    from orchestrator._sharded_model import FAILURE_GRACE, _Exchange
+    from ranks import CommTimeoutError
+
+    class StoppedOne(_QuietLauncher):
+        def suspended(self):
+            return [1]
+
+    model = _model_with({0: 100, 1: 101})
+    model.timeout = 3.0
+    model._job.launcher = StoppedOne()
+    exchange = _Exchange("predict request 7", {0, 1}, {0})
+    exchange.since -= 3.0
+    timed_out = CommTimeoutError("allreduce #5 on rank 0 of 2 timed out after 3.0 s waiting for rank 1")
+    started = time.monotonic()
+    error = model._error_from(_error_message(timed_out, 0), exchange)
+    assert time.monotonic() - started < FAILURE_GRACE
+    assert type(error) is WorkerTimeoutError, repr(error)
+    assert str(error) == ("predict request 7: rank 1 of 2 on host h (pid 101) did not answer within 3 s: it never "
+                          "reported taking the request, and its process is stopped (SIGSTOP or Ctrl-Z); rank 0 of 2 "
+                          "on host h (pid 100) took it, waited for the rank(s) above and gave up (CommTimeoutError)")
+    assert isinstance(error.__cause__, CommTimeoutError)
