@@ -58,8 +58,8 @@ Not applicable (``NOT_APPLICABLE`` holds the same list; a test keeps the two in 
   ``close()``; the launchers stop a stopped rank in the ``sigstop`` cell (SIGTERM, then SIGCONT).
 
 Cells that fail today because of a real bug are listed in ``FAILING_TODAY`` with the bug, and run
-as ``xfail(strict=True)``: a fix makes them pass, and then the entry must go (``RACES``: the one
-cell whose bug shows only when one of two equal timeouts wins is not strict).
+as ``xfail(strict=True)``: a fix makes them pass, and then the entry must go (``RACES``: a cell
+whose bug shows only when one of two equal timeouts wins is not strict).
 
 Each cell prints one row (run with ``-s``), and the whole table is written to
 ``<pytest basetemp>/fault_matrix.md`` and printed at the end of the module:
@@ -172,29 +172,6 @@ ABSENT = (r"waiting for rank 1\b", r"\bpid <pid>\b|rank 1 at tcp://")
 SM_MPI_ABSENT = ("ShardedModel (mpi): rank 0's CommTimeoutError from joining (MPI_Init timed out; it names rank 1 and "
                  "its pid) goes to the master over the socket, but the master reports rank 0's exit first: "
                  "'rank 0 ... failed: exit code 1 ... it wrote nothing to stderr or stdout'")
-SM_VICTIM = ("ShardedModel (zmq) raises rank 0's PeerLostError (the victim) instead of a WorkerError naming rank 1's "
-             "death: once _receive sees rank 1's process gone it takes the ERROR rank 0 already sent")
-SM_MPI_EXIT0 = ("ShardedModel (mpi): the WorkerError quotes the rank wrappers' raw '@@orchestrate-rank' records and "
-                "does not name rank 1's early exit 0 (_death_error uses failure_error, not early_exit as MpiLauncher does)")
-SM_MPI_RAISE = ("ShardedModel (mpi): the worker of the rank that raised calls comm.close() (not abort) while its "
-                "peer waits in a collective; MPI_Comm_free blocks until the peer times out (3 s), and ShardedModel "
-                "raises only once every rank has stopped")
-SM_HANG_ZMQ = ("ShardedModel (zmq): the stuck rank is not named ('no answer from the 2 ranks'), and the error is "
-               "raised only after close(), which SIGTERMs the stopped rank without SIGCONT and waits 2 x 5 s")
-SM_HANG_MPI = ("ShardedModel (mpi): the stuck rank is not named ('no answer from the 2 ranks'; the message quotes "
-               "the wrappers' raw start records instead), unless rank 0's own CommTimeoutError, which names it, "
-               "arrives before ShardedModel's deadline of the same 3 s (about 1 run in 10): not strict")
-SM_ABSENT_ZMQ = ("ShardedModel (zmq): rank 0's CommTimeoutError reaches the caller only after close(), which "
-                 "SIGTERMs the stopped rank without SIGCONT and waits 2 x 5 s")
-SM_TMP_LEFT = ("ShardedModel leaves its $TMPDIR/orch_sharded_* directory (socket, rank table, logs) when its "
-               "caller is killed: SIGKILL, and SIGTERM's default action, run no finalizer")
-SM_CLOSE_STOPPED = ("ShardedModel.close() waits 5 s for a stopped rank to take EXIT before it signals; then (zmq) "
-                    "it SIGTERMs the rank without SIGCONT and waits 5 s more (10 s in all); under mpi, mpirun's rank "
-                    "wrappers continue it (5.3 s)")
-PP_CLOSE_STOPPED = ("ParallelPredictor.close() sends EXIT to a stopped worker, waits 5 s, SIGTERMs it without SIGCONT "
-                    "and waits 1 s more before SIGKILL")
-PP_NO_HOST = ("ParallelPredictor: WorkerLostError/WorkerTimeoutError name the worker's device and pid but not its "
-              "host (the header of a worker's own exception, '[worker for device N on host H (pid P)]', does)")
 
 
 def _launcher_cells(prefix: str) -> dict[str, Expect]:
@@ -267,7 +244,9 @@ MATRIX: dict[tuple[str, str], Expect] = {
         (way, "exit0"): Expect("WorkerError", (first("rank 1", "exit code 0"),), after="WorkerError"),
         (way, "sigkill"): Expect("WorkerError", (first("rank 1", "SIGKILL"),), after="WorkerError"),
         (way, "sigsegv"): Expect("WorkerError", (first("rank 1", "SIGSEGV"),), after="WorkerError"),
-        (way, "sigstop"): Expect("WorkerError|CommTimeoutError", STUCK, bound="hang", after="WorkerError"),
+        # a stall is WorkerTimeoutError (a WorkerError), as ParallelPredictor's: the rank that never took the
+        # request is named, not rank 0 that timed out waiting for it in a collective
+        (way, "sigstop"): Expect("WorkerTimeoutError", STUCK, bound="hang", after="WorkerError"),
         (way, "absent"): Expect("WorkerError|CommTimeoutError", ABSENT, bound="hang"),
         (way, "caller_kill"): Expect(-9, bound="caller"),
         (way, "caller_term"): Expect(-15, bound="caller"),
@@ -307,24 +286,11 @@ MATRIX: dict[tuple[str, str], Expect] = {
 
 # Cells that fail today because of a real bug: xfail(strict=True) with the bug as the reason.
 FAILING_TODAY: dict[tuple[str, str], str] = {
-    ("sharded-mpi", "raise"): SM_MPI_RAISE,
-    ("sharded-mpi", "exit0"): SM_MPI_EXIT0,
-    ("sharded-mpi", "sigstop"): SM_HANG_MPI,
     ("sharded-mpi", "absent"): SM_MPI_ABSENT,
-    ("sharded-mpi", "caller_kill"): SM_TMP_LEFT,
-    ("sharded-mpi", "caller_term"): SM_TMP_LEFT,
-    ("sharded-zmq", "exit0"): SM_VICTIM,
-    ("sharded-zmq", "sigkill"): SM_VICTIM,
-    ("sharded-zmq", "sigsegv"): SM_VICTIM,
-    ("sharded-zmq", "sigstop"): SM_HANG_ZMQ,
-    ("sharded-zmq", "caller_kill"): SM_TMP_LEFT,
-    ("sharded-zmq", "caller_term"): SM_TMP_LEFT,
-    ("sharded-mpi", "stop_close"): SM_CLOSE_STOPPED,
-    ("sharded-zmq", "stop_close"): SM_CLOSE_STOPPED,
 }
 
 # Failing cells whose bug shows only when one of two equal timeouts wins: strict would make them flaky.
-RACES = {("sharded-mpi", "sigstop")}
+RACES: set[tuple[str, str]] = set()
 
 NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("sharded-mpi", "raise_in_with"): "the ranks run the project's code, not a user's with block (see raise)",
