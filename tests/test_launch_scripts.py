@@ -161,7 +161,7 @@ def test_run_mpi_fails_when_a_rank_fails():
     assert not leftovers(marker)
 
 
-# --- the fault matrix's faults, as regular tests (tests/fault_matrix.py crosses them all) ----------
+# --- the fault matrix's faults, as regular tests (tests/test_fault_matrix.py crosses them all) ----------
 FAULT_RANK = str(ROOT / "tests" / "programs" / "fault_rank.py")
 HOST = socket.gethostname()
 

@@ -1,4 +1,4 @@
-"""A caller of ShardedModel, ParallelPredictor or ModelParallelRunner for the fault matrix (tests/fault_matrix.py).
+"""A caller of ShardedModel, ParallelPredictor or ModelParallelRunner for the fault matrix (tests/test_fault_matrix.py).
 
     python fault_caller.py sharded SHARDS/MODEL.onnx --commands FIFO --backend mpi|zmq --timeout S
     python fault_caller.py parallel MODEL.onnx --commands FIFO --timeout S [--build-timeout S]
