@@ -1,0 +1,285 @@
+"""The child side of MINDIR conversion: ``python -m ranks._mindir_export REQUEST.json``.
+
+Runs in its own short-lived process (started by ``ranks._mindir``) because it
+imports MindSpore: a second C++ runtime with its own thread pools, logging and
+about a gigabyte of libraries that a rank or worker should not carry for the
+rest of its life just to read one file once. The child:
+
+1. checks the file is a plain MINDIR (not encrypted, not truncated) with
+   MindSpore's own protobuf module, and reads the inputs' names, types and shapes;
+2. loads it into ``nn.GraphCell`` and exports it to ONNX with MindSpore;
+3. makes the batch dimension free when the graph allows it (checked, not assumed);
+4. runs the ONNX model with ONNX Runtime and the MINDIR with MindSpore on the
+   same random inputs, and records the largest difference.
+
+It writes a JSON result next to the request: ``{"ok": true, ...}`` or
+``{"ok": false, "kind": ..., "message": ..., "operator": ...}``; the parent
+turns the latter into a ``ModelError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+# MindSpore writes an encrypted MINDIR as blocks that each start with this magic (crypto.cc: MAGIC_NUM 0x7F3A5ED8).
+ENCRYPTED_MAGIC = bytes.fromhex("d85e3a7f")
+UNSUPPORTED_OP = re.compile(r"Can not find key (\S+) in convert map")
+BATCH = "batch"
+
+# mind_ir.proto's TensorProto.DataType -> numpy
+_DTYPES = {
+    "FLOAT": np.float32, "FLOAT16": np.float16, "DOUBLE": np.float64, "FLOAT64": np.float64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "BOOL": np.bool_,
+}
+
+
+class ConversionFailure(Exception):
+    """A failure the parent reports as it is: ``kind`` says which, ``operator`` names MindSpore's operator."""
+
+    def __init__(self, kind: str, message: str, operator: str | None = None):
+        super().__init__(message)
+        self.kind, self.operator = kind, operator
+
+
+def read_mindir_inputs(path: Path) -> list[tuple[str, np.dtype, list[int]]]:
+    """The graph inputs of a plain MINDIR file: (name, dtype, dims with -1 for free ones)."""
+    from google.protobuf.message import DecodeError
+    from mindspore.train import mind_ir_pb2
+
+    data = path.read_bytes()
+    if not data:
+        raise ConversionFailure("not_mindir", "the file is empty")
+    if data.startswith(ENCRYPTED_MAGIC):
+        raise ConversionFailure(
+            "encrypted",
+            "the file is an encrypted MINDIR (it starts with MindSpore's encryption magic); this runtime does not "
+            "decrypt models: load it with mindspore.load(file, dec_key=..., dec_mode=...) and export it again "
+            "without enc_key (MINDIR or ONNX)",
+        )
+    model = mind_ir_pb2.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError as exc:
+        looks = data[:1] == b"\x0a" and b"MindSpore" in data[:64]
+        raise ConversionFailure(
+            "truncated" if looks else "not_mindir",
+            (f"the file starts as a MINDIR written by MindSpore but cannot be parsed ({exc}): it is truncated or "
+             f"corrupt ({len(data)} bytes)") if looks else
+            f"the file is not a MINDIR model (MindSpore's protobuf parser: {exc})",
+        ) from None
+    if model.producer_name != "MindSpore" or not model.HasField("graph"):
+        raise ConversionFailure(
+            "not_mindir",
+            f"the file is not a MINDIR model (producer {model.producer_name!r}, "
+            f"{'a graph' if model.HasField('graph') else 'no graph'}; MindSpore writes producer 'MindSpore')",
+        )
+    names = mind_ir_pb2.TensorProto.DataType.Name
+    inputs = []
+    for value in model.graph.input:
+        if len(value.tensor) != 1:
+            raise ConversionFailure("unsupported", f"input {value.name!r} is not one tensor ({len(value.tensor)} entries)")
+        tensor = value.tensor[0]
+        kind = names(tensor.data_type)
+        if kind not in _DTYPES:
+            raise ConversionFailure("unsupported", f"input {value.name!r} has type {kind}, which this converter cannot feed")
+        # MindSpore names inputs "<graph name>:<parameter name>": the part a user wrote is the last one.
+        inputs.append((value.name.rsplit(":", 1)[-1], np.dtype(_DTYPES[kind]), list(tensor.dims)))
+    return inputs
+
+
+def export_shapes(inputs, requested: dict[str, list[int]]) -> list[list[int]]:
+    """The shape each input is exported with: --input-shape, else the file's, a free batch taken as 1."""
+    names = [name for name, _, _ in inputs]
+    unknown = sorted(set(requested) - set(names))
+    if unknown:
+        raise ConversionFailure("usage", f"--input-shape names {unknown}, but the model's inputs are {names}")
+    shapes = []
+    for name, _, dims in inputs:
+        shape = list(requested.get(name, dims))
+        if name not in requested and shape and shape[0] == -1:
+            shape[0] = 1
+        if any(d < 0 for d in shape):
+            raise ConversionFailure(
+                "usage", f"input {name!r} has free dimensions {dims}; give its shape with --input-shape {name}:D0,D1,...")
+        shapes.append(shape)
+    return shapes
+
+
+def random_inputs(inputs, shapes, rng) -> list[np.ndarray]:
+    arrays = []
+    for (_, dtype, _), shape in zip(inputs, shapes):
+        if dtype.kind == "f":
+            arrays.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype.kind == "b":
+            arrays.append(rng.random(shape) < 0.5)
+        else:  # small non-negative integers: valid as indices and as counts
+            arrays.append(rng.integers(0, 4, size=shape).astype(dtype))
+    return arrays
+
+
+def _graph_cell(path: Path):
+    # A GraphCell that was exported cannot be run, and one that ran cannot be exported (MindSpore 2.10:
+    # "The pointer[context] is null"): every use gets its own load.
+    import mindspore as ms
+    from mindspore import nn
+
+    try:
+        return nn.GraphCell(ms.load(str(path)))
+    except (RuntimeError, ValueError) as exc:
+        raise ConversionFailure("load", f"MindSpore could not load it: {_first_line(exc)}") from None
+
+
+def mindspore_outputs(path: Path, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    import mindspore as ms
+
+    result = _graph_cell(path)(*[ms.Tensor(a) for a in arrays])
+    results = result if isinstance(result, (tuple, list)) else [result]
+    return [r.asnumpy() for r in results]
+
+
+def export_onnx(path: Path, names: list[str], arrays: list[np.ndarray], output: Path) -> None:
+    import mindspore as ms
+    import mindspore.onnx
+
+    cell = _graph_cell(path)
+    try:
+        mindspore.onnx.export(cell, *[ms.Tensor(a) for a in arrays], file_name=str(output), input_names=names)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        match = UNSUPPORTED_OP.search(str(exc))
+        if match:
+            raise ConversionFailure(
+                "operator", f"MindSpore cannot export its operator {match[1]} to ONNX ({_first_line(exc)})", match[1]
+            ) from None
+        raise ConversionFailure("export", f"MindSpore's ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    if not output.exists():
+        raise ConversionFailure("export", "MindSpore's ONNX export wrote no file")
+
+
+def free_batch(model, batch: int) -> bool:
+    """Name dimension 0 of every input and output ``batch`` when all of them have ``batch`` there."""
+    values = list(model.graph.input) + list(model.graph.output)
+    dims = [v.type.tensor_type.shape.dim for v in values]
+    if not dims or any(len(d) == 0 or d[0].dim_value != batch for d in dims):
+        return False
+    for d in dims:
+        d[0].Clear()
+        d[0].dim_param = BATCH
+    del model.graph.value_info[:]  # shapes inferred at the export batch would contradict a free one
+    return True
+
+
+def run_onnx(model_bytes: bytes, names: list[str], arrays: list[np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # the export batch's shapes in the file would warn on every other batch
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return session.run(None, dict(zip(names, arrays)))
+
+
+def largest_difference(expected: list[np.ndarray], got: list[np.ndarray]) -> float:
+    if len(expected) != len(got):
+        raise ConversionFailure("check", f"MindSpore computes {len(expected)} outputs, the ONNX model {len(got)}")
+    worst = 0.0
+    for index, (e, g) in enumerate(zip(expected, got)):
+        if e.shape != g.shape:
+            raise ConversionFailure("check", f"output {index}: MindSpore computes shape {list(e.shape)}, the ONNX model {list(g.shape)}")
+        if e.size:
+            worst = max(worst, float(np.max(np.abs(e.astype(np.float64) - g.astype(np.float64)))))
+    return worst
+
+
+def convert(request: dict) -> dict:
+    import onnx
+
+    source, output = Path(request["source"]), Path(request["output"])
+    inputs = read_mindir_inputs(source)
+    shapes = export_shapes(inputs, {k: list(v) for k, v in request.get("input_shapes", {}).items()})
+    names = [name for name, _, _ in inputs]
+    rng = np.random.default_rng(request.get("seed", 0))
+    arrays = random_inputs(inputs, shapes, rng)
+    started = time.monotonic()
+    exported = Path.cwd() / "exported.onnx"  # the parent's temporary folder; MindSpore insists on the .onnx suffix
+    export_onnx(source, names, arrays, exported)
+    model = onnx.load(str(exported))
+    expected = mindspore_outputs(source, arrays)
+
+    # A free batch is kept only when ONNX Runtime, at another batch, matches MindSpore run chunk by chunk at the
+    # export batch: a Reshape or constant that baked the batch in makes it fail, and the file stays static.
+    batch = shapes[0][0] if shapes and shapes[0] else None
+    static_reason = "" if request.get("dynamic_batch", True) else "not asked for"
+    if not static_reason and (batch is None or not free_batch(model, batch)):
+        static_reason = "the inputs and outputs do not all have the same first dimension"
+    if not static_reason:
+        chunks = [random_inputs(inputs, shapes, rng) for _ in range(2)]
+        wide = [np.concatenate([c[i] for c in chunks]) for i in range(len(inputs))]
+        reference = [np.concatenate(parts) for parts in zip(*[mindspore_outputs(source, c) for c in chunks])]
+        try:
+            diff = largest_difference(reference, run_onnx(model.SerializeToString(), names, wide))
+        except Exception as exc:  # noqa: BLE001  ONNX Runtime refusing the other batch is an answer too
+            diff, static_reason = None, f"at batch {2 * batch} ONNX Runtime failed: {_first_line(exc)}"
+        if diff is not None and diff > request["tolerance"] * max(1.0, max(float(np.max(np.abs(r))) for r in reference)):
+            static_reason = f"at batch {2 * batch} the outputs differ from MindSpore's by {diff:.3g}"
+        if static_reason:
+            model = onnx.load(str(exported))
+    meta = model.metadata_props.add()
+    meta.key, meta.value = "mindir_source", source.name
+    onnx.save(model, str(output))
+    got = run_onnx(output.read_bytes(), names, arrays)
+    diff = largest_difference(expected, got)
+    scale = max((float(np.max(np.abs(e))) for e in expected if e.size and e.dtype.kind in "fiu"), default=0.0)
+    import mindspore
+
+    return {
+        "ok": True,
+        "inputs": [[name, dtype.str, shape] for (name, dtype, _), shape in zip(inputs, shapes)],
+        "outputs": [[o.name, [d.dim_value if d.HasField("dim_value") else -1 for d in o.type.tensor_type.shape.dim]]
+                    for o in model.graph.output],
+        "max_abs_diff": diff,
+        "scale": scale,
+        "dynamic_batch": not static_reason,
+        "static_reason": static_reason,
+        "mindspore_version": mindspore.__version__,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    # MindSpore appends its C++ call stack after a blank line and a row of dashes: the first part says it.
+    text = str(exc).strip().split("\n----", 1)[0].strip()
+    return " ".join(text.split())
+
+
+def _watch_parent(parent: int) -> None:
+    # A conversion whose requester died has nobody to hand its file to: stop, leave nothing running.
+    while True:
+        if os.getppid() != parent:
+            os._exit(3)
+        time.sleep(0.5)
+
+
+def main(argv: list[str]) -> int:
+    request_file = Path(argv[0])
+    request = json.loads(request_file.read_text())
+    threading.Thread(target=_watch_parent, args=(request["parent_pid"],), daemon=True).start()
+    try:
+        result = convert(request)
+    except ConversionFailure as exc:
+        result = {"ok": False, "kind": exc.kind, "message": str(exc), "operator": exc.operator}
+    Path(request["result"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
