@@ -61,6 +61,7 @@ class Conversion:
     static_reason: str = ""
     mindspore_version: str = ""
     seconds: float = 0.0
+    collectives: int = 0  # AllReduce operators of a per-rank MINDIR, written as com.microsoft AllReduce
 
     def ok(self, tolerance: float = DEFAULT_TOLERANCE) -> bool:
         return self.max_abs_diff <= tolerance * max(1.0, self.scale)
@@ -74,6 +75,9 @@ class Conversion:
         lines += [f"input {name}: {np.dtype(dtype).name}{spell([-1] + shape[1:] if self.dynamic_batch else shape)}"
                   for name, dtype, shape in self.inputs]
         lines += [f"output {name}: {spell(shape)}" for name, shape in self.outputs]
+        if self.collectives:
+            lines.append(f"collectives: {self.collectives} AllReduce (one rank's piece of a sliced network; checked "
+                         f"against MindSpore as a world of one)")
         lines.append("batch: free (checked against MindSpore at twice the export batch)" if self.dynamic_batch
                      else f"batch: fixed ({self.static_reason})")
         return "\n".join(lines)
@@ -210,6 +214,7 @@ def convert_mindir(
         source=source, onnx_path=output, inputs=result["inputs"], outputs=result["outputs"],
         max_abs_diff=result["max_abs_diff"], scale=result["scale"], dynamic_batch=result["dynamic_batch"],
         static_reason=result["static_reason"], mindspore_version=result["mindspore_version"], seconds=result["seconds"],
+        collectives=result["collectives"],
     )
 
 

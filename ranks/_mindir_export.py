@@ -33,6 +33,10 @@ import numpy as np
 ENCRYPTED_MAGIC = bytes.fromhex("d85e3a7f")
 UNSUPPORTED_OP = re.compile(r"Can not find key (\S+) in convert map")
 BATCH = "batch"
+# MindSpore's communication primitives: in a per-rank MINDIR of a sliced network.
+COMMUNICATION_OPS = ("AllReduce", "AllGather", "ReduceScatter", "Broadcast", "AlltoAll", "AllToAll", "Send", "Receive",
+                     "NeighborExchange", "CollectiveScatter", "CollectiveGather", "Reduce")
+COLLECTIVE_DOMAIN = "com.microsoft"  # ranks._staged_runner runs these nodes on the communicator
 
 # mind_ir.proto's TensorProto.DataType -> numpy
 _DTYPES = {
@@ -203,8 +207,12 @@ def largest_difference(expected: list[np.ndarray], got: list[np.ndarray]) -> flo
 def convert(request: dict) -> dict:
     import onnx
 
-    source, output = Path(request["source"]), Path(request["output"])
-    inputs = read_mindir_inputs(source)
+    original, output = Path(request["source"]), Path(request["output"])
+    inputs = read_mindir_inputs(original)
+    # A per-rank MINDIR (one rank's piece of a sliced network) holds AllReduce: MindSpore neither exports it to
+    # ONNX nor runs it without a world. Everything below sees a copy with Identity in its place (a world of one),
+    # and the written file gets com.microsoft AllReduce there, which ranks' staged runner runs on its communicator.
+    source, stand_ins = stand_in_collectives(original, Path.cwd() / "stand_in.mindir")
     shapes = export_shapes(inputs, {k: list(v) for k, v in request.get("input_shapes", {}).items()})
     names = [name for name, _, _ in inputs]
     rng = np.random.default_rng(request.get("seed", 0))
@@ -233,11 +241,13 @@ def convert(request: dict) -> dict:
             static_reason = f"at batch {2 * batch} the outputs differ from MindSpore's by {diff:.3g}"
         if static_reason:
             model = onnx.load(str(exported))
-    meta = model.metadata_props.add()
-    meta.key, meta.value = "mindir_source", source.name
-    onnx.save(model, str(output))
-    got = run_onnx(output.read_bytes(), names, arrays)
+    got = run_onnx(model.SerializeToString(), names, arrays)
     diff = largest_difference(expected, got)
+    if stand_ins:
+        restore_collectives(model, stand_ins)
+    meta = model.metadata_props.add()
+    meta.key, meta.value = "mindir_source", original.name
+    onnx.save(model, str(output))
     scale = max((float(np.max(np.abs(e))) for e in expected if e.size and e.dtype.kind in "fiu"), default=0.0)
     import mindspore
 
@@ -251,8 +261,50 @@ def convert(request: dict) -> dict:
         "dynamic_batch": not static_reason,
         "static_reason": static_reason,
         "mindspore_version": mindspore.__version__,
+        "collectives": stand_ins,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def stand_in_collectives(path: Path, copy: Path) -> tuple[Path, int]:
+    """(file to hand MindSpore, number of AllReduce replaced): ``path`` itself when it has no communication operator."""
+    from mindspore.train import mind_ir_pb2
+
+    model = mind_ir_pb2.ModelProto()
+    model.ParseFromString(path.read_bytes())
+    found = [p for p in model.primitives if p.op_type in COMMUNICATION_OPS]
+    if not found:
+        return path, 0
+    if any(p.op_type == "Identity" for p in model.primitives):
+        raise ConversionFailure("operator", "the file holds both Identity and communication operators; the "
+                                "converter marks AllReduce with Identity and could not tell them apart", "Identity")
+    for primitive in found:
+        attrs = {a.name: a for a in primitive.attribute}
+        reduce_op = attrs["op"].s.decode() if "op" in attrs else "sum"
+        if primitive.op_type != "AllReduce" or reduce_op != "sum":
+            what = primitive.op_type + (f" (op={reduce_op})" if primitive.op_type == "AllReduce" else "")
+            raise ConversionFailure(
+                "operator", f"its communication operator {what} has no counterpart here: only AllReduce with "
+                f"op=sum is mapped (to the ranks' allreduce)", primitive.op_type)
+        primitive.op_type = "Identity"
+        del primitive.attribute[:]
+    copy.write_bytes(model.SerializeToString())
+    return copy, len(found)
+
+
+def restore_collectives(model, count: int) -> None:
+    """The stand-in Identity nodes of the exported graph become com.microsoft AllReduce nodes."""
+    from onnx import helper
+
+    marks = [node for node in model.graph.node if node.op_type == "Identity" and not node.domain]
+    if len(marks) != count:
+        raise ConversionFailure("export", f"{count} AllReduce operators went into MindSpore's ONNX export and "
+                                f"{len(marks)} came out; cannot place the collectives")
+    for node in marks:
+        node.op_type, node.domain = "AllReduce", COLLECTIVE_DOMAIN
+    if not any(o.domain == COLLECTIVE_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(COLLECTIVE_DOMAIN, 1))
+    del model.graph.value_info[:]  # the shapes of a world of one
 
 
 def _first_line(exc: BaseException) -> str:
