@@ -10,7 +10,8 @@ runtime, threads and libraries for its whole life to read one file once.
 
 Cache layout: ``DIR/.orchestrator-cache/NAME.mindir.KEY.onnx`` beside ``DIR/NAME.mindir``
 (or in ``ORCH_MINDIR_CACHE`` when ``DIR`` cannot be written), where ``KEY`` is the
-SHA-256 of the file's bytes and of the converter's version: an unchanged file reuses
+SHA-256 of the file's bytes and of the converter's version. The batch stays as the MINDIR
+declares it (free when exported with ``None`` there), as MindSpore Lite would run the file: an unchanged file reuses
 its conversion, a changed one gets a new one (and, beside the file, the stale one is
 removed). Processes converting the same file at once take turns on a lock file
 (``flock``); the winner writes to a temporary name and renames it into place, so a
@@ -131,7 +132,7 @@ def cached_conversion(source: str | os.PathLike, *, timeout: float | None = None
             return target
         partial = folder / f".{target.name}.{os.getpid()}.partial"
         try:
-            conversion = convert_mindir(source, partial, timeout=timeout)
+            conversion = convert_mindir(source, partial, timeout=timeout, dynamic_batch="declared")
             if not conversion.ok():
                 raise ModelError(
                     f"MINDIR file {source}: its ONNX conversion differs from MindSpore's output by "
@@ -155,7 +156,7 @@ def convert_mindir(
     input_shapes: dict[str, list[int]] | None = None,
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
-    dynamic_batch: bool = True,
+    dynamic_batch: bool | str = True,
     timeout: float | None = None,
 ) -> Conversion:
     """Convert MINDIR ``source`` to ONNX ``output`` with MindSpore, in a child process, and check it.
@@ -165,7 +166,10 @@ def convert_mindir(
         seed: of the random inputs both runtimes are fed for the check.
         tolerance: a free batch is kept only when the outputs at another batch are this close
             (relative above magnitude 1); the returned ``max_abs_diff`` is for the caller to judge.
-        dynamic_batch: try to make dimension 0 free (kept only when checked).
+        dynamic_batch: try to make dimension 0 free (kept only when checked); ``"declared"``: only
+            when the MINDIR file declares it free (exported with ``Tensor(shape=[None, ...])``), as
+            MindSpore Lite would run it. Cached conversions use ``"declared"``, so a seed's script that
+            fills a batch-1 input from a flat buffer works as with MindSpore Lite.
 
     Raises:
         ModelNotFoundError: ``source`` does not exist.

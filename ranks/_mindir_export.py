@@ -226,7 +226,12 @@ def convert(request: dict) -> dict:
     # A free batch is kept only when ONNX Runtime, at another batch, matches MindSpore run chunk by chunk at the
     # export batch: a Reshape or constant that baked the batch in makes it fail, and the file stays static.
     batch = shapes[0][0] if shapes and shapes[0] else None
-    static_reason = "" if request.get("dynamic_batch", True) else "not asked for"
+    wanted = request.get("dynamic_batch", True)
+    if wanted == "declared":  # as MindSpore Lite would run the file: free only where the MINDIR itself says so
+        fixed = [dims[0] for _, _, dims in inputs if dims and dims[0] != -1]
+        static_reason = f"the MINDIR file declares a batch of {fixed[0]}" if fixed or not inputs else ""
+    else:
+        static_reason = "" if wanted else "not asked for"
     if not static_reason and (batch is None or not free_batch(model, batch)):
         static_reason = "the inputs and outputs do not all have the same first dimension"
     if not static_reason:

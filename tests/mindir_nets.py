@@ -5,6 +5,7 @@ Run as a child process (the tests never import MindSpore themselves). Writes int
 - ``classifier.mindir`` (x: 1x3x32x32 -> 1000 softmax probabilities; Conv, ReLU, MaxPool, Dense) and
   ``classifier_v2.mindir`` (same network, other weights), with ``classifier.npz`` / ``classifier_v2.npz``:
   inputs ``x1`` (batch 1), ``x5`` (batch 5) and MindSpore's outputs ``y1``, ``y5`` of the network itself;
+  ``classifier_dyn.mindir``: the first exported with its batch free (``Tensor(shape=[None, 3, 32, 32])``);
 - ``mlp.mindir`` (x: 1x64 -> Dense 256, ReLU, Dense 64) and ``mlp.npz`` (``x4``, ``y4``);
 - ``mlp_tp0.mindir``, ``mlp_tp1.mindir``: the MLP sliced by hand over 2 ranks (rank r holds columns r of
   the first layer and rows r of the second, then AllReduce), ``mlp_tp.npz`` (``x``: 2x64, ``y``: the whole MLP);
@@ -82,6 +83,9 @@ def main(folder: Path) -> None:
         x1 = rng.random((1, 3, 32, 32), dtype=np.float32)
         x5 = rng.random((5, 3, 32, 32), dtype=np.float32)
         ms.export(net, Tensor(x1), file_name=str(folder / name), file_format="MINDIR")
+        if name == "classifier":  # the same network with its batch declared free
+            ms.export(net, Tensor(shape=[None, 3, 32, 32], dtype=ms.float32), file_name=str(folder / "classifier_dyn"),
+                      file_format="MINDIR")
         np.savez(folder / f"{name}.npz", x1=x1, y1=net(Tensor(x1)).asnumpy(), x5=x5, y5=net(Tensor(x5)).asnumpy())
 
     w1 = (rng.standard_normal((64, 256)) * 0.1).astype(np.float32)
