@@ -36,7 +36,7 @@ from pathlib import Path
 from . import _env
 from ._errors import ModelError, ModelNotFoundError
 from ._log import get_logger
-from ._mindir_export import ENCRYPTED_MAGIC
+from ._mindir_export import ENCRYPTED_MAGIC, ConversionFailure, check_head
 
 log = get_logger("mindir")
 
@@ -180,6 +180,12 @@ def convert_mindir(
     if not source.is_file():
         raise ModelNotFoundError(f"MINDIR file {source} does not exist" if not source.exists()
                                  else f"MINDIR path {source} is not a file")
+    with open(source, "rb") as f:
+        head = f.read(16)
+    try:
+        check_head(head)  # no need to start MindSpore to say the file is empty or encrypted
+    except ConversionFailure as exc:
+        raise ModelError(f"MINDIR file {source}: {exc}") from None
     if importlib.util.find_spec("mindspore") is None:
         raise ModelError(f"{source} is a MINDIR model; converting it to ONNX needs MindSpore, which is not "
                          f"installed: {INSTALL_HINT}")

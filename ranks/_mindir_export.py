@@ -54,21 +54,26 @@ class ConversionFailure(Exception):
         self.kind, self.operator = kind, operator
 
 
-def read_mindir_inputs(path: Path) -> list[tuple[str, np.dtype, list[int]]]:
-    """The graph inputs of a plain MINDIR file: (name, dtype, dims with -1 for free ones)."""
-    from google.protobuf.message import DecodeError
-    from mindspore.train import mind_ir_pb2
-
-    data = path.read_bytes()
-    if not data:
+def check_head(head: bytes) -> None:
+    """ConversionFailure for what the first bytes already tell: an empty file, an encrypted one."""
+    if not head:
         raise ConversionFailure("not_mindir", "the file is empty")
-    if data.startswith(ENCRYPTED_MAGIC):
+    if head.startswith(ENCRYPTED_MAGIC):
         raise ConversionFailure(
             "encrypted",
             "the file is an encrypted MINDIR (it starts with MindSpore's encryption magic); this runtime does not "
             "decrypt models: load it with mindspore.load(file, dec_key=..., dec_mode=...) and export it again "
             "without enc_key (MINDIR or ONNX)",
         )
+
+
+def read_mindir_inputs(path: Path) -> list[tuple[str, np.dtype, list[int]]]:
+    """The graph inputs of a plain MINDIR file: (name, dtype, dims with -1 for free ones)."""
+    from google.protobuf.message import DecodeError
+    from mindspore.train import mind_ir_pb2
+
+    data = path.read_bytes()
+    check_head(data[:16])
     model = mind_ir_pb2.ModelProto()
     try:
         model.ParseFromString(data)
