@@ -85,7 +85,6 @@ MINDIR_CACHE = _var(
     "(otherwise: .orchestrator-cache/ beside the file)",
 )
 MINDIR_TIMEOUT = _var("ORCH_MINDIR_TIMEOUT", "600", "seconds one conversion of a MINDIR file by MindSpore may take before it is stopped")
-GLOG_V = _var("GLOG_v", None, "MindSpore's log level; the MINDIR conversion child sets 3 (errors only) unless it is set")
 
 # --- set by other launchers; read, never required ----------------------------
 RANK_TABLE_FILE = _var(

@@ -299,7 +299,7 @@ def _file_lock(path: Path, timeout: float, source: Path):
 def _child_env() -> dict[str, str]:
     # Without the launcher's variables: MindSpore reads mpirun's and torchrun's to join a world of its own.
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_NAMES}
-    env.setdefault(_env.GLOG_V.name, "3")  # MindSpore's own log: errors only (its warnings are about training and devices)
+    env.setdefault("GLOG_v", "3")  # MindSpore's own log: errors only (its warnings are about training and devices)
     # The child imports this package: a checkout that is not installed goes first on its path.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
