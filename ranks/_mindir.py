@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,8 @@ def cached_conversion(source: str | os.PathLike, *, timeout: float | None = None
     with _file_lock(folder / f"{source.name}.{key}.lock", timeout + 30, source):
         if target.is_file():  # another process converted it while this one waited
             return target
+        for left in folder.glob(f".{target.name}.*.partial"):  # by a holder of this lock that was killed
+            left.unlink(missing_ok=True)
         partial = folder / f".{target.name}.{os.getpid()}.partial"
         try:
             conversion = convert_mindir(source, partial, timeout=timeout, dynamic_batch="declared")
@@ -143,8 +146,9 @@ def cached_conversion(source: str | os.PathLike, *, timeout: float | None = None
             partial.unlink(missing_ok=True)
         log.info("%s: converted to %s (max abs difference %.3g)", source, target, conversion.max_abs_diff)
         if beside:  # a stale conversion of an earlier version of this very file
+            stale = re.compile(re.escape(source.name) + r"\.[0-9a-f]{%d}\.onnx" % len(key))
             for old in folder.glob(f"{source.name}.*.onnx"):
-                if old != target and len(old.name) == len(target.name):
+                if old != target and stale.fullmatch(old.name):
                     old.unlink(missing_ok=True)
     return target
 

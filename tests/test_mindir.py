@@ -219,3 +219,32 @@ def test_an_onnx_file_named_mindir_is_loaded_as_onnx(nets, tmp_path):
 def test_the_child_is_python_itself(nets):
     # The conversion runs in `python -m ranks._mindir_export`: MindSpore never enters this process.
     assert "mindspore" not in sys.modules
+
+
+@pytest.mark.multiprocess
+def test_a_process_killed_while_converting_leaves_no_converter_running_and_the_next_one_converts(nets, tmp_path):
+    import psutil
+
+    path = fresh_copy(nets, "mlp.mindir", tmp_path)
+    victim = subprocess.Popen(python_command("-m", "ranks", f"--model_path={path}", "--quiet"), env=project_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    converter = None
+    while converter is None and time.monotonic() < deadline:
+        converter = next((c for c in psutil.Process(victim.pid).children()
+                          if "ranks._mindir_export" in " ".join(c.cmdline())), None)
+        time.sleep(0.02)
+    assert converter is not None, "the MindSpore child never started"
+    victim.kill()
+    victim.wait(timeout=10)
+
+    gone, alive = psutil.wait_procs([converter], timeout=10)  # it notices its parent is gone within 0.5 s
+    assert not alive, "the MindSpore child outlived the process that started it"
+    # It stopped, rather than finishing its conversion for nobody: it never wrote the file it was asked for.
+    assert list((path.parent / ".orchestrator-cache").glob("*.partial")) == []
+    ref = reference(nets, "mlp")
+    model = Model()
+    model.build_from_file(str(path))
+    np.testing.assert_allclose(model.predict([ref["x4"][:1]])[0].get_data_to_numpy(), ref["y4"][:1], atol=TOL)
+    [cached] = cache_files(path)
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no lock or partial file left
