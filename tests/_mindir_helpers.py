@@ -30,13 +30,18 @@ def require_mindspore() -> None:
     pytest.skip(message)
 
 
-def build_nets(folder: Path) -> Path:
-    """Every network of tests/mindir_nets.py exported to ``folder`` (about 5 s)."""
+def build_nets(tmp_path_factory) -> Path:
+    """Every network of tests/mindir_nets.py, exported once per test session (about 5 s); tests copy what they change."""
     require_mindspore()
+    folder = tmp_path_factory.getbasetemp() / "mindir_nets"
+    done = folder / "done"
+    if done.exists():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     result = subprocess.run([sys.executable, str(NETS), str(folder)], cwd=folder, env={**project_env(), "GLOG_v": "3"},
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
+    done.touch()
     return folder
 
 

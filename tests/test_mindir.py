@@ -27,7 +27,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
-    return build_nets(tmp_path_factory.mktemp("mindir_nets"))
+    return build_nets(tmp_path_factory)
 
 
 def ort_run(path, x):

@@ -29,7 +29,7 @@ LAUNCH = ("launch", "mpi", "-n", "2", "--stop-timeout", "5", "--")
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
-    return build_nets(tmp_path_factory.mktemp("mindir_nets"))
+    return build_nets(tmp_path_factory)
 
 
 def one_thread() -> Context:
