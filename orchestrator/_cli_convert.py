@@ -27,6 +27,10 @@ def register(subparsers) -> None:
                         help="largest difference from MindSpore accepted, relative for outputs above 1 in magnitude "
                              "(default 1e-4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs of the check")
+    parser.add_argument("--dec-key-file", metavar="FILE",
+                        help="for an encrypted MINDIR: a file holding the key's bytes (the dec_key of mindspore.load)")
+    parser.add_argument("--dec-mode", default="AES-GCM", choices=("AES-GCM", "AES-CBC", "SM4-CBC"),
+                        help="the encryption mode it was exported with (default AES-GCM)")
     parser.set_defaults(func=_run)
 
 
@@ -40,12 +44,21 @@ def _run(args) -> int:
     shapes: dict[str, list[int]] = {}
     for spec in args.input_shape:
         shapes.update(parse_input_shape(spec, "--input-shape"))
+    dec_key = None
+    if args.dec_key_file:
+        key_file = Path(args.dec_key_file)
+        if not key_file.is_file():
+            raise UsageError(f"--dec-key-file {key_file} does not exist")
+        dec_key = key_file.read_bytes()
+        if len(dec_key) not in (16, 24, 32):
+            raise UsageError(f"--dec-key-file {key_file} holds {len(dec_key)} bytes; a key is 16, 24 or 32 bytes "
+                             f"(write it without a trailing newline)")
     output = prepare_output(args.output, "-o")
     # Written beside the target under another name and renamed when it passed: never half a file, never a wrong one.
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
         conversion = convert_mindir(source, partial, input_shapes=shapes, seed=args.seed, tolerance=args.tolerance,
-                                    dynamic_batch=not args.static_batch)
+                                    dynamic_batch=not args.static_batch, dec_key=dec_key, dec_mode=args.dec_mode)
         conversion.onnx_path = output
         print(conversion.summary(), flush=True)
         ok = conversion.ok(args.tolerance)

@@ -161,6 +161,8 @@ def convert_mindir(
     seed: int = 0,
     tolerance: float = DEFAULT_TOLERANCE,
     dynamic_batch: bool | str = True,
+    dec_key: bytes | None = None,
+    dec_mode: str = "AES-GCM",
     timeout: float | None = None,
 ) -> Conversion:
     """Convert MINDIR ``source`` to ONNX ``output`` with MindSpore, in a child process, and check it.
@@ -174,6 +176,8 @@ def convert_mindir(
             when the MINDIR file declares it free (exported with ``Tensor(shape=[None, ...])``), as
             MindSpore Lite would run it. Cached conversions use ``"declared"``, so a seed's script that
             fills a batch-1 input from a flat buffer works as with MindSpore Lite.
+        dec_key, dec_mode: for an encrypted MINDIR, as ``mindspore.load`` takes them (the plain file
+            exists only in the child's temporary folder; cached conversions never decrypt).
 
     Raises:
         ModelNotFoundError: ``source`` does not exist.
@@ -187,7 +191,7 @@ def convert_mindir(
     with open(source, "rb") as f:
         head = f.read(16)
     try:
-        check_head(head)  # no need to start MindSpore to say the file is empty or encrypted
+        check_head(head, have_key=bool(dec_key))  # no need to start MindSpore to say the file is empty or encrypted
     except ConversionFailure as exc:
         raise ModelError(f"MINDIR file {source}: {exc}") from None
     if importlib.util.find_spec("mindspore") is None:
@@ -199,6 +203,7 @@ def convert_mindir(
             "source": str(source.absolute()), "output": str(output.absolute()),
             "input_shapes": input_shapes or {}, "seed": seed, "tolerance": tolerance,
             "dynamic_batch": dynamic_batch, "parent_pid": os.getpid(), "result": str(Path(work) / "result.json"),
+            "dec_key_hex": dec_key.hex() if dec_key else "", "dec_mode": dec_mode,
         }
         request_file = Path(work) / "request.json"
         request_file.write_text(json.dumps(request))

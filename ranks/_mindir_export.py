@@ -54,17 +54,38 @@ class ConversionFailure(Exception):
         self.kind, self.operator = kind, operator
 
 
-def check_head(head: bytes) -> None:
-    """ConversionFailure for what the first bytes already tell: an empty file, an encrypted one."""
+def check_head(head: bytes, *, have_key: bool = False) -> None:
+    """ConversionFailure for what the first bytes already tell: an empty file, an encrypted one (without a key)."""
     if not head:
         raise ConversionFailure("not_mindir", "the file is empty")
-    if head.startswith(ENCRYPTED_MAGIC):
+    if head.startswith(ENCRYPTED_MAGIC) and not have_key:
         raise ConversionFailure(
             "encrypted",
             "the file is an encrypted MINDIR (it starts with MindSpore's encryption magic); this runtime does not "
-            "decrypt models: load it with mindspore.load(file, dec_key=..., dec_mode=...) and export it again "
-            "without enc_key (MINDIR or ONNX)",
+            "keep decrypted models: convert it once with `orchestrate convert FILE -o FILE.onnx --dec-key-file KEY` "
+            "(MindSpore decrypts it) and load the ONNX file, or export the network again without enc_key",
         )
+
+
+def decrypted(path: Path, request: dict, copy: Path) -> Path:
+    """``path``, or for an encrypted MINDIR given a key its plain bytes in ``copy`` (the parent's temporary folder)."""
+    key = bytes.fromhex(request.get("dec_key_hex") or "")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    check_head(head, have_key=bool(key))
+    if not head.startswith(ENCRYPTED_MAGIC):
+        if key:
+            raise ConversionFailure("usage", "a decryption key was given, but the file is not encrypted")
+        return path
+    # What mindspore.load(file, dec_key=..., dec_mode=...) runs first; the plain MINDIR is needed for its inputs.
+    from mindspore._c_expression import _decrypt
+
+    plain = _decrypt(str(path), key, len(key), request.get("dec_mode") or "AES-GCM")
+    if not plain:
+        raise ConversionFailure("encrypted", f"MindSpore could not decrypt the file with the given key and mode "
+                                f"{request.get('dec_mode') or 'AES-GCM'}: a wrong key or mode, or a damaged file")
+    copy.write_bytes(plain)
+    return copy
 
 
 def read_mindir_inputs(path: Path) -> list[tuple[str, np.dtype, list[int]]]:
@@ -73,7 +94,6 @@ def read_mindir_inputs(path: Path) -> list[tuple[str, np.dtype, list[int]]]:
     from mindspore.train import mind_ir_pb2
 
     data = path.read_bytes()
-    check_head(data[:16])
     model = mind_ir_pb2.ModelProto()
     try:
         model.ParseFromString(data)
@@ -213,11 +233,12 @@ def convert(request: dict) -> dict:
     import onnx
 
     original, output = Path(request["source"]), Path(request["output"])
-    inputs = read_mindir_inputs(original)
+    plain = decrypted(original, request, Path.cwd() / "decrypted.mindir")
+    inputs = read_mindir_inputs(plain)
     # A per-rank MINDIR (one rank's piece of a sliced network) holds AllReduce: MindSpore neither exports it to
     # ONNX nor runs it without a world. Everything below sees a copy with Identity in its place (a world of one),
     # and the written file gets com.microsoft AllReduce there, which ranks' staged runner runs on its communicator.
-    source, stand_ins = stand_in_collectives(original, Path.cwd() / "stand_in.mindir")
+    source, stand_ins = stand_in_collectives(plain, Path.cwd() / "stand_in.mindir")
     shapes = export_shapes(inputs, {k: list(v) for k, v in request.get("input_shapes", {}).items()})
     names = [name for name, _, _ in inputs]
     rng = np.random.default_rng(request.get("seed", 0))

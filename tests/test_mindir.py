@@ -85,6 +85,27 @@ def test_convert_names_the_operator_mindspore_cannot_export(nets, tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.cli
+def test_convert_decrypts_with_the_key_mindspore_exported_it_with(nets, tmp_path):
+    ref = reference(nets, "mlp")  # encrypted.mindir is the MLP, exported with enc_key
+    (tmp_path / "key.bin").write_bytes(b"0123456789abcdef")
+    (tmp_path / "wrong.bin").write_bytes(b"0123456789abcdeX")
+    out = tmp_path / "out" / "mlp.onnx"
+
+    wrong = run_command(orchestrate_command("convert", str(nets / "encrypted.mindir"), "-o", str(out),
+                                            "--dec-key-file", str(tmp_path / "wrong.bin")))
+    assert wrong.returncode == 1
+    assert (f"MINDIR file {nets / 'encrypted.mindir'}: MindSpore could not decrypt the file with the given key and "
+            f"mode AES-GCM") in wrong.stderr
+    assert not out.exists()
+
+    right = run_command(orchestrate_command("convert", str(nets / "encrypted.mindir"), "-o", str(out),
+                                            "--dec-key-file", str(tmp_path / "key.bin")), cwd=tmp_path)
+    assert right.returncode == 0, right.stderr
+    np.testing.assert_allclose(ort_run(out, ref["x4"]), ref["y4"], atol=TOL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key.bin", "out", "wrong.bin"]  # the plain file stayed in the child's folder
+
+
 # -- the cache behind Model, python -m ranks and the workers ---------------------------------------
 
 
@@ -183,7 +204,8 @@ BAD_FILES = {
     "empty": (lambda nets, p: p.write_bytes(b""), "the file is empty"),
     "encrypted": (lambda nets, p: p.write_bytes((nets / "encrypted.mindir").read_bytes()),
                   "the file is an encrypted MINDIR (it starts with MindSpore's encryption magic); this runtime does "
-                  "not decrypt models"),
+                  "not keep decrypted models: convert it once with `orchestrate convert FILE -o FILE.onnx "
+                  "--dec-key-file KEY`"),
     "erfinv": (lambda nets, p: p.write_bytes((nets / "erfinv.mindir").read_bytes()),
                "MindSpore cannot export its operator Erfinv to ONNX (Can not find key Erfinv in convert map."),
 }
