@@ -8,7 +8,8 @@ Run as a child process (the tests never import MindSpore themselves). Writes int
   ``classifier_dyn.mindir``: the first exported with its batch free (``Tensor(shape=[None, 3, 32, 32])``);
 - ``mlp.mindir`` (x: 1x64 -> Dense 256, ReLU, Dense 64) and ``mlp.npz`` (``x4``, ``y4``);
 - ``mlp_tp0.mindir``, ``mlp_tp1.mindir``: the MLP sliced by hand over 2 ranks (rank r holds columns r of
-  the first layer and rows r of the second, then AllReduce), ``mlp_tp.npz`` (``x``: 2x64, ``y``: the whole MLP);
+  the first layer and rows r of the second, then AllReduce), ``mlp_tp.npz`` (``x``: 2x64, ``y``: the whole MLP,
+  ``y_ones``: the whole MLP on ones);
 - ``tensor_add.mindir`` (x1, x2: 2x2 float32 -> x1 + x2);
 - ``erfinv.mindir`` (an operator MindSpore cannot export to ONNX) and ``encrypted.mindir`` (AES-GCM).
 """
@@ -100,7 +101,8 @@ def main(folder: Path) -> None:
         cols = slice(128 * rank, 128 * (rank + 1))
         piece = MlpRank(w1[:, cols].copy(), b1[cols].copy(), w2[cols, :].copy(), b2)
         ms.export(piece, Tensor(x4[:2]), file_name=str(folder / f"mlp_tp{rank}"), file_format="MINDIR")
-    np.savez(folder / "mlp_tp.npz", x=x4[:2], y=mlp(Tensor(x4[:2])).asnumpy())
+    ones = np.ones((2, 64), np.float32)  # what seed 003's main.py feeds
+    np.savez(folder / "mlp_tp.npz", x=x4[:2], y=mlp(Tensor(x4[:2])).asnumpy(), y_ones=mlp(Tensor(ones)).asnumpy())
 
     two = Tensor(np.ones((2, 2), np.float32))
     ms.export(Add(), two, two, file_name=str(folder / "tensor_add"), file_format="MINDIR")

@@ -5,7 +5,7 @@
 - a MINDIR model converted, sliced with ``orchestrate shard`` and run under ``orchestrate launch mpi``;
 - seed 003: per-rank MINDIR files (``mlp_tp0.mindir``, ``mlp_tp1.mindir``, each rank's piece of an MLP with
   MindSpore's AllReduce, exported by MindSpore) run by ``python -m ranks --model_path=mlp_tp.mindir`` under
-  mpirun, equal to the unsliced MLP.
+  mpirun, and by the seed's own main.py under mpirun, equal to the unsliced MLP.
 References are the MindSpore networks' own outputs; float32 through two runtimes, compared within 1e-5.
 """
 
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from _mindir_helpers import build_nets, cache_files, fresh_copy, reference
-from conftest import ROOT, orchestrate_command, run_command
+from conftest import ROOT, orchestrate_command, project_env, run_command
+from launchers import find_mpirun
 from orchestrator import Context, ParallelPredictor
 
 TOL = 1e-5
@@ -124,3 +126,27 @@ def test_seed003_per_rank_mindir_files_under_mpirun(nets, tmp_path):
         with np.load(tmp_path / f"out{rank}.npz") as out:
             np.testing.assert_allclose(next(iter(out.values())), ref["y"], atol=TOL)  # the unsliced MLP
         assert f"[rank {rank}] tensor's name is:" in result.stdout
+
+
+@pytest.mark.cli
+@pytest.mark.multiprocess
+def test_seed003_main_py_under_mpirun_on_per_rank_mindir_files(nets, tmp_path):
+    for rank in range(2):
+        fresh_copy(nets, f"mlp_tp{rank}.mindir", tmp_path, as_name=f"Matmul{rank}.mindir")
+    expected = reference(nets, "mlp_tp")["y_ones"].reshape(-1)
+    script = tmp_path / "main.py"
+    script.write_text((SCRIPTS / "seed003_gpu_main.py").read_text())
+
+    # run.sh: mpirun -n $RANK_SIZE python3 ./main.py --model_path=/your/path/to/Matmul.mindir
+    argv = [find_mpirun(), "-n", "2", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "--tag-output",
+            sys.executable, "main.py", f"--model_path={tmp_path / 'Matmul.mindir'}"]
+    result = subprocess.run(argv, cwd=tmp_path, env=project_env(), capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(2):
+        lines = [line.split(f",{rank}]<stdout>: ", 1)[1] for line in result.stdout.splitlines()
+                 if f",{rank}]<stdout>: " in line]
+        header = next(i for i, line in enumerate(lines) if line.startswith("tensor's name is:"))
+        assert lines[header].endswith(f"data size is:{expected.nbytes} tensor elements num is:{expected.size}")
+        printed = np.array(lines[header + 1].split(":", 1)[1].split(), np.float32)
+        np.testing.assert_allclose(printed, expected[:10], atol=TOL)  # rank r's piece + allreduce = the whole MLP
