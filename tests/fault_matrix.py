@@ -33,8 +33,8 @@ For every cell of ``MATRIX`` the test asserts:
    victim: a peer that lost its partner). For a hang the rank that timed out is the first to
    fail, so the report must name the stuck rank's number and pid and say that it was waited for.
    Two hand-started ranks have no report but the surviving rank's own error, which must name the
-   peer (its number and its pid or address). ``run_mpi.sh`` leaves the report to mpirun: its cells
-   look for mpirun's words. Exit codes as the README gives them: the failed rank's own code,
+   peer (its number and its pid or address). The scripts' reports are their own lines (each rank's
+   watcher names its rank's pid; mpirun's words name the watcher's), then the console. Exit codes as the README gives them: the failed rank's own code,
    128 + N for a signal, 130/143 after SIGINT/SIGTERM (hand-started ranks: the survivor's, 1).
    ``ShardedModel`` and ``ParallelPredictor`` raise in the caller: the exception's type is checked,
    and what the next ``predict`` does (the predictor serves on after an exception in the model,
@@ -169,18 +169,9 @@ STUCK = (r"waiting for rank 1\b|rank 1\b[^\n]*(did not answer|no answer|timed ou
 ABSENT = (r"waiting for rank 1\b", r"\bpid <pid>\b|rank 1 at tcp://")
 
 # The bugs that make cells fail today (the final report of the issue describes each with a reproducer).
-NO_MPI_JOIN_TIMEOUT = (
-    "a rank that never joins under mpirun never calls MPI_Init; Open MPI's MPI_Init (in the first "
-    "`from mpi4py import MPI`) waits for every rank, before any timeout of ours: the job hangs until "
-    "the launcher's --timeout (none by default)"
-)
-RUN_RANKS_EXIT0 = ("run_ranks.sh names rank 0, which lost its peer, as the failed rank: a rank that leaves with "
-                   "exit code 0 while the others wait is never reported by the script")
-RUN_MPI_ABORT_PID = ("run_mpi.sh leaves the report to Open MPI's prterun, which names a rank that called MPI_Abort "
-                     "as 'rank 1 with PID 0'")
-RUN_MPI_ORPHANS = ("run_mpi.sh execs mpirun; a SIGKILLed mpirun leaves its ranks running (they have no "
-                   "parent-death signal: they do not run under launchers/_rank_wrapper.py as run_ranks.sh's do)")
-RUN_MPI_SIGNAL_CODE = "run_mpi.sh execs mpirun, which stops the job on SIGTERM/SIGINT but exits 1, not 143/130"
+SM_MPI_ABSENT = ("ShardedModel (mpi): rank 0's CommTimeoutError from joining (MPI_Init timed out; it names rank 1 and "
+                 "its pid) goes to the master over the socket, but the master reports rank 0's exit first: "
+                 "'rank 0 ... failed: exit code 1 ... it wrote nothing to stderr or stdout'")
 SM_VICTIM = ("ShardedModel (zmq) raises rank 0's PeerLostError (the victim) instead of a WorkerError naming rank 1's "
              "death: once _receive sees rank 1's process gone it takes the ERROR rank 0 already sent")
 SM_MPI_EXIT0 = ("ShardedModel (mpi): the WorkerError quotes the rank wrappers' raw '@@orchestrate-rank' records and "
@@ -197,8 +188,6 @@ SM_ABSENT_ZMQ = ("ShardedModel (zmq): rank 0's CommTimeoutError reaches the call
                  "SIGTERMs the stopped rank without SIGCONT and waits 2 x 5 s")
 SM_TMP_LEFT = ("ShardedModel leaves its $TMPDIR/orch_sharded_* directory (socket, rank table, logs) when its "
                "caller is killed: SIGKILL, and SIGTERM's default action, run no finalizer")
-OMPI_SESSION_LEFT = ("Open MPI's session directory $TMPDIR/ompi.<mpirun pid> (PMIx rendezvous files, hwloc "
-                     "topology) is left when mpirun dies with the SIGKILLed launcher (its parent-death signal)")
 SM_CLOSE_STOPPED = ("ShardedModel.close() waits 5 s for a stopped rank to take EXIT before it signals; then (zmq) "
                     "it SIGTERMs the rank without SIGCONT and waits 5 s more (10 s in all); under mpi, mpirun's rank "
                     "wrappers continue it (5.3 s)")
@@ -230,8 +219,8 @@ PEER = r"\brank 1 (\(pid <pid>[ ;)]|at tcp://)"
 LOST = r"PeerLostError: allreduce #2 on rank 0 of 2"
 # run_ranks.sh: its first line names the failed rank.
 RUN_RANKS_FAILED = r"\Arun_ranks\.sh: rank 1 on host <host> \(pid <pid>\) failed: "
-# run_mpi.sh leaves the report to mpirun: mpirun's words.
-MPIRUN_NAMES = r"process rank 1 with PID <pid> on node <host> "
+# run_mpi.sh: its first line names the failed rank (mpirun's own words name the rank's watcher).
+RUN_MPI_FAILED = r"\Arun_mpi\.sh: rank 1 on host <host> \(pid <pid>\) failed: "
 WORKER = r"worker for device \d"
 POOL_WORKER = r"worker 1 of 2"
 REFUSES = "WorkerError: this ParallelPredictor no longer accepts requests"
@@ -250,16 +239,16 @@ MATRIX: dict[tuple[str, str], Expect] = {
     ("shell-ranks", "caller_term"): Expect(1, (LOST, PEER)),
     ("shell-ranks", "caller_int"): Expect(1, (LOST, PEER)),
 
-    ("run_mpi.sh", "raise"): Expect(1, (MPIRUN_NAMES + r"calling\s+\"abort\"",)),
-    ("run_mpi.sh", "raise_in_with"): Expect(1, (MPIRUN_NAMES + r"calling\s+\"abort\"",)),
-    ("run_mpi.sh", "exit0"): Expect(1, (MPIRUN_NAMES + r"exiting\s+improperly",)),
-    ("run_mpi.sh", "sigkill"): Expect(137, (MPIRUN_NAMES + r"exited on\s+signal 9\b",)),
-    ("run_mpi.sh", "sigsegv"): Expect(139, (MPIRUN_NAMES + r"exited on\s+signal 11\b",)),
+    ("run_mpi.sh", "raise"): Expect(1, (RUN_MPI_FAILED + "exit code 1",)),
+    ("run_mpi.sh", "raise_in_with"): Expect(1, (RUN_MPI_FAILED + "exit code 1",)),
+    ("run_mpi.sh", "exit0"): Expect(1, (r"\Arun_mpi\.sh: rank 1 on host <host> \(pid <pid>\) exited with exit code 0",)),
+    ("run_mpi.sh", "sigkill"): Expect(137, (RUN_MPI_FAILED + r"signal SIGKILL \(9\)",)),
+    ("run_mpi.sh", "sigsegv"): Expect(139, (RUN_MPI_FAILED + r"signal SIGSEGV \(11\)",)),
     ("run_mpi.sh", "sigstop"): Expect(1, STUCK, bound="hang"),
     ("run_mpi.sh", "absent"): Expect(1, ABSENT, bound="hang"),
     ("run_mpi.sh", "caller_kill"): Expect(-9, bound="caller"),
-    ("run_mpi.sh", "caller_term"): Expect(143, bound="caller"),
-    ("run_mpi.sh", "caller_int"): Expect(130, bound="caller"),
+    ("run_mpi.sh", "caller_term"): Expect(143, (r"\Arun_mpi\.sh: interrupted by SIGTERM, stopping every rank",), bound="caller"),
+    ("run_mpi.sh", "caller_int"): Expect(130, (r"\Arun_mpi\.sh: interrupted by SIGINT, stopping every rank",), bound="caller"),
 
     ("run_ranks.sh", "raise"): Expect(1, (RUN_RANKS_FAILED + "exit code 1",)),
     ("run_ranks.sh", "raise_in_with"): Expect(1, (RUN_RANKS_FAILED + "exit code 1",)),
@@ -318,19 +307,10 @@ MATRIX: dict[tuple[str, str], Expect] = {
 
 # Cells that fail today because of a real bug: xfail(strict=True) with the bug as the reason.
 FAILING_TODAY: dict[tuple[str, str], str] = {
-    ("launch-mpi", "absent"): NO_MPI_JOIN_TIMEOUT,
-    ("launch-mpi", "caller_kill"): OMPI_SESSION_LEFT,
-    ("run_mpi.sh", "raise"): RUN_MPI_ABORT_PID,
-    ("run_mpi.sh", "raise_in_with"): RUN_MPI_ABORT_PID,
-    ("run_mpi.sh", "absent"): NO_MPI_JOIN_TIMEOUT,
-    ("run_mpi.sh", "caller_kill"): RUN_MPI_ORPHANS,
-    ("run_mpi.sh", "caller_term"): RUN_MPI_SIGNAL_CODE,
-    ("run_mpi.sh", "caller_int"): RUN_MPI_SIGNAL_CODE,
-    ("run_ranks.sh", "exit0"): RUN_RANKS_EXIT0,
     ("sharded-mpi", "raise"): SM_MPI_RAISE,
     ("sharded-mpi", "exit0"): SM_MPI_EXIT0,
     ("sharded-mpi", "sigstop"): SM_HANG_MPI,
-    ("sharded-mpi", "absent"): NO_MPI_JOIN_TIMEOUT,
+    ("sharded-mpi", "absent"): SM_MPI_ABSENT,
     ("sharded-mpi", "caller_kill"): SM_TMP_LEFT,
     ("sharded-mpi", "caller_term"): SM_TMP_LEFT,
     ("sharded-zmq", "exit0"): SM_VICTIM,
@@ -649,7 +629,7 @@ HEADLINES = {
     "launch-mpi": r"^orchestrate launch mpi: ",
     "launch-rank-table": r"^orchestrate launch rank-table: ",
     "run_ranks.sh": r"^run_ranks\.sh: ",
-    "run_mpi.sh": r"(prterun|mpirun) (has exited|detected|noticed)|MPI_ABORT was invoked|<stderr>: \S*(CommTimeoutError|PeerLostError): ",
+    "run_mpi.sh": r"^run_mpi\.sh: |^\[rank \d+\] \S*(CommTimeoutError|PeerLostError): ",
     "shell-ranks": r"^\S*(CommTimeoutError|PeerLostError|CommError): ",
 }
 SIGNALS = {"caller_kill": signal.SIGKILL, "caller_term": signal.SIGTERM, "caller_int": signal.SIGINT}
@@ -747,10 +727,10 @@ def run_rank_program(cell: Cell) -> Outcome:
         outcome.report = "\n".join(own[begin:])
     else:
         console = [text for _, _, text in lines() if not OWN_LINES.search(text)]
-        if way == "run_ranks.sh":  # its own lines, then the console it leaves the rest of the story to
+        if way in ("run_ranks.sh", "run_mpi.sh"):  # its own lines, then the console it leaves the rest of the story to
             own = [text for text in console if re.search(pattern, text)]
             console = own + [text for text in console if text not in own]
-        outcome.report = "\n".join(console)  # run_mpi.sh: mpirun's words among the ranks' tagged lines
+        outcome.report = "\n".join(console)
     return outcome
 
 
