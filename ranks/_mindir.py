@@ -37,7 +37,7 @@ from pathlib import Path
 from . import _env
 from ._errors import ModelError, ModelNotFoundError
 from ._log import get_logger
-from ._mindir_export import ENCRYPTED_MAGIC, ConversionFailure, check_head
+from ._mindir_export import ENCRYPTED_MAGIC, WORK_PREFIX, ConversionFailure, check_head
 
 log = get_logger("mindir")
 
@@ -198,7 +198,7 @@ def convert_mindir(
         raise ModelError(f"{source} is a MINDIR model; converting it to ONNX needs MindSpore, which is not "
                          f"installed: {INSTALL_HINT}")
     timeout = conversion_timeout() if timeout is None else timeout
-    with tempfile.TemporaryDirectory(prefix="orch-mindir-") as work:
+    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX) as work:
         request = {
             "source": str(source.absolute()), "output": str(output.absolute()),
             "input_shapes": input_shapes or {}, "seed": seed, "tolerance": tolerance,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ import numpy as np
 ENCRYPTED_MAGIC = bytes.fromhex("d85e3a7f")
 UNSUPPORTED_OP = re.compile(r"Can not find key (\S+) in convert map")
 BATCH = "batch"
+WORK_PREFIX = "orch-mindir-"  # the requester's temporary folder, where the child runs
 # MindSpore's communication primitives: in a per-rank MINDIR of a sliced network.
 COMMUNICATION_OPS = ("AllReduce", "AllGather", "ReduceScatter", "Broadcast", "AlltoAll", "AllToAll", "Send", "Receive",
                      "NeighborExchange", "CollectiveScatter", "CollectiveGather", "Reduce")
@@ -344,10 +346,13 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _watch_parent(parent: int) -> None:
-    # A conversion whose requester died has nobody to hand its file to: stop, leave nothing running.
+def _watch_parent(parent: int, work: Path) -> None:
+    # A conversion whose requester died has nobody to hand its file to: stop, leave nothing running, and remove
+    # the requester's temporary folder (the request, which may hold a decryption key), which it can no longer do.
     while True:
         if os.getppid() != parent:
+            if work.name.startswith(WORK_PREFIX):
+                shutil.rmtree(work, ignore_errors=True)
             os._exit(3)
         time.sleep(0.5)
 
@@ -355,7 +360,7 @@ def _watch_parent(parent: int) -> None:
 def main(argv: list[str]) -> int:
     request_file = Path(argv[0])
     request = json.loads(request_file.read_text())
-    threading.Thread(target=_watch_parent, args=(request["parent_pid"],), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(request["parent_pid"], request_file.parent), daemon=True).start()
     try:
         result = convert(request)
     except ConversionFailure as exc:

@@ -257,6 +257,7 @@ def test_a_process_killed_while_converting_leaves_no_converter_running_and_the_n
                           if "ranks._mindir_export" in " ".join(c.cmdline())), None)
         time.sleep(0.02)
     assert converter is not None, "the MindSpore child never started"
+    work = converter.cwd()  # the killed process's temporary folder
     victim.kill()
     victim.wait(timeout=10)
 
@@ -264,6 +265,7 @@ def test_a_process_killed_while_converting_leaves_no_converter_running_and_the_n
     assert not alive, "the MindSpore child outlived the process that started it"
     # It stopped, rather than finishing its conversion for nobody: it never wrote the file it was asked for.
     assert list((path.parent / ".orchestrator-cache").glob("*.partial")) == []
+    assert not os.path.exists(work)  # nor the temporary folder its requester could no longer remove
     ref = reference(nets, "mlp")
     model = Model()
     model.build_from_file(str(path))
