@@ -79,6 +79,12 @@ DEMO_DIR = _var(
     "where examples/demo.py writes its sample models, shards and rank tables (default: a temporary directory, "
     "removed at the end; --workdir wins)",
 )
+MINDIR_CACHE = _var(
+    "ORCH_MINDIR_CACHE", os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "orchestrator", "mindir"),
+    "where ONNX conversions of MINDIR files are cached when the MINDIR file's own folder cannot be written "
+    "(otherwise: .orchestrator-cache/ beside the file)",
+)
+MINDIR_TIMEOUT = _var("ORCH_MINDIR_TIMEOUT", "600", "seconds one conversion of a MINDIR file by MindSpore may take before it is stopped")
 
 # --- set by other launchers; read, never required ----------------------------
 RANK_TABLE_FILE = _var(

@@ -149,7 +149,7 @@ def test_the_seeds_imports_work_and_the_serving_errors_are_the_projects():
 
 @pytest.mark.parametrize("config, message", [
     ("", "declares no model: call register.declare_servable"),
-    ("register.declare_servable(servable_file='mlp.onnx', model_format='MindIR')", "is not read yet; export the model to ONNX"),
+    ("register.declare_servable(servable_file='mlp.onnx', model_format='OM')", "model_format must be 'ONNX' or 'MindIR', got 'OM'"),
     ("register.declare_servable(servable_file='other.onnx', model_format='ONNX')\n"
      "@register.register_method(output_names=['y'])\ndef f(x):\n    return register.call_servable(x)",
      "model file .*other.onnx does not exist"),

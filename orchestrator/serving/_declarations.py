@@ -20,7 +20,7 @@ from typing import Callable
 
 from ._errors import ServableConfigError
 
-MODEL_FORMATS = ("ONNX",)  # MindIR files come with a later issue
+MODEL_FORMATS = ("ONNX", "MINDIR")  # a MindIR file is converted to ONNX through MindSpore, once (ranks._mindir)
 
 
 @dataclass(frozen=True)

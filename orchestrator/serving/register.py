@@ -29,7 +29,8 @@ def declare_servable(servable_file, model_format, with_batch_dim=True, options=N
 
     Args:
         servable_file: the model's file name inside a version folder (``add/1/tensor_add.onnx``).
-        model_format: ``"ONNX"`` (MindIR is not read yet).
+        model_format: ``"ONNX"`` or ``"MindIR"`` (converted to ONNX through MindSpore once and cached
+            beside the file: the ``mindspore`` extra; see ``ranks._mindir``).
         with_batch_dim: True: every input and output has the batch in dimension 0; an
             instance carries one row, and instances are joined into batches. False: an
             instance is the model's whole input.
@@ -41,11 +42,8 @@ def declare_servable(servable_file, model_format, with_batch_dim=True, options=N
         raise ServableConfigError(f"{decl.source}: declare_servable was called twice; a servable has one model")
     if not isinstance(servable_file, str) or not servable_file:
         raise ServableConfigError(f"declare_servable: servable_file must be a file name (str), got {servable_file!r}")
-    if not isinstance(model_format, str) or model_format.upper() not in MODEL_FORMATS + ("MINDIR",):
-        raise ServableConfigError(f"declare_servable: model_format must be one of {list(MODEL_FORMATS)}, got {model_format!r}")
-    if model_format.upper() == "MINDIR":
-        raise ServableConfigError(f"declare_servable: model_format {model_format!r} is not read yet; export the model "
-                                  f"to ONNX and declare model_format='ONNX'")
+    if not isinstance(model_format, str) or model_format.upper() not in MODEL_FORMATS:
+        raise ServableConfigError(f"declare_servable: model_format must be 'ONNX' or 'MindIR', got {model_format!r}")
     if not isinstance(with_batch_dim, bool):
         raise ServableConfigError(f"declare_servable: with_batch_dim must be True or False, got {with_batch_dim!r}")
     if without_batch_dim_inputs is None:
