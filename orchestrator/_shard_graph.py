@@ -39,6 +39,7 @@ class GraphIndex:
                         self.constant_nodes[node.output[0]] = attr.t
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.shapes = _infer_shapes(model, self.initializers)
+        _probe_unknown_shapes(self)
 
     def initializer_shape(self, name: str) -> tuple[int, ...] | None:
         tensor = self.initializers.get(name)
@@ -61,6 +62,98 @@ class GraphIndex:
         shape = self.shape(name)
         return None if shape is None else len(shape)
 
+    def shape_target(self, name: str):
+        """The elements of a 1-D shape value as (elements, concat node index or None), None when not traceable.
+
+        Each element is ``("const", value, source)``, ``("dim", tensor, axis)`` (read at run time from
+        ``Shape(tensor)``) or ``("unknown",)``. ``source`` says which constant holds it, so that a per-rank
+        value can be written there: ``(input index of the Concat, offset)``, or ``(None, offset)`` when
+        ``name`` itself is the constant. Exporters compute reshape targets as ``Concat(Shape(x)[0],
+        Shape(x)[1], const)`` rather than as one constant.
+        """
+        value = self.constant_value(name)
+        if value is not None:
+            return [("const", int(v), (None, j)) for j, v in enumerate(value.reshape(-1))], None
+        i = self.producer.get(name)
+        if i is None:
+            return None
+        node = self.nodes[i]
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+            elems = self._shape_elements(name, 0)
+            return None if elems is None else (elems, None)
+        elems = []
+        for k, part in enumerate(node.input):
+            value = self.constant_value(part)
+            if value is not None:
+                elems += [("const", int(v), (k, j)) for j, v in enumerate(value.reshape(-1))]
+                continue
+            sub = self._shape_elements(part, 0)
+            if sub is None:
+                return None
+            elems += sub
+        return elems, i
+
+    def _shape_elements(self, name: str, depth: int):
+        if depth > 12:
+            return None
+        value = self.constant_value(name)
+        if value is not None:
+            return [("const", int(v), None) for v in value.reshape(-1)]
+        i = self.producer.get(name)
+        if i is None:
+            return None
+        node = self.nodes[i]
+        op = node.op_type
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if op == "Shape":
+            rank = self.rank(node.input[0])
+            if rank is None:
+                return None
+            start, end = attrs.get("start", 0), attrs.get("end", rank)
+            start = max(0, start + rank if start < 0 else start)
+            end = min(rank, end + rank if end < 0 else end)
+            return [("dim", node.input[0], a) for a in range(start, end)]
+        if op in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten"):
+            return self._shape_elements(node.input[0], depth + 1)
+        if op == "Concat":
+            out = []
+            for part in node.input:
+                sub = self._shape_elements(part, depth + 1)
+                if sub is None:
+                    return None
+                out += sub
+            return out
+        if op == "Gather" and attrs.get("axis", 0) == 0:
+            data = self._shape_elements(node.input[0], depth + 1)
+            idx = self.constant_value(node.input[1])
+            if data is None or idx is None:
+                return None
+            try:
+                return [data[int(j)] for j in idx.reshape(-1)]
+            except IndexError:
+                return None
+        if op == "Slice":
+            data = self._shape_elements(node.input[0], depth + 1)
+            args = [self.constant_value(n) if n else None for n in list(node.input[1:]) + [""] * (4 - len(node.input[1:]))]
+            if data is None or args[0] is None or args[1] is None:
+                return None
+            if args[2] is not None and [int(a) for a in args[2].reshape(-1)] not in ([0], [-1]):
+                return None
+            step = 1 if args[3] is None else int(args[3].reshape(-1)[0])
+            if step != 1:
+                return None
+            start, end = int(args[0].reshape(-1)[0]), int(args[1].reshape(-1)[0])
+            return data[slice(start, end)]
+        shape = self.shape(name)
+        if shape is None or len(shape) > 1:
+            return None
+        count = 1 if not shape else shape[0]
+        return [("unknown",)] * count if isinstance(count, int) else None
+
+    def op_type_of(self, name: str) -> str | None:
+        i = self.producer.get(name)
+        return None if i is None else self.nodes[i].op_type
+
     def node_label(self, index: int) -> str:
         node = self.nodes[index]
         return node.name or f"{node.op_type}#{index} -> {node.output[0]}"
@@ -71,16 +164,54 @@ class GraphIndex:
 
 
 
+# Stand-ins for dynamic input dimensions (batch, sequence, ...): distinct primes that are unlikely to be a
+# model's width, head count or head size, so a product of them is recognisable after a Reshape merges them.
+_DYNAMIC_STAND_INS = (7, 11, 13, 17, 19, 23, 29, 31)
+
+
 def _infer_shapes(model: onnx.ModelProto, initializers: dict) -> dict[str, list]:
-    """Run ONNX shape inference on a skeleton of the model (big weights as typed inputs, no data copied)."""
+    """Run ONNX shape inference on a skeleton of the model (big weights as typed inputs, no data copied).
+
+    Dynamic input dimensions are given concrete stand-in values first, so that shapes computed at run
+    time (``Concat(Shape(x)[0], Shape(x)[1], 192)``, as exporters write them) come out as numbers: the
+    slicer compares the input and output shapes of a Reshape to see where the cut axis goes.
+    """
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(_without_big_weights(model, initializers))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception:  # inference is a help, never a requirement: unknown shapes only mean fewer splits
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(skeleton)
+    stand_ins: dict[str, int] = {}
+    for info in concrete.graph.input:
+        if info.name in initializers:
+            continue
+        for d in info.type.tensor_type.shape.dim:
+            if not d.HasField("dim_value") or d.dim_value <= 0:
+                key = d.dim_param or f"?{len(stand_ins)}"
+                if key not in stand_ins:
+                    stand_ins[key] = _DYNAMIC_STAND_INS[len(stand_ins) % len(_DYNAMIC_STAND_INS)]
+                d.Clear()
+                d.dim_value = stand_ins[key]
+    # value_info written by the exporter holds the symbolic shapes; inference fills in concrete ones.
+    del concrete.graph.value_info[:]
+    del concrete.graph.output[:]
+    for out in skeleton.graph.output:
+        info = concrete.graph.output.add()
+        info.name = out.name
+        if out.type.HasField("tensor_type"):
+            info.type.tensor_type.elem_type = out.type.tensor_type.elem_type
+    inferred = None
+    for candidate in (concrete, skeleton):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(candidate, strict_mode=False, data_prop=True)
+            break
+        except Exception:  # inference is a help, never a requirement: unknown shapes only mean fewer splits
+            continue
+    if inferred is None:
         inferred = skeleton
     shapes: dict[str, list] = {}
-    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+    # Shapes the model declares come first; what inference found (concrete) overrides them.
+    declared = list(skeleton.graph.value_info) + list(skeleton.graph.output)
+    for info in declared + list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         tensor_type = info.type.tensor_type
         if not tensor_type.HasField("shape"):
             continue
@@ -94,6 +225,64 @@ def _infer_shapes(model: onnx.ModelProto, initializers: dict) -> dict[str, list]
                 dims.append(None)
         shapes[info.name] = dims
     return shapes
+
+
+def _probe_unknown_shapes(index: "GraphIndex", weight_limit: int = 1 << 20) -> None:
+    """Shapes inference could not fix (a mask expanded to a computed shape): run the nodes that make them.
+
+    Only the part of the graph those tensors depend on runs, once, in ONNX Runtime, on inputs of the
+    stand-in sizes, and only when that part holds little weight (masks and position ids are computed
+    from the inputs alone). Anything that fails here just stays unknown.
+    """
+    wanted = [name for name, shape in index.shapes.items()
+              if name in index.producer and not all(isinstance(d, int) for d in shape)]
+    if not wanted:
+        return
+    needed: set[int] = set()
+    stack = [index.producer[n] for n in wanted]
+    while stack:
+        i = stack.pop()
+        if i in needed:
+            continue
+        needed.add(i)
+        if index.has_subgraph(i):
+            return
+        for name in index.nodes[i].input:
+            if name in index.producer:
+                stack.append(index.producer[name])
+    inits = {name for i in needed for name in index.nodes[i].input if name in index.initializers}
+    if sum(int(np.prod(index.initializers[n].dims, dtype=np.int64)) for n in inits) * 4 > weight_limit:
+        return
+    try:
+        import onnxruntime as ort
+
+        types = elem_types(index.model, index.initializers)
+        wanted = [n for n in wanted if types.get(n)]
+        graph = onnx.helper.make_graph(
+            [index.nodes[i] for i in sorted(needed)], "probe",
+            [vi for vi in index.model.graph.input if vi.name not in index.initializers],
+            [onnx.helper.make_tensor_value_info(n, types[n], None) for n in wanted],
+            [index.initializers[n] for n in inits],
+        )
+        probe = onnx.helper.make_model(graph, opset_imports=index.model.opset_import, ir_version=index.model.ir_version)
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for arg in session.get_inputs():
+            shape = index.shapes.get(arg.name) or []
+            dims = [d if isinstance(d, int) else 7 for d in shape]
+            if "int" in arg.type:
+                feeds[arg.name] = np.ones(dims, dtype=np.int64 if "64" in arg.type else np.int32)
+            elif "bool" in arg.type:
+                feeds[arg.name] = np.ones(dims, dtype=bool)
+            else:
+                feeds[arg.name] = np.ones(dims, dtype=np.float16 if "16" in arg.type else
+                                          np.float64 if "double" in arg.type else np.float32)
+        for name, value in zip(wanted, session.run(wanted, feeds)):
+            index.shapes[name] = list(np.shape(value))
+    except Exception:  # a help, never a requirement
+        return
 
 
 def elem_types(model: onnx.ModelProto, initializers: dict) -> dict[str, int]:
