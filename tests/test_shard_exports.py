@@ -1,0 +1,188 @@
+"""Tensor parallel on models as exporters write them: GPT-2, BERT and Llama from ``transformers``, exported by torch.
+
+The fixtures (``tests/fixtures/NAME_EXPORTER.onnx`` and ``.npz``: fixed inputs and torch's own outputs)
+are written by ``tests/fixtures/make_exports.py``; these tests need neither torch nor transformers.
+What a user of exported models cares about: Megatron's plan (two all-reduces per transformer block,
+none gathered inside), about half the weights per rank at TP=2, and outputs equal to torch's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from orchestrator import ShardedModel, shard_model
+from orchestrator._shard_check import SimulatedRanks
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+EXPORTS = sorted(p.stem for p in FIXTURES.glob("*.onnx"))
+LAYERS = 2  # every fixture has two transformer blocks
+TOLERANCE = 1e-4
+
+
+def _load(name: str) -> tuple[dict, dict]:
+    with np.load(FIXTURES / f"{name}.npz") as saved:
+        feeds = {k: saved[k] for k in saved.files if not k.startswith("expected.")}
+        expected = {k[len("expected."):]: saved[k] for k in saved.files if k.startswith("expected.")}
+    return feeds, expected
+
+
+def _max_diff(got: dict, expected: dict) -> float:
+    assert set(got) == set(expected)
+    return max(float(np.max(np.abs(got[k].astype(np.float64) - v))) for k, v in expected.items())
+
+
+def _producers(shard_path: Path) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in onnx.load(str(shard_path)).graph.node for o in n.output}
+
+
+def test_the_fixtures_are_there():
+    assert {"gpt2_dynamo", "bert_dynamo", "bert_torchscript", "llama_dynamo"} <= set(EXPORTS)
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_megatron_plan_and_torch_outputs_at_tp2(name, tmp_path):
+    result = shard_model(FIXTURES / f"{name}.onnx", 2, tmp_path, progress=False)
+    manifest = result.manifest
+    ops = [c["op"] for c in manifest["collectives"]]
+    # Per block: one all-reduce after the attention output projection, one after the MLP down projection;
+    # one more for the token embedding split by vocabulary rows. Nothing gathered inside the blocks.
+    assert ops.count("AllReduce") == 2 * LAYERS + 1, ops
+    graph_outputs = [o.name for o in onnx.load(str(FIXTURES / f"{name}.onnx")).graph.output]
+    gathers = [c for c in manifest["collectives"] if c["op"] == "AllGather"]
+    if name.startswith("bert"):
+        assert gathers == []
+    else:  # the LM head is split by vocabulary, its logits gathered: the graph output, outside the blocks
+        assert [c["output"] for c in gathers] == graph_outputs
+    producers = _producers(result.shard_paths[0])
+    kinds = sorted(producers[c["input"]].op_type for c in manifest["collectives"] if c["op"] == "AllReduce")
+    assert kinds.count("Mul") == 1 and len([k for k in kinds if k in ("MatMul", "Gemm")]) == 2 * LAYERS, kinds
+    # Attention on each rank's own heads (4 query heads -> 2 per rank).
+    assert {(a["heads"], a["heads_per_rank"]) for a in manifest["attention"]} >= {(4, 2)}
+    assert result.weight_fraction <= 0.55
+    embedding = [w for w in manifest["weights"] if w["split"] == "vocabulary"]
+    assert len(embedding) == 1 and embedding[0]["shard_shape"][0] == embedding[0]["shape"][0] // 2
+    feeds, expected = _load(name)
+    got = SimulatedRanks(result.shard_paths).run(feeds)
+    assert _max_diff(got, expected) <= TOLERANCE
+
+
+def test_fused_qkv_is_cut_per_head_into_q_k_v_pieces(tmp_path):
+    source = FIXTURES / "gpt2_dynamo.onnx"
+    result = shard_model(source, 2, tmp_path, progress=False)
+    weights = {w["name"]: w for w in result.manifest["weights"]}
+    qkv = weights["model.transformer.h.0.attn.c_attn.weight"]
+    assert (qkv["split"], qkv["parts"], qkv["shard_shape"]) == ("columns", 3, [64, 96])
+    whole = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(source)).graph.initializer}
+    w = whole["model.transformer.h.0.attn.c_attn.weight"]
+    for rank, path in enumerate(result.shard_paths):
+        piece = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+        got = piece["model.transformer.h.0.attn.c_attn.weight"]
+        # rank r: its two heads (32 columns) of Q, then of K, then of V
+        want = np.concatenate([w[:, part * 64 + rank * 32: part * 64 + (rank + 1) * 32] for part in range(3)], axis=1)
+        assert np.array_equal(got, want)
+    assert weights["model.transformer.h.0.mlp.c_proj.weight"]["split"] == "rows"
+    assert weights["model.transformer.wpe.weight"]["split"] == "replicated"
+
+
+def test_grouped_query_attention_kv_heads_divided_or_kept_whole(tmp_path):
+    source = FIXTURES / "llama_dynamo.onnx"
+    feeds, expected = _load("llama_dynamo")
+    two = shard_model(source, 2, tmp_path / "tp2", progress=False)
+    assert {(a["heads"], a["heads_per_rank"]) for a in two.manifest["attention"]} == {(4, 2), (2, 1)}
+    assert not two.manifest["replicated_reasons"]
+    # TP=4: 4 query heads divide, 2 key/value heads do not: K and V stay whole, each rank reads its part.
+    four = shard_model(source, 4, tmp_path / "tp4", progress=False)
+    assert {(a["heads"], a["heads_per_rank"]) for a in four.manifest["attention"]} == {(4, 1)}
+    reasons = four.manifest["replicated_reasons"]
+    assert len(reasons) == 2 * LAYERS  # k_proj and v_proj of every block
+    assert all("does not divide the head count 2" in r for r in reasons.values())
+    assert [c["op"] for c in four.manifest["collectives"]].count("AllReduce") == 2 * LAYERS + 1
+    assert "AllGather" not in [c["op"] for c in four.manifest["collectives"][:-1]]
+    got = SimulatedRanks(four.shard_paths).run(feeds)
+    assert _max_diff(got, expected) <= TOLERANCE
+
+
+# ---- the three ways to run shards, on the exported models, against torch's outputs ----
+
+def _inputs_file(name: str, path: Path) -> Path:
+    feeds, _expected = _load(name)
+    np.savez(path, **feeds)
+    return path
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(240)
+def test_exported_gpt2_under_mpirun(tmp_path):
+    pytest.importorskip("launchers._mpi")
+    from conftest import orchestrate_command, run_command
+
+    shards = shard_model(FIXTURES / "gpt2_dynamo.onnx", 2, tmp_path / "shards", progress=False)
+    x = _inputs_file("gpt2_dynamo", tmp_path / "x.npz")
+    out = tmp_path / "out{rank}.npz"
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--", "python", "-m", "ranks", f"--model_path={shards.model_path}",
+        f"--input={x}", f"--output={out}", "--thread_num=1", "--quiet",
+    ), timeout=200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    _feeds, expected = _load("gpt2_dynamo")
+    for rank in range(2):
+        with np.load(str(out).format(rank=rank)) as saved:
+            assert _max_diff({k: saved[k] for k in saved.files}, expected) <= TOLERANCE
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(240)
+def test_exported_bert_from_a_rank_table(tmp_path):
+    pytest.importorskip("ranks._comm_zmq")
+    from conftest import project_env
+    from ranks import free_base_port, generate_rank_table
+
+    name = "bert_torchscript"  # two inputs (ids and an attention mask with padding)
+    shards = shard_model(FIXTURES / f"{name}.onnx", 2, tmp_path / "shards", progress=False)
+    generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
+    (tmp_path / "config_file.ini").write_text(
+        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
+    )
+    x = _inputs_file(name, tmp_path / "x.npz")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ranks", f"--model_path={shards.model_path}", f"--device_id={rank}",
+             f"--rank_id={rank}", f"--config_file={tmp_path / 'config_file.ini'}", f"--input={x}",
+             f"--output={tmp_path / f'out{rank}.npz'}", "--thread_num=1", "--quiet"],
+            env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=200)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    _feeds, expected = _load(name)
+    for rank in range(2):
+        with np.load(tmp_path / f"out{rank}.npz") as saved:
+            assert _max_diff({k: saved[k] for k in saved.files}, expected) <= TOLERANCE
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(240)
+def test_exported_llama_and_bert_from_python(tmp_path):
+    for name in ("llama_dynamo", "bert_dynamo"):
+        shards = shard_model(FIXTURES / f"{name}.onnx", 2, tmp_path / name, progress=False)
+        feeds, expected = _load(name)
+        with ShardedModel(shards.model_path, backend="mpi", timeout=120) as model:
+            assert _max_diff(model.predict(feeds), expected) <= TOLERANCE
+            # the same ranks, another batch: the first row alone gives the first row of the outputs
+            one = model.predict({k: v[:1] for k, v in feeds.items()})
+            assert _max_diff(one, {k: v[:1] for k, v in expected.items()}) <= TOLERANCE
