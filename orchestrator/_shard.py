@@ -32,6 +32,7 @@ from ranks._shard_manifest import (
 from ._progress import progress_bar
 from ._samples import save_model
 from ._shard_analysis import linear_weight, plan_split
+from ._shard_explain import explain, format_explain
 from ._shard_graph import GraphIndex, elem_types
 from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses, key_axis
 
@@ -57,6 +58,10 @@ class ShardResult:
         whole = self.manifest["weight_bytes_whole"] or 1
         return max(s["weight_bytes"] for s in self.manifest["shards"]) / whole
 
+    def explain(self) -> str:
+        """The plan in words: per layer what was paired, what stays whole and why, the traffic per token."""
+        return format_explain(self.manifest["explain"])
+
     def summary(self) -> str:
         m = self.manifest
         counts: dict[str, int] = {}
@@ -71,6 +76,11 @@ class ShardResult:
             "  collectives per rank: " + (", ".join(f"{v} {k}" for k, v in sorted(ops.items())) or "none"),
             f"  weight bytes per rank / whole: {self.weight_fraction:.3f}",
         ]
+        report = m.get("explain") or {}
+        if report.get("megatron_minimum_bytes_per_token_per_rank"):
+            lines.append(f"  bytes each rank sends per {report['per']}: {report['bytes_sent_per_token_per_rank']:.0f}, "
+                         f"Megatron's minimum {report['megatron_minimum_bytes_per_token_per_rank']:.0f} "
+                         f"(ratio {report['ratio_to_megatron']:.2f})")
         heads: dict[tuple[int, int], list[str]] = {}
         for a in m["attention"]:
             heads.setdefault((a["heads"], a["heads_per_rank"]), []).append(a["node"])
@@ -162,6 +172,7 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
                       for i, (heads, per_rank) in sorted(plan.reshape_heads.items())],
         "collectives": collectives,
         "replicated_reasons": plan.replicated_reasons,
+        "explain": explain(index, plan, collectives, types, model_path.name),
     }
     write_manifest(manifest_file, manifest)
     return ShardResult(out_dir / model_path.name, paths, manifest_file, manifest)

@@ -93,7 +93,8 @@ class Plan:
     checked_shape_nodes: set[int] = field(default_factory=set)
     # seed node index -> outer (blocks of a fused projection, e.g. 3 for QKV).
     seed_outer: dict[int, int] = field(default_factory=dict)
-    heads_abandoned: list[str] = field(default_factory=list)
+    # row-parallel node index -> the column-parallel seeds whose cut it ends (a Megatron pair).
+    pairs: dict[int, frozenset] = field(default_factory=dict)
     # node index -> heads before / per rank (for the manifest).
     reshape_heads: dict[int, tuple[int, int]] = field(default_factory=dict)
     # node indices whose (first) output is a partial sum: AllReduce right after.
@@ -517,6 +518,7 @@ def _carry_matmul(index, plan, i, in_splits, seeds):
             transb = node.op_type == "Gemm" and _attrs(node).get("transB", 0)
             plan.sliced_inputs[(i, 1)] = _slice_key(1 if transb else 0, spec.outer)
             plan.row_parallel.add(i)
+            plan.pairs[i] = spec.seeds
             return {node.output[0]: None}
         if node.op_type == "Gemm":
             if spec.axis != -2 or len(node.input) > 2 and node.input[2] and _dim_at(index, node.input[2], -2) not in (None, 1):
@@ -538,6 +540,7 @@ def _carry_matmul(index, plan, i, in_splits, seeds):
             return {node.output[0]: sa.moved(sa.axis, out_rank, seeds)}
         if sa.axis == -1 and sb.axis == -2 and (sa.dim, sa.outer) == (sb.dim, sb.outer):
             plan.row_parallel.add(i)
+            plan.pairs[i] = seeds
             return {node.output[0]: None}
         return None
     if sa is not None:

@@ -38,7 +38,8 @@ class GraphIndex:
                     if attr.name == "value":
                         self.constant_nodes[node.output[0]] = attr.t
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        self.shapes = _infer_shapes(model, self.initializers)
+        self.stand_ins: dict[str, int] = {}
+        self.shapes = _infer_shapes(model, self.initializers, self.stand_ins)
         _probe_unknown_shapes(self)
 
     def initializer_shape(self, name: str) -> tuple[int, ...] | None:
@@ -169,7 +170,7 @@ class GraphIndex:
 _DYNAMIC_STAND_INS = (7, 11, 13, 17, 19, 23, 29, 31)
 
 
-def _infer_shapes(model: onnx.ModelProto, initializers: dict) -> dict[str, list]:
+def _infer_shapes(model: onnx.ModelProto, initializers: dict, stand_ins: dict) -> dict[str, list]:
     """Run ONNX shape inference on a skeleton of the model (big weights as typed inputs, no data copied).
 
     Dynamic input dimensions are given concrete stand-in values first, so that shapes computed at run
@@ -180,7 +181,6 @@ def _infer_shapes(model: onnx.ModelProto, initializers: dict) -> dict[str, list]
     skeleton.CopyFrom(_without_big_weights(model, initializers))
     concrete = onnx.ModelProto()
     concrete.CopyFrom(skeleton)
-    stand_ins: dict[str, int] = {}
     for info in concrete.graph.input:
         if info.name in initializers:
             continue

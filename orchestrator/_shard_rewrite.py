@@ -107,7 +107,7 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
         if elem:
             value_infos[src] = elem
             value_infos[dst] = elem
-        collectives.append({"op": op, "node": node.name, "input": src, "output": dst, **attrs})
+        collectives.append({"op": op, "node": node.name, "input": src, "output": dst, "tensor": origin, **attrs})
         return node
 
     for i, old in enumerate(index.nodes):

@@ -67,9 +67,33 @@ def test_megatron_plan_and_torch_outputs_at_tp2(name, tmp_path):
     assert result.weight_fraction <= 0.55
     embedding = [w for w in manifest["weights"] if w["split"] == "vocabulary"]
     assert len(embedding) == 1 and embedding[0]["shard_shape"][0] == embedding[0]["shape"][0] // 2
+    report = manifest["explain"]
+    assert [layer["kind"] for layer in report["layers"]] == ["attention", "mlp"] * LAYERS
+    assert report["ratio_to_megatron"] == pytest.approx(1.0)
     feeds, expected = _load(name)
     got = SimulatedRanks(result.shard_paths).run(feeds)
     assert _max_diff(got, expected) <= TOLERANCE
+
+
+@pytest.mark.cli
+def test_explain_says_what_was_paired_and_what_stays_whole(tmp_path):
+    from conftest import orchestrate_command, run_command
+
+    result = run_command(orchestrate_command("shard", str(FIXTURES / "gpt2_dynamo.onnx"), "--tp", "2", "-o",
+                                             str(tmp_path), "--explain", "--no-progress"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert ("  model.transformer.h.0.attn (attention, heads 4 -> 2 per rank): columns node_addmm (fused: 3 parts, "
+            "each cut per head) -> rows node_addmm_1; AllReduce of 64 values per token") in lines
+    assert "  model.transformer.h.1.mlp (mlp): columns node_addmm_6 -> rows node_addmm_7; AllReduce of 64 values per token" in lines
+    assert any(line.startswith("  token embedding node_embedding: table model.lm_head.weight split by vocabulary rows "
+                               "(512 -> 256 per rank)") for line in lines)
+    assert any("model.transformer.wpe.weight" in line and "indexed by computed positions" in line for line in lines)
+    assert any("bias of a row-parallel layer: added once, after the all-reduce" in line for line in lines)
+    assert "  collectives per rank: 1 AllGather, 5 AllReduce" in lines
+    # 4 all-reduces of 64 float32 per token in the blocks + 1 for the embedding: 5 x 2 x 1/2 x 256 bytes;
+    # the logits gather: 1/2 x 512 x 4 bytes
+    assert "  bytes each rank sends per token: 2304 (Megatron's minimum for this model: 2304; ratio 1.00)" in lines
 
 
 def test_fused_qkv_is_cut_per_head_into_q_k_v_pieces(tmp_path):
