@@ -1,6 +1,6 @@
 """Tensor parallel on models as exporters write them: GPT-2, BERT and Llama from ``transformers``, exported by torch.
 
-The fixtures (``tests/fixtures/NAME_EXPORTER.onnx`` and ``.npz``: fixed inputs and torch's own outputs)
+The fixtures (the ``.onnx`` and ``.npz`` files in ``tests/fixtures/``: models, fixed inputs, torch's outputs)
 are written by ``tests/fixtures/make_exports.py``; these tests need neither torch nor transformers.
 What a user of exported models cares about: Megatron's plan (two all-reduces per transformer block,
 none gathered inside), about half the weights per rank at TP=2, and outputs equal to torch's.
