@@ -12,8 +12,23 @@ AllReduce right after it), or cannot take it: then the tensor is gathered
 whole first (one AllGather). Every rule either keeps the exact global value
 reachable or gathers it, so a shard never computes something different.
 
+Models as exporters write them add a few rules:
+
+- Reshape targets are followed by concrete shapes (dynamic dimensions get
+  stand-in values, ``_shard_graph``), so a target computed at run time
+  (``Concat(Shape(x)[0], Shape(x)[1], 192)``) is understood, and a per-rank
+  copy of that Concat carries this rank's constants where they differ.
+- A ``Split`` of a cut axis into equal parts (fused QKV) restarts the plan
+  with that projection cut per part (``Split.outer``): each rank holds its
+  heads of Q, of K and of V.
+- Heads that ``tp`` does not divide (grouped-query attention's key/value
+  heads) stay whole; a rank slices out the part its query heads read.
+- A token embedding (Gather from a table indexed by a graph input) is cut by
+  vocabulary rows, its partial rows summed by one AllReduce; a tied LM head
+  (``MatMul(x, Transpose(table))``) is cut by vocabulary like any column layer.
+
 The result is a ``Plan``: the per-tensor splits, which constants to slice,
-which Reshape shapes to rewrite, and where the collectives go.
+which shape inputs to rewrite, and where the collectives go.
 """
 
 from __future__ import annotations
