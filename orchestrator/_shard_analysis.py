@@ -342,6 +342,10 @@ def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled
             f"tensor-parallel degree {plan.tp} does not divide the hidden size {n} "
             f"(output columns of weight {weight} in {label})"
         )
+        if node.output[0] in index.graph_outputs:
+            # An LM head over a vocabulary tp does not divide (GPT-2's 50257): whole on every rank, no gather.
+            disabled[i] = reason + "; an output layer, so it stays whole"
+            return
         if not allow_replicate:
             raise ShardError(reason + "; choose a --tp that divides it, or --allow-replicate to keep it whole")
         disabled[i] = reason
@@ -690,7 +694,7 @@ def _carry_reshape(index, plan, i, spec, seeds):
     in_local = list(in_shape)
     in_local[pos] = in_shape[pos] // plan.tp
     allowzero = _attrs(node).get("allowzero", 0)
-    if not _per_rank_target(index, plan, i, local_out, in_local, allowzero, seeds):
+    if not _per_rank_target(index, plan, i, local_out, in_local, allowzero, seeds, cut=p):
         return None
     if heads is not None:
         plan.reshape_heads[i] = (heads, heads // plan.tp)
@@ -711,12 +715,12 @@ def _carry_expand(index, plan, i, spec, seeds):
         return None
     local_out = list(out_shape)
     local_out[out_pos] = out_shape[out_pos] // plan.tp
-    if not _per_rank_target(index, plan, i, local_out, None, 0, seeds, expand_axis=out_pos):
+    if not _per_rank_target(index, plan, i, local_out, None, 0, seeds, cut=out_pos, expand_axis=out_pos):
         return None
     return {node.output[0]: spec.moved(out_pos - len(out_shape), len(out_shape), seeds)}
 
 
-def _per_rank_target(index, plan, i, local_out, in_local, allowzero, seeds, expand_axis=None) -> bool:
+def _per_rank_target(index, plan, i, local_out, in_local, allowzero, seeds, *, cut: int, expand_axis=None) -> bool:
     """Check (and where needed rewrite) node i's shape input so that each rank computes ``local_out``."""
     node = index.nodes[i]
     traced = index.shape_target(node.input[1])
@@ -749,8 +753,8 @@ def _per_rank_target(index, plan, i, local_out, in_local, allowzero, seeds, expa
             continue
         if expand_axis is not None and j == expand_axis and got == 1:
             continue
-        if elem[0] != "const" or elem[2] is None:
-            return False
+        if elem[0] != "const" or elem[2] is None or j != cut:
+            return False  # only the cut axis may differ per rank; anything else means we misread the target
         changes[elem[2]] = want
     plan.checked_shape_nodes.add(i)
     if not changes:

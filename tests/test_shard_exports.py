@@ -210,3 +210,36 @@ def test_exported_llama_and_bert_from_python(tmp_path):
             # the same ranks, another batch: the first row alone gives the first row of the outputs
             one = model.predict({k: v[:1] for k, v in feeds.items()})
             assert _max_diff(one, {k: v[:1] for k, v in expected.items()}) <= TOLERANCE
+
+
+def test_vocabulary_that_tp_does_not_divide_keeps_embedding_and_head_whole(tmp_path):
+    """GPT-2's 50257 tokens at --tp 2: the table and the LM head stay whole, the blocks are still cut."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from orchestrator._samples import save_model
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((7, 8)).astype(np.float32)
+    w1, w2 = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 8)).astype(np.float32)
+    head = rng.standard_normal((8, 7)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("MatMul", ["e", "w1"], ["u"]),
+         helper.make_node("Relu", ["u"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["m"]),
+         helper.make_node("Add", ["e", "m"], ["r"]), helper.make_node("MatMul", ["r", "head"], ["logits"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 7])],
+        [numpy_helper.from_array(v, n) for n, v in (("table", table), ("w1", w1), ("w2", w2), ("head", head))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save_model(model, tmp_path / "m.onnx")
+    result = shard_model(tmp_path / "m.onnx", 2, tmp_path / "s", progress=False)
+    split = {w["name"]: w["split"] for w in result.manifest["weights"]}
+    assert split == {"table": "replicated", "w1": "columns", "w2": "rows", "head": "replicated"}
+    assert "does not divide the hidden size 7" in "".join(result.manifest["replicated_reasons"].values())
+    assert [c["op"] for c in result.manifest["collectives"]] == ["AllReduce"]
+    ids = rng.integers(0, 7, (2, 5)).astype(np.int64)
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    got = SimulatedRanks(result.shard_paths).run({"ids": ids})["logits"]
+    assert np.max(np.abs(got - want)) < 1e-5
