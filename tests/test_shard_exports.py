@@ -140,22 +140,36 @@ def _inputs_file(name: str, path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def export_shards(tmp_path_factory):
+    """name -> TP=2 shards of that fixture, sliced once for the three ways of running them."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = shard_model(FIXTURES / f"{name}.onnx", 2, tmp_path_factory.mktemp(name), progress=False)
+        return cache[name]
+
+    return get
+
+
 @pytest.mark.multiprocess
 @pytest.mark.cli
 @pytest.mark.timeout(240)
-def test_exported_gpt2_under_mpirun(tmp_path):
+@pytest.mark.parametrize("name", EXPORTS)
+def test_exported_model_under_mpirun(name, export_shards, tmp_path):
     pytest.importorskip("launchers._mpi")
     from conftest import orchestrate_command, run_command
 
-    shards = shard_model(FIXTURES / "gpt2_dynamo.onnx", 2, tmp_path / "shards", progress=False)
-    x = _inputs_file("gpt2_dynamo", tmp_path / "x.npz")
+    shards = export_shards(name)
+    x = _inputs_file(name, tmp_path / "x.npz")
     out = tmp_path / "out{rank}.npz"
     result = run_command(orchestrate_command(
         "launch", "mpi", "-n", "2", "--", "python", "-m", "ranks", f"--model_path={shards.model_path}",
         f"--input={x}", f"--output={out}", "--thread_num=1", "--quiet",
     ), timeout=200)
     assert result.returncode == 0, result.stdout + result.stderr
-    _feeds, expected = _load("gpt2_dynamo")
+    _feeds, expected = _load(name)
     for rank in range(2):
         with np.load(str(out).format(rank=rank)) as saved:
             assert _max_diff({k: saved[k] for k in saved.files}, expected) <= TOLERANCE
@@ -164,13 +178,13 @@ def test_exported_gpt2_under_mpirun(tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.cli
 @pytest.mark.timeout(240)
-def test_exported_bert_from_a_rank_table(tmp_path):
+@pytest.mark.parametrize("name", EXPORTS)
+def test_exported_model_from_a_rank_table(name, export_shards, tmp_path):
     pytest.importorskip("ranks._comm_zmq")
     from conftest import project_env
     from ranks import free_base_port, generate_rank_table
 
-    name = "bert_torchscript"  # two inputs (ids and an attention mask with padding)
-    shards = shard_model(FIXTURES / f"{name}.onnx", 2, tmp_path / "shards", progress=False)
+    shards = export_shards(name)
     generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
     (tmp_path / "config_file.ini").write_text(
         f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
@@ -201,16 +215,15 @@ def test_exported_bert_from_a_rank_table(tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
-def test_exported_llama_and_bert_from_python(tmp_path):
-    for name in ("llama_dynamo", "bert_dynamo"):
-        shards = shard_model(FIXTURES / f"{name}.onnx", 2, tmp_path / name, progress=False)
-        feeds, expected = _load(name)
-        with ShardedModel(shards.model_path, backend="mpi", timeout=120) as model:
-            assert _max_diff(model.predict(feeds), expected) <= TOLERANCE
-            # the same ranks, another batch: the first row alone gives the first row of the outputs
-            one = model.predict({k: v[:1] for k, v in feeds.items()})
-            assert _max_diff(one, {k: v[:1] for k, v in expected.items()}) <= TOLERANCE
-
+@pytest.mark.parametrize("name", EXPORTS)
+def test_exported_model_from_python(name, export_shards):
+    shards = export_shards(name)
+    feeds, expected = _load(name)
+    with ShardedModel(shards.model_path, backend="mpi", timeout=120) as model:
+        assert _max_diff(model.predict(feeds), expected) <= TOLERANCE
+        # the same ranks, another batch: the first row alone gives the first row of the outputs
+        one = model.predict({k: v[:1] for k, v in feeds.items()})
+        assert _max_diff(one, {k: v[:1] for k, v in expected.items()}) <= TOLERANCE
 
 def test_vocabulary_that_tp_does_not_divide_keeps_embedding_and_head_whole(tmp_path):
     """GPT-2's 50257 tokens at --tp 2: the table and the LM head stay whole, the blocks are still cut."""
