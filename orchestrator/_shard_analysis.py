@@ -305,7 +305,14 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
     return plan
 
 
-_SHAPE_ARITHMETIC = {"Slice", "Gather", "Concat", "Squeeze", "Unsqueeze", "Cast", "Identity"}
+_SHAPE_ARITHMETIC = {"Concat", "Squeeze", "Unsqueeze", "Cast", "Identity"}
+# Elementwise ops that exporters also apply to shape vectors (TorchScript's Expand: Where(shape == -1, 1, shape)).
+_SHAPE_MATH = {"Mul", "Add", "Sub", "Div", "Equal", "Where", "Max", "Min", "ConstantOfShape", "Shape"}
+
+
+def _is_shape_vector(index: GraphIndex, name: str) -> bool:
+    shape = index.shape(name)
+    return shape is not None and len(shape) <= 1 and (not shape or (isinstance(shape[0], int) and shape[0] <= 8))
 
 
 def _check_local_shapes(index: GraphIndex, plan: Plan) -> None:
@@ -321,12 +328,32 @@ def _check_local_shapes(index: GraphIndex, plan: Plan) -> None:
             raise _Abandon(seeds, f"the shape value {name} differs per rank and is a graph output")
         for c in index.consumers.get(name, []):
             node = index.nodes[c]
-            if node.op_type in _SHAPE_ARITHMETIC and node.domain in ("", "ai.onnx"):
+            arithmetic = node.op_type in _SHAPE_ARITHMETIC or (
+                node.op_type in ("Reshape", "Slice", "Gather") and node.input[0] == name) or (
+                node.op_type in _SHAPE_MATH and _is_shape_vector(index, node.output[0]))
+            if arithmetic and node.domain in ("", "ai.onnx"):
                 pending += [(o, seeds) for o in node.output if o]
             elif c in plan.checked_shape_nodes and list(node.input).index(name) == 1:
                 continue
+            elif not _holds_local_dims(index, plan, name):
+                continue  # the per-rank part was sliced away: Shape(x)[:-1] of x cut on its last axis
             else:
                 raise _Abandon(seeds, f"the shape value {name} differs per rank and is read by {index.node_label(c)}")
+
+
+def _holds_local_dims(index: GraphIndex, plan: Plan, name: str) -> bool:
+    """True unless shape value ``name`` is known element by element and is the same on every rank."""
+    traced = index._values(name, _local_dim(plan), 0)
+    return traced is None or any(whole != local for whole, local, _src in traced)
+
+
+def _local_dim(plan: Plan):
+    """local_dim(tensor, axis, whole length) -> its length on one rank, for GraphIndex.shape_values."""
+    def local_dim(tensor: str, axis: int, length: int) -> int:
+        spec = plan.splits.get(tensor)
+        return length // plan.tp if spec is not None and spec.position() == axis else length
+
+    return local_dim
 
 
 def _slice_key(axis: int, outer: int):
@@ -710,7 +737,7 @@ def _carry_expand(index, plan, i, spec, seeds):
     out_pos = pos + len(out_shape) - len(in_shape)
     if out_shape[out_pos] != in_shape[pos]:
         return None  # broadcasting the cut axis itself
-    target = index.shape_target(node.input[1])
+    target = index.shape_values(node.input[1], _local_dim(plan))
     if target is None or len(target[0]) != len(out_shape):
         return None
     local_out = list(out_shape)
@@ -723,39 +750,27 @@ def _carry_expand(index, plan, i, spec, seeds):
 def _per_rank_target(index, plan, i, local_out, in_local, allowzero, seeds, *, cut: int, expand_axis=None) -> bool:
     """Check (and where needed rewrite) node i's shape input so that each rank computes ``local_out``."""
     node = index.nodes[i]
-    traced = index.shape_target(node.input[1])
+    traced = index.shape_values(node.input[1], _local_dim(plan))
     if traced is None:
         return False
     elems, concat = traced
     if len(elems) != len(local_out):
         return False
     changes: dict = {}
-    for j, elem in enumerate(elems):
+    for j, (_whole, got, source) in enumerate(elems):
         want = local_out[j]
-        if elem[0] == "const":
-            got = elem[1]
-            if got == -1 and expand_axis is None:
-                continue
-            if got == 0 and not allowzero and in_local is not None and expand_axis is None:
+        if expand_axis is None:
+            if got == -1:
+                continue  # inferred: the rank's own size
+            if got == 0 and not allowzero and in_local is not None:
                 got = in_local[j]
-        elif elem[0] == "dim":
-            tensor, axis = elem[1], elem[2]
-            shape = index.shape(tensor)
-            if shape is None or not isinstance(shape[axis], int):
-                return False
-            got = shape[axis]
-            s = plan.splits.get(tensor)
-            if s is not None and s.position() == axis:
-                got //= plan.tp
-        else:
-            return False
-        if got == want or (expand_axis is not None and got == 1 and j != expand_axis):
+        elif got == 1:
+            continue  # Expand keeps the input's (per-rank) length
+        if got == want:
             continue
-        if expand_axis is not None and j == expand_axis and got == 1:
-            continue
-        if elem[0] != "const" or elem[2] is None or j != cut:
+        if source is None or j != cut:
             return False  # only the cut axis may differ per rank; anything else means we misread the target
-        changes[elem[2]] = want
+        changes[source] = want
     plan.checked_shape_nodes.add(i)
     if not changes:
         return True

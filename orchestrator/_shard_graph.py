@@ -63,70 +63,84 @@ class GraphIndex:
         shape = self.shape(name)
         return None if shape is None else len(shape)
 
-    def shape_target(self, name: str):
-        """The elements of a 1-D shape value as (elements, concat node index or None), None when not traceable.
+    def shape_values(self, name: str, local_dim):
+        """A 1-D shape value, element by element, as the whole model and as one rank compute it.
 
-        Each element is ``("const", value, source)``, ``("dim", tensor, axis)`` (read at run time from
-        ``Shape(tensor)``) or ``("unknown",)``. ``source`` says which constant holds it, so that a per-rank
-        value can be written there: ``(input index of the Concat, offset)``, or ``(None, offset)`` when
-        ``name`` itself is the constant. Exporters compute reshape targets as ``Concat(Shape(x)[0],
-        Shape(x)[1], const)`` rather than as one constant.
+        Returns ``(elements, concat)`` or None when it cannot be followed. Each element is
+        ``(whole, per_rank, source)``: integers computed with the stand-in sizes, per rank with
+        ``local_dim(tensor, axis)`` for every ``Shape(tensor)`` read (its length on one rank).
+        ``source`` names the constant that holds an element, so a per-rank value can be written
+        there: ``(input index of the Concat, offset)``, or ``(None, offset)`` when ``name`` itself
+        is the constant; None for computed elements. ``concat`` is the index of the Concat node
+        that makes ``name``, or None. Exporters compute reshape targets as ``Concat(Shape(x)[0],
+        Shape(x)[1], 192)``, and ``Shape(k)[1] * 2`` for repeated key/value heads.
         """
         value = self.constant_value(name)
         if value is not None:
-            return [("const", int(v), (None, j)) for j, v in enumerate(value.reshape(-1))], None
+            return [(int(v), int(v), (None, j)) for j, v in enumerate(value.reshape(-1))], None
         i = self.producer.get(name)
         if i is None:
             return None
         node = self.nodes[i]
         if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
-            elems = self._shape_elements(name, 0)
+            elems = self._values(name, local_dim, 0)
             return None if elems is None else (elems, None)
         elems = []
         for k, part in enumerate(node.input):
             value = self.constant_value(part)
             if value is not None:
-                elems += [("const", int(v), (k, j)) for j, v in enumerate(value.reshape(-1))]
+                elems += [(int(v), int(v), (k, j)) for j, v in enumerate(value.reshape(-1))]
                 continue
-            sub = self._shape_elements(part, 0)
+            sub = self._values(part, local_dim, 0)
             if sub is None:
                 return None
             elems += sub
         return elems, i
 
-    def _shape_elements(self, name: str, depth: int):
-        if depth > 12:
+    def _values(self, name: str, local_dim, depth: int):
+        if depth > 24:
             return None
         value = self.constant_value(name)
         if value is not None:
-            return [("const", int(v), None) for v in value.reshape(-1)]
+            return [(int(v), int(v), None) for v in np.reshape(value, -1)]
         i = self.producer.get(name)
         if i is None:
             return None
         node = self.nodes[i]
+        if node.domain not in ("", "ai.onnx"):
+            return None
         op = node.op_type
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+        def sub(k):
+            return self._values(node.input[k], local_dim, depth + 1) if len(node.input) > k and node.input[k] else None
+
         if op == "Shape":
-            rank = self.rank(node.input[0])
-            if rank is None:
+            shape = self.shape(node.input[0])
+            if shape is None:
                 return None
+            rank = len(shape)
             start, end = attrs.get("start", 0), attrs.get("end", rank)
             start = max(0, start + rank if start < 0 else start)
             end = min(rank, end + rank if end < 0 else end)
-            return [("dim", node.input[0], a) for a in range(start, end)]
+            out = []
+            for a in range(start, end):
+                if not isinstance(shape[a], int):
+                    return None
+                out.append((shape[a], local_dim(node.input[0], a, shape[a]), None))
+            return out
         if op in ("Cast", "Identity", "Squeeze", "Unsqueeze", "Reshape", "Flatten"):
-            return self._shape_elements(node.input[0], depth + 1)
+            return sub(0)
         if op == "Concat":
             out = []
-            for part in node.input:
-                sub = self._shape_elements(part, depth + 1)
-                if sub is None:
+            for k in range(len(node.input)):
+                part = sub(k)
+                if part is None:
                     return None
-                out += sub
+                out += part
             return out
         if op == "Gather" and attrs.get("axis", 0) == 0:
-            data = self._shape_elements(node.input[0], depth + 1)
-            idx = self.constant_value(node.input[1])
+            data, idx = sub(0), self.constant_value(node.input[1])
             if data is None or idx is None:
                 return None
             try:
@@ -134,22 +148,42 @@ class GraphIndex:
             except IndexError:
                 return None
         if op == "Slice":
-            data = self._shape_elements(node.input[0], depth + 1)
+            data = sub(0)
             args = [self.constant_value(n) if n else None for n in list(node.input[1:]) + [""] * (4 - len(node.input[1:]))]
             if data is None or args[0] is None or args[1] is None:
                 return None
             if args[2] is not None and [int(a) for a in args[2].reshape(-1)] not in ([0], [-1]):
                 return None
             step = 1 if args[3] is None else int(args[3].reshape(-1)[0])
-            if step != 1:
-                return None
             start, end = int(args[0].reshape(-1)[0]), int(args[1].reshape(-1)[0])
-            return data[slice(start, end)]
-        shape = self.shape(name)
-        if shape is None or len(shape) > 1:
-            return None
-        count = 1 if not shape else shape[0]
-        return [("unknown",)] * count if isinstance(count, int) else None
+            return data[slice(start, end, step)]
+        if op == "ConstantOfShape":
+            shape = sub(0)
+            fill = attrs.get("value")
+            v = 0 if fill is None else int(onnx.numpy_helper.to_array(fill).reshape(-1)[0])
+            if shape is None or len(shape) != 1 or shape[0][0] != shape[0][1]:
+                return None
+            return [(v, v, None)] * shape[0][0]
+        if op in ("Mul", "Add", "Sub", "Div", "Equal", "Max", "Min"):
+            a, b = sub(0), sub(1)
+            if a is None or b is None or (len(a) != len(b) and 1 not in (len(a), len(b))):
+                return None
+            n = max(len(a), len(b))
+            a, b = (a * n if len(a) == 1 else a), (b * n if len(b) == 1 else b)
+            fn = {"Mul": lambda x, y: x * y, "Add": lambda x, y: x + y, "Sub": lambda x, y: x - y,
+                  "Div": lambda x, y: x // y if y else 0, "Equal": lambda x, y: int(x == y),
+                  "Max": max, "Min": min}[op]
+            return [(fn(x[0], y[0]), fn(x[1], y[1]), None) for x, y in zip(a, b)]
+        if op == "Where":
+            c, a, b = sub(0), sub(1), sub(2)
+            if c is None or a is None or b is None:
+                return None
+            n = max(len(c), len(a), len(b))
+            c, a, b = [(v * n if len(v) == 1 else v) for v in (c, a, b)]
+            if not len(c) == len(a) == len(b) == n:
+                return None
+            return [((x[0] if k[0] else y[0]), (x[1] if k[1] else y[1]), None) for k, x, y in zip(c, a, b)]
+        return None
 
     def op_type_of(self, name: str) -> str | None:
         i = self.producer.get(name)

@@ -21,6 +21,9 @@ from orchestrator._shard_check import SimulatedRanks
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 EXPORTS = sorted(p.stem for p in FIXTURES.glob("*.onnx"))
+# The three ways of starting ranks run one export of each model (each launch costs seconds);
+# every export is checked against torch's outputs in one process above.
+LAUNCHED = ["bert_dynamo", "gpt2_dynamo", "llama_torchscript"]
 LAYERS = 2  # every fixture has two transformer blocks
 TOLERANCE = 1e-4
 
@@ -42,7 +45,8 @@ def _producers(shard_path: Path) -> dict[str, onnx.NodeProto]:
 
 
 def test_the_fixtures_are_there():
-    assert {"gpt2_dynamo", "bert_dynamo", "bert_torchscript", "llama_dynamo"} <= set(EXPORTS)
+    assert {"gpt2_dynamo", "gpt2_torchscript", "bert_dynamo", "bert_torchscript", "llama_dynamo",
+            "llama_torchscript"} <= set(EXPORTS)
 
 
 @pytest.mark.parametrize("name", EXPORTS)
@@ -114,9 +118,10 @@ def test_fused_qkv_is_cut_per_head_into_q_k_v_pieces(tmp_path):
     assert weights["model.transformer.wpe.weight"]["split"] == "replicated"
 
 
-def test_grouped_query_attention_kv_heads_divided_or_kept_whole(tmp_path):
-    source = FIXTURES / "llama_dynamo.onnx"
-    feeds, expected = _load("llama_dynamo")
+@pytest.mark.parametrize("name", ["llama_dynamo", "llama_torchscript"])
+def test_grouped_query_attention_kv_heads_divided_or_kept_whole(name, tmp_path):
+    source = FIXTURES / f"{name}.onnx"
+    feeds, expected = _load(name)
     two = shard_model(source, 2, tmp_path / "tp2", progress=False)
     assert {(a["heads"], a["heads_per_rank"]) for a in two.manifest["attention"]} == {(4, 2), (2, 1)}
     assert not two.manifest["replicated_reasons"]
@@ -156,7 +161,7 @@ def export_shards(tmp_path_factory):
 @pytest.mark.multiprocess
 @pytest.mark.cli
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", EXPORTS)
+@pytest.mark.parametrize("name", LAUNCHED)
 def test_exported_model_under_mpirun(name, export_shards, tmp_path):
     pytest.importorskip("launchers._mpi")
     from conftest import orchestrate_command, run_command
@@ -178,7 +183,7 @@ def test_exported_model_under_mpirun(name, export_shards, tmp_path):
 @pytest.mark.multiprocess
 @pytest.mark.cli
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", EXPORTS)
+@pytest.mark.parametrize("name", LAUNCHED)
 def test_exported_model_from_a_rank_table(name, export_shards, tmp_path):
     pytest.importorskip("ranks._comm_zmq")
     from conftest import project_env
@@ -215,7 +220,7 @@ def test_exported_model_from_a_rank_table(name, export_shards, tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("name", EXPORTS)
+@pytest.mark.parametrize("name", LAUNCHED)
 def test_exported_model_from_python(name, export_shards):
     shards = export_shards(name)
     feeds, expected = _load(name)
