@@ -519,7 +519,7 @@ def _const_axes(index, node, rank: int) -> set[int] | None:
             return None
         axes = value.reshape(-1).tolist()
     if axes is None:
-        return None if node.op_type != "Squeeze" else None
+        return None
     return {int(a) + rank if int(a) < 0 else int(a) for a in axes}
 
 
@@ -648,8 +648,8 @@ def _carry_elementwise(index, plan, i, in_splits, seeds):
         if shape[pos] == first.length and name in index.initializers:
             slices[(i, k)] = _slice_key(pos, first.outer)  # a per-channel constant (a bias): each rank takes its piece
             continue
-        if shape[pos] == first.length and first.outer == 1 and index.op_type_of(name) != "Shape":
-            locals_[(i, k)] = (pos, first.length)
+        if shape[pos] == first.length and first.outer == 1:
+            locals_[(i, k)] = (pos, first.length)  # whole on every rank: each rank reads its piece
             continue
         return None
     plan.sliced_inputs.update(slices)
