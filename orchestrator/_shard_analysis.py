@@ -27,13 +27,13 @@ Models as exporters write them add a few rules:
   vocabulary rows, its partial rows summed by one AllReduce; a tied LM head
   (``MatMul(x, Transpose(table))``) is cut by vocabulary like any column layer.
 
-The result is a ``Plan``: the per-tensor splits, which constants to slice,
-which shape inputs to rewrite, and where the collectives go.
+The result is a ``Plan`` (``_shard_plan``): the per-tensor splits, which
+constants to slice, which shape inputs to rewrite, and where the collectives
+go. The rules for Reshape, Expand and shape values are in ``_shard_shapes``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,8 @@ from ranks._errors import ShardError
 from ranks._staged_runner import outer_references
 
 from ._shard_graph import GraphIndex
+from ._shard_plan import Abandon, Plan, Regroup, Split, node_attrs, slice_key
+from ._shard_shapes import carry_expand, carry_reshape, check_local_shapes
 
 UNARY_ELEMENTWISE = {
     "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Softplus",
@@ -54,92 +56,6 @@ BINARY_ELEMENTWISE = {
 }
 # Ops whose extra inputs are parameters, not data: only input 0 carries the split.
 PARAMETER_INPUTS = {"Clip", "Dropout", "CastLike"}
-
-
-@dataclass(frozen=True)
-class Split:
-    """A tensor cut along ``axis`` (negative, counted from the end) into tp pieces.
-
-    The axis is ``outer`` blocks of ``dim`` each (length ``outer * dim``); every rank holds its
-    ``dim / tp`` piece of every block. ``outer`` is 1 for a plain column split; 3 for a fused QKV
-    projection cut per head (each rank holds its heads of Q, of K and of V); the batch size when
-    a Reshape has merged the batch axis into the heads axis (``[B, H, S, d] -> [B*H, S, d]``).
-    """
-
-    axis: int
-    dim: int
-    rank: int | None
-    seeds: frozenset[int]
-    outer: int = 1
-
-    def position(self) -> int | None:
-        return None if self.rank is None else self.rank + self.axis
-
-    def moved(self, axis: int, rank: int | None, seeds: frozenset[int] | None = None) -> "Split":
-        return Split(axis, self.dim, rank, self.seeds if seeds is None else seeds, self.outer)
-
-    @property
-    def length(self) -> int:
-        return self.outer * self.dim
-
-
-@dataclass
-class Plan:
-    tp: int
-    allow_replicate: bool = False
-    splits: dict[str, Split] = field(default_factory=dict)
-    # (node index, input index) -> how that constant input is sliced per rank: an axis (non-negative),
-    # or (axis, outer) when the axis is ``outer`` blocks each cut into tp pieces (see Split).
-    sliced_inputs: dict[tuple[int, int], object] = field(default_factory=dict)
-    # (node index, input index) -> per-rank value of a constant input (a Reshape target, Split sizes).
-    input_overrides: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
-    # node index -> (Concat node index, {Concat input index: per-rank value}): a run-time shape target
-    # computed by that Concat is computed per rank by a copy of it with these constants.
-    concat_overrides: dict[int, tuple[int, dict]] = field(default_factory=dict)
-    # (node index, input index) -> (axis, length): a whole tensor this rank only needs its piece of.
-    local_slices: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
-    # Gather node index -> vocabulary rows: token embedding split by rows, partial rows summed.
-    embeddings: dict[int, int] = field(default_factory=dict)
-    # linear node index -> index of the Transpose node that feeds it its (tied) weight.
-    transposed_weights: dict[int, int] = field(default_factory=dict)
-    # tensor computed from the shape of a split tensor (its value differs per rank) -> seeds.
-    local_shapes: dict[str, frozenset] = field(default_factory=dict)
-    # nodes whose shape input was checked to give the per-rank value it needs.
-    checked_shape_nodes: set[int] = field(default_factory=set)
-    # seed node index -> outer (blocks of a fused projection, e.g. 3 for QKV).
-    seed_outer: dict[int, int] = field(default_factory=dict)
-    # row-parallel node index -> the column-parallel seeds whose cut it ends (a Megatron pair).
-    pairs: dict[int, frozenset] = field(default_factory=dict)
-    # node index -> heads before / per rank (for the manifest).
-    reshape_heads: dict[int, tuple[int, int]] = field(default_factory=dict)
-    # node indices whose (first) output is a partial sum: AllReduce right after.
-    row_parallel: set[int] = field(default_factory=set)
-    # node index -> names of split inputs it needs whole (AllGather before it).
-    gathers: dict[int, list[str]] = field(default_factory=dict)
-    # graph outputs that are split and must be gathered into their name.
-    gathered_outputs: list[str] = field(default_factory=list)
-    seeds: set[int] = field(default_factory=set)
-    replicated_reasons: dict[str, str] = field(default_factory=dict)
-
-    def has_collectives(self) -> bool:
-        return bool(self.row_parallel or self.gathers or self.gathered_outputs)
-
-
-class _Abandon(Exception):
-    def __init__(self, seeds: frozenset[int], reason: str, heads: bool = False):
-        super().__init__(reason)
-        self.seeds = seeds
-        self.reason = reason
-        self.heads = heads
-
-
-class _Regroup(Exception):
-    """A fused projection's output is split into ``factor`` equal parts: cut its weight per part."""
-
-    def __init__(self, seeds: frozenset[int], factor: int):
-        super().__init__(f"regroup {sorted(seeds)} by {factor}")
-        self.seeds = seeds
-        self.factor = factor
 
 
 def linear_weight(index: GraphIndex, i: int) -> tuple[str, int, int] | None:
@@ -159,7 +75,7 @@ def linear_weight(index: GraphIndex, i: int) -> tuple[str, int, int] | None:
             return None
         return node.input[1], shape[0], shape[1]
     if node.op_type == "Gemm":
-        attrs = _attrs(node)
+        attrs = node_attrs(node)
         if attrs.get("transA", 0):
             return None
         shape = index.initializer_shape(node.input[1])
@@ -182,7 +98,7 @@ def transposed_weight(index: GraphIndex, i: int) -> int | None:
     if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
         return None
     shape = index.initializer_shape(node.input[0])
-    perm = _attrs(node).get("perm") or [1, 0]
+    perm = node_attrs(node).get("perm") or [1, 0]
     if shape is None or len(shape) != 2 or list(perm) != [1, 0]:
         return None
     if index.consumers.get(node.output[0], []) != [i] or node.output[0] in index.graph_outputs:
@@ -198,7 +114,7 @@ def token_embedding(index: GraphIndex, i: int, tp: int) -> int | None:
     computed values and stay whole: they are small, and splitting them would cost one more all-reduce.
     """
     node = index.nodes[i]
-    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or _attrs(node).get("axis", 0) != 0:
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node_attrs(node).get("axis", 0) != 0:
         return None
     shape = index.initializer_shape(node.input[0])
     if shape is None or len(shape) != 2 or shape[0] % tp or shape[0] < 2 * tp:
@@ -223,11 +139,11 @@ def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool) -> Plan:
     for _ in range(4 * len(candidates) + 8):
         try:
             plan = _propagate(index, tp, candidates - disabled.keys(), allow_replicate, disabled, seed_outer)
-        except _Regroup as exc:
+        except Regroup as exc:
             for seed in exc.seeds:
                 seed_outer[seed] = seed_outer.get(seed, 1) * exc.factor
             continue
-        except _Abandon as exc:
+        except Abandon as exc:
             if not exc.seeds:
                 raise ShardError(exc.reason) from None
             if exc.heads:
@@ -263,7 +179,7 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
             for name in outer_references(node):
                 if name in splits:
                     # Gathering inside a nested graph would mean rewriting it: keep this split's layers whole.
-                    raise _Abandon(splits[name].seeds, f"{name} is read inside a subgraph of {index.node_label(i)}")
+                    raise Abandon(splits[name].seeds, f"{name} is read inside a subgraph of {index.node_label(i)}")
         in_splits = {k: splits[name] for k, name in enumerate(node.input) if name in splits}
         if not in_splits:
             if i in seeds:
@@ -274,10 +190,10 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
             # Cannot carry the split through this node: gather its split inputs whole first.
             for k, spec in in_splits.items():
                 if spec.position() is None:
-                    raise _Abandon(spec.seeds, f"the rank of {node.input[k]} is unknown, so it cannot be gathered")
+                    raise Abandon(spec.seeds, f"the rank of {node.input[k]} is unknown, so it cannot be gathered")
             for k, spec in in_splits.items():
                 if spec.outer != 1:
-                    raise _Abandon(spec.seeds, f"{node.input[k]} would have to be gathered whole for "
+                    raise Abandon(spec.seeds, f"{node.input[k]} would have to be gathered whole for "
                                                f"{index.node_label(i)}, and its pieces are interleaved")
             plan.gathers[i] = sorted({node.input[k] for k in in_splits})
             continue
@@ -288,76 +204,21 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
         spec = splits.get(name)
         if spec is not None:
             if spec.position() is None or spec.outer != 1:
-                raise _Abandon(spec.seeds, f"graph output {name} cannot be gathered whole")
+                raise Abandon(spec.seeds, f"graph output {name} cannot be gathered whole")
             plan.gathered_outputs.append(name)
-    _check_local_shapes(index, plan)
+    check_local_shapes(index, plan)
     plan.seeds = {s for spec in splits.values() for s in spec.seeds}
     # A transposed (tied) weight's Transpose reads the initializer: slice it there, by rows.
     for i, t in list(plan.transposed_weights.items()):
         if i in plan.seeds and (i, 1) in plan.sliced_inputs:
             del plan.sliced_inputs[(i, 1)]
-            plan.sliced_inputs[(t, 0)] = _slice_key(0, plan.seed_outer.get(i, 1))
+            plan.sliced_inputs[(t, 0)] = slice_key(0, plan.seed_outer.get(i, 1))
         elif i in plan.row_parallel and (i, 1) in plan.sliced_inputs:
             del plan.sliced_inputs[(i, 1)]
             plan.sliced_inputs[(t, 0)] = 1
         else:
             del plan.transposed_weights[i]
     return plan
-
-
-_SHAPE_ARITHMETIC = {"Concat", "Squeeze", "Unsqueeze", "Cast", "Identity"}
-# Elementwise ops that exporters also apply to shape vectors (TorchScript's Expand: Where(shape == -1, 1, shape)).
-_SHAPE_MATH = {"Mul", "Add", "Sub", "Div", "Equal", "Where", "Max", "Min", "ConstantOfShape", "Shape"}
-
-
-def _is_shape_vector(index: GraphIndex, name: str) -> bool:
-    shape = index.shape(name)
-    return shape is not None and len(shape) <= 1 and (not shape or (isinstance(shape[0], int) and shape[0] <= 8))
-
-
-def _check_local_shapes(index: GraphIndex, plan: Plan) -> None:
-    """A shape read from a split tensor is per rank: it may only feed shape targets checked to want that."""
-    pending = list(plan.local_shapes.items())
-    seen = set()
-    while pending:
-        name, seeds = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in index.graph_outputs:
-            raise _Abandon(seeds, f"the shape value {name} differs per rank and is a graph output")
-        for c in index.consumers.get(name, []):
-            node = index.nodes[c]
-            arithmetic = node.op_type in _SHAPE_ARITHMETIC or (
-                node.op_type in ("Reshape", "Slice", "Gather") and node.input[0] == name) or (
-                node.op_type in _SHAPE_MATH and _is_shape_vector(index, node.output[0]))
-            if arithmetic and node.domain in ("", "ai.onnx"):
-                pending += [(o, seeds) for o in node.output if o]
-            elif c in plan.checked_shape_nodes and list(node.input).index(name) == 1:
-                continue
-            elif not _holds_local_dims(index, plan, name):
-                continue  # the per-rank part was sliced away: Shape(x)[:-1] of x cut on its last axis
-            else:
-                raise _Abandon(seeds, f"the shape value {name} differs per rank and is read by {index.node_label(c)}")
-
-
-def _holds_local_dims(index: GraphIndex, plan: Plan, name: str) -> bool:
-    """True unless shape value ``name`` is known element by element and is the same on every rank."""
-    traced = index._values(name, _local_dim(plan), 0)
-    return traced is None or any(whole != local for whole, local, _src in traced)
-
-
-def _local_dim(plan: Plan):
-    """local_dim(tensor, axis, whole length) -> its length on one rank, for GraphIndex.shape_values."""
-    def local_dim(tensor: str, axis: int, length: int) -> int:
-        spec = plan.splits.get(tensor)
-        return length // plan.tp if spec is not None and spec.position() == axis else length
-
-    return local_dim
-
-
-def _slice_key(axis: int, outer: int):
-    return axis if outer == 1 else (axis, outer)
 
 
 def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled: dict) -> None:
@@ -383,7 +244,7 @@ def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled
         return
     rank = index.rank(node.input[0])
     if node.op_type == "Gemm":
-        transb = _attrs(node).get("transB", 0)
+        transb = node_attrs(node).get("transB", 0)
         if len(node.input) > 2 and node.input[2]:
             c_shape = index.initializer_shape(node.input[2])
             if c_shape is None:
@@ -393,11 +254,11 @@ def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled
                 if len(c_shape) == 2 and c_shape[0] != 1:
                     disabled[i] = f"the bias of {label} has shape {list(c_shape)}, not a row vector"
                     return
-                plan.sliced_inputs[(i, 2)] = _slice_key(len(c_shape) - 1, outer)
-        plan.sliced_inputs[(i, 1)] = _slice_key(0 if transb else 1, outer)
+                plan.sliced_inputs[(i, 2)] = slice_key(len(c_shape) - 1, outer)
+        plan.sliced_inputs[(i, 1)] = slice_key(0 if transb else 1, outer)
         rank = 2
     else:
-        plan.sliced_inputs[(i, 1)] = _slice_key(1, outer)
+        plan.sliced_inputs[(i, 1)] = slice_key(1, outer)
     plan.splits[node.output[0]] = _with_rank(index, node.output[0], Split(-1, n // outer, rank, frozenset({i}), outer))
 
 
@@ -423,37 +284,37 @@ def _carry(index: GraphIndex, plan: Plan, i: int, in_splits: dict[int, Split]) -
     if pos is None:
         return None
     if op == "Transpose":
-        perm = _attrs(node).get("perm") or list(reversed(range(first.rank)))
+        perm = node_attrs(node).get("perm") or list(reversed(range(first.rank)))
         new_pos = list(perm).index(pos)
         return {node.output[0]: first.moved(new_pos - first.rank, first.rank, seeds)}
     if op in ("Reshape", "Expand"):
         if set(in_splits) != {0}:
             return None
         if op == "Reshape":
-            return _carry_reshape(index, plan, i, first, seeds)
-        return _carry_expand(index, plan, i, first, seeds)
+            return carry_reshape(index, plan, i, first, seeds)
+        return carry_expand(index, plan, i, first, seeds)
     if op in ("Softmax", "LogSoftmax", "Hardmax"):
         default = -1 if index.opset >= 13 else 1
-        axis = _attrs(node).get("axis", default)
+        axis = node_attrs(node).get("axis", default)
         axis = axis + first.rank if axis < 0 else axis
         safe = pos != axis if index.opset >= 13 else pos < axis
         return {node.output[0]: first} if safe and set(in_splits) == {0} else None
     if op == "LayerNormalization":
         if set(in_splits) != {0} or any(node.output[1:]):
             return None
-        axis = _attrs(node).get("axis", -1)
+        axis = node_attrs(node).get("axis", -1)
         axis = axis + first.rank if axis < 0 else axis
         return {node.output[0]: first} if pos < axis else None
     if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
         axes = _const_axes(index, node, first.rank)
         if axes is None or pos in axes or set(in_splits) != {0}:
             return None
-        keep = _attrs(node).get("keepdims", 1)
+        keep = node_attrs(node).get("keepdims", 1)
         new_pos = pos if keep else pos - sum(1 for a in axes if a < pos)
         rank = first.rank if keep else first.rank - len(axes)
         return {node.output[0]: first.moved(new_pos - rank, rank, seeds)}
     if op == "Shape":
-        attrs = _attrs(node)
+        attrs = node_attrs(node)
         start = attrs.get("start", 0)
         end = attrs.get("end", first.rank)
         start = max(0, start + first.rank if start < 0 else start)
@@ -492,7 +353,7 @@ def _carry(index: GraphIndex, plan: Plan, i: int, in_splits: dict[int, Split]) -
         axes = {int(a) + first.rank if int(a) < 0 else int(a) for a in np.reshape(list(axes), -1)}
         return None if pos in axes else {node.output[0]: first}
     if op == "Concat":
-        axis = _attrs(node).get("axis", 0)
+        axis = node_attrs(node).get("axis", 0)
         axis = axis + first.rank if axis < 0 else axis
         specs = [in_splits.get(k) for k in range(len(node.input))]
         if axis == pos or any(s is None or (s.axis, s.dim, s.outer) != (first.axis, first.dim, first.outer) for s in specs):
@@ -506,13 +367,13 @@ def _carry(index: GraphIndex, plan: Plan, i: int, in_splits: dict[int, Split]) -
 def _count_axes(index, node) -> int:
     axes = index.constant_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
     if axes is None:
-        axes = _attrs(node).get("axes")
+        axes = node_attrs(node).get("axes")
     return 0 if axes is None else len(np.reshape(axes, -1))
 
 
 def _const_axes(index, node, rank: int) -> set[int] | None:
     """The axes of a Reduce/Squeeze/Unsqueeze node (attribute or constant input), non-negative; None when unknown."""
-    axes = _attrs(node).get("axes")
+    axes = node_attrs(node).get("axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         value = index.constant_value(node.input[1])
         if value is None:
@@ -526,7 +387,7 @@ def _const_axes(index, node, rank: int) -> set[int] | None:
 def _carry_split(index, plan, i, spec, seeds):
     node = index.nodes[i]
     pos = spec.position()
-    axis = _attrs(node).get("axis", 0)
+    axis = node_attrs(node).get("axis", 0)
     axis = axis + spec.rank if axis < 0 else axis
     outputs = [o for o in node.output]
     if axis != pos:
@@ -543,7 +404,7 @@ def _carry_split(index, plan, i, spec, seeds):
         if spec.dim % (n * plan.tp):
             return None
         # A fused projection (QKV) split into n equal parts: its weight must be cut per part. Start over.
-        raise _Regroup(seeds, n)
+        raise Regroup(seeds, n)
     if spec.outer % n:
         return None
     if sizes is not None:
@@ -561,8 +422,8 @@ def _carry_matmul(index, plan, i, in_splits, seeds):
             if spec.length != k:
                 return None
             # Row-parallel: each rank contracts its slice of K; the partial sums meet in one AllReduce.
-            transb = node.op_type == "Gemm" and _attrs(node).get("transB", 0)
-            plan.sliced_inputs[(i, 1)] = _slice_key(1 if transb else 0, spec.outer)
+            transb = node.op_type == "Gemm" and node_attrs(node).get("transB", 0)
+            plan.sliced_inputs[(i, 1)] = slice_key(1 if transb else 0, spec.outer)
             plan.row_parallel.add(i)
             plan.pairs[i] = spec.seeds
             return {node.output[0]: None}
@@ -646,7 +507,7 @@ def _carry_elementwise(index, plan, i, in_splits, seeds):
         if pos < 0 or shape[pos] == 1:
             continue  # broadcasts along the cut axis: the same value on every rank is right
         if shape[pos] == first.length and name in index.initializers:
-            slices[(i, k)] = _slice_key(pos, first.outer)  # a per-channel constant (a bias): each rank takes its piece
+            slices[(i, k)] = slice_key(pos, first.outer)  # a per-channel constant (a bias): each rank takes its piece
             continue
         if shape[pos] == first.length and first.outer == 1:
             locals_[(i, k)] = (pos, first.length)  # whole on every rank: each rank reads its piece
@@ -656,142 +517,6 @@ def _carry_elementwise(index, plan, i, in_splits, seeds):
     plan.local_slices.update(locals_)
     rank = None if any(r is None for r in ranks) else max(ranks)
     return {node.output[0]: first.moved(first.axis, rank, seeds)}
-
-
-def _carry_reshape(index, plan, i, spec, seeds):
-    """Where the cut axis goes through a Reshape, and the per-rank target that keeps it there.
-
-    Works on concrete shapes (dynamic dimensions have stand-in values, see ``_shard_graph``): the
-    input is (O, d, I) around the cut (O: everything outside, including ``outer`` blocks; d: the cut
-    dimension; I: everything inside). The output axis p that starts inside d either holds whole
-    multiples of d (merging heads: ``[B, S, H, hd] -> [B, S, H*hd]``) or a divisor of it (splitting
-    the width into heads: ``[B, S, D] -> [B, S, H, hd]``, H divisible by tp).
-    """
-    node = index.nodes[i]
-    if node.input[1] in plan.splits:
-        return None
-    in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
-    if not _concrete(in_shape) or not _concrete(out_shape) or len(in_shape) != spec.rank:
-        return None
-    pos = spec.position()
-    if in_shape[pos] != spec.length:
-        return None
-    outer = int(np.prod(in_shape[:pos], dtype=np.int64)) * spec.outer
-    d = spec.dim
-    inner = int(np.prod(in_shape[pos + 1:], dtype=np.int64))
-    q = 1
-    found = None
-    for p, size in enumerate(out_shape):
-        if outer % q:
-            return None
-        nxt = q * size
-        if nxt <= outer:
-            q = nxt
-            continue
-        if nxt % outer:
-            return None
-        new_outer, r = outer // q, nxt // outer
-        found = (p, new_outer, r)
-        break
-    if found is None:
-        return None
-    p, new_outer, r = found
-    heads = None
-    if r % d == 0:
-        if inner % (r // d):
-            return None
-        new_dim = r
-    elif d % r == 0:
-        heads = r
-        if r % plan.tp:
-            raise _Abandon(
-                seeds,
-                f"tensor-parallel degree {plan.tp} does not divide the head count {r} "
-                f"(Reshape {index.node_label(i)}, shape input {node.input[1]}); these heads stay whole on "
-                f"every rank, each rank reads the ones its query heads use",
-                heads=True,
-            )
-        new_dim = r
-    else:
-        return None
-    if new_dim % plan.tp:
-        return None
-    local_out = list(out_shape)
-    local_out[p] = out_shape[p] // plan.tp
-    in_local = list(in_shape)
-    in_local[pos] = in_shape[pos] // plan.tp
-    allowzero = _attrs(node).get("allowzero", 0)
-    if not _per_rank_target(index, plan, i, local_out, in_local, allowzero, seeds, cut=p):
-        return None
-    if heads is not None:
-        plan.reshape_heads[i] = (heads, heads // plan.tp)
-    return {node.output[0]: Split(p - len(out_shape), new_dim, len(out_shape), seeds, new_outer)}
-
-
-def _carry_expand(index, plan, i, spec, seeds):
-    node = index.nodes[i]
-    in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
-    if not _concrete(in_shape) or not _concrete(out_shape) or node.input[1] in plan.splits:
-        return None
-    pos = spec.position()
-    out_pos = pos + len(out_shape) - len(in_shape)
-    if out_shape[out_pos] != in_shape[pos]:
-        return None  # broadcasting the cut axis itself
-    target = index.shape_values(node.input[1], _local_dim(plan))
-    if target is None or len(target[0]) != len(out_shape):
-        return None
-    local_out = list(out_shape)
-    local_out[out_pos] = out_shape[out_pos] // plan.tp
-    if not _per_rank_target(index, plan, i, local_out, None, 0, seeds, cut=out_pos, expand_axis=out_pos):
-        return None
-    return {node.output[0]: spec.moved(out_pos - len(out_shape), len(out_shape), seeds)}
-
-
-def _per_rank_target(index, plan, i, local_out, in_local, allowzero, seeds, *, cut: int, expand_axis=None) -> bool:
-    """Check (and where needed rewrite) node i's shape input so that each rank computes ``local_out``."""
-    node = index.nodes[i]
-    traced = index.shape_values(node.input[1], _local_dim(plan))
-    if traced is None:
-        return False
-    elems, concat = traced
-    if len(elems) != len(local_out):
-        return False
-    changes: dict = {}
-    for j, (_whole, got, source) in enumerate(elems):
-        want = local_out[j]
-        if expand_axis is None:
-            if got == -1:
-                continue  # inferred: the rank's own size
-            if got == 0 and not allowzero and in_local is not None:
-                got = in_local[j]
-        elif got == 1:
-            continue  # Expand keeps the input's (per-rank) length
-        if got == want:
-            continue
-        if source is None or j != cut:
-            return False  # only the cut axis may differ per rank; anything else means we misread the target
-        changes[source] = want
-    plan.checked_shape_nodes.add(i)
-    if not changes:
-        return True
-    if concat is None:
-        value = index.constant_value(node.input[1]).copy().reshape(-1)
-        for (_k, j), want in changes.items():
-            value[j] = want
-        plan.input_overrides[(i, 1)] = value.reshape(index.constant_value(node.input[1]).shape)
-        return True
-    parts = {}
-    for (k, j), want in changes.items():
-        if k not in parts:
-            parts[k] = index.constant_value(index.nodes[concat].input[k]).copy()
-        flat = parts[k].reshape(-1)
-        flat[j] = want
-    plan.concat_overrides[i] = (concat, parts)
-    return True
-
-
-def _concrete(shape) -> bool:
-    return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 
 def _with_rank(index: GraphIndex, name: str, spec: Split) -> Split:
@@ -813,13 +538,3 @@ def _broadcasts_over(index: GraphIndex, name: str, axis: int) -> bool:
     """True when tensor ``name`` has no dimension, or a dimension of 1, at ``axis`` (counted from the end)."""
     dim = _dim_at(index, name, axis)
     return dim is None or dim == 1
-
-
-def _attrs(node) -> dict:
-    return {a.name: _attr_value(a) for a in node.attribute}
-
-
-def _attr_value(attr):
-    from onnx import helper
-
-    return helper.get_attribute_value(attr)

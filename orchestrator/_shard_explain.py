@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from ._shard_analysis import Plan, linear_weight, token_embedding
+from ._shard_analysis import linear_weight, token_embedding
+from ._shard_plan import Plan
 from ._shard_graph import GraphIndex
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._shard_analysis import Plan, _attrs
+from ._shard_plan import Plan, node_attrs
 from ._shard_graph import GraphIndex
 
 MS_DOMAIN = "com.microsoft"
@@ -278,7 +278,7 @@ def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
 
 def _scaled_bias(node, index, names, new_inits) -> str:
     bias = node.input[2]
-    beta = _attrs(node).get("beta", 1.0)
+    beta = node_attrs(node).get("beta", 1.0)
     if beta == 1.0:
         return bias
     value = index.constant_value(bias)
