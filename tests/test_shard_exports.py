@@ -261,3 +261,34 @@ def test_vocabulary_that_tp_does_not_divide_keeps_embedding_and_head_whole(tmp_p
     want = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
     got = SimulatedRanks(result.shard_paths).run({"ids": ids})["logits"]
     assert np.max(np.abs(got - want)) < 1e-5
+
+
+def test_a_shape_read_from_a_cut_tensor_for_anything_but_a_target_keeps_the_layer_whole(tmp_path):
+    """Shape(u) of a cut u is this rank's shape: fed to ConstantOfShape it would make a tensor of the wrong size."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from orchestrator._samples import save_model
+
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((16, 8)).astype(np.float32)
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["u"]), helper.make_node("Shape", ["u"], ["s"]),
+         helper.make_node("ConstantOfShape", ["s"], ["ones"], value=one),
+         helper.make_node("Relu", ["u"], ["r"]), helper.make_node("Add", ["r", "ones"], ["h"]),
+         helper.make_node("MatMul", ["h", "w2"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save_model(model, tmp_path / "m.onnx")
+    result = shard_model(tmp_path / "m.onnx", 2, tmp_path / "s", allow_replicate=True, progress=False)
+    reasons = result.manifest["replicated_reasons"]
+    assert any("the shape value s differs per rank" in r for r in reasons.values()), reasons
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = SimulatedRanks(result.shard_paths).run({"x": x})["y"]
+    assert np.max(np.abs(got - want)) < 1e-5
