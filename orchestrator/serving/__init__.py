@@ -21,6 +21,7 @@ from ._errors import (
     ServingError,
     ServingQueueFullError,
     ServingTimeoutError,
+    ServingUnavailableError,
     ServingWorkerError,
     ServingWorkerLostError,
 )
