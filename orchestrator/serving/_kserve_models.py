@@ -269,7 +269,7 @@ class KServeModels:
             for i in range(rows):
                 item = request.instances.add()
                 for name, array in inputs:
-                    to_tensor(_value(array[i]), item.items[name], name=f"input {name!r}")
+                    to_tensor(_value(np.asarray(array[i])), item.items[name], name=f"input {name!r}")
         else:
             item = request.instances.add()
             for name, array in inputs:
