@@ -16,6 +16,9 @@ from ._kserve_models import KServeModels, array_from_raw, check_shape, dtype_of,
 from ._proto import grpc_predict_v2_pb2 as pb
 from ._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
+# A call without a deadline reports ~2**63 ns remaining (tritonclient.grpc sets none unless asked):
+# that is no deadline, not one to pass on (a cluster worker's call with it would expire at once).
+NO_DEADLINE = 1e9
 SERVER_NAME = "orchestrator"
 SERVER_VERSION = "0.1.0"
 
@@ -29,7 +32,7 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
 def _timeout(request, context, default: float | None) -> float | None:
     timeout = default
     remaining = context.time_remaining()
-    if remaining is not None and (timeout is None or remaining < timeout):
+    if remaining is not None and remaining < NO_DEADLINE and (timeout is None or remaining < timeout):
         timeout = remaining
     param = request.parameters.get("timeout")  # Triton's: microseconds
     if param is not None and param.WhichOneof("parameter_choice") in ("int64_param", "uint64_param"):

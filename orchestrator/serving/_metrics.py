@@ -94,7 +94,9 @@ class Metrics:
             self.unknown.inc()
             return
         model = model_name(spec.name, spec.method_name, methods)
-        version = str(reply.servable_spec.version_number or spec.version_number or "")
+        # A request that failed before a version was chosen counts for the newest one it could have run on.
+        version = str(reply.servable_spec.version_number or spec.version_number
+                      or max(v for v, s in known.items() if spec.method_name in s.methods))
         self.requests.labels(model, version).inc()
         self.duration.labels(model).observe(seconds)
         failed = [e.error_code for e in reply.error_msg if e.error_code]
