@@ -55,10 +55,11 @@ def error_text(exc: BaseException) -> str:
 FAILED = 1  # anything else: a method's own error, a worker that failed
 NOT_SERVED = 2  # NotServedError
 BAD_REQUEST = 3  # RequestError
-UNAVAILABLE = 4  # ServingQueueFullError, ServingUnavailableError
+UNAVAILABLE = 4  # ServingQueueFullError, ServingUnavailableError, ServingWorkerLostError (and no other worker)
 TIMED_OUT = 5  # ServingTimeoutError
 ERROR_CODES = ((NotServedError, NOT_SERVED), (RequestError, BAD_REQUEST),
-               ((ServingQueueFullError, ServingUnavailableError), UNAVAILABLE), (ServingTimeoutError, TIMED_OUT))
+               ((ServingQueueFullError, ServingUnavailableError, ServingWorkerLostError), UNAVAILABLE),
+               (ServingTimeoutError, TIMED_OUT))
 
 
 def error_code(exc: BaseException) -> int:

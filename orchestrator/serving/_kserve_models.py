@@ -17,7 +17,8 @@ numbers to float32).
 
 Errors are typed, and the fronts turn the type into a status (``status_of``, ``grpc_code_of``):
 unknown model or version 404 / NOT_FOUND, a request that does not fit 400 / INVALID_ARGUMENT, a
-full queue or no worker 503 / UNAVAILABLE, a timeout 504 / DEADLINE_EXCEEDED, anything else 500
+full queue or no worker (none left, or the one that had the request died and no other could take
+it) 503 / UNAVAILABLE, a timeout 504 / DEADLINE_EXCEEDED, anything else 500
 / INTERNAL.
 """
 
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._errors import (NotServedError, RequestError, ServingError, ServingQueueFullError, ServingTimeoutError,
-                      ServingUnavailableError)
+                      ServingUnavailableError, ServingWorkerLostError)
 
 PLATFORM = "onnxruntime_onnx"  # Triton's platform name for an ONNX model on ONNX Runtime
 DATATYPES = {
@@ -327,7 +328,7 @@ def status_of(exc: BaseException) -> int:
         return 404
     if isinstance(exc, RequestError):
         return 400
-    if isinstance(exc, (ServingQueueFullError, ServingUnavailableError)):
+    if isinstance(exc, (ServingQueueFullError, ServingUnavailableError, ServingWorkerLostError)):
         return 503
     if isinstance(exc, ServingTimeoutError):
         return 504
