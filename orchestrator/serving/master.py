@@ -67,7 +67,10 @@ def start_restful_server(ip: str = "127.0.0.1", restful_port: int = 1500, max_ms
         raise ServingError(f"RESTful server: port must be an integer in [0, 65535], got {restful_port!r}")
     PROCESS.serving()
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP, and
+    # with Nagle on, a reply written as headers then body waited ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted connections inherit it (Linux)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((ip, restful_port))
