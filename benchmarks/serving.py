@@ -11,7 +11,8 @@ and two servers that run at once:
   no batching:  the same servable without (max_batch 1): each request its own model run
 Rounds go over every (front, server) pair in turn, and the medians over rounds are compared.
 Targets: batching >= 2x the throughput of none on every front; KServe HTTP (binary) within 1.5x of
-KServe gRPC per request (time per request under the same load, with batching and without).
+KServe gRPC per request (time per request under the same load, with batching and without, and one
+client's request at a time on the 2x2 add).
 
 The gRPC path: one client, one request at a time, through the server without batching, against
 calling a worker pool of the same shape in this process (``ModelParallelRunner.predict``), on the
@@ -224,6 +225,20 @@ def main(argv=None) -> int:
             a = np.ones((2, 2), np.float32)
             add_cost = Bench("").compare("grpc path, add", ours=lambda: add_client.infer({"x": a, "y": a}),
                                          baseline=lambda: add_runner.predict([a, a]), repeats=200, warmup=10)
+            # One client, one request at a time on the 2x2 add: KServe HTTP (binary) against KServe gRPC.
+            import tritonclient.grpc as grpcclient
+            import tritonclient.http as httpclient
+
+            kgrpc = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['no batching']['grpc']}")
+            khttp = httpclient.InferenceServerClient(f"127.0.0.1:{ports['no batching']['http']}", network_timeout=60)
+            g_in, h_in = [grpcclient.InferInput(n, [2, 2], "FP32") for n in "xy"], [httpclient.InferInput(n, [2, 2], "FP32")
+                                                                                    for n in "xy"]
+            for tensor in g_in + h_in:
+                tensor.set_data_from_numpy(a)
+            one_client = Bench("").compare("kserve http vs grpc, add", ours=lambda: khttp.infer("add", h_in),
+                                           baseline=lambda: kgrpc.infer("add", g_in), repeats=200, warmup=10)
+            kgrpc.close()
+            khttp.close()
             add_runner.close()
             add_client.close()
         finally:
@@ -242,6 +257,8 @@ def main(argv=None) -> int:
     for name in ports:
         bench.add(f"{name}: time per request, kserve-grpc vs ms-grpc", per_request[("kserve-grpc", name)],
                   per_request[("ms-grpc", name)])
+    bench.add("one client, 2x2 add: kserve-http (binary) vs kserve-grpc", one_client.ours, one_client.baseline,
+              target=("<=", 1.5))
     bench.add("one client, 2x2 add: a request over gRPC vs the pool in process", add_cost.ours, add_cost.baseline,
               note=f"the gRPC path (client, gRPC, server, method pipeline) adds "
                    f"{format_seconds(add_cost.ours - add_cost.baseline)} per request")
