@@ -156,8 +156,14 @@ def test_workers_die_readiness_turns_metrics_show_it_and_a_worker_rejoins(cluste
     assert metric(cluster, "orchestrator_serving_request_failures_total", model="add.add_common", version="1",
                   reason="unavailable") >= 2
 
-    # A worker comes back: ready again, and it serves.
-    servers.start("worker3", cluster["worker"], cluster["folder"], ready="Serving worker start success")
+    # A worker comes back (with an HTTP port of its own): ready again, and it serves.
+    worker_http = free_port()
+    servers.start("worker3", cluster["worker"] + ["--http-port", str(worker_http)], cluster["folder"],
+                  ready="RESTful server start success")
     wait_until(lambda: http.is_server_ready(), 5, "ready again after a worker rejoined")
     assert http.is_model_ready("add.add_common") and workers() == 1
     np.testing.assert_array_equal(grpc_.infer("add.add_common", inputs).as_numpy("y"), X + X)
+    # The model ran in the worker: its own /metrics counts the run, the master's has no model runs.
+    on_worker = {**cluster, "http": f"127.0.0.1:{worker_http}"}
+    assert metric(on_worker, "orchestrator_serving_compute_seconds_count", servable="add", version="1") == 1
+    assert metric(cluster, "orchestrator_serving_compute_seconds_count", servable="add", version="1") is None
