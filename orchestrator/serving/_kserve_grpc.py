@@ -20,7 +20,18 @@ from ._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 # that is no deadline, not one to pass on (a cluster worker's call with it would expire at once).
 NO_DEADLINE = 1e9
 SERVER_NAME = "orchestrator"
-SERVER_VERSION = "0.1.0"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("orchestrator")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
+SERVER_VERSION = _version()
 
 # Which repeated field of InferTensorContents carries each datatype (FP16 only comes raw).
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
