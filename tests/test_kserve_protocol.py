@@ -406,3 +406,25 @@ def test_tritonclient_grpc_and_our_server_modules_load_in_one_process():
     request = ours.ModelInferRequest(model_name="m", raw_input_contents=[b"\0" * 4])
     request.inputs.add(name="x", datatype="FP32", shape=[1])
     assert theirs.ModelInferRequest.FromString(request.SerializeToString()).inputs[0].name == "x"
+
+
+def test_grpc_typed_contents_in_from_tritons_own_messages(server):
+    """Inputs as typed ``contents`` (not raw), sent with the messages tritonclient ships (Triton's .proto)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name="add.add_cast", model_version="1", id="typed")
+        for name, values in (("x1", [1, 2, 3, 4]), ("x2", [10, 20, 30, 40])):
+            tensor = request.inputs.add(name=name, datatype="INT64", shape=[2, 2])
+            tensor.contents.int64_contents.extend(values)
+        reply = stub.ModelInfer(request, timeout=30)
+        assert (reply.id, reply.model_version, reply.outputs[0].datatype, list(reply.outputs[0].shape)) == (
+            "typed", "1", "FP32", [2, 2])
+        np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], np.float32), [11, 22, 33, 44])
+        request.inputs[0].contents.int64_contents.pop()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "shape [2, 2] has 4 elements; contents.int64_contents has 3" in info.value.details()

@@ -8,11 +8,11 @@ the error's text as details.
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 
 from ._errors import RequestError, ServingError
-from ._kserve_models import KServeModels, array_from_raw, check_shape, dtype_of, grpc_code_of, raw_from_array
+from ._kserve_models import (KServeModels, array_from_raw, check_shape, datatype_of, dtype_of, grpc_code_of,
+                             raw_from_array)
 from ._proto import grpc_predict_v2_pb2 as pb
 from ._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -122,12 +122,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             context.abort(grpc_code_of(exc), str(exc))
         reply = pb.ModelInferResponse(model_name=model.name, model_version=str(version), id=request.id)
         for name, array in outputs:
-            reply.outputs.add(name=name, datatype=_datatype(array), shape=list(array.shape))
+            reply.outputs.add(name=name, datatype=datatype_of(array.dtype), shape=list(array.shape))
             reply.raw_output_contents.append(raw_from_array(array))
         return reply
 
-
-def _datatype(array: np.ndarray) -> str:
-    from ._kserve_models import datatype_of
-
-    return datatype_of(array.dtype)

@@ -30,8 +30,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._dispatch import BAD_REQUEST, NOT_SERVED, TIMED_OUT, UNAVAILABLE
 from ._errors import (NotServedError, RequestError, ServingError, ServingQueueFullError, ServingTimeoutError,
                       ServingUnavailableError, ServingWorkerLostError)
+from ._proto import ms_service_pb2 as pb
+from ._tensors import from_tensor, to_tensor
 
 PLATFORM = "onnxruntime_onnx"  # Triton's platform name for an ONNX model on ONNX Runtime
 DATATYPES = {
@@ -233,10 +236,6 @@ class KServeModels:
     def infer(self, model: Model, inputs: list[tuple[str, np.ndarray]], timeout: float | None,
               wanted: list[str] | None = None) -> tuple[int, list[tuple[str, np.ndarray]]]:
         """(version that ran, [(output name, array)]) for the request's ``inputs``; raises the failure's type."""
-        from ._dispatch import BAD_REQUEST, NOT_SERVED, TIMED_OUT, UNAVAILABLE
-        from ._proto import ms_service_pb2 as pb
-        from ._tensors import from_tensor, to_tensor
-
         names, out_names = model.signature.methods[model.method]
         given = [n for n, _ in inputs]
         missing = [n for n in names if n not in given]
