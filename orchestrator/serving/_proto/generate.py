@@ -5,8 +5,8 @@
 (by path: the package imports the modules this regenerates). The generated ``*_pb2.py`` /
 ``*_pb2_grpc.py`` are checked in, so a clean checkout runs without grpcio-tools; run this after
 editing a ``.proto``, with grpcio-tools 1.81 (its protoc writes protobuf 6.33 code, which runs on
-protobuf 6.33 and later; tritonclient[grpc] needs protobuf < 7, and grpcio-tools >= 1.82 writes
-code that needs 7).
+protobuf 6.33 and on 7; grpcio-tools >= 1.82 writes code that needs 7, and tritonclient[grpc]
+asks for < 7, so code from 1.81 runs wherever the tests' clients do).
 
 ``grpc_predict_v2`` (KServe v2) is built into a descriptor pool of its own instead of protobuf's
 default one: tritonclient.grpc puts the same message names (package ``inference``) in the default
