@@ -1,8 +1,12 @@
-"""``orchestrate serve``: serve servables with MindSpore Serving's gRPC and REST protocols.
+"""``orchestrate serve``: serve servables with MindSpore Serving's and KServe v2's gRPC and HTTP protocols.
 
-    orchestrate serve SERVABLES [--servable add] [--grpc-port 5500] [--rest-port 1500] [--workers N] [--device-ids 0,1]
-    orchestrate serve --master [SERVABLES --local-workers N] [--grpc-port 5500] [--rest-port P] [--master-port 6100]
-    orchestrate serve --worker SERVABLES --master-address HOST:PORT [--worker-port 6200]
+    orchestrate serve SERVABLES [--servable add] [--grpc-port 5500] [--http-port 1500] [--workers N] [--device-ids 0,1]
+    orchestrate serve --master [SERVABLES --local-workers N] [--grpc-port 5500] [--http-port P] [--master-port 6100]
+    orchestrate serve --worker SERVABLES --master-address HOST:PORT [--worker-port 6200] [--http-port P]
+
+The gRPC port serves MindSpore Serving's MSService and KServe v2's GRPCInferenceService; the
+HTTP port (``--http-port``, also called ``--rest-port``) MindSpore Serving's REST, KServe v2's
+``/v2/...`` and ``/metrics``.
 
 The first form is the lightweight deployment (master and models in this
 process); the others the cluster. ``--local-workers N`` starts N worker
@@ -26,7 +30,7 @@ log = get_logger("serving")
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="serve servables over MindSpore Serving's gRPC and REST protocols (one process, or master and workers)",
+        help="serve servables over MindSpore Serving's and KServe v2's gRPC and HTTP protocols (one process, or master and workers)",
         description="Serve the servables of a directory (NAME/servable_config.py, NAME/1/model.onnx, ...) with "
                     "MindSpore Serving's protocols, in one process or as a master and workers.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,7 +46,8 @@ def register(subparsers) -> None:
     parser.add_argument("--address", default="127.0.0.1",
                         help="address the servers listen on (default 127.0.0.1; 0.0.0.0 for every address)")
     parser.add_argument("--grpc-port", type=non_negative_int, default=5500, help="gRPC port (default 5500; 0: a free one)")
-    parser.add_argument("--rest-port", type=non_negative_int, default=None, help="RESTful port (default: no REST server)")
+    parser.add_argument("--rest-port", "--http-port", dest="rest_port", type=non_negative_int, default=None,
+                        help="HTTP port: MindSpore Serving's REST, KServe v2 (/v2/...) and /metrics (default: none)")
     parser.add_argument("--master-port", type=non_negative_int, default=6100,
                         help="--master: the port workers join on (default 6100)")
     parser.add_argument("--master-address", metavar="HOST:PORT", help="--worker: where the master listens")
@@ -106,8 +111,8 @@ def check(args) -> None:
             raise UsageError("--worker needs SERVABLES, the directory of the servables it serves")
         if not args.master_address or ":" not in args.master_address:
             raise UsageError(f"--worker needs --master-address HOST:PORT, got {args.master_address!r}")
-        if args.local_workers or args.rest_port is not None:
-            raise UsageError("--local-workers and --rest-port belong to the master, not to a --worker")
+        if args.local_workers:
+            raise UsageError("--local-workers belongs to the master, not to a --worker")
     elif args.master:
         if args.local_workers and not args.servables:
             raise UsageError("--local-workers needs SERVABLES, the directory its workers serve")
@@ -137,6 +142,8 @@ def run(args) -> int:
                                       worker_ip=args.worker_address or args.address,
                                       worker_port=args.worker_port + i if args.worker_port else 0,
                                       max_msg_mb_size=args.max_msg_mb, **options)
+            if args.rest_port is not None:  # this worker's own HTTP: its metrics, its servables over KServe
+                master.start_restful_server(args.worker_address or args.address, args.rest_port, args.max_msg_mb)
         elif args.master:
             master.start_grpc_server(args.address, args.grpc_port, args.max_msg_mb)
             if args.rest_port is not None:

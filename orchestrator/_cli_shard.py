@@ -25,6 +25,9 @@ def register(subparsers) -> None:
                       help="weights in <shard>.data files (default: as the source model)")
     data.add_argument("--no-external-data", dest="external_data", action="store_false",
                       help="weights inside the shard files")
+    parser.add_argument("--explain", action="store_true",
+                        help="say per layer what was paired, what stays whole and why, the collectives per rank "
+                             "and the bytes each rank sends per token against Megatron's minimum")
     parser.add_argument("--check", action="store_true",
                         help="run the model and the shards (simulated in one process) on random inputs and compare")
     parser.add_argument("--tolerance", type=non_negative_float, default=1e-4,
@@ -68,6 +71,8 @@ def _shard(args, model: str) -> int:
     result = shard_model(model, args.tp, args.output, allow_replicate=args.allow_replicate,
                          external_data=args.external_data, progress=args.progress)
     print(result.summary(), flush=True)
+    if args.explain:
+        print(result.explain(), flush=True)
     if not args.check:
         return 0
     check = check_shards(model, result.model_path, seed=args.seed, progress=args.progress)

@@ -32,8 +32,9 @@ from ranks._shard_manifest import (
 from ._progress import progress_bar
 from ._samples import save_model
 from ._shard_analysis import linear_weight, plan_split
+from ._shard_explain import explain, format_explain
 from ._shard_graph import GraphIndex, elem_types
-from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses
+from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses, key_axis
 
 _PROTOBUF_LIMIT = 2**31 - 2**20  # a model proto above ~2 GB must keep its weights outside
 
@@ -57,6 +58,10 @@ class ShardResult:
         whole = self.manifest["weight_bytes_whole"] or 1
         return max(s["weight_bytes"] for s in self.manifest["shards"]) / whole
 
+    def explain(self) -> str:
+        """The plan in words: per layer what was paired, what stays whole and why, the traffic per token."""
+        return format_explain(self.manifest["explain"])
+
     def summary(self) -> str:
         m = self.manifest
         counts: dict[str, int] = {}
@@ -71,6 +76,11 @@ class ShardResult:
             "  collectives per rank: " + (", ".join(f"{v} {k}" for k, v in sorted(ops.items())) or "none"),
             f"  weight bytes per rank / whole: {self.weight_fraction:.3f}",
         ]
+        report = m.get("explain") or {}
+        if report.get("megatron_minimum_bytes_per_token_per_rank"):
+            lines.append(f"  bytes each rank sends per {report['per']}: {report['bytes_sent_per_token_per_rank']:.0f}, "
+                         f"Megatron's minimum {report['megatron_minimum_bytes_per_token_per_rank']:.0f} "
+                         f"(ratio {report['ratio_to_megatron']:.2f})")
         heads: dict[tuple[int, int], list[str]] = {}
         for a in m["attention"]:
             heads.setdefault((a["heads"], a["heads_per_rank"]), []).append(a["node"])
@@ -158,22 +168,30 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
         "weight_bytes_whole": whole_bytes,
         "external_data": bool(external_data),
         "weights": _weight_entries(index, plan),
-        "attention": [
-            {
-                "node": index.node_label(i),
-                "shape_input": index.nodes[i].input[1],
-                "shape": [int(v) for v in index.constant_value(index.nodes[i].input[1]).reshape(-1)],
-                "shard_shape": plan.reshapes[i].tolist(),
-                "heads": heads,
-                "heads_per_rank": per_rank,
-            }
-            for i, (heads, per_rank) in sorted(plan.reshape_heads.items())
-        ],
+        "attention": [_attention_entry(index, plan, i, heads, per_rank)
+                      for i, (heads, per_rank) in sorted(plan.reshape_heads.items())],
         "collectives": collectives,
         "replicated_reasons": plan.replicated_reasons,
+        "explain": explain(index, plan, collectives, types, model_path.name),
     }
     write_manifest(manifest_file, manifest)
     return ShardResult(out_dir / model_path.name, paths, manifest_file, manifest)
+
+
+def _attention_entry(index: GraphIndex, plan, i: int, heads: int, per_rank: int) -> dict:
+    """One head-splitting Reshape; ``shape``/``shard_shape`` are None when its target is computed at run time."""
+    node = index.nodes[i]
+    constant = index.constant_value(node.input[1])
+    override = plan.input_overrides.get((i, 1))
+    shard_shape = override if override is not None else constant
+    return {
+        "node": index.node_label(i),
+        "shape_input": node.input[1],
+        "shape": None if constant is None else [int(v) for v in constant.reshape(-1)],
+        "shard_shape": None if shard_shape is None else [int(v) for v in shard_shape.reshape(-1)],
+        "heads": heads,
+        "heads_per_rank": per_rank,
+    }
 
 
 def _weight_entries(index: GraphIndex, plan) -> list[dict]:
@@ -184,6 +202,10 @@ def _weight_entries(index: GraphIndex, plan) -> list[dict]:
     for (i, k), _axis in plan.sliced_inputs.items():
         if k == 1 and linear_weight(index, i) is not None:
             labels[index.nodes[i].input[1]] = "rows" if i in plan.row_parallel else "columns"
+    for i, t in plan.transposed_weights.items():
+        labels[index.nodes[t].input[0]] = "rows" if i in plan.row_parallel else "columns"
+    for i in plan.embeddings:
+        labels[index.nodes[i].input[0]] = "vocabulary"
     entries = []
     for tensor in index.model.graph.initializer:
         shape = list(tensor.dims)
@@ -196,16 +218,19 @@ def _weight_entries(index: GraphIndex, plan) -> list[dict]:
         if axes == {None}:
             entry.update(split="replicated", axis=None, shard_shape=shape)
         elif len(axes) == 1:
-            (axis,) = axes
+            (key,) = axes
+            axis = key_axis(key)
             label = labels.get(tensor.name) or (
                 "columns" if axis == len(shape) - 1 else "rows" if axis == 0 else "axis"
             )
             shard_shape = list(shape)
             shard_shape[axis] //= plan.tp
             entry.update(split=label, axis=axis, shard_shape=shard_shape)
+            if not isinstance(key, int):
+                entry["parts"] = key[1]  # a fused projection (QKV): each part cut alike
         else:
             entry.update(split="mixed", axis=None, shard_shape=shape,
-                         copies=sorted(a for a in axes if a is not None))
+                         copies=sorted(key_axis(a) for a in axes if a is not None))
         entries.append(entry)
     return entries
 

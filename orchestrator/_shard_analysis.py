@@ -12,13 +12,28 @@ AllReduce right after it), or cannot take it: then the tensor is gathered
 whole first (one AllGather). Every rule either keeps the exact global value
 reachable or gathers it, so a shard never computes something different.
 
-The result is a ``Plan``: the per-tensor splits, which constants to slice,
-which Reshape shapes to rewrite, and where the collectives go.
+Models as exporters write them add a few rules:
+
+- Reshape targets are followed by concrete shapes (dynamic dimensions get
+  stand-in values, ``_shard_graph``), so a target computed at run time
+  (``Concat(Shape(x)[0], Shape(x)[1], 192)``) is understood, and a per-rank
+  copy of that Concat carries this rank's constants where they differ.
+- A ``Split`` of a cut axis into equal parts (fused QKV) restarts the plan
+  with that projection cut per part (``Split.outer``): each rank holds its
+  heads of Q, of K and of V.
+- Heads that ``tp`` does not divide (grouped-query attention's key/value
+  heads) stay whole; a rank slices out the part its query heads read.
+- A token embedding (Gather from a table indexed by a graph input) is cut by
+  vocabulary rows, its partial rows summed by one AllReduce; a tied LM head
+  (``MatMul(x, Transpose(table))``) is cut by vocabulary like any column layer.
+
+The result is a ``Plan`` (``_shard_plan``): the per-tensor splits, which
+constants to slice, which shape inputs to rewrite, and where the collectives
+go. The rules for Reshape, Expand and shape values are in ``_shard_shapes``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +41,8 @@ from ranks._errors import ShardError
 from ranks._staged_runner import outer_references
 
 from ._shard_graph import GraphIndex
+from ._shard_plan import Abandon, Plan, Regroup, Split, node_attrs, slice_key
+from ._shard_shapes import carry_expand, carry_reshape, check_local_shapes
 
 UNARY_ELEMENTWISE = {
     "Relu", "Sigmoid", "Tanh", "Erf", "Gelu", "Exp", "Log", "Neg", "Abs", "Sqrt", "Reciprocal", "Softplus",
@@ -41,50 +58,6 @@ BINARY_ELEMENTWISE = {
 PARAMETER_INPUTS = {"Clip", "Dropout", "CastLike"}
 
 
-@dataclass(frozen=True)
-class Split:
-    """A tensor cut along ``axis`` (negative, counted from the end) of global size ``dim`` into tp pieces."""
-
-    axis: int
-    dim: int
-    rank: int | None
-    seeds: frozenset[int]
-
-    def position(self) -> int | None:
-        return None if self.rank is None else self.rank + self.axis
-
-
-@dataclass
-class Plan:
-    tp: int
-    allow_replicate: bool = False
-    splits: dict[str, Split] = field(default_factory=dict)
-    # (node index, input index) -> axis (non-negative) along which that constant input is sliced per rank.
-    sliced_inputs: dict[tuple[int, int], int] = field(default_factory=dict)
-    # node index -> rewritten (per-rank) shape value of its Reshape shape input.
-    reshapes: dict[int, np.ndarray] = field(default_factory=dict)
-    # node index -> heads before / per rank (for the manifest).
-    reshape_heads: dict[int, tuple[int, int]] = field(default_factory=dict)
-    # node indices whose (first) output is a partial sum: AllReduce right after.
-    row_parallel: set[int] = field(default_factory=set)
-    # node index -> names of split inputs it needs whole (AllGather before it).
-    gathers: dict[int, list[str]] = field(default_factory=dict)
-    # graph outputs that are split and must be gathered into their name.
-    gathered_outputs: list[str] = field(default_factory=list)
-    seeds: set[int] = field(default_factory=set)
-    replicated_reasons: dict[str, str] = field(default_factory=dict)
-
-    def has_collectives(self) -> bool:
-        return bool(self.row_parallel or self.gathers or self.gathered_outputs)
-
-
-class _Abandon(Exception):
-    def __init__(self, seeds: frozenset[int], reason: str):
-        super().__init__(reason)
-        self.seeds = seeds
-        self.reason = reason
-
-
 def linear_weight(index: GraphIndex, i: int) -> tuple[str, int, int] | None:
     """(weight name, K, N) for a linear layer y = x @ W with W a constant 2-D initializer, else None."""
     node = index.nodes[i]
@@ -92,11 +65,17 @@ def linear_weight(index: GraphIndex, i: int) -> tuple[str, int, int] | None:
         return None
     if node.op_type == "MatMul":
         shape = index.initializer_shape(node.input[1])
-        if shape is None or len(shape) != 2:
+        if shape is None:
+            t = transposed_weight(index, i)
+            if t is None:
+                return None
+            shape = index.initializer_shape(index.nodes[t].input[0])
+            return index.nodes[t].input[0], shape[1], shape[0]
+        if len(shape) != 2:
             return None
         return node.input[1], shape[0], shape[1]
     if node.op_type == "Gemm":
-        attrs = _attrs(node)
+        attrs = node_attrs(node)
         if attrs.get("transA", 0):
             return None
         shape = index.initializer_shape(node.input[1])
@@ -107,33 +86,100 @@ def linear_weight(index: GraphIndex, i: int) -> tuple[str, int, int] | None:
     return None
 
 
+def transposed_weight(index: GraphIndex, i: int) -> int | None:
+    """Index of a Transpose node that turns a constant 2-D initializer into input 1 of MatMul ``i``, else None.
+
+    A tied LM head reads the token embedding ``[vocab, width]`` this way (GPT-2 as exported by torch).
+    """
+    t = index.producer.get(index.nodes[i].input[1])
+    if t is None:
+        return None
+    node = index.nodes[t]
+    if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return None
+    shape = index.initializer_shape(node.input[0])
+    perm = node_attrs(node).get("perm") or [1, 0]
+    if shape is None or len(shape) != 2 or list(perm) != [1, 0]:
+        return None
+    if index.consumers.get(node.output[0], []) != [i] or node.output[0] in index.graph_outputs:
+        return None
+    return t
+
+
+def token_embedding(index: GraphIndex, i: int, tp: int) -> int | None:
+    """Rows of the table when node ``i`` is a token embedding lookup that can be split by vocabulary rows.
+
+    A Gather (axis 0) from a constant 2-D table whose indices come from a graph input (through
+    Reshape/Cast/Squeeze...): that is the token ids. Position and token-type tables are indexed by
+    computed values and stay whole: they are small, and splitting them would cost one more all-reduce.
+    """
+    node = index.nodes[i]
+    if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node_attrs(node).get("axis", 0) != 0:
+        return None
+    shape = index.initializer_shape(node.input[0])
+    if shape is None or len(shape) != 2 or shape[0] % tp or shape[0] < 2 * tp:
+        return None
+    name = node.input[1]
+    for _ in range(8):
+        if name in index.graph_inputs:
+            return shape[0]
+        p = index.producer.get(name)
+        if p is None or index.nodes[p].op_type not in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"):
+            return None
+        name = index.nodes[p].input[0]
+    return None
+
+
 def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool) -> Plan:
     """Decide the split for ``tp`` ranks; raises ShardError for head counts / widths tp does not divide."""
     candidates = {i for i in range(len(index.nodes)) if linear_weight(index, i) is not None}
     disabled: dict[int, str] = {}
-    while True:
+    seed_outer: dict[int, int] = {}
+    heads_reasons: list[str] = []
+    for _ in range(4 * len(candidates) + 8):
         try:
-            plan = _propagate(index, tp, candidates - disabled.keys(), allow_replicate, disabled)
-        except _Abandon as exc:
+            plan = _propagate(index, tp, candidates - disabled.keys(), allow_replicate, disabled, seed_outer)
+        except Regroup as exc:
+            for seed in exc.seeds:
+                seed_outer[seed] = seed_outer.get(seed, 1) * exc.factor
+            continue
+        except Abandon as exc:
             if not exc.seeds:
                 raise ShardError(exc.reason) from None
+            if exc.heads:
+                heads_reasons.append(exc.reason)
             for seed in exc.seeds:
                 disabled[seed] = exc.reason
             continue
+        if heads_reasons and not plan.reshape_heads and not allow_replicate:
+            # No attention could be cut: the head count is the user's problem, not something to work around.
+            raise ShardError(heads_reasons[0] + "; choose a --tp that divides it, or --allow-replicate to keep it whole")
         for seed, reason in disabled.items():
             plan.replicated_reasons[index.node_label(seed)] = reason
+        plan.seed_outer = dict(seed_outer)
         return plan
+    raise ShardError("the split plan did not settle (a bug in the slicer): pass --allow-replicate")
 
 
-def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: bool, disabled: dict) -> Plan:
+def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: bool, disabled: dict,
+               seed_outer: dict) -> Plan:
     plan = Plan(tp=tp, allow_replicate=allow_replicate)
+    plan.seed_outer = seed_outer
     splits = plan.splits
     for i, node in enumerate(index.nodes):
+        if i in seeds and i not in disabled:
+            t = transposed_weight(index, i)
+            if t is not None:
+                plan.transposed_weights[i] = t
+        if token_embedding(index, i, tp) is not None and not any(n in splits for n in node.input):
+            plan.embeddings[i] = index.initializer_shape(node.input[0])[0]
+            plan.sliced_inputs[(i, 0)] = 0
+            continue
         if index.has_subgraph(i):
             for name in outer_references(node):
                 if name in splits:
                     # Gathering inside a nested graph would mean rewriting it: keep this split's layers whole.
-                    raise _Abandon(splits[name].seeds, f"{name} is read inside a subgraph of {index.node_label(i)}")
+                    raise Abandon(splits[name].seeds, f"{name} is read inside a subgraph of {index.node_label(i)}")
         in_splits = {k: splits[name] for k, name in enumerate(node.input) if name in splits}
         if not in_splits:
             if i in seeds:
@@ -144,7 +190,11 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
             # Cannot carry the split through this node: gather its split inputs whole first.
             for k, spec in in_splits.items():
                 if spec.position() is None:
-                    raise _Abandon(spec.seeds, f"the rank of {node.input[k]} is unknown, so it cannot be gathered")
+                    raise Abandon(spec.seeds, f"the rank of {node.input[k]} is unknown, so it cannot be gathered")
+            for k, spec in in_splits.items():
+                if spec.outer != 1:
+                    raise Abandon(spec.seeds, f"{node.input[k]} would have to be gathered whole for "
+                                               f"{index.node_label(i)}, and its pieces are interleaved")
             plan.gathers[i] = sorted({node.input[k] for k in in_splits})
             continue
         for name, spec in outputs.items():
@@ -153,10 +203,21 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
     for name in index.graph_outputs:
         spec = splits.get(name)
         if spec is not None:
-            if spec.position() is None:
-                raise _Abandon(spec.seeds, f"the rank of graph output {name} is unknown, so it cannot be gathered")
+            if spec.position() is None or spec.outer != 1:
+                raise Abandon(spec.seeds, f"graph output {name} cannot be gathered whole")
             plan.gathered_outputs.append(name)
+    check_local_shapes(index, plan)
     plan.seeds = {s for spec in splits.values() for s in spec.seeds}
+    # A transposed (tied) weight's Transpose reads the initializer: slice it there, by rows.
+    for i, t in list(plan.transposed_weights.items()):
+        if i in plan.seeds and (i, 1) in plan.sliced_inputs:
+            del plan.sliced_inputs[(i, 1)]
+            plan.sliced_inputs[(t, 0)] = slice_key(0, plan.seed_outer.get(i, 1))
+        elif i in plan.row_parallel and (i, 1) in plan.sliced_inputs:
+            del plan.sliced_inputs[(i, 1)]
+            plan.sliced_inputs[(t, 0)] = 1
+        else:
+            del plan.transposed_weights[i]
     return plan
 
 
@@ -169,13 +230,21 @@ def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled
             f"tensor-parallel degree {plan.tp} does not divide the hidden size {n} "
             f"(output columns of weight {weight} in {label})"
         )
+        if node.output[0] in index.graph_outputs:
+            # An LM head over a vocabulary tp does not divide (GPT-2's 50257): whole on every rank, no gather.
+            disabled[i] = reason + "; an output layer, so it stays whole"
+            return
         if not allow_replicate:
             raise ShardError(reason + "; choose a --tp that divides it, or --allow-replicate to keep it whole")
         disabled[i] = reason
         return
+    outer = plan.seed_outer.get(i, 1)
+    if n % (outer * plan.tp):
+        disabled[i] = f"{label}: {n} columns do not make {outer} parts of {plan.tp} pieces"
+        return
     rank = index.rank(node.input[0])
     if node.op_type == "Gemm":
-        transb = _attrs(node).get("transB", 0)
+        transb = node_attrs(node).get("transB", 0)
         if len(node.input) > 2 and node.input[2]:
             c_shape = index.initializer_shape(node.input[2])
             if c_shape is None:
@@ -185,12 +254,12 @@ def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled
                 if len(c_shape) == 2 and c_shape[0] != 1:
                     disabled[i] = f"the bias of {label} has shape {list(c_shape)}, not a row vector"
                     return
-                plan.sliced_inputs[(i, 2)] = len(c_shape) - 1
-        plan.sliced_inputs[(i, 1)] = 0 if transb else 1
+                plan.sliced_inputs[(i, 2)] = slice_key(len(c_shape) - 1, outer)
+        plan.sliced_inputs[(i, 1)] = slice_key(0 if transb else 1, outer)
         rank = 2
     else:
-        plan.sliced_inputs[(i, 1)] = 1
-    plan.splits[node.output[0]] = _with_rank(index, node.output[0], Split(-1, n, rank, frozenset({i})))
+        plan.sliced_inputs[(i, 1)] = slice_key(1, outer)
+    plan.splits[node.output[0]] = _with_rank(index, node.output[0], Split(-1, n // outer, rank, frozenset({i}), outer))
 
 
 def _carry(index: GraphIndex, plan: Plan, i: int, in_splits: dict[int, Split]) -> dict[str, Split | None] | None:
@@ -208,46 +277,139 @@ def _carry(index: GraphIndex, plan: Plan, i: int, in_splits: dict[int, Split]) -
             return None
         if op == "Dropout" and len(node.output) > 1 and node.output[1]:
             return None
-        return {node.output[0]: Split(first.axis, first.dim, first.rank, seeds)}
+        return {node.output[0]: first.moved(first.axis, first.rank, seeds)}
     if op in BINARY_ELEMENTWISE:
         return _carry_elementwise(index, plan, i, in_splits, seeds)
+    pos = first.position()
+    if pos is None:
+        return None
     if op == "Transpose":
-        pos = first.position()
-        if pos is None:
-            return None
-        perm = _attrs(node).get("perm") or list(reversed(range(first.rank)))
+        perm = node_attrs(node).get("perm") or list(reversed(range(first.rank)))
         new_pos = list(perm).index(pos)
-        return {node.output[0]: Split(new_pos - first.rank, first.dim, first.rank, seeds)}
-    if op == "Reshape":
-        return _carry_reshape(index, plan, i, first, seeds)
-    if op in ("Softmax", "LogSoftmax", "Hardmax"):
-        pos = first.position()
-        if pos is None:
+        return {node.output[0]: first.moved(new_pos - first.rank, first.rank, seeds)}
+    if op in ("Reshape", "Expand"):
+        if set(in_splits) != {0}:
             return None
+        if op == "Reshape":
+            return carry_reshape(index, plan, i, first, seeds)
+        return carry_expand(index, plan, i, first, seeds)
+    if op in ("Softmax", "LogSoftmax", "Hardmax"):
         default = -1 if index.opset >= 13 else 1
-        axis = _attrs(node).get("axis", default)
+        axis = node_attrs(node).get("axis", default)
         axis = axis + first.rank if axis < 0 else axis
         safe = pos != axis if index.opset >= 13 else pos < axis
         return {node.output[0]: first} if safe and set(in_splits) == {0} else None
     if op == "LayerNormalization":
-        pos = first.position()
-        if pos is None or set(in_splits) != {0} or any(node.output[1:]):
+        if set(in_splits) != {0} or any(node.output[1:]):
             return None
-        axis = _attrs(node).get("axis", -1)
+        axis = node_attrs(node).get("axis", -1)
         axis = axis + first.rank if axis < 0 else axis
         return {node.output[0]: first} if pos < axis else None
-    if op == "Shape":
-        pos = first.position()
-        if pos is None:
+    if op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin"):
+        axes = _const_axes(index, node, first.rank)
+        if axes is None or pos in axes or set(in_splits) != {0}:
             return None
-        attrs = _attrs(node)
+        keep = node_attrs(node).get("keepdims", 1)
+        new_pos = pos if keep else pos - sum(1 for a in axes if a < pos)
+        rank = first.rank if keep else first.rank - len(axes)
+        return {node.output[0]: first.moved(new_pos - rank, rank, seeds)}
+    if op == "Shape":
+        attrs = node_attrs(node)
         start = attrs.get("start", 0)
         end = attrs.get("end", first.rank)
         start = max(0, start + first.rank if start < 0 else start)
         end = min(first.rank, end + first.rank if end < 0 else end)
+        if start <= pos < end:
+            # This rank's shape, not the whole model's: fine where it becomes a checked per-rank shape target.
+            plan.local_shapes[node.output[0]] = seeds
         # The shape of the uncut axes is the same on every rank as in the whole model.
-        return {node.output[0]: None} if not start <= pos < end else None
+        return {node.output[0]: None}
+    if op in ("Unsqueeze", "Squeeze"):
+        if set(in_splits) != {0}:
+            return None
+        axes = _const_axes(index, node, first.rank + (0 if op == "Squeeze" else _count_axes(index, node)))
+        if axes is None:
+            return None
+        if op == "Unsqueeze":
+            rank = first.rank + len(axes)
+            kept = [a for a in range(rank) if a not in axes]
+            new_pos = kept[pos]
+        else:
+            if pos in axes:
+                return None
+            rank = first.rank - len(axes)
+            new_pos = pos - sum(1 for a in axes if a < pos)
+        return {node.output[0]: first.moved(new_pos - rank, rank, seeds)}
+    if op == "Slice":
+        if set(in_splits) != {0}:
+            return None
+        axes = index.constant_value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        if axes is None:
+            if len(node.input) > 3 and node.input[3]:
+                return None
+            axes = range(len(index.constant_value(node.input[1]).reshape(-1))) if index.constant_value(node.input[1]) is not None else None
+        if axes is None:
+            return None
+        axes = {int(a) + first.rank if int(a) < 0 else int(a) for a in np.reshape(list(axes), -1)}
+        return None if pos in axes else {node.output[0]: first}
+    if op == "Concat":
+        axis = node_attrs(node).get("axis", 0)
+        axis = axis + first.rank if axis < 0 else axis
+        specs = [in_splits.get(k) for k in range(len(node.input))]
+        if axis == pos or any(s is None or (s.axis, s.dim, s.outer) != (first.axis, first.dim, first.outer) for s in specs):
+            return None
+        return {node.output[0]: first.moved(first.axis, first.rank, seeds)}
+    if op == "Split":
+        return _carry_split(index, plan, i, first, seeds)
     return None
+
+
+def _count_axes(index, node) -> int:
+    axes = index.constant_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if axes is None:
+        axes = node_attrs(node).get("axes")
+    return 0 if axes is None else len(np.reshape(axes, -1))
+
+
+def _const_axes(index, node, rank: int) -> set[int] | None:
+    """The axes of a Reduce/Squeeze/Unsqueeze node (attribute or constant input), non-negative; None when unknown."""
+    axes = node_attrs(node).get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = index.constant_value(node.input[1])
+        if value is None:
+            return None
+        axes = value.reshape(-1).tolist()
+    if axes is None:
+        return None
+    return {int(a) + rank if int(a) < 0 else int(a) for a in axes}
+
+
+def _carry_split(index, plan, i, spec, seeds):
+    node = index.nodes[i]
+    pos = spec.position()
+    axis = node_attrs(node).get("axis", 0)
+    axis = axis + spec.rank if axis < 0 else axis
+    outputs = [o for o in node.output]
+    if axis != pos:
+        return {o: spec.moved(spec.axis, spec.rank, seeds) for o in outputs if o}
+    n = len(outputs)
+    sizes = index.constant_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if sizes is not None:
+        sizes = [int(v) for v in sizes.reshape(-1)]
+        if len(set(sizes)) != 1 or sum(sizes) != spec.length:
+            return None
+    elif spec.length % n:
+        return None
+    if spec.outer == 1 and n > 1:
+        if spec.dim % (n * plan.tp):
+            return None
+        # A fused projection (QKV) split into n equal parts: its weight must be cut per part. Start over.
+        raise Regroup(seeds, n)
+    if spec.outer % n:
+        return None
+    if sizes is not None:
+        plan.input_overrides[(i, 1)] = np.array([s // plan.tp for s in sizes], dtype=np.int64)
+    return {o: Split(spec.axis, spec.dim, spec.rank, seeds, spec.outer // n) for o in outputs if o}
 
 
 def _carry_matmul(index, plan, i, in_splits, seeds):
@@ -257,19 +419,20 @@ def _carry_matmul(index, plan, i, in_splits, seeds):
         weight, k, _n = linear
         spec = in_splits[0]
         if spec.axis == -1:
-            if spec.dim != k:
+            if spec.length != k:
                 return None
             # Row-parallel: each rank contracts its slice of K; the partial sums meet in one AllReduce.
-            transb = node.op_type == "Gemm" and _attrs(node).get("transB", 0)
-            plan.sliced_inputs[(i, 1)] = 1 if transb else 0
+            transb = node.op_type == "Gemm" and node_attrs(node).get("transB", 0)
+            plan.sliced_inputs[(i, 1)] = slice_key(1 if transb else 0, spec.outer)
             plan.row_parallel.add(i)
+            plan.pairs[i] = spec.seeds
             return {node.output[0]: None}
         if node.op_type == "Gemm":
             if spec.axis != -2 or len(node.input) > 2 and node.input[2] and _dim_at(index, node.input[2], -2) not in (None, 1):
                 return None
-            return {node.output[0]: Split(-2, spec.dim, 2, seeds)}
+            return {node.output[0]: spec.moved(-2, 2, seeds)}
         # x cut along a row or batch axis: every rank multiplies its rows by the whole weight.
-        return {node.output[0]: Split(spec.axis, spec.dim, spec.rank, seeds)}
+        return {node.output[0]: spec.moved(spec.axis, spec.rank, seeds)}
     if node.op_type != "MatMul":
         return None
     ra, rb = index.rank(node.input[0]), index.rank(node.input[1])
@@ -280,33 +443,56 @@ def _carry_matmul(index, plan, i, in_splits, seeds):
         return None
     out_rank = max(ra, rb)
     if sa is not None and sb is not None:
-        if sa.axis == sb.axis and sa.axis <= -3 and sa.dim == sb.dim:
-            return {node.output[0]: Split(sa.axis, sa.dim, out_rank, seeds)}
-        if sa.axis == -1 and sb.axis == -2 and sa.dim == sb.dim:
+        if sa.axis == sb.axis and sa.axis <= -3 and (sa.dim, sa.outer) == (sb.dim, sb.outer):
+            return {node.output[0]: sa.moved(sa.axis, out_rank, seeds)}
+        if sa.axis == -1 and sb.axis == -2 and (sa.dim, sa.outer) == (sb.dim, sb.outer):
             plan.row_parallel.add(i)
+            plan.pairs[i] = seeds
             return {node.output[0]: None}
         return None
     if sa is not None:
         if sa.axis == -2:
-            return {node.output[0]: Split(-2, sa.dim, out_rank, seeds)}
-        if sa.axis <= -3 and _broadcasts_over(index, node.input[1], sa.axis):
-            return {node.output[0]: Split(sa.axis, sa.dim, out_rank, seeds)}
+            return {node.output[0]: sa.moved(-2, out_rank, seeds)}
+        if sa.axis <= -3:
+            if _broadcasts_over(index, node.input[1], sa.axis):
+                return {node.output[0]: sa.moved(sa.axis, out_rank, seeds)}
+            if _take_local_piece(index, plan, i, 1, sa):
+                return {node.output[0]: sa.moved(sa.axis, out_rank, seeds)}
         return None
     if sb.axis == -1:
-        return {node.output[0]: Split(-1, sb.dim, out_rank, seeds)}
-    if sb.axis <= -3 and _broadcasts_over(index, node.input[0], sb.axis):
-        return {node.output[0]: Split(sb.axis, sb.dim, out_rank, seeds)}
+        return {node.output[0]: sb.moved(-1, out_rank, seeds)}
+    if sb.axis <= -3:
+        if _broadcasts_over(index, node.input[0], sb.axis) or _take_local_piece(index, plan, i, 0, sb):
+            return {node.output[0]: sb.moved(sb.axis, out_rank, seeds)}
     return None
+
+
+def _take_local_piece(index, plan, i, k, spec) -> bool:
+    """A whole input with the full cut axis: each rank reads its piece of it (a Slice, no communication).
+
+    This is how key/value heads that cannot be divided (grouped-query attention with fewer key/value
+    heads than ranks) stay whole on every rank while the query heads are cut.
+    """
+    name = index.nodes[i].input[k]
+    shape = index.shape(name)
+    if shape is None or spec.outer != 1:
+        return False
+    pos = len(shape) + spec.axis
+    if pos < 0 or shape[pos] != spec.length:
+        return False
+    plan.local_slices[(i, k)] = (pos, spec.length)
+    return True
 
 
 def _carry_elementwise(index, plan, i, in_splits, seeds):
     node = index.nodes[i]
     specs = list(in_splits.values())
     first = specs[0]
-    if any(s.axis != first.axis or s.dim != first.dim for s in specs):
+    if any((s.axis, s.dim, s.outer) != (first.axis, first.dim, first.outer) for s in specs):
         return None
     ranks = []
     slices = {}
+    locals_ = {}
     for k, name in enumerate(node.input):
         if not name:
             continue
@@ -320,76 +506,23 @@ def _carry_elementwise(index, plan, i, in_splits, seeds):
         pos = len(shape) + first.axis
         if pos < 0 or shape[pos] == 1:
             continue  # broadcasts along the cut axis: the same value on every rank is right
-        if shape[pos] == first.dim and name in index.initializers:
-            slices[(i, k)] = pos  # a per-channel constant (a bias): each rank takes its piece
+        if shape[pos] == first.length and name in index.initializers:
+            slices[(i, k)] = slice_key(pos, first.outer)  # a per-channel constant (a bias): each rank takes its piece
+            continue
+        if shape[pos] == first.length and first.outer == 1:
+            locals_[(i, k)] = (pos, first.length)  # whole on every rank: each rank reads its piece
             continue
         return None
     plan.sliced_inputs.update(slices)
+    plan.local_slices.update(locals_)
     rank = None if any(r is None for r in ranks) else max(ranks)
-    return {node.output[0]: Split(first.axis, first.dim, rank, seeds)}
-
-
-def _carry_reshape(index, plan, i, spec, seeds):
-    node = index.nodes[i]
-    if _attrs(node).get("allowzero", 0) or node.input[1] in plan.splits:
-        return None
-    target = index.constant_value(node.input[1])
-    in_shape = index.shape(node.input[0])
-    if target is None or spec.rank is None or in_shape is None or len(in_shape) != spec.rank:
-        return None
-    target = [int(v) for v in target.reshape(-1)]
-    pos = spec.position()
-    if len(target) <= pos:
-        return None
-    # Axes before the cut must come through unchanged.
-    for d in range(pos):
-        if target[d] == 0 or (isinstance(in_shape[d], int) and target[d] == in_shape[d]):
-            continue
-        return None
-    block = target[pos:]
-    if any(v == 0 for v in block) or block.count(-1) > 1:
-        return None
-    tail = in_shape[pos + 1 :]
-    known = [v for v in block if v != -1]
-    if -1 in block:
-        if block[0] == -1:
-            # The cut axis is inferred: fine when the rest of the block is fixed.
-            if not all(isinstance(d, int) for d in tail):
-                return None
-            inner = int(np.prod(tail, dtype=np.int64)) * spec.dim
-            rest = int(np.prod(block[1:], dtype=np.int64))
-            if rest <= 0 or inner % rest or (inner // rest) % plan.tp:
-                return None
-            heads = inner // rest
-            new_block = block
-        else:
-            return None
-    else:
-        if not all(isinstance(d, int) for d in tail):
-            return None
-        if int(np.prod(known, dtype=np.int64)) != spec.dim * int(np.prod(tail, dtype=np.int64)):
-            return None
-        heads = block[0]
-        if heads % plan.tp:
-            raise _Abandon(
-                seeds if plan.allow_replicate else frozenset(),
-                f"tensor-parallel degree {plan.tp} does not divide the head count {heads} "
-                f"(Reshape {index.node_label(i)} to {target}, shape input {node.input[1]})",
-            )
-        new_block = [heads // plan.tp] + block[1:]
-    new_target = np.array(target[:pos] + new_block, dtype=np.int64)
-    if new_target.tolist() != target:
-        plan.reshapes[i] = new_target
-        if len(block) > 1:  # splitting the width into (heads, head_dim): record the head count
-            plan.reshape_heads[i] = (heads, heads // plan.tp)
-    out_rank = len(target)
-    return {node.output[0]: Split(pos - out_rank, heads, out_rank, seeds)}
+    return {node.output[0]: first.moved(first.axis, rank, seeds)}
 
 
 def _with_rank(index: GraphIndex, name: str, spec: Split) -> Split:
     """Fill in an unknown rank from the tensor's declared or inferred shape."""
     if spec.rank is None and index.rank(name) is not None:
-        return Split(spec.axis, spec.dim, index.rank(name), spec.seeds)
+        return spec.moved(spec.axis, index.rank(name))
     return spec
 
 
@@ -405,13 +538,3 @@ def _broadcasts_over(index: GraphIndex, name: str, axis: int) -> bool:
     """True when tensor ``name`` has no dimension, or a dimension of 1, at ``axis`` (counted from the end)."""
     dim = _dim_at(index, name, axis)
     return dim is None or dim == 1
-
-
-def _attrs(node) -> dict:
-    return {a.name: _attr_value(a) for a in node.attribute}
-
-
-def _attr_value(attr):
-    from onnx import helper
-
-    return helper.get_attribute_value(attr)

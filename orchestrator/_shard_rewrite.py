@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._shard_analysis import Plan, _attrs
+from ._shard_plan import Plan, node_attrs
 from ._shard_graph import GraphIndex
 
 MS_DOMAIN = "com.microsoft"
@@ -53,6 +53,22 @@ def initializer_uses(index: GraphIndex, plan: Plan) -> dict[str, set]:
     return uses
 
 
+def slice_piece(whole: np.ndarray, key, tp: int, rank: int) -> np.ndarray:
+    """This rank's piece of a constant: ``key`` is an axis, or (axis, outer): ``outer`` blocks cut alike."""
+    axis, outer = (key, 1) if isinstance(key, int) else key
+    if outer == 1:
+        return np.ascontiguousarray(np.split(whole, tp, axis=axis)[rank])
+    shape = list(whole.shape)
+    blocks = whole.reshape(shape[:axis] + [outer, shape[axis] // outer] + shape[axis + 1:])
+    piece = np.split(blocks, tp, axis=axis + 1)[rank]
+    shape[axis] //= tp
+    return np.ascontiguousarray(piece.reshape(shape))
+
+
+def key_axis(key) -> int | None:
+    return key if key is None or isinstance(key, int) else key[0]
+
+
 def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[str, int],
                      metadata: dict[str, str], progress=None) -> RankGraph:
     tp = plan.tp
@@ -62,16 +78,17 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
     use_name: dict[tuple[str, object], str] = {}
     for name, axes in uses.items():
         for axis in axes:
-            use_name[(name, axis)] = name if (len(axes) == 1 or axis is None) else names.fresh(f"{name}.shard_axis{axis}")
+            use_name[(name, axis)] = name if (len(axes) == 1 or axis is None) else names.fresh(
+                f"{name}.shard_axis{key_axis(axis)}" + ("" if isinstance(axis, int) else f"_of{axis[1]}"))
 
     new_inits: list[onnx.TensorProto] = []
     for tensor in index.graph.initializer:
         axes = uses.get(tensor.name, {None}) if tensor.name in index.initializers else {None}
         whole = None
-        for axis in sorted(axes, key=lambda a: -1 if a is None else a):
+        for axis in sorted(axes, key=lambda a: (-1, 0) if a is None else (key_axis(a), 0 if isinstance(a, int) else a[1])):
             if whole is None:
                 whole = numpy_helper.to_array(tensor)
-            value = whole if axis is None else np.ascontiguousarray(np.split(whole, tp, axis=axis)[rank])
+            value = whole if axis is None else slice_piece(whole, axis, tp, rank)
             out = numpy_helper.from_array(value, use_name.get((tensor.name, axis), tensor.name))
             new_inits.append(out)
         if progress is not None:
@@ -90,7 +107,7 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
         if elem:
             value_infos[src] = elem
             value_infos[dst] = elem
-        collectives.append({"op": op, "node": node.name, "input": src, "output": dst, **attrs})
+        collectives.append({"op": op, "node": node.name, "input": src, "output": dst, "tensor": origin, **attrs})
         return node
 
     for i, old in enumerate(index.nodes):
@@ -113,13 +130,48 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
             elif name in index.initializers:
                 axis = plan.sliced_inputs.get((i, k))
                 node.input[k] = use_name.get((name, axis), name)
-        if i in plan.reshapes:
-            value = plan.reshapes[i]
-            key = (old.input[1], tuple(value.tolist()))
+        for (j, k), value in plan.input_overrides.items():
+            if j != i:
+                continue
+            key = (old.input[k], tuple(value.reshape(-1).tolist()))
             if key not in reshape_consts:
-                reshape_consts[key] = names.fresh(f"{old.input[1]}.rank_local")
+                reshape_consts[key] = names.fresh(f"{old.input[k]}.rank_local")
                 new_inits.append(numpy_helper.from_array(value, reshape_consts[key]))
-            node.input[1] = reshape_consts[key]
+            node.input[k] = reshape_consts[key]
+        if i in plan.concat_overrides:
+            # The shape target is computed at run time by a Concat of Shape(...) pieces and constants:
+            # a copy of that Concat, with this rank's constants, computes this rank's target.
+            c, parts = plan.concat_overrides[i]
+            concat = onnx.NodeProto()
+            concat.CopyFrom(index.nodes[c])
+            concat.name = names.fresh(f"{index.nodes[c].name or 'Concat'}.rank_local")
+            for k, value in parts.items():
+                key = (concat.input[k], tuple(value.reshape(-1).tolist()))
+                if key not in reshape_consts:
+                    reshape_consts[key] = names.fresh(f"{concat.input[k]}.rank_local")
+                    new_inits.append(numpy_helper.from_array(value, reshape_consts[key]))
+                concat.input[k] = reshape_consts[key]
+            concat.output[0] = names.fresh(f"{index.nodes[c].output[0]}.rank_local")
+            nodes.append(concat)
+            node.input[1] = concat.output[0]
+        for (j, k), (axis, length) in plan.local_slices.items():
+            if j != i:
+                continue
+            # A whole tensor of which this rank needs only its piece along the cut axis: no communication.
+            piece = length // tp
+            consts = []
+            for label, value in (("starts", rank * piece), ("ends", (rank + 1) * piece), ("axes", axis)):
+                cname = names.fresh(f"{old.input[k]}.local_{label}")
+                new_inits.append(numpy_helper.from_array(np.array([value], np.int64), cname))
+                consts.append(cname)
+            sliced = names.fresh(f"{old.input[k]}.local_piece")
+            nodes.append(helper.make_node("Slice", [node.input[k]] + consts, [sliced],
+                                          name=names.fresh(f"{old.input[k]}.local_Slice")))
+            node.input[k] = sliced
+        if i in plan.embeddings:
+            nodes.extend(_vocab_parallel_lookup(node, plan.embeddings[i], rank, tp, names, new_inits, elem_types,
+                                                collective))
+            continue
         for k, name in enumerate(old.output):
             if name in local:
                 node.output[k] = local[name]
@@ -159,7 +211,10 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
     graph.initializer.extend(t for t in new_inits if t.name in used or t.name in index.graph_inputs)
     weight_bytes = sum(_nbytes(t) for t in graph.initializer)
     # Element types of collective inputs/outputs: collectives have no ONNX schema, so inference stops there.
-    kept_info = [vi for vi in index.graph.value_info if vi.name not in plan.splits]
+    # Only element types are kept: many shapes differ per rank (split tensors, sliced weights behind a
+    # Transpose, shape values), and an exporter's stale shape would make ONNX Runtime refuse the shard.
+    kept_info = [helper.make_tensor_value_info(vi.name, vi.type.tensor_type.elem_type, None)
+                 for vi in index.graph.value_info if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type]
     graph.value_info.extend(kept_info)
     known = {vi.name for vi in kept_info}
     for name, elem in value_infos.items():
@@ -170,6 +225,42 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
     for key, value in metadata.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
     return RankGraph(model, weight_bytes, collectives)
+
+
+def _vocab_parallel_lookup(node, rows: int, rank: int, tp: int, names, new_inits, elem_types, collective) -> list:
+    """A token embedding split by vocabulary rows: look up the ids this rank owns, zeros elsewhere, sum.
+
+    ids - first -> in [0, rows/tp)? -> Gather(local table, clamped ids) * in_range -> AllReduce
+    """
+    table, ids = node.input[0], node.input[1]
+    out = node.output[0]
+    piece = rows // tp
+    id_type = elem_types.get(ids, onnx.TensorProto.INT64)
+    id_dtype = helper.tensor_dtype_to_np_dtype(id_type)
+    value_type = elem_types.get(out) or elem_types.get(table, onnx.TensorProto.FLOAT)
+
+    def const(label, value, dtype):
+        cname = names.fresh(f"{out}.vocab_{label}")
+        new_inits.append(numpy_helper.from_array(np.array(value, dtype), cname))
+        return cname
+
+    first, size, zero = const("first", rank * piece, id_dtype), const("rows", piece, id_dtype), const("zero", 0, id_dtype)
+    last_axis = const("last_axis", [-1], np.int64)
+    t = {k: names.fresh(f"{out}.vocab_{k}") for k in ("local", "ge", "lt", "mine", "clamped", "rows_out", "mask",
+                                                       "mask_typed", "partial")}
+    nodes = [
+        helper.make_node("Sub", [ids, first], [t["local"]], name=names.fresh(f"{out}.vocab_Sub")),
+        helper.make_node("GreaterOrEqual", [t["local"], zero], [t["ge"]], name=names.fresh(f"{out}.vocab_GE")),
+        helper.make_node("Less", [t["local"], size], [t["lt"]], name=names.fresh(f"{out}.vocab_Less")),
+        helper.make_node("And", [t["ge"], t["lt"]], [t["mine"]], name=names.fresh(f"{out}.vocab_And")),
+        helper.make_node("Where", [t["mine"], t["local"], zero], [t["clamped"]], name=names.fresh(f"{out}.vocab_Where")),
+        helper.make_node("Gather", [table, t["clamped"]], [t["rows_out"]], name=names.fresh(f"{out}.vocab_Gather"), axis=0),
+        helper.make_node("Unsqueeze", [t["mine"], last_axis], [t["mask"]], name=names.fresh(f"{out}.vocab_Unsqueeze")),
+        helper.make_node("Cast", [t["mask"]], [t["mask_typed"]], name=names.fresh(f"{out}.vocab_Cast"), to=value_type),
+        helper.make_node("Mul", [t["rows_out"], t["mask_typed"]], [t["partial"]], name=names.fresh(f"{out}.vocab_Mul")),
+    ]
+    nodes.append(collective("AllReduce", t["partial"], out, out))
+    return nodes
 
 
 def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
@@ -187,7 +278,7 @@ def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> onnx.ModelProto:
 
 def _scaled_bias(node, index, names, new_inits) -> str:
     bias = node.input[2]
-    beta = _attrs(node).get("beta", 1.0)
+    beta = node_attrs(node).get("beta", 1.0)
     if beta == 1.0:
         return bias
     value = index.constant_value(bias)

@@ -26,15 +26,27 @@ weights              one entry per initializer of the source:
                      "shard_shape"}`` where ``split`` is ``"columns"`` (last
                      axis cut in N contiguous pieces), ``"rows"`` (first axis),
                      ``"axis"`` (another axis, given in ``axis``),
+                     ``"vocabulary"`` (a token embedding table cut by rows),
                      ``"replicated"`` (whole on every rank) or ``"mixed"``
-                     (used both ways: a whole copy and ``copies`` of pieces)
-attention            one entry per rewritten Reshape: ``{"node", "shape_input",
-                     "shape", "shard_shape", "heads", "heads_per_rank"}``
+                     (used both ways: a whole copy and ``copies`` of pieces);
+                     ``"parts": P`` when the cut axis is P equal parts each cut
+                     alike (a fused QKV projection: P = 3)
+attention            one entry per head-splitting Reshape: ``{"node",
+                     "shape_input", "shape", "shard_shape", "heads",
+                     "heads_per_rank"}``; ``shape``/``shard_shape`` are null
+                     when the target is computed at run time
 collectives          one entry per collective node written into the shards:
-                     ``{"op", "node", "input", "output", "axis"}``
-                     (``axis`` only for AllGather)
+                     ``{"op", "node", "input", "output", "tensor", "axis"}``
+                     (``tensor``: the source model's tensor it makes whole;
+                     ``axis`` only for AllGather)
 replicated_reasons   ``{node name: why its weight stayed whole}`` for linear
                      layers that were left replicated
+explain              the plan in numbers (``orchestrate shard --explain``):
+                     ``{"tp", "model", "per", "layers", "embeddings",
+                     "gathered_outputs", "replicated", "collectives_per_rank",
+                     "bytes_sent_per_token_per_rank",
+                     "megatron_minimum_bytes_per_token_per_rank",
+                     "ratio_to_megatron"}`` (``orchestrator/_shard_explain.py``)
 ===================  ==========================================================
 """
 

@@ -155,7 +155,7 @@ CLIENT_FROM_PROTO = textwrap.dedent("""
     request.servable_spec.version_number = 0
     request.instances[1].items["x1"].shape.dims[:] = [4]    # 4 int32 values, not 2x2
     reply = stub.Predict(request, timeout=30)
-    assert [e.error_code for e in reply.error_msg] == [0, 1], reply.error_msg
+    assert [e.error_code for e in reply.error_msg] == [0, 3], reply.error_msg  # 3: a bad request (RequestError)
     assert b"shape [4]" in reply.error_msg[1].error_msg
     print("proto client ok")
 """)

@@ -27,9 +27,10 @@ from ._errors import ServingError, ServingTimeoutError
 
 
 class _Item:
-    __slots__ = ("arrays", "deadline", "done", "result", "error", "signature")
+    __slots__ = ("arrays", "deadline", "done", "result", "error", "signature", "arrived")
 
     def __init__(self, arrays: Sequence[np.ndarray], deadline: float):
+        self.arrived = time.perf_counter()
         self.arrays = arrays
         self.deadline = deadline
         self.done = threading.Event()
@@ -42,11 +43,14 @@ class Batcher:
     """Joins instances into batches for ``run_batch(list of stacked arrays) -> list of output arrays``.
 
     ``shared``: input indexes without a batch dimension (taken from the first instance of a batch).
+    ``on_start(seconds)``: called for each instance of a batch as it starts, with the time it waited.
     """
 
     def __init__(self, run_batch: Callable[[list[np.ndarray], float], list[np.ndarray]], *, max_batch: int,
-                 delay: float, runners: int, label: str, shared: Sequence[int] = ()):
+                 delay: float, runners: int, label: str, shared: Sequence[int] = (),
+                 on_start: Callable[[float], None] | None = None):
         self._run_batch = run_batch
+        self._on_start = on_start
         self.max_batch = max_batch
         self.delay = delay
         self.label = label
@@ -136,6 +140,10 @@ class Batcher:
                 self._run(live)
 
     def _run(self, batch: list[_Item]) -> None:
+        if self._on_start is not None:
+            now = time.perf_counter()
+            for item in batch:
+                self._on_start(now - item.arrived)
         try:
             inputs = [batch[0].arrays[i][None] if i in self._shared else
                       np.stack([item.arrays[i] for item in batch]) for i in range(len(batch[0].arrays))]

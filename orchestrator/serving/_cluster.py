@@ -45,6 +45,20 @@ HEARTBEAT_MISSES = 4
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 
+def signature_of(info: cpb.ServableInfo):
+    """A registered servable's ServableSignature (what the master's KServe metadata shows)."""
+    import numpy as np
+
+    from ._dispatch import ServableSignature, TensorSpec
+
+    def tensors(items):
+        return tuple(TensorSpec(t.name, np.dtype(t.dtype) if t.dtype else None, tuple(t.shape)) for t in items)
+
+    methods = {m.name: (tuple(m.input_names), tuple(m.output_names)) for m in info.methods}
+    return ServableSignature(info.name, info.version_number, methods, info.with_batch_dim,
+                             tensors(info.model_inputs), tensors(info.model_outputs))
+
+
 class RemoteBackend:
     """A cluster worker as the dispatcher sees it: requests forwarded to its MSService."""
 
@@ -135,7 +149,7 @@ class ClusterMaster(cluster_grpc.ServingMasterServicer):
             self._workers[worker_id] = backend
         for servable in request.servables:
             methods = {m.name: (tuple(m.input_names), tuple(m.output_names)) for m in servable.methods}
-            self._dispatcher.add(backend, servable.name, servable.version_number, methods)
+            self._dispatcher.add(backend, servable.name, servable.version_number, methods, signature_of(servable))
         log.info("%s joined: %s", backend.label,
                  ", ".join(f"{s.name} version {s.version_number}" for s in request.servables))
         return cpb.RegisterReply(worker_id=worker_id, heartbeat_interval=self.interval)
@@ -217,6 +231,11 @@ class WorkerAgent:
                                          with_batch_dim=servable.with_batch_dim)
             for method in servable.methods.values():
                 info.methods.add(name=method.name, input_names=method.input_names, output_names=method.output_names)
+            signature = servable.signature()
+            for field, tensors in (("model_inputs", signature.model_inputs), ("model_outputs", signature.model_outputs)):
+                for tensor in tensors:
+                    getattr(info, field).add(name=tensor.name, dtype=tensor.dtype.name if tensor.dtype else "",
+                                             shape=list(tensor.shape))
         return request
 
     def _register(self, timeout: float) -> None:

@@ -12,18 +12,31 @@ version, when there is one; any other failure is the request's answer.
 Replies follow MindSpore Serving: no ``error_msg`` when every instance
 succeeded; one when the request failed as a whole (or its only instance
 failed); otherwise one per instance, ``error_code`` 0 for those that succeeded.
+MindSpore Serving's clients read only 0 or not; the other codes say what kind
+of failure it was (``ERROR_CODES``), so a reply forwarded from a cluster
+worker still tells the KServe front which HTTP status or gRPC code to answer.
+
+The table also remembers every servable version it ever served with its
+methods and model signature (``known``), so a servable whose last worker died
+is "known, not ready" (503) rather than "unknown" (404), and its metadata
+stays readable while it waits for a worker to rejoin.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
 
 from ranks._env import default_timeout
 from ranks._errors import OrchestratorError
 from ranks._log import get_logger
 
-from ._errors import NotServedError, RequestError, ServingError, ServingWorkerLostError
+from ._errors import (NotServedError, RequestError, ServingError, ServingQueueFullError, ServingTimeoutError,
+                      ServingUnavailableError, ServingWorkerLostError)
 from ._proto import ms_service_pb2 as pb
 from ._tensors import from_tensor, to_tensor
 
@@ -37,16 +50,29 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-# ErrorMsg.error_code: MindSpore Serving's clients read only 0 (success) or not; REST maps NOT_SERVED to 404.
-FAILED = 1
-NOT_SERVED = 2
+# ErrorMsg.error_code: MindSpore Serving's clients read only 0 (success) or not; REST maps NOT_SERVED to 404,
+# the KServe front each code to its HTTP status / gRPC code.
+FAILED = 1  # anything else: a method's own error, a worker that failed
+NOT_SERVED = 2  # NotServedError
+BAD_REQUEST = 3  # RequestError
+UNAVAILABLE = 4  # ServingQueueFullError, ServingUnavailableError, ServingWorkerLostError (and no other worker)
+TIMED_OUT = 5  # ServingTimeoutError
+ERROR_CODES = ((NotServedError, NOT_SERVED), (RequestError, BAD_REQUEST),
+               ((ServingQueueFullError, ServingUnavailableError, ServingWorkerLostError), UNAVAILABLE),
+               (ServingTimeoutError, TIMED_OUT))
+
+
+def error_code(exc: BaseException) -> int:
+    for kinds, code in ERROR_CODES:
+        if isinstance(exc, kinds):
+            return code
+    return FAILED
 
 
 def error_reply(spec: pb.ServableSpec, exc: BaseException) -> pb.PredictReply:
     reply = pb.PredictReply()
     reply.servable_spec.CopyFrom(spec)
-    code = NOT_SERVED if isinstance(exc, NotServedError) else FAILED
-    reply.error_msg.add(error_code=code, error_msg=error_text(exc).encode("utf-8"))
+    reply.error_msg.add(error_code=error_code(exc), error_msg=error_text(exc).encode("utf-8"))
     return reply
 
 
@@ -71,12 +97,12 @@ def make_reply(spec: pb.ServableSpec, version: int, results: list) -> pb.Predict
     if not failed:
         reply.instances.extend(encoded)
     elif len(encoded) == 1:
-        reply.error_msg.add(error_code=1, error_msg=error_text(failed[0]).encode("utf-8"))
+        reply.error_msg.add(error_code=error_code(failed[0]), error_msg=error_text(failed[0]).encode("utf-8"))
     else:
         for item in encoded:
             if isinstance(item, BaseException):
                 reply.instances.add()
-                reply.error_msg.add(error_code=1, error_msg=error_text(item).encode("utf-8"))
+                reply.error_msg.add(error_code=error_code(item), error_msg=error_text(item).encode("utf-8"))
             else:
                 reply.instances.append(item)
                 reply.error_msg.add(error_code=0)
@@ -109,19 +135,54 @@ class LocalBackend:
         self.servable.close()
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: name, numpy dtype (None: not known), shape (-1: any size)."""
+
+    name: str
+    dtype: np.dtype | None
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ServableSignature:
+    """What one servable version offers: its methods {name: (inputs, outputs)} and its model's tensors."""
+
+    name: str
+    version: int
+    methods: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+    with_batch_dim: bool = False
+    model_inputs: tuple[TensorSpec, ...] = ()
+    model_outputs: tuple[TensorSpec, ...] = ()
+
+
 class Dispatcher:
-    """What this process serves: {servable name: {version: [backends]}}, and each backend's methods."""
+    """What this process serves: {servable name: {version: [backends]}}, each backend's methods, and what it served."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._table: dict[str, dict[int, list]] = {}
         self._methods: dict[int, dict[str, tuple]] = {}  # id(backend) -> {method: (inputs, outputs)}
+        self._known: dict[str, dict[int, ServableSignature]] = {}  # every servable version ever served here
         self._turn = itertools.count()
+        self.metrics = None  # a _metrics.Metrics, when the process keeps them
 
-    def add(self, backend, name: str, version: int, methods: dict[str, tuple]) -> None:
+    def add(self, backend, name: str, version: int, methods: dict[str, tuple], spec: ServableSignature | None = None) -> None:
         with self._lock:
             self._table.setdefault(name, {}).setdefault(version, []).append(backend)
             self._methods[id(backend)] = dict(methods)
+            self._known.setdefault(name, {})[version] = spec or ServableSignature(name, version, dict(methods))
+
+    def known(self) -> dict[str, dict[int, ServableSignature]]:
+        """{servable name: {version: ServableSignature}} of every servable version served here since the start."""
+        with self._lock:
+            return {name: dict(versions) for name, versions in self._known.items()}
+
+    def backend_counts(self) -> dict[tuple[str, int], int]:
+        """{(servable, version): backends serving it now} for every known version (0: none left)."""
+        with self._lock:
+            return {(name, version): len(self._table.get(name, {}).get(version, ()))
+                    for name, versions in self._known.items() for version in versions}
 
     def remove(self, backend) -> bool:
         """Take ``backend`` out of rotation; False when it was not in."""
@@ -152,14 +213,21 @@ class Dispatcher:
             versions = self._table.get(spec.name)
             if not spec.name:
                 raise RequestError("the request names no servable (servable_spec.name is empty)")
+            known = self._known.get(spec.name, {})
             if not versions:
+                if known and (not spec.version_number or spec.version_number in known):
+                    raise ServingUnavailableError(f"servable {spec.name!r}: no worker serves it now (its workers "
+                                                  f"left or died); known versions: {sorted(known)}")
                 served = ", ".join(sorted(self._table)) or "none yet"
                 raise NotServedError(f"servable {spec.name!r} is not served here; servables served: {served}")
             version = spec.version_number or max(versions)
             backends = list(versions.get(version, ()))
             if not backends:
+                if version in known:
+                    raise ServingUnavailableError(f"servable {spec.name!r} version {version}: no worker serves it "
+                                                  f"now (its workers left or died); versions served: {sorted(versions)}")
                 raise RequestError(f"servable {spec.name!r} has no version {version} served; versions served: "
-                                   f"{sorted(versions)}")
+                                     f"{sorted(versions)}")
             methods = self._methods.get(id(backends[0]), {})
             if spec.method_name not in methods:
                 raise RequestError(f"servable {spec.name!r} version {version} has no method {spec.method_name!r}; "
@@ -182,6 +250,13 @@ class Dispatcher:
 
     def predict(self, request: pb.PredictRequest, timeout: float | None = None) -> pb.PredictReply:
         """The reply to ``request``; never raises (a failure is the reply's ``error_msg``)."""
+        started = time.perf_counter()
+        reply = self._predict(request, timeout)
+        if self.metrics is not None:
+            self.metrics.request_done(self, request.servable_spec, reply, time.perf_counter() - started)
+        return reply
+
+    def _predict(self, request: pb.PredictRequest, timeout: float | None) -> pb.PredictReply:
         spec = request.servable_spec
         if timeout is None:
             timeout = default_timeout()  # MindSpore Serving's client sets no deadline; we never wait without one

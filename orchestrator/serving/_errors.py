@@ -8,6 +8,7 @@
                             wrong instance keys, dtype or shape; also ``InputError``)
 ``NotServedError``          a request for a servable not served here (a ``RequestError``)
 ``ServingQueueFullError``   a servable's queue is full: refused at once (also ``queue.Full``)
+``ServingUnavailableError`` a servable served here before, with no worker serving it now
 ``ServingTimeoutError``     a request that did not finish within its timeout
 ``ServingWorkerError``      a cluster worker that died, left or did not answer; names the
                             worker, its host and pid
@@ -41,6 +42,10 @@ class NotServedError(RequestError):
 
 class ServingQueueFullError(ServingError, queue.Full):
     """A servable whose queue is full refused a request at once."""
+
+
+class ServingUnavailableError(ServingError):
+    """A servable this process served before, with no worker that can serve it now (its workers left or died)."""
 
 
 class ServingTimeoutError(ServingError, TimeoutError):

@@ -19,7 +19,8 @@ class MSServiceServicer(pb_grpc.MSServiceServicer):
     def Predict(self, request, context):  # noqa: N802 - the protocol's name
         timeout = self._timeout
         remaining = context.time_remaining()
-        if remaining is not None and (timeout is None or remaining < timeout):
+        # A call without a deadline reports ~2**63 ns remaining: no deadline, not one to pass on to a worker.
+        if remaining is not None and remaining < 1e9 and (timeout is None or remaining < timeout):
             timeout = remaining
         return self._dispatcher.predict(request, timeout)
 

@@ -29,6 +29,7 @@ import threading
 from ranks._log import get_logger
 
 from ._dispatch import Dispatcher, LocalBackend
+from ._metrics import Metrics
 from ._errors import ServingError
 
 log = get_logger("serving")
@@ -40,6 +41,8 @@ DEFAULT_MAX_MB = 100  # request and reply size limit (gRPC messages, REST bodies
 class ServingProcess:
     def __init__(self):
         self.dispatcher = Dispatcher()
+        self.metrics = Metrics(self.dispatcher)  # what GET /metrics shows; servables record into it
+        self.dispatcher.metrics = self.metrics
         self.local: list = []  # Servables loaded here
         self.grpc_servers: list = []  # (what, grpc.Server)
         self.rest_servers: list = []  # (uvicorn.Server, thread)
@@ -167,7 +170,7 @@ class ServingProcess:
                     raise ServingError(f"{servable.label} is already served by this process")
             self.local.append(servable)
             methods = {m.name: (m.input_names, m.output_names) for m in servable.methods.values()}
-            self.dispatcher.add(LocalBackend(servable), servable.name, servable.version, methods)
+            self.dispatcher.add(LocalBackend(servable), servable.name, servable.version, methods, servable.signature())
 
 
 PROCESS = ServingProcess()

@@ -27,7 +27,6 @@ import math
 import re
 
 import numpy as np
-from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
@@ -35,6 +34,7 @@ from starlette.routing import Route
 
 from ._dispatch import NOT_SERVED
 from ._errors import RequestError
+from ._http_body import BodyTooLarge, read_body
 from ._proto import ms_service_pb2 as pb
 from ._tensors import TYPE_NAMES, from_tensor, to_tensor
 
@@ -171,21 +171,16 @@ def reply_to_json(reply: pb.PredictReply) -> dict:
     return {"instances": out}
 
 
-def make_app(dispatcher, max_body_bytes: int, timeout: float | None = None) -> Starlette:
+def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> list[Route]:
     async def predict(request: Request):
         try:
             name, version, method = parse_url(request.path_params["path"])
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
-                raise _BadRequest(f"the body has {declared} bytes; the limit is {max_body_bytes}", 413)
-            chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body_bytes:
-                    raise _BadRequest(f"the body is over the limit of {max_body_bytes} bytes", 413)
-                chunks.append(chunk)
             try:
-                body = json.loads(b"".join(chunks))
+                raw = await read_body(request, max_body_bytes)
+            except BodyTooLarge as exc:
+                raise _BadRequest(str(exc), 413) from None
+            try:
+                body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise _BadRequest(f"the body is not valid JSON: {exc}") from None
             pb_request = request_from_json(body, name, version, method)
@@ -197,10 +192,4 @@ def make_app(dispatcher, max_body_bytes: int, timeout: float | None = None) -> S
         not_served = len(reply.error_msg) == 1 and reply.error_msg[0].error_code == NOT_SERVED
         return JSONResponse(reply_to_json(reply), status_code=404 if not_served else 200)
 
-    routes = [Route("/model/{path:path}", predict, methods=["POST"])]
-    app = Starlette(routes=routes)
-    app.add_exception_handler(404, lambda request, exc: _error(
-        f"URL {request.url.path} is not /model/NAME[/version/N]:METHOD (POST)", 404))
-    app.add_exception_handler(405, lambda request, exc: _error(
-        f"{request.method} {request.url.path}: only POST is served", 405))
-    return app
+    return [Route("/model/{path:path}", predict, methods=["POST"])]

@@ -161,12 +161,16 @@ class Servable:
         self._closed = False
         self._backend, concurrency = self._build()
         self._inputs = [(t.name, t.dtype.to_numpy(), list(t.shape)) for t in self._backend.get_inputs()]
-        self._outputs = [t.name for t in self._backend.get_outputs()]
+        self._output_specs = [(t.name, _numpy_dtype(t.dtype), list(t.shape)) for t in self._backend.get_outputs()]
+        self._outputs = [name for name, _, _ in self._output_specs]
+        from ._process import PROCESS
+
+        self._queue_time, self._compute_time, self._batch_size = PROCESS.metrics.servable(name, self.version)
         self._batcher = None
         if self.with_batch_dim and self.options.max_batch > 1:
             self._batcher = Batcher(self._run_batch, max_batch=self.options.max_batch,
                                     delay=self.options.batch_delay_ms / 1000.0, runners=concurrency, label=self.label,
-                                    shared=self.declaration.without_batch_dim_inputs)
+                                    shared=self.declaration.without_batch_dim_inputs, on_start=self._queue_time.observe)
         log.info("%s: %s on %s, methods %s", self.label, self.model_path.name, self._describe_backend(),
                  ", ".join(self.methods))
 
@@ -197,11 +201,25 @@ class Servable:
             return f"a batch-split master over devices {list(self.options.device_ids)}"
         return f"a pool of {getattr(self._backend, 'workers_num', '?')} workers"
 
+    def signature(self):
+        """What this servable version offers (its methods, its model's tensors): the KServe metadata's source."""
+        from ._dispatch import ServableSignature, TensorSpec
+
+        return ServableSignature(
+            self.name, self.version, {m.name: (m.input_names, m.output_names) for m in self.methods.values()},
+            self.with_batch_dim, tuple(TensorSpec(n, np.dtype(d), tuple(s)) for n, d, s in self._inputs),
+            tuple(TensorSpec(n, d, tuple(s)) for n, d, s in self._output_specs))
+
     def _predict(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ServingTimeoutError(f"{self.label}: the request's timeout passed before the model ran")
+        started = time.perf_counter()
         outputs = self._backend.predict(arrays, timeout=remaining)
+        self._compute_time.observe(time.perf_counter() - started)
+        shared = self.declaration.without_batch_dim_inputs
+        rows = [a.shape[0] for i, a in enumerate(arrays) if i not in shared and a.ndim]
+        self._batch_size.observe(rows[0] if self.with_batch_dim and rows else 1)
         return [t.get_data_to_numpy() for t in outputs]
 
     def _run_batch(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
@@ -213,9 +231,11 @@ class Servable:
         if deadline <= time.monotonic():
             raise ServingTimeoutError(f"{self.label}: the request's timeout passed before the model ran")
         if not self.with_batch_dim:
+            self._queue_time.observe(0.0)  # straight to the pool (its own wait for a free worker is compute time)
             return self._predict(arrays, deadline)
         if self._batcher is not None:
             return self._batcher.submit(arrays, deadline)
+        self._queue_time.observe(0.0)
         shared = self.declaration.without_batch_dim_inputs
         outputs = self._predict([a if i in shared else a[None] for i, a in enumerate(arrays)], deadline)
         return [o[0] for o in outputs]
@@ -305,6 +325,13 @@ class Servable:
             self._batcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._backend.close()
+
+
+def _numpy_dtype(dtype):
+    try:
+        return np.dtype(dtype.to_numpy())
+    except Exception:  # noqa: BLE001 - an output type numpy has no name for: shown as not known
+        return None
 
 
 def _describe(value) -> str:

@@ -2,8 +2,8 @@
 
     from orchestrator.serving import master, worker
     worker.start_servable_in_master(servable_dir, "add", device_id=0)   # lightweight: the model in this process
-    master.start_grpc_server("127.0.0.1", 5500)
-    master.start_restful_server("127.0.0.1", 1500)
+    master.start_grpc_server("127.0.0.1", 5500)       # MSService and KServe v2 gRPC on one port
+    master.start_restful_server("127.0.0.1", 1500)    # also KServe v2 HTTP (/v2/...) and /metrics
 
     master.start_grpc_server("127.0.0.1", 5500)                          # cluster: workers join from elsewhere
     master.start_master_server("127.0.0.1", 6500)
@@ -25,37 +25,52 @@ from ._process import DEFAULT_MAX_MB, PROCESS, max_bytes
 
 log = get_logger("serving")
 
-__all__ = ["start_grpc_server", "start_restful_server", "start_master_server", "stop", "wait"]
+__all__ = ["start_grpc_server", "start_restful_server", "start_http_server", "start_master_server", "stop", "wait"]
 
 
 def start_grpc_server(ip: str = "127.0.0.1", grpc_port: int = 5500, max_msg_mb_size: int = DEFAULT_MAX_MB) -> int:
-    """Serve MindSpore Serving's gRPC API (``MSService.Predict``) on ip:grpc_port; returns the port (0: a free one)."""
+    """Serve gRPC on ip:grpc_port; returns the port (0: a free one).
+
+    Two services on the one port: MindSpore Serving's ``MSService.Predict`` and KServe v2's
+    ``inference.GRPCInferenceService`` (what ``tritonclient.grpc`` calls).
+    """
     from ._grpc_service import MSServiceServicer, start_server
-    from ._proto import ms_service_pb2_grpc
+    from ._kserve_grpc import KServeServicer
+    from ._proto import grpc_predict_v2_pb2_grpc, ms_service_pb2_grpc
+
+    def add_services(server):
+        ms_service_pb2_grpc.add_MSServiceServicer_to_server(MSServiceServicer(PROCESS.dispatcher), server)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(PROCESS.dispatcher), server)
 
     limit = max_bytes(max_msg_mb_size)
     PROCESS.serving()
-    server, port = start_server(ip, grpc_port, "serving gRPC server", lambda s: ms_service_pb2_grpc.add_MSServiceServicer_to_server(
-        MSServiceServicer(PROCESS.dispatcher), s), limit)
+    server, port = start_server(ip, grpc_port, "serving gRPC server", add_services, limit)
     PROCESS.grpc_servers.append(("grpc", server))
     print(f"Serving gRPC start success, listening on {ip}:{port}", flush=True)
     return port
 
 
 def start_restful_server(ip: str = "127.0.0.1", restful_port: int = 1500, max_msg_mb_size: int = DEFAULT_MAX_MB) -> int:
-    """Serve MindSpore Serving's RESTful API (``POST /model/NAME[/version/N]:METHOD``) on ip:restful_port."""
+    """Serve HTTP on ip:restful_port; returns the port (0: a free one).
+
+    On the one port: MindSpore Serving's RESTful API (``POST /model/NAME[/version/N]:METHOD``),
+    KServe v2's HTTP protocol (``/v2/...``, what ``tritonclient.http`` calls) and ``GET /metrics``.
+    """
     import socket
 
     import uvicorn
 
-    from ._rest import make_app
+    from ._http import make_app
 
     limit = max_bytes(max_msg_mb_size)
     if isinstance(restful_port, bool) or not isinstance(restful_port, int) or not 0 <= restful_port <= 65535:
         raise ServingError(f"RESTful server: port must be an integer in [0, 65535], got {restful_port!r}")
     PROCESS.serving()
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP, and
+    # with Nagle on, a reply written as headers then body waited ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted connections inherit it (Linux)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((ip, restful_port))
@@ -64,7 +79,7 @@ def start_restful_server(ip: str = "127.0.0.1", restful_port: int = 1500, max_ms
         raise ServingError(f"RESTful server: cannot listen on {ip}:{restful_port}: {exc.strerror or exc}") from None
     sock.listen(1024)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(make_app(PROCESS.dispatcher, limit), log_level="warning", access_log=False,
+    config = uvicorn.Config(make_app(PROCESS.dispatcher, limit, PROCESS.metrics), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=2, lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="serving RESTful server", daemon=True)
@@ -79,6 +94,9 @@ def start_restful_server(ip: str = "127.0.0.1", restful_port: int = 1500, max_ms
     PROCESS.rest_servers.append((server, thread))
     print(f"Serving RESTful server start success, listening on {ip}:{port}", flush=True)
     return port
+
+
+start_http_server = start_restful_server  # the same server: its KServe name
 
 
 def start_master_server(ip: str = "127.0.0.1", master_port: int = 6100, max_msg_mb_size: int = DEFAULT_MAX_MB) -> int:

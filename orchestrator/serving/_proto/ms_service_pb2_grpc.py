@@ -5,7 +5,7 @@ import warnings
 
 from orchestrator.serving._proto import ms_service_pb2 as orchestrator_dot_serving_dot___proto_dot_ms__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
