@@ -1,6 +1,6 @@
 """The fault matrix: every way in crossed with every fault (the issue on the house and its faults).
 
-Run alone with ``.venv/bin/python -m pytest tests/test_fault_matrix.py -rxXf -s`` (about 4 minutes on 2
+Run alone with ``.venv/bin/python -m pytest tests/test_fault_matrix.py -rxXf -s`` (about 2 minutes on 2
 cores; ``-s`` prints a row per cell and the table at the end). Every cell passes today; a cell that
 fails because of a known bug goes in ``FAILING_TODAY`` with the bug (an ``xfail(strict=True)``).
 
@@ -66,6 +66,7 @@ named (its headline), leftovers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -97,6 +98,8 @@ HANG_BOUND = TIMEOUT + 1.0 + LOAD_SLACK
 GIVE_UP = float(os.environ.get("FAULT_MATRIX_GIVE_UP") or HANG_BOUND + 1.0)
 LEFTOVER_WAIT = 5.0  # how long processes may take to go after the job ended before they count as left
 SHM_MODE = "named"
+# Cells run this many at a time (FAULT_MATRIX_JOBS=1: one at a time, to time one cell alone).
+CONCURRENT_CELLS = int(os.environ.get("FAULT_MATRIX_JOBS") or 2)
 
 FAULT_RANK = str(ROOT / "tests" / "programs" / "fault_rank.py")
 FAULT_CALLER = str(ROOT / "tests" / "programs" / "fault_caller.py")
@@ -946,16 +949,41 @@ def _params():
             yield pytest.param(way, fault, id=f"{way}-{fault}", marks=marks)
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("way, fault", list(_params()))
-def test_cell(way, fault, tmp_path, table, models):
-    expect = MATRIX[way, fault]
+def _run_cell(way: str, fault: str, tmp_path: Path, models: dict) -> tuple[Cell, Outcome]:
     cell = Cell(way, fault, tmp_path)
     outcome = Outcome()
     try:
         outcome = run_rank_program(cell) if way in RANK_PROGRAM_WAYS else run_caller(cell, models)
+    except Exception as exc:  # noqa: BLE001 - the cell's own check reports it
+        outcome.notes.append(f"the cell's driver raised {exc!r}")
     finally:
         cell.finish(outcome)
+    return cell, outcome
+
+
+@pytest.fixture(scope="module")
+def cells(request, models, tmp_path_factory):
+    """Every selected cell, started in test order on a pool of ``CONCURRENT_CELLS`` threads; {(way, fault): future}.
+
+    A cell mostly waits (for a timeout, a death, processes to go), so two at a time halve the matrix's
+    time on 2 cores; the bounds' load slack covers the other cell's load. Cells share nothing: each has
+    its own marker, TMPDIR, fault directory and free ports, and counts only its own processes and
+    /dev/shm entries (another cell's are "of other jobs"). Each test waits for its own cell.
+    """
+    selected = [tuple(item.callspec.params[k] for k in ("way", "fault")) for item in request.session.items
+                if item.module is request.module and getattr(item, "originalname", "") == "test_cell"]
+    pool = concurrent.futures.ThreadPoolExecutor(CONCURRENT_CELLS, thread_name_prefix="fault-matrix cell")
+    futures = {key: pool.submit(_run_cell, *key, tmp_path_factory.mktemp(f"{key[0]}-{key[1]}"), models)
+               for key in selected}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("way, fault", list(_params()))
+def test_cell(way, fault, table, cells):
+    expect = MATRIX[way, fault]
+    cell, outcome = cells[way, fault].result(timeout=170)
     problems = _check(cell, expect, outcome)
     to_error = f"{outcome.t_error - outcome.t0:.2f} s" if outcome.t_error and outcome.t0 else "-"
     gone = f"{outcome.t_gone - outcome.t0:.2f} s" if outcome.t_gone and outcome.t0 else "-"
