@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launchers import LaunchError, ProcessSpec, RankOutput, Supervisor, python_module
+from launchers import Supervisor
 from ranks._context import Context
 from ranks._env import default_timeout
 from ranks._errors import ConfigError, InputError, ModelNotFoundError
@@ -55,10 +55,10 @@ from . import _protocol as proto
 from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
 from ._protocol import TensorSpec
 from ._worker_memory import BlockPool, Slot, aligned, layout, segment_prefix
+from ._worker_processes import death_text, start_workers, stop_workers
 
 EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT (not a suspended one) before TERM
 TERM_GRACE_SECONDS = 1.0  # then how long after TERM + CONT before KILL
-WORKER_MODULE = "orchestrator._worker_main"
 _HOST = socket.gethostname()  # workers run on this host: the supervisor starts them here
 
 
@@ -154,16 +154,7 @@ class _Worker:
         return f"worker for device {self.device_id} on host {_HOST} (pid {self.pid})"
 
     def death_text(self, doing: str) -> str:
-        """``was killed by SIGKILL while <doing>`` (or ``exited with code 1 ...``), waiting up to a second
-        for the supervisor's record; then its last lines of output, when it wrote any."""
-        ended = self.supervisor.exit_of(self.index, timeout=1.0) if self.supervisor is not None else None
-        if ended is None:
-            return f"closed its connection while {doing}"
-        how = f"was killed by {ended.signal}" if ended.signal else f"exited with code {ended.exitcode}"
-        text = f"{how} while {doing}"
-        if ended.tail:
-            text += "; its last lines of output:\n" + "\n".join(f"    | {line}" for line in ended.tail[-5:])
-        return text
+        return death_text(self.supervisor, self.index, doing)
 
 
 class _Workers:
@@ -181,21 +172,8 @@ class _Workers:
             if self.down:
                 return
             self.down = True
-        supervisor = self.supervisor
-        # EXIT first so that healthy workers leave cleanly, within one shared deadline
-        # (a suspended worker cannot read it: not waited for); then the supervisor's
-        # stop: TERM + CONT, another deadline, KILL.
-        if supervisor is not None:
-            if graceful:
-                running = set(supervisor.running())
-                for w in self.workers:
-                    if w.index in running:
-                        try:
-                            w.channel.send(proto.encode(proto.EXIT))
-                        except OSError:
-                            pass
-                supervisor.join(EXIT_GRACE_SECONDS, skip_suspended=True)
-            supervisor.stop()
+        stop_workers(self.supervisor, {w.index: w.channel for w in self.workers}, graceful=graceful,
+                     exit_grace=EXIT_GRACE_SECONDS)
         self.blocks.release_all()
         for w in self.workers:
             w.channel.close()
@@ -298,26 +276,12 @@ class ParallelPredictor:
         return contexts, cores
 
     def _start(self, paths, contexts, cores) -> None:
-        specs, theirs = [], []
         try:
-            for index, (device_id, path) in enumerate(zip(self._device_ids, paths)):
-                ours, their_end = socket.socketpair()
-                theirs.append(their_end)
-                self._workers.workers.append(_Worker(index, device_id, path, proto.StreamChannel(ours)))
-                argv, env = python_module(WORKER_MODULE, "--fd", str(their_end.fileno()))
-                specs.append(ProcessSpec(index, argv, env=env, label=f"worker for device {device_id}",
-                                         pass_fds=(their_end.fileno(),)))
-            supervisor = Supervisor(specs, output=RankOutput(tail_lines=20), stop_timeout=TERM_GRACE_SECONDS,
-                                    watchdog=True)  # removes our named segments if this process is SIGKILLed
+            supervisor, channels, _ = start_workers([f"worker for device {d}" for d in self._device_ids],
+                                                    cancel_channels=False, stop_timeout=TERM_GRACE_SECONDS)
             self._workers.supervisor = supervisor
-            try:
-                supervisor.start()
-            except LaunchError as exc:
-                raise WorkerError(f"cannot start the workers: {exc}") from exc
-            finally:
-                # Our copies of the workers' ends must go, or a dead worker's socket never reaches EOF.
-                for their_end in theirs:
-                    their_end.close()
+            for index, (device_id, path, channel) in enumerate(zip(self._device_ids, paths, channels)):
+                self._workers.workers.append(_Worker(index, device_id, path, channel))
             for w in self._workers.workers:
                 w.pid = supervisor.pids[w.index]
                 w.supervisor = supervisor

@@ -7,9 +7,9 @@ to the system when the runner closes. Threads are the default because they
 cost nothing per request; a process worker costs one round trip over a
 socket per request (inputs and outputs go through shared memory).
 
-Pieces reused from the batch-split master: the worker program
-(``python -m orchestrator._worker_main``, started and watched by
-``launchers.Supervisor``: the caller's script is never imported again), the
+Pieces shared with the batch-split master: the worker program
+(``python -m orchestrator._worker_main``, started, described and stopped by
+``_worker_processes`` on ``launchers.Supervisor``: the caller's script is never imported again), the
 protocol (``_protocol``: BUILD, PREDICT/REPLY/COLLECT, ERROR, EXIT, and CANCEL
 on a second socket) and the slots (``_worker_memory.Slot``: one shared-memory
 segment per worker, inputs then outputs, reused across requests).
@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from launchers import LaunchError, ProcessSpec, RankOutput, Supervisor, python_module
+from launchers import Supervisor
 from ranks._config_file import RankConfig
 from ranks._context import Context
 from ranks._env import default_timeout
@@ -61,10 +61,10 @@ from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
 from ._pool_plan import WorkerPlan
 from ._pool_queue import RequestQueue, Request, State
 from ._worker_memory import Slot, layout
+from ._worker_processes import death_text, start_workers, stop_workers
 
 log = get_logger("pool")
 
-WORKER_MODULE = "orchestrator._worker_main"
 CANCEL_GRACE_SECONDS = 2.0  # a cancelled run must end this soon, or its worker is killed
 EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT before TERM
 TERM_GRACE_SECONDS = 1.0  # then how long after TERM + CONT before KILL
@@ -196,14 +196,7 @@ class ProcessEngine:
         return proto.decode(frames, self.name)
 
     def _death_text(self, doing: str) -> str:
-        ended = self.supervisor.exit_of(self.index, timeout=1.0) if self.supervisor is not None else None
-        if ended is None:
-            return f"closed its connection while {doing}"
-        how = f"was killed by {ended.signal}" if ended.signal else f"exited with code {ended.exitcode}"
-        text = f"{how} while {doing}; it left the pool"
-        if ended.tail:
-            text += "; its last lines of output:\n" + "\n".join(f"    | {line}" for line in ended.tail[-5:])
-        return text
+        return death_text(self.supervisor, self.index, doing, "; it left the pool")
 
     def close(self) -> None:
         self.slot.unlink()
@@ -247,29 +240,12 @@ class ProcessWorkers:
         return [e.name for e in self.engines]
 
     def _start(self, plan: WorkerPlan) -> None:
-        specs, theirs = [], []
-        try:
-            for index in range(plan.workers):
-                ours, their_end = socket.socketpair()
-                cancel_ours, cancel_theirs = socket.socketpair()
-                theirs += [their_end, cancel_theirs]
-                self.engines.append(ProcessEngine(index, plan.workers, proto.StreamChannel(ours),
-                                                  proto.StreamChannel(cancel_ours)))
-                argv, env = python_module(WORKER_MODULE, "--fd", str(their_end.fileno()),
-                                          "--cancel-fd", str(cancel_theirs.fileno()))
-                specs.append(ProcessSpec(index, argv, env=env, label=f"pool worker {index}",
-                                         pass_fds=(their_end.fileno(), cancel_theirs.fileno())))
-            # The watchdog removes our named segments if this process is SIGKILLed.
-            self.supervisor = Supervisor(specs, output=RankOutput(tail_lines=20), stop_timeout=TERM_GRACE_SECONDS,
-                                         world_size=plan.workers, watchdog=True)
-            try:
-                self.supervisor.start()
-            except LaunchError as exc:
-                raise WorkerError(f"cannot start the pool's worker processes: {exc}") from exc
-        finally:
-            # Our copies of the workers' ends must go, or a dead worker's socket never reaches EOF.
-            for end in theirs:
-                end.close()
+        self.supervisor, channels, cancels = start_workers(
+            [f"pool worker {k}" for k in range(plan.workers)], cancel_channels=True, stop_timeout=TERM_GRACE_SECONDS,
+            world_size=plan.workers,
+        )
+        self.engines = [ProcessEngine(k, plan.workers, channel, cancel)
+                        for k, (channel, cancel) in enumerate(zip(channels, cancels))]
         for engine in self.engines:
             engine.pid = self.supervisor.pids[engine.index]
             engine.supervisor = self.supervisor
@@ -319,18 +295,8 @@ class ProcessWorkers:
         if self._closed:
             return
         self._closed = True
-        supervisor = self.supervisor
-        if supervisor is not None:
-            if graceful:
-                running = set(supervisor.running())
-                for engine in self.engines:
-                    if engine.index in running:
-                        try:
-                            engine.channel.send(proto.encode(proto.EXIT))
-                        except OSError:
-                            pass
-                supervisor.join(EXIT_GRACE_SECONDS, skip_suspended=True)
-            supervisor.stop()
+        stop_workers(self.supervisor, {e.index: e.channel for e in self.engines}, graceful=graceful,
+                     exit_grace=EXIT_GRACE_SECONDS)
         for engine in self.engines:
             engine.close()
 
