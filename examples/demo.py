@@ -8,7 +8,8 @@ against one plain ONNX Runtime session on the whole model:
 2. an all-reduce across 2 ranks under mpirun and from a rank table;
 3. tensor parallel: the sample MLP and transformer sliced into 2 shards, run
    under mpirun, from a rank table over ZeroMQ, and from Python in one call;
-4. a batch split across 2 worker processes, the seeds' dual-core case.
+4. a batch split across 2 worker processes, the seeds' dual-core case;
+5. many clients at once: 8 threads calling a ModelParallelRunner of 2 process workers.
 
     python examples/demo.py [--workdir DIR] [--quick]
 
@@ -60,6 +61,38 @@ def single_process(workdir: Path) -> None:
         print(format_output(output))
     diff = np.abs(outputs[0].get_data_to_numpy() - reference(path, {"x": x})[0]).max()
     print(f"max |ours - onnxruntime| = {diff:.2e}; predict took {elapsed * 1e3:.1f} ms")
+
+
+def worker_pool(workdir: Path) -> bool:
+    step("5. many clients at once: 8 threads call a ModelParallelRunner of 2 process workers (seed 000's runner)")
+    import threading
+
+    path = mslite.write_sample_model("mlp", workdir / "mlp.onnx", width=256, hidden=1024, layers=2)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((1, 256), dtype=np.float32) for _ in range(32)]
+    expected = reference(path, {"x": np.concatenate(xs)})[0]
+    replies: list = [None] * len(xs)
+    context = mslite.Context()
+    context.cpu.thread_num = 1
+    context.parallel.workers_num = 2
+    with mslite.ModelParallelRunner() as runner:
+        runner.build_from_file(path, context, worker_type="process", share_weights=True)
+
+        def client(first: int) -> None:
+            for k in range(first, len(xs), 8):
+                replies[k] = runner.predict([xs[k]])[0].get_data_to_numpy()
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        elapsed = time.perf_counter() - t0
+        print(f"workers: pids {runner.worker_pids}, one copy of the weights shared between them")
+    diff = max(float(np.abs(r - e).max()) for r, e in zip(replies, expected)) if all(r is not None for r in replies) else float("inf")
+    print(f"{len(xs)} requests from 8 threads in {elapsed * 1e3:.0f} ms; max |ours - onnxruntime| = {diff:.2e}")
+    return diff < 1e-4
 
 
 EXAMPLES = Path(__file__).resolve().parent
@@ -115,6 +148,7 @@ def main() -> int:
             ]
             for title, command in steps:
                 ok &= run_example(title, command)
+            ok &= worker_pool(workdir)
     print("\ndemo finished: " + ("every step matched the unsliced model" if ok else "SOME STEPS FAILED"))
     return 0 if ok else 1
 

@@ -44,6 +44,9 @@ from ._rank_wrapper import parse_record
 WRAPPER = Path(__file__).with_name("_rank_wrapper.py")
 OPEN_MPI, MPICH, UNKNOWN = "openmpi", "mpich", "unknown"
 _RANK_LINE = re.compile(r"^\[rank (\d+)\] ?(.*)$", re.DOTALL)
+# ranks._comm_mpi's error when MPI_Init outlives the timeout, and the ranks it names as missing
+_JOIN_TIMEOUT = re.compile(r"CommTimeoutError: joining the MPI job \(MPI_Init\) on rank \d+ of \d+ timed out")
+_WAITED_FOR = re.compile(r"\brank (\d+) \(pid|\branks? ([\d, ]+), not running on this host")
 
 
 # --- facts about this machine ------------------------------------------------------------------
@@ -409,7 +412,7 @@ class MpiLauncher:
             note = f"\nranks stopped by mpirun before they could report how they ended: {pids}"
         failures, stopped = split_failures(exits)
         if error is not None:
-            return RankFailedError(str(error) + note, error.failures, error.stopped)
+            return RankFailedError(str(error) + self._never_joined(error.failures) + note, error.failures, error.stopped)
         early = early_exit(exits, silent)
         if early is not None:
             # the job failed, yet every rank that reported exited 0: the one that left first ended it
@@ -425,6 +428,26 @@ class MpiLauncher:
             f"{Path(self.mpirun).name} ({self.flavor}) ended with {how} but no rank reported a "
             f"failure of its own{note}\n  command: {' '.join(self.command)}\n  last lines of mpirun:\n{lines}"
         )
+
+    def _never_joined(self, failures: list[RankExit]) -> str:
+        """Lines naming the ranks the first failure waited for in MPI_Init, from their wrappers' start records.
+
+        The communicator's join timeout names them, with a pid only for ranks on its own host;
+        the start records know every host's."""
+        if not failures or not any(_JOIN_TIMEOUT.search(line) for line in failures[0].tail):
+            return ""
+        line = next(line for line in failures[0].tail if _JOIN_TIMEOUT.search(line))
+        lines = []
+        waited = set()
+        for one, several in _WAITED_FOR.findall(line.split(" timed out ", 1)[-1]):
+            waited.update(int(r) for r in (one or several).replace(",", " ").split())
+        for rank in sorted(waited):
+            start = self.output.starts.get(rank)
+            where = (f" on host {start.get('host')} (pid {start.get('pid')})" if start else
+                     " (its wrapper never reported a start: mpirun did not start it)")
+            lines.append(f"\nrank {rank} of {self.config.nprocs}{where} never joined the MPI job: "
+                         f"rank {failures[0].rank} was waiting for it in MPI_Init")
+        return "".join(lines)
 
     def _reap_leftovers(self) -> None:
         """Kill any wrapper or rank on this host that outlived mpirun (pids from the start records)."""

@@ -17,6 +17,9 @@ For its rank (from the MPI launcher's environment) it
   SIGCONT, for a stopped program) to the program's process group, SIGKILLs it
   after ``--stop-timeout`` seconds,
   and marks the exit record ``stopped`` (when the program was still running);
+  except for a program that said it is aborting the MPI job (``ranks._comm_mpi``'s
+  line): MPI_Abort is what made mpirun stop the job, so that program gets
+  ``ABORT_GRACE`` s to end by itself and its failure stays its own;
 - dies with its parent (Linux parent-death signal), so the program never
   outlives mpirun's daemon, and gives the program the same guarantee.
 
@@ -33,6 +36,13 @@ records: when the program fails on its own it writes the one line
 ``NAME: rank R on host H (pid P) failed: exit code C`` (or ``signal SIGX (N)``) instead.
 The script reports the first watcher that ends, so the watcher of a rank that failed because it lost
 a peer (a ``PeerLostError``) waits up to ``PEER_LOST_GRACE`` s before it ends: the peer's is seen first.
+A rank that exits with code 0 while the other watchers of its parent still run ``EARLY_EXIT_WAIT`` s
+later (it left while its peers needed it: ``os._exit(0)``, say) gets the line
+``NAME: rank R on host H (pid P) exited with exit code 0 while rank Q was still running``.
+
+``launchers/run_mpi.sh`` runs each MPI rank under it with ``--report-as run_mpi.sh`` (mpirun itself
+only knows the watcher's pid), and mpirun with ``--exec``: the wrapper then only gives mpirun a
+parent-death signal (SIGTERM, which makes mpirun stop the job) and execs it.
 
 Record fields (version 1)::
 
@@ -65,10 +75,20 @@ RECORD_BYTES = 4000
 TAIL_LINE_CHARS = 400
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
+_EXITED_0 = "rank-exited-0"  # a watcher's process name once its rank exited with code 0 (at most 15 bytes)
 # --report-as: how long the watcher of a rank that failed because it lost a peer (its last line is a
 # PeerLostError) waits before it exits, so that the script sees the watcher of the rank that failed
 # first end first (the launchers order such failures after the others: launchers/_failures.py).
 PEER_LOST_GRACE = 1.0
+# --report-as: how long the watcher of a rank that exited with code 0 waits for the other ranks' watchers
+# to end before it names its rank as one that left while they still ran (shorter than PEER_LOST_GRACE,
+# so that its line comes before that of the peer which lost it).
+EARLY_EXIT_WAIT = 0.5
+# What ranks._comm_mpi writes when it aborts the MPI job (uncaught exception, timeout): the rank failed on
+# its own, even when mpirun's stop of the whole job reaches its watcher before it has exited.
+_ABORTING = "aborting the MPI job"
+ABORT_GRACE = 1.0
 _PEER_LOST = "PeerLostError"
 
 
@@ -118,6 +138,8 @@ class _Wrapper:
         self.tail_lines = tail_lines
         self.stop_requested: float | None = None
         self.stopped = False  # signalled while the program still ran: not a failure of its own
+        self.aborting = False  # the program said it is aborting the MPI job: its failure, whoever's signal ends it
+        self.deferred = False  # a stop that came while it aborted, passed on only after ABORT_GRACE
         self.last_output: float | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -141,6 +163,8 @@ class _Wrapper:
         try:
             for raw in iter(pipe.readline, b""):
                 text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                if _ABORTING in text:
+                    self.aborting = True  # before the line goes out: mpirun's stop may follow it at once
                 with self.lock:
                     self.last_output = time.time()
                     tail.append(text)
@@ -157,14 +181,22 @@ class _Wrapper:
         if self.stop_requested is None:
             self.stop_requested = time.monotonic()
         if self.proc is not None:
-            if not _has_exited(self.proc.pid):
-                self.stopped = True
-            # SIGCONT after SIGTERM: a stopped program acts on the SIGTERM only once continued
-            for signum in (signal.SIGTERM, signal.SIGCONT):
-                try:
-                    os.killpg(self.proc.pid, signum)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            if self.aborting and not self.deferred:
+                # MPI_Abort makes mpirun stop every rank, this one too, while it is still aborting:
+                # it gets ABORT_GRACE to end by itself, and its failure stays its own.
+                self.deferred = True
+                return
+            self._pass_stop()
+
+    def _pass_stop(self) -> None:
+        if not _has_exited(self.proc.pid) and not self.aborting:
+            self.stopped = True
+        # SIGCONT after SIGTERM: a stopped program acts on the SIGTERM only once continued
+        for signum in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                os.killpg(self.proc.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def run(self) -> int:
         parent = os.getppid() if self.parent is None else self.parent
@@ -204,13 +236,16 @@ class _Wrapper:
         for reader in readers:
             reader.start()
 
-        killed = False
+        killed = passed = False
         while True:
             try:
                 code = self.proc.wait(timeout=0.1)
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if self.deferred and not passed and time.monotonic() - self.stop_requested >= ABORT_GRACE:
+                passed = True
+                self._pass_stop()  # it did not end by itself: pass the stop on now
             if self.stop_requested is not None and not killed:
                 if time.monotonic() - self.stop_requested >= self.stop_timeout:
                     try:
@@ -219,6 +254,8 @@ class _Wrapper:
                         pass
                     killed = True
         ended = time.time()
+        if code == 0 and self.report_as is not None:
+            _set_process_name(_EXITED_0)  # its siblings must not count this watcher as a rank still running
         stopped = self.stopped
         drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
         for reader in readers:
@@ -233,6 +270,15 @@ class _Wrapper:
             with self.lock:
                 sys.stderr.write(f"{self.report_as}: rank {self.rank} on host {self.host} (pid {self.proc.pid}) failed: {how}\n")
                 sys.stderr.flush()
+        if self.report_as is not None and code == 0 and self.stop_requested is None:
+            still = self._siblings_running()
+            if still:
+                # Nobody else can name it: its peers fail with a lost peer (or mpirun names this watcher's pid).
+                ranks = f"rank {still[0]} was" if len(still) == 1 else f"ranks {', '.join(map(str, still))} were"
+                with self.lock:
+                    sys.stderr.write(f"{self.report_as}: rank {self.rank} on host {self.host} (pid {self.proc.pid}) exited "
+                                     f"with exit code 0 while {ranks} still running\n")
+                    sys.stderr.flush()
         # Whatever the program left in its group goes with it.
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -254,10 +300,67 @@ class _Wrapper:
         return code if code >= 0 else 128 - code
 
 
+    def _siblings_running(self) -> list[int]:
+        """The ranks of the other watchers of this job on this host (same parent) still running
+        ``EARLY_EXIT_WAIT`` s after this rank exited with code 0 (ranks that finish together do not count)."""
+        parent = self.parent if self.parent is not None else os.getppid()
+        deadline = time.monotonic() + EARLY_EXIT_WAIT
+        while True:
+            running = _sibling_ranks(parent)
+            if not running or time.monotonic() >= deadline or self.stop_requested is not None:
+                return [] if self.stop_requested is not None else sorted(running)
+            time.sleep(0.02)
+
     def _lost_a_peer(self) -> bool:
         with self.lock:
             last = (list(self.err_tail) or list(self.out_tail) or [""])[-1]
         return _PEER_LOST in last
+
+
+def _set_process_name(name: str) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _sibling_ranks(parent: int) -> set[int]:
+    """Ranks of the other rank watchers of ``parent`` still running: their program runs, or failed and
+    they report it; watchers whose rank exited with code 0 (named ``_EXITED_0``) do not count. From /proc:
+    standard library only."""
+    ranks = set()
+    for pid in _children(parent):
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == _EXITED_0 and not _children(pid):
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode("utf-8", "replace").split("\0")
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    continue
+            if not any(arg.endswith("_rank_wrapper.py") for arg in argv):
+                continue
+            if "--rank" in argv:
+                ranks.add(int(argv[argv.index("--rank") + 1]))
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = dict(item.split("=", 1) for item in f.read().decode("utf-8", "replace").split("\0") if "=" in item)
+            ranks.add(rank_from_environment(environ))
+        except (OSError, ValueError, IndexError, SystemExit):
+            continue
+    return ranks
 
 
 def _has_exited(pid: int) -> bool:
@@ -279,7 +382,7 @@ def _signal_name(signum: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     usage = ("usage: [--stop-timeout S] [--tail-lines N] [--rank R] [--parent PID] [--report-as NAME] "
-             "[--shm-dir DIR] -- PROGRAM ARGS...")
+             "[--shm-dir DIR] [--exec] -- PROGRAM ARGS...")
     args = list(sys.argv[1:] if argv is None else argv)
     stop_timeout, tail_lines = 10.0, 20
     shm_dir = None
@@ -296,15 +399,35 @@ def main(argv: list[str] | None = None) -> int:
             options["report_as"] = args.pop(0)
         elif option == "--shm-dir" and args:
             shm_dir = args.pop(0)
+        elif option == "--exec":
+            options["exec"] = True
         else:
             raise SystemExit(f"_rank_wrapper.py: unknown option {option!r}; {usage}")
     if not args or len(args) < 2:
         raise SystemExit(f"_rank_wrapper.py: {usage}")
+    if options.pop("exec", False):
+        return _exec_with_parent(args[1:], options.get("parent"))
     try:
         return _Wrapper(args[1:], stop_timeout, tail_lines, **options).run()
     finally:
         if shm_dir:
             _remove_if_orphaned(shm_dir)
+
+
+def _exec_with_parent(program: list[str], parent: int | None) -> int:
+    """``--exec``: become ``program`` (no watching, no prefix), which gets SIGTERM when ``parent`` dies.
+
+    run_mpi.sh runs mpirun so: a SIGKILLed script cannot pass anything on, and mpirun would
+    otherwise run on with its ranks; SIGTERM makes mpirun stop them. (The death signal survives exec.)
+    """
+    _prctl_deathsig(signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:
+        return 1  # the parent is already gone
+    try:
+        os.execvp(program[0], program)
+    except OSError as exc:
+        sys.stderr.write(f"cannot start {program[0]!r}: {exc.strerror or exc}\n")
+        return 127
 
 
 def _remove_if_orphaned(shm_dir: str) -> None:

@@ -68,6 +68,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+# Imported here, not where it is used: stop() also runs at interpreter exit (a master's finalizer),
+# and importing a module there that builds a namedtuple (psutil does) evaluates code, which makes
+# CPython forget an unhandled KeyboardInterrupt: the script then exits 1 instead of dying of SIGINT.
+import psutil
+
 from ranks import _env, _shared_memory
 from ranks._log import get_logger
 
@@ -298,8 +303,6 @@ def group_members(pgid: int) -> list[int]:
 
     (The watchdog, ``_janitor.py``, keeps its own standard-library copy: it runs without our packages.)
     """
-    import psutil
-
     members = []
     for process in psutil.process_iter(["status"]):
         try:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+
 from ranks._command_line import non_negative_float, positive_int, prepare_output
 
 
@@ -11,7 +15,7 @@ def register(subparsers) -> None:
         help="slice a model into tensor-parallel shards (Megatron-style, collectives written in)",
         description="Write DIR/MODEL0.onnx ... DIR/MODEL{N-1}.onnx and DIR/MODEL.manifest.json.",
     )
-    parser.add_argument("model", help="the ONNX model to slice")
+    parser.add_argument("model", help="the ONNX model to slice, or a whole MINDIR model (converted through MindSpore first)")
     parser.add_argument("--tp", type=positive_int, required=True, help="tensor-parallel degree: number of ranks")
     parser.add_argument("-o", "--output", required=True, help="directory for the shards and the manifest (created)")
     parser.add_argument("--allow-replicate", action="store_true",
@@ -44,18 +48,34 @@ def add_progress_options(parser) -> None:
 
 def _run(args) -> int:
     """Errors go up to ``orchestrate``'s main: a bad model or flag exits 2, a failing run 1."""
+    prepare_output(args.output, "-o", directory=True)
+    with tempfile.TemporaryDirectory(prefix="orch-shard-") as scratch:
+        return _shard(args, _onnx_model(args.model, Path(scratch)))
+
+
+def _onnx_model(model: str, scratch: Path) -> str:
+    """``model``, or for a MINDIR file its ONNX conversion (cached) under the MINDIR's name, so the shards are MODEL{r}.onnx."""
+    from ranks._mindir import cached_conversion, is_mindir_file
+
+    if not Path(model).is_file() or not is_mindir_file(model):
+        return model
+    named = scratch / f"{Path(model).stem}.onnx"
+    shutil.copyfile(cached_conversion(model), named)
+    return str(named)
+
+
+def _shard(args, model: str) -> int:
     from ._shard import shard_model
     from ._shard_check import check_shards
 
-    prepare_output(args.output, "-o", directory=True)
-    result = shard_model(args.model, args.tp, args.output, allow_replicate=args.allow_replicate,
+    result = shard_model(model, args.tp, args.output, allow_replicate=args.allow_replicate,
                          external_data=args.external_data, progress=args.progress)
     print(result.summary(), flush=True)
     if args.explain:
         print(result.explain(), flush=True)
     if not args.check:
         return 0
-    check = check_shards(args.model, result.model_path, seed=args.seed, progress=args.progress)
+    check = check_shards(model, result.model_path, seed=args.seed, progress=args.progress)
     for name, diff in check.per_output.items():
         print(f"check: output {name}: max abs difference {diff:.3g}")
     verdict = "ok" if check.ok(args.tolerance) else "FAILED"

@@ -40,6 +40,7 @@ from ranks._context import Context
 from ranks._errors import ConfigError, ConfigTypeError, InputTypeError, ModelError, ModelNotFoundError
 from ranks._config_file import load_config
 from ranks._log import get_logger
+from ranks._mindir import converted_model_file
 from ranks._model import ModelType, _load_model_file, is_sharded, validate_feeds
 from ranks._shared_weights import HANDLE_KEY, PID_LIST_KEY
 from ranks._tensor import DataType, Tensor, TensorMeta, output_tensors
@@ -120,7 +121,8 @@ class ModelParallelRunner:
             raise ModelNotFoundError(f"model file {path} does not exist")
         if path.is_dir():
             raise ModelError(f"model path {path} is a directory; expected an ONNX file")
-        proto = _load_model_file(path, ModelType.MINDIR)  # ONNX, or the message that explains MindIR files
+        path = converted_model_file(path)  # a MINDIR file: its ONNX conversion, made once (ranks._mindir)
+        proto = _load_model_file(path, ModelType.MINDIR)  # ONNX, or the message that explains other files
         if is_sharded(proto):
             raise ModelError(f"{path} is a tensor-parallel shard: its ranks run under a launcher with Model, "
                              f"not in a worker pool")

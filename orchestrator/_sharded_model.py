@@ -31,10 +31,13 @@ Handshake and order (reordering any step would deadlock or misreport):
 Failures. A rank that raises re-raises its own exception type in the caller
 (its traceback as ``__cause__``). A rank that dies gives a ``WorkerError``
 with the launchers' first-failure report (rank, host, pid, signal or exit
-code, last lines). A request that stalls gives a ``WorkerTimeoutError``
-naming the ranks that did not answer (pid, host, whether they took the
-request, whether their process is stopped). After any of these the job is
-over: every rank process is stopped.
+code, last lines). A rank that only lost its peer (``PeerLostError``) or
+timed out waiting for it is a victim: the peer is named instead (its own
+exception, its death, or its silence), whichever message came first. A
+request that stalls gives a ``WorkerTimeoutError`` naming the ranks that
+did not answer (pid, host, whether they took the request, whether their
+process is stopped). After any of these the job is over: every rank
+process is stopped.
 
 Nothing is left behind: ``close()`` (also ``with``, garbage collection and
 interpreter exit) stops every process and removes the temporary directory.
@@ -56,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import psutil
 import zmq
 
 from launchers import MpiLaunchConfig, MpiLauncher, ProcessSpec, RankOutput, Supervisor, python_module
@@ -77,6 +81,7 @@ WORKER_MODULE = "orchestrator._sharded_worker"
 EXIT_GRACE = 2.0  # close(): seconds the ranks get to leave after EXIT before the supervisor stops them
 PORT_ATTEMPTS = 3  # zmq: how often the ranks are started again when a port was taken under them
 FAILURE_GRACE = 1.0  # after a rank reports a lost or silent peer: how long to wait for that peer's own failure
+DEAD_PEER_GRACE = 2.0  # ... and how long when that peer's process is seen gone (its report is on the way)
 _LAST_WORD_MS = 250  # after a death: how long its last message (an ERROR) may take to arrive
 # A rank that took a request says so (STARTED) within about 0.3 s (_sharded_worker.STARTED_AFTER and its
 # helper's cadence): one that has not after this long never took it.
@@ -197,7 +202,7 @@ class ShardedModel:
             # between. The rank that cannot bind says so (PortInUseError); then every rank starts again.
             base_port = free_base_port(self.tp)
             specs = [ProcessSpec(rank, argv + ["--rank", str(rank), "--size", str(self.tp), "--rank_table", str(table),
-                                               "--base_port", str(base_port)], env=env, label=f"rank {rank}")
+                                               "--base_port", str(base_port)], env=env)
                      for rank in range(self.tp)]
             self._job.launcher = Supervisor(specs, output=RankOutput(console=False, tail_lines=20), world_size=self.tp,
                                             cleanup_paths=[self._job.tmp])
@@ -300,26 +305,78 @@ class ShardedModel:
         return proto.decode(frames[1:], "a rank"), frames[0]
 
     def _error_from(self, msg: proto.Message, exchange: "_Exchange") -> BaseException:
-        """The exception for a rank's ERROR: its own, unless it only reports another rank's failure or silence."""
+        """The exception for a rank's ERROR: its own, unless it only reports another rank's failure or silence.
+
+        A lost or silent peer (``PeerLostError``, ``CommTimeoutError``) makes the sender a victim; the root
+        cause is that peer: its own ERROR if it sends one (its exception), its death (the launchers' report),
+        or its silence. A peer whose process is seen gone died first, whatever arrived first: its report
+        is waited for a little longer (``DEAD_PEER_GRACE``), and if it does not come the peer is named anyway.
+        """
         exc = proto.unpack_error(msg)
         if not isinstance(exc, (CommTimeoutError, PeerLostError)):
             return exc
-        # A lost or silent peer: the root cause is that peer. Its death, if it died, is reported at once.
+        victims = {msg.get("rank")}
         exchange.pending.discard(msg.get("rank"))
-        deadline = time.monotonic() + FAILURE_GRACE
-        while time.monotonic() < deadline:
+        exchange.gave_up[msg.get("rank")] = exc
+        started = time.monotonic()
+        while True:
+            if self._job.sock.poll(50):
+                other, _ = self._recv()
+                if other.kind == proto.ERROR:
+                    own = proto.unpack_error(other)
+                    if not isinstance(own, (CommTimeoutError, PeerLostError)):
+                        return own  # the failed rank's own exception, just behind its peer's word
+                    victims.add(other.get("rank"))
+                    exchange.pending.discard(other.get("rank"))
+                    exchange.gave_up[other.get("rank")] = own
+                elif other.kind == proto.STARTED and exchange.started is not None:
+                    exchange.started.add(other.get("rank"))
             error = self._job.launcher.failure(every_exit_fails=True)
             failures = getattr(error, "failures", None)
-            # (the rank that sent the ERROR exits after it: its own exit is not the root cause)
-            if error is not None and (failures is None or any(e.rank != msg.get("rank") for e in failures)):
+            # (the ranks that sent the ERROR exit after it: their own exits are not the root cause)
+            if error is not None and (failures is None or any(e.rank not in victims for e in failures)):
                 return self._root_cause(exchange, _death(exchange.doing, error, exc), error)
-            time.sleep(0.05)
+            others = exchange.pending - victims
+            if others and others <= set(self._job.launcher.suspended()):
+                exchange.suspended.update(others)
+                break  # the peers they wait for are stopped: they cannot fail on their own, they are the silent ones
+            waited = time.monotonic() - started
+            if waited >= FAILURE_GRACE:
+                gone = [r for r in self._gone() if r not in victims]
+                if not gone:
+                    break
+                if waited >= DEAD_PEER_GRACE:
+                    names = ", ".join(self._where(r) for r in gone)
+                    death = WorkerError(f"{exchange.doing}: {names} ended while its peers waited for it (its process "
+                                        f"is gone; how it ended was not reported within {waited:.1f} s)")
+                    death.__cause__ = exc
+                    return death
         silent = self._silent(exchange)
         if silent:
             stall = self._stall(exchange, silent)
             stall.__cause__ = exc
             return stall
         return exc
+
+    def _gone(self) -> list[int]:
+        """Ranks whose process has ended (it may not be recorded by the launcher yet)."""
+        gone = []
+        for rank, pid in self._rank_pids().items():
+            try:
+                if psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                    gone.append(rank)
+            except psutil.NoSuchProcess:
+                gone.append(rank)
+            except psutil.Error:
+                pass
+        return sorted(gone)
+
+    def _rank_pids(self) -> dict[int, int]:
+        """Rank -> pid of its program: from its BUILD_FINISH, else from the launcher."""
+        launcher = self._job.launcher
+        pids = launcher.rank_pids() if isinstance(launcher, MpiLauncher) else dict(launcher.pids)
+        pids.update({rank: info["pid"] for rank, info in self._ranks.items()})
+        return pids
 
     def _silent(self, exchange: "_Exchange", dead=(), at_deadline: bool = False) -> list[int]:
         """Ranks that never said they took the request although they had the time to (not dead ones)."""
@@ -341,7 +398,8 @@ class ShardedModel:
 
     def _stall(self, exchange: "_Exchange", silent: list[int], failed: dict | None = None) -> WorkerTimeoutError:
         """Name the ranks that did not answer: those that never took the request first (pid, host, stopped or
-        not), then those that took it and wait, or failed waiting (``failed``: rank -> RankExit)."""
+        not), then those that took it and wait, or failed waiting (``failed``: rank -> RankExit), or gave up
+        waiting with an ERROR of their own."""
         failed = failed or {}
         suspended = exchange.suspended | set(self._job.launcher.suspended())
         busy = sorted((exchange.pending & exchange.started) - set(silent)) if exchange.started is not None else []
@@ -363,6 +421,11 @@ class ShardedModel:
                 text = f"{names} took the request but did not finish within {self.timeout:g} s"
         for rank in gave_up:
             text += f"; {self._where(rank)} took it, waited for the rank(s) above and failed: {failed[rank].how()}"
+        # Ranks that said so themselves (a collective's CommTimeoutError may come just before our own deadline)
+        for rank, error in sorted(exchange.gave_up.items()):
+            if exchange.started is not None and rank not in silent:
+                how = f"failed: {failed[rank].how()}" if rank in failed else f"gave up ({type(error).__name__})"
+                text += f"; {self._where(rank)} took it, waited for the rank(s) above and {how}"
         return WorkerTimeoutError(f"{exchange.doing}: {text}")
 
     def _where(self, rank) -> str:
@@ -370,8 +433,7 @@ class ShardedModel:
         info = self._ranks.get(rank)
         if info is not None:
             return f"rank {rank} of {self.tp} on host {info['host']} (pid {info['pid']})"
-        launcher = self._job.launcher
-        pid = launcher.rank_pids().get(rank) if isinstance(launcher, MpiLauncher) else launcher.pids.get(rank)
+        pid = self._rank_pids().get(rank)
         if pid is None:
             return f"rank {rank} of {self.tp}"
         return f"rank {rank} of {self.tp} on host {socket.gethostname()} (pid {pid})"
@@ -415,6 +477,7 @@ class _Exchange:
         self.started = started  # ranks that said they took the request (None at startup)
         self.since = time.monotonic()
         self.suspended: set[int] = set()  # pending ranks seen stopped by a signal while the master waited
+        self.gave_up: dict[int, BaseException] = {}  # ranks whose ERROR reported a lost or silent peer
 
 
 def _death(doing: str, report: Exception, cause: BaseException | None = None) -> WorkerError:

@@ -117,6 +117,17 @@ def _master_alive(pid: int | None) -> bool:
     return True
 
 
+def _last_word(who: str, exc: BaseException) -> None:
+    """One line on stderr for the supervisor's record of this rank (never the user's console): the master
+    reads it when this rank's exit is reported before its ERROR is weighed. A rank that only lost its peer
+    (PeerLostError naming that peer) is then told from the peer that left first, even with exit code 0."""
+    first = (str(exc).splitlines() or [""])[0]
+    try:
+        print(f"{who}: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     ctx = zmq.Context()
@@ -126,7 +137,7 @@ def main(argv=None) -> int:
     comm = None
     progress = None
     rank = args.rank if args.rank is not None else "?"
-    who = f"rank {rank}"
+    who = f"rank {rank}" + (f" of {args.size}" if args.size else "")  # before the communicator knows better
     try:
         try:
             comm = make_communicator(args)
@@ -138,6 +149,7 @@ def main(argv=None) -> int:
             comm.barrier()
         except BaseException as exc:
             sock.send_multipart(proto.error_frames(0, exc, who, rank=rank))
+            _last_word(who, exc)
             return 1
         sock.send_multipart(proto.encode(
             proto.BUILD_FINISH, 0, status=proto.OK, who=who, host=socket.gethostname(), pid=os.getpid(),
@@ -167,6 +179,7 @@ def main(argv=None) -> int:
                 progress.current = None
             except BaseException as exc:
                 sock.send_multipart(proto.error_frames(request_id, exc, who, rank=comm.rank))
+                _last_word(who, exc)
                 return 1  # peers may be stuck in a collective: this job is over
             payload = dict(zip(names, outputs)) if comm.rank == 0 else {}
             sock.send_multipart(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,

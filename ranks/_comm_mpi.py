@@ -44,6 +44,7 @@ from __future__ import annotations
 import array
 import atexit
 import os
+import re
 import struct
 import sys
 import threading
@@ -51,7 +52,7 @@ import time
 
 import numpy as np
 
-from . import _shared_memory
+from . import _env, _shared_memory
 from ._comm_base import Communicator
 from ._comm_util import (
     DTYPE_CODE, DTYPES, OP_CODE, ResultPool, as_array, check_op, check_out, check_rank, check_tag, gather_axis, gathered_shape,
@@ -76,10 +77,223 @@ _WATCHDOG_TICK = 0.25  # seconds between the watchdog's looks at the armed call
 _HEADER_LEN = 68  # dtype code, ndim, up to 66 dimensions (numpy allows 64)
 
 
-def _mpi():
+def _mpi(timeout: float | None = None):
+    """mpi4py's ``MPI`` with MPI initialised; when this call initialises it, within ``timeout`` s (ORCH_TIMEOUT).
+
+    ``MPI_Init`` waits for every rank of the job (Open MPI 5 exchanges the ranks' addresses there),
+    with no timeout of its own: a rank that never starts, or never gets to MPI, would keep its
+    peers in ``from mpi4py import MPI`` forever. So mpi4py is imported without initialising
+    (``rc.initialize = False``) and ``_join`` calls ``MPI_Init_thread`` under a deadline.
+    A program that imported ``mpi4py.MPI`` itself first has initialised MPI its own way: kept.
+    """
+    if _JOIN_FAILED:
+        raise CommError(f"MPI cannot be used in this process: joining the MPI job failed: {_JOIN_FAILED[0]}")
+    if "mpi4py.MPI" not in sys.modules:
+        import mpi4py
+
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = True  # as if mpi4py had initialised it: MPI_Finalize at exit
     from mpi4py import MPI
 
+    if not MPI.Is_initialized() and not MPI.Is_finalized():
+        _join(MPI, default_timeout() if timeout is None else timeout)
     return MPI
+
+
+# --- joining the job: MPI_Init under a deadline ---------------------------------------------------
+_JOIN_FAILED: list[str] = []  # the message, once joining timed out: MPI is unusable in this process
+_BEACONS: list = []
+_BEACON = "orch-mpi-join/{job}/{rank}"  # an abstract unix socket: "this rank has called MPI_Init" (no file to leave)
+
+
+def _launcher_rank_size() -> tuple[int | None, int | None]:
+    """This process's rank and the world size as the MPI launcher's environment gives them (None: not said)."""
+    def first(*variables):
+        for var in variables:
+            value = (var.get() or "").strip()
+            if value.isdigit():
+                return int(value)
+        return None
+
+    return (first(_env.OMPI_COMM_WORLD_RANK, _env.PMI_RANK, _env.PMIX_RANK),
+            first(_env.OMPI_COMM_WORLD_SIZE, _env.PMI_SIZE))
+
+
+def _job_key(process=None) -> str | None:
+    """What the ranks of one MPI job on one host share: the PMIx namespace (Open MPI), else the pid of
+    the launcher's daemon they run under (MPICH's hydra_pmi_proxy). ``process``: a psutil.Process
+    (default: this one)."""
+    import psutil
+
+    try:
+        process = process or psutil.Process()
+        environ = process.environ() if process.pid != os.getpid() else os.environ
+        if environ.get(_env.PMIX_NAMESPACE.name):
+            return "pmix:" + environ[_env.PMIX_NAMESPACE.name]
+        for parent in process.parents():
+            if parent.name().startswith(("hydra_pmi_proxy", "prted", "prterun", "orted")):
+                return f"daemon:{parent.pid}"
+    except (psutil.Error, OSError):
+        pass
+    return None
+
+
+def _rank_of(environ) -> int | None:
+    for var in (_env.OMPI_COMM_WORLD_RANK, _env.PMI_RANK, _env.PMIX_RANK):
+        value = environ.get(var.name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _local_rank_pids(job: str) -> dict[int, int]:
+    """Rank -> pid of the processes of ``job`` on this host, whatever they are doing (the program,
+    not the launchers' watcher around it, nor the program's own children)."""
+    import psutil
+
+    found: dict[int, list] = {}
+    for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        try:
+            if process.pid == os.getpid() or any("_rank_wrapper.py" in part for part in process.info["cmdline"] or ()):
+                continue
+            rank = _rank_of(process.environ())
+            if rank is not None and _job_key(process) == job:
+                found.setdefault(rank, []).append(process.info)
+        except (psutil.Error, OSError):
+            continue
+    pids = {}
+    for rank, infos in found.items():
+        own = {info["pid"] for info in infos}
+        top = [info["pid"] for info in infos if info["ppid"] not in own]  # not a child of another of the rank's processes
+        pids[rank] = min(top or own)
+    return pids
+
+
+def _has_called_init(job: str, rank: int) -> bool:
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect("\0" + _BEACON.format(job=job, rank=rank))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _describe_not_joined(rank: int | None, size: int | None, job: str | None) -> str:
+    """Which ranks this one is waiting for in MPI_Init, as far as this host can tell."""
+    if rank is None or size is None or job is None:
+        return "waiting for the other ranks (the launcher's environment does not say which job this is)"
+    try:
+        pids = _local_rank_pids(job)
+    except Exception as exc:  # the message must go out whatever happens
+        return f"waiting for the other ranks (could not look for them on this host: {exc})"
+    here, elsewhere, inside = [], [], []
+    for peer in range(size):
+        if peer == rank:
+            continue
+        if _has_called_init(job, peer):
+            inside.append(peer)
+        elif peer in pids:
+            here.append(f"rank {peer} (pid {pids[peer]}; it has not called MPI_Init)")
+        else:
+            elsewhere.append(peer)
+    parts = []
+    if here:
+        parts.append("waiting for " + ", ".join(here))
+    if elsewhere:
+        ranks = f"rank {elsewhere[0]}" if len(elsewhere) == 1 else "ranks " + ", ".join(map(str, elsewhere))
+        parts.append(f"{'waiting for ' if not here else ''}{ranks}, not running on this host (on another host, or not started)")
+    if not parts:
+        parts.append("every rank on this host has called MPI_Init; MPI itself did not answer")
+    return "; ".join(parts)
+
+
+def _join(MPI, timeout: float) -> None:
+    """``MPI_Init_thread`` within ``timeout`` s, else ``CommTimeoutError`` naming the ranks not there.
+
+    mpi4py's own ``Init_thread`` holds the GIL while MPI waits, so no deadline could fire: the call
+    goes through ctypes (which releases it) in a daemon thread, the same libmpi that mpi4py loaded.
+    After a timeout MPI is half-initialised and stays so: the process may still print and raise,
+    but it leaves with ``os._exit(1)`` (an exit hook), never through ``MPI_Finalize``, which would hang.
+    """
+    import ctypes
+    import socket
+
+    import mpi4py
+
+    rank, size = _launcher_rank_size()
+    job = _job_key()
+    beacon = None
+    if job is not None and rank is not None:
+        beacon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            beacon.bind("\0" + _BEACON.format(job=job, rank=rank))
+            beacon.listen(8)
+        except OSError:
+            beacon.close()
+            beacon = None
+    init = ctypes.CDLL(MPI.__file__).MPI_Init_thread  # found among the extension's dependencies: its libmpi
+    init.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int))
+    init.restype = ctypes.c_int
+    required = getattr(MPI, "THREAD_" + str(mpi4py.rc.thread_level).upper(), MPI.THREAD_MULTIPLE)
+    provided = ctypes.c_int(0)
+    result: list[int] = []
+    done = threading.Event()
+
+    def call():
+        result.append(init(None, None, required, ctypes.byref(provided)))
+        done.set()
+
+    # Without a launcher this process is an MPI singleton (a world of one). Open MPI's shared-memory
+    # transport would make it a 16 MB /dev/shm/sm_segment.* file that only mpirun's daemon removes, so
+    # it outlived every singleton; a world of one has no peer to share memory with: no sm transport.
+    singleton = rank is None and size is None and not _env.OMPI_BTL.is_set()
+    if singleton:
+        os.environ[_env.OMPI_BTL.name] = "^sm"
+    started = time.monotonic()
+    threading.Thread(target=call, name="orch-mpi-init", daemon=True).start()
+    try:
+        if not done.wait(timeout):
+            who = f"rank {rank} of {size}" if rank is not None and size is not None else "this rank"
+            message = (f"joining the MPI job (MPI_Init) on {who} timed out after {time.monotonic() - started:.1f} s: "
+                       f"{_describe_not_joined(rank, size, job)}")
+            _JOIN_FAILED.append(message)
+            atexit.register(_leave_without_finalize)  # runs before mpi4py's MPI_Finalize
+            raise CommTimeoutError(message)
+    finally:
+        if singleton and done.is_set():
+            os.environ.pop(_env.OMPI_BTL.name, None)  # read by MPI_Init only: not for this process's children
+        if beacon is not None:
+            if done.is_set():
+                beacon.close()  # the rank has joined
+            else:
+                _BEACONS.append(beacon)  # still in MPI_Init: it says so until the process ends
+    if result[0] != 0:
+        raise CommError(f"MPI_Init_thread failed on rank {rank} with MPI error code {result[0]}")
+
+
+def _leave_without_finalize() -> None:
+    # MPI's shared-memory files this process maps: MPICH unlinks its segment only once every local rank
+    # has attached it, which the rank that never came never will. The job is over: nobody needs them.
+    try:
+        with open("/proc/self/maps") as maps:
+            names = set(re.findall(r"/dev/shm/((?:mpich_shm_|sm_segment\.)\S+)", maps.read()))
+    except OSError:
+        names = set()
+    for name in names:
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except OSError:
+            pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(1)
 
 
 class MpiCommunicator(Communicator):
@@ -101,7 +315,7 @@ class MpiCommunicator(Communicator):
     def __init__(
         self, comm=None, timeout: float | None = None, *, shared_memory: bool | None = None, arrival_check: bool | None = None
     ):
-        MPI = _mpi()
+        MPI = _mpi(timeout)
         if arrival_check is None:
             arrival_check = mpi_arrival_check()
         if not isinstance(arrival_check, (bool, np.bool_)):

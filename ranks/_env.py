@@ -79,6 +79,12 @@ DEMO_DIR = _var(
     "where examples/demo.py writes its sample models, shards and rank tables (default: a temporary directory, "
     "removed at the end; --workdir wins)",
 )
+MINDIR_CACHE = _var(
+    "ORCH_MINDIR_CACHE", os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "orchestrator", "mindir"),
+    "where ONNX conversions of MINDIR files are cached when the MINDIR file's own folder cannot be written "
+    "(otherwise: .orchestrator-cache/ beside the file)",
+)
+MINDIR_TIMEOUT = _var("ORCH_MINDIR_TIMEOUT", "600", "seconds one conversion of a MINDIR file by MindSpore may take before it is stopped")
 
 # --- set by other launchers; read, never required ----------------------------
 RANK_TABLE_FILE = _var(
@@ -101,16 +107,31 @@ PRTE_TMPDIR_BASE = _var(
     "single host (a killed mpirun leaves $TMPDIR/ompi.PID, and a later mpirun given that pid cannot start); "
     "a value you export wins",
 )
+OMPI_BTL = _var(
+    "OMPI_MCA_btl", None,
+    "Open MPI's transports; the mpi communicator sets ^sm while an MPI singleton (no mpirun) initialises, whose "
+    "shared-memory file nothing would remove; a value you export wins",
+)
 OMPI_BTL_SM_DIR = _var("OMPI_MCA_btl_sm_backing_directory", None, "Open MPI's shared-memory backing directory; set by the sharded model's mpi backend")
 OMPI_OSC_SM_DIR = _var("OMPI_MCA_osc_sm_backing_directory", None, "Open MPI's one-sided shared-memory backing directory; set by the sharded model's mpi backend")
 PMIX_RANK = _var("PMIX_RANK", None, "set by PMIx-based launchers (Open MPI 5's prterun, Slurm): the rank")
+PMIX_NAMESPACE = _var(
+    "PMIX_NAMESPACE", None,
+    "set by PMIx-based launchers (Open MPI 5's prterun): the job; the mpi communicator finds the ranks of its own job "
+    "by it when MPI_Init waits for a rank that never came",
+)
 PYTHONUNBUFFERED = _var("PYTHONUNBUFFERED", None, "set to 1 by the launchers for the ranks they start, so printed lines arrive at once")
 PYTHONPATH = _var("PYTHONPATH", None, "read by the supervisor when it starts a module of a checkout that is not installed: the checkout goes first on the child's PYTHONPATH")
+GRPC_ENABLE_FORK_SUPPORT = _var(
+    "GRPC_ENABLE_FORK_SUPPORT", "false",
+    "gRPC's fork handlers; the serving front sets false before gRPC starts (grpcio >= 1.81 with them on can crash a "
+    "child the supervisor forks, before its exec: grpc/grpc#43055); a value you export wins",
+)
 PYTHONFAULTHANDLER = _var("PYTHONFAULTHANDLER", None, "set to 1 by the launchers for the ranks they start, so a segfault prints the Python stack")
 
 # --- read by the shell entry points (launchers/run_ranks.sh, launchers/run_mpi.sh) only ---------
 SH_PYTHON = _var("PYTHON", "python3", "run_ranks.sh / run_mpi.sh: the Python that reads the rank table and runs each rank's watcher")
-SH_STOP_TIMEOUT = _var("STOP_TIMEOUT", None, "run_ranks.sh: seconds between SIGTERM and SIGKILL when stopping ranks (default: ORCH_STOP_TIMEOUT)")
+SH_STOP_TIMEOUT = _var("STOP_TIMEOUT", None, "run_ranks.sh / run_mpi.sh: seconds between SIGTERM and SIGKILL when stopping ranks (default: ORCH_STOP_TIMEOUT)")
 SH_SERVER_ID = _var("SERVER_ID", None, "run_ranks.sh: this host's server_id in the rank table when its names and addresses do not match")
 SH_MPIRUN = _var("MPIRUN", None, "run_mpi.sh: the mpirun or mpiexec to run (default: next to $PYTHON, then on PATH)")
 SH_HOSTS = _var("HOSTS", None, "run_mpi.sh: mpirun's -H host list")

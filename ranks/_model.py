@@ -57,7 +57,14 @@ def load_onnx_header(path: Path) -> onnx.ModelProto:
 
 
 def _load_model_file(path: Path, model_type: "ModelType") -> onnx.ModelProto:
-    """The ONNX graph of ``path``. Ported MindSpore Lite scripts pass ModelType.MINDIR with an ONNX file: accepted."""
+    """The ONNX graph of ``path``, or of its ONNX conversion when it is a MINDIR file (``ranks._mindir``).
+
+    Ported MindSpore Lite scripts pass ModelType.MINDIR with an ONNX file: accepted. The file's
+    content decides, not ``model_type``: the rank program and the workers pass ModelType.ONNX.
+    """
+    from ._mindir import converted_model_file
+
+    path = converted_model_file(path)  # made once and cached beside the MINDIR file; workers find it there
     if model_type not in (ModelType.MINDIR, ModelType.MINDIR_LITE):
         return load_onnx_header(path)
     try:
@@ -66,8 +73,10 @@ def _load_model_file(path: Path, model_type: "ModelType") -> onnx.ModelProto:
         raise
     except ModelError:
         raise ModelError(
-            f"model file {path} is not an ONNX model, and {model_type.name} files (MindSpore's own format) cannot be run "
-            f"by this runtime: export the network to ONNX (mindspore.export(net, x, file_format='ONNX')) and load that file"
+            f"model file {path} is neither an ONNX model nor a MINDIR file written by MindSpore (mindspore.export(..., "
+            f"file_format='MINDIR')); {model_type.name} files of MindSpore Lite's converter (.ms) cannot be run by this "
+            f"runtime: export the network to ONNX or MINDIR with MindSpore (mindspore.export(net, x, file_format='ONNX')) "
+            f"and load that file"
         ) from None
 
 
@@ -151,8 +160,10 @@ class Model:
         """Load and compile ``model_path``.
 
         Args:
-            model_path: an ONNX file (weights inline or as external data beside it).
-            model_type: ``ModelType.ONNX``; MindIR files are refused with a clear message.
+            model_path: an ONNX file (weights inline or as external data beside it), or a MINDIR
+                file written by MindSpore: converted to ONNX through MindSpore once (the
+                ``mindspore`` extra) and cached beside it (see ``ranks._mindir``).
+            model_type: ``ModelType.ONNX`` or ``ModelType.MINDIR``; the file's content decides.
             context: devices and threads; ``Context()`` (CPU) when omitted.
             config_path: a ``config_file.ini`` (see ``ranks._config_file``).
             config_dict: ``{section: {key: value}}`` overriding the file; also the flat
@@ -186,6 +197,9 @@ class Model:
             path = resolve_shard_path(path, identity.rank, identity.size if identity.source != "single" else None)
         if path.is_dir():
             raise ModelError(f"model path {path} is a directory; expected an ONNX file")
+        from ._mindir import converted_model_file
+
+        path = converted_model_file(path)  # a MINDIR file: the session runs its cached ONNX conversion
         proto = _load_model_file(path, model_type)
 
         self._path, self._context, self._config = path, context, config

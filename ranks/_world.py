@@ -129,8 +129,9 @@ def _mpi_identity() -> Identity:
         # process that asks alone, say to print context.gpu.rank_id on rank 0, would wait for the others.)
         rank, size, local = (_int_var(v) for v in (_env.PMI_RANK, _env.PMI_SIZE, _env.MPI_LOCALRANKID))
         return Identity(rank, size, local, None, "mpi")
-    from mpi4py import MPI
+    from ._comm_mpi import _mpi
 
+    MPI = _mpi()  # initialised within ORCH_TIMEOUT, or CommTimeoutError naming the ranks that never came
     world = MPI.COMM_WORLD
     local = world.Split_type(MPI.COMM_TYPE_SHARED)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -100,3 +101,94 @@ def test_every_verb_and_dtype_under_mpich(mpich_python):
     result = subprocess.run([mpiexec, "-n", "2", mpich_python, CHECK, "mpi"], env=env, capture_output=True, text=True, timeout=140)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "CHECKED rank 0 of 2" in result.stdout and "CHECKED rank 1 of 2" in result.stdout
+
+
+NEVER_JOINS = """
+import os, re, sys, time
+from ranks import CommTimeoutError, MpiCommunicator
+
+rank = int(os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ["PMI_RANK"])
+print(f"PID rank {rank} {os.getpid()}", flush=True)
+if rank == 1:
+    time.sleep(60)  # never gets to MPI_Init: its peer must not wait for it forever
+started = time.monotonic()
+try:
+    MpiCommunicator(timeout=3)
+except CommTimeoutError as exc:
+    print(f"JOIN FAILED after {time.monotonic() - started:.1f} s: {exc}", flush=True)
+    print("MAPPED", sorted(set(re.findall(r"/dev/shm/(\\S+)", open("/proc/self/maps").read()))), flush=True)
+    raise
+"""
+
+
+def _check_never_joins(out: str) -> None:
+    [pid] = re.findall(r"PID rank 1 (\d+)", out)
+    found = re.search(r"JOIN FAILED after (\d+\.\d) s: joining the MPI job \(MPI_Init\) on rank 0 of 2 timed out after 3\.\d s: "
+                      rf"waiting for rank 1 \(pid {pid}; it has not called MPI_Init\)$", out, re.M)
+    assert found, out
+    assert float(found.group(1)) < 5, found.group(1)
+    assert "ranks._errors.CommTimeoutError: joining the MPI job (MPI_Init) on rank 0 of 2" in out, out  # uncaught: printed
+    [mapped] = re.findall(r"^MAPPED (.*)$", out, re.M)
+    left = [name for name in re.findall(r"'([^']+)'", mapped) if os.path.exists(f"/dev/shm/{name}")]
+    assert not left, left  # MPICH's segment, which the rank that never came would never attach
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_that_never_calls_mpi_init_is_named_by_its_peers_join_timeout():
+    # Open MPI's MPI_Init (done at `from mpi4py import MPI`) waited for every rank, with no timeout:
+    # the job hung until the launcher's own time limit, if it had one.
+    result, seconds, _ = run_mpi(2, "-c", NEVER_JOINS, timeout=80)
+    assert result.returncode != 0, result.stdout
+    _check_never_joins(result.stdout)
+    assert seconds < 40, f"took {seconds:.1f} s: rank 0 waited for rank 1's nap"  # run_mpi: no process left
+
+
+SINGLETON = """
+import os, re
+import numpy as np
+import ranks
+
+comm = ranks.MpiCommunicator(arrival_check=False)  # run alone: a world of one (README: the fast mode)
+assert comm.size == 1 and comm.allreduce(np.ones(3)).tolist() == [1.0, 1.0, 1.0]
+mapped = sorted(set(re.findall(r"/dev/shm/(sm_segment\\.\\S+)", open("/proc/self/maps").read())))
+print("MAPPED", mapped, "OMPI_MCA_btl", os.environ.get("OMPI_MCA_btl"), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_mpi_singleton_leaves_no_shared_memory_file():
+    # Open MPI made /dev/shm/sm_segment.HOST.UID.JOB.0 (16 MB) for a singleton, which only mpirun's daemon removes:
+    # every run of a program that used MPI without mpirun left one
+    import subprocess
+    import sys
+
+    from tests.comm_procs import env_with_marker
+
+    env, _ = env_with_marker()
+    result = subprocess.run([sys.executable, "-c", SINGLETON], env=env, capture_output=True, text=True, timeout=50)
+    mapped = re.findall(r"'(sm_segment\.\S+)'", result.stdout)
+    for name in mapped:  # this process's own file (the pid of the test's child maps it): ours to remove
+        os.unlink(f"/dev/shm/{name}") if os.path.exists(f"/dev/shm/{name}") else None
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MAPPED [] OMPI_MCA_btl None" in result.stdout, result.stdout  # nor is the setting handed to its children
+
+
+@pytest.mark.timeout(900)
+def test_a_rank_that_never_calls_mpi_init_under_mpich(mpich_python):
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from tests.comm_procs import assert_none_left, env_with_marker
+
+    env, marker = env_with_marker()
+    mpiexec = str(Path(mpich_python).parent / "mpiexec")
+    started = time.monotonic()
+    try:
+        result = subprocess.run([mpiexec, "-n", "2", mpich_python, "-c", NEVER_JOINS], env=env, capture_output=True,
+                                text=True, timeout=80)
+    finally:
+        assert_none_left(marker)
+    assert result.returncode != 0, result.stdout + result.stderr
+    _check_never_joins(result.stdout + result.stderr)
+    assert time.monotonic() - started < 40

@@ -448,3 +448,30 @@ def test_sessions_left_by_killed_mpiruns_do_not_stop_a_launch(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[rank 1] rank 1 allreduce sum 1" in result.stdout.splitlines()
     assert len(list(tmpdir.glob("ompi.*"))) == pid_max - 1  # nothing new, nothing of the user's touched
+
+
+@pytest.mark.multiprocess
+@pytest.mark.cli
+@pytest.mark.timeout(120)
+def test_a_rank_that_never_joins_mpi_is_named_with_its_pid_within_the_timeout(tmp_path):
+    # Open MPI's MPI_Init waited for the missing rank forever: the launch hung (no --timeout by default)
+    marker = new_marker()
+    program = str(Path(__file__).parent / "programs" / "fault_rank.py")
+    started = time.monotonic()
+    result = subprocess.run(
+        orchestrate_command("launch", "mpi", "-n", "3", "--stop-timeout", "3", "--",
+                            "python", program, "--fault", "absent", "--bad-rank", "2", "--marker", marker),
+        env={**project_env(), "ORCH_TIMEOUT": "3", "TMPDIR": str(tmp_path)}, capture_output=True, text=True, timeout=100,
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    [pid] = re.findall(r"^\[rank 2\] FAULT absent rank 2 pid (\d+) at", result.stdout, re.M)
+    host = socket.gethostname()
+    assert re.search(rf"^orchestrate launch mpi: rank [01] of 3 on host {host} \(pid \d+\) failed", result.stderr, re.M), result.stderr
+    assert re.search(rf"CommTimeoutError: joining the MPI job \(MPI_Init\) on rank [01] of 3 timed out after 3\.\d s: "
+                     rf"waiting for rank 2 \(pid {pid}; it has not called MPI_Init\)", result.stderr), result.stderr
+    assert re.search(rf"^rank 2 of 3 on host {host} \(pid {pid}\) never joined the MPI job: rank [01] was waiting for it "
+                     rf"in MPI_Init$", result.stderr, re.M), result.stderr
+    assert took < 30, took
+    assert not leftovers(marker)
+    assert not [p.name for p in tmp_path.iterdir() if p.name != ".ses"]  # onnxruntime's id file aside

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_command
+from conftest import ROOT, project_env, run_command
 from launch_helpers import (
     MPI_PROGRAM, PROGRAM, ZMQ_PROGRAM, Background, descendants, kill_all, leftovers, new_marker, orch_dirs, pids_in,
     private_tmp, processes_with, shm_segments_of, wait_gone,
@@ -46,6 +48,7 @@ def test_run_ranks_starts_each_rank_with_its_flags(ini):
         assert any(l.startswith(f"[rank {r}] hello from rank {r} of 2 pid ") and l.endswith(f"device {r} config {ini} local_rank {r}")
                    for l in result.stdout.splitlines()), result.stdout
         assert f"[rank {r}] rank {r} done" in result.stdout
+    assert "run_ranks.sh" not in result.stderr, result.stderr  # ranks that end together are no early exit
 
 
 @pytest.mark.timeout(60)
@@ -144,8 +147,9 @@ def test_run_mpi_three_ranks_tagged_and_oversubscribed():
     result = run_command(["bash", RUN_MPI, "3", "python", MPI_PROGRAM])
     assert result.returncode == 0, result.stderr
     assert sorted(l for l in result.stdout.splitlines() if "allreduce" in l) == [
-        f"[1,{r}]<stdout>: rank {r} allreduce sum 3" for r in range(3)
+        f"[rank {r}] rank {r} allreduce sum 3" for r in range(3)
     ]
+    assert "run_mpi.sh" not in result.stderr, result.stderr  # ranks that end together are no early exit
 
 
 @pytest.mark.timeout(120)
@@ -154,4 +158,103 @@ def test_run_mpi_fails_when_a_rank_fails():
     result = run_command(["bash", RUN_MPI, "2", "python", "-m", "mpi4py", MPI_PROGRAM, "--bad-rank", "1", "--marker", marker])
     assert result.returncode != 0
     assert "RuntimeError: mpi rank 1 broke on purpose" in result.stdout + result.stderr
+    assert not leftovers(marker)
+
+
+# --- the fault matrix's faults, as regular tests (tests/test_fault_matrix.py crosses them all) ----------
+FAULT_RANK = str(ROOT / "tests" / "programs" / "fault_rank.py")
+HOST = socket.gethostname()
+
+
+def _fault_env(tmp_path) -> dict[str, str]:
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    return {**project_env(), "ORCH_TIMEOUT": "10", "STOP_TIMEOUT": "3", "TMPDIR": str(tmpdir)}
+
+
+def _fault_pid(text: str) -> int:
+    [pid] = re.findall(r"^\[rank 1\] FAULT \w+ rank 1 pid (\d+) at", text, re.M)
+    return int(pid)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["raise", "raise_in_with"])
+def test_run_mpi_names_a_rank_that_aborted_the_job_by_its_own_pid(tmp_path, fault):
+    # mpirun's report named it "rank 1 with PID 0" (MPI_Abort), and the abort left a NUL byte in the output
+    marker = new_marker()
+    result = subprocess.run(["bash", RUN_MPI, "2", "python", FAULT_RANK, "--fault", fault, "--marker", marker],
+                            env=_fault_env(tmp_path), capture_output=True, text=True, timeout=100)
+    assert result.returncode == 1, result.stderr
+    own = [line for line in result.stderr.splitlines() if line.startswith("run_mpi.sh: ")]
+    assert own == [f"run_mpi.sh: rank 1 on host {HOST} (pid {_fault_pid(result.stdout)}) failed: exit code 1"], result.stderr
+    assert "\0" not in result.stderr
+    assert not leftovers(marker)
+    assert not [p.name for p in (tmp_path / "tmpdir").iterdir() if p.name != ".ses"]  # onnxruntime's id file aside
+
+
+@pytest.mark.timeout(120)
+def test_run_mpi_names_a_rank_that_left_with_exit_code_0(tmp_path):
+    # mpirun named the rank's watcher's pid ("exiting improperly")
+    marker = new_marker()
+    result = subprocess.run(["bash", RUN_MPI, "2", "python", FAULT_RANK, "--fault", "exit0", "--marker", marker],
+                            env=_fault_env(tmp_path), capture_output=True, text=True, timeout=100)
+    assert result.returncode == 1, result.stderr
+    own = [line for line in result.stderr.splitlines() if line.startswith("run_mpi.sh: ")]
+    assert own == [f"run_mpi.sh: rank 1 on host {HOST} (pid {_fault_pid(result.stdout)}) exited with exit code 0 "
+                   f"while rank 0 was still running"], result.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_run_mpi_stops_every_rank_on_sigterm_and_sigint_with_the_shells_status(tmp_path, signum, code):
+    # it exec'd mpirun, which stopped the job but exited 1
+    marker = new_marker()
+    script = Background(["bash", RUN_MPI, "2", "python", FAULT_RANK, "--fault", "none", "--marker", marker],
+                        env=_fault_env(tmp_path))
+    try:
+        script.wait_for("WAITING rank", count=2)
+        script.interrupt(signum)
+        assert script.finish(30) == code, script.stderr
+    finally:
+        script.kill()
+    name = signal.Signals(signum).name
+    assert script.stderr.splitlines()[0] == f"run_mpi.sh: interrupted by {name}, stopping every rank", script.stderr
+    assert not leftovers(marker)
+
+
+@pytest.mark.timeout(120)
+def test_run_mpi_sigkilled_takes_mpirun_and_its_ranks_with_it(tmp_path):
+    # mpirun (exec'd by the script) left its ranks running when SIGKILLed; now mpirun dies with the script
+    marker = new_marker()
+    script = Background(["bash", RUN_MPI, "2", "python", FAULT_RANK, "--fault", "none", "--marker", marker],
+                        env=_fault_env(tmp_path))
+    try:
+        script.wait_for("WAITING rank", count=2)
+        below = descendants(script.proc.pid)
+        ranks = pids_in(script.out, "WAITING rank")
+        assert len(ranks) == 2 and set(ranks) <= set(below), (ranks, below)
+        script.interrupt(signal.SIGKILL)
+        assert script.finish(30) == -signal.SIGKILL
+        left = wait_gone(below, wait=10)
+        assert not left, "\n".join(line for line in processes_with("") if int(line.split()[0]) in left)
+    finally:
+        script.kill()
+        kill_all(marker)
+    assert not leftovers(marker, wait=1)
+    assert not [p.name for p in (tmp_path / "tmpdir").iterdir() if p.name != ".ses"]  # onnxruntime's id file aside
+
+
+@pytest.mark.timeout(120)
+def test_run_ranks_names_a_rank_that_left_with_exit_code_0_not_its_victim(tmp_path):
+    # run_ranks.sh named rank 0, which lost its peer, as the failed rank
+    marker = new_marker()
+    ini = tmp_path / "zmq.ini"
+    ini.write_text(f"[ascend_context]\nrank_table_file={TABLE}\n[comm]\nbase_port={free_base_port(2)}\n")
+    result = subprocess.run(["bash", RUN_RANKS, TABLE, str(ini), sys.executable, FAULT_RANK, "--fault", "exit0",
+                             "--marker", marker], env=_fault_env(tmp_path), capture_output=True, text=True, timeout=100)
+    assert result.returncode == 1, result.stderr
+    own = [line for line in result.stderr.splitlines() if line.startswith("run_ranks.sh: ")]
+    assert own[0] == (f"run_ranks.sh: rank 1 on host {HOST} (pid {_fault_pid(result.stdout)}) exited with exit code 0 "
+                      f"while rank 0 was still running"), result.stderr
     assert not leftovers(marker)

@@ -1,4 +1,5 @@
-"""ShardedModel's faults, each with its test: a stopped rank, a stuck rank, a killed caller, a port taken, a version.
+"""ShardedModel's faults, each with its test: a rank that fails mid-request, a stopped rank, a stuck rank, a killed
+caller, a port taken, a version.
 
 Every case runs the real ranks (mpirun, or local zmq ranks) on the small MLP
 and checks that nothing is left: no process, no temporary directory, no
@@ -21,12 +22,14 @@ import pytest
 
 from launch_helpers import descendants, orch_dirs, private_tmp, shm_segments_of, wait_gone
 from orchestrator import ShardedModel, shard_model
-from orchestrator import WorkerTimeoutError
-from ranks import CommError
-from tests.conftest import project_env
+from orchestrator import WorkerError, WorkerTimeoutError
+from ranks import CommError, PeerLostError
+from tests.conftest import ROOT, project_env
 
 pytestmark = [pytest.mark.multiprocess]
 BACKENDS = ["zmq", "mpi"]
+# Fault injection inside a rank's request (tests/programs/fault_hooks/sitecustomize.py, as the fault matrix uses it)
+FAULT_HOOKS = str(ROOT / "tests" / "programs" / "fault_hooks")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,88 @@ def _new_processes(before: set[int]) -> list[int]:
     """Processes below us that were not there ``before``: the job's ranks, mpirun and its wrappers, the watchdog
     (not what else the test session keeps, such as multiprocessing's resource tracker)."""
     return [pid for pid in descendants(os.getpid()) if pid not in before]
+
+
+# How rank 1's failure must read, on the first line of the caller's exception (HOST and PID filled in).
+MID_REQUEST = {
+    "raise": (RuntimeError, "[rank 1 of 2 on host HOST (pid PID)] fault injected in pid PID (raise)"),
+    "exit0": (WorkerError, "predict request 2: rank 1 of 2 on host HOST (pid PID) exited with exit code 0 before the "
+                           "job finished, while rank 0 was still running"),
+    "sigkill": (WorkerError, "predict request 2: rank 1 of 2 on host HOST (pid PID) failed: signal SIGKILL (9)"),
+    "sigsegv": (WorkerError, "predict request 2: rank 1 of 2 on host HOST (pid PID) failed: signal SIGSEGV (11)"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fault", list(MID_REQUEST))
+def test_a_rank_failing_mid_request_is_named(mlp_shards, monkeypatch, tmp_path, backend, fault):
+    """Rank 1 fails inside a request while rank 0 waits for it in a collective. The caller gets rank 1's own
+    exception, or a WorkerError naming rank 1's death (host, pid, exit code or signal), at once, not rank 0's
+    PeerLostError (the victim, zmq: was so for exit0, sigkill, sigsegv) and not after rank 0's collective timed
+    out (mpi raise: the raising rank's comm.close() waited for its peer); no '@@orchestrate-rank' records (mpi
+    exit0). Then the job is over: nothing left running, no temporary directory."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    monkeypatch.setenv("FAULT_MATRIX_DIR", str(faults))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (FAULT_HOOKS, os.environ.get("PYTHONPATH")) if p))
+    before = set(descendants(os.getpid()))
+    timeout = 30.0
+    model = ShardedModel(mlp_shards, backend=backend, timeout=timeout)
+    try:
+        x = np.ones((2, 64), np.float32)
+        model.predict([x])
+        processes = _new_processes(before)
+        victim = model.pids[1]
+        (faults / f"fault.{victim}").write_text(fault)
+        started = time.monotonic()
+        with pytest.raises(Exception) as info:
+            model.predict([x])
+        took = time.monotonic() - started
+        assert (faults / f"fired.{victim}").exists(), "the fault never fired in rank 1"
+        kind, first_line = MID_REQUEST[fault]
+        first_line = first_line.replace("HOST", socket.gethostname()).replace("PID", str(victim))
+        message = str(info.value)
+        assert type(info.value) is kind and not isinstance(info.value, PeerLostError), repr(info.value)
+        assert message.splitlines()[0].startswith(first_line), message
+        assert "@@" not in message and "orchestrate-rank" not in message
+        assert took < timeout / 2, f"the error came after {took:.1f} s: a death is not a hang"
+        assert not wait_gone(processes, 10), "the job is over, but processes are left"
+        assert not os.path.exists(model._job.tmp)
+        with pytest.raises(WorkerError, match=r"predict on a closed ShardedModel \(predict request 2 failed: "):
+            model.predict([x])
+    finally:
+        model.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_left_early_is_named_after_its_victim_exited_too(mlp_shards, monkeypatch, tmp_path):
+    """zmq: rank 1 leaves with os._exit(0) mid-request; rank 0 sends its PeerLostError and exits 1 BEFORE the
+    master weighs that ERROR (a busy machine). The report still names rank 1's early exit (was: rank 1
+    "ended ... how it ended was not reported", as rank 0's exit code 1 hid rank 1's exit 0)."""
+    import orchestrator._sharded_model as sharded
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    monkeypatch.setenv("FAULT_MATRIX_DIR", str(faults))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (FAULT_HOOKS, os.environ.get("PYTHONPATH")) if p))
+    weigh = sharded.ShardedModel._error_from
+
+    def late(self, msg, exchange):
+        assert self._job.launcher.exit_of(0, timeout=20) is not None, "rank 0 did not exit after its ERROR"
+        return weigh(self, msg, exchange)
+
+    monkeypatch.setattr(sharded.ShardedModel, "_error_from", late)
+    with ShardedModel(mlp_shards, backend="zmq", timeout=30) as model:
+        x = np.ones((2, 64), np.float32)
+        model.predict([x])
+        victim = model.pids[1]
+        (faults / f"fault.{victim}").write_text("exit0")
+        with pytest.raises(WorkerError) as info:
+            model.predict([x])
+    assert str(info.value).startswith(f"predict request 2: rank 1 of 2 on host {socket.gethostname()} (pid {victim}) "
+                                      f"exited with exit code 0 before the job finished, while rank 0 was still running")
+    assert "PeerLostError" in str(info.value)  # what followed: rank 0 lost its peer
 
 
 @pytest.mark.timeout(120)
@@ -81,6 +166,48 @@ def test_a_stuck_rank_is_named(mlp_shards, backend):
     model.close()
 
 
+@pytest.mark.timeout(120)
+def test_a_rank_stopped_before_it_joins_is_named_at_the_timeout(mlp_shards):
+    """zmq: rank 1 is SIGSTOPped before it can join. Rank 0's CommTimeoutError reaches the caller at the timeout,
+    naming rank 1's address (was: only after close(), which waited 2 x 5 s for the stopped rank), and the
+    stopped rank is stopped for good."""
+    import threading
+
+    import psutil
+
+    from ranks import CommTimeoutError
+
+    stopped: list[int] = []
+
+    def stop_rank_1():
+        deadline = time.monotonic() + 60
+        while not stopped and time.monotonic() < deadline:
+            for child in psutil.Process().children(recursive=True):
+                try:
+                    argv = child.cmdline()
+                except psutil.Error:
+                    continue
+                if "orchestrator._sharded_worker" in argv and argv[argv.index("--rank") + 1] == "1":
+                    os.kill(child.pid, signal.SIGSTOP)
+                    stopped.append(child.pid)
+                    return
+            time.sleep(0.01)
+
+    stopper = threading.Thread(target=stop_rank_1, daemon=True)
+    stopper.start()
+    started = time.monotonic()
+    with pytest.raises(CommTimeoutError) as info:
+        ShardedModel(mlp_shards, backend="zmq", timeout=3, startup_timeout=30)
+    took = time.monotonic() - started
+    stopper.join(5)
+    assert stopped, "rank 1 was never seen"
+    message = str(info.value)
+    assert message.startswith(f"[rank 0 of 2 on host {socket.gethostname()} (pid ")
+    assert "joining (waiting for every rank's hello) on rank 0 of 2 timed out after 3.0 s waiting for rank 1 at tcp://" in message
+    assert took < 3 + 5.0, took  # the timeout, the ranks' start and stopping the job; not the 30 s startup timeout
+    assert not wait_gone(stopped, 10)
+
+
 CALLER = textwrap.dedent("""
     import json, sys, time
     import numpy as np
@@ -112,7 +239,9 @@ def test_a_killed_caller_leaves_nothing(mlp_shards, monkeypatch, tmp_path, backe
             assert info["scratch"].startswith("/dev/shm/orch_sharded_")
             assert any(name.startswith("sm_segment.") for name in os.listdir(info["scratch"]))
         os.kill(caller.pid, how)
-        caller.wait(30)
+        # It dies of the signal, as a script without a ShardedModel would (SIGINT: was exit 1 on zmq, when
+        # closing the model at interpreter exit imported a module, and CPython forgot the KeyboardInterrupt)
+        assert caller.wait(30) == -how, caller.stderr.read()
         assert not wait_gone(processes, 15), "processes outlived the caller"
         deadline = time.monotonic() + 10
         while orch_dirs(tmpdir) and time.monotonic() < deadline:
@@ -237,3 +366,116 @@ def test_the_root_cause_of_a_stall_is_the_rank_that_never_took_the_request():
     young = _Exchange("predict request 8", {0, 1}, {0})
     death = _death(young.doing, report)
     assert model._root_cause(young, death, report) is death
+
+
+class _FakeSocket:
+    """The master's ROUTER, holding the messages that arrive after the first one (each as a rank sent it)."""
+
+    def __init__(self, messages=()):
+        self.queue = [[b"identity", *frames] for frames in messages]
+
+    def poll(self, timeout_ms):
+        if not self.queue:
+            time.sleep(timeout_ms / 1000)
+        return bool(self.queue)
+
+    def recv_multipart(self):
+        return self.queue.pop(0)
+
+
+class _QuietLauncher:
+    """A launcher that has recorded no failure (yet)."""
+
+    pids: dict[int, int] = {}
+
+    def failure(self, every_exit_fails=False):
+        return None
+
+    def suspended(self):
+        return []
+
+
+def _model_with(pids: dict[int, int], messages=()) -> ShardedModel:
+    model = ShardedModel.__new__(ShardedModel)
+    model.tp, model.timeout = 2, 30.0
+    model._ranks = {rank: {"pid": pid, "host": "h"} for rank, pid in pids.items()}
+    model._job = type("Job", (), {"launcher": _QuietLauncher(), "sock": _FakeSocket(messages)})()
+    return model
+
+
+def _error_message(exc: BaseException, rank: int, request: int = 7):
+    """The ERROR rank ``rank`` sends for ``exc``, as the master decodes it."""
+    from orchestrator import _protocol as proto
+
+    return proto.decode(proto.error_frames(request, exc, f"rank {rank} of 2", rank=rank), "a rank")
+
+
+def _a_dead_pid() -> int:
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
+
+
+def test_a_peer_seen_dead_is_named_even_before_its_exit_is_recorded():
+    """In-process: rank 0's PeerLostError arrives first, rank 1's process is gone, but no launcher has recorded
+    how it ended (mpirun's forwarding of its wrapper's record is slow under load). Rank 1 is named, not rank 0."""
+    from orchestrator._sharded_model import DEAD_PEER_GRACE, _Exchange
+
+    dead = _a_dead_pid()
+    model = _model_with({0: os.getpid(), 1: dead})
+    exchange = _Exchange("predict request 7", {0, 1}, {0, 1})
+    lost = PeerLostError("allreduce #5 on rank 0 of 2: rank 1 exited")
+    started = time.monotonic()
+    error = model._error_from(_error_message(lost, 0), exchange)
+    assert type(error) is WorkerError, repr(error)
+    assert str(error).startswith(f"predict request 7: rank 1 of 2 on host h (pid {dead}) ended while its peers "
+                                 f"waited for it (its process is gone; how it ended was not reported within ")
+    assert isinstance(error.__cause__, PeerLostError)
+    assert time.monotonic() - started < DEAD_PEER_GRACE + 1.0
+    # both alive: the peer's word stands (nothing better is known)
+    model = _model_with({0: os.getpid(), 1: os.getpid()})
+    error = model._error_from(_error_message(lost, 0), _Exchange("predict request 7", {0, 1}, {0, 1}))
+    assert type(error) is PeerLostError, repr(error)
+
+
+def test_the_failed_rank_s_own_error_wins_over_its_peer_s_word_that_came_first():
+    """In-process: rank 0's PeerLostError arrives just before rank 1's own ERROR (its RuntimeError): the caller
+    gets rank 1's RuntimeError with its header, not the victim's PeerLostError nor a bare exit code."""
+    from orchestrator._sharded_model import _Exchange
+
+    from orchestrator import _protocol as proto
+
+    own = proto.error_frames(7, RuntimeError("the model broke"), "rank 1 of 2", rank=1)
+    model = _model_with({0: os.getpid(), 1: os.getpid()}, [own])
+    lost = PeerLostError("allreduce #5 on rank 0 of 2: rank 1 exited")
+    error = model._error_from(_error_message(lost, 0), _Exchange("predict request 7", {0, 1}, {0, 1}))
+    assert type(error) is RuntimeError, repr(error)
+    assert str(error).startswith(f"[rank 1 of 2 on host {socket.gethostname()} (pid {os.getpid()})] the model broke")
+
+
+def test_a_stall_reported_first_by_the_waiting_rank_still_names_both():
+    """In-process: rank 1 is stopped; rank 0's own collective timeout (CommTimeoutError) reaches the master just
+    before the master's deadline of the same length. The caller gets the stall naming rank 1 (stopped, never took
+    the request) and rank 0 (took it, waited, gave up), as when the master's deadline comes first; not rank 0's
+    CommTimeoutError, and without the 1 s grace for a failure that a stopped rank cannot have."""
+    from orchestrator._sharded_model import FAILURE_GRACE, _Exchange
+    from ranks import CommTimeoutError
+
+    class StoppedOne(_QuietLauncher):
+        def suspended(self):
+            return [1]
+
+    model = _model_with({0: 100, 1: 101})
+    model.timeout = 3.0
+    model._job.launcher = StoppedOne()
+    exchange = _Exchange("predict request 7", {0, 1}, {0})
+    exchange.since -= 3.0
+    timed_out = CommTimeoutError("allreduce #5 on rank 0 of 2 timed out after 3.0 s waiting for rank 1")
+    started = time.monotonic()
+    error = model._error_from(_error_message(timed_out, 0), exchange)
+    assert time.monotonic() - started < FAILURE_GRACE
+    assert type(error) is WorkerTimeoutError, repr(error)
+    assert str(error) == ("predict request 7: rank 1 of 2 on host h (pid 101) did not answer within 3 s: it never "
+                          "reported taking the request, and its process is stopped (SIGSTOP or Ctrl-Z); rank 0 of 2 "
+                          "on host h (pid 100) took it, waited for the rank(s) above and gave up (CommTimeoutError)")
+    assert isinstance(error.__cause__, CommTimeoutError)

@@ -1,4 +1,4 @@
-"""A caller of ShardedModel, ParallelPredictor or ModelParallelRunner for the fault matrix (tests/fault_matrix.py).
+"""A caller of ShardedModel, ParallelPredictor or ModelParallelRunner for the fault matrix (tests/test_fault_matrix.py).
 
     python fault_caller.py sharded SHARDS/MODEL.onnx --commands FIFO --backend mpi|zmq --timeout S
     python fault_caller.py parallel MODEL.onnx --commands FIFO --timeout S [--build-timeout S]
@@ -38,47 +38,6 @@ def report(prefix: str, exc: BaseException) -> None:
     lines = str(exc).splitlines() or [""]
     out = [f"{prefix} {time.time():.6f} {type(exc).__name__}"] + [f"| {line}" for line in lines] + ["END"]
     print("\n".join(out), flush=True)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
-
-
-def _rank_of(pid: int) -> int | None:
-    """The rank of a ShardedModel rank process: ``--rank R`` (zmq) or mpirun's variable (mpi)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().decode().split("\0")
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = dict(e.split("=", 1) for e in f.read().decode(errors="replace").split("\0") if "=" in e)
-    except OSError:
-        return None
-    if "orchestrator._sharded_worker" not in argv:
-        return None
-    if "--rank" in argv:
-        return int(argv[argv.index("--rank") + 1])
-    return int(env["OMPI_COMM_WORLD_RANK"]) if "OMPI_COMM_WORLD_RANK" in env else None
-
-
-def rank_pids(model) -> list[int]:
-    found = {}
-    frontier = [p.pid for p in model._procs]
-    while frontier:
-        pid = frontier.pop()
-        rank = _rank_of(pid)
-        if rank is not None:
-            found[rank] = pid
-        frontier += _children(pid)
-    return [found[r] for r in sorted(found)]
 
 
 def commands(path: str):
@@ -130,7 +89,7 @@ def main() -> int:
             def predict():
                 return model.predict({"x": x})
 
-            pids = rank_pids(model)
+            pids = [pid for _, pid in sorted(model.pids.items())]  # as each rank reported its own pid
         elif args.what == "pool":
             import threading
 

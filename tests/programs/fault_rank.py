@@ -1,4 +1,4 @@
-"""A rank of the fault matrix (tests/fault_matrix.py): joins its peers, then one rank misbehaves.
+"""A rank of the fault matrix (tests/test_fault_matrix.py): joins its peers, then one rank misbehaves.
 
     python fault_rank.py --fault KIND --bad-rank R [--marker TEXT]
                          [--rank_id N --device_id N --config_file INI]   (the seeds' flags)

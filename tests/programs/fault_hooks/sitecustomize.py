@@ -1,4 +1,4 @@
-"""Fault injection for tests/fault_matrix.py, in every Python process whose PYTHONPATH holds this directory.
+"""Fault injection for tests/test_fault_matrix.py, in every Python process whose PYTHONPATH holds this directory.
 
 Inert unless ``FAULT_MATRIX_DIR`` is set. Then ``onnxruntime.InferenceSession.run`` and
 ``run_with_iobinding`` are wrapped: before each run, a file ``$FAULT_MATRIX_DIR/fault.<this pid>``

@@ -1,11 +1,8 @@
 """The fault matrix: every way in crossed with every fault (the issue on the house and its faults).
 
-NOT YET IN THE DEFAULT RUN (its name does not start with ``test_``): run it with
-``.venv/bin/python -m pytest tests/fault_matrix.py -rxXf`` (about 4 minutes). It was written against
-the code before the one supervisor landed; on today's code 45 cells pass, 28 are expected failures
-(``FAILING_TODAY``, each a known bug with its reason) and five cells fail because the supervisor
-changed what they check (sharded-mpi sigkill, sigsegv and caller_int; sharded-zmq raise and
-caller_int). When those five are settled it is renamed to be collected (``test_`` prefix).
+Run alone with ``.venv/bin/python -m pytest tests/test_fault_matrix.py -rxXf -s`` (about 4 minutes on 2
+cores; ``-s`` prints a row per cell and the table at the end). Every cell passes today; a cell that
+fails because of a known bug goes in ``FAILING_TODAY`` with the bug (an ``xfail(strict=True)``).
 
 Ways in (``WAYS``): ``orchestrate launch mpi``, ``orchestrate launch rank-table``, two ranks started
 by hand as a shell script starts them (no launcher), ``launchers/run_mpi.sh``, ``launchers/run_ranks.sh``,
@@ -33,8 +30,8 @@ For every cell of ``MATRIX`` the test asserts:
    victim: a peer that lost its partner). For a hang the rank that timed out is the first to
    fail, so the report must name the stuck rank's number and pid and say that it was waited for.
    Two hand-started ranks have no report but the surviving rank's own error, which must name the
-   peer (its number and its pid or address). ``run_mpi.sh`` leaves the report to mpirun: its cells
-   look for mpirun's words. Exit codes as the README gives them: the failed rank's own code,
+   peer (its number and its pid or address). The scripts' reports are their own lines (each rank's
+   watcher names its rank's pid; mpirun's words name the watcher's), then the console. Exit codes as the README gives them: the failed rank's own code,
    128 + N for a signal, 130/143 after SIGINT/SIGTERM (hand-started ranks: the survivor's, 1).
    ``ShardedModel`` and ``ParallelPredictor`` raise in the caller: the exception's type is checked,
    and what the next ``predict`` does (the predictor serves on after an exception in the model,
@@ -51,15 +48,15 @@ failure anyway) and kills the job; ``FAULT_MATRIX_GIVE_UP=20`` waits longer, to 
 
 Not applicable (``NOT_APPLICABLE`` holds the same list; a test keeps the two in step):
 
-- raise_in_with x sharded-mpi, sharded-zmq, parallel: the ranks and workers run the project's code, not
+- raise_in_with x sharded-mpi, sharded-zmq, parallel, pool: the ranks and workers run the project's code, not
   a user's ``with`` block; their exception cell is ``raise``.
 - caller_kill x shell-ranks: with no launcher, a SIGKILL reaches a rank: that is the ``sigkill`` cell.
 - stop_close x launch-mpi, launch-rank-table, shell-ranks, run_mpi.sh, run_ranks.sh: there is no
   ``close()``; the launchers stop a stopped rank in the ``sigstop`` cell (SIGTERM, then SIGCONT).
 
 Cells that fail today because of a real bug are listed in ``FAILING_TODAY`` with the bug, and run
-as ``xfail(strict=True)``: a fix makes them pass, and then the entry must go (``RACES``: the one
-cell whose bug shows only when one of two equal timeouts wins is not strict).
+as ``xfail(strict=True)``: a fix makes them pass, and then the entry must go (``RACES``: a cell
+whose bug shows only when one of two equal timeouts wins is not strict).
 
 Each cell prints one row (run with ``-s``), and the whole table is written to
 ``<pytest basetemp>/fault_matrix.md`` and printed at the end of the module:
@@ -168,46 +165,6 @@ STUCK = (r"waiting for rank 1\b|rank 1\b[^\n]*(did not answer|no answer|timed ou
 # A rank that never joined has told nobody its pid: its address names it too.
 ABSENT = (r"waiting for rank 1\b", r"\bpid <pid>\b|rank 1 at tcp://")
 
-# The bugs that make cells fail today (the final report of the issue describes each with a reproducer).
-NO_MPI_JOIN_TIMEOUT = (
-    "a rank that never joins under mpirun never calls MPI_Init; Open MPI's MPI_Init (in the first "
-    "`from mpi4py import MPI`) waits for every rank, before any timeout of ours: the job hangs until "
-    "the launcher's --timeout (none by default)"
-)
-RUN_RANKS_EXIT0 = ("run_ranks.sh names rank 0, which lost its peer, as the failed rank: a rank that leaves with "
-                   "exit code 0 while the others wait is never reported by the script")
-RUN_MPI_ABORT_PID = ("run_mpi.sh leaves the report to Open MPI's prterun, which names a rank that called MPI_Abort "
-                     "as 'rank 1 with PID 0'")
-RUN_MPI_ORPHANS = ("run_mpi.sh execs mpirun; a SIGKILLed mpirun leaves its ranks running (they have no "
-                   "parent-death signal: they do not run under launchers/_rank_wrapper.py as run_ranks.sh's do)")
-RUN_MPI_SIGNAL_CODE = "run_mpi.sh execs mpirun, which stops the job on SIGTERM/SIGINT but exits 1, not 143/130"
-SM_VICTIM = ("ShardedModel (zmq) raises rank 0's PeerLostError (the victim) instead of a WorkerError naming rank 1's "
-             "death: once _receive sees rank 1's process gone it takes the ERROR rank 0 already sent")
-SM_MPI_EXIT0 = ("ShardedModel (mpi): the WorkerError quotes the rank wrappers' raw '@@orchestrate-rank' records and "
-                "does not name rank 1's early exit 0 (_death_error uses failure_error, not early_exit as MpiLauncher does)")
-SM_MPI_RAISE = ("ShardedModel (mpi): the worker of the rank that raised calls comm.close() (not abort) while its "
-                "peer waits in a collective; MPI_Comm_free blocks until the peer times out (3 s), and ShardedModel "
-                "raises only once every rank has stopped")
-SM_HANG_ZMQ = ("ShardedModel (zmq): the stuck rank is not named ('no answer from the 2 ranks'), and the error is "
-               "raised only after close(), which SIGTERMs the stopped rank without SIGCONT and waits 2 x 5 s")
-SM_HANG_MPI = ("ShardedModel (mpi): the stuck rank is not named ('no answer from the 2 ranks'; the message quotes "
-               "the wrappers' raw start records instead), unless rank 0's own CommTimeoutError, which names it, "
-               "arrives before ShardedModel's deadline of the same 3 s (about 1 run in 10): not strict")
-SM_ABSENT_ZMQ = ("ShardedModel (zmq): rank 0's CommTimeoutError reaches the caller only after close(), which "
-                 "SIGTERMs the stopped rank without SIGCONT and waits 2 x 5 s")
-SM_TMP_LEFT = ("ShardedModel leaves its $TMPDIR/orch_sharded_* directory (socket, rank table, logs) when its "
-               "caller is killed: SIGKILL, and SIGTERM's default action, run no finalizer")
-OMPI_SESSION_LEFT = ("Open MPI's session directory $TMPDIR/ompi.<mpirun pid> (PMIx rendezvous files, hwloc "
-                     "topology) is left when mpirun dies with the SIGKILLed launcher (its parent-death signal)")
-SM_CLOSE_STOPPED = ("ShardedModel.close() waits 5 s for a stopped rank to take EXIT before it signals; then (zmq) "
-                    "it SIGTERMs the rank without SIGCONT and waits 5 s more (10 s in all); under mpi, mpirun's rank "
-                    "wrappers continue it (5.3 s)")
-PP_CLOSE_STOPPED = ("ParallelPredictor.close() sends EXIT to a stopped worker, waits 5 s, SIGTERMs it without SIGCONT "
-                    "and waits 1 s more before SIGKILL")
-PP_NO_HOST = ("ParallelPredictor: WorkerLostError/WorkerTimeoutError name the worker's device and pid but not its "
-              "host (the header of a worker's own exception, '[worker for device N on host H (pid P)]', does)")
-
-
 def _launcher_cells(prefix: str) -> dict[str, Expect]:
     return {
         "raise": Expect(1, (headline(prefix, "rank 1", "failed[^\n]*: exit code 1"),
@@ -230,8 +187,8 @@ PEER = r"\brank 1 (\(pid <pid>[ ;)]|at tcp://)"
 LOST = r"PeerLostError: allreduce #2 on rank 0 of 2"
 # run_ranks.sh: its first line names the failed rank.
 RUN_RANKS_FAILED = r"\Arun_ranks\.sh: rank 1 on host <host> \(pid <pid>\) failed: "
-# run_mpi.sh leaves the report to mpirun: mpirun's words.
-MPIRUN_NAMES = r"process rank 1 with PID <pid> on node <host> "
+# run_mpi.sh: its first line names the failed rank (mpirun's own words name the rank's watcher).
+RUN_MPI_FAILED = r"\Arun_mpi\.sh: rank 1 on host <host> \(pid <pid>\) failed: "
 WORKER = r"worker for device \d"
 POOL_WORKER = r"worker 1 of 2"
 REFUSES = "WorkerError: this ParallelPredictor no longer accepts requests"
@@ -250,16 +207,16 @@ MATRIX: dict[tuple[str, str], Expect] = {
     ("shell-ranks", "caller_term"): Expect(1, (LOST, PEER)),
     ("shell-ranks", "caller_int"): Expect(1, (LOST, PEER)),
 
-    ("run_mpi.sh", "raise"): Expect(1, (MPIRUN_NAMES + r"calling\s+\"abort\"",)),
-    ("run_mpi.sh", "raise_in_with"): Expect(1, (MPIRUN_NAMES + r"calling\s+\"abort\"",)),
-    ("run_mpi.sh", "exit0"): Expect(1, (MPIRUN_NAMES + r"exiting\s+improperly",)),
-    ("run_mpi.sh", "sigkill"): Expect(137, (MPIRUN_NAMES + r"exited on\s+signal 9\b",)),
-    ("run_mpi.sh", "sigsegv"): Expect(139, (MPIRUN_NAMES + r"exited on\s+signal 11\b",)),
+    ("run_mpi.sh", "raise"): Expect(1, (RUN_MPI_FAILED + "exit code 1",)),
+    ("run_mpi.sh", "raise_in_with"): Expect(1, (RUN_MPI_FAILED + "exit code 1",)),
+    ("run_mpi.sh", "exit0"): Expect(1, (r"\Arun_mpi\.sh: rank 1 on host <host> \(pid <pid>\) exited with exit code 0",)),
+    ("run_mpi.sh", "sigkill"): Expect(137, (RUN_MPI_FAILED + r"signal SIGKILL \(9\)",)),
+    ("run_mpi.sh", "sigsegv"): Expect(139, (RUN_MPI_FAILED + r"signal SIGSEGV \(11\)",)),
     ("run_mpi.sh", "sigstop"): Expect(1, STUCK, bound="hang"),
     ("run_mpi.sh", "absent"): Expect(1, ABSENT, bound="hang"),
     ("run_mpi.sh", "caller_kill"): Expect(-9, bound="caller"),
-    ("run_mpi.sh", "caller_term"): Expect(143, bound="caller"),
-    ("run_mpi.sh", "caller_int"): Expect(130, bound="caller"),
+    ("run_mpi.sh", "caller_term"): Expect(143, (r"\Arun_mpi\.sh: interrupted by SIGTERM, stopping every rank",), bound="caller"),
+    ("run_mpi.sh", "caller_int"): Expect(130, (r"\Arun_mpi\.sh: interrupted by SIGINT, stopping every rank",), bound="caller"),
 
     ("run_ranks.sh", "raise"): Expect(1, (RUN_RANKS_FAILED + "exit code 1",)),
     ("run_ranks.sh", "raise_in_with"): Expect(1, (RUN_RANKS_FAILED + "exit code 1",)),
@@ -278,7 +235,9 @@ MATRIX: dict[tuple[str, str], Expect] = {
         (way, "exit0"): Expect("WorkerError", (first("rank 1", "exit code 0"),), after="WorkerError"),
         (way, "sigkill"): Expect("WorkerError", (first("rank 1", "SIGKILL"),), after="WorkerError"),
         (way, "sigsegv"): Expect("WorkerError", (first("rank 1", "SIGSEGV"),), after="WorkerError"),
-        (way, "sigstop"): Expect("WorkerError|CommTimeoutError", STUCK, bound="hang", after="WorkerError"),
+        # a stall is WorkerTimeoutError (a WorkerError), as ParallelPredictor's: the rank that never took the
+        # request is named, not rank 0 that timed out waiting for it in a collective
+        (way, "sigstop"): Expect("WorkerTimeoutError", STUCK, bound="hang", after="WorkerError"),
         (way, "absent"): Expect("WorkerError|CommTimeoutError", ABSENT, bound="hang"),
         (way, "caller_kill"): Expect(-9, bound="caller"),
         (way, "caller_term"): Expect(-15, bound="caller"),
@@ -318,33 +277,10 @@ MATRIX: dict[tuple[str, str], Expect] = {
 
 # Cells that fail today because of a real bug: xfail(strict=True) with the bug as the reason.
 FAILING_TODAY: dict[tuple[str, str], str] = {
-    ("launch-mpi", "absent"): NO_MPI_JOIN_TIMEOUT,
-    ("launch-mpi", "caller_kill"): OMPI_SESSION_LEFT,
-    ("run_mpi.sh", "raise"): RUN_MPI_ABORT_PID,
-    ("run_mpi.sh", "raise_in_with"): RUN_MPI_ABORT_PID,
-    ("run_mpi.sh", "absent"): NO_MPI_JOIN_TIMEOUT,
-    ("run_mpi.sh", "caller_kill"): RUN_MPI_ORPHANS,
-    ("run_mpi.sh", "caller_term"): RUN_MPI_SIGNAL_CODE,
-    ("run_mpi.sh", "caller_int"): RUN_MPI_SIGNAL_CODE,
-    ("run_ranks.sh", "exit0"): RUN_RANKS_EXIT0,
-    ("sharded-mpi", "raise"): SM_MPI_RAISE,
-    ("sharded-mpi", "exit0"): SM_MPI_EXIT0,
-    ("sharded-mpi", "sigstop"): SM_HANG_MPI,
-    ("sharded-mpi", "absent"): NO_MPI_JOIN_TIMEOUT,
-    ("sharded-mpi", "caller_kill"): SM_TMP_LEFT,
-    ("sharded-mpi", "caller_term"): SM_TMP_LEFT,
-    ("sharded-zmq", "exit0"): SM_VICTIM,
-    ("sharded-zmq", "sigkill"): SM_VICTIM,
-    ("sharded-zmq", "sigsegv"): SM_VICTIM,
-    ("sharded-zmq", "sigstop"): SM_HANG_ZMQ,
-    ("sharded-zmq", "caller_kill"): SM_TMP_LEFT,
-    ("sharded-zmq", "caller_term"): SM_TMP_LEFT,
-    ("sharded-mpi", "stop_close"): SM_CLOSE_STOPPED,
-    ("sharded-zmq", "stop_close"): SM_CLOSE_STOPPED,
 }
 
 # Failing cells whose bug shows only when one of two equal timeouts wins: strict would make them flaky.
-RACES = {("sharded-mpi", "sigstop")}
+RACES: set[tuple[str, str]] = set()
 
 NOT_APPLICABLE: dict[tuple[str, str], str] = {
     ("sharded-mpi", "raise_in_with"): "the ranks run the project's code, not a user's with block (see raise)",
@@ -649,7 +585,7 @@ HEADLINES = {
     "launch-mpi": r"^orchestrate launch mpi: ",
     "launch-rank-table": r"^orchestrate launch rank-table: ",
     "run_ranks.sh": r"^run_ranks\.sh: ",
-    "run_mpi.sh": r"(prterun|mpirun) (has exited|detected|noticed)|MPI_ABORT was invoked|<stderr>: \S*(CommTimeoutError|PeerLostError): ",
+    "run_mpi.sh": r"^run_mpi\.sh: |^\[rank \d+\] \S*(CommTimeoutError|PeerLostError): ",
     "shell-ranks": r"^\S*(CommTimeoutError|PeerLostError|CommError): ",
 }
 SIGNALS = {"caller_kill": signal.SIGKILL, "caller_term": signal.SIGTERM, "caller_int": signal.SIGINT}
@@ -747,10 +683,10 @@ def run_rank_program(cell: Cell) -> Outcome:
         outcome.report = "\n".join(own[begin:])
     else:
         console = [text for _, _, text in lines() if not OWN_LINES.search(text)]
-        if way == "run_ranks.sh":  # its own lines, then the console it leaves the rest of the story to
+        if way in ("run_ranks.sh", "run_mpi.sh"):  # its own lines, then the console it leaves the rest of the story to
             own = [text for text in console if re.search(pattern, text)]
             console = own + [text for text in console if text not in own]
-        outcome.report = "\n".join(console)  # run_mpi.sh: mpirun's words among the ranks' tagged lines
+        outcome.report = "\n".join(console)
     return outcome
 
 
@@ -786,6 +722,8 @@ def _is_victim(pid: int, way: str) -> bool:
         return "orchestrator._worker_main" in argv
     if "orchestrator._sharded_worker" not in argv:
         return False
+    if any(a.endswith("_rank_wrapper.py") for a in argv):
+        return False  # under mpirun: the rank's watcher, whose command line ends with the rank's; the rank is its child
     if "--rank" in argv:
         return argv[argv.index("--rank") + 1] == "1"
     return "OMPI_COMM_WORLD_RANK=1\0" in (_read(f"/proc/{pid}/environ") or "")

@@ -1,0 +1,216 @@
+"""One process's table of what it serves, and the path of every request through it.
+
+A request (``PredictRequest``, from gRPC, or made from a REST body) names a
+servable, a version (0: the newest served) and a method. The dispatcher picks
+a backend serving that version: a servable loaded in this process
+(``LocalBackend``) or a cluster worker (``_cluster_master.RemoteBackend``),
+the one with the fewest requests in flight, round-robin among equals. A worker
+that cannot be reached (it died, left, its network went) is dropped from the
+table at once and the request is retried once on another worker of the same
+version, when there is one; any other failure is the request's answer.
+
+Replies follow MindSpore Serving: no ``error_msg`` when every instance
+succeeded; one when the request failed as a whole (or its only instance
+failed); otherwise one per instance, ``error_code`` 0 for those that succeeded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+from ranks._env import default_timeout
+from ranks._errors import OrchestratorError
+from ranks._log import get_logger
+
+from ._errors import NotServedError, RequestError, ServingError, ServingWorkerLostError
+from ._proto import ms_service_pb2 as pb
+from ._tensors import from_tensor, to_tensor
+
+log = get_logger("serving")
+
+
+def error_text(exc: BaseException) -> str:
+    """What a client reads: our own errors as they are, anything else (a method's own bug) with its type."""
+    if isinstance(exc, OrchestratorError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ErrorMsg.error_code: MindSpore Serving's clients read only 0 (success) or not; REST maps NOT_SERVED to 404.
+FAILED = 1
+NOT_SERVED = 2
+
+
+def error_reply(spec: pb.ServableSpec, exc: BaseException) -> pb.PredictReply:
+    reply = pb.PredictReply()
+    reply.servable_spec.CopyFrom(spec)
+    code = NOT_SERVED if isinstance(exc, NotServedError) else FAILED
+    reply.error_msg.add(error_code=code, error_msg=error_text(exc).encode("utf-8"))
+    return reply
+
+
+def make_reply(spec: pb.ServableSpec, version: int, results: list) -> pb.PredictReply:
+    """The reply for per-instance ``results`` ({output name: value} or an exception each)."""
+    reply = pb.PredictReply()
+    reply.servable_spec.CopyFrom(spec)
+    reply.servable_spec.version_number = version
+    encoded = []
+    for result in results:
+        if isinstance(result, BaseException):
+            encoded.append(result)
+            continue
+        instance = pb.Instance()
+        try:
+            for name, value in result.items():
+                to_tensor(value, instance.items[name], name=f"output {name!r}")
+            encoded.append(instance)
+        except Exception as exc:  # noqa: BLE001 - an output that cannot be sent fails its instance only
+            encoded.append(exc)
+    failed = [r for r in encoded if isinstance(r, BaseException)]
+    if not failed:
+        reply.instances.extend(encoded)
+    elif len(encoded) == 1:
+        reply.error_msg.add(error_code=1, error_msg=error_text(failed[0]).encode("utf-8"))
+    else:
+        for item in encoded:
+            if isinstance(item, BaseException):
+                reply.instances.add()
+                reply.error_msg.add(error_code=1, error_msg=error_text(item).encode("utf-8"))
+            else:
+                reply.instances.append(item)
+                reply.error_msg.add(error_code=0)
+    return reply
+
+
+class LocalBackend:
+    """A servable loaded in this process."""
+
+    def __init__(self, servable):
+        self.servable = servable
+        self.label = servable.label
+        self.inflight = 0
+
+    def predict(self, request: pb.PredictRequest, version: int, timeout: float | None) -> pb.PredictReply:
+        instances = []
+        for i, instance in enumerate(request.instances):
+            try:
+                if len(instance.output_buffers):
+                    raise RequestError(f"instance {i}: output_buffers (shared-memory outputs) are not supported")
+                instances.append({k: from_tensor(t, f"instance {i} input {k!r}") for k, t in instance.items.items()})
+            except Exception as exc:  # noqa: BLE001 - fails this instance only
+                instances.append(exc)
+        good = [inst for inst in instances if not isinstance(inst, BaseException)]
+        ran = iter(self.servable.run_method(request.servable_spec.method_name, good, timeout) if good else [])
+        results = [inst if isinstance(inst, BaseException) else next(ran) for inst in instances]
+        return make_reply(request.servable_spec, version, results)
+
+    def close(self) -> None:
+        self.servable.close()
+
+
+class Dispatcher:
+    """What this process serves: {servable name: {version: [backends]}}, and each backend's methods."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._table: dict[str, dict[int, list]] = {}
+        self._methods: dict[int, dict[str, tuple]] = {}  # id(backend) -> {method: (inputs, outputs)}
+        self._turn = itertools.count()
+
+    def add(self, backend, name: str, version: int, methods: dict[str, tuple]) -> None:
+        with self._lock:
+            self._table.setdefault(name, {}).setdefault(version, []).append(backend)
+            self._methods[id(backend)] = dict(methods)
+
+    def remove(self, backend) -> bool:
+        """Take ``backend`` out of rotation; False when it was not in."""
+        with self._lock:
+            found = False
+            for name, versions in list(self._table.items()):
+                for version, backends in list(versions.items()):
+                    if backend in backends:
+                        backends.remove(backend)
+                        found = True
+                    if not backends:
+                        del versions[version]
+                if not versions:
+                    del self._table[name]
+            self._methods.pop(id(backend), None)
+            return found
+
+    def backends(self) -> list:
+        with self._lock:
+            return [b for versions in self._table.values() for backends in versions.values() for b in backends]
+
+    def served(self) -> dict[str, list[int]]:
+        with self._lock:
+            return {name: sorted(versions) for name, versions in self._table.items()}
+
+    def _candidates(self, spec: pb.ServableSpec) -> tuple[int, list]:
+        with self._lock:
+            versions = self._table.get(spec.name)
+            if not spec.name:
+                raise RequestError("the request names no servable (servable_spec.name is empty)")
+            if not versions:
+                served = ", ".join(sorted(self._table)) or "none yet"
+                raise NotServedError(f"servable {spec.name!r} is not served here; servables served: {served}")
+            version = spec.version_number or max(versions)
+            backends = list(versions.get(version, ()))
+            if not backends:
+                raise RequestError(f"servable {spec.name!r} has no version {version} served; versions served: "
+                                   f"{sorted(versions)}")
+            methods = self._methods.get(id(backends[0]), {})
+            if spec.method_name not in methods:
+                raise RequestError(f"servable {spec.name!r} version {version} has no method {spec.method_name!r}; "
+                                   f"its methods: {', '.join(methods)}")
+            return version, backends
+
+    def _take(self, backends: list):
+        """The backend with the fewest requests in flight (round-robin among equals), counted as taken."""
+        with self._lock:
+            turn = next(self._turn)
+            least = min(b.inflight for b in backends)
+            idle = [b for b in backends if b.inflight == least]
+            backend = idle[turn % len(idle)]
+            backend.inflight += 1
+            return backend
+
+    def _release(self, backend) -> None:
+        with self._lock:
+            backend.inflight -= 1
+
+    def predict(self, request: pb.PredictRequest, timeout: float | None = None) -> pb.PredictReply:
+        """The reply to ``request``; never raises (a failure is the reply's ``error_msg``)."""
+        spec = request.servable_spec
+        if timeout is None:
+            timeout = default_timeout()  # MindSpore Serving's client sets no deadline; we never wait without one
+        try:
+            version, backends = self._candidates(spec)
+            if not request.instances:
+                raise RequestError("the request has no instances")
+            tried = []
+            while True:
+                backend = self._take([b for b in backends if b not in tried])
+                tried.append(backend)
+                try:
+                    return backend.predict(request, version, timeout)
+                except ServingWorkerLostError as exc:
+                    if self.remove(backend):
+                        log.warning("%s: out of rotation (%s)", backend.label, exc)
+                    try:
+                        others = [b for b in self._candidates(spec)[1] if b not in tried] if len(tried) < 2 else []
+                    except RequestError:
+                        others = []
+                    if not others:
+                        raise
+                    log.warning("retrying a request of %s once on %s", spec.name, others[0].label)
+                    backends = others
+                finally:
+                    self._release(backend)
+        except RequestError as exc:
+            return error_reply(spec, exc)
+        except Exception as exc:  # noqa: BLE001 - the client hears every failure
+            if not isinstance(exc, ServingError):
+                log.warning("request to %s failed: %s", spec.name, error_text(exc))
+            return error_reply(spec, exc)

@@ -1,0 +1,328 @@
+"""A servable: one version of ``SERVABLES/NAME``, its model on the worker pool, and its methods.
+
+    add/servable_config.py      declares the model file and registers methods
+    add/1/tensor_add.onnx       version folders: numbers; the newest serves unless one is named
+    add/2/tensor_add.onnx
+
+The model runs on ``ModelParallelRunner`` (concurrent requests over a pool of
+workers) or, with several device ids, on ``ParallelPredictor`` (each batch
+split over one worker process per device). A ``with_batch_dim=True`` servable
+joins instances into batches (``_batching``).
+
+Limits: at most ``queue_size`` instances are in the servable at once (more are
+refused at once, ``ServingQueueFullError``); every request has a timeout.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ranks._context import Context
+from ranks._env import default_timeout
+from ranks._log import get_logger
+from ranks._session import usable_cores
+
+from ._batching import Batcher
+from ._threads import ServingExecutor
+from ._declarations import Declarations, MethodDef, collecting, running
+from ._errors import RequestError, ServableConfigError, ServingError, ServingQueueFullError, ServingTimeoutError
+
+log = get_logger("serving")
+
+DEFAULT_QUEUE_SIZE = 1024
+DEFAULT_MAX_BATCH = 32
+DEFAULT_BATCH_DELAY_MS = 1.0
+
+
+@dataclass(frozen=True)
+class ServableOptions:
+    """How a servable runs: pool workers and threads, devices, batching, queue and timeout.
+
+    ``device_ids``: one id: a worker pool of ``workers_num`` workers (0: from the
+    cores); several: the batch-split master, one worker process per id
+    (``with_batch_dim=True`` servables only). ``max_batch``: instances joined
+    into one batch (1: no batching); ``batch_delay_ms``: how long a batch waits
+    for more instances after its first. ``timeout``: seconds per request.
+    """
+
+    device_ids: tuple[int, ...] = (0,)
+    workers_num: int = 0
+    thread_num: int = 0
+    max_batch: int = DEFAULT_MAX_BATCH
+    batch_delay_ms: float = DEFAULT_BATCH_DELAY_MS
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    timeout: float | None = None
+
+    def __post_init__(self):
+        ids = (self.device_ids,) if isinstance(self.device_ids, int) else tuple(self.device_ids)
+        if not ids or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in ids):
+            raise ServableConfigError(f"device ids must be non-negative integers, got {self.device_ids!r}")
+        object.__setattr__(self, "device_ids", ids)
+        for name, low in (("workers_num", 0), ("thread_num", 0), ("max_batch", 1), ("queue_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ServableConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.batch_delay_ms, (int, float)) or self.batch_delay_ms < 0:
+            raise ServableConfigError(f"batch_delay_ms must be a number >= 0, got {self.batch_delay_ms!r}")
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise ServableConfigError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+
+
+def usable_cores_count() -> int:
+    return max(1, len(usable_cores()))
+
+
+def versions_of(servable_dir: Path, name: str) -> list[int]:
+    """The version numbers of ``servable_dir/name``: its folders named by a number > 0, ascending."""
+    folder = servable_dir / name
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+def resolve_version(servable_dir, name: str, version_number: int = 0) -> tuple[Path, int]:
+    """(the servable's folder, the version to load): ``version_number`` 0 is the newest."""
+    if not isinstance(servable_dir, (str, os.PathLike)):
+        raise ServableConfigError(f"servable_directory must be a path, got {servable_dir!r}")
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ServableConfigError(f"servable_name must be a folder name, got {name!r}")
+    if isinstance(version_number, bool) or not isinstance(version_number, int) or version_number < 0:
+        raise ServableConfigError(f"version_number must be an integer >= 0 (0: the newest), got {version_number!r}")
+    root = Path(servable_dir).resolve()
+    folder = root / name
+    if not folder.is_dir():
+        found = sorted(p.name for p in root.iterdir() if (p / "servable_config.py").is_file()) if root.is_dir() else []
+        raise ServableConfigError(f"servable {name!r}: no folder {folder}" +
+                                  (f" (servables in {root}: {', '.join(found)})" if found else
+                                   f" ({root} does not exist)" if not root.is_dir() else ""))
+    if not (folder / "servable_config.py").is_file():
+        raise ServableConfigError(f"servable {name!r}: {folder / 'servable_config.py'} does not exist")
+    versions = versions_of(root, name)
+    if not versions:
+        raise ServableConfigError(f"servable {name!r}: {folder} has no version folder (1/, 2/, ... holding the model)")
+    if version_number == 0:
+        return folder, versions[-1]
+    if version_number not in versions:
+        raise ServableConfigError(f"servable {name!r} has no version {version_number}; versions in {folder}: {versions}")
+    return folder, version_number
+
+
+def load_declarations(folder: Path) -> Declarations:
+    """Run ``folder/servable_config.py`` and return what it declared."""
+    source = folder / "servable_config.py"
+    module_name = f"_orch_servable_{folder.name}_{abs(hash(str(folder)))}"
+    spec = importlib.util.spec_from_file_location(module_name, source)
+    module = importlib.util.module_from_spec(spec)
+    with collecting(str(source)) as declared:
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except ServableConfigError:
+            raise
+        except Exception as exc:
+            raise ServableConfigError(f"{source} failed to load: {type(exc).__name__}: {exc}") from exc
+        finally:
+            sys.modules.pop(module_name, None)
+    if declared.servable is None:
+        raise ServableConfigError(f"{source} declares no model: call register.declare_servable(servable_file=..., "
+                                  f"model_format='ONNX', with_batch_dim=...)")
+    if not declared.methods:
+        raise ServableConfigError(f"{source} registers no method: decorate a function with "
+                                  f"@register.register_method(output_names=[...])")
+    return declared
+
+
+class Servable:
+    """One loaded version of a servable: ``run_method`` runs a request's instances through a method."""
+
+    def __init__(self, servable_dir, name: str, version_number: int = 0, options: ServableOptions | None = None):
+        self.options = options or ServableOptions()
+        folder, self.version = resolve_version(servable_dir, name, version_number)
+        self.name = name
+        self.label = f"servable {name} version {self.version}"
+        declared = load_declarations(folder)
+        self.declaration = declared.servable
+        self.methods: dict[str, MethodDef] = declared.methods
+        self.model_path = folder / str(self.version) / self.declaration.servable_file
+        if not self.model_path.is_file():
+            raise ServableConfigError(f"{self.label}: model file {self.model_path} does not exist (declared as "
+                                      f"servable_file={self.declaration.servable_file!r} in {declared.source})")
+        self.with_batch_dim = self.declaration.with_batch_dim
+        self.timeout = self.options.timeout or default_timeout()
+        self._slots = threading.BoundedSemaphore(self.options.queue_size)
+        self._executor = ServingExecutor(64, f"{name}-v{self.version}")
+        self._closed = False
+        self._backend, concurrency = self._build()
+        self._inputs = [(t.name, t.dtype.to_numpy(), list(t.shape)) for t in self._backend.get_inputs()]
+        self._outputs = [t.name for t in self._backend.get_outputs()]
+        self._batcher = None
+        if self.with_batch_dim and self.options.max_batch > 1:
+            self._batcher = Batcher(self._run_batch, max_batch=self.options.max_batch,
+                                    delay=self.options.batch_delay_ms / 1000.0, runners=concurrency, label=self.label,
+                                    shared=self.declaration.without_batch_dim_inputs)
+        log.info("%s: %s on %s, methods %s", self.label, self.model_path.name, self._describe_backend(),
+                 ", ".join(self.methods))
+
+    # -- the model -------------------------------------------------------------------
+    def _build(self):
+        from .._model_parallel_runner import ModelParallelRunner
+        from .._parallel_predictor import ParallelPredictor
+
+        context = Context()
+        if self.options.thread_num:
+            context.cpu.thread_num = self.options.thread_num
+        if len(self.options.device_ids) > 1:
+            if not self.with_batch_dim:
+                raise ServableConfigError(
+                    f"{self.label}: several device ids {list(self.options.device_ids)} split each batch along "
+                    f"dimension 0, but the servable declares with_batch_dim=False; give one device id")
+            predictor = ParallelPredictor(str(self.model_path), device_ids=list(self.options.device_ids), context=context,
+                                          timeout=self.timeout)
+            return predictor, 1
+        context.parallel.workers_num = self.options.workers_num
+        runner = ModelParallelRunner()
+        runner.build_from_file(str(self.model_path), context, timeout=self.timeout)
+        # Batches that may run at once: the pool's workers (the count it chose when workers_num is 0).
+        return runner, getattr(runner, "workers_num", None) or self.options.workers_num or usable_cores_count()
+
+    def _describe_backend(self) -> str:
+        if len(self.options.device_ids) > 1:
+            return f"a batch-split master over devices {list(self.options.device_ids)}"
+        return f"a pool of {getattr(self._backend, 'workers_num', '?')} workers"
+
+    def _predict(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServingTimeoutError(f"{self.label}: the request's timeout passed before the model ran")
+        outputs = self._backend.predict(arrays, timeout=remaining)
+        return [t.get_data_to_numpy() for t in outputs]
+
+    def _run_batch(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
+        return self._predict(arrays, deadline)
+
+    def infer(self, args, deadline: float) -> list[np.ndarray]:
+        """``call_servable``: the model's outputs for one instance's inputs (checked against the model first)."""
+        arrays = self._check_model_inputs(args)
+        if deadline <= time.monotonic():
+            raise ServingTimeoutError(f"{self.label}: the request's timeout passed before the model ran")
+        if not self.with_batch_dim:
+            return self._predict(arrays, deadline)
+        if self._batcher is not None:
+            return self._batcher.submit(arrays, deadline)
+        shared = self.declaration.without_batch_dim_inputs
+        outputs = self._predict([a if i in shared else a[None] for i, a in enumerate(arrays)], deadline)
+        return [o[0] for o in outputs]
+
+    def _check_model_inputs(self, args) -> list[np.ndarray]:
+        names = [n for n, _, _ in self._inputs]
+        if len(args) != len(self._inputs):
+            raise RequestError(f"{self.label}: call_servable got {len(args)} inputs, the model takes "
+                               f"{len(self._inputs)}: {names}")
+        arrays = []
+        shared = self.declaration.without_batch_dim_inputs
+        for i, (value, (name, dtype, shape)) in enumerate(zip(args, self._inputs)):
+            array = np.asarray(value)
+            if array.dtype != dtype:
+                raise RequestError(f"{self.label}: input {i} ({name}) has dtype {array.dtype}, the model takes {dtype}")
+            want = shape if not self.with_batch_dim or i in shared else shape[1:]
+            if len(array.shape) != len(want) or any(w >= 0 and w != s for w, s in zip(want, array.shape)):
+                free = [w if w >= 0 else "any" for w in want]
+                per = " per instance (with_batch_dim=True: dimension 0 is the batch)" if want is not shape else ""
+                raise RequestError(f"{self.label}: input {i} ({name}) has shape {list(array.shape)}; the model takes "
+                                   f"shape {free}{per}")
+            arrays.append(array)
+        return arrays
+
+    # -- methods ---------------------------------------------------------------------
+    def method(self, name: str) -> MethodDef:
+        method = self.methods.get(name)
+        if method is None:
+            raise RequestError(f"{self.label} has no method {name!r}; its methods: {', '.join(self.methods)}")
+        return method
+
+    def run_method(self, method_name: str, instances: list[dict], timeout: float | None = None) -> list:
+        """Each instance's outputs {name: value}, or the exception that instance raised, in order.
+
+        Raises RequestError (unknown method), ServingQueueFullError (queue_size instances already in).
+        """
+        method = self.method(method_name)
+        if self._closed:
+            raise ServingError(f"{self.label} is stopped")
+        deadline = time.monotonic() + (self.timeout if timeout is None else min(timeout, self.timeout))
+        taken = 0
+        try:
+            for _ in instances:
+                if not self._slots.acquire(blocking=False):
+                    raise ServingQueueFullError(
+                        f"{self.label}: its queue is full ({self.options.queue_size} instances waiting or running); "
+                        f"request refused, try again later")
+                taken += 1
+            if len(instances) == 1:
+                return [self._run_instance(method, instances[0], deadline)]
+            futures = [self._executor.submit(self._run_instance, method, inst, deadline) for inst in instances]
+            results = []
+            for future in futures:
+                try:
+                    results.append(future.result(timeout=max(0.0, deadline - time.monotonic()) + 1.0))
+                except concurrent.futures.TimeoutError:
+                    results.append(ServingTimeoutError(f"{self.label}: the request's timeout passed"))
+            return results
+        finally:
+            for _ in range(taken):
+                self._slots.release()
+
+    def _run_instance(self, method: MethodDef, instance: dict, deadline: float):
+        try:
+            missing = [n for n in method.input_names if n not in instance]
+            extra = [k for k in instance if k not in method.input_names]
+            if missing or extra:
+                raise RequestError(
+                    f"method {method.name} of {self.label} takes inputs {list(method.input_names)}; the instance "
+                    + "; ".join(part for part in (f"lacks {missing}" if missing else "",
+                                                  f"has unknown {extra}" if extra else "") if part))
+            with running(self, deadline):
+                result = method.fn(*[instance[n] for n in method.input_names])
+            values = (result,) if len(method.output_names) == 1 else result
+            if not isinstance(values, (tuple, list)) or len(values) != len(method.output_names):
+                raise ServingError(f"method {method.name} of {self.label} returned {_describe(result)}; it registers "
+                                   f"{len(method.output_names)} outputs {list(method.output_names)}")
+            return {name: _output_value(value, name, method.name) for name, value in zip(method.output_names, values)}
+        except Exception as exc:
+            return exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._batcher is not None:
+            self._batcher.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._backend.close()
+
+
+def _describe(value) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"{len(value)} values"
+    return f"one {type(value).__name__}"
+
+
+def _output_value(value, name: str, method: str):
+    if isinstance(value, (str, bytes, np.ndarray)):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, bytes)) for v in value):
+        return list(value)
+    try:
+        array = np.asarray(value)
+    except Exception:  # noqa: BLE001 - the message says what came back
+        array = None
+    if array is None or array.dtype == object:
+        raise ServingError(f"method {method}: output {name!r} is a {type(value).__name__}; return numpy arrays, numbers, "
+                           f"str or bytes")
+    return array
