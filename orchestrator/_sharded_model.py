@@ -64,7 +64,8 @@ import zmq
 
 from launchers import MpiLaunchConfig, MpiLauncher, ProcessSpec, RankOutput, Supervisor, python_module
 from ranks._env import default_timeout
-from ranks._errors import CommError, CommTimeoutError, ConfigError, ModelNotFoundError, PeerLostError, PortInUseError
+from ranks._errors import (CommError, CommTimeoutError, ConfigError, InputError, ModelNotFoundError, PeerLostError,
+                           PortInUseError)
 from ranks._model import load_onnx_header, validate_feeds
 from ranks._ports import free_base_port
 from ranks._rank_table import generate_rank_table
@@ -155,7 +156,9 @@ class ShardedModel:
             raise ConfigError(f"tp={tp}, but the shards of {self.model_path} were made for {size} ranks")
         self.tp = size
         # The inputs every rank expects, so bad ones fail here with an InputError and the ranks stay up.
-        self._input_specs = _input_specs(resolve_shard_path(self.model_path, 0, size))
+        # (predict takes a decoder's cache whole, as the source model does: each rank slices its heads)
+        self._cache = [c for c in manifest.get("cache", []) if c["axis"] is not None]
+        self._input_specs = _input_specs(resolve_shard_path(self.model_path, 0, size), self._cache)
         self.backend = backend
         self.timeout = default_timeout() if timeout is None else timeout
         self._closed: str | None = None
@@ -163,6 +166,7 @@ class ShardedModel:
         self._next_id = 1
         self._ranks: dict[int, dict] = {}  # each rank's BUILD_FINISH header: pid, host, ...
         self.last_rank_seconds: float | None = None
+        self.last_reply: dict | None = None  # rank 0's last REPLY header
         self._job = _Job(tempfile.mkdtemp(prefix="orch_sharded_"))
         self._finalizer = weakref.finalize(self, self._job.shutdown, True)  # garbage collection, interpreter exit
         try:
@@ -245,12 +249,52 @@ class ShardedModel:
             raise WorkerError(f"predict on a closed ShardedModel ({self._closed}); create a new ShardedModel")
         return self._request(validate_feeds(inputs, self._input_specs))
 
-    def _request(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, stop_token: int | None = None,
+                 temperature: float = 0.0, seed: int | None = None, return_logits: bool = False):
+        """Generate up to ``max_new_tokens`` per prompt with a decoder sharded with its key/value cache.
+
+        ``input_ids``: one prompt, a list of prompts of any lengths, or a 2-D array with -1 as padding
+        (or an ``attention_mask``). The prompt goes to the ranks once; each rank runs prefill and the decode
+        steps itself, keeps its own heads' cache, and the ranks pick each token from their pieces of the
+        vocabulary with one small collective (``_generate``). Greedy unless ``temperature`` > 0 (sampling,
+        reproducible with ``seed``); ``stop_token`` ends a prompt. Returns a ``GenerateResult`` (per prompt
+        the new ids; the logits [new tokens, vocab] when ``return_logits``).
+        """
+        from ._generate import GenerateResult, prepare_prompts
+
+        ids, mask = prepare_prompts(input_ids, attention_mask)
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise InputError(f"temperature must be 0 (greedy) or positive, got {temperature!r}")
+        if temperature and seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")  # one seed for every rank: they sample alike
+        options = {"max_new_tokens": int(max_new_tokens), "stop_token": None if stop_token is None else int(stop_token),
+                   "temperature": float(temperature), "seed": None if seed is None else int(seed),
+                   "return_logits": bool(return_logits)}
+        started = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                raise WorkerError(f"generate on a closed ShardedModel ({self._closed}); create a new ShardedModel")
+            arrays = self._request({"input_ids": ids, "attention_mask": mask}, generate=options)
+        header = self.last_reply or {}
+        lengths = arrays["lengths"]
+        result = GenerateResult(tokens=[arrays["tokens"][r, :lengths[r]] for r in range(len(lengths))],
+                                steps=int(header.get("steps", 0)), seconds=time.perf_counter() - started,
+                                model_seconds=float(header.get("model_seconds", 0.0)),
+                                pick_seconds=float(header.get("pick_seconds", 0.0)))
+        result.timings["rank_seconds"] = self.last_rank_seconds
+        if return_logits:
+            result.logits = [arrays["logits"][r, :lengths[r]] for r in range(len(lengths))]
+        return result
+
+    def _request(self, inputs: dict[str, np.ndarray], **fields) -> dict[str, np.ndarray]:
         """Send checked inputs to every rank and wait for rank 0's outputs (the lock is held)."""
         request = self._next_id
         self._next_id += 1
-        exchange = _Exchange(f"predict request {request}", set(range(self.tp)), set())
-        frames = proto.encode(proto.PREDICT, request, arrays=inputs)
+        exchange = _Exchange(f"{'generate' if 'generate' in fields else 'predict'} request {request}",
+                             set(range(self.tp)), set())
+        frames = proto.encode(proto.PREDICT, request, arrays=inputs, **fields)
         deadline = time.monotonic() + self.timeout
         result = None
         self.last_rank_seconds = None  # slowest rank's time inside run(), without the transfers
@@ -270,6 +314,7 @@ class ShardedModel:
                     self.last_rank_seconds = max(self.last_rank_seconds or 0.0, msg.get("seconds", 0.0))
                     if msg["rank"] == 0:
                         result = {k: np.array(v) for k, v in msg.arrays().items()}
+                        self.last_reply = msg.header
                 else:
                     raise WorkerError(f"{exchange.doing}: {self._where(msg.get('rank'))} sent {msg.kind}; "
                                       f"expected STARTED, REPLY or ERROR")
@@ -503,8 +548,10 @@ def _model_path(path: Path) -> Path:
     return path
 
 
-def _input_specs(shard_path: Path) -> list[tuple[str, DataType, list[int]]]:
-    """(name, dtype, shape with -1 for free dimensions) of a shard's graph inputs."""
+def _input_specs(shard_path: Path, cache: list[dict] = ()) -> list[tuple[str, DataType, list[int]]]:
+    """(name, dtype, shape with -1 for free dimensions) of a shard's graph inputs; a cache cut by heads
+    with the whole model's heads (predict takes it whole)."""
+    whole_heads = {c["past"]: (c["axis"], c["heads"]) for c in cache}
     graph = load_onnx_header(shard_path).graph
     weights = {t.name for t in graph.initializer}
     specs = []
@@ -514,5 +561,8 @@ def _input_specs(shard_path: Path) -> list[tuple[str, DataType, list[int]]]:
         tensor = value.type.tensor_type
         dtype = DataType.from_numpy(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
+        if value.name in whole_heads:
+            axis, heads = whole_heads[value.name]
+            shape[axis] = heads
         specs.append((value.name, dtype, shape))
     return specs

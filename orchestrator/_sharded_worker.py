@@ -8,6 +8,7 @@ DEALER talks to the master's ROUTER). Its states::
 
     BUILDING  communicator, shard, a barrier with every rank --> BUILD_FINISH (or ERROR, exit 1)
     SERVING   PREDICT --> run (STARTED once it has run STARTED_AFTER s), REPLY (or ERROR, exit 1);
+              PREDICT with a ``generate`` field --> the whole generation loop here (``_generate``), REPLY;
               EXIT --> close, exit 0
 
 The barrier comes before BUILD_FINISH, so BUILD_FINISH from every rank means
@@ -33,6 +34,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import zmq
 
 from ranks._shard_files import resolve_shard_path
@@ -128,6 +130,25 @@ def _last_word(who: str, exc: BaseException) -> None:
         pass
 
 
+def _generate(runner, arrays: dict, options: dict) -> tuple[dict, dict]:
+    """A whole generation on this rank (``ShardedModel.generate``): the prompt came once, the loop runs here,
+    this rank's cache never leaves it; rank 0 sends back the new ids (and the logits when asked)."""
+    from ._generate import generate_on_rank
+
+    result = generate_on_rank(runner, arrays["input_ids"], int(options["max_new_tokens"]),
+                              attention_mask=arrays.get("attention_mask"), stop_token=options.get("stop_token"),
+                              temperature=float(options.get("temperature") or 0.0), seed=options.get("seed"),
+                              return_logits=bool(options.get("return_logits")))
+    payload = {"tokens": result.padded(), "lengths": np.array([len(t) for t in result.tokens], dtype=np.int64)}
+    if result.logits is not None:
+        width = payload["tokens"].shape[1]
+        logits = np.zeros((len(result.logits), width, result.logits[0].shape[-1]), dtype=result.logits[0].dtype)
+        for row, value in enumerate(result.logits):
+            logits[row, :len(value)] = value
+        payload["logits"] = logits
+    return payload, {"steps": result.steps, "model_seconds": result.model_seconds, "pick_seconds": result.pick_seconds}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     ctx = zmq.Context()
@@ -174,16 +195,22 @@ def main(argv=None) -> int:
                     raise proto.ProtocolError(f"{who} received {msg.kind}, which a master never sends to a rank")
                 progress.current = (request_id, time.monotonic())
                 started = time.perf_counter()
-                outputs = runner.run(None, msg.arrays())
+                options = msg.get("generate")
+                extra = {}
+                if options is not None:
+                    payload, extra = _generate(runner, msg.arrays(), options)
+                else:
+                    outputs = runner.run(None, msg.arrays())
                 seconds = time.perf_counter() - started
                 progress.current = None
             except BaseException as exc:
                 sock.send_multipart(proto.error_frames(request_id, exc, who, rank=comm.rank))
                 _last_word(who, exc)
                 return 1  # peers may be stuck in a collective: this job is over
-            payload = dict(zip(names, outputs)) if comm.rank == 0 else {}
+            if options is None:
+                payload = dict(zip(names, outputs))
             sock.send_multipart(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,
-                                             seconds=seconds, arrays=payload))
+                                             seconds=seconds, arrays=payload if comm.rank == 0 else {}, **extra))
     finally:
         if progress is not None:
             progress.close()
