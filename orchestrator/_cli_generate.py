@@ -86,8 +86,8 @@ def run(args) -> int:
     if args.seed is not None and not args.temperature:
         raise UsageError("--seed is for sampling: give --temperature above 0 too")
     model = Path(args.model)
-    if not model.exists():
-        raise InputError(f"model {model} does not exist")
+    if not _is_shards(model) and not model.is_file():
+        raise InputError(f"model {model} does not exist (neither a model file nor shards with their manifest)")
     options = dict(stop_token=args.stop_token, temperature=args.temperature, seed=args.seed)
     pairs = parse_pairs(args.cache_pair)
     if _is_shards(model):
