@@ -7,9 +7,11 @@ Side by side, in one run, interleaved round by round, at batch 1 and 8 (prompts 
 - tokens per second of ``ShardedModel.generate`` (as its Python caller sees it) and of the whole
   model's loop (``orchestrator.generate``: the same loop, the cache carried by this process);
 - time per token spent outside the ranks' own compute (target <= 0.3 ms): the caller's wall time
-  minus the time rank 0 spent inside the model's runs (its ONNX Runtime stages and Megatron's
+  minus the slowest rank's time inside the model's runs (its ONNX Runtime stages and Megatron's
   all-reduces), per step: the token pick with its one small collective, building the next feeds,
-  and the request and reply between the caller and the ranks (once per generation);
+  and the request and reply between the caller and the ranks (once per generation). The pick is
+  also given alone, as the rank that reached its collective last saw it (the others wait there for
+  it: that is the ranks' imbalance, not the pick);
 - bytes crossing processes per token against the minimum: token ids in (the prompt, once), token
   ids out, Megatron's all-reduces. Ours adds each rank's best value and index per row (16 bytes);
   gathering the logits instead would add the vocabulary's width, the cache through the caller

@@ -167,6 +167,7 @@ class ShardedModel:
         self._ranks: dict[int, dict] = {}  # each rank's BUILD_FINISH header: pid, host, ...
         self.last_rank_seconds: float | None = None
         self.last_reply: dict | None = None  # rank 0's last REPLY header
+        self.last_replies: dict[int, dict] = {}  # every rank's last REPLY header
         self._job = _Job(tempfile.mkdtemp(prefix="orch_sharded_"))
         self._finalizer = weakref.finalize(self, self._job.shutdown, True)  # garbage collection, interpreter exit
         try:
@@ -278,12 +279,17 @@ class ShardedModel:
                 raise WorkerError(f"generate on a closed ShardedModel ({self._closed}); create a new ShardedModel")
             arrays = self._request({"input_ids": ids, "attention_mask": mask}, generate=options)
         header = self.last_reply or {}
+        replies = list(self.last_replies.values())
         lengths = arrays["lengths"]
+        # The slowest rank's time in the model (the others wait for it at the collectives), and the pick of
+        # the rank that reached its collective last (the others' include waiting for it).
         result = GenerateResult(tokens=[arrays["tokens"][r, :lengths[r]] for r in range(len(lengths))],
                                 steps=int(header.get("steps", 0)), seconds=time.perf_counter() - started,
-                                model_seconds=float(header.get("model_seconds", 0.0)),
-                                pick_seconds=float(header.get("pick_seconds", 0.0)))
+                                model_seconds=max(float(h.get("model_seconds", 0.0)) for h in replies),
+                                pick_seconds=min(float(h.get("pick_seconds", 0.0)) for h in replies))
         result.timings["rank_seconds"] = self.last_rank_seconds
+        result.timings["per_rank"] = {rank: {k: h.get(k) for k in ("model_seconds", "pick_seconds", "seconds")}
+                                      for rank, h in sorted(self.last_replies.items())}
         if return_logits:
             result.logits = [arrays["logits"][r, :lengths[r]] for r in range(len(lengths))]
         return result
@@ -298,6 +304,7 @@ class ShardedModel:
         deadline = time.monotonic() + self.timeout
         result = None
         self.last_rank_seconds = None  # slowest rank's time inside run(), without the transfers
+        self.last_replies = {}
         try:
             for rank in range(self.tp):
                 self._job.sock.send_multipart([self._job.peers[rank]] + frames)
@@ -312,6 +319,7 @@ class ShardedModel:
                 elif msg.kind == proto.REPLY:
                     exchange.pending.discard(msg["rank"])
                     self.last_rank_seconds = max(self.last_rank_seconds or 0.0, msg.get("seconds", 0.0))
+                    self.last_replies[msg["rank"]] = msg.header
                     if msg["rank"] == 0:
                         result = {k: np.array(v) for k, v in msg.arrays().items()}
                         self.last_reply = msg.header
