@@ -34,7 +34,7 @@ from ranks._errors import InputError, ModelError
 from ._shard_cache import cache_pairs
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-       "tensor(bfloat16)": np.float32}
+       "tensor(bfloat16)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _IDS, _MASK, _POSITIONS = ("input_ids",), ("attention_mask",), ("position_ids",)
 
 
@@ -134,6 +134,16 @@ class DecoderIO:
                                  f"with heads and head_dim fixed")
             self.past_shapes[past] = (shape[1], shape[3], _NP.get(by_name[past].type, np.float32))
         self.output_names = [self.logits] + list(self.pairs.values())
+        # ids, mask and positions in the integer type the graph declares (int64 unless it says int32)
+        self.int_types = {n: _NP.get(by_name[n].type, np.int64) for n in (self.ids, self.mask, self.positions) if n}
+
+    def feeds(self, ids, mask, positions, cache) -> dict:
+        feeds = {self.ids: ids.astype(self.int_types[self.ids], copy=False), **cache}
+        if self.mask is not None:
+            feeds[self.mask] = mask.astype(self.int_types[self.mask], copy=False)
+        if self.positions is not None:
+            feeds[self.positions] = positions.astype(self.int_types[self.positions], copy=False)
+        return feeds
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         return {past: np.zeros((batch, heads, 0, dim), dtype) for past, (heads, dim, dtype) in self.past_shapes.items()}
@@ -205,11 +215,7 @@ def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask
     model_seconds = pick_seconds = 0.0
     step_ids = ids
     for step in range(max_new_tokens):
-        feeds = {io.ids: step_ids, **cache}
-        if io.mask is not None:
-            feeds[io.mask] = mask
-        if io.positions is not None:
-            feeds[io.positions] = positions
+        feeds = io.feeds(step_ids, mask, positions, cache)
         t0 = time.perf_counter()
         outputs = run(feeds)
         t1 = time.perf_counter()

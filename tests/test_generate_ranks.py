@@ -42,6 +42,19 @@ def shards(tmp_path_factory):
     return get
 
 
+def _one_step_with_a_past(name: str) -> tuple[dict, dict]:
+    """Feeds of one decode step after a past of 4 positions, and the whole model's outputs for them."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(FIXTURES / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 512, (2, 1)), "attention_mask": np.ones((2, 5), np.int64),
+             "position_ids": np.full((2, 1), 4)}
+    for arg in session.get_inputs()[3:]:
+        feeds[arg.name] = rng.standard_normal((2, arg.shape[1], 4, arg.shape[3])).astype(np.float32)
+    return feeds, dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
 def _prompt_file(name: str, path: Path) -> Path:
     np.save(path, _reference(name)["prompt_ids"])
     return path
@@ -69,6 +82,11 @@ def test_sharded_model_generates_torchs_tokens(name, shards):
         end = list(ref["tokens"][0]).index(stop) + 1
         assert again.tokens[0].tolist() == ref["tokens"][0, :end].tolist()
         sampled = model.generate(ref["prompt_ids"], 8, temperature=0.8, seed=5)
+        # predict takes and gives the cache whole, as the unsliced model does (each rank slices its heads)
+        feeds, want = _one_step_with_a_past(name)
+        got = model.predict(feeds)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+        assert max(float(np.max(np.abs(got[k] - want[k]))) for k in want) <= TOLERANCE
     from orchestrator import generate
 
     whole = generate(FIXTURES / f"{name}.onnx", ref["prompt_ids"], 8, temperature=0.8, seed=5)
