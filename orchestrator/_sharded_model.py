@@ -5,6 +5,9 @@
 
     run_sharded("shards/model.onnx", {"x": x})   # the same, in one call
 
+    with ShardedModel("shards/decoder.onnx") as model:   # a decoder sharded with its key/value cache
+        result = model.generate([[15, 7, 300], [5, 6]], 32)   # result.tokens: the new ids per prompt
+
 The ranks are the supervisor's children (``launchers``): ``mpirun -n N`` under
 ``MpiLauncher`` (backend ``mpi``), or N local processes with a generated rank
 table under ``Supervisor`` (backend ``zmq``). Each runs ``_sharded_worker``;
@@ -23,7 +26,9 @@ Handshake and order (reordering any step would deadlock or misreport):
 4. one request at a time (a lock): PREDICT to every rank; each answers REPLY
    (rank 0's carries the outputs) or ERROR, and STARTED before it when the
    request runs longer than a short while (a stalled request's ranks have said
-   whether they took it);
+   whether they took it). ``generate`` is one such request (PREDICT with a
+   ``generate`` field): the prompt goes out once, the ranks run the whole
+   loop (``_generate``), rank 0's REPLY carries the new ids;
 5. close: EXIT to every rank, up to ``EXIT_GRACE`` seconds for them to leave
    (not waiting for a suspended rank, which cannot read it), then the
    supervisor's stop: TERM + CONT, one deadline, KILL.
@@ -158,6 +163,9 @@ class ShardedModel:
         # The inputs every rank expects, so bad ones fail here with an InputError and the ranks stay up.
         # (predict takes a decoder's cache whole, as the source model does: each rank slices its heads)
         self._cache = [c for c in manifest.get("cache", []) if c["axis"] is not None]
+        # A token embedding split by vocabulary gives zeros for an id no rank owns, where the whole model's
+        # Gather fails: ids are checked against its rows here.
+        self._vocabulary = next((w["shape"][0] for w in manifest.get("weights", []) if w["split"] == "vocabulary"), None)
         self._input_specs = _input_specs(resolve_shard_path(self.model_path, 0, size), self._cache)
         self.backend = backend
         self.timeout = default_timeout() if timeout is None else timeout
@@ -264,6 +272,9 @@ class ShardedModel:
         from ._generate import GenerateResult, prepare_prompts
 
         ids, mask = prepare_prompts(input_ids, attention_mask)
+        if self._vocabulary is not None and ids.size and int(ids.max()) >= self._vocabulary:
+            raise InputError(f"token id {int(ids.max())} is outside the vocabulary of {self.model_path} "
+                             f"({self._vocabulary} tokens: ids 0 to {self._vocabulary - 1})")
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0:

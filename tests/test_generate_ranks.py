@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from orchestrator import ShardedModel, shard_model
+from orchestrator import InputError, ShardedModel, shard_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PROGRAM = Path(__file__).resolve().parent / "programs" / "generate_rank.py"
@@ -82,6 +82,8 @@ def test_sharded_model_generates_torchs_tokens(name, shards):
         end = list(ref["tokens"][0]).index(stop) + 1
         assert again.tokens[0].tolist() == ref["tokens"][0, :end].tolist()
         sampled = model.generate(ref["prompt_ids"], 8, temperature=0.8, seed=5)
+        with pytest.raises(InputError, match=r"token id 512 is outside the vocabulary .*\(512 tokens: ids 0 to 511\)"):
+            model.generate([1, 512], 4)
         # predict takes and gives the cache whole, as the unsliced model does (each rank slices its heads)
         feeds, want = _one_step_with_a_past(name)
         got = model.predict(feeds)
