@@ -2,6 +2,7 @@
 
     orchestrate generate MODEL_OR_SHARDS --prompt-ids FILE.npy --max-new-tokens N [--tp N] [--output FILE.npy]
                          [--stop-token ID] [--temperature T --seed S] [--backend mpi|zmq] [--threads T]
+                         [--prefill MODEL_OR_SHARDS] [--cache-pair PAST:PRESENT]
 
 A whole model (an .onnx without a shard manifest beside it) runs in this process; with ``--tp N``
 above 1 it is sliced first (into a temporary directory) and run by N ranks. A shard path
@@ -52,6 +53,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampling (the same tokens every run)")
     parser.add_argument("--backend", choices=("mpi", "zmq"), default="mpi", help="how ranks talk (default mpi)")
     parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads per rank or process")
+    parser.add_argument("--prefill", metavar="MODEL_OR_SHARDS",
+                        help="a separate prefill graph (no past inputs) beside the decode graph, whole or sharded "
+                             "as MODEL_OR_SHARDS is")
     parser.add_argument("--cache-pair", action="append", metavar="PAST:PRESENT",
                         help="a cache input and its output, when named otherwise than the exporters' usual names")
     parser.add_argument("--timeout", type=positive_float, default=None,
@@ -90,17 +94,24 @@ def run(args) -> int:
         raise InputError(f"model {model} does not exist (neither a model file nor shards with their manifest)")
     options = dict(stop_token=args.stop_token, temperature=args.temperature, seed=args.seed)
     pairs = parse_pairs(args.cache_pair)
+    prefill = Path(args.prefill) if args.prefill else None
+    if prefill is not None and not _is_shards(prefill) and not prefill.is_file():
+        raise InputError(f"--prefill {prefill} does not exist (neither a model file nor shards with their manifest)")
+    if prefill is not None and _is_shards(prefill) != _is_shards(model):
+        raise UsageError(f"--prefill {prefill} and {model} must both be whole models or both shards")
     if _is_shards(model):
-        result = _sharded(model, args, ids, mask, options)
+        result = _sharded(model, args, ids, mask, options, prefill)
     elif args.tp and args.tp > 1:
         from ._shard import shard_model
 
         with tempfile.TemporaryDirectory(prefix="orch-generate-") as scratch:
-            shards = shard_model(model, args.tp, scratch, cache=pairs, progress=False)
-            result = _sharded(shards.model_path, args, ids, mask, options)
+            shards = shard_model(model, args.tp, Path(scratch) / "decode", cache=pairs, progress=False)
+            prefill_shards = None if prefill is None else shard_model(
+                prefill, args.tp, Path(scratch) / "prefill", cache=pairs, progress=False).model_path
+            result = _sharded(shards.model_path, args, ids, mask, options, prefill_shards)
     else:
         result = generate(model, ids, args.max_new_tokens, attention_mask=mask, threads=args.threads, cache=pairs,
-                          **options)
+                          prefill=prefill, **options)
     for tokens in result.tokens:
         print("generated: " + " ".join(str(int(t)) for t in tokens), flush=True)
     made = sum(len(t) for t in result.tokens)
@@ -114,8 +125,9 @@ def run(args) -> int:
     return 0
 
 
-def _sharded(path: Path, args, ids, mask, options):
+def _sharded(path: Path, args, ids, mask, options, prefill=None):
     from ._sharded_model import ShardedModel
 
-    with ShardedModel(path, tp=args.tp, backend=args.backend, threads=args.threads, timeout=args.timeout) as model:
+    with ShardedModel(path, tp=args.tp, backend=args.backend, threads=args.threads, timeout=args.timeout,
+                      prefill=prefill) as model:
         return model.generate(ids, args.max_new_tokens, attention_mask=mask, **options)

@@ -136,6 +136,20 @@ class DecoderIO:
         self.output_names = [self.logits] + list(self.pairs.values())
         # ids, mask and positions in the integer type the graph declares (int64 unless it says int32)
         self.int_types = {n: _NP.get(by_name[n].type, np.int64) for n in (self.ids, self.mask, self.positions) if n}
+        self.prefill_inputs: set[str] = set()
+
+    def check_prefill(self, inputs: list, outputs: list, label: str) -> None:
+        """A separate prefill graph: the same ids/mask/positions inputs without the pasts, the same presents out."""
+        names, out_names = [a.name for a in inputs], {a.name for a in outputs}
+        unknown = [n for n in names if n not in (self.ids, self.mask, self.positions)]
+        missing = [n for n in self.output_names if n not in out_names]
+        if unknown or missing or self.ids not in names:
+            raise ModelError(f"{label} is not a prefill graph for this decoder: "
+                             + (f"it takes {unknown}, which the decode step does not; " if unknown else "")
+                             + (f"it does not give {missing}; " if missing else "")
+                             + f"expected inputs among {[n for n in (self.ids, self.mask, self.positions) if n]} "
+                               f"and outputs {self.output_names}")
+        self.prefill_inputs = set(names)
 
     def feeds(self, ids, mask, positions, cache) -> dict:
         feeds = {self.ids: ids.astype(self.int_types[self.ids], copy=False), **cache}
@@ -188,10 +202,11 @@ class _Picker:
 
 def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask=None, stop_token: int | None = None,
            temperature: float = 0.0, seed: int | None = None, return_logits: bool = False, comm=None,
-           logits_split: bool = False, gather_logits=None) -> GenerateResult:
+           logits_split: bool = False, gather_logits=None, prefill=None) -> GenerateResult:
     """The generation loop. ``run(feeds) -> [logits, *presents]`` in ``io.output_names`` order, the logits this
     process's piece along the vocabulary when ``logits_split`` (then ``comm`` joins the pieces, and
-    ``gather_logits(piece) -> whole`` when ``return_logits``)."""
+    ``gather_logits(piece) -> whole`` when ``return_logits``). ``prefill``: the same for a separate prefill
+    graph (no pasts in, checked by ``io.check_prefill``), run for the prompt instead of ``run``."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if temperature < 0:
@@ -215,9 +230,12 @@ def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask
     model_seconds = pick_seconds = 0.0
     step_ids = ids
     for step in range(max_new_tokens):
-        feeds = io.feeds(step_ids, mask, positions, cache)
         t0 = time.perf_counter()
-        outputs = run(feeds)
+        if step == 0 and prefill is not None:
+            feeds = io.feeds(step_ids, mask, positions, {})
+            outputs = prefill({k: v for k, v in feeds.items() if k in io.prefill_inputs})
+        else:
+            outputs = run(io.feeds(step_ids, mask, positions, cache))
         t1 = time.perf_counter()
         last = outputs[0][:, -1, :]
         if picker is None:
@@ -253,22 +271,32 @@ def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask
 class WholeModel:
     """A decoder in one ONNX Runtime session, its cache carried by this Python loop (the baseline)."""
 
-    def __init__(self, model_path, *, threads: int | None = None, cache: list[tuple[str, str]] | None = None):
+    def __init__(self, model_path, *, threads: int | None = None, cache: list[tuple[str, str]] | None = None,
+                 prefill=None):
         from ranks._staged_runner import default_session_factory
 
+        make_session = default_session_factory(threads=threads)
         self.path = str(model_path)
-        self.session = default_session_factory(threads=threads)(self.path)
+        self.session = make_session(self.path)
         self.io = DecoderIO(self.session.get_inputs(), self.session.get_outputs(), cache=cache, label=self.path)
+        self.prefill = None
+        if prefill is not None:
+            self.prefill = make_session(str(prefill))
+            self.io.check_prefill(self.prefill.get_inputs(), self.prefill.get_outputs(), str(prefill))
 
     def generate(self, input_ids, max_new_tokens: int, **options) -> GenerateResult:
         names = self.io.output_names
-        return decode(lambda feeds: self.session.run(names, feeds), self.io, input_ids, max_new_tokens, **options)
+        prefill = None if self.prefill is None else (lambda feeds: self.prefill.run(names, feeds))
+        return decode(lambda feeds: self.session.run(names, feeds), self.io, input_ids, max_new_tokens,
+                      prefill=prefill, **options)
 
 
 def generate(model_path, input_ids, max_new_tokens: int, *, threads: int | None = None,
-             cache: list[tuple[str, str]] | None = None, **options) -> GenerateResult:
-    """Generate with a whole (unsliced) decoder in this process; options as ``decode``."""
-    return WholeModel(model_path, threads=threads, cache=cache).generate(input_ids, max_new_tokens, **options)
+             cache: list[tuple[str, str]] | None = None, prefill=None, **options) -> GenerateResult:
+    """Generate with a whole (unsliced) decoder in this process; ``prefill``: a separate prefill graph (no past
+    inputs) for the prompt; options as ``decode``."""
+    return WholeModel(model_path, threads=threads, cache=cache, prefill=prefill).generate(input_ids, max_new_tokens,
+                                                                                         **options)
 
 
 # -- one rank of a sharded model -------------------------------------------------------------
@@ -279,13 +307,20 @@ def rank_decoder_io(runner) -> DecoderIO:
     return DecoderIO(runner.get_inputs(), runner.get_outputs(), pairs=pairs, label=str(runner.path or "the shard"))
 
 
-def generate_on_rank(runner, input_ids, max_new_tokens: int, **options) -> GenerateResult:
+def generate_on_rank(runner, input_ids, max_new_tokens: int, *, prefill_runner=None, **options) -> GenerateResult:
     """Every rank of a sharded decoder calls this with the same prompt and options (and, to sample, the same
     seed); each keeps its own heads' cache, and every rank returns the same tokens.
 
     ``runner``: this rank's ``StagedRunner`` (its communicator joins the ranks' vocabulary pieces).
+    ``prefill_runner``: this rank's shard of a separate prefill graph (no past inputs), sliced alike.
     """
     io = rank_decoder_io(runner)
+    prefill = None
+    if prefill_runner is not None:
+        io.check_prefill(prefill_runner.get_inputs(), prefill_runner.get_outputs(), str(prefill_runner.path))
+        _check_prefill_cut(runner, prefill_runner)
+        pieces = {io.logits} if io.logits in prefill_runner.gathered_outputs else set()
+        prefill = lambda feeds: prefill_runner.run_local(io.output_names, feeds, local=pieces)  # noqa: E731
     comm = runner.comm
     split = io.logits in runner.gathered_outputs
     if split and runner.gathered_outputs[io.logits] not in (-1, 2):
@@ -295,5 +330,20 @@ def generate_on_rank(runner, input_ids, max_new_tokens: int, **options) -> Gener
     names = io.output_names
     if options.get("temperature") and options.get("seed") is None:
         raise InputError("sampling on ranks needs a seed that every rank is given (the same tokens on every rank)")
+    if prefill is not None and (io.logits in prefill_runner.gathered_outputs) != split:
+        raise ModelError(f"{prefill_runner.path} and {runner.path} do not split their logits alike")
     return decode(lambda feeds: runner.run_local(names, feeds, local=local), io, input_ids, max_new_tokens,
-                  comm=comm, logits_split=split, gather_logits=lambda piece: comm.allgather(piece, axis=-1), **options)
+                  comm=comm, logits_split=split, gather_logits=lambda piece: comm.allgather(piece, axis=-1),
+                  prefill=prefill, **options)
+
+
+def _check_prefill_cut(runner, prefill_runner) -> None:
+    """The prefill graph's presents must come out cut as the decode graph's pasts go in."""
+    decode_cut = {c["present"]: (c["axis"], c["heads_per_rank"]) for c in runner.cache}
+    prefill_cut = {c["present"]: (c["axis"], c["heads_per_rank"]) for c in prefill_runner.cache}
+    for present, cut in decode_cut.items():
+        if prefill_cut.get(present, (None, None)) != cut:
+            raise ModelError(
+                f"the prefill shard {prefill_runner.path} gives {present} "
+                f"{'whole' if prefill_cut.get(present, (None,))[0] is None else 'cut otherwise'}, but the decode shard "
+                f"{runner.path} takes its cache {'whole' if cut[0] is None else f'cut by heads ({cut[1]} per rank)'}")

@@ -34,7 +34,7 @@ from ._samples import save_model
 from ranks._staged_runner import META_CACHE
 
 from ._shard_analysis import linear_weight, plan_split
-from ._shard_cache import cache_metadata, cache_pairs
+from ._shard_cache import cache_metadata, cache_pairs, lone_presents
 from ._shard_explain import explain, format_explain
 from ._shard_graph import GraphIndex, elem_types
 from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses, key_axis
@@ -94,8 +94,12 @@ class ShardResult:
             cut = [c for c in cache if c["axis"] is not None]
             how = (f"cut by heads ({cut[0]['heads']} -> {cut[0]['heads_per_rank']} per rank), kept by each rank"
                    if len(cut) == len(cache) else f"{len(cut)} cut by heads, {len(cache) - len(cut)} whole on every rank")
-            lines.append(f"  key/value cache: {len(cache)} past/present pairs (e.g. {cache[0]['past']} -> "
-                         f"{cache[0]['present']}), {how}")
+            if cache[0]["past"] is None:
+                lines.append(f"  key/value cache: {len(cache)} presents without a past (a prefill graph; e.g. "
+                             f"{cache[0]['present']}), {how}")
+            else:
+                lines.append(f"  key/value cache: {len(cache)} past/present pairs (e.g. {cache[0]['past']} -> "
+                             f"{cache[0]['present']}), {how}")
         for node, reason in m["replicated_reasons"].items():
             lines.append(f"  kept whole: {node}: {reason}")
         return "\n".join(lines)
@@ -134,9 +138,10 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
     source_sha, source_bytes = _hash_files([model_path] + [model_path.parent / f for f in data_files])
 
     index = GraphIndex(model)
-    pairs = cache_pairs([i.name for i in model.graph.input if i.name not in index.initializers],
-                        index.graph_outputs, cache)
-    plan = plan_split(index, tp, allow_replicate=allow_replicate, cache=pairs)
+    inputs = [i.name for i in model.graph.input if i.name not in index.initializers]
+    pairs = cache_pairs(inputs, index.graph_outputs, cache)
+    plan = plan_split(index, tp, allow_replicate=allow_replicate, cache=pairs,
+                      presents=lone_presents(inputs, index.graph_outputs, pairs, cache))
     if not plan.seeds:
         reasons = "; ".join(f"{k}: {v}" for k, v in plan.replicated_reasons.items())
         message = (

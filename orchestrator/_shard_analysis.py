@@ -139,7 +139,8 @@ def token_embedding(index: GraphIndex, i: int, tp: int) -> int | None:
 _NOT_TOKEN_IDS = ("position", "token_type", "segment")
 
 
-def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool, cache: dict[str, str] | None = None) -> Plan:
+def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool, cache: dict[str, str] | None = None,
+               presents: list[str] | None = None) -> Plan:
     """Decide the split for ``tp`` ranks; raises ShardError for head counts / widths tp does not divide."""
     candidates = {i for i in range(len(index.nodes)) if linear_weight(index, i) is not None}
     disabled: dict[int, str] = {}
@@ -148,7 +149,7 @@ def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool, cache: dict
     for _ in range(4 * len(candidates) + 8):
         try:
             plan = _propagate(index, tp, candidates - disabled.keys(), allow_replicate, disabled, seed_outer,
-                              cache or {})
+                              cache or {}, presents or [])
         except Regroup as exc:
             for seed in exc.seeds:
                 seed_outer[seed] = seed_outer.get(seed, 1) * exc.factor
@@ -172,7 +173,7 @@ def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool, cache: dict
 
 
 def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: bool, disabled: dict,
-               seed_outer: dict, cache: dict[str, str]) -> Plan:
+               seed_outer: dict, cache: dict[str, str], presents: list[str]) -> Plan:
     plan = Plan(tp=tp, allow_replicate=allow_replicate)
     plan.seed_outer = seed_outer
     splits = plan.splits
@@ -215,10 +216,10 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
         for name, spec in outputs.items():
             if spec is not None:
                 splits[name] = _with_rank(index, name, spec)
-    presents = _check_cache(index, plan, cache)
+    kept = _check_cache(index, plan, cache) | _lone_presents(plan, presents)
     for name in index.graph_outputs:
         spec = splits.get(name)
-        if spec is not None and name not in presents:
+        if spec is not None and name not in kept:
             if spec.position() is None or spec.outer != 1:
                 raise Abandon(spec.seeds, f"graph output {name} cannot be gathered whole")
             plan.gathered_outputs.append(name)
@@ -261,6 +262,20 @@ def _check_cache(index: GraphIndex, plan: Plan, cache: dict[str, str]) -> set[st
         plan.cache[past] = {"past": past, "present": present, "axis": before.position(), "heads": before.dim,
                             "heads_per_rank": before.dim // plan.tp}
     return set(cache.values())
+
+
+def _lone_presents(plan: Plan, presents: list[str]) -> set[str]:
+    """A prefill graph's presents: cut by heads, each rank keeps its piece (the decode graph's pasts are cut alike)."""
+    kept = set()
+    for name in presents:
+        spec = plan.splits.get(name)
+        if spec is None:
+            plan.cache[name] = {"past": None, "present": name, "axis": None, "heads": None, "heads_per_rank": None}
+        elif spec.rank == 4 and spec.position() == 1 and spec.outer == 1:
+            plan.cache[name] = {"past": None, "present": name, "axis": 1, "heads": spec.dim,
+                                "heads_per_rank": spec.dim // plan.tp}
+            kept.add(name)
+    return kept
 
 
 def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled: dict) -> None:

@@ -205,7 +205,8 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
     graph.name = index.graph.name
     graph.doc_string = index.graph.doc_string
     graph.node.extend(nodes)
-    graph.input.extend(_local_cache_info(vi, plan, tp) for vi in index.graph.input)
+    pasts = {c["past"]: c for c in plan.cache.values() if c["past"] is not None}
+    graph.input.extend(_local_cache_info(vi, plan, tp, pasts) for vi in index.graph.input)
     presents = {c["present"]: c for c in plan.cache.values()}
     graph.output.extend(_local_cache_info(vi, plan, tp, presents) for vi in index.graph.output)
     used = {n for node in nodes for n in node.input} | set(index.graph_outputs) | _subgraph_names(nodes)
@@ -228,9 +229,9 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
     return RankGraph(model, weight_bytes, collectives)
 
 
-def _local_cache_info(vi: onnx.ValueInfoProto, plan: Plan, tp: int, entries: dict | None = None) -> onnx.ValueInfoProto:
+def _local_cache_info(vi: onnx.ValueInfoProto, plan: Plan, tp: int, entries: dict) -> onnx.ValueInfoProto:
     """A cache input/output cut by heads is declared with this rank's heads (the rest of its shape as exported)."""
-    entry = (plan.cache if entries is None else entries).get(vi.name)
+    entry = entries.get(vi.name)
     if entry is None or entry["axis"] is None:
         return vi
     local = onnx.ValueInfoProto()

@@ -147,11 +147,13 @@ class ShardedModel:
     world size; another value is an error. ``backend``: ``mpi`` or ``zmq``. ``threads``:
     intra-op threads per rank. ``timeout``: seconds a request may take (and the ranks'
     collectives); default ORCH_TIMEOUT. ``startup_timeout``: seconds the ranks may take to
-    build their shards (default: the timeout, at least 60).
+    build their shards (default: the timeout, at least 60). ``prefill``: the shards of a separate prefill
+    graph (no past inputs; the decoder's ``generate`` runs it for the prompt), made for the same ranks.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, tp: int | None = None, backend: str = "mpi",
-                 threads: int = 1, timeout: float | None = None, startup_timeout: float | None = None):
+                 threads: int = 1, timeout: float | None = None, startup_timeout: float | None = None,
+                 prefill: str | os.PathLike | None = None):
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.model_path = _model_path(Path(model_path))
@@ -160,6 +162,13 @@ class ShardedModel:
         if tp is not None and tp != size:
             raise ConfigError(f"tp={tp}, but the shards of {self.model_path} were made for {size} ranks")
         self.tp = size
+        self.prefill_path = None
+        if prefill is not None:
+            self.prefill_path = _model_path(Path(prefill))
+            other = read_manifest(manifest_path_for(self.prefill_path))["world_size"]
+            if other != size:
+                raise ConfigError(f"the prefill shards {self.prefill_path} were made for {other} ranks, "
+                                  f"the decoder's {self.model_path} for {size}")
         # The inputs every rank expects, so bad ones fail here with an InputError and the ranks stay up.
         # (predict takes a decoder's cache whole, as the source model does: each rank slices its heads)
         self._cache = [c for c in manifest.get("cache", []) if c["axis"] is not None]
@@ -193,7 +202,8 @@ class ShardedModel:
     def _start(self, threads: int, startup_timeout: float) -> None:
         argv, env = python_module(WORKER_MODULE, "--model", str(self.model_path), "--master", self._address,
                                   "--backend", self.backend, "--threads", str(threads),
-                                  "--master_pid", str(os.getpid()), "--timeout", str(self.timeout))
+                                  "--master_pid", str(os.getpid()), "--timeout", str(self.timeout),
+                                  *(["--prefill", str(self.prefill_path)] if self.prefill_path else []))
         deadline = time.monotonic() + startup_timeout
         if self.backend == "mpi":
             # Each rank runs under the launchers' wrapper: lines prefixed with the rank, an exit record

@@ -93,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--master_pid", type=int)
     p.add_argument("--timeout", type=float)
+    p.add_argument("--prefill", help="shards of a separate prefill graph, for generate")
     return p
 
 
@@ -136,6 +137,7 @@ def _generate(runner, arrays: dict, options: dict) -> tuple[dict, dict]:
     from ._generate import generate_on_rank
 
     result = generate_on_rank(runner, arrays["input_ids"], int(options["max_new_tokens"]),
+                              prefill_runner=getattr(runner, "prefill", None),
                               attention_mask=arrays.get("attention_mask"), stop_token=options.get("stop_token"),
                               temperature=float(options.get("temperature") or 0.0), seed=options.get("seed"),
                               return_logits=bool(options.get("return_logits")))
@@ -166,6 +168,9 @@ def main(argv=None) -> int:
             who = f"rank {comm.rank} of {comm.size}"
             path = resolve_shard_path(args.model, comm.rank, comm.size)
             runner = StagedRunner(path, comm, make_session=default_session_factory(threads=args.threads))
+            if args.prefill:
+                runner.prefill = StagedRunner(resolve_shard_path(args.prefill, comm.rank, comm.size), comm,
+                                              make_session=default_session_factory(threads=args.threads))
             # Every rank built its shard before any BUILD_FINISH: the master starts no request on a half-built job.
             comm.barrier()
         except BaseException as exc:

@@ -1,7 +1,8 @@
 """Generating tokens with decoders exported with their key/value cache, in one process.
 
 The fixtures ``tests/fixtures/{gpt2,llama}_cache_dynamo.*`` (``make_exports.py``) hold the decoders and
-torch's greedy tokens and logits for two prompts (8 and 5 tokens) over 40 steps, each prompt run alone.
+torch's greedy tokens and logits for two prompts (8 and 5 tokens) over 40 steps, each prompt run alone;
+``gpt2_prefill_dynamo.onnx`` the same GPT-2 as a separate prefill graph.
 Here: the whole model's loop against torch; the slicer's cut of the cache; the sharded loop with its
 ranks as threads (the launched ranks are in ``test_generate_ranks.py``).
 """
@@ -24,6 +25,7 @@ from _shard_helpers import ThreadGroup  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DECODERS = ["gpt2_cache_dynamo", "llama_cache_dynamo"]
+# gpt2_prefill_dynamo.onnx: the same GPT-2 as a separate prefill graph (no past inputs)
 STEPS = 40
 TOLERANCE = 1e-4
 
@@ -199,3 +201,36 @@ def test_bad_requests_say_what_is_wrong():
         generate(path, [1, 2, 3], 0)
     with pytest.raises(InputError, match="temperature must be 0 .* got -1"):
         generate(path, [1, 2, 3], 2, temperature=-1)
+
+
+def test_a_separate_prefill_graph_starts_the_cache(shards, tmp_path):
+    """Older exporters write a prefill graph (no past inputs) beside the decode graph: its presents are cut by
+    heads and kept, the decode graph takes them as its pasts."""
+    ref = _reference("gpt2_cache_dynamo")
+    prefill = FIXTURES / "gpt2_prefill_dynamo.onnx"
+    whole = generate(FIXTURES / "gpt2_cache_dynamo.onnx", ref["prompt_ids"], STEPS, prefill=prefill,
+                     return_logits=True)
+    _assert_like_torch(whole, ref)
+    cut = shard_model(prefill, 2, tmp_path / "prefill", progress=False)
+    assert {(c["past"], c["axis"], c["heads_per_rank"]) for c in cut.manifest["cache"]} == {(None, 1, 2)}
+    assert [c["tensor"] for c in cut.manifest["collectives"] if c["op"] == "AllGather"] == ["logits"]
+    assert "4 presents without a past (a prefill graph" in cut.summary()
+    decode = shards("gpt2_cache_dynamo")
+
+    def ranks(prefill_result):
+        def rank(comm):
+            return generate_on_rank(StagedRunner(onnx.load(str(decode.shard_paths[comm.rank])), comm), ref["prompt_ids"],
+                                    STEPS, return_logits=True,
+                                    prefill_runner=StagedRunner(onnx.load(str(prefill_result.shard_paths[comm.rank])), comm))
+        return ThreadGroup(2).run(rank)
+
+    _assert_like_torch(ranks(cut)[0], ref)
+    # The prefill graph is what runs the prompt: other weights there change the first token.
+    model = onnx.load(str(prefill))
+    head = next(t for t in model.graph.initializer if t.name == "model.lm_head.weight")
+    head.raw_data = (onnx.numpy_helper.to_array(head) * -1).astype(np.float32).tobytes()
+    onnx.save(model, str(tmp_path / "other.onnx"))
+    other = generate(FIXTURES / "gpt2_cache_dynamo.onnx", ref["prompt_ids"], 2, prefill=tmp_path / "other.onnx")
+    assert other.tokens[0][0] != ref["tokens"][0, 0]
+    with pytest.raises(ModelError, match="gpt2_dynamo.onnx is not a prefill graph for this decoder: it does not give"):
+        generate(FIXTURES / "gpt2_cache_dynamo.onnx", [1, 2], 2, prefill=FIXTURES / "gpt2_dynamo.onnx")

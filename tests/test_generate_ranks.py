@@ -96,6 +96,17 @@ def test_sharded_model_generates_torchs_tokens(name, shards):
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
+def test_sharded_model_with_a_separate_prefill_graph(shards, tmp_path):
+    ref = _reference("gpt2_cache_dynamo")
+    prefill = shard_model(FIXTURES / "gpt2_prefill_dynamo.onnx", 2, tmp_path, progress=False)
+    with ShardedModel(shards("gpt2_cache_dynamo").model_path, backend="zmq", timeout=120,
+                      prefill=prefill.model_path) as model:
+        got = model.generate(ref["prompt_ids"], STEPS, return_logits=True)
+    for row in range(2):
+        assert got.tokens[row].tolist() == ref["tokens"][row, :STEPS].tolist()
+        assert np.max(np.abs(got.logits[row] - ref["logits"][row, :STEPS])) <= TOLERANCE
+
+
 @pytest.mark.cli
 def test_a_rank_program_generates_under_mpirun(shards, tmp_path):
     pytest.importorskip("launchers._mpi")
