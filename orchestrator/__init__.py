@@ -56,6 +56,7 @@ from ranks import (
 from launchers import LaunchError, LaunchInterruptedError, LaunchTimeoutError, RankFailedError
 
 from ._errors import PoolClosedError, PoolQueueFullError, WorkerError, WorkerLostError, WorkerTimeoutError
+from ._generate import GenerateResult, generate, generate_on_rank
 from ._model_parallel_runner import ModelParallelRunner
 from ._parallel_predictor import ParallelPredictor
 from ._samples import SAMPLE_MODELS, save_model, write_sample_model

@@ -14,9 +14,11 @@ import sys
 from ranks._command_line import SPELLING_NOTE, ArgumentParser, add_version_option, report
 from ranks._errors import OrchestratorError
 
-from . import _cli_convert, _cli_launch, _cli_predict, _cli_rank, _cli_rank_table, _cli_sample, _cli_serve, _cli_shard
+from . import (_cli_convert, _cli_generate, _cli_launch, _cli_predict, _cli_rank, _cli_rank_table, _cli_sample, _cli_serve,
+               _cli_shard)
 
-COMMANDS = [_cli_rank, _cli_rank_table, _cli_sample, _cli_launch, _cli_predict, _cli_shard, _cli_serve, _cli_convert]
+COMMANDS = [_cli_rank, _cli_rank_table, _cli_sample, _cli_launch, _cli_predict, _cli_shard, _cli_generate, _cli_serve,
+            _cli_convert]
 
 EPILOG = f"""\
 exit codes: 0 done; 1 a runtime error (a model that fails, a rank or worker that dies);

@@ -25,6 +25,7 @@ def register(subparsers) -> None:
                       help="weights in <shard>.data files (default: as the source model)")
     data.add_argument("--no-external-data", dest="external_data", action="store_false",
                       help="weights inside the shard files")
+    add_cache_pair_option(parser)
     parser.add_argument("--explain", action="store_true",
                         help="say per layer what was paired, what stays whole and why, the collectives per rank "
                              "and the bytes each rank sends per token against Megatron's minimum")
@@ -36,6 +37,14 @@ def register(subparsers) -> None:
     add_progress_options(parser)
     parser.add_alias("--quiet", "--no-progress")  # its first name, in README
     parser.set_defaults(func=_run)
+
+
+def add_cache_pair_option(parser) -> None:
+    parser.add_argument("--cache-pair", action="append", metavar="PAST:PRESENT",
+                        help="a decoder's cache input and the output that becomes it at the next step, when the "
+                             "exporter named them otherwise than past_key_values.N.key -> present.N.key or "
+                             "past_N_key -> present_N_key; one * on both sides stands for the varying part "
+                             "('cache_in_*:cache_out_*'); repeatable")
 
 
 def add_progress_options(parser) -> None:
@@ -66,10 +75,12 @@ def _onnx_model(model: str, scratch: Path) -> str:
 
 def _shard(args, model: str) -> int:
     from ._shard import shard_model
+    from ._shard_cache import parse_pairs
     from ._shard_check import check_shards
 
     result = shard_model(model, args.tp, args.output, allow_replicate=args.allow_replicate,
-                         external_data=args.external_data, progress=args.progress)
+                         external_data=args.external_data, progress=args.progress,
+                         cache=parse_pairs(args.cache_pair))
     print(result.summary(), flush=True)
     if args.explain:
         print(result.explain(), flush=True)

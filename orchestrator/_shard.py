@@ -31,7 +31,10 @@ from ranks._shard_manifest import (
 
 from ._progress import progress_bar
 from ._samples import save_model
+from ranks._staged_runner import META_CACHE
+
 from ._shard_analysis import linear_weight, plan_split
+from ._shard_cache import cache_metadata, cache_pairs, lone_presents
 from ._shard_explain import explain, format_explain
 from ._shard_graph import GraphIndex, elem_types
 from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses, key_axis
@@ -86,6 +89,17 @@ class ShardResult:
             heads.setdefault((a["heads"], a["heads_per_rank"]), []).append(a["node"])
         for (whole, per_rank), nodes in heads.items():
             lines.append(f"  heads {whole} -> {per_rank} per rank ({len(nodes)} Reshape nodes, e.g. {nodes[0]})")
+        cache = m.get("cache") or []
+        if cache:
+            cut = [c for c in cache if c["axis"] is not None]
+            how = (f"cut by heads ({cut[0]['heads']} -> {cut[0]['heads_per_rank']} per rank), kept by each rank"
+                   if len(cut) == len(cache) else f"{len(cut)} cut by heads, {len(cache) - len(cut)} whole on every rank")
+            if cache[0]["past"] is None:
+                lines.append(f"  key/value cache: {len(cache)} presents without a past (a prefill graph; e.g. "
+                             f"{cache[0]['present']}), {how}")
+            else:
+                lines.append(f"  key/value cache: {len(cache)} past/present pairs (e.g. {cache[0]['past']} -> "
+                             f"{cache[0]['present']}), {how}")
         for node, reason in m["replicated_reasons"].items():
             lines.append(f"  kept whole: {node}: {reason}")
         return "\n".join(lines)
@@ -93,13 +107,15 @@ class ShardResult:
 
 def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLike, *,
                 allow_replicate: bool = False, external_data: bool | None = None,
-                progress: bool | None = None) -> ShardResult:
+                progress: bool | None = None, cache: list[tuple[str, str]] | None = None) -> ShardResult:
     """Slice ``model_path`` into ``tp`` shards in ``out_dir``.
 
     ``allow_replicate``: write whole-model shards when nothing can be split (and keep
     layers whole whose widths ``tp`` does not divide) instead of raising.
     ``external_data``: weights in ``<shard>.data`` files; None mirrors the source.
     ``progress``: a bar on stderr; None shows it only when stderr is a terminal.
+    ``cache``: (past input, present output) pairs of a decoder's key/value cache (``*`` for the varying
+    part), when the exporter's names are not the common ones (``_shard_cache``).
     Raises ShardError (nothing to split, tp not dividing a width or head count),
     ModelNotFoundError.
     """
@@ -122,7 +138,10 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
     source_sha, source_bytes = _hash_files([model_path] + [model_path.parent / f for f in data_files])
 
     index = GraphIndex(model)
-    plan = plan_split(index, tp, allow_replicate=allow_replicate)
+    inputs = [i.name for i in model.graph.input if i.name not in index.initializers]
+    pairs = cache_pairs(inputs, index.graph_outputs, cache)
+    plan = plan_split(index, tp, allow_replicate=allow_replicate, cache=pairs,
+                      presents=lone_presents(inputs, index.graph_outputs, pairs, cache))
     if not plan.seeds:
         reasons = "; ".join(f"{k}: {v}" for k, v in plan.replicated_reasons.items())
         message = (
@@ -148,6 +167,8 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
     try:
         for rank in range(tp):
             meta = {META_ID: shard_id, META_RANK: rank, META_WORLD_SIZE: tp, META_MANIFEST: manifest_file.name}
+            if plan.cache:
+                meta[META_CACHE] = cache_metadata(list(plan.cache.values()))
             built = build_rank_graph(index, plan, rank, types, meta, progress=bar)
             path = shard_path_for(out_dir / model_path.name, rank)
             _check_and_save(built.model, path, external_data)
@@ -172,6 +193,7 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
                       for i, (heads, per_rank) in sorted(plan.reshape_heads.items())],
         "collectives": collectives,
         "replicated_reasons": plan.replicated_reasons,
+        "cache": list(plan.cache.values()),
         "explain": explain(index, plan, collectives, types, model_path.name),
     }
     write_manifest(manifest_file, manifest)

@@ -27,6 +27,11 @@ Models as exporters write them add a few rules:
   vocabulary rows, its partial rows summed by one AllReduce; a tied LM head
   (``MatMul(x, Transpose(table))``) is cut by vocabulary like any column layer.
 
+- A decoder's key/value cache (``_shard_cache``): each past input is cut by heads
+  (axis 1 of [batch, heads, past, head_dim]) when ``tp`` divides its heads, so the
+  ``Concat`` with this step's keys/values carries the cut, and its present output
+  stays cut (not gathered): each rank keeps its own heads' cache.
+
 The result is a ``Plan`` (``_shard_plan``): the per-tensor splits, which
 constants to slice, which shape inputs to rewrite, and where the collectives
 go. The rules for Reshape, Expand and shape values are in ``_shard_shapes``.
@@ -122,7 +127,8 @@ def token_embedding(index: GraphIndex, i: int, tp: int) -> int | None:
     name = node.input[1]
     for _ in range(8):
         if name in index.graph_inputs:
-            return shape[0]
+            # Position ids are a graph input of a decoder step with its cache: that table stays whole.
+            return None if any(w in name.lower() for w in _NOT_TOKEN_IDS) else shape[0]
         p = index.producer.get(name)
         if p is None or index.nodes[p].op_type not in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"):
             return None
@@ -130,7 +136,11 @@ def token_embedding(index: GraphIndex, i: int, tp: int) -> int | None:
     return None
 
 
-def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool) -> Plan:
+_NOT_TOKEN_IDS = ("position", "token_type", "segment")
+
+
+def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool, cache: dict[str, str] | None = None,
+               presents: list[str] | None = None) -> Plan:
     """Decide the split for ``tp`` ranks; raises ShardError for head counts / widths tp does not divide."""
     candidates = {i for i in range(len(index.nodes)) if linear_weight(index, i) is not None}
     disabled: dict[int, str] = {}
@@ -138,7 +148,8 @@ def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool) -> Plan:
     heads_reasons: list[str] = []
     for _ in range(4 * len(candidates) + 8):
         try:
-            plan = _propagate(index, tp, candidates - disabled.keys(), allow_replicate, disabled, seed_outer)
+            plan = _propagate(index, tp, candidates - disabled.keys(), allow_replicate, disabled, seed_outer,
+                              cache or {}, presents or [])
         except Regroup as exc:
             for seed in exc.seeds:
                 seed_outer[seed] = seed_outer.get(seed, 1) * exc.factor
@@ -162,10 +173,15 @@ def plan_split(index: GraphIndex, tp: int, *, allow_replicate: bool) -> Plan:
 
 
 def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: bool, disabled: dict,
-               seed_outer: dict) -> Plan:
+               seed_outer: dict, cache: dict[str, str], presents: list[str]) -> Plan:
     plan = Plan(tp=tp, allow_replicate=allow_replicate)
     plan.seed_outer = seed_outer
     splits = plan.splits
+    for past in cache:
+        # The cache is cut by heads where the attention it feeds can be (checked against the present below).
+        shape = index.shape(past)
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and shape[1] % tp == 0:
+            splits[past] = Split(-3, shape[1], 4, frozenset())
     for i, node in enumerate(index.nodes):
         if i in seeds and i not in disabled:
             t = transposed_weight(index, i)
@@ -200,9 +216,10 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
         for name, spec in outputs.items():
             if spec is not None:
                 splits[name] = _with_rank(index, name, spec)
+    kept = _check_cache(index, plan, cache) | _lone_presents(plan, presents)
     for name in index.graph_outputs:
         spec = splits.get(name)
-        if spec is not None:
+        if spec is not None and name not in kept:
             if spec.position() is None or spec.outer != 1:
                 raise Abandon(spec.seeds, f"graph output {name} cannot be gathered whole")
             plan.gathered_outputs.append(name)
@@ -219,6 +236,46 @@ def _propagate(index: GraphIndex, tp: int, seeds: set[int], allow_replicate: boo
         else:
             del plan.transposed_weights[i]
     return plan
+
+
+def _check_cache(index: GraphIndex, plan: Plan, cache: dict[str, str]) -> set[str]:
+    """Each past and its present cut alike (each rank keeps its present as its next past), or both whole."""
+    for past, present in cache.items():
+        before, after = plan.splits.get(past), plan.splits.get(present)
+        shape = index.shape(past) or [None] * 4
+        heads = shape[1] if len(shape) == 4 else None
+        if before is None and after is None:
+            plan.cache[past] = {"past": past, "present": present, "axis": None, "heads": heads, "heads_per_rank": heads}
+            continue
+        if before is None:
+            raise Abandon(after.seeds, f"{present} would be cut by heads while {past} stays whole")
+        if after is None or (after.position(), after.dim, after.outer) != (before.position(), before.dim, before.outer):
+            readers = ", ".join(index.node_label(c) for c in index.consumers.get(past, []))
+            raise ShardError(
+                f"the cache input {past} is cut by heads ({before.dim} -> {before.dim // plan.tp} per rank), but its "
+                f"present output {present} does not come out cut the same way (read by {readers or 'nothing'}); "
+                f"a rank could not keep its present as its next past"
+            )
+        for i, names in plan.gathers.items():
+            if past in names:
+                raise ShardError(f"the cache input {past} would be gathered whole for {index.node_label(i)}")
+        plan.cache[past] = {"past": past, "present": present, "axis": before.position(), "heads": before.dim,
+                            "heads_per_rank": before.dim // plan.tp}
+    return set(cache.values())
+
+
+def _lone_presents(plan: Plan, presents: list[str]) -> set[str]:
+    """A prefill graph's presents: cut by heads, each rank keeps its piece (the decode graph's pasts are cut alike)."""
+    kept = set()
+    for name in presents:
+        spec = plan.splits.get(name)
+        if spec is None:
+            plan.cache[name] = {"past": None, "present": name, "axis": None, "heads": None, "heads_per_rank": None}
+        elif spec.rank == 4 and spec.position() == 1 and spec.outer == 1:
+            plan.cache[name] = {"past": None, "present": name, "axis": 1, "heads": spec.dim,
+                                "heads_per_rank": spec.dim // plan.tp}
+            kept.add(name)
+    return kept
 
 
 def _seed(index: GraphIndex, plan: Plan, i: int, allow_replicate: bool, disabled: dict) -> None:

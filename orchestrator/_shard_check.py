@@ -8,6 +8,7 @@ process, socket or MPI is involved.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import onnx
 from ranks._errors import ShardError
 from ranks._shard_files import resolve_shard_path
 from ranks._shard_manifest import manifest_path_for, read_manifest
-from ranks._staged_runner import Arg, StagedProgram, default_session_factory
+from ranks._shard_manifest import shard_metadata
+from ranks._staged_runner import META_CACHE, Arg, StagedProgram, default_session_factory
 
 from ._progress import progress_bar
 
@@ -66,8 +68,12 @@ class SimulatedRanks:
     def __init__(self, shard_paths: list[str | os.PathLike], make_session=None, *, progress=None):
         make_session = make_session or default_session_factory()
         self.programs = []
+        self.cache: list[dict] = []  # a decoder's cache cut by heads: whole in and out, as the source model's
         for p in shard_paths:
-            self.programs.append(StagedProgram(onnx.load(str(p)), make_session, label=str(p)))
+            proto = onnx.load(str(p))
+            self.cache = [c for c in json.loads(shard_metadata(proto).get(META_CACHE, "[]")) if c["axis"] is not None]
+            self.programs.append(StagedProgram(proto, make_session, label=str(p)))
+            del proto
             if progress is not None:
                 progress.update(1)
         first = self.programs[0]
@@ -82,6 +88,11 @@ class SimulatedRanks:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         envs = [dict(feeds) for _ in self.programs]
+        for c in self.cache:
+            if c["past"] in feeds:
+                pieces = np.split(np.asarray(feeds[c["past"]]), len(self.programs), axis=c["axis"])
+                for env, piece in zip(envs, pieces):
+                    env[c["past"]] = piece
         for k in range(len(self.programs[0].stages)):
             for program, env in zip(self.programs, envs):
                 program.run_stage(k, env)
@@ -95,7 +106,32 @@ class SimulatedRanks:
                     value = np.concatenate(parts, axis=c.axis)
                 for p, env in zip(self.programs, envs):
                     env[p.stages[k].collectives[j].output] = value
-        return {a.name: envs[0][a.name] for a in self.programs[0].outputs}
+        presents = {c["present"]: c["axis"] for c in self.cache}
+        return {a.name: np.concatenate([env[a.name] for env in envs], axis=presents[a.name]) if a.name in presents
+                else envs[0][a.name] for a in self.programs[0].outputs}
+
+
+def _consistent_cache(feeds: dict, session) -> dict:
+    """A decoder step with its cache: a past of 2 positions, the attention mask over past + sequence (ones),
+    positions after the past; random sizes that disagree would fail in the whole model itself."""
+    from ._shard_cache import cache_pairs
+
+    pairs = cache_pairs(list(feeds), [o.name for o in session.get_outputs()])
+    if not pairs:
+        return feeds
+    past = 2
+    for name in pairs:
+        value = feeds[name]
+        if value.ndim == 4:
+            feeds[name] = np.concatenate([value[:, :, :1]] * past, axis=2)
+    ids = feeds.get("input_ids")
+    if ids is not None and ids.ndim == 2:
+        if "attention_mask" in feeds:
+            feeds["attention_mask"] = np.ones((ids.shape[0], past + ids.shape[1]), feeds["attention_mask"].dtype)
+        if "position_ids" in feeds:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past, past + ids.shape[1]), ids.shape).astype(
+                feeds["position_ids"].dtype)
+    return feeds
 
 
 @dataclass
@@ -121,7 +157,7 @@ def check_shards(model_path: str | os.PathLike, shard_path: str | os.PathLike, *
         whole = make_session(str(model_path))
         bar.update(1)
         ranks = SimulatedRanks(files, make_session, progress=bar)
-        feeds = random_inputs(whole.get_inputs(), dynamic=dynamic, seed=seed)
+        feeds = _consistent_cache(random_inputs(whole.get_inputs(), dynamic=dynamic, seed=seed), whole)
         expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds)))
         bar.update(1)
         got = ranks.run(feeds)

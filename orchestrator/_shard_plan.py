@@ -72,6 +72,9 @@ class Plan:
     # graph outputs that are split and must be gathered into their name.
     gathered_outputs: list[str] = field(default_factory=list)
     seeds: set[int] = field(default_factory=set)
+    # past input -> {"past", "present", "axis", "heads", "heads_per_rank"}: a decoder's key/value cache
+    # (``_shard_cache``); heads_per_rank equals heads when the cache stays whole on every rank.
+    cache: dict[str, dict] = field(default_factory=dict)
     replicated_reasons: dict[str, str] = field(default_factory=dict)
 
     def has_collectives(self) -> bool:

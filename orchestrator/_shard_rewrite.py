@@ -205,8 +205,10 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
     graph.name = index.graph.name
     graph.doc_string = index.graph.doc_string
     graph.node.extend(nodes)
-    graph.input.extend(index.graph.input)
-    graph.output.extend(index.graph.output)
+    pasts = {c["past"]: c for c in plan.cache.values() if c["past"] is not None}
+    graph.input.extend(_local_cache_info(vi, plan, tp, pasts) for vi in index.graph.input)
+    presents = {c["present"]: c for c in plan.cache.values()}
+    graph.output.extend(_local_cache_info(vi, plan, tp, presents) for vi in index.graph.output)
     used = {n for node in nodes for n in node.input} | set(index.graph_outputs) | _subgraph_names(nodes)
     graph.initializer.extend(t for t in new_inits if t.name in used or t.name in index.graph_inputs)
     weight_bytes = sum(_nbytes(t) for t in graph.initializer)
@@ -225,6 +227,19 @@ def build_rank_graph(index: GraphIndex, plan: Plan, rank: int, elem_types: dict[
     for key, value in metadata.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=str(value)))
     return RankGraph(model, weight_bytes, collectives)
+
+
+def _local_cache_info(vi: onnx.ValueInfoProto, plan: Plan, tp: int, entries: dict) -> onnx.ValueInfoProto:
+    """A cache input/output cut by heads is declared with this rank's heads (the rest of its shape as exported)."""
+    entry = entries.get(vi.name)
+    if entry is None or entry["axis"] is None:
+        return vi
+    local = onnx.ValueInfoProto()
+    local.CopyFrom(vi)
+    dim = local.type.tensor_type.shape.dim[entry["axis"]]
+    dim.Clear()
+    dim.dim_value = entry["heads"] // tp
+    return local
 
 
 def _vocab_parallel_lookup(node, rows: int, rank: int, tp: int, names, new_inits, elem_types, collective) -> list:

@@ -81,6 +81,8 @@ def carry_reshape(index, plan, i, spec, seeds):
     if node.input[1] in plan.splits:
         return None
     in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
+    if _concrete(in_shape) and not _concrete(out_shape):
+        out_shape = _traced_target(index, node, in_shape)
     if not _concrete(in_shape) or not _concrete(out_shape) or len(in_shape) != spec.rank:
         return None
     pos = spec.position()
@@ -136,6 +138,30 @@ def carry_reshape(index, plan, i, spec, seeds):
     if heads is not None:
         plan.reshape_heads[i] = (heads, heads // plan.tp)
     return {node.output[0]: Split(p - len(out_shape), new_dim, len(out_shape), seeds, new_outer)}
+
+
+def _traced_target(index, node, in_shape) -> list | None:
+    """A Reshape's output shape from its traced target, where shape inference left a dimension unknown.
+
+    With a cache, a target holds ``past + sequence`` computed from two Shape reads, which inference
+    does not add up; the stand-in sizes do.
+    """
+    traced = index.shape_values(node.input[1], lambda tensor, axis, length: length)
+    if traced is None:
+        return None
+    target = [whole for whole, _local, _source in traced[0]]
+    allowzero = node_attrs(node).get("allowzero", 0)
+    if not allowzero:
+        target = [in_shape[j] if v == 0 and j < len(in_shape) else v for j, v in enumerate(target)]
+    if target.count(-1) > 1:
+        return None
+    if -1 in target:
+        known = int(np.prod([v for v in target if v != -1], dtype=np.int64))
+        total = int(np.prod(in_shape, dtype=np.int64))
+        if known <= 0 or total % known:
+            return None
+        target[target.index(-1)] = total // known
+    return target if int(np.prod(target, dtype=np.int64)) == int(np.prod(in_shape, dtype=np.int64)) else None
 
 
 def carry_expand(index, plan, i, spec, seeds):

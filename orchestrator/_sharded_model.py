@@ -5,6 +5,9 @@
 
     run_sharded("shards/model.onnx", {"x": x})   # the same, in one call
 
+    with ShardedModel("shards/decoder.onnx") as model:   # a decoder sharded with its key/value cache
+        result = model.generate([[15, 7, 300], [5, 6]], 32)   # result.tokens: the new ids per prompt
+
 The ranks are the supervisor's children (``launchers``): ``mpirun -n N`` under
 ``MpiLauncher`` (backend ``mpi``), or N local processes with a generated rank
 table under ``Supervisor`` (backend ``zmq``). Each runs ``_sharded_worker``;
@@ -23,7 +26,9 @@ Handshake and order (reordering any step would deadlock or misreport):
 4. one request at a time (a lock): PREDICT to every rank; each answers REPLY
    (rank 0's carries the outputs) or ERROR, and STARTED before it when the
    request runs longer than a short while (a stalled request's ranks have said
-   whether they took it);
+   whether they took it). ``generate`` is one such request (PREDICT with a
+   ``generate`` field): the prompt goes out once, the ranks run the whole
+   loop (``_generate``), rank 0's REPLY carries the new ids;
 5. close: EXIT to every rank, up to ``EXIT_GRACE`` seconds for them to leave
    (not waiting for a suspended rank, which cannot read it), then the
    supervisor's stop: TERM + CONT, one deadline, KILL.
@@ -64,7 +69,8 @@ import zmq
 
 from launchers import MpiLaunchConfig, MpiLauncher, ProcessSpec, RankOutput, Supervisor, python_module
 from ranks._env import default_timeout
-from ranks._errors import CommError, CommTimeoutError, ConfigError, ModelNotFoundError, PeerLostError, PortInUseError
+from ranks._errors import (CommError, CommTimeoutError, ConfigError, InputError, ModelNotFoundError, PeerLostError,
+                           PortInUseError)
 from ranks._model import load_onnx_header, validate_feeds
 from ranks._ports import free_base_port
 from ranks._rank_table import generate_rank_table
@@ -141,11 +147,13 @@ class ShardedModel:
     world size; another value is an error. ``backend``: ``mpi`` or ``zmq``. ``threads``:
     intra-op threads per rank. ``timeout``: seconds a request may take (and the ranks'
     collectives); default ORCH_TIMEOUT. ``startup_timeout``: seconds the ranks may take to
-    build their shards (default: the timeout, at least 60).
+    build their shards (default: the timeout, at least 60). ``prefill``: the shards of a separate prefill
+    graph (no past inputs; the decoder's ``generate`` runs it for the prompt), made for the same ranks.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, tp: int | None = None, backend: str = "mpi",
-                 threads: int = 1, timeout: float | None = None, startup_timeout: float | None = None):
+                 threads: int = 1, timeout: float | None = None, startup_timeout: float | None = None,
+                 prefill: str | os.PathLike | None = None):
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.model_path = _model_path(Path(model_path))
@@ -154,8 +162,20 @@ class ShardedModel:
         if tp is not None and tp != size:
             raise ConfigError(f"tp={tp}, but the shards of {self.model_path} were made for {size} ranks")
         self.tp = size
+        self.prefill_path = None
+        if prefill is not None:
+            self.prefill_path = _model_path(Path(prefill))
+            other = read_manifest(manifest_path_for(self.prefill_path))["world_size"]
+            if other != size:
+                raise ConfigError(f"the prefill shards {self.prefill_path} were made for {other} ranks, "
+                                  f"the decoder's {self.model_path} for {size}")
         # The inputs every rank expects, so bad ones fail here with an InputError and the ranks stay up.
-        self._input_specs = _input_specs(resolve_shard_path(self.model_path, 0, size))
+        # (predict takes a decoder's cache whole, as the source model does: each rank slices its heads)
+        self._cache = [c for c in manifest.get("cache", []) if c["axis"] is not None]
+        # A token embedding split by vocabulary gives zeros for an id no rank owns, where the whole model's
+        # Gather fails: ids are checked against its rows here.
+        self._vocabulary = next((w["shape"][0] for w in manifest.get("weights", []) if w["split"] == "vocabulary"), None)
+        self._input_specs = _input_specs(resolve_shard_path(self.model_path, 0, size), self._cache)
         self.backend = backend
         self.timeout = default_timeout() if timeout is None else timeout
         self._closed: str | None = None
@@ -163,6 +183,8 @@ class ShardedModel:
         self._next_id = 1
         self._ranks: dict[int, dict] = {}  # each rank's BUILD_FINISH header: pid, host, ...
         self.last_rank_seconds: float | None = None
+        self.last_reply: dict | None = None  # rank 0's last REPLY header
+        self.last_replies: dict[int, dict] = {}  # every rank's last REPLY header
         self._job = _Job(tempfile.mkdtemp(prefix="orch_sharded_"))
         self._finalizer = weakref.finalize(self, self._job.shutdown, True)  # garbage collection, interpreter exit
         try:
@@ -180,7 +202,8 @@ class ShardedModel:
     def _start(self, threads: int, startup_timeout: float) -> None:
         argv, env = python_module(WORKER_MODULE, "--model", str(self.model_path), "--master", self._address,
                                   "--backend", self.backend, "--threads", str(threads),
-                                  "--master_pid", str(os.getpid()), "--timeout", str(self.timeout))
+                                  "--master_pid", str(os.getpid()), "--timeout", str(self.timeout),
+                                  *(["--prefill", str(self.prefill_path)] if self.prefill_path else []))
         deadline = time.monotonic() + startup_timeout
         if self.backend == "mpi":
             # Each rank runs under the launchers' wrapper: lines prefixed with the rank, an exit record
@@ -245,15 +268,64 @@ class ShardedModel:
             raise WorkerError(f"predict on a closed ShardedModel ({self._closed}); create a new ShardedModel")
         return self._request(validate_feeds(inputs, self._input_specs))
 
-    def _request(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def generate(self, input_ids, max_new_tokens: int, *, attention_mask=None, stop_token: int | None = None,
+                 temperature: float = 0.0, seed: int | None = None, return_logits: bool = False):
+        """Generate up to ``max_new_tokens`` per prompt with a decoder sharded with its key/value cache.
+
+        ``input_ids``: one prompt, a list of prompts of any lengths, or a 2-D array with -1 as padding
+        (or an ``attention_mask``). The prompt goes to the ranks once; each rank runs prefill and the decode
+        steps itself, keeps its own heads' cache, and the ranks pick each token from their pieces of the
+        vocabulary with one small collective (``_generate``). Greedy unless ``temperature`` > 0 (sampling,
+        reproducible with ``seed``); ``stop_token`` ends a prompt. Returns a ``GenerateResult`` (per prompt
+        the new ids; the logits [new tokens, vocab] when ``return_logits``).
+        """
+        from ._generate import GenerateResult, prepare_prompts
+
+        ids, mask = prepare_prompts(input_ids, attention_mask)
+        if self._vocabulary is not None and ids.size and int(ids.max()) >= self._vocabulary:
+            raise InputError(f"token id {int(ids.max())} is outside the vocabulary of {self.model_path} "
+                             f"({self._vocabulary} tokens: ids 0 to {self._vocabulary - 1})")
+        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise InputError(f"temperature must be 0 (greedy) or positive, got {temperature!r}")
+        if temperature and seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")  # one seed for every rank: they sample alike
+        options = {"max_new_tokens": int(max_new_tokens), "stop_token": None if stop_token is None else int(stop_token),
+                   "temperature": float(temperature), "seed": None if seed is None else int(seed),
+                   "return_logits": bool(return_logits)}
+        started = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                raise WorkerError(f"generate on a closed ShardedModel ({self._closed}); create a new ShardedModel")
+            arrays = self._request({"input_ids": ids, "attention_mask": mask}, generate=options)
+        header = self.last_reply or {}
+        replies = list(self.last_replies.values())
+        lengths = arrays["lengths"]
+        # The slowest rank's time in the model (the others wait for it at the collectives), and the pick of
+        # the rank that reached its collective last (the others' include waiting for it).
+        result = GenerateResult(tokens=[arrays["tokens"][r, :lengths[r]] for r in range(len(lengths))],
+                                steps=int(header.get("steps", 0)), seconds=time.perf_counter() - started,
+                                model_seconds=max(float(h.get("model_seconds", 0.0)) for h in replies),
+                                pick_seconds=min(float(h.get("pick_seconds", 0.0)) for h in replies))
+        result.timings["rank_seconds"] = self.last_rank_seconds
+        result.timings["per_rank"] = {rank: {k: h.get(k) for k in ("model_seconds", "pick_seconds", "seconds")}
+                                      for rank, h in sorted(self.last_replies.items())}
+        if return_logits:
+            result.logits = [arrays["logits"][r, :lengths[r]] for r in range(len(lengths))]
+        return result
+
+    def _request(self, inputs: dict[str, np.ndarray], **fields) -> dict[str, np.ndarray]:
         """Send checked inputs to every rank and wait for rank 0's outputs (the lock is held)."""
         request = self._next_id
         self._next_id += 1
-        exchange = _Exchange(f"predict request {request}", set(range(self.tp)), set())
-        frames = proto.encode(proto.PREDICT, request, arrays=inputs)
+        exchange = _Exchange(f"{'generate' if 'generate' in fields else 'predict'} request {request}",
+                             set(range(self.tp)), set())
+        frames = proto.encode(proto.PREDICT, request, arrays=inputs, **fields)
         deadline = time.monotonic() + self.timeout
         result = None
         self.last_rank_seconds = None  # slowest rank's time inside run(), without the transfers
+        self.last_replies = {}
         try:
             for rank in range(self.tp):
                 self._job.sock.send_multipart([self._job.peers[rank]] + frames)
@@ -268,8 +340,10 @@ class ShardedModel:
                 elif msg.kind == proto.REPLY:
                     exchange.pending.discard(msg["rank"])
                     self.last_rank_seconds = max(self.last_rank_seconds or 0.0, msg.get("seconds", 0.0))
+                    self.last_replies[msg["rank"]] = msg.header
                     if msg["rank"] == 0:
                         result = {k: np.array(v) for k, v in msg.arrays().items()}
+                        self.last_reply = msg.header
                 else:
                     raise WorkerError(f"{exchange.doing}: {self._where(msg.get('rank'))} sent {msg.kind}; "
                                       f"expected STARTED, REPLY or ERROR")
@@ -503,8 +577,10 @@ def _model_path(path: Path) -> Path:
     return path
 
 
-def _input_specs(shard_path: Path) -> list[tuple[str, DataType, list[int]]]:
-    """(name, dtype, shape with -1 for free dimensions) of a shard's graph inputs."""
+def _input_specs(shard_path: Path, cache: list[dict] = ()) -> list[tuple[str, DataType, list[int]]]:
+    """(name, dtype, shape with -1 for free dimensions) of a shard's graph inputs; a cache cut by heads
+    with the whole model's heads (predict takes it whole)."""
+    whole_heads = {c["past"]: (c["axis"], c["heads"]) for c in cache}
     graph = load_onnx_header(shard_path).graph
     weights = {t.name for t in graph.initializer}
     specs = []
@@ -514,5 +590,8 @@ def _input_specs(shard_path: Path) -> list[tuple[str, DataType, list[int]]]:
         tensor = value.type.tensor_type
         dtype = DataType.from_numpy(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
         shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor.shape.dim]
+        if value.name in whole_heads:
+            axis, heads = whole_heads[value.name]
+            shape[axis] = heads
         specs.append((value.name, dtype, shape))
     return specs

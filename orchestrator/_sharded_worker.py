@@ -8,6 +8,7 @@ DEALER talks to the master's ROUTER). Its states::
 
     BUILDING  communicator, shard, a barrier with every rank --> BUILD_FINISH (or ERROR, exit 1)
     SERVING   PREDICT --> run (STARTED once it has run STARTED_AFTER s), REPLY (or ERROR, exit 1);
+              PREDICT with a ``generate`` field --> the whole generation loop here (``_generate``), REPLY;
               EXIT --> close, exit 0
 
 The barrier comes before BUILD_FINISH, so BUILD_FINISH from every rank means
@@ -33,6 +34,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import zmq
 
 from ranks._shard_files import resolve_shard_path
@@ -91,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--master_pid", type=int)
     p.add_argument("--timeout", type=float)
+    p.add_argument("--prefill", help="shards of a separate prefill graph, for generate")
     return p
 
 
@@ -128,6 +131,26 @@ def _last_word(who: str, exc: BaseException) -> None:
         pass
 
 
+def _generate(runner, arrays: dict, options: dict) -> tuple[dict, dict]:
+    """A whole generation on this rank (``ShardedModel.generate``): the prompt came once, the loop runs here,
+    this rank's cache never leaves it; rank 0 sends back the new ids (and the logits when asked)."""
+    from ._generate import generate_on_rank
+
+    result = generate_on_rank(runner, arrays["input_ids"], int(options["max_new_tokens"]),
+                              prefill_runner=getattr(runner, "prefill", None),
+                              attention_mask=arrays.get("attention_mask"), stop_token=options.get("stop_token"),
+                              temperature=float(options.get("temperature") or 0.0), seed=options.get("seed"),
+                              return_logits=bool(options.get("return_logits")))
+    payload = {"tokens": result.padded(), "lengths": np.array([len(t) for t in result.tokens], dtype=np.int64)}
+    if result.logits is not None:
+        width = payload["tokens"].shape[1]
+        logits = np.zeros((len(result.logits), width, result.logits[0].shape[-1]), dtype=result.logits[0].dtype)
+        for row, value in enumerate(result.logits):
+            logits[row, :len(value)] = value
+        payload["logits"] = logits
+    return payload, {"steps": result.steps, "model_seconds": result.model_seconds, "pick_seconds": result.pick_seconds}
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     ctx = zmq.Context()
@@ -145,6 +168,9 @@ def main(argv=None) -> int:
             who = f"rank {comm.rank} of {comm.size}"
             path = resolve_shard_path(args.model, comm.rank, comm.size)
             runner = StagedRunner(path, comm, make_session=default_session_factory(threads=args.threads))
+            if args.prefill:
+                runner.prefill = StagedRunner(resolve_shard_path(args.prefill, comm.rank, comm.size), comm,
+                                              make_session=default_session_factory(threads=args.threads))
             # Every rank built its shard before any BUILD_FINISH: the master starts no request on a half-built job.
             comm.barrier()
         except BaseException as exc:
@@ -174,16 +200,22 @@ def main(argv=None) -> int:
                     raise proto.ProtocolError(f"{who} received {msg.kind}, which a master never sends to a rank")
                 progress.current = (request_id, time.monotonic())
                 started = time.perf_counter()
-                outputs = runner.run(None, msg.arrays())
+                options = msg.get("generate")
+                extra = {}
+                if options is not None:
+                    payload, extra = _generate(runner, msg.arrays(), options)
+                else:
+                    outputs = runner.run(None, msg.arrays())
                 seconds = time.perf_counter() - started
                 progress.current = None
             except BaseException as exc:
                 sock.send_multipart(proto.error_frames(request_id, exc, who, rank=comm.rank))
                 _last_word(who, exc)
                 return 1  # peers may be stuck in a collective: this job is over
-            payload = dict(zip(names, outputs)) if comm.rank == 0 else {}
+            if options is None:
+                payload = dict(zip(names, outputs))
             sock.send_multipart(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,
-                                             seconds=seconds, arrays=payload))
+                                             seconds=seconds, arrays=payload if comm.rank == 0 else {}, **extra))
     finally:
         if progress is not None:
             progress.close()

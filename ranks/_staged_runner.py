@@ -19,6 +19,7 @@ it reads; its initializers are the ones its nodes use.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ from ._errors import InputError, ModelError, ModelNotFoundError, ShardError
 from ._shard_manifest import META_ID, META_MANIFEST, META_RANK, META_WORLD_SIZE, read_manifest, shard_metadata
 
 COLLECTIVE_OPS = ("AllReduce", "AllGather")
+# Shard metadata: JSON list of a decoder's cache pairs ({"past", "present", "axis", "heads", "heads_per_rank"},
+# axis null when the cache stays whole on every rank), written by ``orchestrate shard``.
+META_CACHE = "orchestrator.shard.cache"
 MS_DOMAIN = "com.microsoft"
 
 
@@ -166,8 +170,15 @@ class StagedRunner:
                 raise ModelNotFoundError(f"shard {self.path} does not exist (rank {comm.rank} of {comm.size})")
             proto, label = onnx.load(str(self.path)), str(self.path)
         self._validate(proto, label)
+        meta = shard_metadata(proto)
+        # A decoder's key/value cache cut by heads: each rank's past and present hold its own heads.
+        self.cache = [c for c in json.loads(meta.get(META_CACHE, "[]") or "[]")]
         self.program = StagedProgram(proto, make_session, label=label)
         self._input_names = [a.name for a in self.program.inputs]
+        # Graph outputs gathered whole by an AllGather (logits of an LM head split by vocabulary):
+        # output name -> the axis along which each rank holds its piece.
+        self.gathered_outputs = {c.output: c.axis for stage in self.program.stages for c in stage.collectives
+                                 if c.op == "AllGather" and c.output in {a.name for a in self.program.outputs}}
         # Every rank must issue its collectives in the same order: one run at a time per rank.
         self._lock = threading.Lock()
 
@@ -219,17 +230,43 @@ class StagedRunner:
         return ["CPUExecutionProvider"]
 
     def run(self, output_names, input_feed: dict, run_options=None) -> list[np.ndarray]:
+        """The whole model's outputs. A cache cut by heads is taken whole (each rank slices its heads) and
+        given back whole (gathered), so that callers written for the unsliced model work unchanged."""
+        names = output_names or [a.name for a in self.program.outputs]
+        feed = dict(input_feed)
+        presents = {}
+        for c in self.cache:
+            if c["axis"] is None:
+                continue
+            presents[c["present"]] = c["axis"]
+            value = feed.get(c["past"])
+            if value is not None and np.ndim(value) > c["axis"] and np.shape(value)[c["axis"]] == c["heads"]:
+                piece = c["heads_per_rank"]
+                feed[c["past"]] = np.take(value, range(self.comm.rank * piece, (self.comm.rank + 1) * piece), axis=c["axis"])
+        outputs = self.run_local(names, feed)
+        # (every rank gathers the same presents in the same order: the collectives stay matched)
+        return [self.comm.allgather(v, axis=presents[n]) if n in presents else v for n, v in zip(names, outputs)]
+
+    def run_local(self, output_names, input_feed: dict, local=()) -> list[np.ndarray]:
+        """Run the shard on this rank's feeds; outputs named in ``local`` are this rank's pieces (not gathered).
+
+        A cache cut by heads goes in and comes out as this rank's heads: a decode loop feeds each
+        present back as the next past without any communication.
+        """
         names = output_names or [a.name for a in self.program.outputs]
         missing = [n for n in self._input_names if n not in input_feed]
         if missing:
             raise InputError(f"missing input(s) {missing}; the model takes {self._input_names}")
         env = dict(input_feed)
+        local = set(local)
         with self._lock:
             for k, stage in enumerate(self.program.stages):
                 self.program.run_stage(k, env)
                 for c in stage.collectives:
                     if c.op == "AllReduce":
                         env[c.output] = self.comm.allreduce(env[c.input], "sum")
+                    elif c.output in local:
+                        env[c.output] = env[c.input]
                     else:
                         env[c.output] = self.comm.allgather(env[c.input], axis=c.axis)
         try:

@@ -1,0 +1,181 @@
+"""Generating tokens across 2 rank processes, each keeping its own heads' key/value cache.
+
+The three ways to start ranks, on the exported decoders of ``tests/fixtures`` (``make_exports.py``),
+against torch's greedy tokens and logits: ``ShardedModel.generate`` from Python, a rank program under
+``orchestrate launch mpi``, the same program from a rank table (zmq); and ``orchestrate generate``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from orchestrator import InputError, ShardedModel, shard_model
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PROGRAM = Path(__file__).resolve().parent / "programs" / "generate_rank.py"
+STEPS = 32
+TOLERANCE = 1e-4
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
+
+
+def _reference(name: str) -> dict:
+    with np.load(FIXTURES / f"{name}.npz") as saved:
+        return {k: saved[k] for k in saved.files}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = shard_model(FIXTURES / f"{name}.onnx", 2, tmp_path_factory.mktemp(name), progress=False)
+        return made[name]
+
+    return get
+
+
+def _one_step_with_a_past(name: str) -> tuple[dict, dict]:
+    """Feeds of one decode step after a past of 4 positions, and the whole model's outputs for them."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(FIXTURES / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 512, (2, 1)), "attention_mask": np.ones((2, 5), np.int64),
+             "position_ids": np.full((2, 1), 4)}
+    for arg in session.get_inputs()[3:]:
+        feeds[arg.name] = rng.standard_normal((2, arg.shape[1], 4, arg.shape[3])).astype(np.float32)
+    return feeds, dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def _prompt_file(name: str, path: Path) -> Path:
+    np.save(path, _reference(name)["prompt_ids"])
+    return path
+
+
+def _check_saved(path: Path, ref: dict) -> None:
+    with np.load(path) as saved:
+        assert saved["tokens"].tolist() == ref["tokens"][:, :STEPS].tolist()
+        assert np.max(np.abs(saved["logits"] - ref["logits"][:, :STEPS])) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["gpt2_cache_dynamo", "llama_cache_dynamo"])
+def test_sharded_model_generates_torchs_tokens(name, shards):
+    ref = _reference(name)
+    with ShardedModel(shards(name).model_path, backend="mpi", timeout=120) as model:
+        pids = list(model.pids.values())
+        got = model.generate(ref["prompt_ids"], STEPS, return_logits=True)
+        assert got.steps == STEPS
+        for row in range(2):
+            assert got.tokens[row].tolist() == ref["tokens"][row, :STEPS].tolist()
+            assert np.max(np.abs(got.logits[row] - ref["logits"][row, :STEPS])) <= TOLERANCE
+        # The same ranks again: a fresh cache per request, one prompt, and a stop token.
+        stop = int(ref["tokens"][0, 3])
+        again = model.generate(ref["prompt_ids"][0], STEPS, stop_token=stop)
+        end = list(ref["tokens"][0]).index(stop) + 1
+        assert again.tokens[0].tolist() == ref["tokens"][0, :end].tolist()
+        sampled = model.generate(ref["prompt_ids"], 8, temperature=0.8, seed=5)
+        with pytest.raises(InputError, match=r"token id 512 is outside the vocabulary .*\(512 tokens: ids 0 to 511\)"):
+            model.generate([1, 512], 4)
+        # predict takes and gives the cache whole, as the unsliced model does (each rank slices its heads)
+        feeds, want = _one_step_with_a_past(name)
+        got = model.predict(feeds)
+        assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+        assert max(float(np.max(np.abs(got[k] - want[k]))) for k in want) <= TOLERANCE
+    from orchestrator import generate
+
+    whole = generate(FIXTURES / f"{name}.onnx", ref["prompt_ids"], 8, temperature=0.8, seed=5)
+    assert [t.tolist() for t in sampled.tokens] == [t.tolist() for t in whole.tokens]
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sharded_model_with_a_separate_prefill_graph(shards, tmp_path):
+    ref = _reference("gpt2_cache_dynamo")
+    prefill = shard_model(FIXTURES / "gpt2_prefill_dynamo.onnx", 2, tmp_path, progress=False)
+    with ShardedModel(shards("gpt2_cache_dynamo").model_path, backend="zmq", timeout=120,
+                      prefill=prefill.model_path) as model:
+        got = model.generate(ref["prompt_ids"], STEPS, return_logits=True)
+    for row in range(2):
+        assert got.tokens[row].tolist() == ref["tokens"][row, :STEPS].tolist()
+        assert np.max(np.abs(got.logits[row] - ref["logits"][row, :STEPS])) <= TOLERANCE
+
+
+@pytest.mark.cli
+def test_a_rank_program_generates_under_mpirun(shards, tmp_path):
+    pytest.importorskip("launchers._mpi")
+    from conftest import orchestrate_command, run_command
+
+    name = "gpt2_cache_dynamo"
+    prompt = _prompt_file(name, tmp_path / "prompt.npy")
+    result = run_command(orchestrate_command(
+        "launch", "mpi", "-n", "2", "--", sys.executable, str(PROGRAM), "--shards", str(shards(name).model_path),
+        "--prompt-ids", str(prompt), "--max-new-tokens", str(STEPS), "--output", str(tmp_path / "out{rank}.npz"),
+    ), timeout=200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(2):
+        _check_saved(tmp_path / f"out{rank}.npz", _reference(name))
+
+
+@pytest.mark.cli
+def test_a_rank_program_generates_from_a_rank_table(shards, tmp_path):
+    pytest.importorskip("ranks._comm_zmq")
+    from conftest import project_env
+    from ranks import free_base_port, generate_rank_table
+
+    name = "llama_cache_dynamo"
+    generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
+    (tmp_path / "config_file.ini").write_text(
+        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
+    )
+    prompt = _prompt_file(name, tmp_path / "prompt.npy")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(PROGRAM), "--shards", str(shards(name).model_path), "--prompt-ids", str(prompt),
+             "--max-new-tokens", str(STEPS), "--output", str(tmp_path / "out{rank}.npz"), f"--rank_id={rank}",
+             f"--device_id={rank}", f"--config_file={tmp_path / 'config_file.ini'}"],
+            env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=200)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], logs
+    for rank in range(2):
+        _check_saved(tmp_path / f"out{rank}.npz", _reference(name))
+
+
+@pytest.mark.cli
+def test_orchestrate_generate_prints_and_saves_the_new_ids(shards, tmp_path):
+    from conftest import orchestrate_command, run_command
+
+    name = "llama_cache_dynamo"
+    ref = _reference(name)
+    prompt = _prompt_file(name, tmp_path / "prompt.npy")
+    want = [f"generated: {' '.join(str(t) for t in ref['tokens'][row, :STEPS])}" for row in range(2)]
+    whole = run_command(orchestrate_command("generate", str(FIXTURES / f"{name}.onnx"), "--prompt-ids", str(prompt),
+                                            "--max-new-tokens", str(STEPS)), timeout=120)
+    assert whole.returncode == 0, whole.stderr
+    assert whole.stdout.splitlines() == want
+    out = tmp_path / "new_ids.npy"
+    sharded = run_command(orchestrate_command("generate", str(shards(name).model_path), "--prompt-ids", str(prompt),
+                                              "--max-new-tokens", str(STEPS), "--tp", "2", "--backend", "zmq",
+                                              "--output", str(out)), timeout=120)
+    assert sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout.splitlines() == want
+    assert np.load(out).tolist() == ref["tokens"][:, :STEPS].tolist()
+    wrong = run_command(orchestrate_command("generate", str(shards(name).model_path), "--prompt-ids", str(prompt),
+                                            "--max-new-tokens", "4", "--tp", "4"), timeout=60)
+    assert wrong.returncode == 2
+    assert "tp=4, but the shards of" in wrong.stderr and "were made for 2 ranks" in wrong.stderr
