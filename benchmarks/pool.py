@@ -5,7 +5,9 @@ Throughput and latency: CLIENTS threads each send batch-1 requests to the sample
   ours:     a ModelParallelRunner of 2 workers x 1 thread
   baseline: one InferenceSession with 2 threads, called under a lock (the naive server)
 Rounds of the two alternate, so a noisy neighbour hurts both alike; the medians over rounds are
-compared. Target: throughput >= 1.3x. The same pool on shared weights (prepacking off) is timed
+compared. Target: throughput >= 1.3x. The same pool joining waiting requests into one run
+(join_requests = clients: one read of the weights serves several requests), the same pool on shared
+weights (prepacking off) and process workers are timed
 against the same baseline, one worker on shared against private weights shows what sharing costs
 a request, and two bare 1-thread sessions side by side against one bare 2-thread session show the
 ceiling the machine sets for any pool of this shape.
@@ -71,14 +73,15 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q))
 
 
-def runner_of(path: Path, workers: int, threads: int, share: bool, worker_type: str = "thread") -> ModelParallelRunner:
+def runner_of(path: Path, workers: int, threads: int, share: bool, worker_type: str = "thread",
+              join: int = 1) -> ModelParallelRunner:
     context = Context()
     context.cpu.thread_num = threads
     context.parallel.workers_num = workers
     runner = ModelParallelRunner()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # 4 workers on fewer cores: measured on purpose
-        runner.build_from_file(path, context, share_weights=share, worker_type=worker_type)
+        runner.build_from_file(path, context, share_weights=share, worker_type=worker_type, join_requests=join)
     return runner
 
 
@@ -171,12 +174,14 @@ def main(argv=None) -> int:
         pool = runner_of(path, 2, 1, False)
         shared = runner_of(path, 2, 1, True)
         processes = runner_of(path, 2, 1, False, worker_type="process")
+        joining = runner_of(path, 2, 1, False, join=args.clients)
         expected = naive(inputs[0])[0]
-        for runner in (pool, shared, processes):
+        for runner in (pool, shared, processes, joining):
             np.testing.assert_allclose(runner.predict([inputs[0]])[0].get_data_to_numpy(), expected, rtol=1e-4, atol=1e-4)
 
         paths = {"pool": lambda x: pool.predict([x]), "pool, shared weights": lambda x: shared.predict([x]),
-                 "process pool": lambda x: processes.predict([x]), "naive": naive, "naive, no spinning": naive_quiet}
+                 "process pool": lambda x: processes.predict([x]), "pool, joining requests": lambda x: joining.predict([x]),
+                 "naive": naive, "naive, no spinning": naive_quiet}
         walls: dict[str, list[float]] = {name: [] for name in paths}
         latencies: dict[str, list[float]] = {name: [] for name in paths}
         for name, call in paths.items():
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
         bench_one = Bench("")
         cost = bench_one.compare("shared", ours=lambda: one_shared.predict([inputs[0]]),
                                  baseline=lambda: one_private.predict([inputs[0]]), repeats=60)
-        for runner in (pool, shared, processes, one_private, one_shared):
+        for runner in (pool, shared, processes, joining, one_private, one_shared):
             runner.close()
 
     requests = args.clients * args.requests
@@ -222,6 +227,8 @@ def main(argv=None) -> int:
               ratio="baseline/ours")
     bench.add("throughput, pool on shared weights vs naive", per_request["pool, shared weights"], per_request["naive"],
               ratio="baseline/ours")
+    bench.add("throughput, pool joining waiting requests (join_requests) vs naive", per_request["pool, joining requests"],
+              per_request["naive"], ratio="baseline/ours", target=(">=", 1.3))
     bench.add("throughput, process workers vs naive", per_request["process pool"], per_request["naive"],
               ratio="baseline/ours")
     bench.add("throughput, process workers vs thread workers", per_request["process pool"], per_request["pool"],
@@ -230,6 +237,9 @@ def main(argv=None) -> int:
         bench.add(f"p{q} latency, pool vs naive", percentile(latencies["pool"], q), percentile(latencies["naive"], q))
     for q in (50, 99):
         bench.add(f"p{q} latency, pool on shared weights vs naive", percentile(latencies["pool, shared weights"], q),
+                  percentile(latencies["naive"], q))
+    for q in (50, 99):
+        bench.add(f"p{q} latency, pool joining requests vs naive", percentile(latencies["pool, joining requests"], q),
                   percentile(latencies["naive"], q))
     bench.add("one worker, 1 client: shared vs private weights", cost.ours, cost.baseline)
     bench.add("ceiling: 2 bare 1-thread sessions side by side vs 1 bare 2-thread session (per request)",

@@ -79,7 +79,7 @@ class ModelParallelRunner:
     # -- building ------------------------------------------------------------------
     def build_from_file(self, model_path, context: Context | None = None, *, queue_size: int | None = None,
                         timeout: float | None = None, share_weights: bool | None = None,
-                        worker_type: str | None = None) -> None:
+                        worker_type: str | None = None, join_requests: int | None = None) -> None:
         """Build ``context.parallel.workers_num`` workers on ``model_path`` and start serving.
 
         Args:
@@ -87,7 +87,7 @@ class ModelParallelRunner:
             context: devices, threads per worker (``cpu.thread_num``), affinity, and
                 ``parallel`` (``workers_num``, ``config_info``, ``config_path``: every
                 worker's model gets that config). None: ``Context()`` (CPU, defaults).
-            queue_size, timeout, share_weights, worker_type: the ``[pool]`` options
+            queue_size, timeout, share_weights, worker_type, join_requests: the ``[pool]`` options
                 (see ``_pool_plan``); given here they win over the config.
 
         Raises:
@@ -106,7 +106,7 @@ class ModelParallelRunner:
         context = context or Context()
         config = load_config(context.parallel.config_path, context.parallel.config_info)
         options = pool_options(config, queue_size=queue_size, timeout=timeout, share_weights=share_weights,
-                               worker_type=worker_type)
+                               worker_type=worker_type, join_requests=join_requests)
         section = config.sections.get("ascend_context", {})
         if PID_LIST_KEY in section or HANDLE_KEY in section:
             raise ConfigError(
@@ -136,7 +136,11 @@ class ModelParallelRunner:
         self._outputs = [TensorMeta(name, dtype, shape) for name, dtype, shape in backend.outputs]
         label = f"ModelParallelRunner({path.name}, {plan.workers} workers)"
         queue = RequestQueue(options.queue_size, plan.workers, label, getattr(backend, "names", None))
-        threads = backend.serve(queue, _tag_error(plan.workers), label)
+        join = options.join_requests if all(shape and shape[0] == -1 for _, _, shape in self._inputs) else 1
+        if options.join_requests > 1 and join == 1:
+            log.warning("%s: join_requests=%d is off: the model's inputs %s do not all have a free dimension 0",
+                        path, options.join_requests, [(name, shape) for name, _, shape in self._inputs])
+        threads = backend.serve(queue, _tag_error(plan.workers), label, join)
         self._model_path = str(model_path)
         self._queue, self._options, self._plan, self._backend = queue, options, plan, backend
         # Closes the workers on close(), when the runner is collected, or at interpreter exit (the seeds never close).

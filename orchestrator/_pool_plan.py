@@ -16,6 +16,11 @@ share_weights    false                     all workers run on one copy of the we
 worker_type      thread                    ``thread`` (one ONNX Runtime session per worker
                                            thread) or ``process`` (one child process per
                                            worker, see ``_pool_processes``)
+join_requests    1 (off)                   a free worker takes up to this many waiting
+                                           requests of the same shapes at once and runs
+                                           them as one batch (rows joined along dimension
+                                           0, outputs split back); for models whose
+                                           inputs all have a free dimension 0
 ===============  ========================  ==============================================
 
 Workers and threads (``context.parallel.workers_num``, ``context.cpu.thread_num``;
@@ -57,7 +62,7 @@ from ranks._session import cores_for_affinity_mode
 POOL_SECTION = "pool"
 DEFAULT_QUEUE_SIZE = 1000  # MindSpore Lite's kNumMaxTaskQueueSize
 WORKER_TYPES = ("thread", "process")
-POOL_KEYS = ("queue_size", "timeout", "share_weights", "worker_type")
+POOL_KEYS = ("queue_size", "timeout", "share_weights", "worker_type", "join_requests")
 MAX_DEFAULT_THREADS = 8  # MindSpore Lite's kDefaultThreadsNum
 # The cpu keys the pool decides per worker; the rest of [cpu_context] reaches every worker as it is.
 PER_WORKER_CPU_KEYS = ("thread_num", "thread_affinity_mode", "thread_affinity_core_list")
@@ -71,6 +76,7 @@ class PoolOptions:
     timeout: float = 0.0  # 0: ORCH_TIMEOUT
     share_weights: bool = False
     worker_type: str = "thread"
+    join_requests: int = 1
     source: str = "build_from_file"
 
     def __post_init__(self):
@@ -91,6 +97,8 @@ class PoolOptions:
         if not isinstance(self.worker_type, str) or self.worker_type.lower() not in WORKER_TYPES:
             raise ConfigError(f"{where}: worker_type must be one of {list(WORKER_TYPES)}, got {self.worker_type!r}")
         self.worker_type = self.worker_type.lower()
+        if isinstance(self.join_requests, bool) or not isinstance(self.join_requests, int) or self.join_requests < 1:
+            raise ConfigError(f"{where}: join_requests must be an int >= 1 (1: off), got {self.join_requests!r}")
 
 
 def pool_options(config: RankConfig, **overrides) -> PoolOptions:
@@ -114,6 +122,8 @@ def pool_options(config: RankConfig, **overrides) -> PoolOptions:
         values["share_weights"] = flag
     if "worker_type" in section:
         values["worker_type"] = section["worker_type"].strip()
+    if "join_requests" in section:
+        values["join_requests"] = _parse(where, "join_requests", section["join_requests"], int, "an integer >= 1")
     given = {key: value for key, value in overrides.items() if value is not None}
     source = where if values and not given else ("build_from_file" if not values else f"{where} + build_from_file")
     return PoolOptions(**{**values, **given}, source=source)

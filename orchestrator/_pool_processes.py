@@ -59,7 +59,7 @@ from ranks._tensor import DataType
 from . import _protocol as proto
 from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
 from ._pool_plan import WorkerPlan
-from ._pool_queue import RequestQueue, Request, State
+from ._pool_queue import Request, RequestQueue, State, serve
 from ._worker_memory import Slot, layout
 from ._worker_processes import death_text, start_workers, stop_workers
 
@@ -279,12 +279,13 @@ class ProcessWorkers:
             for channel in proto.wait(list(pending), remaining):
                 pending.pop(channel).receive_build(path)
 
-    def serve(self, queue: RequestQueue, tag_error, label: str) -> list[threading.Thread]:
+    def serve(self, queue: RequestQueue, tag_error, label: str, join: int = 1) -> list[threading.Thread]:
         """One daemon dispatcher thread per worker process."""
         del tag_error  # a worker's errors name it already (who, host and pid travel with them)
         threads = []
         for engine in self.engines:
-            thread = threading.Thread(target=_dispatch, args=(queue, engine), name=f"{label} worker {engine.index}",
+            thread = threading.Thread(target=serve, args=(queue, engine, engine.index, _mark_worker, join),
+                                      kwargs={"fatal": (WorkerLostError,)}, name=f"{label} worker {engine.index}",
                                       daemon=True)
             thread.start()
             threads.append(thread)
@@ -301,29 +302,13 @@ class ProcessWorkers:
             engine.close()
 
 
-def _dispatch(queue: RequestQueue, engine: ProcessEngine) -> None:
-    """A dispatcher's loop: take, run in the worker process, finish; until the queue closes or the worker is lost."""
-    while True:
-        request = queue.take(engine.index)
-        if request is None:
-            return
-        try:
-            outputs = engine.run(request)
-        except WorkerLostError as exc:
-            exc.worker = engine.index
-            queue.finish(request, error=exc)
-            queue.worker_gone(engine.index, str(exc).splitlines()[0])
-            return
-        except Exception as exc:  # the model's failure in the worker, raised here with its type
-            try:
-                exc.worker = engine.index
-            except AttributeError:
-                pass
-            queue.finish(request, error=exc)
-        else:
-            queue.finish(request, outputs=outputs)
-        finally:
-            request.feeds = None
+def _mark_worker(exc: BaseException, worker: int) -> BaseException:
+    """A process worker's error as its caller gets it: already named (``[worker k of N on host H (pid P)]``)."""
+    try:
+        exc.worker = worker
+    except AttributeError:
+        pass
+    return exc
 
 
 def _worker_context(context: Context, threads: int) -> Context:

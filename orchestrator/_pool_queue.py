@@ -38,6 +38,8 @@ import enum
 import threading
 import time
 
+import numpy as np
+
 from ._errors import PoolClosedError, PoolQueueFullError, WorkerTimeoutError
 
 
@@ -80,6 +82,7 @@ class RequestQueue:
         self._running: dict[int, Request] = {}
         self._closed: str | None = None  # why, once closed
         self._gone: dict[int, str] = {}  # workers lost for good (process workers), and why
+        self._joined: dict[int, list[Request]] = {}  # requests a worker runs with its first one (join_requests)
 
     # -- callers ---------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -154,11 +157,35 @@ class RequestQueue:
             self._running[worker] = request
             return request
 
+    def take_joinable(self, worker: int, first: Request, limit: int, key) -> list[Request]:
+        """``first`` and up to ``limit - 1`` more waiting requests whose ``key(request)`` equals first's, oldest
+        first, now RUNNING on ``worker`` beside it (they are run as one batch)."""
+        batch = [first]
+        if limit <= 1:
+            return batch
+        wanted = key(first)
+        if wanted is None:
+            return batch
+        with self._cond:
+            for request in list(self._waiting):
+                if len(batch) >= limit:
+                    break
+                if key(request) == wanted:
+                    self._waiting.remove(request)
+                    request.state = State.RUNNING
+                    request.worker = worker
+                    request.started = time.monotonic()
+                    batch.append(request)
+            if len(batch) > 1:
+                self._joined[worker] = batch[1:]
+        return batch
+
     def finish(self, request: Request, outputs=None, error: BaseException | None = None) -> None:
         """Record the worker's outcome and wake the caller; nothing happens for an ABANDONED request."""
         with self._cond:
             if self._running.get(request.worker) is request:
                 del self._running[request.worker]
+                self._joined.pop(request.worker, None)
             if request.state is not State.RUNNING:
                 return
             request.state = State.DONE
@@ -188,7 +215,8 @@ class RequestQueue:
                     f"{position} of {waiting}; it never ran"
                 ))
             self._waiting.clear()
-            for worker, request in self._running.items():
+            running = [(w, r) for w, r in self._running.items()] + [(w, r) for w, rs in self._joined.items() for r in rs]
+            for worker, request in running:
                 if request.state is not State.RUNNING:
                     continue  # timed out already; its caller has its error
                 self._abandon(request, PoolClosedError(
@@ -219,25 +247,110 @@ def _cancel(request: Request) -> None:
         request.cancel()
 
 
-def serve(queue: RequestQueue, engine, worker: int, tag_error) -> None:
-    """A worker thread's loop: take, run, finish, until the queue closes.
+def serve(queue: RequestQueue, engine, worker: int, tag_error, join: int = 1, fatal: tuple = ()) -> None:
+    """A worker's loop: take, run, finish, until the queue closes (or the engine raises one of ``fatal``).
 
     ``tag_error(exc, worker)`` gives the exception the caller sees (its type kept,
     the worker named). The loop never dies of a request's failure: only the
-    queue closing ends it.
+    queue closing, or a ``fatal`` error (the worker's process is gone), ends it.
+    ``join`` > 1: the worker takes up to that many waiting requests of the same
+    shapes at once and runs them as one batch (``JoinedRequests``).
     """
     while True:
         request = queue.take(worker)
         if request is None:
             return
+        batch = queue.take_joinable(worker, request, join, join_key) if join > 1 else [request]
         try:
-            outputs = engine.run(request)
-        except Exception as exc:
-            queue.finish(request, error=tag_error(exc, worker))
-        except BaseException as exc:  # SystemExit from a custom op: report it, then let the thread end
-            queue.finish(request, error=tag_error(exc, worker))
-            raise
-        else:
-            queue.finish(request, outputs=outputs)
+            if len(batch) == 1:
+                _run_one(queue, engine, worker, request, tag_error, fatal)
+            else:
+                _run_joined(queue, engine, worker, batch, tag_error, fatal)
+        except fatal as exc:
+            for member in batch:
+                queue.finish(member, error=tag_error(exc, worker))
+            queue.worker_gone(worker, str(exc).splitlines()[0])
+            return
         finally:
-            request.feeds = None  # the caller may hold the request; its inputs are no longer needed
+            for member in batch:
+                member.feeds = None  # the caller may hold the request; its inputs are no longer needed
+
+
+def _run_one(queue: RequestQueue, engine, worker: int, request: Request, tag_error, fatal: tuple) -> None:
+    try:
+        outputs = engine.run(request)
+    except fatal:
+        raise
+    except Exception as exc:
+        queue.finish(request, error=tag_error(exc, worker))
+    except BaseException as exc:  # SystemExit from a custom op: report it, then let the thread end
+        queue.finish(request, error=tag_error(exc, worker))
+        raise
+    else:
+        queue.finish(request, outputs=outputs)
+
+
+def _run_joined(queue: RequestQueue, engine, worker: int, batch: list[Request], tag_error, fatal: tuple) -> None:
+    """Run ``batch`` as one; when the joined run fails or its outputs cannot be split by rows, run each alone,
+    so that a request whose inputs make the model fail fails alone."""
+    joined = JoinedRequests(batch)
+    try:
+        outputs = engine.run(joined)
+    except fatal:
+        raise
+    except Exception:  # noqa: BLE001 - each request runs again alone and reports its own outcome
+        outputs = None
+    if outputs is not None:
+        parts = joined.split(outputs)
+        if parts is not None:
+            for member, part in zip(batch, parts):
+                queue.finish(member, outputs=part)
+            return
+    for member in batch:
+        if member.state is State.RUNNING:  # not abandoned meanwhile (a timeout, close)
+            member.cancel = None
+            _run_one(queue, engine, worker, member, tag_error, fatal)
+
+
+def join_key(request: Request):
+    """What requests must share to be joined: each input's name, dtype and shape beyond dimension 0."""
+    key = []
+    for name, array in request.feeds.items():
+        if getattr(array, "ndim", 0) == 0:
+            return None
+        key.append((name, array.dtype.str, array.shape[1:]))
+    return tuple(key)
+
+
+class JoinedRequests:
+    """Several requests of the same shapes run as one, their rows joined along dimension 0.
+
+    To an engine it is a request: ``feeds``, ``state`` and ``cancel``. It counts as
+    abandoned only when every member is, and a member's cancel stops the joined
+    run only then (the others still want its outputs).
+    """
+
+    def __init__(self, members: list[Request]):
+        self.members = members
+        names = list(members[0].feeds)
+        self.feeds = {name: np.concatenate([m.feeds[name] for m in members]) for name in names}
+        self.rows = [m.feeds[names[0]].shape[0] for m in members]
+        self.cancel = None  # set by the engine: stops the joined run
+        for member in members:
+            member.cancel = self._member_cancelled
+
+    @property
+    def state(self) -> State:
+        return State.ABANDONED if all(m.state is State.ABANDONED for m in self.members) else State.RUNNING
+
+    def _member_cancelled(self) -> None:
+        if self.state is State.ABANDONED and self.cancel is not None:
+            self.cancel()
+
+    def split(self, outputs) -> list[list] | None:
+        """Each member's rows of every output, or None when an output does not have the joined rows in dimension 0."""
+        total = sum(self.rows)
+        if any(np.ndim(output) == 0 or output.shape[0] != total for output in outputs):
+            return None
+        bounds = np.cumsum([0] + self.rows)
+        return [[output[a:b] for output in outputs] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -108,7 +108,7 @@ class ThreadWorkers:
     """The thread backend of a ModelParallelRunner: ``plan.workers`` sessions in this process, a thread each.
 
     What the runner needs of a backend: ``inputs`` and ``outputs`` ([(name, DataType,
-    shape)]), ``serve(queue, tag_error, label)`` starting one thread per worker that
+    shape)]), ``serve(queue, tag_error, label, join)`` starting one thread per worker that
     serves the queue (``_pool_queue.serve``), and ``close()`` once those threads ended.
     """
 
@@ -120,12 +120,12 @@ class ThreadWorkers:
         self.inputs = [(arg.name, data_type_from_ort(arg.type), _dims(arg.shape)) for arg in session.get_inputs()]
         self.outputs = [(arg.name, data_type_from_ort(arg.type), _dims(arg.shape)) for arg in session.get_outputs()]
 
-    def serve(self, queue, tag_error, label: str) -> list[threading.Thread]:
+    def serve(self, queue, tag_error, label: str, join: int = 1) -> list[threading.Thread]:
         """One daemon thread per worker (daemon: a script that never closes its runner still exits)."""
 
         def loop(engine: ThreadEngine) -> None:
             engine.bind_thread()
-            serve(queue, engine, engine.index, tag_error)
+            serve(queue, engine, engine.index, tag_error, join)
 
         threads = []
         for engine in self.engines:

@@ -222,3 +222,101 @@ def test_shared_weights_with_a_slow_model_still_stop_and_fail_cleanly(tmp_path):
         np.testing.assert_allclose(runner.predict(feeds)[0].get_data_to_numpy(), reference(path, feeds)[0], rtol=1e-5)
         with pytest.raises(ModelError, match="out of data bounds"):
             runner.predict(slow_feeds(1, index=64))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_joined_requests_each_get_their_own_rows(sample, worker_type):
+    # join_requests: a free worker runs up to 8 waiting requests of the same shapes as one batch. 16 clients
+    # on 1 worker keep requests waiting, so batches form; each reply must still be its own request's rows.
+    path = sample("mlp")
+    clients, per_client = 16, 6
+    rng = np.random.default_rng(7)
+    rows = rng.integers(1, 4, size=(clients, per_client))  # requests of 1-3 rows join with each other
+    inputs = [[rng.standard_normal((int(r), 64)).astype(np.float32) for r in client_rows] for client_rows in rows]
+    replies: dict = {}
+    errors = []
+    joined = []
+    barrier = threading.Barrier(clients)
+    with ModelParallelRunner() as runner:
+        runner.build_from_file(path, context_of(workers=1), worker_type=worker_type, join_requests=8)
+        assert runner.options.join_requests == 8
+        original = runner._queue.take_joinable
+
+        def counting(worker, first, limit, key):
+            batch = original(worker, first, limit, key)
+            joined.append(len(batch))
+            return batch
+
+        runner._queue.take_joinable = counting
+
+        def client(c: int) -> None:
+            try:
+                barrier.wait()
+                for k in range(per_client):
+                    replies[c, k] = runner.predict([inputs[c][k]])[0].get_data_to_numpy()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(100)
+    assert not errors, errors
+    assert max(joined) > 1, joined  # some requests did run joined
+    for c in range(clients):
+        for k in range(per_client):
+            np.testing.assert_allclose(replies[c, k], reference(path, {"x": inputs[c][k]})[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_member_of_a_joined_batch_fails_alone(sample, monkeypatch):
+    path = sample("mlp")
+    from orchestrator._pool_threads import ThreadEngine
+
+    engine_run = ThreadEngine.run
+    poisoned = np.full((1, 64), 7.0, np.float32)
+
+    def run(self, request):
+        # a model that fails on one row's values: any run holding that row fails
+        if any(np.array_equal(row, poisoned[0]) for row in request.feeds["x"]):
+            raise ModelError("running mlp.onnx failed: this row is poisoned")
+        return engine_run(self, request)
+
+    monkeypatch.setattr(ThreadEngine, "run", run)
+    rng = np.random.default_rng(3)
+    good = [rng.standard_normal((1, 64)).astype(np.float32) for _ in range(6)]
+    results: dict = {}
+    from orchestrator._pool_queue import RequestQueue
+
+    gate = threading.Event()
+    original = RequestQueue.take
+
+    def gated_take(self, worker):
+        gate.wait(10)  # let every request queue up first, so that they are joined
+        return original(self, worker)
+
+    monkeypatch.setattr(RequestQueue, "take", gated_take)
+    with ModelParallelRunner() as runner:
+        runner.build_from_file(path, context_of(1), join_requests=8)
+
+        def call(key, x):
+            try:
+                results[key] = runner.predict([x])[0].get_data_to_numpy()
+            except Exception as exc:  # noqa: BLE001
+                results[key] = exc
+
+        threads = [threading.Thread(target=call, args=(k, x)) for k, x in enumerate(good)]
+        threads.append(threading.Thread(target=call, args=("bad", poisoned)))
+        for thread in threads:
+            thread.start()
+        from tests._pool_helpers import wait_until
+
+        wait_until(lambda: runner._queue.counts()[0] == len(threads), what="every request queued")
+        gate.set()
+        for thread in threads:
+            thread.join(30)
+    assert isinstance(results["bad"], ModelError) and "poisoned" in str(results["bad"])
+    for k, x in enumerate(good):
+        np.testing.assert_allclose(results[k], reference(path, {"x": x})[0], rtol=1e-5, atol=1e-6)
