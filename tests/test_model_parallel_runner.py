@@ -150,6 +150,8 @@ def test_pool_options_come_from_config_info_config_path_and_keywords(pair, tmp_p
     ({"timeout": "-1"}, "timeout must be a number of seconds > 0"),
     ({"share_weights": "perhaps"}, "share_weights must be one of true/false"),
     ({"worker_type": "fiber"}, "worker_type must be one of"),
+    ({"join_requests": "0"}, r"join_requests must be an int >= 1 \(1: off\), got 0"),
+    ({"join_requests": "many"}, "join_requests must be an integer >= 1, got 'many'"),
     ({"queue_sise": "8"}, r"unknown key\(s\) \['queue_sise'\]; known keys are"),
 ])
 def test_bad_pool_options_are_config_errors_that_name_the_key(pair, pool, message):
