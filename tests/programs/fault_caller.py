@@ -102,22 +102,27 @@ def main() -> int:
             model.build_from_file(args.model, context, worker_type="process", timeout=args.timeout)
 
             def predict():
-                # One request per worker at once, so that worker 1 (the victim) runs one too.
-                errors = []
+                # Two requests at once, one per worker, until worker 1 (the victim) has run one: a free worker
+                # takes the next request, so worker 0 may serve both of a pair before worker 1 wakes up.
+                armed = os.path.join(os.environ.get("FAULT_MATRIX_DIR", ""), f"fault.{pids[1]}")
+                for _ in range(100):
+                    errors = []
 
-                def one():
-                    try:
-                        model.predict({"x": x})
-                    except Exception as exc:  # noqa: BLE001
-                        errors.append(exc)
+                    def one():
+                        try:
+                            model.predict({"x": x})
+                        except Exception as exc:  # noqa: BLE001
+                            errors.append(exc)
 
-                threads = [threading.Thread(target=one) for _ in range(2)]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-                if errors:
-                    raise errors[0]
+                    threads = [threading.Thread(target=one) for _ in range(2)]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+                    if errors:
+                        raise errors[0]
+                    if not os.path.exists(armed):
+                        return
 
             pids = model.worker_pids
         else:
