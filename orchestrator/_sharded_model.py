@@ -23,8 +23,10 @@ Handshake and order (reordering any step would deadlock or misreport):
    or the startup timeout end the constructor. (zmq: a rank whose port was
    taken after the master probed it reports ``PortInUseError``; the master
    stops every rank and starts them again on other ports, ``PORT_ATTEMPTS`` times);
-4. one request at a time (a lock): PREDICT to every rank; each answers REPLY
-   (rank 0's carries the outputs) or ERROR, and STARTED before it when the
+4. one request at a time (a lock): PREDICT to every rank; rank 0 answers REPLY
+   with the outputs (for ``generate`` every rank replies; for a plain predict
+   the others send nothing, a message and a wake-up of the master less), any
+   rank ERROR when it fails, and STARTED before it when the
    request runs longer than a short while (a stalled request's ranks have said
    whether they took it). ``generate`` is one such request (PREDICT with a
    ``generate`` field): the prompt goes out once, the ranks run the whole
