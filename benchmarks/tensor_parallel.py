@@ -109,6 +109,8 @@ def main(argv=None) -> int:
                     target = ("<=", 1.15) if batch == 64 else None
                     bench.add(f"{name} b={batch} call", call, whole, target=target)
                     bench.add(f"{name} b={batch} ranks", ranks, whole, target=target)
+                    if batch == 1:
+                        size_lines.append(_overhead_line(f"{name} b=1", model, feeds, repeats))
         if "gpt2" in args.models:
             _exported_gpt2(args, bench, Path(tmp), size_lines, diff_lines)
     bench.report()
@@ -158,10 +160,29 @@ def _exported_gpt2(args, bench: Bench, tmp: Path, size_lines: list, diff_lines: 
             bench.add(f"gpt2 b={batch} s={seq} call", call, whole)
             bench.add(f"gpt2 b={batch} s={seq} ranks", ranks, whole)
             if batch == 1:
-                extra = (call - ranks) * 1e3
-                size_lines.append(f"gpt2 b=1 s={seq}: ShardedModel.predict {call * 1e3:.2f} ms, the ranks' own "
-                                  f"{ranks * 1e3:.2f} ms: +{extra:.2f} ms (target <= +0.3 ms: "
-                                  f"{'met' if extra <= 0.3 else 'MISSED'})")
+                size_lines.append(_overhead_line(f"gpt2 b=1 s={seq}", model, feeds, repeats))
+
+
+def _overhead_line(label: str, model, feeds, repeats: int) -> str:
+    """What a batch-1 call costs beyond the ranks' own time (rank 0's run(), which ends in a collective with the others).
+
+    Timed on its own, calls back to back, not between the baseline's blocks: the 2-thread session's pool
+    threads spin for a while after each of its runs, in this process, and took the cores from the master
+    (that made +3 to +5 ms of a +0.5 ms overhead).
+    """
+    time.sleep(0.1)  # the baseline's pool threads stop spinning
+    for _ in range(10):
+        model.predict(feeds)
+    calls, ranks = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.predict(feeds)
+        calls.append(time.perf_counter() - start)
+        ranks.append(model.last_rank_seconds)
+    call, ranks = statistics.median(calls), statistics.median(ranks)
+    extra = (call - ranks) * 1e3
+    return (f"{label}: ShardedModel.predict {call * 1e3:.2f} ms, the ranks' own {ranks * 1e3:.2f} ms: "
+            f"+{extra:.2f} ms (target <= +0.3 ms: {'met' if extra <= 0.3 else 'MISSED'})")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ STARTED         rank->master    status ok; rank: it took request ``id`` and stil
                                 so a short request costs no message)
 REPLY           worker->master  status ok: batch-split: placed, outputs [TensorSpec];
                                 sharded: rank, seconds (time in run()), arrays + buffers
-                                (rank 0 only); status need_space: needed (bytes)
+                                (rank 0 only; for a plain predict only rank 0 replies);
+                                status need_space: needed (bytes)
 COLLECT         master->worker  batch-split: slot, out_offset, out_capacity: write the held
                                 outputs of request ``id`` there (after the slot grew)
 ERROR           worker->master  status error; error {type, message, traceback, who, host, pid,
@@ -57,7 +58,9 @@ Order (handshake before traffic; each master documents its side):
   constructor, not in some later request;
 - for each PREDICT, a worker sends exactly one REPLY or ERROR (a rank may send
   STARTED before it), one more after each COLLECT; a master never sends a second
-  PREDICT to a worker before the answer to the first;
+  PREDICT to a worker before the answer to the first. Exception: for a sharded
+  PREDICT without ``generate``, ranks other than 0 send no REPLY (rank 0's ends
+  the request for all), only ERROR when they fail;
 - a version mismatch is refused by whichever side reads the other's first
   message: ``decode`` raises ``ProtocolError`` naming both versions.
 

@@ -23,8 +23,10 @@ Handshake and order (reordering any step would deadlock or misreport):
    or the startup timeout end the constructor. (zmq: a rank whose port was
    taken after the master probed it reports ``PortInUseError``; the master
    stops every rank and starts them again on other ports, ``PORT_ATTEMPTS`` times);
-4. one request at a time (a lock): PREDICT to every rank; each answers REPLY
-   (rank 0's carries the outputs) or ERROR, and STARTED before it when the
+4. one request at a time (a lock): PREDICT to every rank; rank 0 answers REPLY
+   with the outputs (for ``generate`` every rank replies; for a plain predict
+   the others send nothing, a message and a wake-up of the master less), any
+   rank ERROR when it fails, and STARTED before it when the
    request runs longer than a short while (a stalled request's ranks have said
    whether they took it). ``generate`` is one such request (PREDICT with a
    ``generate`` field): the prompt goes out once, the ranks run the whole
@@ -324,12 +326,18 @@ class ShardedModel:
         frames = proto.encode(proto.PREDICT, request, arrays=inputs, **fields)
         deadline = time.monotonic() + self.timeout
         result = None
-        self.last_rank_seconds = None  # slowest rank's time inside run(), without the transfers
+        # the ranks' time inside run(), without the transfers: the slowest rank's for generate, rank 0's for
+        # predict (it ends in a collective with the others, so it includes waiting for the slowest)
+        self.last_rank_seconds = None
         self.last_replies = {}
         try:
             for rank in range(self.tp):
                 self._job.sock.send_multipart([self._job.peers[rank]] + frames)
-            while exchange.pending:
+            # A plain predict ends with rank 0's REPLY: the other ranks send none (they met rank 0 in its
+            # last collective; one that fails after it says so with an ERROR, which the next request reads).
+            # Every rank stays pending, so a stall still names the ranks that never took the request.
+            everyone = "generate" in fields
+            while exchange.pending if everyone else 0 in exchange.pending:
                 msg, _ = self._receive(deadline, exchange)
                 if msg.kind == proto.ERROR:
                     raise self._error_from(msg, exchange)

@@ -20,8 +20,11 @@ on its own socket, and only for a request still running after a short while
 (``_Progress``): a short request costs no message, and no wake-up of the
 master while the ranks compute (on a machine with as many cores as ranks,
 that wake-up would delay a rank and its peers with it). Rank 0 replies with the
-outputs; the other ranks reply with an empty REPLY so the master knows they
-finished. After an ERROR inside a request the rank exits: its peers may be
+outputs; for a plain predict the other ranks send nothing (rank 0's REPLY ends
+the request; a rank that fails after its last collective with rank 0 says so
+with an ERROR, which the master reads at the next request): one message and
+one wake-up of the master less per call. After ``generate`` every rank replies
+with its own timings. After an ERROR inside a request the rank exits: its peers may be
 stuck in a collective, the job is over.
 """
 
@@ -213,6 +216,8 @@ def main(argv=None) -> int:
                 _last_word(who, exc)
                 return 1  # peers may be stuck in a collective: this job is over
             if options is None:
+                if comm.rank != 0:
+                    continue  # a plain predict: rank 0's REPLY carries the outputs and ends the request
                 payload = dict(zip(names, outputs))
             sock.send_multipart(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,
                                              seconds=seconds, arrays=payload if comm.rank == 0 else {}, **extra))
