@@ -50,6 +50,7 @@ import numpy as np
 import onnx
 
 from launchers import Supervisor
+from launchers._supervisor import is_suspended
 from ranks._config_file import RankConfig
 from ranks._context import Context
 from ranks._env import default_timeout
@@ -172,8 +173,6 @@ class ProcessEngine:
                     )
 
     def _suspended(self) -> bool:
-        from launchers._supervisor import is_suspended
-
         return bool(self.pid) and is_suspended(self.pid)
 
     def kill(self) -> None:
