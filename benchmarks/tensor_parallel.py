@@ -7,7 +7,7 @@ transformer (d_model 256, 8 heads, 2 layers, ffn 1024; sequence 32), at batch 1 
 - latency of TP=2 (two rank processes, one thread each, MPI all-reduce between stages) against
   one process with two threads (target ratio <= 1.15 at batch 64); "ranks" rows time run() inside
   the ranks, "call" rows time ShardedModel.predict as a Python caller sees it (inputs to every rank,
-  outputs back over ZeroMQ on a Unix socket),
+  outputs back over a Unix socket per rank),
 - the largest absolute difference of the outputs.
 
 And on a GPT-2 as torch's exporter writes it (default: the committed fixture

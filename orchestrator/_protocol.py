@@ -1,9 +1,10 @@
 """The one wire protocol between a master and its workers, defined once: kinds, headers, errors, framings.
 
-Both masters speak it: ``ParallelPredictor`` with its batch-split workers
+Every master speaks it: ``ParallelPredictor`` with its batch-split workers
 (``_worker_main``, over a socketpair, tensor bytes in shared memory) and
-``ShardedModel`` with its ranks (``_sharded_worker``, over ZeroMQ, tensor bytes
-in the message). The pool and serving workers to come speak it too.
+``ShardedModel`` with its ranks (``_sharded_worker``, over one Unix socket per
+rank, ``_rank_links``; tensor bytes in the message), and the pool's process
+workers (``_pool_processes``) like the batch-split ones.
 
 A message is a kind, a header and buffers:
 
@@ -67,13 +68,9 @@ Order (handshake before traffic; each master documents its side):
 ``TensorSpec`` says where a tensor lies in a shared-memory segment (the
 layout is the shared-memory module's business); on the wire it is a list.
 
-Framings (the transports beneath):
-
-- ZeroMQ: one multipart message ``[kind, header, *buffers]`` (a ROUTER adds
-  the peer's identity in front);
-- stream (a socket or pipe): ``u64 n`` bytes, then ``n`` bytes holding
-  ``u32 count``, ``count x u64`` frame lengths and the frames
-  ``[kind, header, *buffers]``; ``StreamChannel`` reads and writes it.
+Framing (the transport beneath), a stream (a socket or pipe): ``u64 n`` bytes, then ``n`` bytes holding
+``u32 count``, ``count x u64`` frame lengths and the frames ``[kind, header, *buffers]``;
+``StreamChannel`` reads and writes it.
 """
 
 from __future__ import annotations
@@ -83,6 +80,7 @@ import os
 import select
 import socket
 import struct
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -234,6 +232,8 @@ def unpack_error(msg: Message) -> BaseException:
 # --- the stream framing ------------------------------------------------------------------------
 _LENGTH = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
+_JOIN_BELOW = 64 * 1024  # messages up to this size are joined and written with one sendall
+_IOV_MAX = 512  # buffers per sendmsg (the system allows 1024)
 
 
 class StreamChannel:
@@ -255,26 +255,57 @@ class StreamChannel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, frames: list) -> None:
+    def send(self, frames: list, timeout: float | None = None) -> None:
+        """Write one message whole; ``TimeoutError`` if the peer has not taken it within ``timeout`` seconds."""
         lengths = [len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames]
-        head = _COUNT.pack(len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
-        body = b"".join([head, *frames])
-        self.sock.sendall(_LENGTH.pack(len(body)) + body)
+        total = _COUNT.size + 8 * len(frames) + sum(lengths)
+        head = _LENGTH.pack(total) + _COUNT.pack(len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
+        if total <= _JOIN_BELOW:
+            pending = [memoryview(b"".join([head, *frames]))]  # one small copy, one system call
+        else:  # large tensors go out from where they lie, no joined copy
+            pending = [memoryview(head)] + [memoryview(f).cast("B") for f in frames if memoryview(f).nbytes]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            try:
+                # Without a timeout, a blocking write; with one, a write that never blocks, and a wait for
+                # room only when the peer's buffer is full (no switching the socket's mode per message).
+                sent = self.sock.sendmsg(pending[:_IOV_MAX], (), 0 if deadline is None else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._wait_for(select.POLLOUT, deadline, "take the message")
+                continue
+            while pending and sent >= pending[0].nbytes:
+                sent -= pending.pop(0).nbytes
+            if sent:
+                pending[0] = pending[0][sent:]
 
-    def _read(self, count: int) -> bytearray:
+    def _wait_for(self, event: int, deadline: float, what: str) -> None:
+        remaining = deadline - time.monotonic()
+        poller = select.poll()
+        poller.register(self.sock.fileno(), event)
+        if remaining <= 0 or not poller.poll(max(1, int(remaining * 1000 + 0.999))):
+            raise TimeoutError(f"the peer did not {what} within the timeout")
+
+    def _read(self, count: int, deadline: float | None) -> bytearray:
         data = bytearray(count)
         view = memoryview(data)
         got = 0
         while got < count:
-            n = self.sock.recv_into(view[got:])
+            try:
+                n = self.sock.recv_into(view[got:], 0, 0 if deadline is None else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._wait_for(select.POLLIN, deadline, "send the rest of its message")
+                continue
             if n == 0:
                 raise EOFError("the peer closed the connection")
             got += n
         return data
 
-    def recv(self) -> list:
-        (size,) = _LENGTH.unpack(self._read(_LENGTH.size))
-        body = memoryview(self._read(size))
+    def recv(self, timeout: float | None = None) -> list:
+        """The next message's frames; ``EOFError`` when the peer closed its end, ``TimeoutError`` when a
+        message has not come whole within ``timeout`` seconds (a sender stopped half-way)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        (size,) = _LENGTH.unpack(self._read(_LENGTH.size, deadline))
+        body = memoryview(self._read(size, deadline))
         (count,) = _COUNT.unpack_from(body)
         lengths = struct.unpack_from(f"<{count}Q", body, _COUNT.size)
         at = _COUNT.size + 8 * count

@@ -11,12 +11,12 @@
 The ranks are the supervisor's children (``launchers``): ``mpirun -n N`` under
 ``MpiLauncher`` (backend ``mpi``), or N local processes with a generated rank
 table under ``Supervisor`` (backend ``zmq``). Each runs ``_sharded_worker``;
-messages are the one protocol's (``_protocol``, ZeroMQ framing) over a Unix
-socket in the model's temporary directory.
+messages are the one protocol's (``_protocol``, stream framing) over one Unix
+socket per rank in the model's temporary directory (``_rank_links``).
 
 Handshake and order (reordering any step would deadlock or misreport):
 
-1. the master binds its ROUTER before it starts any rank;
+1. the master listens on its socket before it starts any rank;
 2. each rank builds its communicator and its shard, passes a barrier with
    every other rank, then sends BUILD_FINISH (pid, host, inputs, outputs);
 3. no PREDICT before BUILD_FINISH from EVERY rank: a rank's ERROR, its death
@@ -67,7 +67,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import psutil
-import zmq
 
 from launchers import MpiLaunchConfig, MpiLauncher, ProcessSpec, RankOutput, Supervisor, python_module
 from ranks._env import default_timeout
@@ -83,6 +82,7 @@ from ranks._tensor import DataType
 
 from . import _protocol as proto
 from ._errors import WorkerError, WorkerTimeoutError
+from ._rank_links import MasterLinks
 
 BACKENDS = ("mpi", "zmq")
 WORKER_MODULE = "orchestrator._sharded_worker"
@@ -97,32 +97,29 @@ SILENT_AFTER = 1.0
 
 
 class _Job:
-    """What ``close()``, errors and the exit hook stop: the ranks (a Supervisor or an MpiLauncher), the socket, the directory."""
+    """What ``close()``, errors and the exit hook stop: the ranks (a Supervisor or an MpiLauncher), the links, the directory."""
 
     def __init__(self, tmp: str):
         self.tmp = tmp
         self.launcher: Supervisor | MpiLauncher | None = None
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        # A Unix socket in our own temporary directory: every rank runs on this host, and it goes away with
+        # the directory.
+        self.links = MasterLinks(os.path.join(tmp, "master.sock"))
         self.scratch: str | None = None  # mpi: Open MPI's files
-        self.peers: dict[int, bytes] = {}
         self.lock = threading.Lock()
         self.down = False
 
     def stop_ranks(self, graceful: bool) -> None:
-        launcher, peers = self.launcher, dict(self.peers)
-        self.peers.clear()
-        if launcher is None:
-            return
-        if graceful and peers:
-            for identity in peers.values():
-                try:
-                    self.sock.send_multipart([identity] + proto.encode(proto.EXIT), flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            launcher.join(EXIT_GRACE, skip_suspended=True)
-        launcher.stop()
+        launcher = self.launcher
+        try:
+            if launcher is None:
+                return
+            if graceful and self.links.peers:
+                self.links.tell_everyone(proto.encode(proto.EXIT))
+                launcher.join(EXIT_GRACE, skip_suspended=True)
+            launcher.stop()
+        finally:
+            self.links.forget_peers()
 
     def shutdown(self, graceful: bool = True) -> None:
         with self.lock:
@@ -132,8 +129,7 @@ class _Job:
         try:
             self.stop_ranks(graceful)
         finally:
-            self.sock.close()
-            self.ctx.term()
+            self.links.close()
             if self.scratch is not None and os.path.dirname(self.scratch) == _shared_memory.SHM_DIR:
                 _shared_memory.remove_directory(self.scratch)  # made by the home: it forgets it too
             for path in (self.tmp, self.scratch):
@@ -187,13 +183,14 @@ class ShardedModel:
         self.last_rank_seconds: float | None = None
         self.last_reply: dict | None = None  # rank 0's last REPLY header
         self.last_replies: dict[int, dict] = {}  # every rank's last REPLY header
-        self._job = _Job(tempfile.mkdtemp(prefix="orch_sharded_"))
+        tmp = tempfile.mkdtemp(prefix="orch_sharded_")
+        try:
+            self._job = _Job(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self._finalizer = weakref.finalize(self, self._job.shutdown, True)  # garbage collection, interpreter exit
         try:
-            # A Unix socket in our own temporary directory: every rank runs on this host, and it moves a
-            # batch-64 tensor faster than TCP on 127.0.0.1; it goes away with the directory.
-            self._address = f"ipc://{self._job.tmp}/master.sock"
-            self._job.sock.bind(self._address)
             self._start(threads, startup_timeout or max(self.timeout, 60.0))
         except BaseException:
             self._closed = "it failed to start"
@@ -202,7 +199,7 @@ class ShardedModel:
 
     # -- starting ------------------------------------------------------------
     def _start(self, threads: int, startup_timeout: float) -> None:
-        argv, env = python_module(WORKER_MODULE, "--model", str(self.model_path), "--master", self._address,
+        argv, env = python_module(WORKER_MODULE, "--model", str(self.model_path), "--master", self._job.links.path,
                                   "--backend", self.backend, "--threads", str(threads),
                                   "--master_pid", str(os.getpid()), "--timeout", str(self.timeout),
                                   *(["--prefill", str(self.prefill_path)] if self.prefill_path else []))
@@ -248,13 +245,13 @@ class ShardedModel:
     def _wait_built(self, deadline: float) -> None:
         exchange = _Exchange("starting the ranks", set(range(self.tp)), None)
         while exchange.pending:
-            msg, identity = self._receive(deadline, exchange)
+            msg, channel = self._receive(deadline, exchange)
             if msg.kind == proto.ERROR:
                 raise self._error_from(msg, exchange)
             if msg.kind != proto.BUILD_FINISH:
                 raise WorkerError(f"starting the ranks: a rank sent {msg.kind}; expected BUILD_FINISH or ERROR")
             rank = msg["rank"]
-            self._job.peers[rank] = identity
+            self._job.links.peers[rank] = channel
             self._ranks[rank] = msg.header
             self.inputs, self.outputs = msg["inputs"], msg["outputs"]
             exchange.pending.discard(rank)
@@ -332,7 +329,10 @@ class ShardedModel:
         self.last_replies = {}
         try:
             for rank in range(self.tp):
-                self._job.sock.send_multipart([self._job.peers[rank]] + frames)
+                try:
+                    self._job.links.send(rank, frames, deadline)  # False for a rank gone: _receive names it
+                except TimeoutError:
+                    raise self._stall(exchange, [rank]) from None  # it took no bytes for the whole timeout
             # A plain predict ends with rank 0's REPLY: the other ranks send none (they met rank 0 in its
             # last collective; one that fails after it says so with an ERROR, which the next request reads).
             # Every rank stays pending, so a stall still names the ranks that never took the request.
@@ -366,25 +366,28 @@ class ShardedModel:
 
     def _receive(self, deadline: float, exchange: "_Exchange"):
         """The next message and its sender's identity; a dead rank or the deadline raise (naming the root cause)."""
-        sock, launcher = self._job.sock, self._job.launcher
+        links, launcher = self._job.links, self._job.launcher
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._stall(exchange, self._silent(exchange, at_deadline=True))
-            if sock.poll(max(1, int(min(remaining, 0.1) * 1000))):
-                return self._recv()
-            # An idle moment: note who is stopped now (by the time a peer gives up on it, the
-            # launcher may already be tearing it down), and whether a rank has died.
+            try:
+                got = links.receive(min(remaining, 0.1), deadline)
+            except TimeoutError:  # a message began and stopped half-way: its sender is stopped
+                raise self._stall(exchange, self._silent(exchange, at_deadline=True)) from None
+            if got is not None:
+                return got
+            # An idle moment (or a rank closed its end): note who is stopped now (by the time a peer gives
+            # up on it, the launcher may already be tearing it down), and whether a rank has died.
             exchange.suspended.update(set(launcher.suspended()) & exchange.pending)
             error = launcher.failure(every_exit_fails=True)
             if error is not None:
-                if sock.poll(_LAST_WORD_MS):  # its last word (an ERROR) may still be on the way
-                    return self._recv()
+                last = time.monotonic() + _LAST_WORD_MS / 1000  # its last word (an ERROR) may still be on the way
+                while (now := time.monotonic()) < last:
+                    got = links.receive(last - now, last + 1.0)
+                    if got is not None:
+                        return got
                 raise self._root_cause(exchange, _death(exchange.doing, error), error)
-
-    def _recv(self):
-        frames = self._job.sock.recv_multipart()
-        return proto.decode(frames[1:], "a rank"), frames[0]
 
     def _error_from(self, msg: proto.Message, exchange: "_Exchange") -> BaseException:
         """The exception for a rank's ERROR: its own, unless it only reports another rank's failure or silence.
@@ -402,8 +405,9 @@ class ShardedModel:
         exchange.gave_up[msg.get("rank")] = exc
         started = time.monotonic()
         while True:
-            if self._job.sock.poll(50):
-                other, _ = self._recv()
+            got = self._job.links.receive(0.05, time.monotonic() + 1.0)
+            if got is not None:
+                other, _ = got
                 if other.kind == proto.ERROR:
                     own = proto.unpack_error(other)
                     if not isinstance(own, (CommTimeoutError, PeerLostError)):

@@ -1,10 +1,10 @@
 """One rank of a ``ShardedModel``: build this rank's shard, then answer the master's requests.
 
-``python -m orchestrator._sharded_worker --model PATH --master ipc://DIR/master.sock
+``python -m orchestrator._sharded_worker --model PATH --master DIR/master.sock
 --backend mpi|zmq [--rank R --size N --rank_table FILE --base_port P] [--threads T] [--master_pid PID]``
 
-Messages are the one protocol's (``_protocol``, ZeroMQ framing; this rank's
-DEALER talks to the master's ROUTER). Its states::
+Messages are the one protocol's (``_protocol``, stream framing) over this rank's
+one Unix-socket connection to the master (``_rank_links``). Its states::
 
     BUILDING  communicator, shard, a barrier with every rank --> BUILD_FINISH (or ERROR, exit 1)
     SERVING   PREDICT --> run (STARTED once it has run STARTED_AFTER s), REPLY (or ERROR, exit 1);
@@ -15,11 +15,12 @@ The barrier comes before BUILD_FINISH, so BUILD_FINISH from every rank means
 every rank is ready. Every rank gets every request from the master (not
 through a collective), so ranks that sit idle between requests never run into
 a collective's timeout. STARTED says the rank took the request: when a request
-stalls, the master names the ranks that never said so. A helper thread sends it
-on its own socket, and only for a request still running after a short while
+stalls, the master names the ranks that never said so. A helper thread sends it,
+and only for a request still running after a short while
 (``_Progress``): a short request costs no message, and no wake-up of the
 master while the ranks compute (on a machine with as many cores as ranks,
-that wake-up would delay a rank and its peers with it). Rank 0 replies with the
+that wake-up would delay a rank and its peers with it); it writes on the rank's one
+connection, a message at a time (a lock). Rank 0 replies with the
 outputs; for a plain predict the other ranks send nothing (rank 0's REPLY ends
 the request; a rank that fails after its last collective with rank 0 says so
 with an ERROR, which the master reads at the next request): one message and
@@ -38,19 +39,19 @@ import threading
 import time
 
 import numpy as np
-import zmq
 
 from ranks._shard_files import resolve_shard_path
 from ranks._staged_runner import StagedRunner, default_session_factory
 
 from . import _protocol as proto
+from ._rank_links import RankLink
 
 _POLL_MS = 500
 STARTED_AFTER = 0.2  # seconds a request runs before the rank reports it took it (at most a quarter of the timeout)
 
 
 class _Progress:
-    """A thread that sends STARTED for a request once it has run ``after`` seconds, on its own socket.
+    """A thread that sends STARTED for a request once it has run ``after`` seconds.
 
     The main thread only writes ``current`` (request id, start) before a run and
     None after it: no system call per request. A stopped process sends nothing,
@@ -58,26 +59,23 @@ class _Progress:
     for it inside a collective.
     """
 
-    def __init__(self, ctx: zmq.Context, address: str, rank: int, after: float):
+    def __init__(self, link: RankLink, rank: int, after: float):
         self.current: tuple[int, float] | None = None
-        self._ctx, self._address, self._rank, self._after = ctx, address, rank, after
+        self._link, self._rank, self._after = link, rank, after
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="orch-progress", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)  # made, used and closed on this thread only
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self._address)
         reported = None
-        try:
-            while not self._stop.wait(self._after / 2):
-                current = self.current
-                if current is not None and current[0] != reported and time.monotonic() - current[1] >= self._after:
-                    sock.send_multipart(proto.encode(proto.STARTED, current[0], status=proto.OK, rank=self._rank))
-                    reported = current[0]
-        finally:
-            sock.close()
+        while not self._stop.wait(self._after / 2):
+            current = self.current
+            if current is not None and current[0] != reported and time.monotonic() - current[1] >= self._after:
+                try:
+                    self._link.send(proto.encode(proto.STARTED, current[0], status=proto.OK, rank=self._rank))
+                except OSError:
+                    return  # the master is gone; the main thread finds out on its own
+                reported = current[0]
 
     def close(self) -> None:
         self._stop.set()
@@ -123,6 +121,14 @@ def _master_alive(pid: int | None) -> bool:
     return True
 
 
+def _tell(link: RankLink, frames: list) -> None:
+    """Send an ERROR if the master is still there to read it (its end may be why we fail)."""
+    try:
+        link.send(frames)
+    except OSError:
+        pass
+
+
 def _last_word(who: str, exc: BaseException) -> None:
     """One line on stderr for the supervisor's record of this rank (never the user's console): the master
     reads it when this rank's exit is reported before its ERROR is weighed. A rank that only lost its peer
@@ -156,10 +162,11 @@ def _generate(runner, arrays: dict, options: dict) -> tuple[dict, dict]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 2000)
-    sock.connect(args.master)
+    try:
+        link = RankLink(args.master)
+    except OSError as exc:
+        print(f"orchestrator._sharded_worker: cannot reach the master at {args.master}: {exc}", file=sys.stderr)
+        return 1
     comm = None
     progress = None
     rank = args.rank if args.rank is not None else "?"
@@ -177,25 +184,28 @@ def main(argv=None) -> int:
             # Every rank built its shard before any BUILD_FINISH: the master starts no request on a half-built job.
             comm.barrier()
         except BaseException as exc:
-            sock.send_multipart(proto.error_frames(0, exc, who, rank=rank))
+            _tell(link, proto.error_frames(0, exc, who, rank=rank))
             _last_word(who, exc)
             return 1
-        sock.send_multipart(proto.encode(
+        link.send(proto.encode(
             proto.BUILD_FINISH, 0, status=proto.OK, who=who, host=socket.gethostname(), pid=os.getpid(),
             rank=comm.rank, size=comm.size,
             inputs=[a.name for a in runner.get_inputs()], outputs=[a.name for a in runner.get_outputs()],
         ))
         names = [a.name for a in runner.get_outputs()]
         after = STARTED_AFTER if not args.timeout else min(STARTED_AFTER, args.timeout / 4)
-        progress = _Progress(ctx, args.master, comm.rank, after)
+        progress = _Progress(link, comm.rank, after)
         while True:
-            if not sock.poll(_POLL_MS):
+            if not link.poll(_POLL_MS / 1000):
                 if not _master_alive(args.master_pid):
                     return 1  # orphaned: the master is gone, nobody will send EXIT
                 continue
             request_id = 0
             try:
-                msg = proto.decode(sock.recv_multipart(), "the master")
+                try:
+                    msg = link.recv()
+                except EOFError:
+                    return 1  # the master closed its end: it is gone, nobody will send EXIT
                 request_id = msg.id
                 if msg.kind == proto.EXIT:
                     return 0
@@ -212,15 +222,18 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - started
                 progress.current = None
             except BaseException as exc:
-                sock.send_multipart(proto.error_frames(request_id, exc, who, rank=comm.rank))
+                _tell(link, proto.error_frames(request_id, exc, who, rank=comm.rank))
                 _last_word(who, exc)
                 return 1  # peers may be stuck in a collective: this job is over
             if options is None:
                 if comm.rank != 0:
                     continue  # a plain predict: rank 0's REPLY carries the outputs and ends the request
                 payload = dict(zip(names, outputs))
-            sock.send_multipart(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,
-                                             seconds=seconds, arrays=payload if comm.rank == 0 else {}, **extra))
+            try:
+                link.send(proto.encode(proto.REPLY, request_id, status=proto.OK, rank=comm.rank,
+                                       seconds=seconds, arrays=payload if comm.rank == 0 else {}, **extra))
+            except ConnectionError:
+                return 1  # the master is gone
     finally:
         if progress is not None:
             progress.close()
@@ -229,8 +242,7 @@ def main(argv=None) -> int:
                 comm.close()
             except Exception:
                 pass
-        sock.close()
-        ctx.term()
+        link.close()
 
 
 if __name__ == "__main__":

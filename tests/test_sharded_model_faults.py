@@ -20,6 +20,7 @@ import pytest
 from launch_helpers import descendants, wait_gone
 from orchestrator import ShardedModel, shard_model
 from orchestrator import WorkerError, WorkerTimeoutError
+from orchestrator import _protocol as proto
 from ranks import CommError, PeerLostError
 from tests.conftest import ROOT, project_env
 
@@ -141,7 +142,6 @@ def test_a_worker_of_another_protocol_version_says_so(tmp_path):
     """The worker refuses a master of another version with an ERROR that names both versions, and leaves."""
     import json as json_module
 
-    from orchestrator import _protocol as proto
 
     ours, theirs = socket.socketpair()
     worker = subprocess.Popen([sys.executable, "-m", "orchestrator._worker_main", "--fd", str(theirs.fileno())],
@@ -202,19 +202,17 @@ def test_the_root_cause_of_a_stall_is_the_rank_that_never_took_the_request():
     assert model._root_cause(young, death, report) is death
 
 
-class _FakeSocket:
-    """The master's ROUTER, holding the messages that arrive after the first one (each as a rank sent it)."""
+class _FakeLinks:
+    """The master's links to its ranks, holding the messages that arrive after the first one (each as a rank sent it)."""
 
     def __init__(self, messages=()):
-        self.queue = [[b"identity", *frames] for frames in messages]
+        self.queue = list(messages)
 
-    def poll(self, timeout_ms):
+    def receive(self, timeout, deadline):
         if not self.queue:
-            time.sleep(timeout_ms / 1000)
-        return bool(self.queue)
-
-    def recv_multipart(self):
-        return self.queue.pop(0)
+            time.sleep(timeout)
+            return None
+        return proto.decode(self.queue.pop(0), "a rank"), None
 
 
 class _QuietLauncher:
@@ -233,13 +231,12 @@ def _model_with(pids: dict[int, int], messages=()) -> ShardedModel:
     model = ShardedModel.__new__(ShardedModel)
     model.tp, model.timeout = 2, 30.0
     model._ranks = {rank: {"pid": pid, "host": "h"} for rank, pid in pids.items()}
-    model._job = type("Job", (), {"launcher": _QuietLauncher(), "sock": _FakeSocket(messages)})()
+    model._job = type("Job", (), {"launcher": _QuietLauncher(), "links": _FakeLinks(messages)})()
     return model
 
 
 def _error_message(exc: BaseException, rank: int, request: int = 7):
     """The ERROR rank ``rank`` sends for ``exc``, as the master decodes it."""
-    from orchestrator import _protocol as proto
 
     return proto.decode(proto.error_frames(request, exc, f"rank {rank} of 2", rank=rank), "a rank")
 
@@ -277,7 +274,6 @@ def test_the_failed_rank_s_own_error_wins_over_its_peer_s_word_that_came_first()
     gets rank 1's RuntimeError with its header, not the victim's PeerLostError nor a bare exit code."""
     from orchestrator._sharded_model import _Exchange
 
-    from orchestrator import _protocol as proto
 
     own = proto.error_frames(7, RuntimeError("the model broke"), "rank 1 of 2", rank=1)
     model = _model_with({0: os.getpid(), 1: os.getpid()}, [own])
