@@ -78,9 +78,7 @@ class SimulatedRanks:
                 progress.update(1)
         first = self.programs[0]
         for p in self.programs[1:]:
-            if len(p.stages) != len(first.stages) or [
-                [(c.op, c.axis) for c in s.collectives] for s in p.stages
-            ] != [[(c.op, c.axis) for c in s.collectives] for s in first.stages]:
+            if _collective_layout(p) != _collective_layout(first):
                 raise ShardError(f"{p.label} and {first.label} do not have the same collectives: not sibling shards")
 
     def get_inputs(self) -> list[Arg]:
@@ -93,22 +91,29 @@ class SimulatedRanks:
                 pieces = np.split(np.asarray(feeds[c["past"]]), len(self.programs), axis=c["axis"])
                 for env, piece in zip(envs, pieces):
                     env[c["past"]] = piece
-        for k in range(len(self.programs[0].stages)):
-            for program, env in zip(self.programs, envs):
+        programs = [p.select(feeds) for p in self.programs]  # (a merged decoder: the branch the feeds pick)
+        for k in range(len(programs[0].stages)):
+            for program, env in zip(programs, envs):
                 program.run_stage(k, env)
-            for j, c in enumerate(self.programs[0].stages[k].collectives):
-                parts = [env[p.stages[k].collectives[j].input] for p, env in zip(self.programs, envs)]
+            for j, c in enumerate(programs[0].stages[k].collectives):
+                parts = [env[p.stages[k].collectives[j].input] for p, env in zip(programs, envs)]
                 if c.op == "AllReduce":
                     value = parts[0].copy()
                     for part in parts[1:]:
                         value += part
                 else:
                     value = np.concatenate(parts, axis=c.axis)
-                for p, env in zip(self.programs, envs):
+                for p, env in zip(programs, envs):
                     env[p.stages[k].collectives[j].output] = value
         presents = {c["present"]: c["axis"] for c in self.cache}
         return {a.name: np.concatenate([env[a.name] for env in envs], axis=presents[a.name]) if a.name in presents
                 else envs[0][a.name] for a in self.programs[0].outputs}
+
+
+def _collective_layout(program) -> list:
+    """The collectives of each stage (of each branch, for a merged decoder): alike in sibling shards."""
+    return [[(c.op, c.axis) for c in s.collectives] for s in program.stages] + [
+        (which, _collective_layout(b)) for which, b in sorted(program.branches.items())]
 
 
 def _consistent_cache(feeds: dict, session) -> dict:
