@@ -95,8 +95,9 @@ class ShardResult:
         heads: dict[tuple[int, int], list[str]] = {}
         for a in m["attention"]:
             heads.setdefault((a["heads"], a["heads_per_rank"]), []).append(a["node"])
+        both = " over both branches" if report.get("merged") else ""
         for (whole, per_rank), nodes in heads.items():
-            lines.append(f"  heads {whole} -> {per_rank} per rank ({len(nodes)} Reshape nodes, e.g. {nodes[0]})")
+            lines.append(f"  heads {whole} -> {per_rank} per rank ({len(nodes)} Reshape nodes{both}, e.g. {nodes[0]})")
         cache = m.get("cache") or []
         if cache:
             cut = [c for c in cache if c["axis"] is not None]

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from orchestrator import ModelError, ShardError, generate, generate_on_rank, shard_model
-from orchestrator._shard_check import SimulatedRanks
+from orchestrator._shard_check import SimulatedRanks, check_shards
 from ranks import InputError, StagedRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -166,6 +166,9 @@ def test_a_merged_decoder_is_sliced_branch_by_branch_and_keeps_both(name, shards
         for key, value in want.items():
             assert got[key].shape == value.shape
             assert np.max(np.abs(got[key] - value)) <= TOLERANCE, (use_cache, key)
+    # orchestrate shard --check runs both branches against the whole model too
+    check = check_shards(FIXTURES / f"{name}.onnx", result.model_path, progress=False)
+    assert check.ok(TOLERANCE) and set(check.per_output) == {o.name for o in session.get_outputs()}
 
 
 def test_merged_branches_that_cut_a_weight_differently_are_refused(tmp_path):
