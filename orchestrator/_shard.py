@@ -37,7 +37,7 @@ from ._shard_analysis import linear_weight, plan_split
 from ._shard_cache import cache_metadata, cache_pairs, lone_presents
 from ._shard_explain import explain, format_explain
 from ._shard_graph import GraphIndex, elem_types
-from ._shard_merged import branch_label, branch_variants, check_branches_agree, merged_report
+from ._shard_merged import branch_label, branch_variants, branch_words, check_branches_agree, merged_report
 from ranks._branches import branch_graph, fold_branches
 from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses, key_axis
 
@@ -154,8 +154,13 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
         index = GraphIndex(variant)
         inputs = [i.name for i in variant.graph.input if i.name not in index.initializers]
         pairs = cache_pairs(inputs, index.graph_outputs, cache)
-        plan = plan_split(index, tp, allow_replicate=allow_replicate, cache=pairs,
-                          presents=lone_presents(inputs, index.graph_outputs, pairs, cache))
+        try:
+            plan = plan_split(index, tp, allow_replicate=allow_replicate, cache=pairs,
+                              presents=lone_presents(inputs, index.graph_outputs, pairs, cache))
+        except ShardError as exc:
+            if key is None:
+                raise
+            raise ShardError(f"in {branch_words(model, key)}: {exc}") from None
         analyses[key] = (index, plan)
     if len(analyses) > 1:
         check_branches_agree(model, analyses)

@@ -34,7 +34,7 @@ def branch_label(model: onnx.ModelProto, key) -> dict:
     return {} if key is None else {"branch": BRANCH_ATTRS[key]}
 
 
-def _branch_words(model: onnx.ModelProto, key: bool) -> str:
+def branch_words(model: onnx.ModelProto, key: bool) -> str:
     node = model.graph.node[branching_if(model)]
     return f"the {BRANCH_ATTRS[key]} of {node.name or 'If'} ({node.input[0]} {'true' if key else 'false'})"
 
@@ -55,7 +55,7 @@ def check_branches_agree(model: onnx.ModelProto, analyses: dict) -> None:
     """Raise ShardError naming the weight (or cache tensor, or output) the two branches' plans cut differently."""
     (t_index, t_plan), (e_index, e_plan) = analyses[True], analyses[False]
     then_uses, else_uses = initializer_uses(t_index, t_plan), initializer_uses(e_index, e_plan)
-    then_words, else_words = _branch_words(model, True), _branch_words(model, False)
+    then_words, else_words = branch_words(model, True), branch_words(model, False)
     for tensor in model.graph.initializer:
         name = tensor.name
         if name in then_uses and name in else_uses and then_uses[name] != else_uses[name]:
@@ -89,4 +89,4 @@ def merged_report(model: onnx.ModelProto, reports: dict) -> dict:
     return report
 
 
-__all__ = ["branch_label", "branch_variants", "check_branches_agree", "merged_report"]
+__all__ = ["branch_label", "branch_variants", "branch_words", "check_branches_agree", "merged_report"]

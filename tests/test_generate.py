@@ -187,6 +187,10 @@ def test_merged_branches_that_cut_a_weight_differently_are_refused(tmp_path):
         f"the weight {weight} is cut along axis 1 in the then_branch of optimum::if (use_cache_branch true) but "
         f"whole on every rank in the else_branch of optimum::if (use_cache_branch false)")
     assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
+    # an error in planning one branch says which branch
+    with pytest.raises(ShardError, match=r"^in the then_branch of optimum::if \(use_cache_branch true\): "
+                                         r"tensor-parallel degree 3 does not divide the hidden size 64"):
+        shard_model(FIXTURES / "gpt2_merged.onnx", 3, tmp_path / "t", progress=False)
 
 
 def test_key_value_heads_that_tp_does_not_divide_keep_the_cache_whole(shards):
