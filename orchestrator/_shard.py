@@ -149,6 +149,11 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
     # Optimum's merged decoder (an If on the graph input use_cache_branch): each branch is planned and
     # rewritten as the plain graph it is, then the two are folded back into one If per rank (_shard_merged).
     variants = branch_variants(model)
+    whole_bytes = sum(_nbytes(t) for t in model.graph.initializer) + sum(
+        _nbytes(t) for key in variants if key is not None for t in branch_graph(model, key).initializer)
+    shared_weights = [t.name for t in model.graph.initializer]
+    if None not in variants:
+        del model.graph.initializer[:]  # each branch holds its copy now; only the If is needed from here
     analyses = {}
     for key, variant in variants.items():
         index = GraphIndex(variant)
@@ -163,7 +168,7 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
             raise ShardError(f"in {branch_words(model, key)}: {exc}") from None
         analyses[key] = (index, plan)
     if len(analyses) > 1:
-        check_branches_agree(model, analyses)
+        check_branches_agree(model, analyses, shared_weights)
     index, plan = next(iter(analyses.values()))
     if not plan.seeds:
         reasons = "; ".join(f"{k}: {v}" for k, v in plan.replicated_reasons.items())
@@ -174,8 +179,6 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
         if not allow_replicate:
             raise ShardError(message + "; pass --allow-replicate to write whole-model shards anyway")
 
-    whole_bytes = sum(_nbytes(t) for t in model.graph.initializer) + sum(
-        _nbytes(t) for key in analyses if key is not None for t in branch_graph(model, key).initializer)
     if external_data is None:
         external_data = source_external or whole_bytes // max(tp, 1) > _PROTOBUF_LIMIT
     shard_id = hashlib.sha256(f"{source_sha}:{tp}:{int(allow_replicate)}:{FORMAT}".encode()).hexdigest()[:32]

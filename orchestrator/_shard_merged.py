@@ -51,13 +51,14 @@ def _describe(axes: set) -> str:
     return " and ".join(words)
 
 
-def check_branches_agree(model: onnx.ModelProto, analyses: dict) -> None:
-    """Raise ShardError naming the weight (or cache tensor, or output) the two branches' plans cut differently."""
+def check_branches_agree(model: onnx.ModelProto, analyses: dict, shared: list[str]) -> None:
+    """Raise ShardError naming the weight (or cache tensor, or output) the two branches' plans cut differently.
+
+    ``shared``: the main graph's initializers (the weights both branches read)."""
     (t_index, t_plan), (e_index, e_plan) = analyses[True], analyses[False]
     then_uses, else_uses = initializer_uses(t_index, t_plan), initializer_uses(e_index, e_plan)
     then_words, else_words = branch_words(model, True), branch_words(model, False)
-    for tensor in model.graph.initializer:
-        name = tensor.name
+    for name in shared:
         if name in then_uses and name in else_uses and then_uses[name] != else_uses[name]:
             raise ShardError(
                 f"the weight {name} is {_describe(then_uses[name])} in {then_words} but {_describe(else_uses[name])} "
