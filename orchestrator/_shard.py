@@ -3,7 +3,8 @@
 ``shard_model("model.onnx", tp=2, out_dir="shards")`` writes
 ``shards/model0.onnx``, ``shards/model1.onnx`` and ``shards/model.manifest.json``
 (layout: ``ranks._shard_manifest``). How each tensor is split is decided in
-``_shard_analysis``; the per-rank graphs are written by ``_shard_rewrite``.
+``_shard_analysis``; the per-rank graphs are written by ``_shard_rewrite``. Optimum's merged
+decoder (an If on ``use_cache_branch``) is sliced branch by branch and folded back (``_shard_merged``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from ranks._branches import branch_graph, fold_branches
 from ranks._model import load_onnx_header
 from ranks._errors import ModelNotFoundError, ShardError
 from ranks._shard_manifest import (
@@ -38,7 +40,6 @@ from ._shard_cache import cache_metadata, cache_pairs, lone_presents
 from ._shard_explain import explain, format_explain
 from ._shard_graph import GraphIndex, elem_types
 from ._shard_merged import branch_label, branch_variants, branch_words, check_branches_agree, merged_report
-from ranks._branches import branch_graph, fold_branches
 from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses, key_axis
 
 _PROTOBUF_LIMIT = 2**31 - 2**20  # a model proto above ~2 GB must keep its weights outside

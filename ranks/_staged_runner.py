@@ -144,6 +144,9 @@ class StagedProgram:
 
     @property
     def collective_count(self) -> int:
+        """Collectives per call (for a model with branches: of the branch with the most)."""
+        if self.branches:
+            return max(b.collective_count for b in self.branches.values())
         return sum(len(s.collectives) for s in self.stages)
 
     def select(self, feeds: dict) -> "StagedProgram":
