@@ -36,6 +36,8 @@ from ._shard_cache import cache_pairs
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(bfloat16)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _IDS, _MASK, _POSITIONS = ("input_ids",), ("attention_mask",), ("position_ids",)
+# Optimum's merged decoder picks its no-past branch (prefill) or its with-past branch (decode) by this input.
+_BRANCH = ("use_cache_branch",)
 
 
 @dataclass
@@ -118,7 +120,8 @@ class DecoderIO:
                                                and "position" not in n), None)
         self.mask = _find(names, _MASK)
         self.positions = _find(names, _POSITIONS)
-        others = [n for n in names if n not in self.pairs and n not in (self.ids, self.mask, self.positions)]
+        self.branch = _find(names, _BRANCH)
+        others = [n for n in names if n not in self.pairs and n not in (self.ids, self.mask, self.positions, self.branch)]
         if self.ids is None or others:
             raise ModelError(f"{label}: cannot tell how to feed input(s) {others or names}; a decoder step takes "
                              f"input_ids, attention_mask, position_ids and the past keys/values")
@@ -157,6 +160,10 @@ class DecoderIO:
             feeds[self.mask] = mask.astype(self.int_types[self.mask], copy=False)
         if self.positions is not None:
             feeds[self.positions] = positions.astype(self.int_types[self.positions], copy=False)
+        if self.branch is not None:
+            # As Optimum's ORTModelForCausalLM feeds a merged decoder: the no-past branch while the pasts are
+            # empty (length 0, read by neither branch then), the with-past branch after.
+            feeds[self.branch] = np.array([any(np.shape(v)[2] > 0 for v in cache.values())])
         return feeds
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:

@@ -3,7 +3,8 @@
 ``shard_model("model.onnx", tp=2, out_dir="shards")`` writes
 ``shards/model0.onnx``, ``shards/model1.onnx`` and ``shards/model.manifest.json``
 (layout: ``ranks._shard_manifest``). How each tensor is split is decided in
-``_shard_analysis``; the per-rank graphs are written by ``_shard_rewrite``.
+``_shard_analysis``; the per-rank graphs are written by ``_shard_rewrite``. Optimum's merged
+decoder (an If on ``use_cache_branch``) is sliced branch by branch and folded back (``_shard_merged``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from ranks._branches import branch_graph, fold_branches
 from ranks._model import load_onnx_header
 from ranks._errors import ModelNotFoundError, ShardError
 from ranks._shard_manifest import (
@@ -37,6 +39,7 @@ from ._shard_analysis import linear_weight, plan_split
 from ._shard_cache import cache_metadata, cache_pairs, lone_presents
 from ._shard_explain import explain, format_explain
 from ._shard_graph import GraphIndex, elem_types
+from ._shard_merged import branch_label, branch_variants, branch_words, check_branches_agree, merged_report
 from ._shard_rewrite import _nbytes, build_rank_graph, initializer_uses, key_axis
 
 _PROTOBUF_LIMIT = 2**31 - 2**20  # a model proto above ~2 GB must keep its weights outside
@@ -70,16 +73,22 @@ class ShardResult:
         counts: dict[str, int] = {}
         for w in m["weights"]:
             counts[w["split"]] = counts.get(w["split"], 0) + 1
-        ops: dict[str, int] = {}
+        ops: dict[str | None, dict[str, int]] = {}
         for c in m["collectives"]:
-            ops[c["op"]] = ops.get(c["op"], 0) + 1
-        lines = [
-            f"wrote {len(self.shard_paths)} shards of {m['source']['file']} to {self.manifest_path.parent}",
-            "  weights: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
-            "  collectives per rank: " + (", ".join(f"{v} {k}" for k, v in sorted(ops.items())) or "none"),
-            f"  weight bytes per rank / whole: {self.weight_fraction:.3f}",
-        ]
+            per = ops.setdefault(c.get("branch"), {})
+            per[c["op"]] = per.get(c["op"], 0) + 1
         report = m.get("explain") or {}
+        lines = [f"wrote {len(self.shard_paths)} shards of {m['source']['file']} to {self.manifest_path.parent}"]
+        if report.get("merged"):
+            lines.append(f"  merged decoder: If {report['merged']['node']} on {report['merged']['condition']}; "
+                         f"each branch sliced alike, the shards keep both")
+        lines.append("  weights: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+        for branch, per in sorted(ops.items(), key=lambda kv: kv[0] or ""):
+            lines.append("  collectives per rank" + (f" ({branch})" if branch else "") + ": "
+                         + (", ".join(f"{v} {k}" for k, v in sorted(per.items())) or "none"))
+        if not ops:
+            lines.append("  collectives per rank: none")
+        lines.append(f"  weight bytes per rank / whole: {self.weight_fraction:.3f}")
         if report.get("megatron_minimum_bytes_per_token_per_rank"):
             lines.append(f"  bytes each rank sends per {report['per']}: {report['bytes_sent_per_token_per_rank']:.0f}, "
                          f"Megatron's minimum {report['megatron_minimum_bytes_per_token_per_rank']:.0f} "
@@ -87,8 +96,9 @@ class ShardResult:
         heads: dict[tuple[int, int], list[str]] = {}
         for a in m["attention"]:
             heads.setdefault((a["heads"], a["heads_per_rank"]), []).append(a["node"])
+        both = " over both branches" if report.get("merged") else ""
         for (whole, per_rank), nodes in heads.items():
-            lines.append(f"  heads {whole} -> {per_rank} per rank ({len(nodes)} Reshape nodes, e.g. {nodes[0]})")
+            lines.append(f"  heads {whole} -> {per_rank} per rank ({len(nodes)} Reshape nodes{both}, e.g. {nodes[0]})")
         cache = m.get("cache") or []
         if cache:
             cut = [c for c in cache if c["axis"] is not None]
@@ -137,11 +147,30 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
     model = onnx.load(str(model_path))
     source_sha, source_bytes = _hash_files([model_path] + [model_path.parent / f for f in data_files])
 
-    index = GraphIndex(model)
-    inputs = [i.name for i in model.graph.input if i.name not in index.initializers]
-    pairs = cache_pairs(inputs, index.graph_outputs, cache)
-    plan = plan_split(index, tp, allow_replicate=allow_replicate, cache=pairs,
-                      presents=lone_presents(inputs, index.graph_outputs, pairs, cache))
+    # Optimum's merged decoder (an If on the graph input use_cache_branch): each branch is planned and
+    # rewritten as the plain graph it is, then the two are folded back into one If per rank (_shard_merged).
+    variants = branch_variants(model)
+    whole_bytes = sum(_nbytes(t) for t in model.graph.initializer) + sum(
+        _nbytes(t) for key in variants if key is not None for t in branch_graph(model, key).initializer)
+    shared_weights = [t.name for t in model.graph.initializer]
+    if None not in variants:
+        del model.graph.initializer[:]  # each branch holds its copy now; only the If is needed from here
+    analyses = {}
+    for key, variant in variants.items():
+        index = GraphIndex(variant)
+        inputs = [i.name for i in variant.graph.input if i.name not in index.initializers]
+        pairs = cache_pairs(inputs, index.graph_outputs, cache)
+        try:
+            plan = plan_split(index, tp, allow_replicate=allow_replicate, cache=pairs,
+                              presents=lone_presents(inputs, index.graph_outputs, pairs, cache))
+        except ShardError as exc:
+            if key is None:
+                raise
+            raise ShardError(f"in {branch_words(model, key)}: {exc}") from None
+        analyses[key] = (index, plan)
+    if len(analyses) > 1:
+        check_branches_agree(model, analyses, shared_weights)
+    index, plan = next(iter(analyses.values()))
     if not plan.seeds:
         reasons = "; ".join(f"{k}: {v}" for k, v in plan.replicated_reasons.items())
         message = (
@@ -151,35 +180,40 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
         if not allow_replicate:
             raise ShardError(message + "; pass --allow-replicate to write whole-model shards anyway")
 
-    whole_bytes = sum(_nbytes(t) for t in model.graph.initializer)
     if external_data is None:
         external_data = source_external or whole_bytes // max(tp, 1) > _PROTOBUF_LIMIT
     shard_id = hashlib.sha256(f"{source_sha}:{tp}:{int(allow_replicate)}:{FORMAT}".encode()).hexdigest()[:32]
     manifest_file = manifest_path_for(out_dir / model_path.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    types = elem_types(model, index.initializers)
+    types = {key: elem_types(a[0].model, a[0].initializers) for key, a in analyses.items()}
 
     shards = []
     paths = []
-    collectives: list[dict] = []
-    bar = progress_bar(tp * len(model.graph.initializer), f"shard {model_path.name} tp={tp}", unit="tensor",
-                       enabled=progress)
+    collectives: dict = {}
+    bar = progress_bar(tp * sum(len(a[0].graph.initializer) for a in analyses.values()),
+                       f"shard {model_path.name} tp={tp}", unit="tensor", enabled=progress)
     try:
         for rank in range(tp):
             meta = {META_ID: shard_id, META_RANK: rank, META_WORLD_SIZE: tp, META_MANIFEST: manifest_file.name}
             if plan.cache:
                 meta[META_CACHE] = cache_metadata(list(plan.cache.values()))
-            built = build_rank_graph(index, plan, rank, types, meta, progress=bar)
+            built = {key: build_rank_graph(a[0], a[1], rank, types[key], meta, progress=bar)
+                     for key, a in analyses.items()}
+            rank_model = built[None].model if None in built else fold_branches(
+                model, {key: b.model for key, b in built.items()})
             path = shard_path_for(out_dir / model_path.name, rank)
-            _check_and_save(built.model, path, external_data)
-            shards.append({"rank": rank, "file": path.name, "weight_bytes": built.weight_bytes})
+            _check_and_save(rank_model, path, external_data)
+            weight_bytes = sum(_nbytes(t) for t in rank_model.graph.initializer) + sum(
+                _nbytes(t) for key in built if key is not None for t in branch_graph(rank_model, key).initializer)
+            shards.append({"rank": rank, "file": path.name, "weight_bytes": weight_bytes})
             paths.append(path)
             if rank == 0:
-                collectives = built.collectives
-            del built
+                collectives = {key: b.collectives for key, b in built.items()}
+            del built, rank_model
     finally:
         bar.close()
 
+    reports = {key: explain(a[0], a[1], collectives[key], types[key], model_path.name) for key, a in analyses.items()}
     manifest = {
         "format": FORMAT,
         "shard_id": shard_id,
@@ -189,12 +223,13 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
         "weight_bytes_whole": whole_bytes,
         "external_data": bool(external_data),
         "weights": _weight_entries(index, plan),
-        "attention": [_attention_entry(index, plan, i, heads, per_rank)
-                      for i, (heads, per_rank) in sorted(plan.reshape_heads.items())],
-        "collectives": collectives,
-        "replicated_reasons": plan.replicated_reasons,
+        "attention": [dict(_attention_entry(a[0], a[1], i, heads, per_rank), **branch_label(model, key))
+                      for key, a in analyses.items() for i, (heads, per_rank) in sorted(a[1].reshape_heads.items())],
+        "collectives": [dict(c, **branch_label(model, key)) for key, cs in collectives.items() for c in cs],
+        "replicated_reasons": {(f"{branch_label(model, key)['branch']}: " if key is not None else "") + node: reason
+                               for key, a in analyses.items() for node, reason in a[1].replicated_reasons.items()},
         "cache": list(plan.cache.values()),
-        "explain": explain(index, plan, collectives, types, model_path.name),
+        "explain": reports[None] if None in reports else merged_report(model, reports),
     }
     write_manifest(manifest_file, manifest)
     return ShardResult(out_dir / model_path.name, paths, manifest_file, manifest)

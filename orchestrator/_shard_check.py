@@ -78,9 +78,7 @@ class SimulatedRanks:
                 progress.update(1)
         first = self.programs[0]
         for p in self.programs[1:]:
-            if len(p.stages) != len(first.stages) or [
-                [(c.op, c.axis) for c in s.collectives] for s in p.stages
-            ] != [[(c.op, c.axis) for c in s.collectives] for s in first.stages]:
+            if _collective_layout(p) != _collective_layout(first):
                 raise ShardError(f"{p.label} and {first.label} do not have the same collectives: not sibling shards")
 
     def get_inputs(self) -> list[Arg]:
@@ -93,22 +91,32 @@ class SimulatedRanks:
                 pieces = np.split(np.asarray(feeds[c["past"]]), len(self.programs), axis=c["axis"])
                 for env, piece in zip(envs, pieces):
                     env[c["past"]] = piece
-        for k in range(len(self.programs[0].stages)):
-            for program, env in zip(self.programs, envs):
+        programs = [p.select(feeds) for p in self.programs]  # (a merged decoder: the branch the feeds pick)
+        for k in range(len(programs[0].stages)):
+            for program, env in zip(programs, envs):
                 program.run_stage(k, env)
-            for j, c in enumerate(self.programs[0].stages[k].collectives):
-                parts = [env[p.stages[k].collectives[j].input] for p, env in zip(self.programs, envs)]
+            for j, c in enumerate(programs[0].stages[k].collectives):
+                parts = [env[p.stages[k].collectives[j].input] for p, env in zip(programs, envs)]
                 if c.op == "AllReduce":
                     value = parts[0].copy()
                     for part in parts[1:]:
                         value += part
                 else:
                     value = np.concatenate(parts, axis=c.axis)
-                for p, env in zip(self.programs, envs):
+                for p, env in zip(programs, envs):
                     env[p.stages[k].collectives[j].output] = value
         presents = {c["present"]: c["axis"] for c in self.cache}
         return {a.name: np.concatenate([env[a.name] for env in envs], axis=presents[a.name]) if a.name in presents
                 else envs[0][a.name] for a in self.programs[0].outputs}
+
+
+_BRANCH = "use_cache_branch"  # the input by which Optimum's merged decoder picks its with-past branch
+
+
+def _collective_layout(program) -> list:
+    """The collectives of each stage (of each branch, for a merged decoder): alike in sibling shards."""
+    return [[(c.op, c.axis) for c in s.collectives] for s in program.stages] + [
+        (which, _collective_layout(b)) for which, b in sorted(program.branches.items())]
 
 
 def _consistent_cache(feeds: dict, session) -> dict:
@@ -119,6 +127,8 @@ def _consistent_cache(feeds: dict, session) -> dict:
     pairs = cache_pairs(list(feeds), [o.name for o in session.get_outputs()])
     if not pairs:
         return feeds
+    if _BRANCH in feeds:
+        feeds[_BRANCH] = np.array([True])  # a merged decoder's with-past branch (check_shards runs the other too)
     past = 2
     for name in pairs:
         value = feeds[name]
@@ -158,13 +168,21 @@ def check_shards(model_path: str | os.PathLike, shard_path: str | os.PathLike, *
         bar.update(1)
         ranks = SimulatedRanks(files, make_session, progress=bar)
         feeds = _consistent_cache(random_inputs(whole.get_inputs(), dynamic=dynamic, seed=seed), whole)
-        expected = dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds)))
+        runs = [(feeds, dict(zip([o.name for o in whole.get_outputs()], whole.run(None, feeds))))]
+        if _BRANCH in feeds:
+            # Optimum's merged decoder: the no-past branch too (its attention mask covers the new tokens only).
+            no_past = dict(feeds, **{_BRANCH: np.array([False])})
+            if "attention_mask" in feeds and "input_ids" in feeds:
+                no_past["attention_mask"] = np.ones(feeds["input_ids"].shape, feeds["attention_mask"].dtype)
+            runs.append((no_past, dict(zip([o.name for o in whole.get_outputs()], whole.run(None, no_past)))))
         bar.update(1)
-        got = ranks.run(feeds)
+        per_output: dict[str, float] = {}
+        for run_feeds, expected in runs:
+            got = ranks.run(run_feeds)
+            for name, value in expected.items():
+                if got[name].shape != value.shape:
+                    raise ShardError(f"output {name}: shards give shape {got[name].shape}, the whole model {value.shape}")
+                diff = float(np.max(np.abs(got[name].astype(np.float64) - value))) if value.size else 0.0
+                per_output[name] = max(per_output.get(name, 0.0), diff)
         bar.update(1)
-    per_output = {}
-    for name, value in expected.items():
-        if got[name].shape != value.shape:
-            raise ShardError(f"output {name}: shards give shape {got[name].shape}, the whole model {value.shape}")
-        per_output[name] = float(np.max(np.abs(got[name].astype(np.float64) - value))) if value.size else 0.0
     return CheckResult(max(per_output.values(), default=0.0), per_output, feeds)

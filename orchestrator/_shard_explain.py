@@ -202,6 +202,14 @@ def _bias_after_reduce(index: GraphIndex, plan: Plan, consumers: list[int]) -> b
 
 
 def format_explain(report: dict) -> str:
+    if report.get("branches"):
+        merged = report["merged"]
+        lines = [f"merged decoder: If {merged['node']} picks a branch by {merged['condition']}; each branch is "
+                 f"planned as its own graph, the weights both read cut alike, and the shards keep both branches"]
+        for branch, sub in report["branches"].items():
+            lines.append(f"{branch} ({merged['condition']} {'true' if branch == 'then_branch' else 'false'}):")
+            lines += ["  " + line for line in format_explain(sub).splitlines()]
+        return "\n".join(lines)
     tp = report["tp"]
     per = report["per"]
     lines = [f"plan for {report['model']} at tp={tp} (Megatron: columns, then rows, one all-reduce per pair):"]

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ._branches import BRANCH_ATTRS, branching_if, condition_value, inline_branch
 from ._comm_base import Communicator
 from ._errors import InputError, ModelError, ModelNotFoundError, ShardError
 from ._shard_manifest import META_ID, META_MANIFEST, META_RANK, META_WORLD_SIZE, read_manifest, shard_metadata
@@ -94,7 +95,12 @@ def default_session_factory(threads: int | None = None, providers: list[str] | N
 
 
 class StagedProgram:
-    """A model cut at its collectives into stages with one session each; collectives are left to the caller."""
+    """A model cut at its collectives into stages with one session each; collectives are left to the caller.
+
+    A model that picks one of two subgraphs by a graph input (Optimum's merged decoder, ``_branches``)
+    whose subgraphs hold collectives becomes two programs, one per branch, with their own stages;
+    ``select(feeds)`` gives the one a call runs (every rank takes the same branch: the feeds agree).
+    """
 
     def __init__(self, model: onnx.ModelProto, make_session: Callable | None = None, *, label: str = "model"):
         self.label = label
@@ -103,6 +109,17 @@ class StagedProgram:
         initializer_names = {t.name for t in graph.initializer}
         self.inputs = [_arg(vi) for vi in graph.input if vi.name not in initializer_names]
         self.outputs = [_arg(vi) for vi in graph.output]
+        self.condition: str | None = None
+        self.branches: dict[bool, StagedProgram] = {}
+        at = branching_if(model)
+        if at is not None and any(is_collective(n) for n in _subgraph_nodes(graph.node[at])):
+            # (each branch program has its own sessions, so weights both branches read are held twice)
+            self.condition = graph.node[at].input[0]
+            self.branches = {which: StagedProgram(inline_branch(model, which), make_session,
+                                                  label=f"{label} ({BRANCH_ATTRS[which]})")
+                             for which in (True, False)}
+            self.stages = []
+            return
         self.stages = cut_stages(model)
         types = _known_types(model)
         for k, stage in enumerate(self.stages):
@@ -127,7 +144,20 @@ class StagedProgram:
 
     @property
     def collective_count(self) -> int:
+        """Collectives per call (for a model with branches: of the branch with the most)."""
+        if self.branches:
+            return max(b.collective_count for b in self.branches.values())
         return sum(len(s.collectives) for s in self.stages)
+
+    def select(self, feeds: dict) -> "StagedProgram":
+        """The program a call with these feeds runs: this one, or the branch its condition input picks."""
+        if self.condition is None:
+            return self
+        return self.branches[condition_value(feeds, self.condition)]
+
+    def all_stages(self) -> list[Stage]:
+        """Every stage of this program and of its branches."""
+        return list(self.stages) + [s for b in self.branches.values() for s in b.all_stages()]
 
     def run_stage(self, k: int, env: dict) -> None:
         stage = self.stages[k]
@@ -177,7 +207,7 @@ class StagedRunner:
         self._input_names = [a.name for a in self.program.inputs]
         # Graph outputs gathered whole by an AllGather (logits of an LM head split by vocabulary):
         # output name -> the axis along which each rank holds its piece.
-        self.gathered_outputs = {c.output: c.axis for stage in self.program.stages for c in stage.collectives
+        self.gathered_outputs = {c.output: c.axis for stage in self.program.all_stages() for c in stage.collectives
                                  if c.op == "AllGather" and c.output in {a.name for a in self.program.outputs}}
         # Every rank must issue its collectives in the same order: one run at a time per rank.
         self._lock = threading.Lock()
@@ -224,7 +254,7 @@ class StagedRunner:
         return list(self.program.outputs)
 
     def get_providers(self) -> list[str]:
-        for stage in self.program.stages:
+        for stage in self.program.all_stages():
             if stage.session is not None and hasattr(stage.session, "get_providers"):
                 return stage.session.get_providers()
         return ["CPUExecutionProvider"]
@@ -259,9 +289,10 @@ class StagedRunner:
             raise InputError(f"missing input(s) {missing}; the model takes {self._input_names}")
         env = dict(input_feed)
         local = set(local)
+        program = self.program.select(input_feed)
         with self._lock:
-            for k, stage in enumerate(self.program.stages):
-                self.program.run_stage(k, env)
+            for k, stage in enumerate(program.stages):
+                program.run_stage(k, env)
                 for c in stage.collectives:
                     if c.op == "AllReduce":
                         env[c.output] = self.comm.allreduce(env[c.input], "sum")
@@ -275,7 +306,7 @@ class StagedRunner:
             raise InputError(f"unknown output {exc.args[0]!r}; the model gives {[a.name for a in self.program.outputs]}") from None
 
     def close(self) -> None:
-        for stage in self.program.stages:
+        for stage in self.program.all_stages():
             stage.session = None
 
 
@@ -385,6 +416,17 @@ def _known_types(model: onnx.ModelProto) -> dict[str, int]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
             types.setdefault(vi.name, vi.type.tensor_type.elem_type)
     return types
+
+
+def _subgraph_nodes(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """Every node inside a node's subgraphs, at any depth."""
+    found = []
+    for attr in node.attribute:
+        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for inner in g.node:
+                found.append(inner)
+                found += _subgraph_nodes(inner)
+    return found
 
 
 def outer_references(node: onnx.NodeProto) -> set[str]:

@@ -2,7 +2,8 @@
 
 The fixtures ``tests/fixtures/{gpt2,llama}_cache_dynamo.*`` (``make_exports.py``) hold the decoders and
 torch's greedy tokens and logits for two prompts (8 and 5 tokens) over 40 steps, each prompt run alone;
-``gpt2_prefill_dynamo.onnx`` the same GPT-2 as a separate prefill graph.
+``gpt2_prefill_dynamo.onnx`` the same GPT-2 as a separate prefill graph; ``{gpt2,llama}_merged.*`` the same
+decoders as Optimum's ``merge_decoders`` writes them (an If on ``use_cache_branch``: no-past and with-past branches).
 Here: the whole model's loop against torch; the slicer's cut of the cache; the sharded loop with its
 ranks as threads (the launched ranks are in ``test_generate_ranks.py``).
 """
@@ -17,7 +18,7 @@ import onnx
 import pytest
 
 from orchestrator import ModelError, ShardError, generate, generate_on_rank, shard_model
-from orchestrator._shard_check import SimulatedRanks
+from orchestrator._shard_check import SimulatedRanks, check_shards
 from ranks import InputError, StagedRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,6 +26,7 @@ from _shard_helpers import ThreadGroup  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DECODERS = ["gpt2_cache_dynamo", "llama_cache_dynamo"]
+MERGED = ["gpt2_merged", "llama_merged"]  # Optimum's layout: If(use_cache_branch) over the two decoders
 # gpt2_prefill_dynamo.onnx: the same GPT-2 as a separate prefill graph (no past inputs)
 STEPS = 40
 TOLERANCE = 1e-4
@@ -108,7 +110,7 @@ def test_shards_with_a_whole_cache_in_and_out_equal_the_whole_model(name, shards
         assert np.max(np.abs(got[key] - value)) <= TOLERANCE, key
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", DECODERS + MERGED)
 def test_whole_model_greedy_equals_torch(name):
     ref = _reference(name)
     got = generate(FIXTURES / f"{name}.onnx", ref["prompt_ids"], STEPS, return_logits=True)
@@ -119,12 +121,76 @@ def test_whole_model_greedy_equals_torch(name):
     assert alone.tokens[0].tolist() == ref["tokens"][1, :8].tolist()
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", DECODERS + MERGED)
 def test_two_ranks_greedy_equals_torch(name, shards):
     ref = _reference(name)
     results = _on_threads(shards(name), 2, ref["prompt_ids"], STEPS, return_logits=True)
     for got in results:  # every rank knows every token
         _assert_like_torch(got, ref)
+
+
+@pytest.mark.parametrize("name", MERGED)
+def test_a_merged_decoder_is_sliced_branch_by_branch_and_keeps_both(name, shards):
+    """Each rank's shard is one If on use_cache_branch, as the merged model; in each branch two AllReduces per
+    block (and the embedding's), the logits the only AllGather; both branches give the whole model's outputs."""
+    import onnxruntime as ort
+
+    result = shards(name)
+    shard = onnx.load(str(result.shard_paths[1]))
+    assert [n.op_type for n in shard.graph.node] == ["If"] and shard.graph.node[0].input[0] == "use_cache_branch"
+    report = result.manifest["explain"]
+    for branch in ("then_branch", "else_branch"):
+        ops = [(c["op"], c["tensor"]) for c in result.manifest["collectives"] if c["branch"] == branch]
+        assert [op for op, _ in ops].count("AllReduce") == 5, branch
+        assert [t for op, t in ops if op == "AllGather"] == ["logits"], branch
+        layers = report["branches"][branch]["layers"]
+        assert [(layer["kind"], layer["all_reduce"] is not None) for layer in layers] == [
+            ("attention", True), ("mlp", True)] * 2, branch
+    assert {(c["axis"], c["heads_per_rank"]) for c in result.manifest["cache"]} == {(1, 2 if name.startswith("gpt2") else 1)}
+    summary, explained = result.summary(), result.explain()
+    assert "merged decoder: If optimum::if on use_cache_branch" in summary
+    assert "collectives per rank (then_branch): 1 AllGather, 5 AllReduce" in summary
+    assert "then_branch (use_cache_branch true):" in explained and "else_branch (use_cache_branch false):" in explained
+    session = ort.InferenceSession(str(FIXTURES / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+    ranks = SimulatedRanks(result.shard_paths)
+    rng = np.random.default_rng(0)
+    pasts = [a for a in session.get_inputs() if a.name not in ("input_ids", "attention_mask", "position_ids",
+                                                                "use_cache_branch")]
+    for use_cache, past in ((False, 0), (True, 4), (False, 3)):  # the no-past branch ignores a past it is given
+        feeds = {"input_ids": rng.integers(0, 512, (2, 3)), "position_ids": np.tile(np.arange(past, past + 3), (2, 1)),
+                 "attention_mask": np.ones((2, (past if use_cache else 0) + 3), np.int64),
+                 "use_cache_branch": np.array([use_cache])}
+        feeds.update({a.name: rng.standard_normal((2, a.shape[1], past, a.shape[3])).astype(np.float32) for a in pasts})
+        want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        got = ranks.run(feeds)
+        for key, value in want.items():
+            assert got[key].shape == value.shape
+            assert np.max(np.abs(got[key] - value)) <= TOLERANCE, (use_cache, key)
+    # orchestrate shard --check runs both branches against the whole model too
+    check = check_shards(FIXTURES / f"{name}.onnx", result.model_path, progress=False)
+    assert check.ok(TOLERANCE) and set(check.per_output) == {o.name for o in session.get_outputs()}
+
+
+def test_merged_branches_that_cut_a_weight_differently_are_refused(tmp_path):
+    """The weights are one copy per rank that both branches read: a plan that cuts one differently per branch
+    (here the no-past branch reads the MLP weight through an Identity, so its layer stays whole) is an error."""
+    model = onnx.load(str(FIXTURES / "gpt2_merged.onnx"))
+    weight = "model.transformer.h.0.mlp.c_fc.weight_merged_0"
+    body = next(a.g for a in model.graph.node[0].attribute if a.name == "else_branch")
+    reader = next(n for n in body.node if weight in n.input)
+    reader.input[list(reader.input).index(weight)] = "c_fc_weight_copy"
+    body.node.insert(0, onnx.helper.make_node("Identity", [weight], ["c_fc_weight_copy"], name="copy"))
+    onnx.save(model, str(tmp_path / "disagree.onnx"))
+    with pytest.raises(ShardError) as caught:
+        shard_model(tmp_path / "disagree.onnx", 2, tmp_path / "s", progress=False)
+    assert str(caught.value).startswith(
+        f"the weight {weight} is cut along axis 1 in the then_branch of optimum::if (use_cache_branch true) but "
+        f"whole on every rank in the else_branch of optimum::if (use_cache_branch false)")
+    assert not (tmp_path / "s").exists() or not list((tmp_path / "s").iterdir())
+    # an error in planning one branch says which branch
+    with pytest.raises(ShardError, match=r"^in the then_branch of optimum::if \(use_cache_branch true\): "
+                                         r"tensor-parallel degree 3 does not divide the hidden size 64"):
+        shard_model(FIXTURES / "gpt2_merged.onnx", 3, tmp_path / "t", progress=False)
 
 
 def test_key_value_heads_that_tp_does_not_divide_keep_the_cache_whole(shards):

@@ -2,7 +2,8 @@
 
 The three ways to start ranks, on the exported decoders of ``tests/fixtures`` (``make_exports.py``),
 against torch's greedy tokens and logits: ``ShardedModel.generate`` from Python, a rank program under
-``orchestrate launch mpi``, the same program from a rank table (zmq); and ``orchestrate generate``.
+``orchestrate launch mpi``, the same program from a rank table (zmq); and ``orchestrate generate``. Each way
+runs a plain decoder and Optimum's merged decoder (``*_merged``: an If on ``use_cache_branch``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def _one_step_with_a_past(name: str) -> tuple[dict, dict]:
     feeds = {"input_ids": rng.integers(0, 512, (2, 1)), "attention_mask": np.ones((2, 5), np.int64),
              "position_ids": np.full((2, 1), 4)}
     for arg in session.get_inputs()[3:]:
+        if arg.name == "use_cache_branch":  # a merged decoder: its with-past branch
+            feeds[arg.name] = np.array([True])
+            continue
         feeds[arg.name] = rng.standard_normal((2, arg.shape[1], 4, arg.shape[3])).astype(np.float32)
     return feeds, dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
@@ -66,7 +70,7 @@ def _check_saved(path: Path, ref: dict) -> None:
         assert np.max(np.abs(saved["logits"] - ref["logits"][:, :STEPS])) <= TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["gpt2_cache_dynamo", "llama_cache_dynamo"])
+@pytest.mark.parametrize("name", ["gpt2_cache_dynamo", "llama_cache_dynamo", "gpt2_merged"])
 def test_sharded_model_generates_torchs_tokens(name, shards):
     ref = _reference(name)
     with ShardedModel(shards(name).model_path, backend="mpi", timeout=120) as model:
@@ -108,11 +112,11 @@ def test_sharded_model_with_a_separate_prefill_graph(shards, tmp_path):
 
 
 @pytest.mark.cli
-def test_a_rank_program_generates_under_mpirun(shards, tmp_path):
+@pytest.mark.parametrize("name", ["gpt2_cache_dynamo", "gpt2_merged"])
+def test_a_rank_program_generates_under_mpirun(name, shards, tmp_path):
     pytest.importorskip("launchers._mpi")
     from conftest import orchestrate_command, run_command
 
-    name = "gpt2_cache_dynamo"
     prompt = _prompt_file(name, tmp_path / "prompt.npy")
     result = run_command(orchestrate_command(
         "launch", "mpi", "-n", "2", "--", sys.executable, str(PROGRAM), "--shards", str(shards(name).model_path),
@@ -124,12 +128,12 @@ def test_a_rank_program_generates_under_mpirun(shards, tmp_path):
 
 
 @pytest.mark.cli
-def test_a_rank_program_generates_from_a_rank_table(shards, tmp_path):
+@pytest.mark.parametrize("name", ["llama_cache_dynamo", "llama_merged"])
+def test_a_rank_program_generates_from_a_rank_table(name, shards, tmp_path):
     pytest.importorskip("ranks._comm_zmq")
     from conftest import project_env
     from ranks import free_base_port, generate_rank_table
 
-    name = "llama_cache_dynamo"
     generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
     (tmp_path / "config_file.ini").write_text(
         f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
@@ -157,10 +161,10 @@ def test_a_rank_program_generates_from_a_rank_table(shards, tmp_path):
 
 
 @pytest.mark.cli
-def test_orchestrate_generate_prints_and_saves_the_new_ids(shards, tmp_path):
+@pytest.mark.parametrize("name", ["llama_cache_dynamo", "gpt2_merged"])
+def test_orchestrate_generate_prints_and_saves_the_new_ids(name, shards, tmp_path):
     from conftest import orchestrate_command, run_command
 
-    name = "llama_cache_dynamo"
     ref = _reference(name)
     prompt = _prompt_file(name, tmp_path / "prompt.npy")
     want = [f"generated: {' '.join(str(t) for t in ref['tokens'][row, :STEPS])}" for row in range(2)]
