@@ -236,6 +236,17 @@ _JOIN_BELOW = 64 * 1024  # messages up to this size are joined and written with 
 _IOV_MAX = 512  # buffers per sendmsg (the system allows 1024)
 
 
+def pack_stream(frames: list) -> list:
+    """The buffers that carry ``frames`` as one message of the stream framing (for ``StreamChannel.send_packed``)."""
+    lengths = [len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames]
+    total = _COUNT.size + 8 * len(frames) + sum(lengths)
+    head = _LENGTH.pack(total) + _COUNT.pack(len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
+    if total <= _JOIN_BELOW:
+        return [memoryview(b"".join([head, *frames]))]  # one small copy, one system call
+    # large tensors go out from where they lie, no joined copy
+    return [memoryview(head)] + [memoryview(f).cast("B") for f in frames if memoryview(f).nbytes]
+
+
 class StreamChannel:
     """Messages over a connected stream socket (one end of a socketpair, a Unix socket).
 
@@ -257,13 +268,11 @@ class StreamChannel:
 
     def send(self, frames: list, timeout: float | None = None) -> None:
         """Write one message whole; ``TimeoutError`` if the peer has not taken it within ``timeout`` seconds."""
-        lengths = [len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames]
-        total = _COUNT.size + 8 * len(frames) + sum(lengths)
-        head = _LENGTH.pack(total) + _COUNT.pack(len(frames)) + struct.pack(f"<{len(frames)}Q", *lengths)
-        if total <= _JOIN_BELOW:
-            pending = [memoryview(b"".join([head, *frames]))]  # one small copy, one system call
-        else:  # large tensors go out from where they lie, no joined copy
-            pending = [memoryview(head)] + [memoryview(f).cast("B") for f in frames if memoryview(f).nbytes]
+        self.send_packed(pack_stream(frames), timeout)
+
+    def send_packed(self, packed: list, timeout: float | None = None) -> None:
+        """Write a message ``pack_stream`` made (one message to several peers is packed once)."""
+        pending = list(packed)
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
             try:

@@ -13,6 +13,7 @@ closed it (EOF): the rank whose master died, the master whose rank died.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -32,15 +33,25 @@ class MasterLinks:
         self._listener.listen(_BACKLOG)
         self._channels: list[proto.StreamChannel] = []  # accepted and still open, in order
         self.peers: dict[int, proto.StreamChannel] = {}
+        # One poll set kept up to date (not one built per wait: a batch-1 call waits once or twice)
+        self._poller = select.poll()
+        self._by_fd: dict[int, object] = {}
+        self._watch(self._listener)
+
+    def _watch(self, item) -> None:
+        self._by_fd[item.fileno()] = item
+        self._poller.register(item.fileno(), select.POLLIN | select.POLLPRI)
 
     def receive(self, timeout: float, deadline: float):
         """``(message, channel)``: the next message within ``timeout`` seconds; None when none came or a rank
         closed its end (it exited: the launcher reports how). ``socket.timeout`` when a message began but did
         not come whole by ``deadline`` (its sender stopped half-way)."""
-        ready = proto.wait([self._listener, *self._channels], timeout)
+        events = self._poller.poll(max(0, int(timeout * 1000 + 0.999)))
+        ready = [self._by_fd[fd] for fd, _ in events if fd in self._by_fd]
         if self._listener in ready:
             conn, _ = self._listener.accept()
             self._channels.append(proto.StreamChannel(conn))
+            self._watch(self._channels[-1])
         for channel in ready:
             if channel is self._listener:
                 continue
@@ -52,14 +63,14 @@ class MasterLinks:
             return proto.decode(frames, "a rank"), channel
         return None
 
-    def send(self, rank: int, frames: list, deadline: float) -> bool:
-        """Write a message to ``rank``; False if its end is closed (it exited); ``socket.timeout`` if it has not
-        taken the message by ``deadline`` (a large message to a stopped rank)."""
+    def send(self, rank: int, packed: list, deadline: float) -> bool:
+        """Write a message (``proto.pack_stream``'s buffers) to ``rank``; False if its end is closed (it exited);
+        ``TimeoutError`` if it has not taken the message by ``deadline`` (a large message to a stopped rank)."""
         channel = self.peers.get(rank)
         if channel is None:
             return False
         try:
-            channel.send(frames, timeout=max(deadline - time.monotonic(), 0.0))
+            channel.send_packed(packed, timeout=max(deadline - time.monotonic(), 0.0))
         except ConnectionError:
             self._drop(channel)
             return False
@@ -75,12 +86,14 @@ class MasterLinks:
 
     def forget_peers(self) -> None:
         """Close every rank's connection (the ranks are being stopped or started again)."""
-        for channel in self._channels:
-            channel.close()
-        self._channels.clear()
+        for channel in list(self._channels):
+            self._drop(channel)
         self.peers.clear()
 
     def _drop(self, channel: proto.StreamChannel) -> None:
+        fd = channel.fileno()
+        if self._by_fd.pop(fd, None) is not None:
+            self._poller.unregister(fd)
         channel.close()
         if channel in self._channels:
             self._channels.remove(channel)

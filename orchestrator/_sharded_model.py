@@ -320,7 +320,7 @@ class ShardedModel:
         self._next_id += 1
         exchange = _Exchange(f"{'generate' if 'generate' in fields else 'predict'} request {request}",
                              set(range(self.tp)), set())
-        frames = proto.encode(proto.PREDICT, request, arrays=inputs, **fields)
+        packed = proto.pack_stream(proto.encode(proto.PREDICT, request, arrays=inputs, **fields))
         deadline = time.monotonic() + self.timeout
         result = None
         # the ranks' time inside run(), without the transfers: the slowest rank's for generate, rank 0's for
@@ -330,7 +330,7 @@ class ShardedModel:
         try:
             for rank in range(self.tp):
                 try:
-                    self._job.links.send(rank, frames, deadline)  # False for a rank gone: _receive names it
+                    self._job.links.send(rank, packed, deadline)  # False for a rank gone: _receive names it
                 except TimeoutError:
                     raise self._stall(exchange, [rank]) from None  # it took no bytes for the whole timeout
             # A plain predict ends with rank 0's REPLY: the other ranks send none (they met rank 0 in its
