@@ -34,40 +34,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from ranks._config_file import RankConfig
 from ranks._context import Context
 from ranks._errors import ModelError, OrchestratorError
 from ranks._log import get_logger
-from ranks._model import _ort_message, _weights_folded_at_build
+from ranks._model import _ort_message
 from ranks._session import execution_providers, session_options
-from ranks._shared_weights import WEIGHT_REWRITING_OPTIMIZERS, _FOLDABLE_WEIGHT_BYTES, _shareable, release_freed_heap
+from ranks._shared_weights import SharedInitializers, release_freed_heap
 from ranks._tensor import data_type_from_ort
 
 from ._pool_plan import WorkerPlan
 from ._pool_queue import Request, State, serve
 
 log = get_logger("pool")
-
-
-class SharedInitializers:
-    """A model's initializers, read once, as OrtValues every session of this process can run on."""
-
-    def __init__(self, proto: onnx.ModelProto, base_dir: str):
-        self.arrays: dict[str, np.ndarray] = {}
-        for init in proto.graph.initializer:
-            if _shareable(init):
-                self.arrays[init.name] = np.ascontiguousarray(numpy_helper.to_array(init, base_dir))
-        # ortvalue_from_numpy wraps the array's memory (no copy) and keeps the array alive.
-        self.ort_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
-        folded = _weights_folded_at_build(proto)
-        big = {name for name, array in self.arrays.items() if array.nbytes >= _FOLDABLE_WEIGHT_BYTES}
-        self.disabled_optimizers = list(WEIGHT_REWRITING_OPTIMIZERS) + (["ConstantFolding"] if folded & big else [])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(array.nbytes for array in self.arrays.values())
 
 
 class ThreadEngine:
@@ -155,9 +135,7 @@ def _build_engines(path: Path, plan: WorkerPlan, context: Context, config: RankC
         options = worker_session_options(context, config, plan.threads, plan.cores[index])
         disabled = []
         if shared is not None:
-            for name, value in shared.ort_values.items():
-                options.add_initializer(name, value)
-            options.add_session_config_entry("session.disable_prepacking", "1")
+            shared.apply(options)
             disabled = shared.disabled_optimizers
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled)

@@ -69,6 +69,13 @@ SHM_MODE = _var(
     "how shared-memory segments are made: memfd (peers open /proc/<owner pid>/fd/<fd>; nothing in /dev/shm, nothing "
     "can leak), named (/dev/shm/orch_*), or auto (memfd where peers can open it, else named)",
 )
+MERGED_DECODE_PREPACKING = _var(
+    "ORCH_MERGED_DECODE_PREPACKING", "true",
+    "a rank's shard of a merged decoder (an If on use_cache_branch): true keeps ONNX Runtime's weight prepacking in "
+    "the with-past (decode) branch (decode steps as fast, memory as much as the with-past decoder's shard alone); "
+    "false runs both branches on the one shared copy of the weights with prepacking off (least memory, slower "
+    "steps at batch > 1)",
+)
 COMM_BACKEND = _var("ORCH_COMM_BACKEND", None, "force a communicator backend: mpi, zmq or single")
 LOG_LEVEL = _var("ORCH_LOG_LEVEL", "WARNING", "logging level of the orchestrator's own loggers")
 STOP_TIMEOUT = _var("ORCH_STOP_TIMEOUT", "10", "seconds a launcher waits after SIGTERM before it SIGKILLs the ranks it is stopping")
@@ -172,6 +179,15 @@ def mpi_arrival_check() -> bool:
     flag = parse_bool(value)
     if flag is None:
         raise ValueError(f"ORCH_MPI_ARRIVAL_CHECK must be one of true/false/1/0/yes/no, got {value!r}")
+    return flag
+
+
+def merged_decode_prepacking() -> bool:
+    """Whether a merged decoder's decode branch keeps prepacking, from ORCH_MERGED_DECODE_PREPACKING (default true)."""
+    value = MERGED_DECODE_PREPACKING.get()
+    flag = parse_bool(value)
+    if flag is None:
+        raise ValueError(f"ORCH_MERGED_DECODE_PREPACKING must be one of true/false/1/0/yes/no, got {value!r}")
     return flag
 
 

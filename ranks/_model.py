@@ -302,10 +302,12 @@ class Model:
         self._communicator = communicator
         context, config = self._context, self._config
 
-        def make_session(model):
+        def make_session(model, weights=None):
             # Several stage sessions share the cores; spinning pool threads would fight over them.
             options = session_options(context, config, allow_spinning=False)
-            return ort.InferenceSession(model, sess_options=options, providers=execution_providers(context, config))
+            disabled = weights.apply(options) if weights is not None else []  # a merged decoder's shared weights
+            return ort.InferenceSession(model, sess_options=options, providers=execution_providers(context, config),
+                                        disabled_optimizers=disabled)
 
         try:
             return StagedRunner(self._path, communicator, make_session=make_session)

@@ -426,14 +426,63 @@ def _type_name(onnx_type: int) -> str:
 
 def _disabled_optimizers(proto: onnx.ModelProto, entries: list[TensorEntry]) -> list[str]:
     """The optimizers that would copy shared weights into private tensors for this graph (see the module docstring)."""
-    big = {e.name for e in entries if e.nbytes >= _FOLDABLE_WEIGHT_BYTES}
+    return disabled_optimizers(proto, {e.name for e in entries if e.nbytes >= _FOLDABLE_WEIGHT_BYTES})
+
+
+def disabled_optimizers(proto: onnx.ModelProto, weights: set[str]) -> list[str]:
+    """The optimizers to turn off in a session of ``proto`` that runs on shared ``weights`` (names of large
+    initializers): those that rewrite weights, and ConstantFolding when a node computes from such a weight alone."""
     constants = {init.name for init in proto.graph.initializer} | {""}
     constants |= {out for node in proto.graph.node if node.op_type == "Constant" for out in node.output}
     folds_weight = any(
-        node.op_type != "Constant" and set(node.input) <= constants and big & set(node.input)
+        node.op_type != "Constant" and set(node.input) <= constants and weights & set(node.input)
         for node in proto.graph.node
     )
     return list(WEIGHT_REWRITING_OPTIMIZERS) + (["ConstantFolding"] if folds_weight else [])
+
+
+class SharedInitializers:
+    """Initializers of one model, read once, as OrtValues that several sessions of this process run on.
+
+    Used by the thread pool (every worker's session on one copy) and by a rank's merged decoder (the
+    stage sessions of both branches on one copy). ``names`` limits it to those initializers.
+    """
+
+    def __init__(self, proto: onnx.ModelProto, base_dir: str, names: set[str] | None = None):
+        self.arrays: dict[str, np.ndarray] = {}
+        for init in proto.graph.initializer:
+            if _shareable(init) and (names is None or init.name in names):
+                self.arrays[init.name] = np.ascontiguousarray(numpy_helper.to_array(init, base_dir))
+        # ortvalue_from_numpy wraps the array's memory (no copy) and keeps the array alive.
+        self.ort_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
+        self.large = {name for name, array in self.arrays.items() if array.nbytes >= _FOLDABLE_WEIGHT_BYTES}
+        self.disabled_optimizers = disabled_optimizers(proto, self.large)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (an array under two names counts once)."""
+        return sum(array.nbytes for array in {id(a): a for a in self.arrays.values()}.values())
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        """One more initializer (an array already held under another name is not copied)."""
+        self.arrays[name] = array
+        self.ort_values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+        if array.nbytes >= _FOLDABLE_WEIGHT_BYTES:
+            self.large.add(name)
+
+    def drop(self, name: str) -> None:
+        for held in (self.arrays, self.ort_values):
+            held.pop(name, None)
+        self.large.discard(name)
+
+    def apply(self, options: ort.SessionOptions, names=None, *, prepacking: bool = False) -> None:
+        """Hand these initializers (or those of ``names``) to a session's options, prepacking off (see the module
+        docstring); the session then needs ``disabled_optimizers`` (or ``disabled_optimizers(its model, ...)``).
+        ``prepacking=True`` leaves it on: the session then packs its MatMul weights into a private copy."""
+        for name in self.ort_values if names is None else names:
+            options.add_initializer(name, self.ort_values[name])
+        if not prepacking:
+            options.add_session_config_entry("session.disable_prepacking", "1")
 
 
 def _readlink(path: str) -> str:
