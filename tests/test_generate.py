@@ -193,6 +193,105 @@ def test_merged_branches_that_cut_a_weight_differently_are_refused(tmp_path):
         shard_model(FIXTURES / "gpt2_merged.onnx", 3, tmp_path / "t", progress=False)
 
 
+@pytest.mark.parametrize("name", MERGED)
+def test_a_ranks_merged_shard_holds_the_weights_both_branches_read_once(name, shards):
+    """Both branches' stage sessions take every weight the main graph holds for them from one set of arrays
+    (one OrtValue per name; GPT-2's Transpose of its tied LM-head weight is folded once, for both), and the
+    stage models handed to ONNX Runtime carry no copy of those weights; a session factory that takes no
+    ``weights=`` still builds (each branch on its own copies), and both ways give the same outputs."""
+    from onnx import numpy_helper
+
+    from ranks._shared_weights import _FOLDABLE_WEIGHT_BYTES
+    from ranks._staged_runner import StagedProgram, default_session_factory
+
+    shard = onnx.load(str(shards(name).shard_paths[0]))
+    weights = {t.name: numpy_helper.to_array(t) for t in shard.graph.initializer
+               if numpy_helper.to_array(t).nbytes >= _FOLDABLE_WEIGHT_BYTES}
+    assert len(weights) >= 8
+    built, make = [], default_session_factory()
+
+    def recording(model_bytes, weights=None):
+        built.append((onnx.load_from_string(model_bytes), weights))
+        return make(model_bytes, weights=weights)
+
+    program = StagedProgram(shard, recording, label=name)
+    shared = program.shared
+    assert shared is not None and all(b.shared is shared for b in program.branches.values())
+    first = sum(1 for s in program.branches[True].stages if s.session is not None)  # built first: then_branch
+    assert len(built) == first + sum(1 for s in program.branches[False].stages if s.session is not None)
+    taken = {True: set(), False: set()}
+    for k, (stage_model, stage_weights) in enumerate(built):
+        which = k < first
+        if stage_weights is None:
+            continue
+        assert stage_weights.shared is shared
+        assert "ConstantFolding" not in stage_weights.disabled_optimizers  # nothing computes from a weight alone
+        inits = {t.name: t for t in stage_model.graph.initializer}
+        for weight in stage_weights.names:
+            assert inits[weight].data_location == onnx.TensorProto.EXTERNAL and not inits[weight].raw_data, weight
+        taken[which] |= set(stage_weights.names)
+    assert taken[True] & taken[False] >= set(weights)  # every weight of the main graph, by both branches
+    for weight in weights:
+        if weight in shared.arrays:
+            np.testing.assert_array_equal(shared.arrays[weight], weights[weight])
+    # One array per weight: what both branches read is held once (an array under two names counts once).
+    assert shared.nbytes <= sum(a.nbytes for a in weights.values()) * 1.25
+    assert len({id(a) for a in shared.arrays.values()}) <= len(weights) + 1
+    own_bytes = []
+
+    def own_copies(model_bytes):  # no weights=: each branch's sessions on their own copies, as before
+        own_bytes.append(len(model_bytes))
+        return make(model_bytes)
+
+    own = StagedProgram(onnx.load(str(shards(name).shard_paths[0])), own_copies)
+    assert own.shared is None
+    # Each branch's stage models held every weight: ours hold none of them.
+    weight_bytes = sum(a.nbytes for a in weights.values())
+    assert sum(own_bytes) - sum(len(m.SerializeToString()) for m, _ in built) >= 1.5 * weight_bytes
+    feeds = {"input_ids": np.array([[5, 7, 9]]), "attention_mask": np.ones((1, 3), np.int64),
+             "position_ids": np.array([[0, 1, 2]]), "use_cache_branch": np.array([False])}
+    for arg in program.inputs:
+        if arg.name not in feeds:
+            feeds[arg.name] = np.zeros((1, arg.shape[1], 0, arg.shape[3]), np.float32)
+    for which in (False, True):
+        feeds["use_cache_branch"] = np.array([which])
+        a, b = program.select(feeds), own.select(feeds)
+        env_a, env_b = dict(feeds), dict(feeds)
+        for k in range(len(a.stages)):  # rank 0's stages; a collective passes this rank's part on
+            for prog, env in ((a, env_a), (b, env_b)):
+                prog.run_stage(k, env)
+                for c in prog.stages[k].collectives:
+                    env[c.output] = env[c.input]
+        np.testing.assert_allclose(env_a["logits"], env_b["logits"], rtol=0, atol=1e-5)
+
+
+def test_a_stage_session_built_without_its_shared_weights_fails_to_build(shards):
+    """A factory that takes ``weights=`` but does not hand them to the session gets an error naming the stage,
+    not a session that runs on a placeholder."""
+    from ranks._staged_runner import StagedProgram, default_session_factory
+
+    make = default_session_factory()
+    with pytest.raises(ModelError, match=r"cannot build stage 0 of \d+"):
+        StagedProgram(onnx.load(str(shards("gpt2_merged").shard_paths[0])), lambda model_bytes, weights=None: make(model_bytes),
+                      label="merged")
+
+
+@pytest.mark.parametrize("prepacking", ["true", "false"])
+def test_merged_shards_give_torchs_tokens_with_and_without_decode_prepacking(prepacking, shards, monkeypatch):
+    monkeypatch.setenv("ORCH_MERGED_DECODE_PREPACKING", prepacking)
+    ref = _reference("gpt2_merged")
+    for got in _on_threads(shards("gpt2_merged"), 2, ref["prompt_ids"], STEPS, return_logits=True):
+        _assert_like_torch(got, ref)
+
+
+def test_a_bad_merged_decode_prepacking_value_is_named(shards, monkeypatch):
+    from ranks._staged_runner import StagedProgram
+
+    monkeypatch.setenv("ORCH_MERGED_DECODE_PREPACKING", "sometimes")
+    with pytest.raises(ValueError, match="ORCH_MERGED_DECODE_PREPACKING must be one of true/false/1/0/yes/no, got 'sometimes'"):
+        StagedProgram(onnx.load(str(shards("gpt2_merged").shard_paths[0])))
+
+
 def test_key_value_heads_that_tp_does_not_divide_keep_the_cache_whole(shards):
     """Llama at TP=4: 2 key/value heads for 4 ranks; the cache stays whole on every rank, the tokens are right."""
     name = "llama_cache_dynamo"
