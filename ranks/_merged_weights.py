@@ -38,7 +38,8 @@ def share_branch_weights(model: onnx.ModelProto) -> tuple[SharedInitializers, di
 
 def placeholder(init: onnx.TensorProto) -> onnx.TensorProto:
     """An initializer with ``init``'s name, type and shape and no data, for a value add_initializer gives:
-    external data at ``"."`` (the working directory: it exists, so the path check on load passes)."""
+    external data at ``"."``, which a session resolves against ``/`` (``StageWeights.apply``): it exists, so
+    ONNX Runtime's path check on load passes, and it is never read."""
     tensor = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
     tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", "."), ("offset", "0"), ("length", str(nbytes(init)))):
@@ -83,12 +84,14 @@ def _fold_weight_nodes(branch: onnx.ModelProto, shared: SharedInitializers, fold
 
     graph = branch.graph
     small = {t.name: t for t in graph.initializer if t.name not in shared.arrays and t.data_location != t.EXTERNAL}
+    outputs = {o.name for o in graph.output}  # a graph output stays computed: a stage gives it
     kept, placeholders = [], []
     for node in graph.node:
         inputs = [n for n in node.input if n]
         reads_shared = any(n in shared.arrays for n in inputs)
         constant = all(n in shared.arrays or n in small for n in inputs)
         if (node.op_type == "Constant" or not reads_shared or not constant or len(node.output) != 1
+                or node.output[0] in outputs
                 or any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)):
             kept.append(node)
             continue

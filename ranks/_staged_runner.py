@@ -21,11 +21,14 @@ weights (the main graph's initializers). They are read once into ``SharedInitial
 (``_merged_weights``) and every stage session that reads one runs on that copy
 (``SessionOptions.add_initializer``, weight-rewriting optimizers off, as for the thread pool: see
 ``_shared_weights``). The stage model handed to the session does not carry those weights either:
-each is a placeholder, an external-data initializer whose location is ``"."`` (the working
-directory: it exists, so ONNX Runtime's check on load passes) with the weight's type and shape.
-ONNX Runtime takes an ``add_initializer`` value only for a name that is a graph initializer (a graph
-input would stay a required feed), and with the value given it never reads the placeholder's data;
-without it, the build fails (a directory is not data).
+each is a placeholder, an external-data initializer whose location is ``"."`` with the weight's type
+and shape; the session resolves it against ``/`` (``session.model_external_initializers_file_folder_path``:
+a directory that exists, so ONNX Runtime's check on load passes, even in a process whose working
+directory was removed). ONNX Runtime takes an ``add_initializer`` value only for a name that is a
+graph initializer (a graph input would stay a required feed), and with the value given it never
+reads the placeholder's data; without it, the build fails (a directory is not data). A node that
+computes from weights alone is evaluated once for both branches (``_merged_weights``), so that no
+session folds its own copy of the result.
 
 Prepacking: the no-past (prefill) branch runs with it off, on the shared copy alone. The with-past
 (decode) branch, run every step, keeps it by default (``ORCH_MERGED_DECODE_PREPACKING``): MLAS then
@@ -113,6 +116,7 @@ class StageWeights:
         """Add the weights to ``options`` (an ``onnxruntime.SessionOptions``); returns the optimizers the
         session must be built without (``InferenceSession(..., disabled_optimizers=...)``)."""
         self.shared.apply(options, self.names, prepacking=self.prepacking)
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", "/")
         return list(self.disabled_optimizers)
 
 
@@ -179,16 +183,17 @@ class StagedProgram:
             self.condition = graph.node[at].input[0]
             if decode_prepacking is None:
                 decode_prepacking = merged_decode_prepacking()
+            inlined = None
             if self.shared is None and takes_weights(make_session):
                 # Each branch has its own sessions: without this, the weights both read would be held twice.
                 self.shared, inlined = share_branch_weights(model)
-            else:
-                inlined = {which: inline_branch(model, which) for which in (True, False)}
             self.branches = {}
             for which in (True, False):
-                self.branches[which] = StagedProgram(inlined.pop(which), make_session,
+                branch = inlined.pop(which) if inlined else inline_branch(model, which)
+                self.branches[which] = StagedProgram(branch, make_session,
                                                      label=f"{label} ({BRANCH_ATTRS[which]})", shared=self.shared,
                                                      prepacking=which and decode_prepacking)
+                del branch
                 release_freed_heap()  # the inlined copy of the model
             self.stages = []
             return

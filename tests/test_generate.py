@@ -276,6 +276,18 @@ def test_a_stage_session_built_without_its_shared_weights_fails_to_build(shards)
                       label="merged")
 
 
+def test_a_merged_shard_builds_in_a_process_whose_working_directory_is_gone(shards, tmp_path, monkeypatch):
+    """The placeholders of the shared weights name no file of the working directory (ranks may run anywhere)."""
+    from ranks._staged_runner import StagedProgram
+
+    shard = onnx.load(str(shards("gpt2_merged").shard_paths[0]))
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert StagedProgram(shard).shared is not None
+
+
 @pytest.mark.parametrize("prepacking", ["true", "false"])
 def test_merged_shards_give_torchs_tokens_with_and_without_decode_prepacking(prepacking, shards, monkeypatch):
     monkeypatch.setenv("ORCH_MERGED_DECODE_PREPACKING", prepacking)
