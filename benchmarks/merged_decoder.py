@@ -6,15 +6,18 @@ RSS growth (RSS after the build minus RSS before the shard is loaded; each proce
 the tiny fixture's shard so that ONNX Runtime's code and pools are paged in):
 
 - the with-past decoder's shard alone (what a rank would hold without the prefill branch);
-- the merged decoder's shard, its branches on one shared copy of the weights (ours);
+- the merged decoder's shard, its branches on one shared copy of the weights, the with-past (decode)
+  branch prepacked (the default);
+- the same with prepacking off in both branches (``decode_prepacking=False``,
+  ``ORCH_MERGED_DECODE_PREPACKING=false``): the least memory;
 - the merged decoder's shard, each branch's sessions on their own copies (a session factory that takes
   no ``weights=``: how it ran before), for the ratio.
 
-Speed: in this process, one decode step (``use_cache_branch`` true, one new token after a past of
-``--past`` tokens) of rank 0's stages, one thread, the merged shard built both ways, interleaved: shared
-weights (prepacking off) against private ones (prepacking on), at batch 1 and 8. The collectives are
-stood in for by this rank's own part (an all-reduce returns its input, an all-gather repeats it), so the
-times are one rank's own compute.
+Speed: in this process, rank 0's stages, one thread, interleaved: a decode step (``use_cache_branch``
+true, one new token after ``--past``) and a prefill (``--prompt`` tokens, no past), at batch 1 and 8, of
+the merged shard built the two shared ways against each branch on its own copies, prepacked (the
+baseline: how it ran before). The collectives are stood in for by this rank's own part (an all-reduce
+returns its input, an all-gather repeats it), so the times are one rank's own compute.
 
 Default model: the committed fixture ``tests/fixtures/gpt2_merged.onnx`` (width 64: tiny weights); for
 numbers that mean something, a larger export from ``tests/fixtures/make_exports.py``::
