@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._runner import Bench, format_seconds  # noqa: E402
 from orchestrator import ShardedModel, shard_model  # noqa: E402
+from ranks._branches import BRANCH_ATTRS  # noqa: E402
 from orchestrator._generate import WholeModel  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "gpt2_cache_dynamo.onnx"
@@ -48,7 +49,10 @@ def _traffic(manifest: dict, batch: int, width: int) -> tuple[float, float]:
     """(ours, minimum) bytes crossing processes per generated token, summed over the ranks (ring collectives:
     each rank sends (tp-1)/tp of an all-reduce's buffer twice, of an allgather's once)."""
     ring = (TP - 1) / TP
-    allreduces = sum(1 for c in manifest["collectives"] if c["op"] == "AllReduce")
+    # a merged decoder lists both branches' collectives: a decode step runs the with-past branch's
+    decode_branch = BRANCH_ATTRS[True]
+    allreduces = sum(1 for c in manifest["collectives"]
+                     if c["op"] == "AllReduce" and c.get("branch", decode_branch) == decode_branch)
     megatron = TP * allreduces * 2 * ring * width * 4  # per row: a [1, width] float32 per all-reduce
     ids_out = 8  # one int64 per row, rank 0 to the caller
     pick = TP * ring * TP * 16  # each rank's (value, index) as two float64, allgathered
