@@ -76,6 +76,7 @@ Framing (the transport beneath), a stream (a socket or pipe): ``u64 n`` bytes, t
 from __future__ import annotations
 
 import json
+import json.scanner
 import os
 import select
 import socket
@@ -109,6 +110,7 @@ FAILED = "error"
 # Header fields that hold TensorSpecs, per kind (lists on the wire, TensorSpec tuples in Python).
 _SPEC_FIELDS = {PREDICT: ("inputs", "placement"), REPLY: ("outputs",)}
 _KIND_BYTES = {kind: kind.encode("ascii") for kind in KINDS}
+_SCAN = json.scanner.make_scanner(json.JSONDecoder())
 
 
 class TensorSpec(NamedTuple):
@@ -177,15 +179,41 @@ def encode(kind: str, request_id: int = 0, *, arrays: dict[str, np.ndarray] | No
     """The frames ``[kind, header, *array buffers, *buffers]`` of one message."""
     if kind not in _KIND_BYTES:
         raise ValueError(f"unknown message kind {kind!r}; the protocol knows {list(KINDS)}")
-    header = {"v": VERSION, "kind": kind, "id": request_id, **fields}
     frames = []
+    specs = None
     if arrays is not None:
-        header["arrays"] = []
+        specs = []
         for name, array in arrays.items():
-            array = np.ascontiguousarray(array)
-            header["arrays"].append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape)})
+            if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+                array = np.ascontiguousarray(array)
+            specs.append((name, array.dtype.str, array.shape))
             frames.append(memoryview(array).cast("B") if array.size else b"")
-    return [_KIND_BYTES[kind], json.dumps(header, default=_plain).encode()] + frames + list(buffers)
+    return [_KIND_BYTES[kind], _header(kind, request_id, specs, fields)] + frames + list(buffers)
+
+
+def _header(kind: str, request_id: int, specs: list | None, fields: dict) -> bytes:
+    if fields or specs is None:
+        header = {"v": VERSION, "kind": kind, "id": request_id, **fields}
+        if specs is not None:
+            header["arrays"] = [{"name": n, "dtype": d, "shape": list(shape)} for n, d, shape in specs]
+        return json.dumps(header, default=_plain).encode()
+    # The common message of a batch-1 loop (arrays and nothing else, the same shapes call after call): its
+    # header is the same but for the id, so its JSON is made once (a call's master is mostly such Python).
+    key = (kind, tuple(specs))
+    parts = _HEADERS.get(key)
+    if parts is None:
+        arrays = [{"name": n, "dtype": d, "shape": list(shape)} for n, d, shape in specs]
+        text = json.dumps({"v": VERSION, "kind": kind, "id": 0, "arrays": arrays})
+        head, tail = text.split('"id": 0', 1)
+        parts = ((head + '"id": ').encode(), tail.encode())
+        if len(_HEADERS) >= _HEADERS_KEPT:
+            _HEADERS.clear()
+        _HEADERS[key] = parts
+    return b"%s%d%s" % (parts[0], request_id, parts[1])
+
+
+_HEADERS: dict = {}  # (kind, array specs) -> the header's JSON before and after the id
+_HEADERS_KEPT = 64
 
 
 def decode(frames: list, sender: str = "the peer") -> Message:
@@ -193,8 +221,12 @@ def decode(frames: list, sender: str = "the peer") -> Message:
     if len(frames) < 2:
         raise ProtocolError(f"{sender} sent {len(frames)} frame(s), which is not a message of the worker protocol")
     try:
-        header = json.loads(bytes(frames[1]))
-    except (ValueError, UnicodeDecodeError):
+        # the JSON scanner itself: json.loads would also sniff the encoding and match whitespace around it
+        text = bytes(frames[1]).decode()
+        header, end = _SCAN(text, 0)
+        if end != len(text):
+            header = None
+    except (StopIteration, ValueError, UnicodeDecodeError):
         header = None
     if not isinstance(header, dict):
         raise ProtocolError(f"{sender} sent {bytes(frames[0])[:40]!r}..., which is not a message of the worker protocol")

@@ -3,6 +3,7 @@ and bounded waits on a peer that stops reading or stops half-way through a messa
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import threading
@@ -63,3 +64,17 @@ def test_a_peer_that_closes_half_way_through_a_message_is_eof():
     with pytest.raises(EOFError):
         ours.recv(timeout=5.0)
     ours.close()
+
+
+def test_a_header_made_from_the_cached_template_is_the_header_json_makes():
+    x, ids = np.zeros((1, 32, 256), np.float32), np.zeros((2, 5), np.int64)
+    for request_id in (0, 7, 123456789012):
+        frames = proto.encode(proto.PREDICT, request_id, arrays={"x": x, "ids": ids})
+        expected = {"v": proto.VERSION, "kind": proto.PREDICT, "id": request_id,
+                    "arrays": [{"name": "x", "dtype": "<f4", "shape": [1, 32, 256]},
+                               {"name": "ids", "dtype": "<i8", "shape": [2, 5]}]}
+        assert json.loads(bytes(frames[1])) == expected
+        assert proto.decode(frames).header == expected
+    # trailing bytes after the header's JSON are not a message of ours
+    with pytest.raises(proto.ProtocolError, match="not a message of the worker protocol"):
+        proto.decode([b"PREDICT", bytes(frames[1]) + b" trailing"])

@@ -229,14 +229,25 @@ def test_bad_inputs_fail_in_the_caller_and_the_ranks_stay_up(sample, tmp_path):
     source = sample("mlp")
     shards = shard_model(source, 2, tmp_path, progress=False)
     x = np.random.default_rng(4).standard_normal((2, 64)).astype(np.float32)
+    bad_inputs = (
+        ({"x": np.ones((2, 3), np.float32)}, r"input 'x': shape \[2, 3\] does not match \[\?, 64\]"),
+        ({"x": x.astype(np.float64)}, "input 'x' has dtype float64, the model expects float32"),
+        ({"z": x}, r"unknown input name\(s\) \['z'\]"),
+        ({"x": x, "z": x}, r"unknown input name\(s\) \['z'\]"),
+        ({"x": np.ones((0, 64), np.float32)}, "is empty"),
+    )
     with ShardedModel(shards.model_path, backend="mpi", timeout=120) as model:
-        for bad, message in (
-            ({"x": np.ones((2, 3), np.float32)}, r"input 'x': shape \[2, 3\] does not match \[\?, 64\]"),
-            ({"x": x.astype(np.float64)}, "input 'x' has dtype float64, the model expects float32"),
-            ({"z": x}, r"unknown input name\(s\) \['z'\]"),
-            ({"x": np.ones((0, 64), np.float32)}, "is empty"),
-        ):
+        for bad, message in bad_inputs:
             with pytest.raises(InputError, match=message):
                 model.predict(bad)
         out = model.predict({"x": x})["y"]
+        # after a call whose inputs were taken as they were (a repeat of their dtypes and shapes skips the
+        # full check), every bad input is still refused, and another batch size still runs
+        for bad, message in bad_inputs:
+            with pytest.raises(InputError, match=message):
+                model.predict(bad)
+        again = model.predict({"x": x})["y"]
+        three = model.predict({"x": x[:1].repeat(3, axis=0)})["y"]
     assert np.max(np.abs(out - _expected(source, x))) < 1e-5
+    np.testing.assert_array_equal(again, out)
+    assert np.max(np.abs(three - _expected(source, x[:1].repeat(3, axis=0)))) < 1e-5
