@@ -77,7 +77,9 @@ from __future__ import annotations
 
 import json
 import json.scanner
+import math
 import os
+import re
 import select
 import socket
 import struct
@@ -192,27 +194,60 @@ def encode(kind: str, request_id: int = 0, *, arrays: dict[str, np.ndarray] | No
 
 
 def _header(kind: str, request_id: int, specs: list | None, fields: dict) -> bytes:
-    if fields or specs is None:
-        header = {"v": VERSION, "kind": kind, "id": request_id, **fields}
-        if specs is not None:
-            header["arrays"] = [{"name": n, "dtype": d, "shape": list(shape)} for n, d, shape in specs]
-        return json.dumps(header, default=_plain).encode()
-    # The common message of a batch-1 loop (arrays and nothing else, the same shapes call after call): its
-    # header is the same but for the id, so its JSON is made once (a call's master is mostly such Python).
-    key = (kind, tuple(specs))
+    # A batch-1 loop sends the same messages call after call (PREDICT with the same shapes, REPLY with the
+    # same fields), whose headers differ only in their scalar values: each shape of header is dumped once as
+    # a template, and a call fills in its values (the master and rank 0 of a small call are mostly Python).
+    values = [request_id]
+    kinds = []
+    for value in fields.values():
+        kinds.append(type(value))
+        if type(value) not in _SCALARS:
+            return _dumped(kind, request_id, specs, fields)
+        values.append(value)
+    key = (kind, None if specs is None else tuple(specs), tuple(fields), tuple(kinds))
     parts = _HEADERS.get(key)
     if parts is None:
-        arrays = [{"name": n, "dtype": d, "shape": list(shape)} for n, d, shape in specs]
-        text = json.dumps({"v": VERSION, "kind": kind, "id": 0, "arrays": arrays})
-        head, tail = text.split('"id": 0', 1)
-        parts = ((head + '"id": ').encode(), tail.encode())
+        holes = {name: _HOLE % (k + 1) for k, name in enumerate(fields)}
+        text = _dumped(kind, _HOLE % 0, specs, holes).decode()
+        parts = [part.encode() for part in _HOLE_SPLIT.split(text)]
+        if len(parts) != len(values) + 1:  # a field's name that looks like a hole: no template for it
+            return _dumped(kind, request_id, specs, fields)
         if len(_HEADERS) >= _HEADERS_KEPT:
             _HEADERS.clear()
         _HEADERS[key] = parts
-    return b"%s%d%s" % (parts[0], request_id, parts[1])
+    out = [parts[0]]
+    for value, part in zip(values, parts[1:]):
+        out.append(_scalar_json(value))
+        out.append(part)
+    return b"".join(out)
 
 
-_HEADERS: dict = {}  # (kind, array specs) -> the header's JSON before and after the id
+def _dumped(kind: str, request_id, specs: list | None, fields: dict) -> bytes:
+    header = {"v": VERSION, "kind": kind, "id": request_id, **fields}
+    if specs is not None:
+        header["arrays"] = [{"name": n, "dtype": d, "shape": list(shape)} for n, d, shape in specs]
+    return json.dumps(header, default=_plain).encode()
+
+
+def _scalar_json(value) -> bytes:
+    """``value`` as json.dumps writes it (for the types in ``_SCALARS``)."""
+    if value is None:
+        return b"null"
+    if value is True:
+        return b"true"
+    if value is False:
+        return b"false"
+    if type(value) is str:
+        return json.dumps(value).encode()
+    if type(value) is float and not math.isfinite(value):
+        return json.dumps(value).encode()
+    return repr(value).encode()  # int, and float as json writes it (float.__repr__)
+
+
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+_HOLE = "\x01hole%d\x01"  # a placeholder no real value holds (json writes \x01 escaped as \u0001)
+_HOLE_SPLIT = re.compile(r'"\\u0001hole\d+\\u0001"')
+_HEADERS: dict = {}  # (kind, array specs, field names, value types) -> the template's JSON around its holes
 _HEADERS_KEPT = 64
 
 

@@ -68,13 +68,25 @@ def test_a_peer_that_closes_half_way_through_a_message_is_eof():
 
 def test_a_header_made_from_the_cached_template_is_the_header_json_makes():
     x, ids = np.zeros((1, 32, 256), np.float32), np.zeros((2, 5), np.int64)
+    specs = [{"name": "x", "dtype": "<f4", "shape": [1, 32, 256]}, {"name": "ids", "dtype": "<i8", "shape": [2, 5]}]
     for request_id in (0, 7, 123456789012):
         frames = proto.encode(proto.PREDICT, request_id, arrays={"x": x, "ids": ids})
-        expected = {"v": proto.VERSION, "kind": proto.PREDICT, "id": request_id,
-                    "arrays": [{"name": "x", "dtype": "<f4", "shape": [1, 32, 256]},
-                               {"name": "ids", "dtype": "<i8", "shape": [2, 5]}]}
+        expected = {"v": proto.VERSION, "kind": proto.PREDICT, "id": request_id, "arrays": specs}
         assert json.loads(bytes(frames[1])) == expected
         assert proto.decode(frames).header == expected
+    # scalar fields whose values change call after call (a REPLY's seconds), of every JSON type
+    for seconds, who, flag in ((0.1, "rank 0 of 2", True), (1e-7, 'a "quoted" \\ name \u2192', False),
+                               (float("nan"), "", None), (3, "x", True)):
+        fields = {"status": proto.OK, "rank": 1, "seconds": seconds, "who": who, "flag": flag}
+        frames = proto.encode(proto.REPLY, 9, arrays={"x": x}, **fields)
+        assert bytes(frames[1]) == json.dumps({"v": proto.VERSION, "kind": proto.REPLY, "id": 9, **fields,
+                                               "arrays": specs[:1]}).encode()
+        header = proto.decode(frames).header
+        assert header["who"] == who and header["flag"] is flag and header["rank"] == 1
+        assert header["seconds"] == seconds or (seconds != seconds and header["seconds"] != header["seconds"])
+    # values that are not plain scalars take json's own path
+    frames = proto.encode(proto.ERROR, 3, status=proto.FAILED, error={"type": "ValueError"}, count=np.int64(4))
+    assert json.loads(bytes(frames[1]))["count"] == 4 and json.loads(bytes(frames[1]))["error"] == {"type": "ValueError"}
     # trailing bytes after the header's JSON are not a message of ours
     with pytest.raises(proto.ProtocolError, match="not a message of the worker protocol"):
         proto.decode([b"PREDICT", bytes(frames[1]) + b" trailing"])
