@@ -136,26 +136,6 @@ def test_one_failing_rank_stops_the_rest_and_sets_the_exit_code(ini):
 @pytest.mark.multiprocess
 @pytest.mark.cli
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_stops_every_rank(ini, signum, code):
-    marker = new_marker()
-    launcher = Background(orchestrate_command(
-        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
-        "python", PROGRAM, "--others", "hang", "--grandchild", "--marker", marker,
-    ))
-    try:
-        launcher.wait_for("waits forever", count=2)
-        launcher.interrupt(signum)
-        assert launcher.finish(60) == code, launcher.stderr
-    finally:
-        launcher.kill()
-    assert f"interrupted by {signal.Signals(signum).name}: stopped every rank" in launcher.stderr
-    assert not leftovers(marker)
-
-
-@pytest.mark.multiprocess
-@pytest.mark.cli
-@pytest.mark.timeout(120)
 def test_the_two_host_table_starts_only_this_servers_ranks(ini):
     result = run_command(orchestrate_command(
         "launch", "rank-table", str(TABLES / "two_hosts_2x2.json"), "--config_file", str(ini), "--server", "10.77.0.2",
@@ -175,24 +155,6 @@ def test_cli_errors_exit_2_with_the_reason(tmp_path, ini):
     result = run_command(orchestrate_command(
         "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(tmp_path / "x.ini"), "--", "true"))
     assert result.returncode == 2 and "x.ini' does not exist" in result.stderr
-
-
-@pytest.mark.multiprocess
-@pytest.mark.cli
-@pytest.mark.timeout(120)
-def test_ranks_die_with_a_sigkilled_launcher(ini):
-    marker = new_marker()
-    launcher = Background(orchestrate_command(
-        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--",
-        "python", PROGRAM, "--others", "hang", "--marker", marker,
-    ))
-    try:
-        launcher.wait_for("waits forever", count=2)
-        launcher.interrupt(signal.SIGKILL)
-        assert launcher.finish(30) == -signal.SIGKILL
-    finally:
-        launcher.kill()
-    assert not leftovers(marker, wait=15)
 
 
 @pytest.mark.multiprocess
@@ -259,26 +221,6 @@ def test_a_program_that_calls_create_communicator_joins_its_peers(tmp_path, ini,
     assert result.returncode == 0, result.stderr
     for r in range(2):
         assert f"[rank {r}] JOINED zmq {r} 2 2.0" in result.stdout, result.stdout
-
-
-@pytest.mark.multiprocess
-@pytest.mark.cli
-@pytest.mark.timeout(120)
-def test_a_sigstopped_rank_is_stopped_without_waiting_out_the_deadline(ini):
-    import time
-
-    marker = new_marker()
-    started = time.monotonic()
-    result = run_command(orchestrate_command(
-        "launch", "rank-table", str(TABLES / "local_2p.json"), "--config_file", str(ini), "--stop-timeout", "30", "--",
-        "python", PROGRAM, "--bad-rank", "1", "--bad", "raise", "--delay", "2", "--others", "stop", "--marker", marker,
-    ))
-    took = time.monotonic() - started
-    assert result.returncode == 1, result.stderr
-    assert re.search(r"rank-table: rank 1 of 2 on host \S+ \(pid \d+\) failed: exit code 1\n", result.stderr), result.stderr
-    assert "ranks stopped afterwards: 0 (pid" in result.stderr and "signal SIGTERM" in result.stderr
-    assert took < 15, took  # the rank failed after 2 s; the deadline alone would be 30 s
-    assert not leftovers(marker)
 
 
 @pytest.mark.multiprocess
