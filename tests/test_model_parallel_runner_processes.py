@@ -22,6 +22,7 @@ import pytest
 import orchestrator as mslite
 from conftest import ROOT, project_env
 from orchestrator import ConfigError, ModelParallelRunner, PoolClosedError, WorkerLostError, WorkerTimeoutError
+from tests._batch_split_helpers import process_alive
 from tests._pool_helpers import reference, slow_feeds, slow_model, wait_until
 from tests.test_model_parallel_runner_failures import FOREVER, busy, in_background
 
@@ -98,7 +99,7 @@ def test_a_stopped_worker_times_its_request_out_then_is_killed_and_the_other_ser
         error = stuck.exception(timeout=10)
         assert isinstance(error, WorkerTimeoutError) and f"while worker {worker} of 2 on host {HOST} (pid {pids[worker]}) ran it" in str(error)
         # The cancel cannot reach a stopped process: it is killed after the grace and leaves the pool.
-        wait_until(lambda: not psutil.pid_exists(pids[worker]) or psutil.Process(pids[worker]).status() == "zombie",
+        wait_until(lambda: not process_alive(pids[worker]),
                    timeout=10, what="the stopped worker killed")
         for seed in range(3):
             feeds = slow_feeds(5, seed=seed)
