@@ -175,19 +175,19 @@ def parse_bool(value: str) -> bool | None:
 
 def mpi_arrival_check() -> bool:
     """Whether the mpi backend runs its arrival check, from ORCH_MPI_ARRIVAL_CHECK (default true)."""
-    value = MPI_ARRIVAL_CHECK.get()
-    flag = parse_bool(value)
-    if flag is None:
-        raise ValueError(f"ORCH_MPI_ARRIVAL_CHECK must be one of true/false/1/0/yes/no, got {value!r}")
-    return flag
+    return _flag(MPI_ARRIVAL_CHECK)
 
 
 def merged_decode_prepacking() -> bool:
     """Whether a merged decoder's decode branch keeps prepacking, from ORCH_MERGED_DECODE_PREPACKING (default true)."""
-    value = MERGED_DECODE_PREPACKING.get()
+    return _flag(MERGED_DECODE_PREPACKING)
+
+
+def _flag(variable) -> bool:
+    value = variable.get()
     flag = parse_bool(value)
     if flag is None:
-        raise ValueError(f"ORCH_MERGED_DECODE_PREPACKING must be one of true/false/1/0/yes/no, got {value!r}")
+        raise ValueError(f"{variable.name} must be one of true/false/1/0/yes/no, got {value!r}")
     return flag
 
 
