@@ -114,3 +114,27 @@ def fvi(name, shape):
 def weights(seed, *shapes):
     rng = np.random.default_rng(seed)
     return [(rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32) for s in shapes]
+
+
+def run_ranks_from_a_table(tmp_path, argv_of_rank, size: int = 2, timeout: float = 200) -> None:
+    """Start ``size`` local ranks as a shell does, one command each (``argv_of_rank(rank, ini)``), with a
+    generated rank table and a zmq ``config_file.ini`` in ``tmp_path``; wait, and assert they all exit 0."""
+    import subprocess
+
+    from conftest import project_env
+    from ranks import free_base_port, generate_rank_table
+
+    generate_rank_table([("127.0.0.1", list(range(size)))]).dump(tmp_path / "rank_table.json")
+    ini = tmp_path / "config_file.ini"
+    ini.write_text(f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\n"
+                   f"base_port={free_base_port(size)}\ntimeout=60\n")
+    procs = [subprocess.Popen(argv_of_rank(rank, ini), env=project_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(size)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * size, logs

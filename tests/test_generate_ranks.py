@@ -8,7 +8,6 @@ runs a plain decoder and Optimum's merged decoder (``*_merged``: an If on ``use_
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -131,31 +130,13 @@ def test_a_rank_program_generates_under_mpirun(name, shards, tmp_path):
 @pytest.mark.parametrize("name", ["llama_cache_dynamo", "llama_merged"])
 def test_a_rank_program_generates_from_a_rank_table(name, shards, tmp_path):
     pytest.importorskip("ranks._comm_zmq")
-    from conftest import project_env
-    from ranks import free_base_port, generate_rank_table
+    from _shard_helpers import run_ranks_from_a_table
 
-    generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
-    (tmp_path / "config_file.ini").write_text(
-        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
-    )
     prompt = _prompt_file(name, tmp_path / "prompt.npy")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(PROGRAM), "--shards", str(shards(name).model_path), "--prompt-ids", str(prompt),
-             "--max-new-tokens", str(STEPS), "--output", str(tmp_path / "out{rank}.npz"), f"--rank_id={rank}",
-             f"--device_id={rank}", f"--config_file={tmp_path / 'config_file.ini'}"],
-            env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=200)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], logs
+    run_ranks_from_a_table(tmp_path, lambda rank, ini: [
+        sys.executable, str(PROGRAM), "--shards", str(shards(name).model_path), "--prompt-ids", str(prompt),
+        "--max-new-tokens", str(STEPS), "--output", str(tmp_path / "out{rank}.npz"), f"--rank_id={rank}",
+        f"--device_id={rank}", f"--config_file={ini}"])
     for rank in range(2):
         _check_saved(tmp_path / f"out{rank}.npz", _reference(name))
 

@@ -8,7 +8,6 @@ none gathered inside), about half the weights per rank at TP=2, and outputs equa
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -187,32 +186,13 @@ def test_exported_model_under_mpirun(name, export_shards, tmp_path):
 @pytest.mark.parametrize("name", LAUNCHED)
 def test_exported_model_from_a_rank_table(name, export_shards, tmp_path):
     pytest.importorskip("ranks._comm_zmq")
-    from conftest import project_env
-    from ranks import free_base_port, generate_rank_table
+    from _shard_helpers import run_ranks_from_a_table
 
     shards = export_shards(name)
-    generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
-    (tmp_path / "config_file.ini").write_text(
-        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
-    )
     x = _inputs_file(name, tmp_path / "x.npz")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "ranks", f"--model_path={shards.model_path}", f"--device_id={rank}",
-             f"--rank_id={rank}", f"--config_file={tmp_path / 'config_file.ini'}", f"--input={x}",
-             f"--output={tmp_path / f'out{rank}.npz'}", "--thread_num=1", "--quiet"],
-            env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=200)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], logs
+    run_ranks_from_a_table(tmp_path, lambda rank, ini: [
+        sys.executable, "-m", "ranks", f"--model_path={shards.model_path}", f"--device_id={rank}", f"--rank_id={rank}",
+        f"--config_file={ini}", f"--input={x}", f"--output={tmp_path / f'out{rank}.npz'}", "--thread_num=1", "--quiet"])
     _feeds, expected = _load(name)
     for rank in range(2):
         with np.load(tmp_path / f"out{rank}.npz") as saved:

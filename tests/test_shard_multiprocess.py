@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator import ShardedModel, run_sharded, shard_model
 from orchestrator import WorkerError
-from ranks import ConfigError, InputError, free_base_port
+from ranks import ConfigError, InputError
 
 pytestmark = [pytest.mark.multiprocess]
 
@@ -159,37 +159,18 @@ def test_command_line_launch_mpi_python_m_ranks(sample, tmp_path):
 @pytest.mark.timeout(300)
 def test_command_line_one_command_per_rank_with_a_rank_table(sample, tmp_path):
     pytest.importorskip("ranks._comm_zmq")
-    import subprocess
     import sys
 
-    from conftest import project_env
-    from ranks import generate_rank_table
+    from _shard_helpers import run_ranks_from_a_table
 
     source = sample("mlp")
     shards = shard_model(source, 2, tmp_path / "shards", progress=False)
-    generate_rank_table([("127.0.0.1", [0, 1])]).dump(tmp_path / "rank_table.json")
-    (tmp_path / "config_file.ini").write_text(
-        f"[ascend_context]\nrank_table_file=rank_table.json\n[comm]\nbackend=zmq\nbase_port={free_base_port(2)}\ntimeout=60\n"
-    )
     x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "ranks", f"--model_path={shards.model_path}", f"--device_id={rank}",
-             f"--rank_id={rank}", f"--config_file={tmp_path / 'config_file.ini'}", f"--input={tmp_path / 'x.npy'}",
-             f"--output={tmp_path / f'out{rank}.npz'}", "--thread_num=1", "--quiet"],
-            env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], logs
+    run_ranks_from_a_table(tmp_path, lambda rank, ini: [
+        sys.executable, "-m", "ranks", f"--model_path={shards.model_path}", f"--device_id={rank}", f"--rank_id={rank}",
+        f"--config_file={ini}", f"--input={tmp_path / 'x.npy'}", f"--output={tmp_path / f'out{rank}.npz'}",
+        "--thread_num=1", "--quiet"], timeout=240)
     for rank in range(2):
         with np.load(tmp_path / f"out{rank}.npz") as saved:
             assert np.max(np.abs(saved["y"] - _expected(source, x))) < 1e-5
