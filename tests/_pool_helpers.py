@@ -115,3 +115,24 @@ def uss() -> int:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap is not memory this process holds
     return psutil.Process().memory_full_info().uss
+
+
+def run_clients(clients: int, client, timeout: float = 100) -> list[BaseException]:
+    """``client(c)`` for every c in range(clients), each on its own thread, all released at once; the
+    exceptions they raised."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(clients)
+
+    def run(c: int) -> None:
+        try:
+            barrier.wait()
+            client(c)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return errors

@@ -9,7 +9,7 @@ import pytest
 
 import orchestrator as mslite
 from orchestrator import ConfigError, ConfigTypeError, InputError, ModelError, ModelNotFoundError, ModelParallelRunner
-from tests._pool_helpers import reference, slow_feeds, slow_model, two_in_two_out_model, uss, worker_threads
+from tests._pool_helpers import reference, run_clients, slow_feeds, slow_model, two_in_two_out_model, uss, worker_threads
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +37,17 @@ def test_many_client_threads_each_get_their_own_replies(sample, worker_type):
     inputs = rng.standard_normal((clients, per_client, 1, 64)).astype(np.float32)
     expected = reference(path, {"x": inputs.reshape(-1, 64)})[0].reshape(clients, per_client, 1, 64)
     replies = np.full_like(expected, np.nan)
-    errors = []
-    barrier = threading.Barrier(clients)
 
     with ModelParallelRunner() as runner:
         runner.build_from_file(path, context_of(workers=2), worker_type=worker_type)
 
         def client(c: int) -> None:
-            try:
-                barrier.wait()  # all at once
-                for k in range(per_client):
-                    tensors = runner.get_inputs()
-                    tensors[0].set_data_from_numpy(inputs[c, k])
-                    replies[c, k] = runner.predict(tensors)[0].get_data_to_numpy()
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
+            for k in range(per_client):
+                tensors = runner.get_inputs()
+                tensors[0].set_data_from_numpy(inputs[c, k])
+                replies[c, k] = runner.predict(tensors)[0].get_data_to_numpy()
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(100)
+        errors = run_clients(clients, client)  # all at once
     assert not errors, errors
     np.testing.assert_allclose(replies, expected, rtol=1e-5, atol=1e-6)
 
@@ -237,9 +227,7 @@ def test_joined_requests_each_get_their_own_rows(sample, worker_type):
     rows = rng.integers(1, 4, size=(clients, per_client))  # requests of 1-3 rows join with each other
     inputs = [[rng.standard_normal((int(r), 64)).astype(np.float32) for r in client_rows] for client_rows in rows]
     replies: dict = {}
-    errors = []
     joined = []
-    barrier = threading.Barrier(clients)
     with ModelParallelRunner() as runner:
         runner.build_from_file(path, context_of(workers=1), worker_type=worker_type, join_requests=8)
         assert runner.options.join_requests == 8
@@ -253,18 +241,10 @@ def test_joined_requests_each_get_their_own_rows(sample, worker_type):
         runner._queue.take_joinable = counting
 
         def client(c: int) -> None:
-            try:
-                barrier.wait()
-                for k in range(per_client):
-                    replies[c, k] = runner.predict([inputs[c][k]])[0].get_data_to_numpy()
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
+            for k in range(per_client):
+                replies[c, k] = runner.predict([inputs[c][k]])[0].get_data_to_numpy()
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(100)
+        errors = run_clients(clients, client)
     assert not errors, errors
     assert max(joined) > 1, joined  # some requests did run joined
     for c in range(clients):
