@@ -138,3 +138,11 @@ def run_ranks_from_a_table(tmp_path, argv_of_rank, size: int = 2, timeout: float
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0] * size, logs
+
+
+def fixture_arrays(name: str) -> dict:
+    """The arrays of ``tests/fixtures/NAME.npz`` (an export's inputs, torch's outputs or tokens), loaded whole."""
+    from pathlib import Path
+
+    with np.load(Path(__file__).resolve().parent / "fixtures" / f"{name}.npz") as saved:
+        return {k: saved[k] for k in saved.files}

@@ -22,7 +22,7 @@ from orchestrator._shard_check import SimulatedRanks, check_shards
 from ranks import InputError, StagedRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shard_helpers import ThreadGroup  # noqa: E402
+from _shard_helpers import ThreadGroup, fixture_arrays  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 DECODERS = ["gpt2_cache_dynamo", "llama_cache_dynamo"]
@@ -30,11 +30,6 @@ MERGED = ["gpt2_merged", "llama_merged"]  # Optimum's layout: If(use_cache_branc
 # gpt2_prefill_dynamo.onnx: the same GPT-2 as a separate prefill graph (no past inputs)
 STEPS = 40
 TOLERANCE = 1e-4
-
-
-def _reference(name: str) -> dict:
-    with np.load(FIXTURES / f"{name}.npz") as saved:
-        return {k: saved[k] for k in saved.files}
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +107,7 @@ def test_shards_with_a_whole_cache_in_and_out_equal_the_whole_model(name, shards
 
 @pytest.mark.parametrize("name", DECODERS + MERGED)
 def test_whole_model_greedy_equals_torch(name):
-    ref = _reference(name)
+    ref = fixture_arrays(name)
     got = generate(FIXTURES / f"{name}.onnx", ref["prompt_ids"], STEPS, return_logits=True)
     assert got.steps == STEPS
     _assert_like_torch(got, ref)
@@ -123,7 +118,7 @@ def test_whole_model_greedy_equals_torch(name):
 
 @pytest.mark.parametrize("name", DECODERS + MERGED)
 def test_two_ranks_greedy_equals_torch(name, shards):
-    ref = _reference(name)
+    ref = fixture_arrays(name)
     results = _on_threads(shards(name), 2, ref["prompt_ids"], STEPS, return_logits=True)
     for got in results:  # every rank knows every token
         _assert_like_torch(got, ref)
@@ -291,7 +286,7 @@ def test_a_merged_shard_builds_in_a_process_whose_working_directory_is_gone(shar
 @pytest.mark.parametrize("prepacking", ["true", "false"])
 def test_merged_shards_give_torchs_tokens_with_and_without_decode_prepacking(prepacking, shards, monkeypatch):
     monkeypatch.setenv("ORCH_MERGED_DECODE_PREPACKING", prepacking)
-    ref = _reference("gpt2_merged")
+    ref = fixture_arrays("gpt2_merged")
     for got in _on_threads(shards("gpt2_merged"), 2, ref["prompt_ids"], STEPS, return_logits=True):
         _assert_like_torch(got, ref)
 
@@ -309,14 +304,14 @@ def test_key_value_heads_that_tp_does_not_divide_keep_the_cache_whole(shards):
     name = "llama_cache_dynamo"
     result = shards(name, 4)
     assert {c["axis"] for c in result.manifest["cache"]} == {None}
-    ref = _reference(name)
+    ref = fixture_arrays(name)
     results = _on_threads(result, 4, ref["prompt_ids"], 12, return_logits=True)
     _assert_like_torch(results[0], ref, steps=12)
 
 
 def test_sampling_with_a_seed_is_the_whole_models_and_repeats(shards):
     name = "gpt2_cache_dynamo"
-    ref = _reference(name)
+    ref = fixture_arrays(name)
     whole = generate(FIXTURES / f"{name}.onnx", ref["prompt_ids"], 16, temperature=0.8, seed=5)
     again = generate(FIXTURES / f"{name}.onnx", ref["prompt_ids"], 16, temperature=0.8, seed=5)
     other = generate(FIXTURES / f"{name}.onnx", ref["prompt_ids"], 16, temperature=0.8, seed=6)
@@ -329,7 +324,7 @@ def test_sampling_with_a_seed_is_the_whole_models_and_repeats(shards):
 
 def test_a_stop_token_ends_its_prompt_only(shards):
     name = "llama_cache_dynamo"
-    ref = _reference(name)
+    ref = fixture_arrays(name)
     stop = int(ref["tokens"][0, 6])
     first_stop = [list(ref["tokens"][row]).index(stop) if stop in ref["tokens"][row] else None for row in range(2)]
     results = _on_threads(shards(name), 2, ref["prompt_ids"], 20, stop_token=stop)
@@ -359,7 +354,7 @@ def test_cache_pairs_named_by_the_user(tmp_path):
     pairs = [("cache_in_*", "cache_out_*")]
     result = shard_model(tmp_path / "renamed.onnx", 2, tmp_path / "s", cache=pairs, progress=False)
     assert {c["past"]: c["present"] for c in result.manifest["cache"]}["cache_in_1_value"] == "cache_out_1_value"
-    ref = _reference(name)
+    ref = fixture_arrays(name)
     whole = generate(tmp_path / "renamed.onnx", ref["prompt_ids"], 8, cache=pairs)
     assert whole.tokens[0].tolist() == ref["tokens"][0, :8].tolist()
     ranks = _on_threads(result, 2, ref["prompt_ids"], 8)
@@ -383,7 +378,7 @@ def test_bad_requests_say_what_is_wrong():
 def test_a_separate_prefill_graph_starts_the_cache(shards, tmp_path):
     """Older exporters write a prefill graph (no past inputs) beside the decode graph: its presents are cut by
     heads and kept, the decode graph takes them as its pasts."""
-    ref = _reference("gpt2_cache_dynamo")
+    ref = fixture_arrays("gpt2_cache_dynamo")
     prefill = FIXTURES / "gpt2_prefill_dynamo.onnx"
     whole = generate(FIXTURES / "gpt2_cache_dynamo.onnx", ref["prompt_ids"], STEPS, prefill=prefill,
                      return_logits=True)

@@ -15,6 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
+from _shard_helpers import fixture_arrays
 from orchestrator import InputError, ShardedModel, shard_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -23,11 +24,6 @@ STEPS = 32
 TOLERANCE = 1e-4
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(240)]
-
-
-def _reference(name: str) -> dict:
-    with np.load(FIXTURES / f"{name}.npz") as saved:
-        return {k: saved[k] for k in saved.files}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +55,7 @@ def _one_step_with_a_past(name: str) -> tuple[dict, dict]:
 
 
 def _prompt_file(name: str, path: Path) -> Path:
-    np.save(path, _reference(name)["prompt_ids"])
+    np.save(path, fixture_arrays(name)["prompt_ids"])
     return path
 
 
@@ -71,7 +67,7 @@ def _check_saved(path: Path, ref: dict) -> None:
 
 @pytest.mark.parametrize("name", ["gpt2_cache_dynamo", "llama_cache_dynamo", "gpt2_merged"])
 def test_sharded_model_generates_torchs_tokens(name, shards):
-    ref = _reference(name)
+    ref = fixture_arrays(name)
     with ShardedModel(shards(name).model_path, backend="mpi", timeout=120) as model:
         pids = list(model.pids.values())
         got = model.generate(ref["prompt_ids"], STEPS, return_logits=True)
@@ -100,7 +96,7 @@ def test_sharded_model_generates_torchs_tokens(name, shards):
 
 
 def test_sharded_model_with_a_separate_prefill_graph(shards, tmp_path):
-    ref = _reference("gpt2_cache_dynamo")
+    ref = fixture_arrays("gpt2_cache_dynamo")
     prefill = shard_model(FIXTURES / "gpt2_prefill_dynamo.onnx", 2, tmp_path, progress=False)
     with ShardedModel(shards("gpt2_cache_dynamo").model_path, backend="zmq", timeout=120,
                       prefill=prefill.model_path) as model:
@@ -123,7 +119,7 @@ def test_a_rank_program_generates_under_mpirun(name, shards, tmp_path):
     ), timeout=200)
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in range(2):
-        _check_saved(tmp_path / f"out{rank}.npz", _reference(name))
+        _check_saved(tmp_path / f"out{rank}.npz", fixture_arrays(name))
 
 
 @pytest.mark.cli
@@ -138,7 +134,7 @@ def test_a_rank_program_generates_from_a_rank_table(name, shards, tmp_path):
         "--max-new-tokens", str(STEPS), "--output", str(tmp_path / "out{rank}.npz"), f"--rank_id={rank}",
         f"--device_id={rank}", f"--config_file={ini}"])
     for rank in range(2):
-        _check_saved(tmp_path / f"out{rank}.npz", _reference(name))
+        _check_saved(tmp_path / f"out{rank}.npz", fixture_arrays(name))
 
 
 @pytest.mark.cli
@@ -146,7 +142,7 @@ def test_a_rank_program_generates_from_a_rank_table(name, shards, tmp_path):
 def test_orchestrate_generate_prints_and_saves_the_new_ids(name, shards, tmp_path):
     from conftest import orchestrate_command, run_command
 
-    ref = _reference(name)
+    ref = fixture_arrays(name)
     prompt = _prompt_file(name, tmp_path / "prompt.npy")
     want = [f"generated: {' '.join(str(t) for t in ref['tokens'][row, :STEPS])}" for row in range(2)]
     whole = run_command(orchestrate_command("generate", str(FIXTURES / f"{name}.onnx"), "--prompt-ids", str(prompt),
