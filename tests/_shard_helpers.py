@@ -141,7 +141,7 @@ def run_ranks_from_a_table(tmp_path, argv_of_rank, size: int = 2, timeout: float
 
 
 def fixture_arrays(name: str) -> dict:
-    """The arrays of ``tests/fixtures/NAME.npz`` (an export's inputs, torch's outputs or tokens), loaded whole."""
+    """The arrays of a committed fixture's npz file, by its name (``gpt2_cache_dynamo``): an export's inputs, torch's outputs or tokens."""
     from pathlib import Path
 
     with np.load(Path(__file__).resolve().parent / "fixtures" / f"{name}.npz") as saved:
