@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from _mindir_helpers import build_nets, cache_files, fresh_copy, reference
+from seeds._seed_run import check_parallel_runner_values
 from conftest import ROOT, orchestrate_command, project_env, run_command
 from launchers import find_mpirun
 from orchestrator import Context, ParallelPredictor
@@ -57,13 +58,7 @@ def test_seed000_script_runs_on_a_mindir_classifier(nets, tmp_path):
     out = result.stdout
     assert out.count("parallel id: ") == 10 and out.count("output data is:") == 10, out
     assert len(re.findall(r"tensor name is:\S+ tensor size is:4000 tensor elements num is:1000", out)) == 10, out
-    # The seed prints a value per print(): another thread's output can land inside a line, gluing two
-    # values ("0.00123495" "0.0009988754"); only the lines that came out whole are compared.
-    values = [line.split(":", 1)[1].split() for line in out.splitlines()
-              if re.fullmatch(r"output data is:( [-+]?\d*\.?\d+(?:e[-+]?\d+)?){5} ", line)]
-    assert values, out
-    for printed in values:
-        np.testing.assert_allclose(np.array(printed, np.float32), ref["y1"].reshape(-1)[:5], rtol=1e-5, atol=1e-8)
+    check_parallel_runner_values(out, ref["y1"].reshape(-1)[:5], rtol=TOL)
     assert len(cache_files(model)) == 1
 
 

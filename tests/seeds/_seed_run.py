@@ -50,3 +50,35 @@ def whole_model_outputs(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(None, feeds)))
+
+
+_VALUES = re.compile(r"^output data is: ((?:\S+ ){5})$")
+
+
+def check_parallel_runner_values(stdout: str, expected: np.ndarray, rtol: float = 0.0) -> None:
+    """Seed 000's ``output data is:`` lines hold ``expected`` (exactly as float32, or within ``rtol``).
+
+    The seed's client threads print a value per write(), so another thread's write can land inside a
+    line: two values glued ("0.000970.00125", then the line is skipped) or a parallel id glued before a
+    value ("1" "0.0011414": the value is read from the token's end). At least one line must come whole.
+    """
+    lines = [_VALUES.match(line).group(1).split() for line in stdout.splitlines() if _VALUES.match(line)]
+    lines = [printed for printed in lines if all(_is_float(token) for token in printed)]
+    assert lines, stdout
+    for printed in lines:
+        assert all(_printed_as(token, want, rtol) for token, want in zip(printed, expected)), (printed, expected)
+
+
+def _printed_as(token: str, want: float, rtol: float) -> bool:
+    for start in range(len(token)):  # str(np.float32) reads back as the same float32
+        if _is_float(token[start:]) and np.isclose(np.float32(token[start:]), want, rtol=rtol, atol=rtol * 1e-3):
+            return True
+    return False
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.count(".") <= 1

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from _seed_run import copy_script, run
+from _seed_run import check_parallel_runner_values, copy_script, run
 from conftest import ROOT
 from orchestrator import write_sample_model
 from ranks._cpu_limits import cpu_budget
@@ -19,7 +19,6 @@ pytestmark = pytest.mark.cli
 
 HEADER = "tensor name is:probs tensor size is:4000 tensor elements num is:1000"  # one print call: never split
 TASK = re.compile(r"^parallel id:  (\d+)  \| task index:  (\d+)  \| run once time:  [0-9.e-]+  s$")
-VALUES = re.compile(r"^output data is: ((?:\S+ ){5})$")
 
 
 def _model_folder(tmp_path):
@@ -48,14 +47,7 @@ def check_printed(stdout: str, expected: np.ndarray) -> None:
     assert re.fullmatch(r"total run time:  [0-9.e-]+  s", lines[-1]), lines[-1]
     tasks = [TASK.match(line).groups() for line in lines if TASK.match(line)]
     assert len(tasks) == len(set(tasks)) and set(tasks) <= {(str(i), str(k)) for i in range(5) for k in (1, 2)}
-    values = [VALUES.match(line).group(1).split() for line in lines if VALUES.match(line)]
-    # A line another thread wrote into can still match (a value glued to the next one: "0.000970.00125"):
-    # whole lines hold exactly the five values.
-    values = [printed for printed in values if len(printed) == len(expected) and all(_is_float(v) for v in printed)]
-    assert values, stdout
-    for printed in values:
-        # str(np.float32) is the shortest text that reads back as the same float32: compare exactly.
-        np.testing.assert_array_equal(np.array(printed, np.float32), expected)
+    check_parallel_runner_values(stdout, expected)
 
 
 def test_seed_script_runs_verbatim_and_prints_the_single_threaded_values(tmp_path):
@@ -87,11 +79,3 @@ def test_the_example_runs_the_same_script(tmp_path):
     result = run([sys.executable, str(ROOT / "examples" / "parallel_runner.py"), "--workdir", str(tmp_path)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     check_printed(result.stdout, expected)
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.count(".") <= 1
