@@ -2,7 +2,7 @@
 
     orchestrate generate MODEL_OR_SHARDS --prompt-ids FILE.npy --max-new-tokens N [--tp N] [--output FILE.npy]
                          [--stop-token ID] [--temperature T --seed S] [--backend mpi|zmq] [--threads T]
-                         [--prefill MODEL_OR_SHARDS] [--cache-pair PAST:PRESENT]
+                         [--prefill MODEL_OR_SHARDS] [--cache-pair PAST:PRESENT] [--allow-replicate]
 
 A whole model (an .onnx without a shard manifest beside it) runs in this process; with ``--tp N``
 above 1 it is sliced first (into a temporary directory) and run by N ranks. A shard path
@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, required=True, help="tokens to generate per prompt")
     parser.add_argument("--tp", type=positive_int, default=None,
                         help="ranks: a whole model is sliced for them first; shards must have been made for it")
+    parser.add_argument("--allow-replicate", action="store_true",
+                        help="with --tp on a whole model: keep whole on every rank what --tp does not divide "
+                             "(heads, vocabulary), as orchestrate shard --allow-replicate does")
     parser.add_argument("--output", metavar="FILE.npy",
                         help="also save the new ids, [prompts, tokens] int64, -1 after a prompt that stopped")
     parser.add_argument("--stop-token", type=int, default=None, help="a prompt stops once it generates this id")
@@ -102,12 +105,16 @@ def run(args) -> int:
     if _is_shards(model):
         result = _sharded(model, args, ids, mask, options, prefill)
     elif args.tp and args.tp > 1:
+        from ._generate import check_decoder_file
         from ._shard import shard_model
 
+        # Before slicing and starting ranks: a mistake is said at once, naming this file, not a scratch copy.
+        check_decoder_file(model, ids, args.max_new_tokens, attention_mask=mask, cache=pairs)
         with tempfile.TemporaryDirectory(prefix="orch-generate-") as scratch:
-            shards = shard_model(model, args.tp, Path(scratch) / "decode", cache=pairs, progress=False)
-            prefill_shards = None if prefill is None else shard_model(
-                prefill, args.tp, Path(scratch) / "prefill", cache=pairs, progress=False).model_path
+            cut = dict(cache=pairs, allow_replicate=args.allow_replicate, progress=False)
+            shards = shard_model(model, args.tp, Path(scratch) / "decode", **cut)
+            prefill_shards = None if prefill is None else shard_model(prefill, args.tp, Path(scratch) / "prefill",
+                                                                      **cut).model_path
             result = _sharded(shards.model_path, args, ids, mask, options, prefill_shards)
     else:
         result = generate(model, ids, args.max_new_tokens, attention_mask=mask, threads=args.threads, cache=pairs,

@@ -26,16 +26,19 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import onnx
 
-from ranks._errors import InputError, ModelError
+from ranks._errors import InputError, ModelError, OrchestratorError, ort_message
 
+from ._decoder_tables import IDS_NAMES as _IDS, POSITIONS_NAMES as _POSITIONS, DecoderTables, decoder_tables
 from ._shard_cache import cache_pairs
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(bfloat16)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-_IDS, _MASK, _POSITIONS = ("input_ids",), ("attention_mask",), ("position_ids",)
+_MASK = ("attention_mask",)
 # Optimum's merged decoder picks its no-past branch (prefill) or its with-past branch (decode) by this input.
 _BRANCH = ("use_cache_branch",)
 
@@ -140,6 +143,8 @@ class DecoderIO:
         # ids, mask and positions in the integer type the graph declares (int64 unless it says int32)
         self.int_types = {n: _NP.get(by_name[n].type, np.int64) for n in (self.ids, self.mask, self.positions) if n}
         self.prefill_inputs: set[str] = set()
+        self.label = label
+        self.max_positions: int | None = None  # the rows of a learned position table (``_decoder_positions``)
 
     def check_prefill(self, inputs: list, outputs: list, label: str) -> None:
         """A separate prefill graph: the same ids/mask/positions inputs without the pasts, the same presents out."""
@@ -168,6 +173,24 @@ class DecoderIO:
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         return {past: np.zeros((batch, heads, 0, dim), dtype) for past, (heads, dim, dtype) in self.past_shapes.items()}
+
+
+def check_prompts(ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, tables: DecoderTables, label: str) -> None:
+    """Refuse, before any work, token ids past the vocabulary or a generation that would run past the
+    positions the decoder's table holds (``tables``: the sizes ``_decoder_tables`` found, None: no limit)."""
+    if tables.vocabulary is not None and ids.size and int(np.where(mask > 0, ids, 0).max()) >= tables.vocabulary:
+        raise InputError(f"token id {int(np.where(mask > 0, ids, 0).max())} is outside the vocabulary of {label} "
+                         f"({tables.vocabulary} tokens: ids 0 to {tables.vocabulary - 1})")
+    limit = tables.positions
+    if limit is None:
+        return
+    longest = int(mask.sum(axis=1).max())
+    needed = longest + int(max_new_tokens) - 1  # the last new token is picked, never fed back
+    if longest > limit:
+        raise InputError(f"a prompt of {longest} tokens is longer than the {limit} positions {label} holds")
+    if needed > limit:
+        raise InputError(f"a prompt of {longest} tokens and {max_new_tokens} new tokens need {needed} positions; "
+                         f"{label} holds {limit}: ask for at most {limit - longest + 1} new tokens")
 
 
 def _find(names: list[str], wanted: tuple[str, ...]) -> str | None:
@@ -226,6 +249,7 @@ def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask
     if padded and (io.mask is None or io.positions is None):
         raise InputError(f"prompts of different lengths need a model that takes an attention mask and position ids "
                          f"(left padding); this one takes {[n for n in (io.ids, io.mask, io.positions) if n]}")
+    check_prompts(ids, mask, max_new_tokens, io.tables, io.label)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     cache = io.empty_cache(batch)
     done = np.zeros(batch, dtype=bool)
@@ -238,11 +262,17 @@ def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask
     step_ids = ids
     for step in range(max_new_tokens):
         t0 = time.perf_counter()
-        if step == 0 and prefill is not None:
-            feeds = io.feeds(step_ids, mask, positions, {})
-            outputs = prefill({k: v for k, v in feeds.items() if k in io.prefill_inputs})
-        else:
-            outputs = run(io.feeds(step_ids, mask, positions, cache))
+        try:
+            if step == 0 and prefill is not None:
+                feeds = io.feeds(step_ids, mask, positions, {})
+                outputs = prefill({k: v for k, v in feeds.items() if k in io.prefill_inputs})
+            else:
+                outputs = run(io.feeds(step_ids, mask, positions, cache))
+        except OrchestratorError:
+            raise
+        except Exception as exc:  # ONNX Runtime's own types: said as ours, with the step it failed at
+            raise ModelError(f"{io.label}: generation step {step + 1} (positions up to {int(positions.max())}) "
+                             f"failed: {ort_message(exc)}") from None
         t1 = time.perf_counter()
         last = outputs[0][:, -1, :]
         if picker is None:
@@ -286,6 +316,7 @@ class WholeModel:
         self.path = str(model_path)
         self.session = make_session(self.path)
         self.io = DecoderIO(self.session.get_inputs(), self.session.get_outputs(), cache=cache, label=self.path)
+        self.io.tables = decoder_tables(onnx.load(self.path, load_external_data=False))
         self.prefill = None
         if prefill is not None:
             self.prefill = make_session(str(prefill))
@@ -306,12 +337,47 @@ def generate(model_path, input_ids, max_new_tokens: int, *, threads: int | None 
                                                                                          **options)
 
 
+def check_decoder_file(model_path, input_ids, max_new_tokens: int, *, attention_mask=None,
+                       cache: list[tuple[str, str]] | None = None) -> None:
+    """What ``decode`` would refuse, checked from the file's graph alone (no session, no weights): a decoder
+    with its cache, prompts within its vocabulary and positions. Run before slicing and starting ranks, so
+    that a mistake is said at once and names the user's file."""
+    from ranks._model import load_onnx_header
+
+    proto = load_onnx_header(Path(model_path))
+    initializers = {t.name for t in proto.graph.initializer}
+    io = DecoderIO([_Arg(v) for v in proto.graph.input if v.name not in initializers],
+                   [_Arg(v) for v in proto.graph.output], cache=cache, label=str(model_path))
+    ids, mask = prepare_prompts(input_ids, attention_mask)
+    check_prompts(ids, mask, max_new_tokens, decoder_tables(proto), str(model_path))
+    if (mask == 0).any() and (io.mask is None or io.positions is None):
+        raise InputError(f"prompts of different lengths need a model that takes an attention mask and position ids "
+                         f"(left padding); {model_path} takes {[n for n in (io.ids, io.mask, io.positions) if n]}")
+
+
+class _Arg:
+    """A graph input or output as ONNX Runtime describes it (name, shape, ``tensor(float)`` type)."""
+
+    def __init__(self, value: onnx.ValueInfoProto):
+        tensor = value.type.tensor_type
+        self.name = value.name
+        self.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
+        self.type = f"tensor({_ORT_TYPE_NAMES.get(tensor.elem_type, 'unknown')})"
+
+
+_ORT_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float", onnx.TensorProto.FLOAT16: "float16",
+                   onnx.TensorProto.DOUBLE: "double", onnx.TensorProto.BFLOAT16: "bfloat16",
+                   onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
+
+
 # -- one rank of a sharded model -------------------------------------------------------------
 
 def rank_decoder_io(runner) -> DecoderIO:
     """The DecoderIO of a shard (a ``StagedRunner``): its cache pairs as the slicer recorded them."""
     pairs = {c["past"]: c["present"] for c in runner.cache} or None
-    return DecoderIO(runner.get_inputs(), runner.get_outputs(), pairs=pairs, label=str(runner.path or "the shard"))
+    io = DecoderIO(runner.get_inputs(), runner.get_outputs(), pairs=pairs, label=str(runner.path or "the shard"))
+    io.tables = DecoderTables(None, runner.max_positions)  # the master checked the ids against the vocabulary
+    return io
 
 
 def generate_on_rank(runner, input_ids, max_new_tokens: int, *, prefill_runner=None, **options) -> GenerateResult:

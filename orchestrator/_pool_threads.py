@@ -39,7 +39,7 @@ from ranks._config_file import RankConfig
 from ranks._context import Context
 from ranks._errors import ModelError, OrchestratorError
 from ranks._log import get_logger
-from ranks._model import _ort_message
+from ranks._errors import ort_message
 from ranks._session import execution_providers, session_options
 from ranks._shared_weights import SharedInitializers, release_freed_heap
 from ranks._tensor import data_type_from_ort
@@ -80,7 +80,7 @@ class ThreadEngine:
         except Exception as exc:
             if type(exc).__module__.startswith("onnxruntime"):
                 # As Model.predict reports it: a RuntimeError of ours with ONNX Runtime's own words.
-                raise ModelError(f"running {self.model_name} failed: {_ort_message(exc)}") from None
+                raise ModelError(f"running {self.model_name} failed: {ort_message(exc)}") from None
             raise
 
 
@@ -141,7 +141,7 @@ def _build_engines(path: Path, plan: WorkerPlan, context: Context, config: RankC
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled)
         except Exception as exc:
             raise ModelError(
-                f"ONNX Runtime could not build worker {index} of {plan.workers} for {path}: {_ort_message(exc)}"
+                f"ONNX Runtime could not build worker {index} of {plan.workers} for {path}: {ort_message(exc)}"
             ) from None
         engines.append(ThreadEngine(index, session, plan.cores[index], path.name))
         if shared is not None:

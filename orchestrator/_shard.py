@@ -33,8 +33,9 @@ from ranks._shard_manifest import (
 
 from ._progress import progress_bar
 from ._samples import save_model
-from ranks._staged_runner import META_CACHE
+from ranks._staged_runner import META_CACHE, META_POSITIONS
 
+from ._decoder_tables import decoder_tables
 from ._shard_analysis import linear_weight, plan_split
 from ._shard_cache import cache_metadata, cache_pairs, lone_presents
 from ._shard_explain import explain, format_explain
@@ -149,6 +150,7 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
 
     # Optimum's merged decoder (an If on the graph input use_cache_branch): each branch is planned and
     # rewritten as the plain graph it is, then the two are folded back into one If per rank (_shard_merged).
+    positions = decoder_tables(model).positions  # (before a merged decoder's outer weights are dropped below)
     variants = branch_variants(model)
     whole_bytes = sum(_nbytes(t) for t in model.graph.initializer) + sum(
         _nbytes(t) for key in variants if key is not None for t in branch_graph(model, key).initializer)
@@ -197,6 +199,8 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
             meta = {META_ID: shard_id, META_RANK: rank, META_WORLD_SIZE: tp, META_MANIFEST: manifest_file.name}
             if plan.cache:
                 meta[META_CACHE] = cache_metadata(list(plan.cache.values()))
+                if positions is not None:
+                    meta[META_POSITIONS] = str(positions)
             built = {key: build_rank_graph(a[0], a[1], rank, types[key], meta, progress=bar)
                      for key, a in analyses.items()}
             rank_model = built[None].model if None in built else fold_branches(
@@ -229,6 +233,7 @@ def shard_model(model_path: str | os.PathLike, tp: int, out_dir: str | os.PathLi
         "replicated_reasons": {(f"{branch_label(model, key)['branch']}: " if key is not None else "") + node: reason
                                for key, a in analyses.items() for node, reason in a[1].replicated_reasons.items()},
         "cache": list(plan.cache.values()),
+        "positions": positions if plan.cache else None,
         "explain": reports[None] if None in reports else merged_report(model, reports),
     }
     write_manifest(manifest_file, manifest)

@@ -82,6 +82,7 @@ from ranks._tensor import DataType
 
 from . import _protocol as proto
 from ._errors import WorkerError, WorkerTimeoutError
+from ._decoder_tables import DecoderTables
 from ._rank_links import MasterLinks
 
 BACKENDS = ("mpi", "zmq")
@@ -172,7 +173,9 @@ class ShardedModel:
         self._cache = [c for c in manifest.get("cache", []) if c["axis"] is not None]
         # A token embedding split by vocabulary gives zeros for an id no rank owns, where the whole model's
         # Gather fails: ids are checked against its rows here.
-        self._vocabulary = next((w["shape"][0] for w in manifest.get("weights", []) if w["split"] == "vocabulary"), None)
+        self._tables = DecoderTables(
+            vocabulary=next((w["shape"][0] for w in manifest.get("weights", []) if w["split"] == "vocabulary"), None),
+            positions=manifest.get("positions"))
         self._input_specs = _input_specs(resolve_shard_path(self.model_path, 0, size), self._cache)
         self._accepted: tuple | None = None  # (name, dtype, shape) of the inputs last checked and taken as they were
         self.backend = backend
@@ -298,14 +301,12 @@ class ShardedModel:
         reproducible with ``seed``); ``stop_token`` ends a prompt. Returns a ``GenerateResult`` (per prompt
         the new ids; the logits [new tokens, vocab] when ``return_logits``).
         """
-        from ._generate import GenerateResult, prepare_prompts
+        from ._generate import GenerateResult, check_prompts, prepare_prompts
 
         ids, mask = prepare_prompts(input_ids, attention_mask)
-        if self._vocabulary is not None and ids.size and int(ids.max()) >= self._vocabulary:
-            raise InputError(f"token id {int(ids.max())} is outside the vocabulary of {self.model_path} "
-                             f"({self._vocabulary} tokens: ids 0 to {self._vocabulary - 1})")
         if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_prompts(ids, mask, max_new_tokens, self._tables, str(self.model_path))
         if temperature < 0:
             raise InputError(f"temperature must be 0 (greedy) or positive, got {temperature!r}")
         if temperature and seed is None:

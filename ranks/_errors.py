@@ -81,3 +81,11 @@ class PortInUseError(CommError):
 
 class PeerLostError(CommError, ConnectionError):
     """A peer that exited or closed its connection mid-operation."""
+
+
+def ort_message(exc: Exception) -> str:
+    """The human part of an ONNX Runtime error ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ..." prefix dropped)."""
+    text = str(exc).strip()
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(" : ", 3)[-1]
+    return text

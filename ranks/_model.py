@@ -13,7 +13,8 @@ import onnxruntime as ort
 
 from ._config_file import RankConfig, load_config
 from ._context import Context
-from ._errors import ConfigError, ConfigTypeError, InputError, InputTypeError, ModelError, ModelNotFoundError, OrchestratorError
+from ._errors import (ConfigError, ConfigTypeError, InputError, InputTypeError, ModelError, ModelNotFoundError,
+                      OrchestratorError, ort_message)
 from ._log import get_logger
 from ._session import execution_providers, session_options
 from ._shared_weights import release_freed_heap, share_weights
@@ -266,7 +267,7 @@ class Model:
             return ort.InferenceSession(model, sess_options=options, providers=providers,
                                         disabled_optimizers=self._optimizers_to_skip())
         except Exception as exc:
-            raise ModelError(f"ONNX Runtime could not build {self._path}: {_ort_message(exc)}") from None
+            raise ModelError(f"ONNX Runtime could not build {self._path}: {ort_message(exc)}") from None
 
     def _optimizers_to_skip(self) -> list[str]:
         """Optimizers that would bake the model file's weight values in, ignoring updated ones.
@@ -314,7 +315,7 @@ class Model:
         except OrchestratorError:
             raise
         except Exception as exc:
-            raise ModelError(f"could not build shard {self._path}: {_ort_message(exc)}") from exc
+            raise ModelError(f"could not build shard {self._path}: {ort_message(exc)}") from exc
 
     def _require_built(self) -> None:
         if self._session is None:
@@ -434,7 +435,7 @@ class Model:
                     _trial_run(session, {t.name: (t.dtype, wanted[t.name]) for t in self._inputs})
             except Exception as exc:
                 self._resized_shapes = previous
-                text = _ort_message(exc).removeprefix(f"ONNX Runtime could not build {self._path}: ")
+                text = ort_message(exc).removeprefix(f"ONNX Runtime could not build {self._path}: ")
                 raise InputError(
                     f"resize: the graph of {self._path.name} cannot take {_spell_changes(wanted, current)}: {text}. "
                     f"The model keeps its previous shapes."
@@ -490,7 +491,7 @@ class Model:
         except Exception as exc:
             if getattr(self._session, "is_staged", False):
                 raise
-            raise ModelError(f"running {self._path.name} failed: {_ort_message(exc)}") from None
+            raise ModelError(f"running {self._path.name} failed: {ort_message(exc)}") from None
         return output_tensors([meta.name for meta in self._outputs], results, outputs)
 
     def predict_into(self, inputs, outputs: dict[str, np.ndarray], run_options: ort.RunOptions | None = None) -> None:
@@ -527,7 +528,7 @@ class Model:
             try:
                 self._session.run_with_iobinding(binding, run_options)
             except Exception as exc:
-                raise ModelError(f"running {self._path.name} into the given buffers failed: {_ort_message(exc)}") from None
+                raise ModelError(f"running {self._path.name} into the given buffers failed: {ort_message(exc)}") from None
         finally:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
@@ -714,11 +715,3 @@ def _trial_run(session, specs: dict[str, tuple[DataType, list[int]]]) -> None:
     if any(dtype in (DataType.STRING, DataType.UNKNOWN, DataType.INVALID) for dtype, _ in specs.values()):
         return
     session.run(None, {name: np.zeros(shape, dtype.to_numpy()) for name, (dtype, shape) in specs.items()})
-
-
-def _ort_message(exc: Exception) -> str:
-    text = str(exc).strip()
-    # ORT prefixes messages with "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ..."; keep the human part.
-    if text.startswith("[ONNXRuntimeError]"):
-        text = text.split(" : ", 3)[-1]
-    return text

@@ -56,7 +56,7 @@ from onnx import TensorProto, helper
 from ._branches import BRANCH_ATTRS, branching_if, condition_value, inline_branch
 from ._comm_base import Communicator
 from ._env import merged_decode_prepacking
-from ._errors import InputError, ModelError, ModelNotFoundError, ShardError
+from ._errors import InputError, ModelError, ModelNotFoundError, OrchestratorError, ShardError, ort_message
 from ._shard_manifest import META_ID, META_MANIFEST, META_RANK, META_WORLD_SIZE, read_manifest, shard_metadata
 from ._merged_weights import placeholder, share_branch_weights
 from ._shared_weights import SharedInitializers, disabled_optimizers, release_freed_heap
@@ -65,6 +65,8 @@ COLLECTIVE_OPS = ("AllReduce", "AllGather")
 # Shard metadata: JSON list of a decoder's cache pairs ({"past", "present", "axis", "heads", "heads_per_rank"},
 # axis null when the cache stays whole on every rank), written by ``orchestrate shard``.
 META_CACHE = "orchestrator.shard.cache"
+# The positions a decoder's learned position table holds (absent when it has none), for generation's check.
+META_POSITIONS = "orchestrator.shard.positions"
 MS_DOMAIN = "com.microsoft"
 
 
@@ -250,7 +252,12 @@ class StagedProgram:
             feeds = {name: env[name] for name in stage.inputs}
         except KeyError as exc:
             raise InputError(f"{self.label}: input {exc.args[0]!r} was not given") from None
-        results = stage.session.run(stage.outputs, feeds)
+        try:
+            results = stage.session.run(stage.outputs, feeds)
+        except OrchestratorError:
+            raise
+        except Exception as exc:  # ONNX Runtime's own types: one of ours, which keeps its type across processes
+            raise ModelError(f"{self.label}: running stage {k} of {len(self.stages)} failed: {ort_message(exc)}") from None
         env.update(zip(stage.outputs, results))
 
 
@@ -288,6 +295,7 @@ class StagedRunner:
         meta = shard_metadata(proto)
         # A decoder's key/value cache cut by heads: each rank's past and present hold its own heads.
         self.cache = [c for c in json.loads(meta.get(META_CACHE, "[]") or "[]")]
+        self.max_positions = int(meta[META_POSITIONS]) if meta.get(META_POSITIONS) else None
         self.program = StagedProgram(proto, make_session, label=label, decode_prepacking=decode_prepacking)
         self._input_names = [a.name for a in self.program.inputs]
         # Graph outputs gathered whole by an AllGather (logits of an LM head split by vocabulary):

@@ -373,6 +373,42 @@ def test_bad_requests_say_what_is_wrong():
         generate(path, [1, 2, 3], 0)
     with pytest.raises(InputError, match="temperature must be 0 .* got -1"):
         generate(path, [1, 2, 3], 2, temperature=-1)
+    with pytest.raises(InputError, match=r"token id 512 is outside the vocabulary of .*gpt2_cache_dynamo.onnx "
+                                         r"\(512 tokens: ids 0 to 511\)"):
+        generate(path, [1, 512], 2)
+    with pytest.raises(InputError, match=r"a prompt of 8 tokens and 122 new tokens need 129 positions; "
+                                         r".*gpt2_cache_dynamo.onnx holds 128: ask for at most 121 new tokens"):
+        generate(path, np.arange(8), 122)
+    with pytest.raises(InputError, match="a prompt of 130 tokens is longer than the 128 positions"):
+        generate(path, np.arange(130), 1)
+    assert generate(path, np.arange(8), 121).steps == 121  # the last position is the table's last row
+
+
+def test_a_failure_inside_onnx_runtime_is_a_model_error_naming_the_step(shards):
+    """Past the checks (here: as if the position table had not been found), ONNX Runtime's own error comes
+    out as a ModelError with the step it failed at, in one process and on every rank."""
+    from orchestrator._decoder_tables import DecoderTables
+    from orchestrator._generate import WholeModel
+
+    whole = WholeModel(FIXTURES / "gpt2_cache_dynamo.onnx")
+    whole.io.tables = DecoderTables(None, None)
+    with pytest.raises(ModelError, match=r"generation step 122 \(positions up to 128\) failed: .*idx=128"):
+        whole.generate(np.arange(8), 125)
+
+    result = shards("gpt2_cache_dynamo")
+    assert result.manifest["positions"] == 128
+
+    def rank(comm):
+        runner = StagedRunner(onnx.load(str(result.shard_paths[comm.rank])), comm)
+        assert runner.max_positions == 128  # from the shard's metadata: refused up front on the rank too
+        with pytest.raises(InputError, match="need 129 positions"):
+            generate_on_rank(runner, np.arange(8), 122)
+        runner.max_positions = None
+        with pytest.raises(ModelError, match=r"stage 0 of \d+ failed: .*idx=128"):
+            generate_on_rank(runner, np.arange(8), 125)
+        return True
+
+    assert ThreadGroup(2).run(rank) == [True, True]
 
 
 def test_a_separate_prefill_graph_starts_the_cache(shards, tmp_path):

@@ -83,6 +83,10 @@ def test_sharded_model_generates_torchs_tokens(name, shards):
         sampled = model.generate(ref["prompt_ids"], 8, temperature=0.8, seed=5)
         with pytest.raises(InputError, match=r"token id 512 is outside the vocabulary .*\(512 tokens: ids 0 to 511\)"):
             model.generate([1, 512], 4)
+        if name.startswith("gpt2"):  # a learned table of 128 positions (Llama's rotary positions have no limit)
+            with pytest.raises(InputError, match=r"a prompt of 2 tokens and 128 new tokens need 129 positions; "
+                                                 r".* holds 128: ask for at most 127 new tokens"):
+                model.generate([1, 2], 128)
         # predict takes and gives the cache whole, as the unsliced model does (each rank slices its heads)
         feeds, want = _one_step_with_a_past(name)
         got = model.predict(feeds)
@@ -160,3 +164,30 @@ def test_orchestrate_generate_prints_and_saves_the_new_ids(name, shards, tmp_pat
                                             "--max-new-tokens", "4", "--tp", "4"), timeout=60)
     assert wrong.returncode == 2
     assert "tp=4, but the shards of" in wrong.stderr and "were made for 2 ranks" in wrong.stderr
+
+
+@pytest.mark.cli
+def test_orchestrate_generate_refuses_before_slicing_and_names_the_users_file(tmp_path):
+    from conftest import orchestrate_command, run_command
+
+    prompt = _prompt_file("gpt2_cache_dynamo", tmp_path / "prompt.npy")  # prompts of 8 and 5 tokens
+    for model, steps, code, expected in [
+        ("gpt2_cache_dynamo.onnx", 200, 2, "a prompt of 8 tokens and 200 new tokens need 207 positions; "
+                                        f"{FIXTURES / 'gpt2_cache_dynamo.onnx'} holds 128: ask for at most 121"),
+        ("gpt2_dynamo.onnx", 4, 1, f"{FIXTURES / 'gpt2_dynamo.onnx'} has no key/value cache inputs and outputs"),
+    ]:
+        result = run_command(orchestrate_command("generate", str(FIXTURES / model), "--prompt-ids", str(prompt),
+                                                 "--max-new-tokens", str(steps), "--tp", "2"), timeout=60)
+        assert result.returncode == code and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "orch-generate" not in result.stderr
+    # --tp that does not divide the heads: refused with the shard command's advice, which generate takes too
+    replicated = run_command(orchestrate_command("generate", str(FIXTURES / "gpt2_cache_dynamo.onnx"), "--prompt-ids",
+                                                 str(prompt), "--max-new-tokens", "8", "--tp", "3"), timeout=60)
+    assert replicated.returncode == 2 and "or --allow-replicate to keep it whole" in replicated.stderr
+    replicated = run_command(orchestrate_command("generate", str(FIXTURES / "gpt2_cache_dynamo.onnx"), "--prompt-ids",
+                                                 str(prompt), "--max-new-tokens", "8", "--tp", "3",
+                                                 "--allow-replicate"), timeout=120)
+    assert replicated.returncode == 0, replicated.stderr
+    ref = fixture_arrays("gpt2_cache_dynamo")
+    assert replicated.stdout.splitlines() == [f"generated: {' '.join(str(t) for t in ref['tokens'][row, :8])}"
+                                              for row in range(2)]
