@@ -247,11 +247,43 @@ def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) 
     config.device_id = config.get_int("ascend_context", "device_id")
     config.variable_weights = _variable_weights(config)
 
+    _check_device_settings(config)
     for section in ("cpu_context", "gpu_context", "ascend_context"):
         spec = config.sections.get(section, {}).get("input_shape")
         if spec:
             config.input_shapes.update(parse_input_shape(spec, f"{source}: [{section}] input_shape"))
     return config
+
+
+def _check_device_settings(config: RankConfig) -> None:
+    """[cpu_context], [gpu_context] and [ascend_context] values, checked by the rules of the Context's own
+    settings (``cpu.thread_num = -3`` and ``thread_num=-3`` in a file fail alike, naming the file)."""
+    from ._context import AscendDeviceInfo, CPUDeviceInfo, GPUDeviceInfo, Setting
+    from ._context import _non_negative_int as non_negative
+    from ._env import parse_bool
+
+    for section, info in (("cpu_context", CPUDeviceInfo), ("gpu_context", GPUDeviceInfo),
+                          ("ascend_context", AscendDeviceInfo)):
+        for key, text in config.sections.get(section, {}).items():
+            where = f"{config.source}: [{section}] {key}"
+            setting = info.__dict__.get(key)
+            if key == "allow_spinning" and parse_bool(text) is None:
+                raise ConfigError(f"{where} must be one of true/false/1/0/yes/no, got {text!r}")
+            if not isinstance(setting, Setting):
+                continue
+            if isinstance(setting.default, bool) or not isinstance(setting.default, (int, list)):
+                setting.check(where, text)
+                continue
+            try:
+                value = [int(c) for c in text.split(",") if c.strip()] if isinstance(setting.default, list) else int(text)
+            except ValueError:
+                what = "core numbers separated by commas" if isinstance(setting.default, list) else "an integer"
+                raise ConfigError(f"{where} must be {what}, got {text!r}") from None
+            if isinstance(value, list):
+                # (a core named twice is allowed here: a pool's workers may share cores, and are told so)
+                [non_negative(f"{where}[]", core) for core in value]
+            else:
+                setting.check(where, value)
 
 
 def _variable_weights(config: RankConfig) -> list[str] | None:

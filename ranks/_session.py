@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from ._config_file import RankConfig
 from ._context import Context
+from ._env import parse_bool
 from ._errors import ConfigError, ProviderError
 
 # MindSpore Lite's Ascend precision modes -> the CANN provider's names.
@@ -71,7 +72,7 @@ def session_options(context: Context, config: RankConfig | None = None, *, allow
             raise ConfigError(f"{config.source}: [cpu_context] thread_affinity_core_list must be core numbers "
                               f"separated by commas, got {text!r}") from None
     if "allow_spinning" in section:
-        allow_spinning = section["allow_spinning"].strip().lower() in ("1", "true", "yes", "on")
+        allow_spinning = parse_bool(section["allow_spinning"])  # a valid word: checked when the file was read
 
     options = ort.SessionOptions()
     # Fatal only: the engine's errors reach the user as our exceptions; its own
@@ -84,6 +85,12 @@ def session_options(context: Context, config: RankConfig | None = None, *, allow
     if allow_spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
 
+    machine = os.cpu_count() or 1
+    if any(core >= machine for core in core_list):
+        where = (f"{config.source}: [cpu_context] thread_affinity_core_list" if "thread_affinity_core_list" in section
+                 else "cpu.thread_affinity_core_list")
+        raise ConfigError(f"{where} names core(s) {[c for c in core_list if c >= machine]}, but this machine has "
+                          f"{machine} (0 to {machine - 1})")
     cores = core_list or (cores_for_affinity_mode(mode) if mode else [])
     if cores and threads > 1:
         # ONNX Runtime pins the pool's threads (thread_num - 1 of them; the

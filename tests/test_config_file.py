@@ -47,6 +47,17 @@ def test_unknown_section_is_kept(tmp_path):
         ("[cpu_context]\ninput_shape=x1,2\n", "is not NAME:D1,D2,..."),
         ("[comm]\nmpi_arrival_check=fast\n", "[comm] mpi_arrival_check must be one of true/false/1/0/yes/no, got 'fast'"),
         ("[comm]\nmpi_arrival_check=\n", "[comm] mpi_arrival_check must be one of true/false/1/0/yes/no, got ''"),
+        # the device sections by the Context's own rules (cpu.thread_num = -3 fails alike)
+        ("[cpu_context]\nthread_num=-3\n", "[cpu_context] thread_num must be an int >= 0, got -3"),
+        ("[cpu_context]\nthread_num=two\n", "[cpu_context] thread_num must be an integer, got 'two'"),
+        ("[cpu_context]\ninter_op_parallel_num=-1\n", "[cpu_context] inter_op_parallel_num must be an int >= 0, got -1"),
+        ("[cpu_context]\nthread_affinity_mode=7\n", "[cpu_context] thread_affinity_mode must be one of {0: 'no binding'"),
+        ("[cpu_context]\nthread_affinity_core_list=0,-1\n", "[cpu_context] thread_affinity_core_list[] must be an int >= 0, got -1"),
+        ("[cpu_context]\nprecision_mode=fp8\n", "[cpu_context] precision_mode must be one of ['enforce_fp32', 'preferred_fp32', 'preferred_fp16'], got 'fp8'"),
+        ("[cpu_context]\nallow_spinning=maybe\n", "[cpu_context] allow_spinning must be one of true/false/1/0/yes/no, got 'maybe'"),
+        ("[gpu_context]\ndevice_id=-1\n", "[gpu_context] device_id must be an int >= 0, got -1"),
+        ("[gpu_context]\nprovider=cuda9\n", "[gpu_context] provider must be one of ['', 'tensorrt'], got 'cuda9'"),
+        ("[ascend_context]\nprecision_mode=fast\n", "[ascend_context] precision_mode must be one of ['enforce_fp32'"),
     ],
 )
 def test_malformed_files(tmp_path, text, message):
@@ -128,3 +139,10 @@ def test_weight_sharing_keys_flat_as_the_seed_writes_them_or_in_ascend_context(t
     assert ini.get("ascend_context", "shareable_weight_pid_list") == "1, 2"
     with pytest.raises(ConfigError, match=r"config_dict\['shared_mem_handle'\] must be a str or int, got 1.5"):
         load_config("", {"shared_mem_handle": 1.5})
+
+
+def test_valid_device_settings_load(tmp_path):
+    text = ("[cpu_context]\nthread_num=2\ninter_op_parallel_num=1\nthread_affinity_mode=1\nthread_affinity_core_list=0\n"
+            "precision_mode=preferred_fp16\nallow_spinning=No\n[ascend_context]\ndevice_id=3\nrank_id=1\n")
+    config = load_config(write(tmp_path, text))
+    assert config.sections["cpu_context"]["thread_num"] == "2" and config.device_id == 3 and config.rank_id == 1

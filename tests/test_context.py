@@ -144,6 +144,24 @@ def test_cpu_settings_map_to_session_options():
     assert options.get_session_config_entry("session.intra_op_thread_affinities") == "1"
 
 
+def test_cores_the_machine_does_not_have_are_refused_when_the_session_is_made(tmp_path):
+    import os
+
+    from ranks import load_config
+
+    beyond = os.cpu_count()
+    context = mslite.Context()
+    context.cpu.thread_affinity_core_list = [0, beyond]
+    with pytest.raises(mslite.ConfigError, match=rf"cpu.thread_affinity_core_list names core\(s\) \[{beyond}\], "
+                                                 rf"but this machine has {beyond} \(0 to {beyond - 1}\)"):
+        session_options(context)
+    ini = tmp_path / "config_file.ini"
+    ini.write_text(f"[cpu_context]\nthread_num=2\nthread_affinity_core_list={beyond + 97},0\n")
+    with pytest.raises(mslite.ConfigError, match=rf"{ini}: \[cpu_context\] thread_affinity_core_list names "
+                                                 rf"core\(s\) \[{beyond + 97}\]"):
+        session_options(mslite.Context(), load_config(ini))
+
+
 @pytest.mark.parametrize(
     "target, provider",
     [("gpu", "CUDAExecutionProvider"), ("ascend", "CANNExecutionProvider")],

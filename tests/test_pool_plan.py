@@ -169,7 +169,10 @@ def test_affinity_modes_one_and_two_bind_each_worker_to_its_cores(mode, monkeypa
     assert result.cores[2] == tiers[mode][:2] and "share cores" in result.warning
 
 
-def test_worker_session_options_pin_the_pool_threads_to_the_workers_other_cores():
+def test_worker_session_options_pin_the_pool_threads_to_the_workers_other_cores(monkeypatch):
+    import ranks._session
+
+    monkeypatch.setattr(ranks._session.os, "cpu_count", lambda: 8)  # as on the 8-core machine the plans above take
     options = worker_session_options(mslite.Context(), load_config(), 3, [4, 5, 6])
     # ONNX Runtime pins the pool's 2 threads (ids 1-based); the worker thread itself takes core 4.
     assert options.get_session_config_entry("session.intra_op_thread_affinities") == "6;7"
