@@ -101,6 +101,12 @@ def resolve_identity(
         identity = Identity(identity.rank, identity.size, local, None, identity.source)
         if device_id is None:
             device_id = mine.device_id
+        elif int(device_id) != mine.device_id:
+            # A device the table gives another rank (or none) would make two ranks claim one device, or a
+            # rank that its peers look for elsewhere and wait out their timeout for.
+            raise ConfigError(f"device id {device_id} was given for rank {identity.rank}, but rank table "
+                              f"{table.source} gives rank {identity.rank} device {mine.device_id} on server "
+                              f"{mine.server_id}; pass --device_id {mine.device_id} (or leave it out)")
     return Identity(
         identity.rank,
         identity.size,

@@ -168,7 +168,11 @@ def test_identity_from_a_rank_table(clean_env, tmp_path):
     path = tmp_path / "t.json"
     table.dump(path)
     assert resolve_identity(rank_id=2, rank_table=path) == Identity(2, 4, 0, 0, "explicit")  # first on its server
-    assert resolve_identity(rank_id=1, device_id=3, rank_table=path).device_id == 3  # the flag wins
+    assert resolve_identity(rank_id=1, device_id=6, rank_table=path).device_id == 6  # the flag agrees
+    # Another device than the table's: two ranks would claim one device, or peers look for it elsewhere.
+    with pytest.raises(ConfigError, match=rf"device id 3 was given for rank 1, but rank table {path} gives rank 1 "
+                                          rf"device 6 on server 127.0.0.1; pass --device_id 6 \(or leave it out\)"):
+        resolve_identity(rank_id=1, device_id=3, rank_table=path)
 
 
 @pytest.mark.cli
