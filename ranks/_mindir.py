@@ -194,6 +194,8 @@ def convert_mindir(
         check_head(head, have_key=bool(dec_key))  # no need to start MindSpore to say the file is empty or encrypted
     except ConversionFailure as exc:
         raise ModelError(f"MINDIR file {source}: {exc}") from None
+    if head[:1] == b"\x08":  # ONNX's first field (is_mindir_file): said before asking for MindSpore
+        raise ModelError(f"{source} is an ONNX model, not MINDIR: there is nothing to convert; load or run it as it is")
     if importlib.util.find_spec("mindspore") is None:
         raise ModelError(f"{source} is a MINDIR model; converting it to ONNX needs MindSpore, which is not "
                          f"installed: {INSTALL_HINT}")

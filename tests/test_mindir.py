@@ -236,6 +236,9 @@ def test_an_onnx_file_named_mindir_is_loaded_as_onnx(nets, tmp_path):
     ref = reference(nets, "mlp")
     np.testing.assert_allclose(model.predict([ref["x4"]])[0].get_data_to_numpy(), ref["y4"], atol=TOL)
     assert not (tmp_path / ".orchestrator-cache").exists()
+    with pytest.raises(ModelError, match=rf"{renamed} is an ONNX model, not MINDIR: there is nothing to convert"):
+        mindir_module.convert_mindir(renamed, tmp_path / "again.onnx")  # said without asking for MindSpore
+    assert not (tmp_path / "again.onnx").exists()
 
 
 def test_the_child_is_python_itself(nets):
