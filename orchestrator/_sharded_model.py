@@ -607,6 +607,14 @@ def _model_path(path: Path) -> Path:
         if len(manifests) != 1:
             raise ModelNotFoundError(f"{path} holds {len(manifests)} shard manifests; name the model, e.g. {path}/MODEL.onnx")
         return path / manifests[0].name.replace(".manifest.json", ".onnx")
+    manifest = manifest_path_for(path)
+    if not manifest.exists():
+        if path.is_file():
+            raise ModelNotFoundError(f"{path} is a whole model, not shards: there is no shard manifest {manifest.name} "
+                                     f"beside it; slice it first (orchestrate shard {path} --tp N -o DIR, or "
+                                     f"shard_model) and pass DIR/{path.name}")
+        raise ModelNotFoundError(f"{path} does not exist; expected DIR/MODEL.onnx (or DIR) with the shards and the "
+                                 f"manifest orchestrate shard writes")
     return path
 
 

@@ -309,3 +309,14 @@ def test_a_stall_reported_first_by_the_waiting_rank_still_names_both():
                           "reported taking the request, and its process is stopped (SIGSTOP or Ctrl-Z); rank 0 of 2 "
                           "on host h (pid 100) took it, waited for the rank(s) above and gave up (CommTimeoutError)")
     assert isinstance(error.__cause__, CommTimeoutError)
+
+
+def test_a_whole_model_or_a_missing_path_is_named_before_any_rank_starts(tmp_path):
+    from orchestrator import ModelNotFoundError, run_sharded, write_sample_model
+
+    whole = write_sample_model("add", tmp_path / "add.onnx")
+    with pytest.raises(ModelNotFoundError, match=rf"{whole} is a whole model, not shards: there is no shard manifest "
+                                                 rf"add.manifest.json beside it; slice it first \(orchestrate shard"):
+        run_sharded(whole, [np.zeros((1, 4), np.float32)])
+    with pytest.raises(ModelNotFoundError, match=r"nope/m.onnx does not exist; expected DIR/MODEL.onnx"):
+        ShardedModel(tmp_path / "nope" / "m.onnx")
