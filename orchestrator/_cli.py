@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ranks._command_line import SPELLING_NOTE, ArgumentParser, add_version_option, report
+from ranks._command_line import SPELLING_NOTE, ArgumentParser, add_version_option, remove_made_directories, report
 from ranks._errors import OrchestratorError
 
 from . import (_cli_convert, _cli_generate, _cli_launch, _cli_predict, _cli_rank, _cli_rank_table, _cli_sample, _cli_serve,
@@ -52,9 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (OrchestratorError, OSError) as exc:
+        remove_made_directories()
         return report(exc, f"orchestrate {args.command}")
+    except BaseException:
+        remove_made_directories()
+        raise
+    if code != 0:
+        remove_made_directories()
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

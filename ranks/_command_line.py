@@ -219,12 +219,29 @@ def prepare_output(path: str | os.PathLike, flag: str, *, directory: bool = Fals
     if not directory and path.is_dir():
         raise UsageError(f"cannot write {flag} {path}: it is a directory; give a file name")
     try:
+        made = [p for p in [folder, *folder.parents] if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
+        _MADE.extend(made)
     except OSError as exc:
         raise UsageError(f"cannot write {flag} {path}: cannot create directory {folder}: {exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not directory and not os.access(path, os.W_OK)):
         raise UsageError(f"cannot write {flag} {path}: permission denied")
     return path
+
+
+# Directories prepare_output created (deepest first), for a command that fails to take back if still empty.
+_MADE: list[Path] = []
+
+
+def remove_made_directories() -> None:
+    """Remove what prepare_output created and nothing was written into: a failed command leaves no empty folder."""
+    while _MADE:
+        folder = _MADE.pop(0)
+        try:
+            folder.rmdir()
+        except OSError:
+            _MADE.clear()  # not empty (or gone): its parents are not empty either
+            return
 
 
 def write_failed(path: str | os.PathLike, flag: str, exc: OSError) -> CommandError:

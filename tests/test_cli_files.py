@@ -119,6 +119,15 @@ def test_o_under_a_file_is_a_usage_error_and_missing_directories_are_created(com
     assert (missing / target).exists()
 
 
+def test_a_command_that_fails_takes_back_the_directories_it_made(sample, tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for out in (tmp_path / "made" / "shards", kept):
+        result = run_command(orchestrate_command("shard", str(sample("transformer")), "--tp", "3", "-o", str(out)))
+        assert "does not divide" in _one_error_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not list(kept.iterdir())  # yours stays
+
+
 # -- 8. --batch
 
 
