@@ -9,8 +9,10 @@
     master.start_master_server("127.0.0.1", 6500)
 
 Each call returns at once; the process serves until SIGINT (Ctrl-C) or
-SIGTERM, or until ``stop()``. Servers bind only the address given
-(MindSpore Serving's examples use 127.0.0.1; 0.0.0.0 is every address).
+SIGTERM, or until ``stop()``, also after the script returns, but not after
+it ended by an uncaught exception or with no server started (``_process``).
+Servers bind only the address given (MindSpore Serving's examples use
+127.0.0.1; 0.0.0.0 is every address); one that cannot says why (``_listen``).
 """
 
 from __future__ import annotations
