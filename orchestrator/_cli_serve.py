@@ -21,7 +21,8 @@ import sys
 import threading
 from pathlib import Path
 
-from ranks._command_line import UsageError, non_negative_float, non_negative_int, positive_float, positive_int
+from ranks._command_line import (UsageError, non_negative_float, non_negative_int, port_number, positive_float,
+                                 positive_int)
 from ranks._log import get_logger
 
 log = get_logger("serving")
@@ -45,15 +46,15 @@ def register(subparsers) -> None:
     parser.add_argument("--version", type=non_negative_int, default=0, help="version to serve (default 0: the newest)")
     parser.add_argument("--address", default="127.0.0.1",
                         help="address the servers listen on (default 127.0.0.1; 0.0.0.0 for every address)")
-    parser.add_argument("--grpc-port", type=non_negative_int, default=5500, help="gRPC port (default 5500; 0: a free one)")
-    parser.add_argument("--rest-port", "--http-port", dest="rest_port", type=non_negative_int, default=None,
+    parser.add_argument("--grpc-port", type=port_number, default=5500, help="gRPC port (default 5500; 0: a free one)")
+    parser.add_argument("--rest-port", "--http-port", dest="rest_port", type=port_number, default=None,
                         help="HTTP port: MindSpore Serving's REST, KServe v2 (/v2/...) and /metrics (default: none)")
-    parser.add_argument("--master-port", type=non_negative_int, default=6100,
+    parser.add_argument("--master-port", type=port_number, default=6100,
                         help="--master: the port workers join on (default 6100)")
     parser.add_argument("--master-address", metavar="HOST:PORT", help="--worker: where the master listens")
     parser.add_argument("--worker-address", default=None,
                         help="--worker: the address this worker listens on (default: --address)")
-    parser.add_argument("--worker-port", type=non_negative_int, default=6200, help="--worker: its port (default 6200)")
+    parser.add_argument("--worker-port", type=port_number, default=6200, help="--worker: its port (default 6200)")
     parser.add_argument("--local-workers", type=non_negative_int, default=0,
                         help="--master: start this many worker processes of SERVABLES beside the master")
     parser.add_argument("--workers", type=non_negative_int, default=0,
@@ -111,6 +112,9 @@ def check(args) -> None:
             raise UsageError("--worker needs SERVABLES, the directory of the servables it serves")
         if not args.master_address or ":" not in args.master_address:
             raise UsageError(f"--worker needs --master-address HOST:PORT, got {args.master_address!r}")
+        host, _, port = args.master_address.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise UsageError(f"--master-address must be HOST:PORT with PORT in 1-65535, got {args.master_address!r}")
         if args.local_workers:
             raise UsageError("--local-workers belongs to the master, not to a --worker")
     elif args.master:
@@ -128,12 +132,18 @@ def check(args) -> None:
 
 def run(args) -> int:
     from .serving import master, worker
+    from .serving._listen import check_can_listen
+    from .serving._process import PROCESS
 
     check(args)
     options = servable_options(args)
     names = servable_names(args.servables, args.servable) if args.servables else []
     directory = str(Path(args.servables).resolve()) if args.servables else ""
+    # Every port checked before any servable loads: one in use fails at once, with its one error line.
+    for what, ip, port in listen_plan(args, names):
+        check_can_listen(what, ip, port)
     group = None
+    started = False
     try:
         if args.worker:
             host, _, port = args.master_address.rpartition(":")
@@ -157,14 +167,32 @@ def run(args) -> int:
             master.start_grpc_server(args.address, args.grpc_port, args.max_msg_mb)
             if args.rest_port is not None:
                 master.start_restful_server(args.address, args.rest_port, args.max_msg_mb)
+        started = True
         master.wait()
     except BaseException:
-        master.stop()
+        PROCESS.stop(announce=started)  # a failed start: its error line alone, no "Serving stopped"
         raise
     finally:
         if group is not None:
             group.stop()
     return 0
+
+
+def listen_plan(args, names: list[str]) -> list[tuple[str, str, int]]:
+    """(server, address, port) of every server this command starts, named as the server names itself."""
+    if args.worker:
+        ip = args.worker_address or args.address
+        if args.worker_port and args.worker_port + len(names) - 1 > 65535:
+            raise UsageError(f"--worker-port {args.worker_port}: the {len(names)} servables listen on it and the "
+                             f"ports after it, past 65535")
+        plan = [("serving worker", ip, args.worker_port + i if args.worker_port else 0) for i in range(len(names))]
+        return plan + ([("RESTful server", ip, args.rest_port)] if args.rest_port is not None else [])
+    plan = [("serving gRPC server", args.address, args.grpc_port)]
+    if args.rest_port is not None:
+        plan.append(("RESTful server", args.address, args.rest_port))
+    if args.master:
+        plan.append(("serving master server", args.address, args.master_port))
+    return plan
 
 
 def start_local_workers(args, master_port: int):

@@ -151,6 +151,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 1-65535, or 0: a free one the system picks."""
+    value = _number(int, text, "a port number")
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1-65535 (0: a free one), got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = _number(float, text, "a number")
     if not value > 0:

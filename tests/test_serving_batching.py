@@ -170,7 +170,7 @@ def test_a_servable_that_cannot_load_says_why(servables, tmp_path, config, messa
         Servable(tmp_path, "nope")
 
 
-def test_a_port_in_use_is_a_clear_error():
+def test_a_port_in_use_is_a_clear_error_and_grpc_logs_nothing(capfd):
     import socket
 
     from orchestrator.serving import ServingError
@@ -180,5 +180,17 @@ def test_a_port_in_use_is_a_clear_error():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(ServingError, match=rf"serving gRPC server: cannot listen on 127.0.0.1:{port} \(in use"):
+        with pytest.raises(ServingError) as error:
             start_server("127.0.0.1", port, "serving gRPC server", lambda server: None, 1 << 20)
+    assert str(error.value) == (f"serving gRPC server: cannot listen on 127.0.0.1:{port}: the port is already in use "
+                                "(another server or program listens on it)")
+    assert capfd.readouterr().err == ""  # no "E1130 ... add_port.cc:83] ..." of gRPC's C core
+
+
+def test_an_address_not_of_this_host_is_a_clear_error():
+    from orchestrator.serving import ServingError
+    from orchestrator.serving._grpc_service import start_server
+
+    with pytest.raises(ServingError) as error:  # 192.0.2.1: TEST-NET-1, never an address of this host
+        start_server("192.0.2.1", 0, "serving gRPC server", lambda server: None, 1 << 20)
+    assert str(error.value) == "serving gRPC server: cannot listen on 192.0.2.1:0: 192.0.2.1 is not an address of this host"

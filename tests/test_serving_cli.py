@@ -153,3 +153,117 @@ def test_a_script_still_running_its_own_loop_stops_serving_then_gets_the_signals
             assert exit_.signal == "SIGTERM", exit_
     finally:
         servers.stop_all()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "DIR", "--grpc-port", "99999"], "argument --grpc-port: must be a port number in 1-65535 (0: a free one), got 99999"),
+    (["serve", "DIR", "--rest-port", "-1"], "argument --rest-port/--http-port: must be a port number in 1-65535"),
+    (["serve", "--master", "--master-port", "65536"], "argument --master-port: must be a port number in 1-65535"),
+    (["serve", "DIR", "--worker", "--master-address", "127.0.0.1:6100", "--worker-port", "x"],
+     "argument --worker-port: must be a port number, got 'x'"),
+])
+def test_a_port_out_of_range_is_a_usage_error_before_anything_loads(servables, capsys, argv, message):
+    from orchestrator._cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # argparse's own exit: nothing was loaded or started
+        main([str(servables) if a == "DIR" else a for a in argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_master_address_port_out_of_range_is_a_usage_error(servables, capsys):
+    from orchestrator._cli import main
+
+    assert main(["serve", str(servables), "--worker", "--master-address", "127.0.0.1:99999"]) == 2
+    assert "--master-address must be HOST:PORT with PORT in 1-65535, got '127.0.0.1:99999'" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("flags", [["--grpc-port", "BUSY"], ["--grpc-port", "0", "--rest-port", "BUSY"],
+                                   ["--master", "--grpc-port", "0", "--master-port", "BUSY"]])
+def test_a_port_in_use_is_one_error_line_naming_it_and_nothing_else(servables, flags):
+    import socket
+
+    from conftest import run_command
+
+    with socket.socket() as busy:  # a port some other program listens on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = ["serve"] + ([] if "--master" in flags else [str(servables)]) + [str(port) if f == "BUSY" else f for f in flags]
+        result = run_command(orchestrate_command(*argv), timeout=60)
+    what = {"--grpc-port": "serving gRPC server", "--rest-port": "RESTful server", "--master-port": "serving master server"}
+    flag = flags[flags.index("BUSY") - 1]
+    assert result.returncode == 1, result
+    assert result.stderr == (f"orchestrate serve: error: ServingError: {what[flag]}: cannot listen on 127.0.0.1:{port}: "
+                             "the port is already in use (another server or program listens on it)\n")
+    assert result.stdout == ""  # no "Serving stopped": nothing started (and no server printed "start success")
+
+
+FAILING_SCRIPT = '''
+import os, sys
+import psutil
+from orchestrator.serving import master, worker
+
+worker.start_servable_in_master(sys.argv[1], "mlp", device_ids=[0, 1], workers_num=1)   # worker processes
+print("pids", os.getpid(), *[p.pid for p in psutil.Process().children(recursive=True)], flush=True)
+busy = int(sys.argv[2])
+'''
+MLP_CONFIG = '''
+from orchestrator.serving import register
+
+register.declare_servable(servable_file="mlp.onnx", model_format="ONNX", with_batch_dim=True)
+
+
+@register.register_method(output_names=["y"])
+def predict(x):
+    return register.call_servable(x)
+'''
+
+
+@pytest.fixture(scope="module")
+def split_servables(sample, tmp_path_factory):
+    """A with_batch_dim servable that, on device_ids [0, 1], runs in worker processes with shared memory."""
+    root = tmp_path_factory.mktemp("split")
+    (root / "mlp" / "1").mkdir(parents=True)
+    (root / "mlp" / "servable_config.py").write_text(MLP_CONFIG)
+    (root / "mlp" / "1" / "mlp.onnx").write_bytes(sample("mlp").read_bytes())
+    return root
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case, tail, code", [
+    ("a bad port", 'master.start_grpc_server("127.0.0.1", 99999)', 1),
+    ("a port in use", 'master.start_grpc_server("127.0.0.1", 0)\nmaster.start_restful_server("127.0.0.1", busy)', 1),
+    ("no server started", "", 0),
+])
+def test_a_script_that_fails_or_starts_no_server_stops_its_servables_and_exits(split_servables, tmp_path, case, tail,
+                                                                               code):
+    import socket
+
+    from _shared_weights_helpers import new_shm_entries, shm_entries, wait_gone
+    from conftest import run_command
+    from orchestrator.serving._process import NOTHING_LISTENS
+
+    script = tmp_path / "script.py"
+    script.write_text(FAILING_SCRIPT + tail + "\n")
+    before = shm_entries()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_command([sys.executable, str(script), str(split_servables), str(port)], timeout=30)  # no hang
+    assert result.returncode == code, result
+    pids = [int(p) for p in result.stdout.split("pids", 1)[1].split("\n", 1)[0].split()]
+    assert len(pids) >= 3, result.stdout  # the script and its two batch-split workers: something to leave behind
+    assert wait_gone(pids[1:]) == [] and new_shm_entries(before, pids) == []
+    if case == "a bad port":
+        assert result.stderr.rstrip().endswith("ServingError: serving gRPC server: port must be an integer in 1-65535 "
+                                               "(0: a free one), got 99999"), result.stderr
+    elif case == "a port in use":
+        assert (f"ServingError: RESTful server: cannot listen on 127.0.0.1:{port}: the port is already in use"
+                in result.stderr), result.stderr
+        assert result.stdout.rstrip().endswith("Serving stopped")  # the gRPC server had started
+    else:
+        assert result.stderr == NOTHING_LISTENS + "\n"
+        assert "Serving stopped" not in result.stdout

@@ -11,7 +11,7 @@ each request to a servable here or to a cluster worker (``_cluster``);
 and ``_kserve_http`` KServe v2's (over ``_kserve_models``: model names,
 metadata, readiness, tensors), ``_http`` the one HTTP app holding both REST
 dialects and ``/metrics`` (``_metrics``); ``_process`` keeps the process
-serving and stops it; ``_proto`` holds the protocols' .proto files and the
+serving and stops it, ``_listen`` checks a server's address and port; ``_proto`` holds the protocols' .proto files and the
 modules generated from them.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from ._errors import ServingError
+from ._listen import check_can_listen
 from ._threads import ServingExecutor
 from ._proto import ms_service_pb2_grpc as pb_grpc
 
@@ -31,10 +32,7 @@ def message_options(max_bytes: int) -> list[tuple[str, int]]:
 
 def start_server(ip: str, port: int, what: str, add_servicers, max_bytes: int) -> tuple[grpc.Server, int]:
     """A started gRPC server on ip:port (``add_servicers(server)`` adds the services); (server, bound port)."""
-    if not isinstance(ip, str) or not ip:
-        raise ServingError(f"{what}: the address must be an IP or host name (str), got {ip!r}")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ServingError(f"{what}: port must be an integer in [0, 65535], got {port!r}")
+    check_can_listen(what, ip, port)  # first: a port in use gets its reason, and no log line of gRPC's
     server = grpc.server(ServingExecutor(MAX_WORKER_THREADS, what.replace(" ", "-")),
                          options=message_options(max_bytes) + [("grpc.so_reuseport", 0)])
     add_servicers(server)
@@ -46,7 +44,7 @@ def start_server(ip: str, port: int, what: str, add_servicers, max_bytes: int) -
         reason = str(exc)
     else:
         reason = ""
-    if not bound:
+    if not bound:  # taken since the check (or refused for a reason the check did not see)
         server.stop(None)
         raise ServingError(f"{what}: cannot listen on {ip}:{port} (in use, or not an address of this host)"
                            + (f": {reason}" if reason else ""))

@@ -9,7 +9,17 @@ everything: servers stop taking requests (in-flight ones get ``STOP_GRACE``
 seconds), a cluster worker leaves its master, models close (their worker
 threads or processes end), then the keeper ends and so does the process.
 
-    NEW --first start_*--> SERVING --SIGINT / SIGTERM / stop()--> STOPPED
+    NEW --first start_*--> SERVING --SIGINT / SIGTERM / stop()--------------------------> STOPPED
+                                   --the script ended by an uncaught exception----------> STOPPED (exit 1)
+                                   --the script ended with no server started------------> STOPPED (one line on stderr)
+                                   --the script returned with a server listening--------> (serves on)
+
+The keeper watches the main thread: once the script has ended (the
+interpreter waits for the keeper), serving goes on only if the script
+returned and something listens. A traceback printed and then a process that
+never ends, or servables loaded that no server offers, would otherwise leave a
+process up for ever that serves nothing. "Serving stopped" is printed when
+serving that had a server listening stops, not when a start failed.
 
 A script whose main thread still runs its own code when the signal comes (a
 ``while True: sleep`` after the start calls) gets the signal's usual effect
@@ -24,6 +34,7 @@ import _thread
 import os
 import select
 import signal
+import sys
 import threading
 
 from ranks._log import get_logger
@@ -35,6 +46,9 @@ from ._errors import ServingError
 log = get_logger("serving")
 
 STOP_GRACE = 2.0  # seconds in-flight requests get when the servers stop
+KEEPER_POLL = 0.5  # seconds between the keeper's looks at the main thread (has the script ended?)
+NOTHING_LISTENS = ("serving: the script ended and no server was started (master.start_grpc_server, "
+                   "master.start_restful_server), so nothing serves; its servables are stopped")
 DEFAULT_MAX_MB = 100  # request and reply size limit (gRPC messages, REST bodies), in MB
 
 
@@ -55,6 +69,7 @@ class ServingProcess:
         self._previous_handlers: dict = {}
         self.main_waits = False  # the main thread is in master.wait(): a signal ends that wait, nothing more
         self._redeliver = False
+        self._announce = True  # print "Serving stopped" (if a server listened); stop(announce=False): a failed start
 
     # -- keeping the process up ----------------------------------------------------------
     def serving(self) -> None:
@@ -99,14 +114,14 @@ class ServingProcess:
     def _keep(self) -> None:
         signum = 0
         while True:
-            ready, _, _ = select.select([self._wake_r], [], [], 1.0)
+            ready, _, _ = select.select([self._wake_r], [], [], KEEPER_POLL)
             if ready:
                 data = os.read(self._wake_r, 16)
                 signum = data[0] if data else 0
                 if signum:
                     log.info("serving: %s received, stopping", signal.Signals(signum).name)
                 break
-            if self._stopped.is_set():
+            if self._stopped.is_set() or self._script_ended_without_serving():
                 break
         self._shutdown()
         # After the script ended, the main thread is no longer alive (the interpreter waits for this thread).
@@ -114,9 +129,34 @@ class ServingProcess:
             self._redeliver = True
             _thread.interrupt_main(signum)  # runs _on_signal in the main thread, which may change handlers
 
-    def stop(self) -> None:
-        """Stop every server and model of this process (idempotent); returns once they are stopped."""
+    def _script_ended_without_serving(self) -> bool:
+        """True once the main thread has ended by an uncaught exception, or with no server listening."""
+        if threading.main_thread().is_alive():
+            return False
+        # The interpreter records an uncaught exception in sys.last_value (3.12: also last_exc) before it
+        # prints the traceback, so it is there by the time the main thread counts as ended; a script's own
+        # sys.excepthook does not change that. The exit status is then 1, the interpreter's own.
+        if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+            log.info("serving: the script ended by an uncaught exception, stopping")
+            return True
+        if not self.listening:
+            print(NOTHING_LISTENS, file=sys.stderr, flush=True)
+            return True
+        return False
+
+    @property
+    def listening(self) -> bool:
+        """Whether a server (gRPC, RESTful, master or cluster worker) of this process was started."""
+        return bool(self.grpc_servers or self.rest_servers)
+
+    def stop(self, announce: bool = True) -> None:
+        """Stop every server and model of this process (idempotent); returns once they are stopped.
+
+        ``announce=False``: a start that failed (``orchestrate serve`` reports the error alone).
+        """
         with self._lock:
+            if not announce:
+                self._announce = False
             keeper = self._keeper
             if keeper is None:
                 self._stopped.set()
@@ -155,7 +195,8 @@ class ServingProcess:
                     log.warning("%s did not close cleanly: %s", servable.label, exc)
             if threading.current_thread() is threading.main_thread():
                 self._restore_handlers()
-            print("Serving stopped", flush=True)
+            if self._announce and self.listening:
+                print("Serving stopped", flush=True)
 
     @property
     def stopped(self) -> bool:

@@ -9,8 +9,10 @@
     master.start_master_server("127.0.0.1", 6500)
 
 Each call returns at once; the process serves until SIGINT (Ctrl-C) or
-SIGTERM, or until ``stop()``. Servers bind only the address given
-(MindSpore Serving's examples use 127.0.0.1; 0.0.0.0 is every address).
+SIGTERM, or until ``stop()``, also after the script returns, but not after
+it ended by an uncaught exception or with no server started (``_process``).
+Servers bind only the address given (MindSpore Serving's examples use
+127.0.0.1; 0.0.0.0 is every address); one that cannot says why (``_listen``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from ranks._log import get_logger
 
 from ._errors import ServingError
+from ._listen import check_address, listen_error
 from ._process import DEFAULT_MAX_MB, PROCESS, max_bytes
 
 log = get_logger("serving")
@@ -63,8 +66,7 @@ def start_restful_server(ip: str = "127.0.0.1", restful_port: int = 1500, max_ms
     from ._http import make_app
 
     limit = max_bytes(max_msg_mb_size)
-    if isinstance(restful_port, bool) or not isinstance(restful_port, int) or not 0 <= restful_port <= 65535:
-        raise ServingError(f"RESTful server: port must be an integer in [0, 65535], got {restful_port!r}")
+    check_address("RESTful server", ip, restful_port)
     PROCESS.serving()
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says TCP, and
@@ -76,7 +78,7 @@ def start_restful_server(ip: str = "127.0.0.1", restful_port: int = 1500, max_ms
         sock.bind((ip, restful_port))
     except OSError as exc:
         sock.close()
-        raise ServingError(f"RESTful server: cannot listen on {ip}:{restful_port}: {exc.strerror or exc}") from None
+        raise listen_error("RESTful server", ip, restful_port, exc) from None
     sock.listen(1024)
     port = sock.getsockname()[1]
     config = uvicorn.Config(make_app(PROCESS.dispatcher, limit, PROCESS.metrics), log_level="warning", access_log=False,

@@ -69,7 +69,7 @@ def start_servable(servable_directory, servable_name, version_number=0, device_t
     try:
         agent = WorkerAgent(f"{master_ip}:{master_port}", address, [servable], register_timeout)
     except BaseException:
-        PROCESS.stop()
+        PROCESS.stop(announce=False)  # the start failed: its error says so, not "Serving stopped"
         raise
     PROCESS.worker_agents.append(agent)
     print(f"Serving worker start success, listening on {address}, servable {servable.name} version "
