@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 from ranks._command_line import UsageError, prepare_output, split_list, write_failed
@@ -79,6 +80,11 @@ def _parse_device_ips(items: list[str], servers: list[str]) -> dict[tuple[str, i
             device, colon, ip = pair.strip().partition(":")
             if not colon or not device.strip().isdigit() or not ip.strip():
                 raise ValueError(f"--device-ips must look like DEVICE:IP,DEVICE:IP (e.g. 0:192.1.27.6,1:192.2.27.6), got {pair!r}")
+            try:
+                ipaddress.ip_address(ip.strip())
+            except ValueError:
+                raise ValueError(f"--device-ips {pair.strip()!r}: {ip.strip()!r} is not an IP address "
+                                 f"(e.g. 0:192.1.27.6)") from None
             found[(server, int(device))] = ip.strip()
     return found
 

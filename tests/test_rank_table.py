@@ -334,6 +334,8 @@ def test_cli_device_ips_errors(tmp_path):
     assert result.returncode == 2 and "names server 'c', which is not among --server a" in result.stderr
     result = _cli("--devices", "0", "--server", "a", "--device-ips", "192.1.27.6")
     assert result.returncode == 2 and "--device-ips must look like DEVICE:IP,DEVICE:IP" in result.stderr
+    result = _cli("--devices", "0", "--server", "a", "--device-ips", "0:999.1.1.1")
+    assert result.returncode == 2 and "--device-ips '0:999.1.1.1': '999.1.1.1' is not an IP address" in result.stderr
     result = _cli("--devices", "0", "--server", "a", "--hccn-conf", str(tmp_path / "nope.conf"))
     assert result.returncode == 2 and "nope.conf' does not exist" in result.stderr
 
