@@ -369,6 +369,8 @@ class Supervisor:
         self._waiters: list[threading.Thread] = []
         self._exits: dict[int, RankExit] = {}
         self._signalled: set[int] = set()  # ranks the launcher signalled while they still ran
+        self._killed: set[int] = set()  # ranks that outlived the stop deadline and got SIGKILL
+        self._stop_seconds = 0.0  # how long the last stop waited for the ranks to end after SIGTERM
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._stop_started: float | None = None
@@ -641,7 +643,7 @@ class Supervisor:
                 self.stop()
                 raise LaunchTimeoutError(
                     f"{running} still running after {now - started:.1f} s (the launcher's time limit "
-                    f"is {timeout:g} s); stopped them: SIGTERM, then SIGKILL after {self.stop_timeout:g} s"
+                    f"is {timeout:g} s); stopped them: {self._how_stopped()}"
                 )
             if failure_seen is not None:
                 wait_for = 0.05
@@ -649,6 +651,13 @@ class Supervisor:
                 wait_for = 0.2 if deadline is None else max(0.0, min(0.2, deadline - now))
             self._changed.wait(wait_for)
             self._changed.clear()
+
+    def _how_stopped(self) -> str:
+        """What ``stop`` took: SIGTERM alone, or SIGKILL for the ranks that outlived its deadline."""
+        if self._killed:
+            return (f"SIGTERM, then SIGKILL for {self._names(sorted(self._killed))}, which did not end within "
+                    f"{self.stop_timeout:g} s")
+        return f"SIGTERM (they ended within {self._stop_seconds:.1f} s)"
 
     def _raise_interrupted(self):
         running = self._names(self.running()) or "none"
@@ -682,8 +691,10 @@ class Supervisor:
                 self._changed.clear()
             if self._signalled:
                 log.info("stopping %s with SIGTERM (deadline %.1f s)", self._names(sorted(self._signalled)), self.stop_timeout)
+            self._stop_seconds = time.monotonic() - deadline + self.stop_timeout
             for rank in self.running():
                 log.warning("%s did not end within %.1f s of SIGTERM; sending SIGKILL", self._names([rank]), self.stop_timeout)
+                self._killed.add(rank)
                 self._signal_group(self._procs[rank].pid, signal.SIGKILL)
             # A SIGKILLed process is reaped at once; the waiters record it.
             for waiter in self._waiters:

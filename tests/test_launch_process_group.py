@@ -152,7 +152,17 @@ def test_time_limit_stops_every_rank():
         group.run(timeout=1.5)
     assert "rank 0, rank 1 still running after" in str(info.value)
     assert "time limit is 1.5 s" in str(info.value)
+    assert "stopped them: SIGTERM (they ended within" in str(info.value)  # what it took, not what it could have
     assert isinstance(info.value, TimeoutError)
+    assert not leftovers(marker)
+
+
+@pytest.mark.timeout(60)
+def test_time_limit_says_which_ranks_needed_sigkill():
+    group, out, err, marker = make_group(2, "--others", "ignore-term", stop_timeout=1.0)  # both ignore SIGTERM
+    with pytest.raises(LaunchTimeoutError, match=r"stopped them: SIGTERM, then SIGKILL for rank 0, rank 1, which did not "
+                                                 r"end within 1 s"):
+        group.run(timeout=1.5)
     assert not leftovers(marker)
 
 
