@@ -51,7 +51,11 @@ def run_passthrough(argv: list[str]) -> int:
         argv, program = argv[:cut], argv[cut + 1 :]
     parser = ArgumentParser(prog="orchestrate")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["launch", *argv])
+    args, unknown = parser.parse_known_args(["launch", *argv])
+    if unknown:
+        hint = ("; put the program after --, e.g. orchestrate launch mpi -n 2 -- python -m ranks --model_path=m.onnx"
+                if program is None else "")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if program is not None:
         if args.program:
             parser.error(f"put the whole program after --: unexpected {' '.join(args.program)!r} before it")

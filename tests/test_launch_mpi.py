@@ -204,6 +204,9 @@ def test_time_limit_under_mpirun():
 def test_launch_mpi_without_a_program_or_mpirun_fails_clearly():
     result = run_command(orchestrate_command("launch", "mpi", "-n", "2"))
     assert result.returncode == 2 and "no program" in result.stderr
+    result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "python", "-m", "ranks"))  # no --
+    assert result.returncode == 2 and ("unrecognized arguments: -m ranks; put the program after --, e.g. "
+                                       "orchestrate launch mpi -n 2 -- python -m ranks") in result.stderr
     result = run_command(orchestrate_command("launch", "mpi", "-n", "2", "--mpirun", "/nonexistent/mpirun", "--", "true"))
     assert result.returncode == 2
     assert "orchestrate launch mpi: error: mpirun '/nonexistent/mpirun' (from --mpirun) does not exist" in result.stderr
