@@ -145,6 +145,6 @@ def _require(name: str, target: str, available: list[str], options: dict):
         raise ProviderError(
             f"target {target!r} needs ONNX Runtime's {name}, which this onnxruntime does not have; "
             f"available providers: {available}. Install an onnxruntime build with it "
-            f"(e.g. onnxruntime-gpu for CUDA/TensorRT, onnxruntime-cann for Ascend) or set context.target = ['cpu']."
+            f"(e.g. onnxruntime-gpu for CUDA/TensorRT, onnxruntime-cann for Ascend) or run on the CPU: context.target = ['cpu'] (--target cpu on orchestrate's commands)."
         )
     return (name, options)
