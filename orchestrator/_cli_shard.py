@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ranks._command_line import non_negative_float, positive_int, prepare_output
+from ranks._command_line import UsageError, non_negative_float, positive_int, prepare_output
 
 
 def register(subparsers) -> None:
@@ -57,6 +57,9 @@ def add_progress_options(parser) -> None:
 
 def _run(args) -> int:
     """Errors go up to ``orchestrate``'s main: a bad model or flag exits 2, a failing run 1."""
+    if args.tp == 1:
+        raise UsageError("--tp 1 would leave the model whole: there is nothing to slice; give --tp 2 or more, "
+                         "or run the model itself (a Model, orchestrate predict)")
     prepare_output(args.output, "-o", directory=True)
     with tempfile.TemporaryDirectory(prefix="orch-shard-") as scratch:
         return _shard(args, _onnx_model(args.model, Path(scratch)))

@@ -32,10 +32,17 @@ def resolve_shard_path(path: str | os.PathLike, rank: int, size: int | None = No
     if manifest_file.exists():
         manifest = read_manifest(manifest_file)
         if size is not None and manifest["world_size"] != size:
+            made = manifest["world_size"]
+            if size == 1:  # started alone: slicing for one rank is not the fix
+                raise ShardError(
+                    f"the shards of {path} were made for {made} ranks ({manifest_file}), but this process runs "
+                    f"alone (a world of 1 rank: not started by mpirun -n {made} or with a rank table); launch "
+                    f"{made} ranks, or run the whole model in one process"
+                )
             raise ShardError(
-                f"the shards of {path} were made for {manifest['world_size']} ranks ({manifest_file}), "
+                f"the shards of {path} were made for {made} ranks ({manifest_file}), "
                 f"but this launch has {size} ranks; re-run `orchestrate shard --tp {size}` or launch "
-                f"{manifest['world_size']} ranks"
+                f"{made} ranks"
             )
         entry = next((s for s in manifest["shards"] if s.get("rank") == rank), None)
         if entry is not None:

@@ -309,9 +309,10 @@ class StagedRunner:
         meta = shard_metadata(proto)
         comm = self.comm
         if META_WORLD_SIZE in meta and int(meta[META_WORLD_SIZE]) != comm.size:
-            raise ShardError(
-                f"{label} is one of {meta[META_WORLD_SIZE]} shards, but the communicator has {comm.size} ranks"
-            )
+            alone = (f" (this process runs alone: launch {meta[META_WORLD_SIZE]} ranks with mpirun or a rank table)"
+                     if comm.size == 1 else "")
+            raise ShardError(f"{label} is one of {meta[META_WORLD_SIZE]} shards, but the communicator has "
+                             f"{comm.size} rank{'s' if comm.size != 1 else ''}{alone}")
         if META_RANK in meta and int(meta[META_RANK]) != comm.rank:
             raise ShardError(f"{label} is the shard of rank {meta[META_RANK]}, but it was loaded by rank {comm.rank}")
         if self.path is not None and META_ID in meta:

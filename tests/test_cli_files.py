@@ -127,6 +127,11 @@ def test_a_command_that_fails_takes_back_the_directories_it_made(sample, tmp_pat
         assert "does not divide" in _one_error_line(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not list(kept.iterdir())  # yours stays
 
+    result = run_command(orchestrate_command("shard", str(sample("transformer")), "--tp", "1", "-o", str(kept)))
+    assert _one_error_line(result) == ("orchestrate shard: error: --tp 1 would leave the model whole: there is "
+                                       "nothing to slice; give --tp 2 or more, or run the model itself (a Model, "
+                                       "orchestrate predict)")
+
 
 # -- 8. --batch
 

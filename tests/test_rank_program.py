@@ -135,6 +135,19 @@ def test_shards_for_two_ranks_launched_with_three_say_so(two_rank_shards, rank):
     ]
 
 
+
+def test_shards_run_by_a_lone_process_say_to_launch_their_ranks(two_rank_shards):
+    from tests._cli_helpers import error_lines
+
+    model = two_rank_shards.model_path
+    result = run_command(python_command("-m", "ranks", f"--model_path={model}"))
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        f"error: ShardError: {two_rank_shards.shard_paths[0]} is one of 2 shards, but the communicator has 1 rank "
+        f"(this process runs alone: launch 2 ranks with mpirun or a rank table)"
+    ]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
 def test_shards_for_two_ranks_under_a_three_rank_mpirun_say_so(two_rank_shards):

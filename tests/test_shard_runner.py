@@ -94,7 +94,8 @@ def test_resize_of_a_shard_sets_free_dimensions_only(sample, tmp_path):
 
 def test_world_size_that_does_not_match_the_communicator(mlp_shards):
     _, result = mlp_shards
-    with pytest.raises(ShardError, match=r"mlp0.onnx is one of 2 shards, but the communicator has 1 ranks"):
+    with pytest.raises(ShardError, match=r"mlp0.onnx is one of 2 shards, but the communicator has 1 rank \(this "
+                                         r"process runs alone: launch 2 ranks with mpirun or a rank table\)"):
         StagedRunner(result.shard_paths[0], SingleCommunicator())
 
 
