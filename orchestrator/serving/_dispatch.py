@@ -226,12 +226,12 @@ class Dispatcher:
                 if version in known:
                     raise ServingUnavailableError(f"servable {spec.name!r} version {version}: no worker serves it "
                                                   f"now (its workers left or died); versions served: {sorted(versions)}")
-                raise RequestError(f"servable {spec.name!r} has no version {version} served; versions served: "
+                raise NotServedError(f"servable {spec.name!r} has no version {version} served; versions served: "
                                      f"{sorted(versions)}")
             methods = self._methods.get(id(backends[0]), {})
             if spec.method_name not in methods:
-                raise RequestError(f"servable {spec.name!r} version {version} has no method {spec.method_name!r}; "
-                                   f"its methods: {', '.join(methods)}")
+                raise NotServedError(f"servable {spec.name!r} version {version} has no method {spec.method_name!r}; "
+                                     f"its methods: {', '.join(methods)}")
             return version, backends
 
     def _take(self, backends: list):

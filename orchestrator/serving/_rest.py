@@ -14,7 +14,7 @@ gRPC requests' way through the dispatcher.
 
 Status codes: 200 for a reply (even one whose instances failed); 400 for a
 body that cannot be read (bad JSON, wrong shape of the body); 404 for an
-unknown URL or servable; 413 for a body over the size limit; 405 for a
+unknown URL, servable, version or method; 413 for a body over the size limit; 405 for a
 method other than POST.
 """
 
