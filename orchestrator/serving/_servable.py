@@ -250,13 +250,14 @@ class Servable:
         for i, (value, (name, dtype, shape)) in enumerate(zip(args, self._inputs)):
             array = np.asarray(value)
             if array.dtype != dtype:
-                raise RequestError(f"{self.label}: input {i} ({name}) has dtype {array.dtype}, the model takes {dtype}")
+                got = "strings" if array.dtype.kind in "US" else f"dtype {array.dtype}"
+                raise RequestError(f"{self.label}: the model's input {i} ({name}) got {got}, the model takes {dtype}")
             want = shape if not self.with_batch_dim or i in shared else shape[1:]
             if len(array.shape) != len(want) or any(w >= 0 and w != s for w, s in zip(want, array.shape)):
                 free = [w if w >= 0 else "any" for w in want]
                 per = " per instance (with_batch_dim=True: dimension 0 is the batch)" if want is not shape else ""
-                raise RequestError(f"{self.label}: input {i} ({name}) has shape {list(array.shape)}; the model takes "
-                                   f"shape {free}{per}")
+                raise RequestError(f"{self.label}: the model's input {i} ({name}) got shape {list(array.shape)}; "
+                                   f"the model takes shape {free}{per}")
             arrays.append(array)
         return arrays
 
