@@ -177,7 +177,8 @@ class ModelParallelRunner:
 
     @property
     def worker_pids(self) -> list[int]:
-        """Process ids of the worker processes, in worker order (process workers; [] for thread workers)."""
+        """Process ids of the worker processes still in the pool, in worker order (process workers; [] for thread
+        workers). A worker that died leaves the list at once, whether it was busy or idle."""
         self._require_built()
         return list(getattr(self._backend, "pids", []))
 
@@ -205,7 +206,9 @@ class ModelParallelRunner:
             WorkerTimeoutError: the timeout passed (the error says where the request was).
             PoolClosedError: the runner is closed, or was closed while the request was pending.
             WorkerLostError: the process worker running the request died (it names the worker,
-                its host, pid and signal or exit code); the other workers serve on.
+                its host, pid and signal or exit code); the other workers serve on. A request that
+                had not reached a worker when it died is run by another worker instead; when no
+                worker is left, PoolClosedError names why each one left.
             The worker's own exception (e.g. ModelError when ONNX Runtime fails), its message
             starting with ``[worker k of N]`` (a process worker: ``[worker k of N on host H (pid P)]``).
         """

@@ -24,11 +24,18 @@ killed and counts as lost.
 
 Failure policy: an exception of the model reaches its caller with its type
 and the worker's traceback, and the worker serves on. A worker that dies is
-out of the pool: the request it ran fails with ``WorkerLostError`` naming the
-worker, its host, pid and signal or exit code, at once (its socket reaches
-EOF); the other workers serve on. When none is left the runner closes itself
-and every later call says why. (No restart: a worker that died once usually
-dies again, and a rebuild would take seconds inside someone's request.)
+out of the pool at once, busy or idle: one watcher thread polls every worker's
+socket for a hang-up (``POLLRDHUP``: EOF, never a reply), so an idle worker's
+death is seen without a request being sent to it, and ``worker_pids`` drops it.
+The request a worker was running when it died fails with ``WorkerLostError``
+naming the worker, its host, pid and signal or exit code (that request may be
+what killed it); a request that had not reached it (the worker had hung up
+already, its PREDICT could not be written, or the worker died with the PREDICT
+unread in its socket, which Linux reports as ECONNRESET instead of EOF) goes
+back to the front of the queue and a surviving worker runs it. When none is left the runner closes
+itself and every waiting and later call says why each worker left. (No
+restart: a worker that died once usually dies again, and a rebuild would take
+seconds inside someone's request.)
 
 Shared weights (``share_weights = true``): worker 0 publishes the model's
 weights in a sealed memory file and the others map the same pages
@@ -41,6 +48,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import select
 import socket
 import threading
 import time
@@ -70,6 +78,12 @@ CANCEL_GRACE_SECONDS = 2.0  # a cancelled run must end this soon, or its worker 
 EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT before TERM
 TERM_GRACE_SECONDS = 1.0  # then how long after TERM + CONT before KILL
 _POLL_SECONDS = 0.1  # how often a dispatcher waiting for a reply looks at its request's cancel flag
+_WATCH_SECONDS = 1.0  # the hang-up watcher's longest sleep (close() wakes it at once through its pipe)
+IDLE = "it was idle"  # what a worker was doing when it died before a request reached it
+
+
+class RequestNotDelivered(WorkerLostError):
+    """The worker died before this request reached it: the request goes back to the queue (never to a caller)."""
 
 
 class ProcessEngine:
@@ -87,6 +101,7 @@ class ProcessEngine:
         self.info: dict = {}
         self._out_bytes = 0  # outputs of the largest request so far: the slot's output area is sized for it
         self._next_id = 0
+        self.hung_up = threading.Event()  # set by the watcher when the worker's socket hangs up (it died)
 
     @property
     def name(self) -> str:
@@ -132,12 +147,20 @@ class ProcessEngine:
         if request.state is State.ABANDONED:  # abandoned before cancel was armed: do not run it at all
             return None
         doing = f"request {request_id}"
-        self._send(proto.encode(
-            proto.PREDICT, request_id, slot=self.slot.handle, inputs=specs, out_offset=self.slot.out_offset,
-            out_capacity=self.slot.out_capacity, block=None, placement=None, forget=[],
-        ), f"{doing} was on its way to it")
+        # Not delivered, so it cannot be what killed the worker: serve() puts it back in the queue.
+        if self.hung_up.is_set():
+            raise RequestNotDelivered(f"{self.name} hung up before {doing} was sent to it")
+        try:
+            self.channel.send(proto.encode(
+                proto.PREDICT, request_id, slot=self.slot.handle, inputs=specs, out_offset=self.slot.out_offset,
+                out_capacity=self.slot.out_capacity, block=None, placement=None, forget=[],
+            ))
+        except OSError:
+            raise RequestNotDelivered(f"{self.name} hung up while {doing} was on its way to it") from None
+        unread_means_undelivered = True  # until the worker answers: it may have died before reading the PREDICT
         while True:
-            msg = self._answer(request_id, cancelled, f"running {doing}")
+            msg = self._answer(request_id, cancelled, f"running {doing}", unread_means_undelivered)
+            unread_means_undelivered = False
             if msg.kind == proto.ERROR:
                 raise proto.unpack_error(msg)
             if msg.kind != proto.REPLY:
@@ -151,12 +174,17 @@ class ProcessEngine:
                 continue
             return [self.slot.read(spec) for spec in msg["outputs"]]
 
-    def _answer(self, request_id: int, cancelled: threading.Event, doing: str) -> proto.Message:
-        """The worker's next message about ``request_id``; a worker that ignores a cancel is killed."""
+    def _answer(self, request_id: int, cancelled: threading.Event, doing: str,
+                unread_means_undelivered: bool = False) -> proto.Message:
+        """The worker's next message about ``request_id``; a worker that ignores a cancel is killed.
+
+        ``unread_means_undelivered``: a worker that died with the last message still unread in its socket
+        never started the request (RequestNotDelivered; otherwise WorkerLostError).
+        """
         cancel_deadline = None
         while True:
             if proto.wait([self.channel], _POLL_SECONDS):
-                msg = self._receive(doing)
+                msg = self._receive(doing, unread_means_undelivered)
                 if msg.id != request_id:
                     raise WorkerError(f"{self.name} answered request {msg.id} while {doing}")
                 return msg
@@ -185,17 +213,34 @@ class ProcessEngine:
         try:
             self.channel.send(frames)
         except OSError:
-            raise WorkerLostError(f"{self.name} {self._death_text(doing)}") from None
+            raise self._lost(doing) from None
 
-    def _receive(self, doing: str) -> proto.Message:
+    def _receive(self, doing: str, unread_means_undelivered: bool = False) -> proto.Message:
         try:
             frames = self.channel.recv()
+        except ConnectionResetError:
+            # Linux reports ECONNRESET (once, then EOF) on a Unix socket whose peer closed with data still unread
+            # in its receive queue: the worker died before it read (all of) our last message.
+            if unread_means_undelivered:
+                raise RequestNotDelivered(f"{self.name} died before it read the request ({doing})") from None
+            raise self._lost(doing) from None
         except (EOFError, OSError):
-            raise WorkerLostError(f"{self.name} {self._death_text(doing)}") from None
+            raise self._lost(doing) from None
         return proto.decode(frames, self.name)
+
+    def _lost(self, doing: str) -> WorkerLostError:
+        """``WorkerLostError``: how the worker ended, while ``doing``, with its last lines; ``.reason``: its first line."""
+        error = WorkerLostError(f"{self.name} {self._death_text(doing)}")
+        error.reason = self.left_because(doing)
+        return error
 
     def _death_text(self, doing: str) -> str:
         return death_text(self.supervisor, self.index, doing, "; it left the pool")
+
+    def left_because(self, doing: str = IDLE) -> str:
+        """Why the worker left the pool, in one line: ``worker 1 of 2 on host h (pid 4242) was killed by
+        SIGKILL while it was idle`` (waits up to a second for the supervisor's record)."""
+        return f"{self.name} {death_text(self.supervisor, self.index, doing, tail=False)}"
 
     def close(self) -> None:
         self.slot.unlink()
@@ -217,6 +262,9 @@ class ProcessWorkers:
         self.engines: list[ProcessEngine] = []
         self.supervisor: Supervisor | None = None
         self._closed = False
+        self._queue: RequestQueue | None = None  # once serving: which workers are gone
+        self._watcher: threading.Thread | None = None
+        self._wake_read, self._wake_write = os.pipe()  # close() wakes the watcher through it
         try:
             self._start(plan)
             self._build(path, plan, context, config, share_weights and plan.workers > 1)
@@ -231,7 +279,9 @@ class ProcessWorkers:
 
     @property
     def pids(self) -> list[int]:
-        return [e.pid for e in self.engines]
+        """The pids of the workers still in the pool, in worker order (a dead worker leaves it at once)."""
+        gone = self._queue.gone if self._queue is not None else {}
+        return [e.pid for e in self.engines if e.index not in gone]
 
     @property
     def names(self) -> list[str]:
@@ -279,22 +329,61 @@ class ProcessWorkers:
                 pending.pop(channel).receive_build(path)
 
     def serve(self, queue: RequestQueue, tag_error, label: str, join: int = 1) -> list[threading.Thread]:
-        """One daemon dispatcher thread per worker process."""
+        """One daemon dispatcher thread per worker process, and one watcher thread for their hang-ups."""
         del tag_error  # a worker's errors name it already (who, host and pid travel with them)
+        self._queue = queue
         threads = []
         for engine in self.engines:
-            thread = threading.Thread(target=serve, args=(queue, engine, engine.index, _mark_worker, join),
-                                      kwargs={"fatal": (WorkerLostError,)}, name=f"{label} worker {engine.index}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=serve, args=(queue, engine, engine.index, _mark_worker, join),
+                kwargs={"fatal": (WorkerLostError,), "undelivered": (RequestNotDelivered,), "hung_up": engine.hung_up,
+                        "left_idle": engine.left_because},
+                name=f"{label} worker {engine.index}", daemon=True,
+            )
             thread.start()
             threads.append(thread)
+        self._watcher = threading.Thread(target=self._watch, args=(queue,), name=f"{label} watcher", daemon=True)
+        self._watcher.start()
         return threads
+
+    def _watch(self, queue: RequestQueue) -> None:
+        """Until close(): flag each worker whose socket hangs up and wake its dispatcher, busy or idle.
+
+        Polled for ``POLLRDHUP`` only (``POLLHUP`` comes regardless): a reply makes the socket readable, not
+        hung up, so this never wakes for the dispatchers' traffic, and never reads from the sockets.
+        A busy dispatcher sees the EOF itself (its request fails); an idle one returns from ``take``
+        and records why its worker left.
+        """
+        poller = select.poll()
+        by_fd = {}
+        for engine in self.engines:
+            by_fd[engine.channel.fileno()] = engine
+            poller.register(engine.channel.fileno(), select.POLLRDHUP)
+        poller.register(self._wake_read, select.POLLIN)
+        while by_fd:
+            events = poller.poll(int(_WATCH_SECONDS * 1000))
+            if self._closed:
+                return
+            for fd, _ in events:
+                engine = by_fd.pop(fd, None)
+                if engine is None:
+                    continue  # the wake pipe (close() sets _closed first)
+                poller.unregister(fd)  # it stays hung up: watched again, it would wake us in a loop
+                log.info("%s hung up", engine.name)
+                engine.hung_up.set()
+                queue.wake()
 
     def close(self, graceful: bool = True) -> None:
         """EXIT to every worker (one shared deadline), then TERM + CONT, a deadline, KILL; slots unlinked."""
         if self._closed:
             return
         self._closed = True
+        # The watcher polls the sockets: it leaves before they are closed (a closed fd may be reused).
+        if self._watcher is not None:
+            os.write(self._wake_write, b"x")
+            self._watcher.join(2 * _WATCH_SECONDS)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
         stop_workers(self.supervisor, {e.index: e.channel for e in self.engines}, graceful=graceful,
                      exit_grace=EXIT_GRACE_SECONDS)
         for engine in self.engines:

@@ -12,6 +12,8 @@ state      entered by             meaning
 =========  =====================  ===================================================
 QUEUED     submit (caller)        waiting; its position is its index in the queue
 RUNNING    take (worker k)        worker k runs it; ``cancel`` stops the run
+QUEUED     requeue (worker k)     worker k's process died before the request reached it:
+                                  back at the front of the queue for another worker
 DONE       finish (worker k)      outputs or the worker's exception are set; caller woken
 ABANDONED  wait (caller timed     failed with WorkerTimeoutError or PoolClosedError:
            out) or close          taken out of the queue, or its run cancelled; whatever
@@ -19,7 +21,9 @@ ABANDONED  wait (caller timed     failed with WorkerTimeoutError or PoolClosedEr
 =========  =====================  ===================================================
 
 QUEUED -> RUNNING -> DONE is the normal path. QUEUED -> ABANDONED and
-RUNNING -> ABANDONED happen on a timeout or on close. A worker's late
+RUNNING -> ABANDONED happen on a timeout or on close. RUNNING -> QUEUED happens
+only for a request that never reached its (process) worker, so it cannot be the
+request that killed it, and a surviving worker runs it instead. A worker's late
 ``finish`` of an ABANDONED request changes nothing, so a caller never sees
 another request's outputs, and none is answered twice.
 
@@ -40,7 +44,11 @@ import time
 
 import numpy as np
 
+from ranks._log import get_logger
+
 from ._errors import PoolClosedError, PoolQueueFullError, WorkerTimeoutError
+
+log = get_logger("pool")
 
 
 class State(enum.Enum):
@@ -143,12 +151,13 @@ class RequestQueue:
                 _cancel(request)
 
     # -- workers -----------------------------------------------------------------
-    def take(self, worker: int) -> Request | None:
-        """The oldest waiting request, now RUNNING on ``worker``; None once the queue is closed."""
+    def take(self, worker: int, stop=None) -> Request | None:
+        """The oldest waiting request, now RUNNING on ``worker``; None once the queue is closed, or once
+        ``stop()`` is true (checked whenever the queue is woken: ``wake``)."""
         with self._cond:
-            while not self._waiting and self._closed is None:
+            while not self._waiting and self._closed is None and not (stop is not None and stop()):
                 self._cond.wait()
-            if self._closed is not None:
+            if self._closed is not None or (stop is not None and stop()):
                 return None
             request = self._waiting.popleft()
             request.state = State.RUNNING
@@ -192,14 +201,46 @@ class RequestQueue:
             request.outputs, request.error = outputs, error
             request._done.set()
 
-    def worker_gone(self, worker: int, reason: str) -> None:
-        """Worker ``worker`` serves no more (its process died). The others serve on; when it was the
-        last, the queue closes, and every waiting and later request hears why."""
+    def requeue(self, worker: int, requests: list[Request]) -> list[Request]:
+        """Put those of ``requests`` that are still RUNNING on ``worker`` back at the front of the queue, in
+        order, for another worker: ``worker`` died before they reached it. The requests put back."""
         with self._cond:
+            self._running.pop(worker, None)
+            self._joined.pop(worker, None)
+            back = [r for r in requests if r.state is State.RUNNING and r.worker == worker]
+            for request in back:
+                request.state = State.QUEUED
+                request.worker = None
+                request.started = None
+                request.cancel = None
+            self._waiting.extendleft(reversed(back))
+            self._cond.notify_all()
+            return back
+
+    def wake(self) -> None:
+        """Wake every worker waiting in ``take``, so each checks its ``stop`` (its process hung up)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def worker_gone(self, worker: int, reason: str) -> None:
+        """Worker ``worker`` serves no more (its process died), because of ``reason`` ("worker 1 of 2 ... was
+        killed by SIGKILL while it was idle"). The others serve on; when it was the last, the queue closes,
+        and every waiting and later request hears why each worker left, the first first."""
+        with self._cond:
+            if worker in self._gone:
+                return
             self._gone[worker] = reason
-            left = self.workers - len(self._gone)
-        if left == 0:
-            self.close(f"every worker is gone; the last: {reason}")
+            reasons = list(self._gone.values())
+        log.warning("%s: %s; it left the pool (%d of %d workers serve on)", self.label, reason,
+                    self.workers - len(reasons), self.workers)
+        if len(reasons) == self.workers:
+            self.close(f"every worker is gone: {', then '.join(reasons)}")
+
+    @property
+    def gone(self) -> dict[int, str]:
+        """The workers lost for good, in the order they left: {worker: why}."""
+        with self._cond:
+            return dict(self._gone)
 
     # -- owner -------------------------------------------------------------------
     def close(self, reason: str) -> None:
@@ -247,33 +288,54 @@ def _cancel(request: Request) -> None:
         request.cancel()
 
 
-def serve(queue: RequestQueue, engine, worker: int, tag_error, join: int = 1, fatal: tuple = ()) -> None:
-    """A worker's loop: take, run, finish, until the queue closes (or the engine raises one of ``fatal``).
+def serve(queue: RequestQueue, engine, worker: int, tag_error, join: int = 1, fatal: tuple = (),
+          undelivered: tuple = (), hung_up: threading.Event | None = None, left_idle=None) -> None:
+    """A worker's loop: take, run, finish, until the queue closes or the worker is lost.
 
     ``tag_error(exc, worker)`` gives the exception the caller sees (its type kept,
     the worker named). The loop never dies of a request's failure: only the
-    queue closing, or a ``fatal`` error (the worker's process is gone), ends it.
+    queue closing or the worker's process dying ends it.
     ``join`` > 1: the worker takes up to that many waiting requests of the same
     shapes at once and runs them as one batch (``JoinedRequests``).
+
+    A worker that can die (a process) passes what tells how it died:
+    ``fatal``, the errors of a worker that died while it ran a request (the request
+    fails with it: it may be what killed the worker); ``undelivered`` (subclasses
+    of ``fatal``), those of a worker that died before the request reached it (the
+    request goes back to the queue for another worker); ``hung_up``, set (then
+    ``queue.wake()``) when its connection hangs up while it may be idle; and
+    ``left_idle()``, why it left when no request of its was running.
     """
+    stop = hung_up.is_set if hung_up is not None else None
     while True:
-        request = queue.take(worker)
+        request = queue.take(worker, stop)
         if request is None:
+            if stop is not None and stop() and not queue.closed:
+                queue.worker_gone(worker, left_idle())
             return
         batch = queue.take_joinable(worker, request, join, join_key) if join > 1 else [request]
+        requeued: list[Request] = []
         try:
             if len(batch) == 1:
                 _run_one(queue, engine, worker, request, tag_error, fatal)
             else:
                 _run_joined(queue, engine, worker, batch, tag_error, fatal)
+        except undelivered:
+            # Back to the queue first, then wait for the record of how the worker ended.
+            requeued = queue.requeue(worker, batch)
+            log.info("%s: %s; %d request(s) that never reached it went back to the queue", queue.label,
+                     queue.names[worker], len(requeued))
+            queue.worker_gone(worker, left_idle())
+            return
         except fatal as exc:
             for member in batch:
                 queue.finish(member, error=tag_error(exc, worker))
-            queue.worker_gone(worker, str(exc).splitlines()[0])
+            queue.worker_gone(worker, getattr(exc, "reason", None) or str(exc).splitlines()[0])
             return
         finally:
             for member in batch:
-                member.feeds = None  # the caller may hold the request; its inputs are no longer needed
+                if member not in requeued:  # another worker may be reading a requeued request's inputs already
+                    member.feeds = None  # the caller may hold the request; its inputs are no longer needed
 
 
 def _run_one(queue: RequestQueue, engine, worker: int, request: Request, tag_error, fatal: tuple) -> None:

@@ -62,15 +62,15 @@ def start_workers(labels: list[str], *, cancel_channels: bool, stop_timeout: flo
     return supervisor, channels, cancels
 
 
-def death_text(supervisor: Supervisor | None, key: int, doing: str, then: str = "") -> str:
+def death_text(supervisor: Supervisor | None, key: int, doing: str, then: str = "", tail: bool = True) -> str:
     """``was killed by SIGKILL while <doing><then>`` (or ``exited with code 1 ...``), waiting up to a second
-    for the supervisor's record; then its last lines of output, when it wrote any."""
+    for the supervisor's record; then (``tail``) its last lines of output, when it wrote any."""
     ended = supervisor.exit_of(key, timeout=1.0) if supervisor is not None else None
     if ended is None:
-        return f"closed its connection while {doing}"
+        return f"closed its connection while {doing}{then}"
     how = f"was killed by {ended.signal}" if ended.signal else f"exited with code {ended.exitcode}"
     text = f"{how} while {doing}{then}"
-    if ended.tail:
+    if tail and ended.tail:
         text += "; its last lines of output:\n" + "\n".join(f"    | {line}" for line in ended.tail[-5:])
     return text
 

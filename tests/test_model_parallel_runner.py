@@ -275,9 +275,9 @@ def test_a_failing_member_of_a_joined_batch_fails_alone(sample, monkeypatch):
     gate = threading.Event()
     original = RequestQueue.take
 
-    def gated_take(self, worker):
+    def gated_take(self, worker, *args):
         gate.wait(10)  # let every request queue up first, so that they are joined
-        return original(self, worker)
+        return original(self, worker, *args)
 
     monkeypatch.setattr(RequestQueue, "take", gated_take)
     with ModelParallelRunner() as runner:

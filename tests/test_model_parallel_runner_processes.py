@@ -23,7 +23,7 @@ import orchestrator as mslite
 from conftest import ROOT, project_env
 from orchestrator import ConfigError, ModelParallelRunner, PoolClosedError, WorkerLostError, WorkerTimeoutError
 from tests._batch_split_helpers import process_alive
-from tests._pool_helpers import reference, slow_feeds, slow_model, wait_until
+from tests._pool_helpers import reference, run_clients, slow_feeds, slow_model, wait_until
 from tests.test_model_parallel_runner_failures import FOREVER, busy, in_background
 
 HOST = socket.gethostname()
@@ -82,8 +82,95 @@ def test_a_killed_worker_fails_its_request_at_once_naming_it_and_the_others_serv
         with pytest.raises((WorkerLostError, PoolClosedError)):
             runner.predict(slow_feeds(FOREVER), timeout=10)
         wait_until(lambda: runner._queue.closed, timeout=10, what="the runner closing itself")
-        with pytest.raises(PoolClosedError, match=r"is closed \(every worker is gone; the last: worker \d of 2 on host .* "
-                                                  r"was killed by SIGKILL"):
+        with pytest.raises(PoolClosedError, match=rf"is closed \(every worker is gone: worker {worker} of 2 on host .* "
+                                                  rf"was killed by SIGKILL while running request 1, then worker "
+                                                  rf"{1 - worker} of 2 on host .* was killed by SIGKILL"):
+            runner.predict(slow_feeds(1))
+    assert not worker_pids(runner) and not our_segments()
+
+
+def context_runner(path, workers: int) -> ModelParallelRunner:
+    """Process workers as the README configures them: a Context whose config_info holds the [pool] options."""
+    context = mslite.Context()
+    context.cpu.thread_num = 1
+    context.parallel.workers_num = workers
+    context.parallel.config_info = {"pool": {"worker_type": "process", "timeout": "30"}}
+    runner = ModelParallelRunner()
+    runner.build_from_file(path, context)
+    return runner
+
+
+def assert_serves(runner, path, seeds) -> None:
+    for seed in seeds:
+        feeds = slow_feeds(3, seed=seed)
+        np.testing.assert_array_equal(runner.predict(feeds)[0].get_data_to_numpy(), reference(path, feeds)[0])
+
+
+def idle(pid: int) -> str:
+    return rf"on host {re.escape(HOST)} \(pid {pid}\) was killed by SIGKILL while it was idle"
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_worker_killed_leaves_the_pool_at_once_and_every_request_after_succeeds(slow):
+    with context_runner(slow, workers=2) as runner:
+        assert runner.options.worker_type == "process"
+        assert_serves(runner, slow, range(2))
+        pids = runner.worker_pids
+        os.kill(pids[1], signal.SIGKILL)
+        # Noticed without a request routed to it: its socket hung up.
+        wait_until(lambda: runner.worker_pids == [pids[0]], timeout=5, what="the dead worker leaving worker_pids")
+        assert worker_pids(runner) == [pids[0]]
+        assert_serves(runner, slow, range(2, 8))
+        errors = run_clients(4, lambda c: assert_serves(runner, slow, range(10 * c, 10 * c + 3)))
+        assert not errors, errors
+        # The last one: every later call hears why each worker left, the first first.
+        os.kill(pids[0], signal.SIGKILL)
+        wait_until(lambda: runner.worker_pids == [], timeout=5, what="the last worker leaving worker_pids")
+        with pytest.raises(PoolClosedError, match=rf"is closed \(every worker is gone: worker 1 of 2 {idle(pids[1])}, "
+                                                  rf"then worker 0 of 2 {idle(pids[0])}\): it accepts no more"):
+            runner.predict(slow_feeds(1))
+    assert not worker_pids(runner) and not our_segments()
+
+
+@pytest.mark.timeout(60)
+def test_a_request_for_a_worker_that_just_died_goes_to_a_survivor(slow):
+    # One worker is busy (until its request times out), so only the other can take the next request, and that
+    # one is dead by then (its sockets closed) though maybe not yet seen to be: whether its dispatcher takes the
+    # request and finds the socket hung up, or the watcher saw the hang-up first, the request never reached it,
+    # so the busy worker runs it once free, and its caller never hears of the death.
+    with process_runner(slow, workers=2) as runner:
+        assert_serves(runner, slow, range(2))
+        pids = runner.worker_pids
+        held = in_background(runner.predict, slow_feeds(FOREVER, seed=1), timeout=1.0)
+        wait_until(lambda: running_on(runner, 0) or running_on(runner, 1), what="a worker busy")
+        free = 0 if running_on(runner, 1) else 1
+        os.kill(pids[free], signal.SIGKILL)
+        wait_until(lambda: not process_alive(pids[free]), timeout=5, what="the worker dead")
+        feeds = slow_feeds(3, seed=7)
+        np.testing.assert_array_equal(runner.predict(feeds, timeout=30)[0].get_data_to_numpy(), reference(slow, feeds)[0])
+        assert isinstance(held.exception(timeout=10), WorkerTimeoutError)
+        assert runner.worker_pids == [pids[1 - free]]
+        assert_serves(runner, slow, range(3))
+    assert not worker_pids(runner) and not our_segments()
+
+
+@pytest.mark.timeout(60)
+def test_the_only_worker_killed_idle_closes_the_runner_naming_why(slow):
+    with context_runner(slow, workers=1) as runner:
+        assert_serves(runner, slow, range(1))
+        [pid] = runner.worker_pids
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: runner.worker_pids == [], timeout=5, what="the dead worker leaving worker_pids")
+        with pytest.raises(PoolClosedError, match=rf"is closed \(every worker is gone: worker 0 of 1 {idle(pid)}\)"):
+            runner.predict(slow_feeds(1))
+    assert not worker_pids(runner) and not our_segments()
+    # Called as soon as it is dead (before or after its death is seen): the request never reached it, so it
+    # is not a WorkerLostError of a request that may have killed it, but the runner closed under it.
+    with context_runner(slow, workers=1) as runner:
+        [pid] = runner.worker_pids
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not process_alive(pid), timeout=5, what="the worker dead")
+        with pytest.raises(PoolClosedError, match=rf"every worker is gone: worker 0 of 1 {idle(pid)}\)"):
             runner.predict(slow_feeds(1))
     assert not worker_pids(runner) and not our_segments()
 

@@ -109,3 +109,69 @@ def test_close_fails_waiting_requests_in_order_and_refuses_new_ones():
         queue.submit(Request({"n": 9}, timeout=30))
     assert queue.take(0) is None
     queue.close("again")  # harmless
+
+
+class Lost(ConnectionError):
+    """The engine's worker died while it ran the request."""
+
+
+class NotDelivered(Lost):
+    """The engine's worker died before the request reached it."""
+
+
+class DyingEngine:
+    """Worker 0's process is dead: each request sent to it was never delivered (``undelivered``), or, with
+    ``delivered``, it died running it; worker 1 answers with the request's own feeds."""
+
+    def __init__(self, delivered: bool = False):
+        self.delivered = delivered
+        self.ran = []
+
+    def run(self, request):
+        request.cancel = lambda: None
+        if threading.current_thread().name == "worker 0":
+            raise (Lost if self.delivered else NotDelivered)("worker 0 died")
+        self.ran.append(request.feeds["n"])
+        return [request.feeds["n"]]
+
+
+def serve_dying(queue: RequestQueue, engine, worker: int, hung_up: threading.Event | None = None) -> threading.Thread:
+    thread = threading.Thread(target=serve, args=(queue, engine, worker, lambda exc, w: exc), name=f"worker {worker}",
+                              kwargs={"fatal": (Lost,), "undelivered": (NotDelivered,), "hung_up": hung_up,
+                                      "left_idle": lambda: f"worker {worker} was killed while it was idle"}, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_requests_that_never_reached_a_dead_worker_go_in_order_to_a_survivor():
+    queue, engine = RequestQueue(8, 2, "q"), DyingEngine()
+    requests = [Request({"n": n}, timeout=30) for n in range(3)]
+    for request in requests:
+        queue.submit(request)
+    dead = serve_dying(queue, engine, 0)  # takes request 0 first, cannot deliver it
+    dead.join(5)
+    assert not dead.is_alive() and queue.gone == {0: "worker 0 was killed while it was idle"}
+    assert requests[0].state is State.QUEUED and requests[0].feeds == {"n": 0}  # back first, its inputs kept
+    survivor = serve_dying(queue, engine, 1)
+    assert [queue.wait(r) for r in requests] == [[0], [1], [2]] and engine.ran == [0, 1, 2]
+    queue.close("test over")
+    survivor.join(5)
+
+
+def test_a_request_a_worker_died_running_fails_and_the_last_worker_gone_names_each_reason():
+    queue, engine = RequestQueue(8, 2, "q"), DyingEngine(delivered=True)
+    running, waiting = Request({"n": 0}, timeout=30), Request({"n": 1}, timeout=30)
+    queue.submit(running)
+    serve_dying(queue, engine, 0).join(5)
+    with pytest.raises(Lost, match="worker 0 died"):  # it may be what killed the worker: not run again
+        queue.wait(running)
+    # Worker 1 dies idle: its dispatcher wakes from take() and the queue closes, naming both, first first.
+    hung_up = threading.Event()
+    idle = serve_dying(queue, engine, 1, hung_up)
+    hung_up.set()
+    queue.wake()
+    idle.join(5)
+    assert not idle.is_alive() and queue.closed
+    with pytest.raises(PoolClosedError, match=r"q is closed \(every worker is gone: worker 0 died, then worker 1 was "
+                                              r"killed while it was idle\)"):
+        queue.submit(waiting)
