@@ -406,8 +406,9 @@ class Model:
             for name, shape in zip(names, shapes):
                 graph_shape = self._model_shape(name)
                 if graph_shape and len(shape) != len(graph_shape):
+                    now = f", now {current[name]}" if current.get(name) not in (None, graph_shape) else ""
                     raise InputError(f"resize: input {name!r}: shape {shape} has {len(shape)} dimensions, "
-                                     f"the model's has {len(graph_shape)} ({_spell_shape(graph_shape)})")
+                                     f"the model's has {len(graph_shape)} ({_spell_shape(graph_shape)}{now})")
                 if any(d <= 0 for d in shape):
                     raise InputError(f"resize: input {name!r}: every dimension must be positive, got {shape}")
                 wanted[name] = shape

@@ -196,6 +196,8 @@ def test_resize_that_the_graph_cannot_take_keeps_the_old_session(sample):
     with pytest.raises(InputError, match=r"resize: the graph of image.onnx cannot take input 'x' of shape \[2, 1, 40, 40\] "
                                          r"\(was \[2, 3, 40, 40\]\): .*kernel channels.*The model keeps its previous shapes"):
         model.resize(model.get_inputs(), [[2, 1, 40, 40]])
+    with pytest.raises(InputError, match=r"shape \[2, 3\] has 2 dimensions, the model's has 4 \(\[.*\], now \[2, 3, 40, 40\]\)"):
+        model.resize(model.get_inputs(), [[2, 3]])
     mlp = build(sample("mlp"))
     with pytest.raises(InputError, match=r"cannot take input 'x' of shape \[2, 65\].*Incompatible dimensions for matrix multiplication"):
         mlp.resize(mlp.get_inputs(), [[2, 65]])  # ONNX Runtime refuses to build it
