@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ranks._errors import InputError, ModelError, OrchestratorError, ort_message
+from ranks._errors import InputError, ModelError, is_ort_error, ort_message
 
 from ._decoder_tables import IDS_NAMES as _IDS, POSITIONS_NAMES as _POSITIONS, DecoderTables, decoder_tables
 from ._shard_cache import cache_pairs
@@ -268,9 +268,10 @@ def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask
                 outputs = prefill({k: v for k, v in feeds.items() if k in io.prefill_inputs})
             else:
                 outputs = run(io.feeds(step_ids, mask, positions, cache))
-        except OrchestratorError:
-            raise
-        except Exception as exc:  # ONNX Runtime's own types: said as ours, with the step it failed at
+        except Exception as exc:
+            if not is_ort_error(exc):
+                raise
+            # ONNX Runtime's own types: said as ours, with the step it failed at
             raise ModelError(f"{io.label}: generation step {step + 1} (positions up to {int(positions.max())}) "
                              f"failed: {ort_message(exc)}") from None
         t1 = time.perf_counter()

@@ -89,3 +89,9 @@ def ort_message(exc: Exception) -> str:
     if text.startswith("[ONNXRuntimeError]"):
         text = text.split(" : ", 3)[-1]
     return text
+
+
+def is_ort_error(exc: BaseException) -> bool:
+    """One of ONNX Runtime's own exception types (``InvalidArgument``, ``Fail``, ...: plain Exceptions from its
+    binding), which the caller says as a ModelError; any other exception keeps its type."""
+    return type(exc).__module__.startswith("onnxruntime.")

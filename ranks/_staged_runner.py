@@ -56,7 +56,7 @@ from onnx import TensorProto, helper
 from ._branches import BRANCH_ATTRS, branching_if, condition_value, inline_branch
 from ._comm_base import Communicator
 from ._env import merged_decode_prepacking
-from ._errors import InputError, ModelError, ModelNotFoundError, OrchestratorError, ShardError, ort_message
+from ._errors import InputError, ModelError, ModelNotFoundError, ShardError, is_ort_error, ort_message
 from ._shard_manifest import META_ID, META_MANIFEST, META_RANK, META_WORLD_SIZE, read_manifest, shard_metadata
 from ._merged_weights import placeholder, share_branch_weights
 from ._shared_weights import SharedInitializers, disabled_optimizers, release_freed_heap
@@ -254,9 +254,10 @@ class StagedProgram:
             raise InputError(f"{self.label}: input {exc.args[0]!r} was not given") from None
         try:
             results = stage.session.run(stage.outputs, feeds)
-        except OrchestratorError:
-            raise
-        except Exception as exc:  # ONNX Runtime's own types: one of ours, which keeps its type across processes
+        except Exception as exc:
+            if not is_ort_error(exc):
+                raise
+            # ONNX Runtime's own types become ours, which keep their type across processes
             raise ModelError(f"{self.label}: running stage {k} of {len(self.stages)} failed: {ort_message(exc)}") from None
         env.update(zip(stage.outputs, results))
 
