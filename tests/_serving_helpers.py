@@ -113,6 +113,14 @@ def children_of(pid: int) -> list[int]:
         return []
 
 
+def write_servable(root: Path, name: str, config: str, model: Path) -> Path:
+    """``root/name/servable_config.py`` with ``config`` and a copy of ``model`` as version 1; the servables' folder."""
+    (root / name / "1").mkdir(parents=True)
+    (root / name / "servable_config.py").write_text(config)
+    (root / name / "1" / model.name).write_bytes(model.read_bytes())
+    return root
+
+
 def write_sub_model(path: Path) -> None:
     """A version 2 of ``add`` for the tests: x - y, so a reply shows which version ran it."""
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 2]) for n in ("x", "y", "z")]

@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from _serving_helpers import write_servable
 from orchestrator.serving import RequestError, ServingQueueFullError, ServingTimeoutError
 from orchestrator.serving._servable import Servable, ServableOptions
 
@@ -36,11 +37,7 @@ CONFIG = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def servables(sample, tmp_path_factory):
-    root = tmp_path_factory.mktemp("servables")
-    (root / "mlp" / "1").mkdir(parents=True)
-    (root / "mlp" / "servable_config.py").write_text(CONFIG)
-    (root / "mlp" / "1" / "mlp.onnx").write_bytes(sample("mlp").read_bytes())
-    return root
+    return write_servable(tmp_path_factory.mktemp("servables"), "mlp", CONFIG, sample("mlp"))
 
 
 @pytest.fixture(scope="module")

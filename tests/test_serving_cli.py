@@ -10,7 +10,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from _serving_helpers import Servers, children_of, example_copy, free_port
+from _serving_helpers import Servers, children_of, example_copy, free_port, write_servable
 from conftest import orchestrate_command
 
 pytestmark = [pytest.mark.cli]
@@ -224,11 +224,7 @@ def predict(x):
 @pytest.fixture(scope="module")
 def split_servables(sample, tmp_path_factory):
     """A with_batch_dim servable that, on device_ids [0, 1], runs in worker processes with shared memory."""
-    root = tmp_path_factory.mktemp("split")
-    (root / "mlp" / "1").mkdir(parents=True)
-    (root / "mlp" / "servable_config.py").write_text(MLP_CONFIG)
-    (root / "mlp" / "1" / "mlp.onnx").write_bytes(sample("mlp").read_bytes())
-    return root
+    return write_servable(tmp_path_factory.mktemp("split"), "mlp", MLP_CONFIG, sample("mlp"))
 
 
 @pytest.mark.multiprocess
