@@ -127,7 +127,7 @@ class ProcessEngine:
     def run(self, request: Request) -> list[np.ndarray] | None:
         """Run ``request`` in the worker; its outputs (copied out of the slot), or the worker's exception raised."""
         names = list(request.feeds)
-        arrays = [np.ascontiguousarray(request.feeds[n]) for n in names]
+        arrays = [np.asarray(request.feeds[n], order="C") for n in names]
         specs, in_end = layout([(n, a.dtype, a.shape) for n, a in zip(names, arrays)], 0)
         self.slot.ensure(in_end, self._out_bytes)
         self.slot.write_inputs(specs, arrays)

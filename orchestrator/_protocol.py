@@ -187,7 +187,7 @@ def encode(kind: str, request_id: int = 0, *, arrays: dict[str, np.ndarray] | No
         specs = []
         for name, array in arrays.items():
             if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
-                array = np.ascontiguousarray(array)
+                array = np.asarray(array, order="C")
             specs.append((name, array.dtype.str, array.shape))
             frames.append(memoryview(array).cast("B") if array.size else b"")
     return [_KIND_BYTES[kind], _header(kind, request_id, specs, fields)] + frames + list(buffers)

@@ -57,12 +57,12 @@ def slice_piece(whole: np.ndarray, key, tp: int, rank: int) -> np.ndarray:
     """This rank's piece of a constant: ``key`` is an axis, or (axis, outer): ``outer`` blocks cut alike."""
     axis, outer = (key, 1) if isinstance(key, int) else key
     if outer == 1:
-        return np.ascontiguousarray(np.split(whole, tp, axis=axis)[rank])
+        return np.asarray(np.split(whole, tp, axis=axis)[rank], order="C")
     shape = list(whole.shape)
     blocks = whole.reshape(shape[:axis] + [outer, shape[axis] // outer] + shape[axis + 1:])
     piece = np.split(blocks, tp, axis=axis + 1)[rank]
     shape[axis] //= tp
-    return np.ascontiguousarray(piece.reshape(shape))
+    return np.asarray(piece.reshape(shape), order="C")
 
 
 def key_axis(key) -> int | None:

@@ -599,7 +599,7 @@ class MpiCommunicator(Communicator):
         if plan is None:
             return self._allreduce_general(array, op, out)
         if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
+            arr = np.asarray(arr, order="C")
         key, mpi_op, pooled = plan
         if out is None:
             out = self._pool.empty(arr.shape, arr.dtype) if pooled else np.empty_like(arr)
@@ -669,7 +669,7 @@ class MpiCommunicator(Communicator):
         if plan is None or not self._equal_rows:
             return self._allgather_general(array, axis, out)
         if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
+            arr = np.asarray(arr, order="C")
         key, rows, full, pooled = plan
         if out is None:
             target = self._pool.empty(full, arr.dtype) if pooled else np.empty(full, arr.dtype)
@@ -712,7 +712,7 @@ class MpiCommunicator(Communicator):
         ):
             # Wrong before any rank moves: fail here (the shape along ``axis`` is checked once the counts are known).
             check_out(out, gathered_shape(shape, axis, self.size), arr.dtype, "allgather", self.rank)
-        send = arr if axis == 0 else np.ascontiguousarray(np.moveaxis(arr, axis, 0))
+        send = arr if axis == 0 else np.asarray(np.moveaxis(arr, axis, 0), order="C")
         rows = send.shape[0]
         key = hash((ord(char), axis, len(shape), shape[:axis] + shape[axis + 1 :]))
         if arrived is not None:
@@ -777,7 +777,7 @@ class MpiCommunicator(Communicator):
             if out is not None:
                 np.copyto(out, np.moveaxis(target, 0, axis))
                 return out
-            return np.ascontiguousarray(np.moveaxis(target, 0, axis))
+            return np.asarray(np.moveaxis(target, 0, axis), order="C")
         return target
 
     def broadcast(self, array, root=0):

@@ -40,7 +40,7 @@ def as_array(array, verb: str, rank: int) -> np.ndarray:
             names = ", ".join(str(d) for d in DTYPES)
             raise TypeError(f"{what}: dtype {arr.dtype} is not supported; use one of {names}")
     if not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")
     return arr
 
 

@@ -274,7 +274,7 @@ class ShmGroup:
     def allgather(self, arr: np.ndarray, axis: int, seq: int) -> np.ndarray:
         if arr.ndim == 0:
             arr = arr.reshape(1)
-        send = arr if axis == 0 else np.ascontiguousarray(np.moveaxis(arr, axis, 0))
+        send = arr if axis == 0 else np.asarray(np.moveaxis(arr, axis, 0), order="C")
         self._announce("allgather", seq, send, axis, rows=send.shape[0])
         # Everyone's rows: known only after the first barrier, so round 0 is sent blind.
         mine_bytes = send.reshape(-1).view(np.uint8)
@@ -312,7 +312,7 @@ class ShmGroup:
             if k >= rounds:
                 break
         if axis != 0:
-            out = np.ascontiguousarray(np.moveaxis(out, 0, axis))
+            out = np.asarray(np.moveaxis(out, 0, axis), order="C")
         return out
 
     def _agree_gather(self, seq: int, send: np.ndarray) -> None:

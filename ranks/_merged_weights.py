@@ -99,7 +99,7 @@ def _fold_weight_nodes(branch: onnx.ModelProto, shared: SharedInitializers, fold
         if key not in folded:
             feeds = {n: shared.arrays[n] if n in shared.arrays else numpy_helper.to_array(small[n]) for n in inputs}
             try:
-                folded[key] = [np.ascontiguousarray(v) for v in ReferenceEvaluator(node).run(None, feeds)]
+                folded[key] = [np.asarray(v, order="C") for v in ReferenceEvaluator(node).run(None, feeds)]
             except Exception:  # noqa: BLE001 - an op the reference cannot run stays a node (ConstantFolding is off then)
                 folded[key] = None
         taken = shared.arrays.get(node.output[0])

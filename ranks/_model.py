@@ -518,7 +518,7 @@ class Model:
         binding = self._session.io_binding()
         try:
             for name, array in feeds.items():
-                array = np.ascontiguousarray(array)
+                array = np.asarray(array, order="C")
                 feeds[name] = array  # keep it alive until the run is over
                 binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
             for name in names:
@@ -598,7 +598,7 @@ class Model:
                 raise InputError(
                     f"update_weights: weight {name!r} is {array.dtype}{list(array.shape)}, the model's is {np.dtype(dtype)}{list(shape)}"
                 )
-            overrides[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            overrides[name] = ort.OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"))
         with self._lock:
             previous = self._weight_overrides
             self._weight_overrides = overrides

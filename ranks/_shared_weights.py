@@ -249,7 +249,7 @@ class SharedWeights:
 
         def fill(fd: int) -> None:
             for i, init in enumerate(inits):
-                array = np.ascontiguousarray(numpy_helper.to_array(init, base_dir))
+                array = np.asarray(numpy_helper.to_array(init, base_dir), order="C")
                 entry = entries[i]
                 entries[i] = TensorEntry(entry.name, entry.onnx_type, entry.dtype, entry.shape, entry.offset, entry.nbytes, _sample(array))
                 _shared_memory.write_all(fd, array, data_offset + entry.offset)
@@ -407,7 +407,7 @@ def _check_same_model(proto: onnx.ModelProto, path: Path, entries: list[TensorEn
     if not problems:
         base_dir = str(path.resolve().parent)
         for name, entry in theirs.items():
-            if _sample(np.ascontiguousarray(numpy_helper.to_array(ours[name], base_dir))) != entry.sample:
+            if _sample(np.asarray(numpy_helper.to_array(ours[name], base_dir), order="C")) != entry.sample:
                 problems.append(f"weight {name!r} has the same type and shape but other values (another checkpoint?)")
                 break
     if problems:
@@ -452,7 +452,7 @@ class SharedInitializers:
         self.arrays: dict[str, np.ndarray] = {}
         for init in proto.graph.initializer:
             if _shareable(init) and (names is None or init.name in names):
-                self.arrays[init.name] = np.ascontiguousarray(numpy_helper.to_array(init, base_dir))
+                self.arrays[init.name] = np.asarray(numpy_helper.to_array(init, base_dir), order="C")
         # ortvalue_from_numpy wraps the array's memory (no copy) and keeps the array alive.
         self.ort_values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self.arrays.items()}
         self.large = {name for name, array in self.arrays.items() if array.nbytes >= _FOLDABLE_WEIGHT_BYTES}

@@ -216,6 +216,7 @@ class Tensor:
         self._name = name
         self._format = format
         self._data: np.ndarray | None = None
+        self._dropped = ""  # why the data went, when a new shape or dtype dropped it (said when it is asked for)
         if isinstance(tensor, Tensor):
             self._name = name or tensor.name
             self._dtype = tensor.dtype
@@ -223,7 +224,7 @@ class Tensor:
             self._format = tensor.format if format is Format.DEFAULT else format
             self._data = None if tensor._data is None else tensor._data.copy()
         elif isinstance(tensor, np.ndarray):
-            array = np.ascontiguousarray(tensor)
+            array = np.asarray(tensor, order="C")
             self._dtype = DataType.from_numpy(array.dtype)
             if self._dtype is DataType.UNKNOWN:
                 raise InputTypeError(f"Tensor: numpy dtype {array.dtype} is not supported; use one of {sorted(_FROM_NUMPY)}")
@@ -261,6 +262,7 @@ class Tensor:
             raise InputTypeError(f"tensor dtype must be a DataType (e.g. DataType.FLOAT32), got {value!r}")
         if value is not self._dtype and self._data is not None:
             self._data = None  # stale: the user is about to set data of the new type
+            self._dropped = f"its dtype was set to {value.name} (from {self._dtype.name})"
         self._dtype = value
 
     @property
@@ -275,6 +277,7 @@ class Tensor:
                 self._data = self._data.reshape(value)
             else:
                 self._data = None  # stale: the user is about to set data of the new shape
+                self._dropped = f"its shape was set to {value} (from {self._shape}; resize() sets it too)"
         self._shape = value
 
     @property
@@ -324,12 +327,16 @@ class Tensor:
                 f"(array: {describe_array(input_data)}; tensor: {_describe(self._dtype, self._shape)})"
             )
         array = fit_shape(f"tensor {self._name!r}", self._shape, input_data, "the tensor")
-        self._data = np.ascontiguousarray(array)
+        self._data = np.asarray(array, order="C")
+        self._dropped = ""
         self._shape = list(array.shape)
 
     def get_data_to_numpy(self) -> np.ndarray:
         """The tensor's data as a numpy array (the model's output buffer, not a copy)."""
         if self._data is None:
+            if getattr(self, "_dropped", ""):
+                raise InputError(f"tensor {self._name!r} holds no data: {self._dropped}, which dropped the data it "
+                                 f"held; call set_data_from_numpy() with data of the new shape and type")
             raise InputError(f"tensor {self._name!r} holds no data yet: call set_data_from_numpy() or predict() first")
         return self._data
 
@@ -417,4 +424,5 @@ def output_tensors(names, arrays, outputs=None) -> list:
         tensor._dtype = DataType.from_numpy(array.dtype)
         tensor._shape = list(array.shape)
         tensor._data = array
+        tensor._dropped = ""
     return outputs

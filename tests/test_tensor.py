@@ -129,3 +129,36 @@ def test_errors_keep_their_type_across_processes(cls):
         packed = pack_exception(exc, "rank 1 of 2")
     back = unpack_exception(pickle.loads(pickle.dumps(packed)))
     assert type(back) is cls and str(back) == "[rank 1 of 2] boom"
+
+
+def test_a_scalar_stays_zero_dimensional_through_a_model(tmp_path):
+    """numpy's ascontiguousarray makes a 0-d array 1-d; a scalar must stay shape [] as ONNX Runtime gives it."""
+    from onnx import TensorProto, helper, save
+
+    scalar = mslite.Tensor(np.array(3.0, np.float32))
+    assert scalar.shape == [] and scalar.get_data_to_numpy().shape == () and scalar.element_num == 1
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "sum",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(tmp_path / "sum.onnx"))
+    model = mslite.Model()
+    model.build_from_file(str(tmp_path / "sum.onnx"), mslite.ModelType.ONNX, mslite.Context())
+    out = model.predict([mslite.Tensor(np.arange(6, dtype=np.float32).reshape(2, 3))])[0]
+    assert model.get_outputs()[0].shape == out.shape == [] and out.get_data_to_numpy().shape == ()
+    assert out.get_data_to_numpy() == 15.0
+
+
+def test_data_dropped_by_a_new_shape_or_dtype_is_said_so():
+    tensor = mslite.Tensor(np.arange(6, dtype=np.float32).reshape(2, 3), name="x")
+    tensor.shape = [3, 2]  # the same count: reshaped, kept
+    assert tensor.get_data_to_numpy().shape == (3, 2)
+    tensor.dtype = mslite.DataType.INT32
+    with pytest.raises(InputError, match=r"tensor 'x' holds no data: its dtype was set to INT32 \(from FLOAT32\), "
+                                         r"which dropped the data it held; call set_data_from_numpy\(\)"):
+        tensor.get_data_to_numpy()
+    tensor.set_data_from_numpy(np.zeros((3, 2), np.int32))
+    tensor.shape = [4, 4]
+    with pytest.raises(InputError, match=r"its shape was set to \[4, 4\] \(from \[3, 2\]; resize\(\) sets it too\)"):
+        tensor.get_data_to_numpy()
+    with pytest.raises(InputError, match="holds no data yet: call set_data_from_numpy"):
+        mslite.Tensor(shape=[2], name="y").get_data_to_numpy()

@@ -110,7 +110,7 @@ def raw_from_array(array: np.ndarray) -> bytes:
             parts.append(struct.pack("<I", len(value)))
             parts.append(value)
         return b"".join(parts)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C").tobytes()
 
 
 def array_from_list(data, datatype: str, shape, where: str) -> np.ndarray:

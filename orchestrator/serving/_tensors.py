@@ -59,7 +59,7 @@ def to_tensor(value, tensor: pb.Tensor | None = None, name: str = "value") -> pb
                            f"{', '.join(str(d) for d in DTYPES.values())}, str, bytes")
     tensor.dtype = code
     tensor.shape.dims.extend(value.shape)
-    tensor.data = np.ascontiguousarray(value).tobytes()
+    tensor.data = np.asarray(value, order="C").tobytes()
     return tensor
 
 
