@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ranks._command_line import SPELLING_NOTE, ArgumentParser, add_version_option, remove_made_directories, report
 from ranks._errors import OrchestratorError
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.run_passthrough(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
+    _one_line_warnings(f"orchestrate {args.command}")
     try:
         code = int(args.func(args) or 0)
     except (OrchestratorError, OSError) as exc:
@@ -62,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         remove_made_directories()
     return code
+
+
+def _one_line_warnings(prog: str) -> None:
+    """A warning (e.g. more worker threads than cores) as one line, like the errors, not Python's file:line form."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{prog}: warning: {message}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
 
 
 if __name__ == "__main__":  # pragma: no cover

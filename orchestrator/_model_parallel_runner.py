@@ -104,7 +104,8 @@ class ModelParallelRunner:
             raise ConfigTypeError(f"context must be a Context or None, got {type(context).__name__}")
         self._close("build_from_file() was called again")  # requests still pending there fail as on close()
         context = context or Context()
-        config = load_config(context.parallel.config_path, context.parallel.config_info)
+        config = load_config(context.parallel.config_path, context.parallel.config_info,
+                             dict_name="context.parallel.config_info")
         options = pool_options(config, queue_size=queue_size, timeout=timeout, share_weights=share_weights,
                                worker_type=worker_type, join_requests=join_requests)
         section = config.sections.get("ascend_context", {})

@@ -119,8 +119,10 @@ class RankConfig:
             raise ConfigError(f"{self.source}: [{section}] {key} must be an integer, got {value!r}") from None
 
 
-def load_config(config_path: str | os.PathLike | None = "", config_dict: dict | None = None) -> RankConfig:
-    """Parse ``config_path`` (may be empty) and overlay ``config_dict`` ({section: {key: value}})."""
+def load_config(config_path: str | os.PathLike | None = "", config_dict: dict | None = None, *,
+                dict_name: str = "config_dict") -> RankConfig:
+    """Parse ``config_path`` (may be empty) and overlay ``config_dict`` ({section: {key: value}}); errors call the
+    dict ``dict_name`` (``context.parallel.config_info`` for a runner's)."""
     sections: dict[str, dict[str, str]] = {}
     base_dir = Path.cwd()
     source = "<none>"
@@ -149,19 +151,19 @@ def load_config(config_path: str | os.PathLike | None = "", config_dict: dict | 
         base_dir = path.resolve().parent
     if config_dict:
         if not isinstance(config_dict, dict):
-            raise ConfigError(f"config_dict must be a dict of {{section: {{key: value}}}}, got {type(config_dict).__name__}")
+            raise ConfigError(f"{dict_name} must be a dict of {{section: {{key: value}}}}, got {type(config_dict).__name__}")
         for name, values in config_dict.items():
             if name in FLAT_KEYS and not isinstance(values, dict):
                 section, key = FLAT_KEYS[name]
                 sections.setdefault(section, {})[key] = _flat_value(name, values)
                 continue
             if not isinstance(values, dict):
-                raise ConfigError(f"config_dict[{name!r}] must be a dict of key: value, got {values!r}")
+                raise ConfigError(f"{dict_name}[{name!r}] must be a dict of key: value, got {values!r}")
             for key, value in values.items():
                 if not isinstance(key, str) or not isinstance(value, str):
-                    raise ConfigError(f"config_dict[{name!r}]: keys and values must be str, got {key!r}: {value!r}")
+                    raise ConfigError(f"{dict_name}[{name!r}]: keys and values must be str, got {key!r}: {value!r}")
             sections.setdefault(name, {}).update(values)
-        source = f"{source} + config_dict" if config_path else "config_dict"
+        source = f"{source} + {dict_name}" if config_path else dict_name
     return _validate(sections, source, base_dir)
 
 

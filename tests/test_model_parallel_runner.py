@@ -142,7 +142,7 @@ def test_pool_options_come_from_config_info_config_path_and_keywords(pair, tmp_p
     ({"worker_type": "fiber"}, "worker_type must be one of"),
     ({"join_requests": "0"}, r"join_requests must be an int >= 1 \(1: off\), got 0"),
     ({"join_requests": "many"}, "join_requests must be an integer >= 1, got 'many'"),
-    ({"queue_sise": "8"}, r"unknown key\(s\) \['queue_sise'\]; known keys are"),
+    ({"queue_sise": "8"}, r"context.parallel.config_info: \[pool\]: unknown key\(s\) \[.queue_sise.\]; known keys are"),
 ])
 def test_bad_pool_options_are_config_errors_that_name_the_key(pair, pool, message):
     with pytest.raises(ConfigError, match=message):

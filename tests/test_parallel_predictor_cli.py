@@ -28,6 +28,19 @@ def test_predict_splits_a_batch_from_a_file_and_saves_the_joined_outputs(sample,
     np.testing.assert_allclose(first, reference(sample("mlp"), [x])[0].reshape(-1)[:50], rtol=1e-5, atol=1e-6)
 
 
+def test_a_warning_is_one_line_like_the_errors(sample, tmp_path):
+    import os
+
+    if len(os.sched_getaffinity(0)) >= 6:
+        pytest.skip("3 workers x 2 threads fit this machine: nothing to warn about")
+    np.save(tmp_path / "x.npy", np.ones((3, 64), np.float32))
+    result = run_command(orchestrate_command("predict", "--model", str(sample("mlp")), "--devices", "0,1,2",
+                                             "--threads", "2", "--input", str(tmp_path / "x.npy"), "--quiet"), check=True)
+    warning = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warning) == 1 and warning[0].startswith("orchestrate predict: warning: 3 workers x 2 threads need 6 "
+                                                       "cores, but only"), result.stderr
+
+
 def test_predict_with_a_broadcast_input_and_default_ones(tmp_path):
     path = write_timestep_model(tmp_path / "timestep.onnx")
     np.save(tmp_path / "x.npy", np.full((3, 8), 2.0, np.float32))
