@@ -420,7 +420,8 @@ def output_tensors(names, arrays, outputs=None) -> list:
         return [Tensor(array, name=name) for name, array in zip(names, arrays)]
     if len(outputs) != len(arrays):
         raise InputError(f"predict: got {len(outputs)} output tensors, the model has {len(arrays)} outputs")
-    for tensor, array in zip(outputs, arrays):
+    for tensor, name, array in zip(outputs, names, arrays):
+        tensor._name = tensor._name or name  # an unnamed Tensor() takes the output's name, as a returned one has
         tensor._dtype = DataType.from_numpy(array.dtype)
         tensor._shape = list(array.shape)
         tensor._data = array

@@ -75,6 +75,9 @@ def test_several_inputs_and_outputs_with_a_fixed_batch_of_one(pair):
         filled = [mslite.Tensor(), mslite.Tensor()]
         assert runner.predict([a, b], filled) is filled  # MindSpore Lite's outputs= form: filled in place
         np.testing.assert_array_equal(filled[1].get_data_to_numpy(), n)
+        assert [t.name for t in filled] == ["y", "n"]  # unnamed Tensors take the outputs' names
+        named = [mslite.Tensor(name="mine"), mslite.Tensor()]
+        assert [t.name for t in runner.predict([a, b], named)] == ["mine", "n"]  # a name given stays
 
         with pytest.raises(InputError, match="'b' has dtype float32"):
             runner.predict([a, b.astype(np.float32)])  # checked in the caller, before any queue
