@@ -73,6 +73,9 @@ def _load_model_file(path: Path, model_type: "ModelType") -> onnx.ModelProto:
     except ModelNotFoundError:
         raise
     except ModelError:
+        if path.is_file() and path.stat().st_size == 0:
+            raise ModelError(f"model file {path} is empty; expected a MINDIR file written by MindSpore "
+                             f"(mindspore.export(..., file_format='MINDIR')) or an ONNX model") from None
         raise ModelError(
             f"model file {path} is neither an ONNX model nor a MINDIR file written by MindSpore (mindspore.export(..., "
             f"file_format='MINDIR')); {model_type.name} files of MindSpore Lite's converter (.ms) cannot be run by this "

@@ -285,6 +285,10 @@ def test_a_file_neither_onnx_nor_mindir_refused_with_advice(tmp_path):
     fake.write_bytes(b"\x1c\x00\x00\x00MSL2 flatbuffer, not ONNX" * 8)
     with pytest.raises(ModelError, match=r"neither an ONNX model nor a MINDIR file .*export the network to ONNX"):
         mslite.Model().build_from_file(str(fake), mslite.ModelType.MINDIR_LITE)
+    empty = tmp_path / "net.ms"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match=rf"model file {empty} is empty; expected a MINDIR file written by MindSpore"):
+        mslite.Model().build_from_file(str(empty), mslite.ModelType.MINDIR)
 
 
 def test_update_weights_in_place(sample):
