@@ -585,6 +585,11 @@ class Supervisor:
         names = {s.rank: s.name for s in self.specs}
         return ", ".join(names[r] for r in ranks)
 
+    def _names_with_pids(self, ranks) -> str:
+        """``rank 0 (pid 4242), rank 1 (pid 4243) on host h``: who a report is about, as failure reports say it."""
+        names = {s.rank: s.name for s in self.specs}
+        return ", ".join(f"{names[r]} (pid {self._procs[r].pid})" for r in ranks) + f" on host {socket.gethostname()}"
+
     def interrupt(self, signum: int) -> None:
         """Make ``wait`` stop every rank and raise ``LaunchInterruptedError`` (safe in a signal handler)."""
         self._interrupted = signal_name(signum)
@@ -639,7 +644,7 @@ class Supervisor:
                 self._sweep(signal.SIGTERM)
                 return exits
             if failure_seen is None and deadline is not None and now >= deadline:
-                running = self._names(self.running())
+                running = self._names_with_pids(self.running())
                 self.stop()
                 raise LaunchTimeoutError(
                     f"{running} still running after {now - started:.1f} s (the launcher's time limit "

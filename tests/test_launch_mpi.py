@@ -196,7 +196,7 @@ def test_time_limit_under_mpirun():
         "python", PROGRAM, "--others", "hang", "--marker", marker,
     ))
     assert result.returncode == 124, result.stderr
-    assert "mpirun still running after" in result.stderr
+    assert re.search(r"mpirun \(pid \d+\) on host \S+ still running after", result.stderr), result.stderr
     assert not leftovers(marker)
 
 
