@@ -58,7 +58,7 @@ from ._comm_util import (
     DTYPE_CODE, DTYPES, OP_CODE, ResultPool, as_array, check_op, check_out, check_rank, check_tag, gather_axis, gathered_shape,
 )
 from ._env import default_timeout, mpi_arrival_check
-from ._errors import CommError, CommTimeoutError
+from ._errors import CommError, CommTimeoutError, PeerLostError
 
 _OPS = ("allreduce", "allgather", "broadcast", "barrier")
 _OP_INDEX = {name: i for i, name in enumerate(_OPS)}
@@ -66,7 +66,9 @@ _OP_INDEX.update(send=4, recv=4)
 _ROW = struct.Struct("3q")  # (sequence number, call key, row count): allgather's arrival message
 _CALL = struct.Struct("3q")  # a rank's (verb, call key, row count) in the per-host segment, then:
 _SEQ = struct.Struct("q")  # its sequence number, written last: a reader that sees it sees the rest
-_STRIDE = 64  # one cache line per rank, so ranks never write the same line
+_STRIDE = 128  # two cache lines per rank, so ranks never write the same line: the call slots, then:
+_CLOSED_AT = 64  # where a rank that closed its communicator writes its last call's number + 1 (0: open)
+_CLOSED = struct.Struct("q")
 # Two slots per rank, by parity of the sequence number: a peer may run one call
 # ahead (a barrier, an empty allgather, a broadcast root) while this rank still
 # reads its entry for the current one; it cannot run two ahead.
@@ -543,6 +545,30 @@ class MpiCommunicator(Communicator):
             parts.append("every rank on this host arrived; a rank on another host or MPI itself did not answer")
         return "; ".join(parts)
 
+    def _closed_peers(self, seq: int) -> list[tuple[int, int]]:
+        """(world rank, its last call) of the local peers that closed their communicator before call ``seq``."""
+        if self._segment is None:
+            return []
+        gone = []
+        for j in self._local_peers:
+            (closed,) = _CLOSED.unpack_from(self._progress_buf, _STRIDE * j + _CLOSED_AT)
+            if 0 < closed <= seq:
+                gone.append((self._node_world[j], closed - 1))
+        return gone
+
+    def _check_no_peer_left(self, op: str, seq: int) -> None:
+        """PeerLostError at once when a peer this call waits for has closed its communicator (it will never come)."""
+        gone = self._closed_peers(seq)
+        if gone:
+            world, last = gone[0]
+            message = (
+                f"{op} #{seq} on rank {self.rank} of {self.size}: rank {world} (pid {self._pids[world]}) closed its "
+                f"communicator after operation #{last} and will make no more calls; every rank must make the same "
+                f"collective calls (to stop every rank at once, call comm.abort(reason))"
+            )
+            self._broken = message
+            raise PeerLostError(message)
+
     def _wait_until(self, done, op: str, seq: int, nap_after: float) -> None:
         """Spin until ``done()``; after ``nap_after`` seconds nap between checks; CommTimeoutError at the timeout."""
         start = time.monotonic()
@@ -552,6 +578,7 @@ class MpiCommunicator(Communicator):
             spins += 1
             if spins & 1023 == 0:
                 now = time.monotonic()
+                self._check_no_peer_left(op, seq)
                 if now > deadline:
                     message = (
                         f"{op} #{seq} on rank {self.rank} of {self.size} timed out after {now - start:.1f} s: "
@@ -869,6 +896,10 @@ class MpiCommunicator(Communicator):
     def close(self):
         if self._closed:
             return
+        if getattr(self, "_segment", None) is not None and self._broken is None:
+            # Said before the collective frees below, which wait for the peers: one still calling a collective
+            # learns at once that this rank will not come (else it would wait out its timeout).
+            _CLOSED.pack_into(self._progress_buf, self._my_row + _CLOSED_AT, self._seq + 1)
         try:
             if self._broken is None:
                 for requests, _, _, dest, tag in list(self._pending):

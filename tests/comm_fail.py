@@ -11,6 +11,7 @@ misbehaves while the others start allreduce #2:
     kill    SIGKILLs itself
     hang    sleeps far beyond the timeout instead of joining
     mismatch  calls allgather instead
+    leave   closes its communicator and exits 0 (a rank that leaves early without comm.abort())
     absent  (zmq only) the bad rank is never started: the others wait in the handshake
 Each good rank prints ``FAILED <ExceptionType>: <message>`` and exits 3.
 """
@@ -66,6 +67,9 @@ def main(argv: list[str]) -> int:
                 return 0
             if mode == "mismatch":
                 comm.allgather(np.ones(4, np.float32))
+                return 0
+            if mode == "leave":
+                comm.close()  # as leaving ``with comm:`` does, then sys.exit(0): the peers must not wait it out
                 return 0
         start = time.monotonic()
         comm.allreduce(np.ones(1 << 16, np.float32))

@@ -70,6 +70,16 @@ def test_rank_that_never_joins_times_out_with_names(arrival):
 
 
 @pytest.mark.timeout(90)
+def test_a_rank_that_closes_its_communicator_early_is_named_at_once():
+    result, seconds, _ = run_mpi(2, FAIL, "leave", "1", "mpi", "30", timeout=80)
+    assert result.returncode != 0
+    out = result.stdout
+    assert re.search(r"FAILED PeerLostError after \d\.\d+ s: allreduce #2 on rank 0 of 2: rank 1 \(pid \d+\) closed "
+                     r"its communicator after operation #1 and will make no more calls", out), out
+    assert seconds < 20, f"took {seconds:.1f} s: rank 0 waited for its timeout instead of seeing rank 1 leave"
+
+
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("arrival", ["shm", "mpi-arrival"])
 def test_ranks_calling_different_collectives_fail_clearly(arrival):
     result, seconds, _ = run_mpi(2, FAIL, "mismatch", "1", "mpi", "20", arrival, timeout=80)
