@@ -153,6 +153,13 @@ def test_workers_die_readiness_turns_metrics_show_it_and_a_worker_rejoins(cluste
         grpc_.infer("add.add_common", inputs)
     assert "UNAVAILABLE" in info.value.status()
     assert metric(cluster, "orchestrator_serving_model_ready", model="add.add_common", version="1") == 0
+    # The repository index says why; the model configuration stays readable (the workers registered it).
+    unavailable = {"version": "1", "state": "UNAVAILABLE", "reason": "no worker serves it now (its workers left or died)"}
+    assert http.get_model_repository_index() == [{"name": n, **unavailable} for n in ("add.add_cast", "add.add_common")]
+    assert grpc_.get_model_repository_index(as_json=True)["models"][1] == {"name": "add.add_common", **unavailable}
+    assert get(cluster, "/v2/repository/index", {"ready": True}) == (200, "[]")
+    assert http.get_model_config("add.add_common")["input"][0] == {"name": "x1", "data_type": "TYPE_FP32",
+                                                                   "dims": [2, 2]}
     assert metric(cluster, "orchestrator_serving_request_failures_total", model="add.add_common", version="1",
                   reason="unavailable") >= 2
 

@@ -231,6 +231,49 @@ def test_metadata_and_readiness(server):
     assert not http.is_model_ready("add.add_common", "3")
 
 
+def test_model_config_and_repository_index_both_protocols(server):
+    """Triton's model configuration and repository index, as tritonclient's get_model_config and
+    get_model_repository_index read them; its statistics call gets a clear refusal on both."""
+    import grpc
+    from tritonclient.utils import InferenceServerException
+
+    http, grpc_ = http_client(server), grpc_client(server)
+    mlp = {"name": "mlp", "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+           "version_policy": {"specific": {"versions": [1]}}, "max_batch_size": 8,  # the servable's max_batch
+           "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [16]}],  # without the batch dimension
+           "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [16]}]}
+    assert http.get_model_config("mlp") == mlp
+    # Triton's own message (tritonclient's model_config.proto) reads our gRPC reply the same way.
+    config = grpc_.get_model_config("mlp", as_json=True)["config"]
+    assert config == mlp | {"version_policy": {"specific": {"versions": ["1"]}},  # int64 in JSON: strings
+                            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": ["16"]}],
+                            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": ["16"]}]}
+    add = http.get_model_config("add.add_cast", "1")
+    assert (add["max_batch_size"], add["version_policy"], add["input"][1]) == (
+        0, {"specific": {"versions": [1, 2]}}, {"name": "x2", "data_type": "TYPE_FP32", "dims": [2, 2]})
+    shout = grpc_.get_model_config("shout").config
+    assert (shout.max_batch_size, shout.input[0].data_type, list(shout.input[0].dims)) == (0, 0, [-1])  # not known
+    with pytest.raises(InferenceServerException, match="model 'nope' is not served here"):
+        http.get_model_config("nope")
+    with pytest.raises(InferenceServerException, match="has no version '3'") as info:
+        grpc_.get_model_config("add.add_cast", "3")
+    assert info.value.status() == str(grpc.StatusCode.NOT_FOUND)
+
+    expected = [{"name": n, "version": v, "state": "READY"} for n, v in (
+        ("add.add_cast", "1"), ("add.add_common", "1"), ("add.add_cast", "2"), ("add.add_common", "2"),
+        ("mlp", "1"), ("shout", "1"), ("slow", "1"))]
+    assert http.get_model_repository_index() == expected
+    assert grpc_.get_model_repository_index(as_json=True)["models"] == expected
+    assert [m["name"] for m in json.loads(request(server, "/v2/repository/index", {"ready": True})[2])] == [
+        e["name"] for e in expected]
+
+    with pytest.raises(InferenceServerException, match="the statistics extension is not supported") as info:
+        grpc_.get_inference_statistics("mlp")
+    assert info.value.status() == str(grpc.StatusCode.UNIMPLEMENTED)
+    with pytest.raises(InferenceServerException, match="GET /metrics has its counters"):
+        http.get_inference_statistics("mlp")
+
+
 # -- raw requests: every error status -----------------------------------------------------------
 def request(server, path: str, body=None, headers=None, method=None) -> tuple[int, dict, dict]:
     data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
@@ -273,7 +316,7 @@ def test_live_ready_and_metadata_by_hand(server):
     status, _, body = request(server, "/v2/health/ready")
     assert (status, json.loads(body)) == (200, {"ready": True})
     assert json.loads(request(server, "/v2/models/mlp/ready")[2]) == {"name": "mlp", "ready": True}
-    assert json.loads(request(server, "/v2")[2])["extensions"] == ["binary_tensor_data"]
+    assert json.loads(request(server, "/v2")[2])["extensions"] == ["binary_tensor_data", "model_configuration"]
 
 
 BAD = [
@@ -303,6 +346,23 @@ BAD = [
     ("/v2/models/add.nope", None, None, 404, "model 'add.nope' is not served here"),
     ("/v2/models/add.add_common/versions/x/ready", None, None, 404, "has no version 'x'"),
     ("/v2/nothing", None, None, 404, "is not a KServe v2 endpoint"),
+    # JSON values numpy would cast quietly (1.5 to 1, 2 to True, "3" to 3.0) are refused, like out-of-range ones.
+    ("/v2/models/add.add_cast/infer", {"inputs": [{"name": "x1", "datatype": "INT32", "shape": [2, 2],
+                                                   "data": [1, 2, 3.5, 4]}]}, None, 400,
+     "input 'x1': INT32 data in JSON must be integers; element 2 is 3.5"),
+    ("/v2/models/add.add_cast/infer", {"inputs": [{"name": "x1", "datatype": "BOOL", "shape": [2],
+                                                   "data": [True, 2]}]}, None, 400,
+     "input 'x1': BOOL data in JSON must be true or false; element 1 is 2"),
+    ("/v2/models/add.add_cast/infer", {"inputs": [{"name": "x2", "datatype": "UINT8", "shape": [2, 1],
+                                                   "data": [[7], [-1]]}]}, None, 400,
+     "input 'x2': UINT8 data must be integers in [0, 255]; element 1 is -1"),
+    ("/v2/models/add.add_common/infer", {"inputs": [{"name": "x1", "datatype": "FP32", "shape": [2],
+                                                     "data": [1, "2"]}]}, None, 400,
+     "input 'x1': FP32 data in JSON must be numbers; element 1 is \"2\""),
+    ("/v2/models/stats", None, None, 501, "the statistics extension is not supported by this server; the HTTP "
+                                          "server's GET /metrics has its counters"),
+    ("/v2/models/mlp/config", b"{}", None, 405, "only GET is served"),
+    ("/v2/repository/index", b"[1]", None, 400, 'must be a JSON object {"ready": true|false}'),
 ]
 
 

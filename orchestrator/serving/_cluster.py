@@ -56,7 +56,7 @@ def signature_of(info: cpb.ServableInfo):
 
     methods = {m.name: (tuple(m.input_names), tuple(m.output_names)) for m in info.methods}
     return ServableSignature(info.name, info.version_number, methods, info.with_batch_dim,
-                             tensors(info.model_inputs), tensors(info.model_outputs))
+                             tensors(info.model_inputs), tensors(info.model_outputs), info.max_batch)
 
 
 class RemoteBackend:
@@ -232,6 +232,7 @@ class WorkerAgent:
             for method in servable.methods.values():
                 info.methods.add(name=method.name, input_names=method.input_names, output_names=method.output_names)
             signature = servable.signature()
+            info.max_batch = signature.max_batch
             for field, tensors in (("model_inputs", signature.model_inputs), ("model_outputs", signature.model_outputs)):
                 for tensor in tensors:
                     getattr(info, field).add(name=tensor.name, dtype=tensor.dtype.name if tensor.dtype else "",

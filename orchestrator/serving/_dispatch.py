@@ -154,6 +154,7 @@ class ServableSignature:
     with_batch_dim: bool = False
     model_inputs: tuple[TensorSpec, ...] = ()
     model_outputs: tuple[TensorSpec, ...] = ()
+    max_batch: int = 0  # with_batch_dim: the most instances one model run takes (the batcher's limit); else 0
 
 
 class Dispatcher:

@@ -32,15 +32,16 @@ def make_app(dispatcher, max_body_bytes: int, metrics=None, timeout: float | Non
     def not_found(request: Request, exc):
         path = request.url.path
         if path == "/v2" or path.startswith("/v2/"):
-            return JSONResponse({"error": f"URL {path} is not a KServe v2 endpoint (/v2, /v2/health/live|ready, "
-                                          f"/v2/models/NAME[/versions/V][/ready|/infer])"}, 404)
+            return JSONResponse({"error": f"URL {path} is not a KServe v2 endpoint served here (/v2, "
+                                          f"/v2/health/live|ready, /v2/models/NAME[/versions/V][/ready|/infer|"
+                                          f"/config], /v2/repository/index)"}, 404)
         return JSONResponse({"error_msg": f"URL {path} is not /model/NAME[/version/N]:METHOD (POST), /v2/... "
                                           f"(KServe v2) or /metrics"}, 404)
 
     def not_allowed(request: Request, exc):
         path = request.url.path
         if path == "/v2" or path.startswith("/v2/"):
-            allowed = "POST" if path.endswith("/infer") else "GET"
+            allowed = "POST" if path.endswith(("/infer", "/repository/index")) else "GET"
             return JSONResponse({"error": f"{request.method} {path}: only {allowed} is served"}, 405)
         if path == "/metrics":
             return JSONResponse({"error_msg": f"{request.method} {path}: only GET is served"}, 405)

@@ -3,16 +3,19 @@
 Served beside MindSpore Serving's ``MSService`` on the same gRPC server (``master.start_grpc_server``).
 Inputs come as ``raw_input_contents`` (tritonclient's way) or as typed ``contents``; outputs go back
 as ``raw_output_contents``. Failures are gRPC status codes (``_kserve_models.grpc_code_of``) with
-the error's text as details.
+the error's text as details. Of Triton's extensions, ModelConfig and RepositoryIndex are served;
+ModelStatistics answers UNIMPLEMENTED with the reason, and the RPCs not in our .proto (streaming,
+shared memory, repository load/unload, trace, logging) get grpc's own UNIMPLEMENTED.
 """
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 
 from ._errors import RequestError, ServingError
-from ._kserve_models import (KServeModels, array_from_raw, check_shape, datatype_of, dtype_of, grpc_code_of,
-                             raw_from_array)
+from ._kserve_models import (NO_STATISTICS, KServeModels, array_from_raw, check_shape, datatype_of, dtype_of,
+                             grpc_code_of, raw_from_array)
 from ._proto import grpc_predict_v2_pb2 as pb
 from ._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -93,7 +96,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.models.server_ready()[0])
 
     def ServerMetadata(self, request, context):  # noqa: N802
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_configuration"])
 
     def _model(self, name, version, context):
         try:
@@ -111,6 +114,28 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             for tensor in meta[field]:
                 getattr(reply, field).add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
         return reply
+
+    def ModelConfig(self, request, context):  # noqa: N802
+        config = self.models.config(self._model(request.name, request.version, context))
+        reply = pb.ModelConfigResponse()
+        out = reply.config
+        out.name, out.platform, out.backend = config["name"], config["platform"], config["backend"]
+        out.max_batch_size = config["max_batch_size"]
+        out.version_policy.specific.versions.extend(config["version_policy"]["specific"]["versions"])
+        for field, tensors in (("input", config["input"]), ("output", config["output"])):
+            for tensor in tensors:
+                getattr(out, field).add(name=tensor["name"], data_type=pb.DataType.Value(tensor["data_type"]),
+                                        dims=tensor["dims"])
+        return reply
+
+    def RepositoryIndex(self, request, context):  # noqa: N802
+        reply = pb.RepositoryIndexResponse()
+        for entry in self.models.index(request.ready):
+            reply.models.add(**entry)
+        return reply
+
+    def ModelStatistics(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_STATISTICS)
 
     def ModelInfer(self, request, context):  # noqa: N802
         model = self._model(request.model_name, request.model_version, context)

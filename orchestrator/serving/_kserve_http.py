@@ -6,6 +6,9 @@
     GET  /v2/models/NAME[/versions/V]                         model metadata
     GET  /v2/models/NAME[/versions/V]/ready                   200; 503 while no worker serves it; 404 unknown
     POST /v2/models/NAME[/versions/V]/infer                   inference
+    GET  /v2/models/NAME[/versions/V]/config                  Triton's model configuration extension
+    POST /v2/repository/index                                 Triton's repository index ({"ready": true}: ready only)
+    GET  /v2/models[/NAME[/versions/V]]/stats                 501: the statistics extension is not served
 
 An inference body is JSON ``{"inputs": [{"name", "datatype", "shape", "data"}], "outputs": [...],
 "parameters": {...}}``, or, with the binary tensor data extension, that JSON (its length in the
@@ -17,7 +20,8 @@ tritonclient's default); otherwise as JSON ``data``. Raw tensors are row-major, 
 BYTES elements each a 4-byte little-endian length and the bytes.
 
 Errors: ``{"error": "..."}`` with 400 (a request that does not fit), 404 (unknown model, version or
-URL), 413 (a body over the size limit), 503 (a full queue, no worker), 504 (timeout), 500.
+URL), 413 (a body over the size limit), 501 (an extension not served), 503 (a full queue, no worker),
+504 (timeout), 500.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ from starlette.routing import Route
 from ._errors import RequestError, ServingError
 from ._http_body import BodyTooLarge, decompress, read_body
 from ._kserve_grpc import SERVER_NAME, SERVER_VERSION
-from ._kserve_models import (KServeModels, array_from_list, array_from_raw, datatype_of, list_from_array,
+from ._kserve_models import (NO_STATISTICS, KServeModels, array_from_list, array_from_raw, datatype_of, list_from_array,
                              raw_from_array, status_of)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
 
 
 def error(message: str, status: int) -> JSONResponse:
@@ -153,6 +157,28 @@ def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> lis
         except ServingError as exc:
             return error(str(exc), status_of(exc))
 
+    async def model_config(request: Request):
+        try:
+            return JSONResponse(models.config(model_of(request)))
+        except ServingError as exc:
+            return error(str(exc), status_of(exc))
+
+    async def repository_index(request: Request):
+        try:
+            body = await read_body(request, max_body_bytes)
+        except BodyTooLarge as exc:
+            return error(str(exc), 413)
+        try:
+            options = json.loads(body) if body.strip() else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            return error(f"the repository index request is not valid JSON: {exc}", 400)
+        if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
+            return error('the repository index request must be a JSON object {"ready": true|false} (or empty)', 400)
+        return JSONResponse(models.index(options.get("ready", False)))
+
+    async def statistics(request: Request):
+        return error(NO_STATISTICS, 501)
+
     async def infer(request: Request):
         try:
             model = model_of(request)
@@ -176,10 +202,16 @@ def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> lis
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/models/stats", statistics, methods=["GET"]),  # before /v2/models/{name}: not a model "stats"
         Route("/v2/models/{name}", model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
         Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
         Route("/v2/models/{name}/infer", infer, methods=["POST"]),
         Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/config", model_config, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/config", model_config, methods=["GET"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/models/{name}/stats", statistics, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/stats", statistics, methods=["GET"]),
     ]

@@ -24,6 +24,7 @@ it) 503 / UNAVAILABLE, a timeout 504 / DEADLINE_EXCEEDED, anything else 500
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from dataclasses import dataclass
@@ -45,6 +46,14 @@ DATATYPES = {
     "BYTES": np.dtype(object),
 }
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+BACKEND = "onnxruntime"
+# Triton's statistics need per-model-version queue and compute times and counts of successes and failures
+# that the dispatcher does not keep in that form; the metrics have what it keeps.
+NO_STATISTICS = ("the statistics extension is not supported by this server; the HTTP server's GET /metrics has "
+                 "its counters (requests, failures, request duration, queue and compute seconds, batch sizes) in "
+                 "Prometheus text")
+# Triton's model configuration names its datatypes otherwise (model_config.proto's DataType).
+CONFIG_TYPES = {name: f"TYPE_{'STRING' if name == 'BYTES' else name}" for name in DATATYPES}
 
 
 def datatype_of(dtype) -> str:
@@ -125,13 +134,52 @@ def array_from_list(data, datatype: str, shape, where: str) -> np.ndarray:
         array = np.empty(len(flat), dtype=object)
         array[:] = [v.encode("utf-8") for v in flat]
     else:
+        flat = _flat(data)
+        _check_json_types(flat, datatype, dtype, where)
         try:
-            array = np.array(data, dtype=dtype).reshape(-1)
+            array = np.array(flat, dtype=dtype)
         except (ValueError, TypeError, OverflowError) as exc:
             raise RequestError(f"{where}: 'data' is not a list of {datatype} values ({exc})") from None
     if array.size != math.prod(shape):
         raise RequestError(f"{where}: shape {list(shape)} has {math.prod(shape)} elements; 'data' has {array.size}")
     return array.reshape(shape)
+
+
+def _flat(data: list) -> list:
+    """The elements of JSON ``data``, nested lists opened in row-major order."""
+    if not any(isinstance(v, list) for v in data):
+        return data
+    flat, stack = [], [iter(data)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            flat.append(value)
+        else:
+            stack.pop()
+    return flat
+
+
+# The JSON values each kind of datatype takes. numpy would cast the others quietly (1.5 to an INT32 1, 2 or
+# "no" to a BOOL True, "1.5" to an FP32 1.5); like Triton, refuse them. bool is not an int here (JSON's
+# true is no number), though Python makes it one.
+_JSON_TYPES = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float)}
+_JSON_WORDS = {"b": "true or false", "i": "integers", "u": "integers", "f": "numbers"}
+
+
+def _check_json_types(flat: list, datatype: str, dtype: np.dtype, where: str) -> None:
+    allowed = _JSON_TYPES[dtype.kind]
+    if not all(type(v) in allowed for v in flat):  # noqa: E721 - exact types: bool must not pass as int
+        index, value = next((i, v) for i, v in enumerate(flat) if type(v) not in allowed)  # noqa: E721
+        raise RequestError(f"{where}: {datatype} data in JSON must be {_JSON_WORDS[dtype.kind]}; element {index} "
+                           f"is {json.dumps(value)[:40]}")
+    if dtype.kind in "iu" and flat:
+        low, high = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+        if min(flat) < low or max(flat) > high:
+            index, value = next((i, v) for i, v in enumerate(flat) if not low <= v <= high)
+            raise RequestError(f"{where}: {datatype} data must be integers in [{low}, {high}]; element {index} is "
+                               f"{value}")
 
 
 def list_from_array(array: np.ndarray) -> list:
@@ -231,6 +279,48 @@ class KServeModels:
             "inputs": _tensor_meta(inputs, spec.model_inputs, spec.with_batch_dim),
             "outputs": _tensor_meta(outputs, spec.model_outputs, spec.with_batch_dim),
         }
+
+    def config(self, model: Model) -> dict:
+        """Triton's model configuration (its model_config.proto as JSON) of what is known about ``model``.
+
+        ``max_batch_size``: the batcher's limit for a with_batch_dim servable (a request may still carry
+        more rows: they run in several model runs), else 0; ``dims`` leave the batch dimension out when
+        it is > 0, as Triton's do. The versions are every version served since the start.
+        """
+        spec = model.signature
+        inputs, outputs = spec.methods[model.method]
+        versions = sorted(v for v, s in self.dispatcher.known()[model.servable].items() if model.method in s.methods)
+        batch = max(spec.max_batch, 1) if spec.with_batch_dim else 0
+
+        def tensors(names, tensors):
+            out = []
+            for meta in _tensor_meta(names, tensors, spec.with_batch_dim):
+                dims = meta["shape"][1:] if batch and len(names) == len(tensors) else meta["shape"]
+                out.append({"name": meta["name"], "data_type": CONFIG_TYPES.get(meta["datatype"], "TYPE_INVALID"),
+                            "dims": dims})
+            return out
+
+        return {"name": model.name, "platform": PLATFORM, "backend": BACKEND,
+                "version_policy": {"specific": {"versions": versions}}, "max_batch_size": batch,
+                "input": tensors(inputs, spec.model_inputs), "output": tensors(outputs, spec.model_outputs)}
+
+    def index(self, ready_only: bool = False) -> list[dict]:
+        """The repository index: one entry per model version, READY or UNAVAILABLE (with the reason)."""
+        counts = self.dispatcher.backend_counts()
+        entries = []
+        for servable, versions in sorted(self.dispatcher.known().items()):
+            methods = {m for s in versions.values() for m in s.methods}
+            for version, spec in sorted(versions.items()):
+                ready = counts.get((servable, version), 0) > 0
+                if ready_only and not ready:
+                    continue
+                for method in sorted(spec.methods):
+                    entry = {"name": model_name(servable, method, methods), "version": str(version),
+                             "state": "READY" if ready else "UNAVAILABLE"}
+                    if not ready:
+                        entry["reason"] = "no worker serves it now (its workers left or died)"
+                    entries.append(entry)
+        return entries
 
     # -- inference -----------------------------------------------------------------------------
     def infer(self, model: Model, inputs: list[tuple[str, np.ndarray]], timeout: float | None,

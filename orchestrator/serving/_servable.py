@@ -208,7 +208,8 @@ class Servable:
         return ServableSignature(
             self.name, self.version, {m.name: (m.input_names, m.output_names) for m in self.methods.values()},
             self.with_batch_dim, tuple(TensorSpec(n, np.dtype(d), tuple(s)) for n, d, s in self._inputs),
-            tuple(TensorSpec(n, d, tuple(s)) for n, d, s in self._output_specs))
+            tuple(TensorSpec(n, d, tuple(s)) for n, d, s in self._output_specs),
+            self.options.max_batch if self.with_batch_dim else 0)
 
     def _predict(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         remaining = deadline - time.monotonic()

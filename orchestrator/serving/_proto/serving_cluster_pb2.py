@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n1orchestrator/serving/_proto/serving_cluster.proto\x12\x1corchestrator.serving.cluster\"E\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binput_names\x18\x02 \x03(\t\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\"8\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x88\x02\n\x0cServableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0eversion_number\x18\x02 \x01(\x04\x12\x39\n\x07methods\x18\x03 \x03(\x0b\x32(.orchestrator.serving.cluster.MethodInfo\x12\x16\n\x0ewith_batch_dim\x18\x04 \x01(\x08\x12>\n\x0cmodel_inputs\x18\x05 \x03(\x0b\x32(.orchestrator.serving.cluster.TensorInfo\x12?\n\rmodel_outputs\x18\x06 \x03(\x0b\x32(.orchestrator.serving.cluster.TensorInfo\"\x96\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x04\x12=\n\tservables\x18\x05 \x03(\x0b\x32*.orchestrator.serving.cluster.ServableInfo\"Q\n\rRegisterReply\x12\x11\n\terror_msg\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x03 \x01(\x01\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xc7\x02\n\rServingMaster\x12h\n\x08Register\x12-.orchestrator.serving.cluster.RegisterRequest\x1a+.orchestrator.serving.cluster.RegisterReply\"\x00\x12k\n\tHeartbeat\x12..orchestrator.serving.cluster.HeartbeatRequest\x1a,.orchestrator.serving.cluster.HeartbeatReply\"\x00\x12_\n\x05Leave\x12*.orchestrator.serving.cluster.LeaveRequest\x1a(.orchestrator.serving.cluster.LeaveReply\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n1orchestrator/serving/_proto/serving_cluster.proto\x12\x1corchestrator.serving.cluster\"E\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0binput_names\x18\x02 \x03(\t\x12\x14\n\x0coutput_names\x18\x03 \x03(\t\"8\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x9b\x02\n\x0cServableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0eversion_number\x18\x02 \x01(\x04\x12\x39\n\x07methods\x18\x03 \x03(\x0b\x32(.orchestrator.serving.cluster.MethodInfo\x12\x16\n\x0ewith_batch_dim\x18\x04 \x01(\x08\x12>\n\x0cmodel_inputs\x18\x05 \x03(\x0b\x32(.orchestrator.serving.cluster.TensorInfo\x12?\n\rmodel_outputs\x18\x06 \x03(\x0b\x32(.orchestrator.serving.cluster.TensorInfo\x12\x11\n\tmax_batch\x18\x07 \x01(\r\"\x96\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x04\x12=\n\tservables\x18\x05 \x03(\x0b\x32*.orchestrator.serving.cluster.ServableInfo\"Q\n\rRegisterReply\x12\x11\n\terror_msg\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x03 \x01(\x01\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"!\n\x0cLeaveRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x0c\n\nLeaveReply2\xc7\x02\n\rServingMaster\x12h\n\x08Register\x12-.orchestrator.serving.cluster.RegisterRequest\x1a+.orchestrator.serving.cluster.RegisterReply\"\x00\x12k\n\tHeartbeat\x12..orchestrator.serving.cluster.HeartbeatRequest\x1a,.orchestrator.serving.cluster.HeartbeatReply\"\x00\x12_\n\x05Leave\x12*.orchestrator.serving.cluster.LeaveRequest\x1a(.orchestrator.serving.cluster.LeaveReply\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORINFO']._serialized_start=154
   _globals['_TENSORINFO']._serialized_end=210
   _globals['_SERVABLEINFO']._serialized_start=213
-  _globals['_SERVABLEINFO']._serialized_end=477
-  _globals['_REGISTERREQUEST']._serialized_start=480
-  _globals['_REGISTERREQUEST']._serialized_end=630
-  _globals['_REGISTERREPLY']._serialized_start=632
-  _globals['_REGISTERREPLY']._serialized_end=713
-  _globals['_HEARTBEATREQUEST']._serialized_start=715
-  _globals['_HEARTBEATREQUEST']._serialized_end=752
-  _globals['_HEARTBEATREPLY']._serialized_start=754
-  _globals['_HEARTBEATREPLY']._serialized_end=785
-  _globals['_LEAVEREQUEST']._serialized_start=787
-  _globals['_LEAVEREQUEST']._serialized_end=820
-  _globals['_LEAVEREPLY']._serialized_start=822
-  _globals['_LEAVEREPLY']._serialized_end=834
-  _globals['_SERVINGMASTER']._serialized_start=837
-  _globals['_SERVINGMASTER']._serialized_end=1164
+  _globals['_SERVABLEINFO']._serialized_end=496
+  _globals['_REGISTERREQUEST']._serialized_start=499
+  _globals['_REGISTERREQUEST']._serialized_end=649
+  _globals['_REGISTERREPLY']._serialized_start=651
+  _globals['_REGISTERREPLY']._serialized_end=732
+  _globals['_HEARTBEATREQUEST']._serialized_start=734
+  _globals['_HEARTBEATREQUEST']._serialized_end=771
+  _globals['_HEARTBEATREPLY']._serialized_start=773
+  _globals['_HEARTBEATREPLY']._serialized_end=804
+  _globals['_LEAVEREQUEST']._serialized_start=806
+  _globals['_LEAVEREQUEST']._serialized_end=839
+  _globals['_LEAVEREPLY']._serialized_start=841
+  _globals['_LEAVEREPLY']._serialized_end=853
+  _globals['_SERVINGMASTER']._serialized_start=856
+  _globals['_SERVINGMASTER']._serialized_end=1183
 # @@protoc_insertion_point(module_scope)
