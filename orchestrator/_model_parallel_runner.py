@@ -52,7 +52,9 @@ from ._pool_threads import ThreadWorkers
 
 log = get_logger("pool")
 
-# worker_type -> backend (both: ``inputs``, ``outputs``, ``serve(queue, tag_error, label)``, ``close()``)
+# worker_type -> backend (both: ``inputs``, ``outputs``, ``serve(queue, tag_error, label)``, ``close()``, and
+# ``CANCEL_WAIT_SECONDS`` / ``CANCEL_PENDING``: how long a timed-out caller waits for the worker to answer the
+# cancel, and what its error says when it has not)
 BACKENDS = {"thread": ThreadWorkers, "process": ProcessWorkers}
 
 CLOSE_JOIN_SECONDS = 10.0  # close(): how long worker threads get to finish their (stopped) runs
@@ -136,7 +138,8 @@ class ModelParallelRunner:
         self._inputs = [(name, dtype, config.input_shapes.get(name, shape)) for name, dtype, shape in backend.inputs]
         self._outputs = [TensorMeta(name, dtype, shape) for name, dtype, shape in backend.outputs]
         label = f"ModelParallelRunner({path.name}, {plan.workers} workers)"
-        queue = RequestQueue(options.queue_size, plan.workers, label, getattr(backend, "names", None))
+        queue = RequestQueue(options.queue_size, plan.workers, label, getattr(backend, "names", None),
+                             backend.CANCEL_WAIT_SECONDS, backend.CANCEL_PENDING)
         join = options.join_requests if all(shape and shape[0] == -1 for _, _, shape in self._inputs) else 1
         if options.join_requests > 1 and join == 1:
             log.warning("%s: join_requests=%d is off: the model's inputs %s do not all have a free dimension 0",

@@ -24,7 +24,10 @@ an ONNX Runtime error) reaches the caller with its type and the worker's
 traceback, and the predictor keeps serving. A worker that dies or does not
 answer within the timeout ends the predictor: every worker is stopped, every
 slot unlinked, and each later call raises ``WorkerError`` saying why; build a
-new ``ParallelPredictor`` to go on. (A restarted worker would rebuild its
+new ``ParallelPredictor`` to go on. A worker that died between requests (idle)
+is seen before the next request is sent (its socket hung up:
+``_worker_processes.HangUps``), and that request fails saying the worker died
+idle, not that the request killed it: every batch needs every worker. (A restarted worker would rebuild its
 model for seconds inside someone's request, and a worker that died once
 usually dies again: the caller decides, with the reason in hand.)
 """
@@ -55,7 +58,7 @@ from . import _protocol as proto
 from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
 from ._protocol import TensorSpec
 from ._worker_memory import BlockPool, Slot, aligned, layout, segment_prefix
-from ._worker_processes import death_text, start_workers, stop_workers
+from ._worker_processes import HangUps, death_text, last_lines, start_workers, stop_workers
 
 EXIT_GRACE_SECONDS = 5.0  # close(): how long workers get to leave after EXIT (not a suspended one) before TERM
 TERM_GRACE_SECONDS = 1.0  # then how long after TERM + CONT before KILL
@@ -253,6 +256,8 @@ class ParallelPredictor:
         contexts, cores = self._worker_contexts(context, device_ids)
         self._start(paths, contexts, cores)
         self._check_models()
+        # Which workers died between requests; looked at (not waited for) before each request is sent.
+        self._hang_ups = HangUps({w.index: w.channel for w in self._workers.workers})
 
     # -- starting ------------------------------------------------------------
     def _worker_contexts(self, context: Context, device_ids: list[int]):
@@ -288,7 +293,7 @@ class ParallelPredictor:
                 self._send(w, proto.encode(
                     proto.BUILD, 0, model_path=w.model_path, device_id=w.device_id, index=w.index,
                     cores=cores[w.index], parent_pid=os.getpid(), buffers=[pickle.dumps(contexts[w.index])],
-                ), 0)
+                ), "its BUILD was on its way to it")
             # Handshake before traffic: every worker must report BUILD_FINISH
             # before the first PREDICT, so that a build error surfaces here and
             # not inside some later request.
@@ -317,12 +322,44 @@ class ParallelPredictor:
                 worker.info = msg.header
                 del pending[channel]
 
-    def _receive(self, worker: _Worker, doing: str) -> proto.Message:
+    def _receive(self, worker: _Worker, doing: str, unread_request: int | None = None,
+                 rows: dict | None = None) -> proto.Message:
+        """The worker's next message. ``unread_request``: the id of a PREDICT it has not answered at all yet
+        (a worker that died with it unread in its socket died idle, before the request reached it), whose
+        ``rows`` are {worker: (first, end)}."""
         try:
             frames = worker.channel.recv()
+        except ConnectionResetError:
+            # Linux reports ECONNRESET (once, then EOF) on a Unix socket whose peer closed with data still unread:
+            # the worker died before it read our last message.
+            if unread_request is not None:
+                raise self._died_idle([worker], unread_request, rows or {}, unread=True) from None
+            raise WorkerLostError(f"{worker.name} {worker.death_text(doing)}") from None
         except (EOFError, OSError):
             raise WorkerLostError(f"{worker.name} {worker.death_text(doing)}") from None
         return proto.decode(frames, worker.name)
+
+    def _died_idle(self, dead: list[_Worker], request_id: int, rows: dict, unread: bool = False) -> WorkerLostError:
+        """The error for workers that died between requests (idle), so predict request ``request_id`` never
+        reached them (``unread``: it was written to the socket, but never read); ``rows``: {worker: (first, end)}
+        of the request's plan. ``.reason`` (what later calls hear) is the first line without the advice."""
+
+        def why(w: _Worker) -> str:
+            first, end = rows.get(w.index, (0, 0))
+            request = f"predict request {request_id}" + (f" (rows {first}:{end})" if end > first else "")
+            then = f": {request} was unread in its socket" if unread else f", before {request} was sent to it"
+            return f"{w.name} {death_text(w.supervisor, w.index, 'it was idle', then, tail=False)}"
+
+        whys = [why(w) for w in dead]
+        reason = "; ".join(whys)
+        count = len(self._workers.workers)
+        error = WorkerLostError(
+            f"{reason}. Every batch is split over all {count} workers (devices {self._device_ids}), so request "
+            f"{request_id} cannot run, and this ParallelPredictor is closed (its other workers are stopped): create "
+            f"a new ParallelPredictor to go on" + "".join(last_lines(w.supervisor, w.index) for w in dead[:1])
+        )
+        error.reason = reason
+        return error
 
     def _check_models(self) -> None:
         first = self._workers.workers[0]
@@ -522,6 +559,13 @@ class ParallelPredictor:
 
     def _run(self, request_id: int, arrays: list[np.ndarray], plan: list[int], timeout: float) -> list[Tensor]:
         workers = self._workers.workers
+        dead = self._hang_ups.poll(0)
+        if dead:  # died between requests: nothing of this request was sent, and it cannot run without them
+            ends = np.cumsum(plan).tolist()
+            planned = {i: (end - count, end) for i, (count, end) in enumerate(zip(plan, ends))}
+            error = self._died_idle([workers[i] for i in dead], request_id, planned)
+            self._break(error.reason)
+            raise error
         names = [name for name, _, _ in workers[0].info["inputs"]]
         batch = sum(plan)
         deadline = time.monotonic() + timeout
@@ -547,17 +591,20 @@ class ParallelPredictor:
                     placement = [_rows_of(spec, start, count) for spec in joined]
                 start += count
                 forget, w.forget = w.forget, []
-                self._send(w, proto.encode(
-                    proto.PREDICT, request_id, slot=w.slot.handle, inputs=specs, out_offset=w.slot.out_offset,
-                    out_capacity=w.slot.out_capacity, block=block.handle if block else None, placement=placement,
-                    forget=forget,
-                ), request_id)
+                try:
+                    w.channel.send(proto.encode(
+                        proto.PREDICT, request_id, slot=w.slot.handle, inputs=specs, out_offset=w.slot.out_offset,
+                        out_capacity=w.slot.out_capacity, block=block.handle if block else None, placement=placement,
+                        forget=forget,
+                    ))
+                except OSError:  # EPIPE: it had hung up already (died since the look above), idle
+                    raise self._died_idle([w], request_id, rows) from None
             replies, errors = self._collect(request_id, rows, deadline, timeout)
         except BaseException as exc:
             # The exchange stopped half way (a worker died or stalled, or we were
             # interrupted): replies may still be on their way, so no later request
             # could trust the pipes. End the predictor.
-            self._break(str(exc) or type(exc).__name__)
+            self._break(getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
             raise
         if errors:
             # Every worker has answered, so the slots are free again: report the
@@ -611,17 +658,18 @@ class ParallelPredictor:
             total = aligned(total + count * int(np.prod(rest, dtype=np.int64)) * np.dtype(dtype).itemsize)
         return max(total, int(w.out_bytes_per_row * count))
 
-    def _send(self, w: _Worker, frames: list, request_id: int) -> None:
+    def _send(self, w: _Worker, frames: list, doing: str) -> None:
         try:
             w.channel.send(frames)
         except OSError:
-            raise WorkerLostError(f"{w.name} {w.death_text(f'request {request_id} was on its way to it')}") from None
+            raise WorkerLostError(f"{w.name} {w.death_text(doing)}") from None
 
     def _collect(self, request_id: int, rows: dict, deadline: float, timeout: float) -> tuple[dict, dict]:
         workers = self._workers.workers
         pending = {workers[i].channel: workers[i] for i in rows}
         replies: dict[int, proto.Message] = {}
         errors: dict[int, BaseException] = {}
+        answered: set[int] = set()  # workers that sent something for this request: they read its PREDICT
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -631,7 +679,9 @@ class ParallelPredictor:
             for channel in proto.wait(list(pending), remaining):
                 w = pending[channel]
                 first, last = rows[w.index]
-                msg = self._receive(w, f"running rows {first}:{last} of predict request {request_id}")
+                msg = self._receive(w, f"running rows {first}:{last} of predict request {request_id}",
+                                    None if w.index in answered else request_id, rows)
+                answered.add(w.index)
                 if msg.id != request_id:
                     raise WorkerError(f"{w.name} answered request {msg.id} during request {request_id}")
                 if msg.kind == proto.ERROR:
@@ -640,7 +690,9 @@ class ParallelPredictor:
                 elif msg.kind == proto.REPLY and msg.status == proto.NEED_SPACE:
                     w.slot.ensure(0, msg["needed"])
                     self._send(w, proto.encode(proto.COLLECT, request_id, slot=w.slot.handle,
-                                               out_offset=w.slot.out_offset, out_capacity=w.slot.out_capacity), request_id)
+                                               out_offset=w.slot.out_offset, out_capacity=w.slot.out_capacity),
+                               f"running rows {first}:{last} of predict request {request_id} (its outputs' COLLECT "
+                               f"was on its way to it)")
                 elif msg.kind == proto.REPLY:
                     replies[w.index] = msg
                     del pending[channel]

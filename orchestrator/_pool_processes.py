@@ -20,7 +20,9 @@ writes the inputs into the slot, sends PREDICT and waits for the answer. A
 timeout or ``close()`` cancels a running request: CANCEL goes to the worker,
 which sets ONNX Runtime's ``terminate`` on that run; a worker that has not
 answered ``CANCEL_GRACE_SECONDS`` later (stopped, or stuck in native code) is
-killed and counts as lost.
+killed and counts as lost. The caller whose timeout cancelled the run gets its
+error once that is decided (at most ``CANCEL_GRACE_SECONDS`` later), so the
+error says whether the worker serves on or was killed.
 
 Failure policy: an exception of the model reaches its caller with its type
 and the worker's traceback, and the worker serves on. A worker that dies is
@@ -48,7 +50,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import select
 import socket
 import threading
 import time
@@ -70,7 +71,7 @@ from ._errors import WorkerError, WorkerLostError, WorkerTimeoutError
 from ._pool_plan import WorkerPlan
 from ._pool_queue import Request, RequestQueue, State, serve
 from ._worker_memory import Slot, layout
-from ._worker_processes import death_text, start_workers, stop_workers
+from ._worker_processes import HangUps, death_text, start_workers, stop_workers
 
 log = get_logger("pool")
 
@@ -193,12 +194,16 @@ class ProcessEngine:
                 if cancel_deadline is None:
                     cancel_deadline = now + CANCEL_GRACE_SECONDS
                 elif now >= cancel_deadline:
-                    state = "is stopped (SIGSTOP)" if self._suspended() else "did not stop"
+                    state = ", stopped (SIGSTOP)," if self._suspended() else ""
                     self.kill()
-                    raise WorkerLostError(
-                        f"{self.name} {state}: request {request_id} was cancelled (timeout or close) and the worker "
-                        f"had not answered {CANCEL_GRACE_SECONDS:g} s later, so it was killed and left the pool"
+                    # Nobody waits for this request any more (cancelled): this is why the worker left the pool,
+                    # for the log, the caller whose timeout cancelled it, and PoolClosedError if it was the last.
+                    error = WorkerLostError(
+                        f"{self.name}{state} did not answer the cancel of request {request_id} (timeout or close) "
+                        f"within {CANCEL_GRACE_SECONDS:g} s, so it was killed"
                     )
+                    error.reason = str(error)
+                    raise error
 
     def _suspended(self) -> bool:
         return bool(self.pid) and is_suspended(self.pid)
@@ -252,8 +257,16 @@ class ProcessWorkers:
     """The process backend of a ModelParallelRunner: ``plan.workers`` child processes, a dispatcher thread each.
 
     The same interface as ``_pool_threads.ThreadWorkers``: ``inputs``, ``outputs``,
-    ``serve(queue, tag_error, label)`` and ``close()``.
+    ``serve(queue, tag_error, label)``, ``close()``, ``CANCEL_WAIT_SECONDS`` and ``CANCEL_PENDING``.
     """
+
+    # A caller whose running request timed out hears what became of the worker: it answered the cancel (it
+    # serves on) or it was killed (it left the pool). Both are known CANCEL_GRACE_SECONDS after the cancel at
+    # the latest (plus a dispatcher poll); the margin is for a loaded machine, and only then is the outcome
+    # still open when the caller is answered.
+    CANCEL_WAIT_SECONDS = CANCEL_GRACE_SECONDS + 1.0
+    CANCEL_PENDING = (f"the run was cancelled and the worker had not answered yet: unless it stops the run within "
+                      f"{CANCEL_GRACE_SECONDS:g} s of the cancel, it is killed and leaves the pool")
 
     def __init__(self, path: Path, model: onnx.ModelProto, plan: WorkerPlan, context: Context, config: RankConfig,
                  share_weights: bool):
@@ -349,26 +362,17 @@ class ProcessWorkers:
     def _watch(self, queue: RequestQueue) -> None:
         """Until close(): flag each worker whose socket hangs up and wake its dispatcher, busy or idle.
 
-        Polled for ``POLLRDHUP`` only (``POLLHUP`` comes regardless): a reply makes the socket readable, not
-        hung up, so this never wakes for the dispatchers' traffic, and never reads from the sockets.
-        A busy dispatcher sees the EOF itself (its request fails); an idle one returns from ``take``
-        and records why its worker left.
+        ``_worker_processes.HangUps`` polls for the hang-up only: this never wakes for the dispatchers'
+        traffic, and never reads from the sockets. A busy dispatcher sees the EOF itself (its request fails);
+        an idle one returns from ``take`` and records why its worker left.
         """
-        poller = select.poll()
-        by_fd = {}
-        for engine in self.engines:
-            by_fd[engine.channel.fileno()] = engine
-            poller.register(engine.channel.fileno(), select.POLLRDHUP)
-        poller.register(self._wake_read, select.POLLIN)
-        while by_fd:
-            events = poller.poll(int(_WATCH_SECONDS * 1000))
+        watch = HangUps({e.index: e.channel for e in self.engines}, wake_fd=self._wake_read)
+        while watch.watching:
+            gone = watch.poll(_WATCH_SECONDS)
             if self._closed:
                 return
-            for fd, _ in events:
-                engine = by_fd.pop(fd, None)
-                if engine is None:
-                    continue  # the wake pipe (close() sets _closed first)
-                poller.unregister(fd)  # it stays hung up: watched again, it would wake us in a loop
+            for index in gone:
+                engine = self.engines[index]
                 log.info("%s hung up", engine.name)
                 engine.hung_up.set()
                 queue.wake()

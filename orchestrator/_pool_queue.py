@@ -21,7 +21,11 @@ ABANDONED  wait (caller timed     failed with WorkerTimeoutError or PoolClosedEr
 =========  =====================  ===================================================
 
 QUEUED -> RUNNING -> DONE is the normal path. QUEUED -> ABANDONED and
-RUNNING -> ABANDONED happen on a timeout or on close. RUNNING -> QUEUED happens
+RUNNING -> ABANDONED happen on a timeout or on close. A request's ``ended`` event
+is set once its worker is done with it (answered, failed, or lost), in any
+state but QUEUED: a caller whose running request timed out waits for it (at most
+``cancel_wait`` seconds) so its error says what became of the worker, rather
+than promising what the worker has not done yet. RUNNING -> QUEUED happens
 only for a request that never reached its (process) worker, so it cannot be the
 request that killed it, and a surviving worker runs it instead. A worker's late
 ``finish`` of an ABANDONED request changes nothing, so a caller never sees
@@ -61,7 +65,8 @@ class State(enum.Enum):
 class Request:
     """One predict call: its inputs, its deadline, and (once done) its outputs or error."""
 
-    __slots__ = ("feeds", "timeout", "state", "worker", "submitted", "started", "outputs", "error", "cancel", "_done")
+    __slots__ = ("feeds", "timeout", "state", "worker", "submitted", "started", "outputs", "error", "cancel", "_done",
+                 "ended")
 
     def __init__(self, feeds: dict, timeout: float):
         self.feeds = feeds
@@ -74,15 +79,21 @@ class Request:
         self.error: BaseException | None = None
         self.cancel = None  # set by the engine when the run starts: stops it from another thread
         self._done = threading.Event()
+        self.ended = threading.Event()  # set by serve() once the worker is done with it (and gone, if it died)
 
 
 class RequestQueue:
     """The bounded queue between callers and ``workers`` worker threads (see the module docstring)."""
 
-    def __init__(self, capacity: int, workers: int, label: str, names: list[str] | None = None):
+    def __init__(self, capacity: int, workers: int, label: str, names: list[str] | None = None,
+                 cancel_wait: float = 0.0, cancel_pending: str = "the run was cancelled"):
         self.capacity = capacity
         self.workers = workers
         self.label = label
+        # A caller whose running request timed out waits up to cancel_wait seconds for the worker to answer the
+        # cancel; cancel_pending says what happens next when it has not (the backend knows: stopped, or killed).
+        self.cancel_wait = cancel_wait
+        self.cancel_pending = cancel_pending
         # How messages name worker k: "worker k of N", or a process worker's name with its host and pid.
         self.names = list(names) if names else [f"worker {k} of {workers}" for k in range(workers)]
         self._cond = threading.Condition()
@@ -112,43 +123,87 @@ class RequestQueue:
         """The outputs of ``request``, or its error raised; WorkerTimeoutError once its timeout has passed.
 
         A caller interrupted while waiting (KeyboardInterrupt) gives its request up: it leaves the
-        queue, or its run is stopped, so no worker spends time on a reply nobody reads.
+        queue, or its run is stopped, so no worker spends time on a reply nobody reads. A request that
+        times out while it runs is cancelled, and the error comes once the worker has answered the
+        cancel (at most ``cancel_wait`` seconds later), saying whether the worker serves on.
         """
         remaining = request.submitted + request.timeout - time.monotonic()
         try:
             done = request._done.wait(max(0.0, remaining))
         except BaseException:
-            self._give_up(request, lambda where: PoolClosedError(f"{self.label}: the caller was interrupted {where}"))
+            where = self._give_up(request)
+            if where is not None:
+                self._fail(request, PoolClosedError(f"{self.label}: the caller was interrupted {where}"))
             raise
         if not done:
-            self._give_up(request, lambda where: WorkerTimeoutError(
-                f"{self.label}: predict timed out after {request.timeout:g} s {where}. Raise the timeout "
-                f"(predict(..., timeout=S) or [pool] timeout)" + (" or add workers" if request.started is None else
-                                                                  " if the model needs longer")
-            ))
+            where = self._give_up(request)
+            if where is not None:
+                running = request.started is not None
+                if running:
+                    where += "; " + self._after_cancel(request)
+                self._fail(request, WorkerTimeoutError(
+                    f"{self.label}: predict timed out after {request.timeout:g} s {where}. Raise the timeout "
+                    f"(predict(..., timeout=S) or [pool] timeout)" + (" if the model needs longer" if running
+                                                                      else " or add workers")
+                ))
         if request.error is not None:
             raise request.error
         return request.outputs
 
-    def _give_up(self, request: Request, error) -> None:
-        """Abandon a request that is still QUEUED or RUNNING; ``error(where)`` says where it was."""
+    def _give_up(self, request: Request) -> str | None:
+        """Abandon a request that is still QUEUED or RUNNING (a running one's run is cancelled); where it was,
+        or None when it was done meanwhile. The caller sets its error (``_fail``)."""
         with self._cond:
             if request.state is State.QUEUED:
                 position = self._waiting.index(request) + 1
                 waiting = len(self._waiting)
                 self._waiting.remove(request)
-                self._abandon(request, error(
-                    f"while it waited in the queue, at position {position} of {waiting} ({len(self._running)} of "
-                    f"{self.workers} workers busy); it never ran"
-                ))
-            elif request.state is State.RUNNING:
+                request.state = State.ABANDONED
+                return (f"while it waited in the queue, at position {position} of {waiting} ({len(self._running)} of "
+                        f"{self.workers} workers busy); it never ran")
+            if request.state is State.RUNNING:
                 ran = time.monotonic() - request.started
                 queued = request.started - request.submitted
-                self._abandon(request, error(
-                    f"while {self.names[request.worker]} ran it (for {ran:.2f} s, after {queued:.2f} s in "
-                    f"the queue); the run was stopped and the worker serves the next request"
-                ))
+                request.state = State.ABANDONED
                 _cancel(request)
+                return (f"while {self.names[request.worker]} ran it (for {ran:.2f} s, after {queued:.2f} s in "
+                        f"the queue)")
+            return None
+
+    def _after_cancel(self, request: Request) -> str:
+        """What became of the run of ``request`` (abandoned while RUNNING, its cancel sent) and of its worker.
+
+        Waits up to ``cancel_wait`` seconds for the worker to be done with it: the worker serves on, or it
+        did not stop the run and was killed (it left the pool). A request joined with others that still
+        want their outputs is not cancelled, so this does not wait for it.
+        """
+        worker = request.worker
+        with self._cond:
+            others = [r for r in self._joined_with(request) if r is not request and r.state is State.RUNNING]
+        if others:
+            return (f"it runs joined with {len(others)} other request(s) (join_requests), which still want their "
+                    f"outputs: {self.names[worker]} finishes that run and serves on; this request's rows are dropped")
+        if not request.ended.wait(self.cancel_wait):
+            return self.cancel_pending
+        with self._cond:
+            why = self._gone.get(worker)
+            serving = self.workers - len(self._gone)
+        if why is None:
+            return "the run was stopped and the worker serves the next request"
+        return (f"the run was cancelled, but {why}; it left the pool ({serving} of {self.workers} workers "
+                f"serve on)")
+
+    def _joined_with(self, request: Request) -> list[Request]:
+        """The requests run as one batch with ``request`` (itself included), or [request]. Under the lock."""
+        joined = self._joined.get(request.worker)
+        if not joined:
+            return [request]
+        batch = [r for r in [self._running.get(request.worker)] + joined if r is not None]
+        return batch if request in batch else [request]
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        request.error = error
+        request._done.set()
 
     # -- workers -----------------------------------------------------------------
     def take(self, worker: int, stop=None) -> Request | None:
@@ -262,7 +317,7 @@ class RequestQueue:
                     continue  # timed out already; its caller has its error
                 self._abandon(request, PoolClosedError(
                     f"{self.label} was closed ({reason}) while {self.names[worker]} ran this request; "
-                    f"the run was stopped"
+                    f"the run was cancelled"
                 ))
                 _cancel(request)
             self._cond.notify_all()
@@ -336,6 +391,7 @@ def serve(queue: RequestQueue, engine, worker: int, tag_error, join: int = 1, fa
             for member in batch:
                 if member not in requeued:  # another worker may be reading a requeued request's inputs already
                     member.feeds = None  # the caller may hold the request; its inputs are no longer needed
+                    member.ended.set()  # after worker_gone: a caller waiting on it learns whether the worker left
 
 
 def _run_one(queue: RequestQueue, engine, worker: int, request: Request, tag_error, fatal: tuple) -> None:
@@ -350,6 +406,7 @@ def _run_one(queue: RequestQueue, engine, worker: int, request: Request, tag_err
         raise
     else:
         queue.finish(request, outputs=outputs)
+    request.ended.set()  # the worker is done with it and serves on (a joined batch's members may still run alone)
 
 
 def _run_joined(queue: RequestQueue, engine, worker: int, batch: list[Request], tag_error, fatal: tuple) -> None:

@@ -89,8 +89,17 @@ class ThreadWorkers:
 
     What the runner needs of a backend: ``inputs`` and ``outputs`` ([(name, DataType,
     shape)]), ``serve(queue, tag_error, label, join)`` starting one thread per worker that
-    serves the queue (``_pool_queue.serve``), and ``close()`` once those threads ended.
+    serves the queue (``_pool_queue.serve``), ``close()`` once those threads ended, and what a caller
+    whose running request timed out hears (``CANCEL_WAIT_SECONDS``, ``CANCEL_PENDING``).
     """
+
+    # ONNX Runtime checks the terminate flag between operators (and Loop iterations): a cancelled run usually
+    # ends in milliseconds. One operator that never checks it (a long custom op) keeps the thread; it cannot
+    # be killed, so the caller is told the truth after this wait.
+    CANCEL_WAIT_SECONDS = 2.0
+    CANCEL_PENDING = (f"the run was cancelled (ONNX Runtime's terminate flag) but had not stopped "
+                      f"{CANCEL_WAIT_SECONDS:g} s later (an operator that does not check the flag); the worker "
+                      f"serves the next request once that operator ends")
 
     def __init__(self, path: Path, proto: onnx.ModelProto, plan: WorkerPlan, context: Context, config: RankConfig,
                  share_weights: bool):

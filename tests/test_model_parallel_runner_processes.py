@@ -184,8 +184,15 @@ def test_a_stopped_worker_times_its_request_out_then_is_killed_and_the_other_ser
         worker = next(w for w in (0, 1) if running_on(runner, w))
         os.kill(pids[worker], signal.SIGSTOP)
         error = stuck.exception(timeout=10)
-        assert isinstance(error, WorkerTimeoutError) and f"while worker {worker} of 2 on host {HOST} (pid {pids[worker]}) ran it" in str(error)
-        # The cancel cannot reach a stopped process: it is killed after the grace and leaves the pool.
+        name = f"worker {worker} of 2 on host {HOST} (pid {pids[worker]})"
+        assert isinstance(error, WorkerTimeoutError) and f"while {name} ran it" in str(error)
+        # The cancel cannot reach a stopped process: it is killed after the grace and leaves the pool, and the
+        # caller's error comes once that is decided and says so (never that the worker serves on).
+        assert (f"the run was cancelled, but {name}, stopped (SIGSTOP), did not answer the cancel of request 1 "
+                f"(timeout or close) within 2 s, so it was killed; it left the pool (1 of 2 workers serve on)"
+                in str(error)), str(error)
+        assert "serves the next request" not in str(error)
+        assert runner.worker_pids == [pids[1 - worker]]  # already out of the pool when the caller heard
         wait_until(lambda: not process_alive(pids[worker]),
                    timeout=10, what="the stopped worker killed")
         for seed in range(3):

@@ -108,12 +108,50 @@ def test_sigkill_mid_request_is_an_error_within_one_second(sample):
     assert isinstance(error, WorkerLostError), repr(error)
     assert outcome["at"] - killed_at < 1.0, f"error came {outcome['at'] - killed_at:.2f} s after the kill"
     assert "worker for device 1" in str(error) and "SIGKILL" in str(error) and "rows 2:4" in str(error)
+    # Stopped before the request was sent, it never read it: the error says so, not that the request killed it.
+    assert "while it was idle: predict request 2 (rows 2:4) was unread in its socket" in str(error), str(error)
     # the policy: the predictor refuses further calls, saying why, and left nothing behind
     with pytest.raises(WorkerError, match="no longer accepts requests: .*device 1.*SIGKILL"):
         predictor.predict([x])
     assert wait_until(lambda: _gone(pids), 10)
     assert not set(names) & set(our_segments())
     predictor.close()  # harmless after a failure
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("rows", [4, 1])
+def test_a_worker_killed_while_idle_is_named_idle_at_the_next_call(sample, rows):
+    """Killed between requests: the next call says it died idle (not that the request killed it), and that
+    the predictor is closed because every batch needs every worker, even one it would give no rows."""
+    predictor = ParallelPredictor(sample("mlp"), device_ids=[0, 1], context=one_thread())
+    pids = predictor.pids
+    x = np.ones((4, 64), np.float32)
+    predictor.predict([x])
+    names = predictor.segment_names
+    os.kill(pids[1], signal.SIGKILL)
+    # Reaped, not just a zombie: a killed leader is a zombie while its other threads still hold the socket.
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pids[1]}"), 10)
+    try:
+        with pytest.raises(WorkerLostError) as info:
+            predictor.predict([x[:rows]])
+    finally:
+        predictor.close()
+    message = str(info.value)
+    share = " (rows 2:4)" if rows == 4 else ""
+    assert message.startswith(
+        f"worker for device 1 on host {socket.gethostname()} (pid {pids[1]}) was killed by SIGKILL while it was "
+        f"idle, before predict request 2{share} was sent to it. Every batch is split over all 2 workers (devices "
+        f"[0, 1]), so request 2 cannot run, and this ParallelPredictor is closed (its other workers are stopped): "
+        f"create a new ParallelPredictor to go on"), message
+    assert "on its way" not in message and "device 0" not in message
+    with pytest.raises(WorkerError) as later:
+        predictor.predict([x])
+    assert str(later.value) == (
+        f"this ParallelPredictor no longer accepts requests: worker for device 1 on host {socket.gethostname()} "
+        f"(pid {pids[1]}) was killed by SIGKILL while it was idle, before predict request 2{share} was sent to it; "
+        f"create a new ParallelPredictor")
+    assert wait_until(lambda: _gone(pids), 10)
+    assert not set(names) & set(our_segments())
 
 
 @pytest.mark.timeout(120)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
 from orchestrator import PoolClosedError, WorkerTimeoutError
@@ -175,3 +176,75 @@ def test_a_request_a_worker_died_running_fails_and_the_last_worker_gone_names_ea
     with pytest.raises(PoolClosedError, match=r"q is closed \(every worker is gone: worker 0 died, then worker 1 was "
                                               r"killed while it was idle\)"):
         queue.submit(waiting)
+
+
+class CancellableEngine:
+    """Runs until cancelled, then ends as ``on_cancel`` says: "stops" (the run fails, the worker serves on),
+    "killed" (the worker is lost: ``Lost``), or "hangs" (ends only when the test releases it)."""
+
+    def __init__(self, on_cancel: str):
+        self.on_cancel = on_cancel
+        self.cancelled = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, request):
+        request.cancel = self.cancelled.set
+        self.cancelled.wait(30)
+        if self.on_cancel == "killed":
+            raise Lost("worker 0 did not answer the cancel within 2 s, so it was killed")
+        if self.on_cancel == "hangs":
+            self.release.wait(30)
+        raise ValueError("the run was terminated")
+
+
+@pytest.mark.parametrize("on_cancel, then", [
+    ("stops", "; the run was stopped and the worker serves the next request. "),
+    ("killed", "; the run was cancelled, but worker 0 did not answer the cancel within 2 s, so it was killed; "
+               "it left the pool (1 of 2 workers serve on). "),
+    ("hangs", "; the run is in limbo. "),
+])
+def test_a_run_that_timed_out_is_reported_once_its_worker_answered_the_cancel(on_cancel, then):
+    """The caller's error says what became of the worker, never a promise made before the worker answered."""
+    queue = RequestQueue(8, 2, "q", cancel_wait=0.5 if on_cancel == "hangs" else 10, cancel_pending="the run is in limbo")
+    engine = CancellableEngine(on_cancel)
+    thread = threading.Thread(target=serve, args=(queue, engine, 0, lambda exc, w: exc), daemon=True,
+                              kwargs={"fatal": (Lost,), "left_idle": lambda: "worker 0 was idle"})
+    thread.start()
+    request = Request({"n": 1}, timeout=0.2)
+    queue.submit(request)
+    with pytest.raises(WorkerTimeoutError) as caught:
+        queue.wait(request)
+    message = str(caught.value)
+    assert message.startswith("q: predict timed out after 0.2 s while worker 0 of 2 ran it (for 0.") and then in message
+    assert engine.cancelled.is_set()
+    if on_cancel == "killed":
+        assert queue.gone == {0: "worker 0 did not answer the cancel within 2 s, so it was killed"}
+    engine.release.set()
+    queue.close("test over")
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_a_joined_request_that_times_out_says_its_run_goes_on_for_the_others():
+    queue = RequestQueue(8, 1, "q", cancel_wait=10)
+    gate = threading.Event()
+
+    class JoinedEngine:
+        def run(self, request):
+            request.cancel = lambda: None
+            gate.wait(30)
+            return [request.feeds["x"] * 2]
+
+    first, second = Request({"x": np.ones((1, 2))}, timeout=0.2), Request({"x": np.full((2, 2), 3.0)}, timeout=30)
+    queue.submit(first)
+    queue.submit(second)
+    thread = threading.Thread(target=serve, args=(queue, JoinedEngine(), 0, lambda exc, w: exc, 2), daemon=True)
+    thread.start()
+    with pytest.raises(WorkerTimeoutError, match=r"while worker 0 of 1 ran it \(for 0\.\d+ s, after 0\.\d+ s in the "
+                                                 r"queue\); it runs joined with 1 other request\(s\) \(join_requests\), "
+                                                 r"which still want their outputs: worker 0 of 1 finishes that run"):
+        queue.wait(first)
+    gate.set()
+    assert (queue.wait(second)[0] == 6.0).all() and queue.wait(second)[0].shape == (2, 2)
+    queue.close("test over")
+    thread.join(5)
