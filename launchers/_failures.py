@@ -206,7 +206,7 @@ def format_report(failures: list[RankExit], stopped: list[RankExit], world: int 
     lines = [f"{where(first, world)} failed{count}: {first.how()}"]
     lines.extend(_output_lines(first))
     if len(failures) > 1:
-        lines.append("what followed (other ranks that failed after it):")
+        lines.append("what followed (the other ranks that failed; those that lost a peer come last):")
         for other in failures[1:]:
             last = f": {other.tail[-1]}" if other.tail else ""
             lines.append(f"  {where(other)} failed: {other.how()} {_when(other)}{last}")
@@ -268,7 +268,7 @@ def failure_error(exits: list[RankExit], world: int | None = None) -> RankFailed
     if early is not None:
         still_running = sorted({f.rank for f in failures} | {s.rank for s in stopped})
         lines = format_early_exit(early, still_running, [], world).splitlines()
-        lines.append("what followed (other ranks that failed after it):")
+        lines.append("what followed (the other ranks that failed; those that lost a peer come last):")
         for other in failures:
             lines.append(f"  {where(other)} failed: {other.how()} {_when(other)}: {other.tail[-1]}")
         lines.extend(_stopped_line(stopped))

@@ -23,7 +23,7 @@ def test_a_rank_that_left_with_code_0_is_the_root_cause_of_the_peer_losses_that_
     lines = str(error).splitlines()
     assert lines[0] == ("rank 1 of 3 on host h (pid 11) exited with exit code 0 before the job finished, "
                         "while ranks 0, 2 were still running")
-    assert "what followed (other ranks that failed after it):" in lines
+    assert "what followed (the other ranks that failed; those that lost a peer come last):" in lines
     assert lines[-2].startswith("  rank 0 on host h (pid 10) failed: exit code 1 at ")
     assert lines[-1].endswith("rank 1 (pid 11 on host h) exited")
     assert (error.first.shell_code or 1) == 1  # what orchestrate launch exits with

@@ -213,7 +213,7 @@ def test_report_lists_first_failure_then_the_rest():
     text = format_report(failures, stopped, 4)
     assert text.splitlines()[0] == "rank 2 of 4 on host h (pid 12) failed (first of 2 failed ranks): signal SIGSEGV (11)"
     assert text.splitlines()[1].endswith("; last line of its output:")
-    assert "what followed (other ranks that failed after it):\n  rank 1 on host h (pid 11) failed: exit code 2 at" in text
+    assert "what followed (the other ranks that failed; those that lost a peer come last):\n  rank 1 on host h (pid 11) failed: exit code 2 at" in text
     assert text.endswith("ValueError: late\nranks stopped afterwards: 0 (pid 10, signal SIGTERM (15))")
     assert RankExit.from_dict(exits[1].to_dict()) == exits[1]
 
@@ -236,7 +236,7 @@ def test_the_root_cause_is_who_failed_first_not_who_exited_first():
     assert RankExit(3, "h", 13, None, "SIGKILL", 3.0, ("hello",), last_output=2.9).failed_at == 3.0
     text = format_report(*split_failures([victim, cause]), 2)
     assert text.splitlines()[1].endswith("(exited 0.5 s later); last line of its output:")
-    assert "what followed (other ranks that failed after it):\n  rank 0 on host h (pid 10) failed: exit code 1 at " in text
+    assert "what followed (the other ranks that failed; those that lost a peer come last):\n  rank 0 on host h (pid 10) failed: exit code 1 at " in text
 
 
 def test_a_clean_exit_while_others_ran_is_named_when_nothing_else_failed():

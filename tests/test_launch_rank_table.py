@@ -245,7 +245,7 @@ def test_the_root_cause_is_the_rank_that_failed_first_not_the_peer_it_took_down(
     assert re.match(r"orchestrate launch rank-table: rank 1 of 2 on host \S+ \(pid \d+\) failed \(first of 2 failed "
                     r"ranks\): exit code 1\n  at .*; last line of its output:\n"
                     r"    \| error: ShardError: rank 1 was given another rank's shard \(on purpose\)\n", report), report
-    assert re.search(r"\nwhat followed \(other ranks that failed after it\):\n  rank 0 on host \S+ \(pid \d+\) failed: "
+    assert re.search(r"\nwhat followed \(the other ranks that failed; those that lost a peer come last\):\n  rank 0 on host \S+ \(pid \d+\) failed: "
                      r"exit code 1 at .*: error: PeerLostError: allreduce #2 on rank 0 of 2", report), report
     assert "ranks stopped afterwards" not in report
     # each error line once on the console and once in the report
