@@ -171,6 +171,14 @@ class DecoderIO:
             feeds[self.branch] = np.array([any(np.shape(v)[2] > 0 for v in cache.values())])
         return feeds
 
+    def check_request(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int) -> None:
+        """What this decoder cannot generate for (``prepare_prompts``' ids and mask), refused before any work."""
+        if (mask == 0).any() and (self.mask is None or self.positions is None):
+            raise InputError(f"prompts of different lengths need a model that takes an attention mask and position "
+                             f"ids (left padding); {self.label} takes "
+                             f"{[n for n in (self.ids, self.mask, self.positions) if n]}")
+        check_prompts(ids, mask, max_new_tokens, self.tables, self.label)
+
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         return {past: np.zeros((batch, heads, 0, dim), dtype) for past, (heads, dim, dtype) in self.past_shapes.items()}
 
@@ -245,11 +253,7 @@ def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask
         seed = int.from_bytes(os.urandom(4), "little")  # (on ranks the caller sends one seed to all)
     ids, mask = prepare_prompts(input_ids, attention_mask)
     batch = ids.shape[0]
-    padded = bool((mask == 0).any())
-    if padded and (io.mask is None or io.positions is None):
-        raise InputError(f"prompts of different lengths need a model that takes an attention mask and position ids "
-                         f"(left padding); this one takes {[n for n in (io.ids, io.mask, io.positions) if n]}")
-    check_prompts(ids, mask, max_new_tokens, io.tables, io.label)
+    io.check_request(ids, mask, max_new_tokens)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     cache = io.empty_cache(batch)
     done = np.zeros(batch, dtype=bool)
@@ -349,11 +353,8 @@ def check_decoder_file(model_path, input_ids, max_new_tokens: int, *, attention_
     initializers = {t.name for t in proto.graph.initializer}
     io = DecoderIO([_Arg(v) for v in proto.graph.input if v.name not in initializers],
                    [_Arg(v) for v in proto.graph.output], cache=cache, label=str(model_path))
-    ids, mask = prepare_prompts(input_ids, attention_mask)
-    check_prompts(ids, mask, max_new_tokens, decoder_tables(proto), str(model_path))
-    if (mask == 0).any() and (io.mask is None or io.positions is None):
-        raise InputError(f"prompts of different lengths need a model that takes an attention mask and position ids "
-                         f"(left padding); {model_path} takes {[n for n in (io.ids, io.mask, io.positions) if n]}")
+    io.tables = decoder_tables(proto)
+    io.check_request(*prepare_prompts(input_ids, attention_mask), max_new_tokens)
 
 
 class _Arg:
@@ -363,12 +364,8 @@ class _Arg:
         tensor = value.type.tensor_type
         self.name = value.name
         self.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
-        self.type = f"tensor({_ORT_TYPE_NAMES.get(tensor.elem_type, 'unknown')})"
-
-
-_ORT_TYPE_NAMES = {onnx.TensorProto.FLOAT: "float", onnx.TensorProto.FLOAT16: "float16",
-                   onnx.TensorProto.DOUBLE: "double", onnx.TensorProto.BFLOAT16: "bfloat16",
-                   onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool"}
+        # ONNX Runtime's names are ONNX's own in lower case: FLOAT -> tensor(float), INT64 -> tensor(int64)
+        self.type = f"tensor({onnx.TensorProto.DataType.Name(tensor.elem_type).lower()})"
 
 
 # -- one rank of a sharded model -------------------------------------------------------------

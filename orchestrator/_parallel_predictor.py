@@ -559,11 +559,12 @@ class ParallelPredictor:
 
     def _run(self, request_id: int, arrays: list[np.ndarray], plan: list[int], timeout: float) -> list[Tensor]:
         workers = self._workers.workers
+        ends = np.cumsum(plan).tolist()
+        # {worker: (first row, end)} of the workers this request gives rows to
+        rows = {w.index: (end - count, end) for w, count, end in zip(workers, plan, ends) if count}
         dead = self._hang_ups.poll(0)
         if dead:  # died between requests: nothing of this request was sent, and it cannot run without them
-            ends = np.cumsum(plan).tolist()
-            planned = {i: (end - count, end) for i, (count, end) in enumerate(zip(plan, ends))}
-            error = self._died_idle([workers[i] for i in dead], request_id, planned)
+            error = self._died_idle([workers[i] for i in dead], request_id, rows)
             self._break(error.reason)
             raise error
         names = [name for name, _, _ in workers[0].info["inputs"]]
@@ -575,13 +576,11 @@ class ParallelPredictor:
         if forget:
             for w in workers:
                 w.forget.extend(forget)
-        rows: dict[int, tuple[int, int]] = {}
-        start = 0
         try:
             for w, count in zip(workers, plan):
                 if count == 0:
                     continue
-                rows[w.index] = (start, start + count)
+                start = rows[w.index][0]
                 parts = [a if name in self._broadcast else a[start:start + count] for name, a in zip(names, arrays)]
                 specs, in_end = layout([(n, p.dtype, p.shape) for n, p in zip(names, parts)], 0)
                 w.slot.ensure(in_end, 0 if block else self._expected_output_bytes(w, count))
@@ -589,7 +588,6 @@ class ParallelPredictor:
                 placement = None
                 if block is not None:
                     placement = [_rows_of(spec, start, count) for spec in joined]
-                start += count
                 forget, w.forget = w.forget, []
                 try:
                     w.channel.send(proto.encode(
