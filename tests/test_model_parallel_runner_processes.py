@@ -7,12 +7,15 @@ errors, closing) is tested for both in test_model_parallel_runner_failures.py.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 import numpy as np
@@ -49,8 +52,18 @@ def worker_pids(runner) -> list[int]:
 
 
 def running_on(runner, worker: int) -> bool:
+    """Whether ``worker``'s process has read a request: one is armed on it and nothing is left unread in its
+    socket. A worker killed before it read the PREDICT never ran it, so the pool rightly gives the request to
+    another worker; a test that means to kill a worker mid-request must wait for this."""
     request = runner._queue._running.get(worker)
-    return request is not None and request.cancel is not None
+    if request is None or request.cancel is None:
+        return False
+    channel = runner._backend.engines[worker].channel
+    try:
+        unread = struct.unpack("i", fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return False
+    return unread == 0
 
 
 def our_segments() -> list[str]:
