@@ -32,11 +32,19 @@ def add_bytes(data, x2):
 def add_to_bytes(x1, x2):
     y = register.call_servable(x1, x2)
     return register.call_postprocess(lambda v: v.tobytes(), y)
+
+
+@register.register_method(output_names=["total", "first"])
+def add_total(x1, x2):
+    """Outputs of shape [] and [1]: what MindSpore Serving's two client versions return differently."""
+    y = register.call_servable(x1, x2)
+    return register.call_postprocess(lambda v: (np.float32(v.sum()), v.reshape(-1)[:1]), y)
 '''
 
 
 @pytest.fixture(scope="module")
-def rest(tmp_path_factory):
+def ports(tmp_path_factory):
+    """(gRPC port, REST base URL) of the module's server."""
     tmp = tmp_path_factory.mktemp("rest")
     folder = example_copy(tmp, versions=2)
     write_sub_model(folder / "add" / "2" / "tensor_add.onnx")
@@ -44,10 +52,15 @@ def rest(tmp_path_factory):
     config.write_text(config.read_text() + BYTES_METHODS)
     servers = Servers(tmp / "logs")
     try:
-        _, port = serve_two_versions(servers, folder)
-        yield f"http://127.0.0.1:{port}"
+        grpc_port, port = serve_two_versions(servers, folder)
+        yield grpc_port, f"http://127.0.0.1:{port}"
     finally:
         servers.stop_all()
+
+
+@pytest.fixture(scope="module")
+def rest(ports):
+    return ports[1]
 
 
 def post(base: str, path: str, body, *, method: str = "POST") -> tuple[int, dict]:
@@ -168,3 +181,45 @@ def test_only_post_is_served_and_the_server_keeps_serving_after_bad_requests(res
     assert status == 405 and "only POST" in reply["error_msg"]
     status, reply = post(rest, "/model/add/version/1:add_common", {"instances": [{"x1": X1, "x2": ONES}]})
     assert status == 200 and reply == {"instances": [{"y": [[2.0, 3.0], [4.0, 5.0]]}]}
+
+
+def test_the_grpc_client_takes_both_of_mindspore_servings_forms_and_returns_outputs_as_each_did(ports):
+    from orchestrator.serving.client import Client
+
+    grpc_port, rest = ports
+    x = {"x1": np.array(X1, np.float32), "x2": np.array(ONES, np.float32)}
+    # 1.2's form, positional or by keyword: shapes [] and [1] come back as numpy scalars, as its client gave them.
+    for client in (Client("localhost", grpc_port, "add", "add_total", version_number=1),
+                   Client("localhost", port=grpc_port, servable_name="add", method_name="add_total", version_number=1),
+                   Client(ip="localhost", port=grpc_port, servable_name="add", method_name="add_total",
+                          version_number=1, max_msg_mb_size=16)):
+        [reply] = client.infer(x)
+        assert isinstance(reply["total"], np.float32) and reply["total"] == 14.0
+        assert isinstance(reply["first"], np.float32) and reply["first"] == 2.0
+    # 1.3's form: arrays of the shapes sent, as its client reshapes them.
+    for client in (Client(f"127.0.0.1:{grpc_port}", "add", "add_total", 1),
+                   Client(address=f"127.0.0.1:{grpc_port}", servable_name="add", method_name="add_total",
+                          version_number=1, ssl_config=None)):
+        [reply] = client.infer(x)
+        assert isinstance(reply["total"], np.ndarray) and reply["total"].shape == () and reply["total"] == 14.0
+        assert isinstance(reply["first"], np.ndarray) and reply["first"].tolist() == [2.0]
+    # REST gives both as JSON: the scalar a number, the [1] a list.
+    assert post(rest, "/model/add/version/1:add_total", {"instances": [{"x1": X1, "x2": ONES}]})[1] == {
+        "instances": [{"total": 14.0, "first": [2.0]}]}
+
+
+@pytest.mark.parametrize("args, kwargs, error, text", [
+    (("localhost", "5500", "add", "add_common"), {}, RuntimeError, "Parameter 'port' should be an int, but actually '5500'"),
+    (("localhost:5500", "add"), {}, TypeError, "fit neither of MindSpore Serving's forms (missing a required argument: 'method_name')"),
+    (("localhost", 5500, "add", "add_common"), {"ssl_config": None}, TypeError, "got an unexpected keyword argument 'ssl_config'"),
+    (("localhost:5500", "add", "add_common"), {"max_msg_mb_size": 8}, TypeError, "unexpected keyword argument 'max_msg_mb_size'"),
+    (("localhost:port", "add", "add_common"), {}, RuntimeError, "Parameter 'address' should be 'host:port', but actually 'localhost:port'"),
+    (("localhost:5500", "add", "add_common"), {"ssl_config": object()}, RuntimeError, "servers speak plain gRPC (no TLS); pass ssl_config=None"),
+    (("localhost", 70000, "add", "add_common"), {}, RuntimeError, "Parameter 'port' should be in range [0, 65535], but actually 70000"),
+])
+def test_client_arguments_that_fit_neither_form_name_what_is_wrong(args, kwargs, error, text):
+    from orchestrator.serving.client import Client
+
+    with pytest.raises(error) as info:
+        Client(*args, **kwargs)
+    assert text in str(info.value), str(info.value)

@@ -118,7 +118,9 @@ def test_the_newer_clients_address_form_async_calls_and_a_server_that_is_gone(ve
     pending = Client(f"127.0.0.1:{port}", "add", "add_common", version_number=1).infer_async([ones, ones])
     assert [r["y"].tolist() for r in pending.result()] == [[[2.0, 2.0], [2.0, 2.0]]] * 2
     gone = Client("127.0.0.1", 1, "add", "add_common", timeout=5).infer(ones)
-    assert set(gone) == {"error"} and gone["error"].startswith("gRPC error UNAVAILABLE calling 127.0.0.1:1")
+    # MindSpore Serving's text ("Grpc Error, " and grpc's status value), then the server called.
+    assert set(gone) == {"error"} and gone["error"].startswith("Grpc Error, (14, 'unavailable'), "), gone
+    assert gone["error"].endswith("(calling 127.0.0.1:1)"), gone
 
 
 CLIENT_FROM_PROTO = textwrap.dedent("""
