@@ -9,8 +9,11 @@ Runtime types is in ``DataType.from_numpy``/``to_numpy`` and
 amount of data), so a flat array read with ``np.fromfile`` fills a
 ``[1, 3, 224, 224]`` input as it does there:
 
-* a tensor whose shape is fully known takes any array of its dtype with the
-  same number of elements, reshaped to the tensor's shape;
+* a tensor whose shape is fully known takes an array of its dtype with the
+  same number of elements, reshaped to the tensor's shape, when the array is
+  of another rank (a flat buffer) or differs only where sizes are 1; an array
+  of the same rank with other sizes ([1, 3, 224, 224] for [1, 224, 224, 3])
+  is refused: reshaping it would silently scramble a layout;
 * a tensor with free (-1) dimensions takes an array of the same rank whose
   fixed dimensions match, and takes the array's shape;
 * anything else is an error that names both the array and the tensor.
@@ -382,7 +385,17 @@ def fit_shape(what: str, expected: list[int], array: np.ndarray, owner: str = "t
     if all(d >= 0 for d in expected):
         wanted = math.prod(expected)
         if array.size == wanted:
-            return array if list(array.shape) == expected else array.reshape(expected)
+            if list(array.shape) == expected:
+                return array
+            if array.ndim == len(expected) and _without_ones(array.shape) != _without_ones(expected):
+                # Same rank, other sizes: a layout mistake (NCHW for NHWC), which a reshape would turn into wrong
+                # numbers without a word. Only a flat buffer or an array of another rank is taken as raw data.
+                raise InputError(
+                    f"{what}: shape {list(array.shape)} does not match {_spell(expected)}: the same {wanted} elements "
+                    f"in another arrangement (a layout such as NCHW given for NHWC?). An array of {owner}'s rank must "
+                    f"have its shape: transpose it, or reshape it yourself if its memory order is already right"
+                )
+            return array.reshape(expected)
         raise InputError(
             f"{what}: shape {list(array.shape)} does not match {_spell(expected)}: the array holds {array.size} "
             f"{array.dtype} elements, {owner} takes {wanted} (an array of any shape with {wanted} elements is reshaped)"
@@ -395,6 +408,11 @@ def fit_shape(what: str, expected: list[int], array: np.ndarray, owner: str = "t
         )
         raise InputError(f"{exc} (array: {describe_array(array)}){hint}") from None
     return array
+
+
+def _without_ones(shape) -> list[int]:
+    """The sizes other than 1, in order: two shapes that agree on these hold their elements in the same order."""
+    return [int(d) for d in shape if d != 1]
 
 
 def check_shape(name: str, expected: list[int], got, *, what: str | None = None) -> None:

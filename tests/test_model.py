@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 
 import orchestrator as mslite
+from orchestrator import write_sample_model
 from ranks import ConfigError, ConfigTypeError, InputError, InputTypeError, ModelError, ModelNotFoundError
 
 TOL = 1e-5  # same engine, same graph: outputs must agree to float32 rounding
@@ -89,10 +90,10 @@ def test_bad_inputs(sample, inputs, message, builtin):
     assert isinstance(info.value, builtin)  # what MindSpore Lite raises, for ported except clauses
 
 
-def test_fully_known_input_takes_any_array_with_its_element_count(sample):
+def test_fully_known_input_takes_an_array_of_another_rank_with_its_element_count(sample):
     model = build(sample("add"))
     x = np.arange(4, dtype=np.float32)
-    (z,) = model.predict([x, np.ones((1, 4), np.float32)])  # reshaped to [2, 2], as set_data_from_numpy does
+    (z,) = model.predict([x, np.ones((1, 2, 2), np.float32)])  # reshaped to [2, 2], as set_data_from_numpy does
     np.testing.assert_array_equal(z.get_data_to_numpy(), x.reshape(2, 2) + 1)
 
 
@@ -110,7 +111,7 @@ def test_set_data_checks_dtype_and_element_count_like_mindspore_lite(sample):
     tensor = model.get_inputs()[0]
     tensor.set_data_from_numpy(np.arange(4, dtype=np.float32))  # flat, as np.fromfile gives it
     assert tensor.shape == [2, 2] and tensor.get_data_to_numpy().shape == (2, 2)
-    tensor.set_data_from_numpy(np.ones((1, 4), np.float32))
+    tensor.set_data_from_numpy(np.ones((1, 2, 2), np.float32))
     assert tensor.get_data_to_numpy().shape == (2, 2)
     with pytest.raises(RuntimeError, match=r"tensor 'x': shape \[1, 5\] does not match \[2, 2\]: the array holds 5 float32 "
                                            r"elements, the tensor takes 4") as info:
@@ -123,6 +124,32 @@ def test_set_data_checks_dtype_and_element_count_like_mindspore_lite(sample):
         tensor.set_data_from_numpy([[1.0, 2.0], [3.0, 4.0]])
     with pytest.raises(TypeError, match="numpy dtype complex64 is not supported"):
         tensor.set_data_from_numpy(np.ones((2, 2), np.complex64))
+
+
+def test_an_array_of_the_inputs_rank_in_another_arrangement_is_refused_not_scrambled(sample, tmp_path):
+    """[1, 3, 32, 32] into a [1, 32, 32, 3] input holds the right number of elements, but reshaping it would feed
+    the model a scrambled image and return wrong numbers without a word: refused, in set_data_from_numpy and in
+    predict. A flat buffer, another rank, or sizes of 1 moved about (the same memory order) are still reshaped."""
+    model = build(sample("add"))
+    tensor = model.get_inputs()[0]  # [2, 2]
+    with pytest.raises(InputError, match=r"tensor 'x': shape \[4, 1\] does not match \[2, 2\]: the same 4 elements in another "
+                                         r"arrangement \(a layout such as NCHW given for NHWC\?\)\. An array of the tensor's "
+                                         r"rank must have its shape: transpose it, or reshape it yourself"):
+        tensor.set_data_from_numpy(np.ones((4, 1), np.float32))
+    with pytest.raises(InputError, match=r"input 'x': shape \[1, 4\] does not match \[2, 2\]: the same 4 elements in another "
+                                         r"arrangement .*An array of the input's rank must have its shape"):
+        model.predict([np.ones((1, 4), np.float32), np.ones((2, 2), np.float32)])
+    path = write_sample_model("image", tmp_path / "nhwc.onnx", batch=1, layout="NHWC", size=32, classes=10)
+    nhwc = build(path)
+    assert nhwc.get_inputs()[0].shape == [1, 32, 32, 3]
+    nchw = np.random.default_rng(3).random((1, 3, 32, 32), dtype=np.float32)
+    with pytest.raises(InputError, match=r"shape \[1, 3, 32, 32\] does not match \[1, 32, 32, 3\]: the same 3072 elements"):
+        nhwc.predict([mslite.Tensor(nchw)])
+    # What is still taken as raw data: a flat buffer, another rank, and sizes of 1 moved about.
+    image = nchw.transpose(0, 2, 3, 1)
+    expected = reference(path, {"x": image})[0]
+    for given in (image.reshape(-1), image.reshape(32, 32, 3), image.reshape(32, 32, 3, 1)):
+        np.testing.assert_allclose(nhwc.predict([given])[0].get_data_to_numpy(), expected, atol=TOL)
 
 
 def test_set_data_with_free_dimensions_takes_the_arrays_shape(sample):
