@@ -92,6 +92,15 @@ class RankExit:
         return bool(self.tail) and _PEER_LOST.search(self.tail[-1]) is not None
 
     @property
+    def peer_lost_line(self) -> str:
+        """The line of its PeerLostError, which names the peer it lost: the last line, or the last that names
+        the error (the MPI door writes "uncaught PeerLostError; aborting the MPI job" after it)."""
+        for line in reversed(self.tail):
+            if _PEER_LOST.search(line) and "aborting the MPI job" not in line:
+                return line
+        return self.tail[-1] if self.tail else ""
+
+    @property
     def failed_at(self) -> float:
         """When it failed: the time of its last line when it exited by itself within
         ``ERROR_LINE_WINDOW`` seconds of that line (the line is its error), else its exit time."""
@@ -250,7 +259,7 @@ def left_early(exits: list[RankExit], failures: list[RankExit]) -> RankExit | No
         return None
     for candidate in sorted((e for e in exits if not e.failed and not e.stopped), key=lambda e: (e.time, e.rank)):
         named = re.compile(rf"\brank {candidate.rank}\b")
-        if candidate.time <= failures[0].time and any(named.search(f.tail[-1]) for f in failures):
+        if candidate.time <= failures[0].time and any(named.search(f.peer_lost_line) for f in failures):
             return candidate
     return None
 

@@ -36,9 +36,11 @@ records: when the program fails on its own it writes the one line
 ``NAME: rank R on host H (pid P) failed: exit code C`` (or ``signal SIGX (N)``) instead.
 The script reports the first watcher that ends, so the watcher of a rank that failed because it lost
 a peer (a ``PeerLostError``) waits up to ``PEER_LOST_GRACE`` s before it ends: the peer's is seen first.
-A rank that exits with code 0 while the other watchers of its parent still run ``EARLY_EXIT_WAIT`` s
-later (it left while its peers needed it: ``os._exit(0)``, say) gets the line
+The watcher of a rank that exits with code 0 while the other watchers of its parent still run stays until
+they end; when one of their ranks fails meanwhile (it may have lost this one: ``os._exit(0)`` while its
+peers needed it, say), it writes
 ``NAME: rank R on host H (pid P) exited with exit code 0 while rank Q was still running``.
+Ranks that simply finish at different times write nothing.
 
 ``launchers/run_mpi.sh`` runs each MPI rank under it with ``--report-as run_mpi.sh`` (mpirun itself
 only knows the watcher's pid), and mpirun with ``--exec``: the wrapper then only gives mpirun a
@@ -81,10 +83,12 @@ _EXITED_0 = "rank-exited-0"  # a watcher's process name once its rank exited wit
 # PeerLostError) waits before it exits, so that the script sees the watcher of the rank that failed
 # first end first (the launchers order such failures after the others: launchers/_failures.py).
 PEER_LOST_GRACE = 1.0
-# --report-as: how long the watcher of a rank that exited with code 0 waits for the other ranks' watchers
-# to end before it names its rank as one that left while they still ran (shorter than PEER_LOST_GRACE,
-# so that its line comes before that of the peer which lost it).
-EARLY_EXIT_WAIT = 0.5
+# --report-as: the watcher of a rank that exited with code 0 while other ranks of its host still run stays
+# until they end, looking this often for one whose rank failed (its watcher renames itself _FAILED at once);
+# then it names its rank as one that left while they ran. Far shorter than PEER_LOST_GRACE, so that its line
+# comes before that of the peer which lost it. Ranks that merely finish at different times print nothing.
+EARLY_EXIT_POLL = 0.02
+_FAILED = "rank-failed"  # a watcher's process name once its rank failed (at most 15 bytes)
 # What ranks._comm_mpi writes when it aborts the MPI job (uncaught exception, timeout): the rank failed on
 # its own, even when mpirun's stop of the whole job reaches its watcher before it has exited.
 _ABORTING = "aborting the MPI job"
@@ -256,6 +260,8 @@ class _Wrapper:
         ended = time.time()
         if code == 0 and self.report_as is not None:
             _set_process_name(_EXITED_0)  # its siblings must not count this watcher as a rank still running
+        elif self.report_as is not None:
+            _set_process_name(_FAILED)  # a sibling whose rank left with code 0 learns the job is failing
         stopped = self.stopped
         drained = time.monotonic() + 2.0  # one deadline: a grandchild may hold both pipes open
         for reader in readers:
@@ -270,8 +276,13 @@ class _Wrapper:
             with self.lock:
                 sys.stderr.write(f"{self.report_as}: rank {self.rank} on host {self.host} (pid {self.proc.pid}) failed: {how}\n")
                 sys.stderr.flush()
+        # Whatever the program left in its group goes with it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self.report_as is not None and code == 0 and self.stop_requested is None:
-            still = self._siblings_running()
+            still = self._running_when_a_sibling_failed()
             if still:
                 # Nobody else can name it: its peers fail with a lost peer (or mpirun names this watcher's pid).
                 ranks = f"rank {still[0]} was" if len(still) == 1 else f"ranks {', '.join(map(str, still))} were"
@@ -279,11 +290,6 @@ class _Wrapper:
                     sys.stderr.write(f"{self.report_as}: rank {self.rank} on host {self.host} (pid {self.proc.pid}) exited "
                                      f"with exit code 0 while {ranks} still running\n")
                     sys.stderr.flush()
-        # Whatever the program left in its group goes with it.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         with self.lock:
             tail = list(self.err_tail) or list(self.out_tail)
         self.record(
@@ -300,16 +306,19 @@ class _Wrapper:
         return code if code >= 0 else 128 - code
 
 
-    def _siblings_running(self) -> list[int]:
-        """The ranks of the other watchers of this job on this host (same parent) still running
-        ``EARLY_EXIT_WAIT`` s after this rank exited with code 0 (ranks that finish together do not count)."""
+    def _running_when_a_sibling_failed(self) -> list[int]:
+        """After this rank exited with code 0: wait while the other ranks' watchers of this job on this host
+        (same parent) run; the ranks still running when one of them is seen to have failed, or [] when they all
+        ended without a failure (ranks finish at different times) or the job is being stopped."""
         parent = self.parent if self.parent is not None else os.getppid()
-        deadline = time.monotonic() + EARLY_EXIT_WAIT
-        while True:
-            running = _sibling_ranks(parent)
-            if not running or time.monotonic() >= deadline or self.stop_requested is not None:
-                return [] if self.stop_requested is not None else sorted(running)
-            time.sleep(0.02)
+        while self.stop_requested is None:
+            running, failed = _sibling_ranks(parent), _failed_siblings(parent)
+            if failed:
+                return sorted(running)
+            if not running:
+                return []
+            time.sleep(EARLY_EXIT_POLL)
+        return []
 
     def _lost_a_peer(self) -> bool:
         with self.lock:
@@ -331,6 +340,20 @@ def _children(pid: int) -> list[int]:
             return [int(child) for child in f.read().split()]
     except (OSError, ValueError):
         return []
+
+
+def _failed_siblings(parent: int) -> bool:
+    """Whether another rank watcher of ``parent`` has seen its rank fail (it renamed itself ``_FAILED``)."""
+    for pid in _children(parent):
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == _FAILED:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _sibling_ranks(parent: int) -> set[int]:

@@ -67,6 +67,10 @@ _ROW = struct.Struct("3q")  # (sequence number, call key, row count): allgather'
 _CALL = struct.Struct("3q")  # a rank's (verb, call key, row count) in the per-host segment, then:
 _SEQ = struct.Struct("q")  # its sequence number, written last: a reader that sees it sees the rest
 _STRIDE = 128  # two cache lines per rank, so ranks never write the same line: the call slots, then:
+_LIVENESS_SECONDS = 0.1  # how often a waiting collective looks whether its local peers' processes still exist
+# How long a peer must be seen gone before it is blamed: its launcher's watcher reports its exit meanwhile
+# (orchestrate launch names a rank that left with code 0 as the root cause only when it has its record).
+_DEAD_GRACE_SECONDS = 0.5
 _CLOSED_AT = 64  # where a rank that closed its communicator writes its last call's number + 1 (0: open)
 _CLOSED = struct.Struct("q")
 # Two slots per rank, by parity of the sequence number: a peer may run one call
@@ -146,6 +150,16 @@ def _rank_of(environ) -> int | None:
         if value.isdigit():
             return int(value)
     return None
+
+
+def _process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host and has not ended (a zombie has ended: its parent has not
+    reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _local_rank_pids(job: str) -> dict[int, int]:
@@ -334,6 +348,8 @@ class MpiCommunicator(Communicator):
         self._seq = 0
         self._broken: str | None = None
         self._closed = False
+        self._liveness_at = 0.0  # when _dead_peer next looks at the local peers' processes
+        self._seen_dead: dict[int, float] = {}  # world rank -> when _dead_peer first saw its process gone
         self._pending: list = []
         self._pool = ResultPool()
         self._gather_in = array.array("q", bytes(24))
@@ -528,10 +544,7 @@ class MpiCommunicator(Communicator):
         for j, world in enumerate(self._node_world):
             if world == self.rank:
                 continue
-            opcode, _, _, seq = max(
-                _PROGRESS.unpack_from(self._progress_buf, _STRIDE * j), _PROGRESS.unpack_from(self._progress_buf, _STRIDE * j + _SLOT),
-                key=lambda row: row[3],
-            )
+            seq, opcode = self._last_call(j)
             if seq < self._seq:
                 last = f"operation #{seq} ({_op_name(opcode)})" if seq else "no operation yet"
                 behind.append(f"rank {world} (pid {self._pids[world]}; it is at {last})")
@@ -556,6 +569,43 @@ class MpiCommunicator(Communicator):
                 gone.append((self._node_world[j], closed - 1))
         return gone
 
+    def _last_call(self, j: int) -> tuple[int, int]:
+        """(number, opcode) of the last call local peer ``j`` started, from its row of the per-host segment."""
+        opcode, _, _, seq = max(
+            _PROGRESS.unpack_from(self._progress_buf, _STRIDE * j), _PROGRESS.unpack_from(self._progress_buf, _STRIDE * j + _SLOT),
+            key=lambda row: row[3],
+        )
+        return seq, opcode
+
+    def _dead_peer(self, op: str, seq: int, done) -> None:
+        """PeerLostError when a local peer's process is gone without closing its communicator (``os._exit``, a
+        crash that MPI did not turn into an abort): it will never come, so waiting for the timeout would only
+        delay the report and blame this call. Looked at every ``_LIVENESS_SECONDS``; blamed once seen gone for
+        ``_DEAD_GRACE_SECONDS`` and ``done()`` is still false (a peer that made its part of this call may exit
+        before we see the end)."""
+        now = time.monotonic()
+        if self._segment is None or now < self._liveness_at:
+            return
+        self._liveness_at = now + _LIVENESS_SECONDS
+        for j in self._local_peers:
+            world = self._node_world[j]
+            pid = self._pids[world]
+            (closed,) = _CLOSED.unpack_from(self._progress_buf, _STRIDE * j + _CLOSED_AT)
+            if closed or _process_running(pid):
+                continue
+            seen = self._seen_dead.setdefault(world, now)
+            if now - seen < _DEAD_GRACE_SECONDS or done():
+                continue
+            last, opcode = self._last_call(j)
+            did = f"after operation #{last} ({_op_name(opcode)})" if last else "before its first operation"
+            message = (
+                f"{op} #{seq} on rank {self.rank} of {self.size}: rank {world} (pid {pid}) "
+                f"exited {did} without closing its communicator and will make no more calls; every rank must make "
+                f"the same collective calls (to stop every rank at once, call comm.abort(reason))"
+            )
+            self._broken = message
+            raise PeerLostError(message)
+
     def _check_no_peer_left(self, op: str, seq: int) -> None:
         """PeerLostError at once when a peer this call waits for has closed its communicator (it will never come)."""
         gone = self._closed_peers(seq)
@@ -579,6 +629,7 @@ class MpiCommunicator(Communicator):
             if spins & 1023 == 0:
                 now = time.monotonic()
                 self._check_no_peer_left(op, seq)
+                self._dead_peer(op, seq, done)
                 if now > deadline:
                     message = (
                         f"{op} #{seq} on rank {self.rank} of {self.size} timed out after {now - start:.1f} s: "

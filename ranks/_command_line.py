@@ -72,6 +72,11 @@ class ArgumentParser(argparse.ArgumentParser):
         args = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(self._respell(args), namespace)
 
+    def error(self, message: str):
+        """A usage error is one line, as every other error of the command line: what is wrong and where help
+        is (argparse would print the whole usage block first), then exit status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
     def format_help(self) -> str:
         text = super().format_help()
         if any("-" in o[2:] or "_" in o[2:] for o in self._option_string_actions if o.startswith("--")):

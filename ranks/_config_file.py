@@ -183,13 +183,25 @@ def _flat_value(name: str, value) -> str:
     return str(value)
 
 
+_WARNED: set[tuple] = set()  # (source, message, args) already logged by this process
+
+
+def _warn_once(source: str, message: str, *args) -> None:
+    """Log a warning about ``source`` once per process: a file read twice (``python -m ranks`` reads the rank
+    table's name from it, then builds the model with it) must not repeat its lines."""
+    key = (source, message, args)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message, source, *args)
+
+
 def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) -> RankConfig:
     config = RankConfig(source=source)
     for name, values in sections.items():
         known = KNOWN_SECTIONS.get(name)
         if known is None:
             if name in MINDSPORE_LITE_ONLY_SECTIONS:
-                log.warning("%s: section [%s] is MindSpore Lite's and has no effect on ONNX Runtime; ignored", source, name)
+                _warn_once(source, "%s: section [%s] is MindSpore Lite's and has no effect on ONNX Runtime; ignored", name)
             config.extra[name] = values
             continue
         kept = {}
@@ -197,7 +209,7 @@ def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) 
             if key in known:
                 kept[key] = value
             elif key in MINDSPORE_LITE_ONLY_KEYS.get(name, ()):
-                log.warning("%s: [%s] %s is a MindSpore Lite option with no effect on ONNX Runtime; ignored", source, name, key)
+                _warn_once(source, "%s: [%s] %s is a MindSpore Lite option with no effect on ONNX Runtime; ignored", name, key)
             else:
                 also = MINDSPORE_LITE_ONLY_KEYS.get(name, ())
                 raise ConfigError(

@@ -294,7 +294,10 @@ class SharedWeights:
         try:
             target = _readlink(_shared_memory.peer_fd_path(pid, fd))
             if not target.startswith(f"/memfd:{MEMFD_NAME}"):
-                raise ModelError(f"{what} does not name published weights: that fd is {target!r}; the publisher closed its model, {never}")
+                raise ModelError(
+                    f"{what} is stale: process {pid} is running, but its fd {fd} is no longer published weights (it is "
+                    f"now {target!r}, reused after the publisher closed its model (Model.close) or was rebuilt), {never}"
+                )
             if not _shared_memory.is_sealed(own_fd):
                 raise ModelError(f"{what} names memory that is not sealed, so not (yet) published weights")
             mapping = _shared_memory.map_readonly(own_fd)

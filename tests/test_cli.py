@@ -242,6 +242,4 @@ def test_exit_code_2_for_usage_errors_1_for_runtime_errors(case, files):
     assert "Traceback" not in result.stderr
     if code == 2 or not case.startswith("launch"):  # a launch's runtime error quotes the ranks' output too
         lines = error_lines(result.stderr)
-        if lines[0].startswith("usage:"):  # argparse's own: the usage, then one error line
-            lines = [line for line in lines if not line.startswith(("usage:", " "))]
         assert len(lines) == 1, result.stderr

@@ -106,6 +106,12 @@ def test_mindspore_lite_keys_without_effect_warn_once_and_load(tmp_path, caplog)
     assert all("\n" not in m for m in messages)
     assert "op_select_impl_mode" not in config.sections["ascend_context"]
     assert config.rank_table_file == str(tmp_path / "t.json")
+    # Read again by the same process (python -m ranks reads the rank table's name, then builds the model
+    # with the file): its lines are not repeated.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="orchestrator.config"):
+        assert load_config(write(tmp_path, text)).rank_table_file == str(tmp_path / "t.json")
+    assert caplog.records == []
 
 
 def test_a_key_nobody_knows_stays_an_error(tmp_path):

@@ -39,3 +39,18 @@ def test_a_rank_that_finished_is_not_blamed_for_other_failures():
     # a rank that ended after the failure
     late = RankExit(1, "h", 11, 0, None, 2.0, ("done",))
     assert left_early([late, _lost(0, 1, 1.2)], [_lost(0, 1, 1.2)]) is None
+
+
+def test_under_mpi_the_peer_lost_line_is_read_before_the_abort_line_that_follows_it():
+    # The MPI door's peer writes its PeerLostError, then "uncaught PeerLostError; aborting the MPI job": the rank
+    # it lost is named in the first of the two.
+    left = RankExit(1, "h", 11, 0, None, 1.0, ("FAULT exit0",), last_output=0.9)
+    lost = RankExit(0, "h", 10, 1, None, 1.6, (
+        "ranks._errors.PeerLostError: allreduce #2 on rank 0 of 2: rank 1 (pid 11) exited after operation #1 "
+        "(allreduce) without closing its communicator and will make no more calls",
+        "rank 0 of 2: uncaught PeerLostError; aborting the MPI job so the other ranks do not wait",
+    ), last_output=1.5)
+    error = failure_error([lost, left], 2)
+    assert error.first is left
+    assert str(error).splitlines()[0] == ("rank 1 of 2 on host h (pid 11) exited with exit code 0 before the job "
+                                          "finished, while rank 0 was still running")
