@@ -9,6 +9,8 @@ the packages, so every layer can be used without the command line.
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import sys
 import warnings
 
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
     except (OrchestratorError, OSError) as exc:
         remove_made_directories()
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            return _quiet_broken_pipe()
         return report(exc, f"orchestrate {args.command}")
     except BaseException:
         remove_made_directories()
@@ -64,6 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         remove_made_directories()
     return code
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (``orchestrate ... | head``): its write end
+    then polls as an error."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_broken_pipe() -> int:
+    """Stop quietly, as other command-line tools do when their reader stops reading: no error line, status 141
+    (128 + SIGPIPE); standard output goes to /dev/null so that Python's own flush at exit does not complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 def _one_line_warnings(prog: str) -> None:

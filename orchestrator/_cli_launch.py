@@ -92,7 +92,7 @@ def register(subparsers) -> None:
     over.add_argument("--oversubscribe", dest="oversubscribe", action="store_true", default=None,
                       help="allow more ranks than cores (default: on when -n exceeds this host's cores and no hosts are given)")
     over.add_argument("--no-oversubscribe", dest="oversubscribe", action="store_false")
-    mpi.add_argument("--mpirun", help="the mpirun/mpiexec to use (default: next to this Python, then on PATH)")
+    mpi.add_argument("--mpirun", help="the mpirun/mpiexec to use (default: ORCH_MPIRUN, else next to this Python, then on PATH)")
     mpi.add_argument("--mpirun-arg", dest="mpirun_args", action="append", default=[], metavar="ARG",
                      help="one more argument for mpirun, before the program (repeatable), e.g. --mpirun-arg=--mca ...")
     mpi.add_argument("--mca", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),

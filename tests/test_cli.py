@@ -243,3 +243,23 @@ def test_exit_code_2_for_usage_errors_1_for_runtime_errors(case, files):
     if code == 2 or not case.startswith("launch"):  # a launch's runtime error quotes the ranks' output too
         lines = error_lines(result.stderr)
         assert len(lines) == 1, result.stderr
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+    """``orchestrate shard ... | head -1``: once the reader has gone, no error line, status 141 (128 + SIGPIPE)
+    as other command-line tools give; what the command wrote to disk stays."""
+    import subprocess
+
+    from conftest import project_env
+    from orchestrator import write_sample_model
+
+    model = write_sample_model("transformer", tmp_path / "t.onnx")
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader is gone before the command writes its first line
+    try:
+        result = subprocess.run(orchestrate_command("shard", str(model), "--tp", "2", "-o", str(tmp_path / "s")),
+                                stdout=writer, stderr=subprocess.PIPE, text=True, env=project_env(), timeout=120)
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stderr) == (141, "")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["t.manifest.json", "t0.onnx", "t1.onnx"]
