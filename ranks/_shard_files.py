@@ -52,4 +52,6 @@ def resolve_shard_path(path: str | os.PathLike, rank: int, size: int | None = No
         return shard
     if shard.exists():
         return shard
+    if size is None or size == 1:  # a process on its own: the shard naming would only puzzle
+        raise ModelNotFoundError(f"model file {path} does not exist")
     raise ModelNotFoundError(f"model file {path} does not exist, nor does rank {rank}'s shard {shard}")

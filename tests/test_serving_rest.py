@@ -34,6 +34,13 @@ def add_to_bytes(x1, x2):
     return register.call_postprocess(lambda v: v.tobytes(), y)
 
 
+@register.register_method(output_names=["joined", "y"])
+def join_words(words, x1, x2):
+    """A JSON list of str arrives as one string tensor: a list of str in Python."""
+    y = register.call_servable(x1, x2)
+    return register.call_postprocess(lambda w, v: ("+".join(w) if isinstance(w, list) else "one:" + w, v), words, y)
+
+
 @register.register_method(output_names=["total", "first"])
 def add_total(x1, x2):
     """Outputs of shape [] and [1]: what MindSpore Serving's two client versions return differently."""
@@ -223,3 +230,13 @@ def test_client_arguments_that_fit_neither_form_name_what_is_wrong(args, kwargs,
     with pytest.raises(error) as info:
         Client(*args, **kwargs)
     assert text in str(info.value), str(info.value)
+
+
+def test_a_json_list_of_strings_is_one_string_tensor(rest):
+    both = {"x1": X1, "x2": ONES}
+    assert post(rest, "/model/add/version/1:join_words", {"instances": [{"words": ["ab", "c", "déf"], **both},
+                                                                        {"words": "solo", **both}]})[1] == {
+        "instances": [{"joined": "ab+c+déf", "y": [[2.0, 3.0], [4.0, 5.0]]},
+                      {"joined": "one:solo", "y": [[2.0, 3.0], [4.0, 5.0]]}]}
+    status, reply = post(rest, "/model/add/version/1:join_words", {"instances": [{"words": [["a"], ["b"]], **both}]})
+    assert status == 400 and "values must be numbers, booleans, a str, a flat list of str, or" in reply["error_msg"], reply

@@ -130,6 +130,11 @@ def test_resolve_shard_path(mlp_shards, tmp_path):
         resolve_shard_path(copy / "mlp.onnx", 1, 2)
     with pytest.raises(ModelNotFoundError, match=r"model file .*other.onnx does not exist, nor does rank 0's shard .*other0.onnx"):
         resolve_shard_path(copy / "other.onnx", 0, 2)
+    # A process on its own (no launcher) is told only that its file is missing: shards are not its business.
+    for alone in (1, None):
+        with pytest.raises(ModelNotFoundError) as info:
+            resolve_shard_path(copy / "other.onnx", 0, alone)
+        assert str(info.value) == f"model file {copy / 'other.onnx'} does not exist"
 
 
 def test_missing_input_is_a_clear_error(mlp_shards):

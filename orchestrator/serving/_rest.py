@@ -61,7 +61,7 @@ def parse_url(path: str) -> tuple[str, int, str]:
     return match["name"], int(match["version"] or 0), match["method"]
 
 
-def _array_from_json(value, where: str) -> np.ndarray:
+def _array_from_json(value, where: str) -> np.ndarray | list[str]:
     try:
         array = np.array(value)
     except ValueError:
@@ -80,8 +80,9 @@ def _array_from_json(value, where: str) -> np.ndarray:
     if array.dtype.kind == "f":
         return array.astype(np.float32)
     if array.dtype.kind == "U" and array.ndim == 1:
-        return array
-    raise RequestError(f"{where}: values must be numbers, booleans, a str, or a {{'b64': ...}} object; got {value!r:.80}")
+        return [str(v) for v in value]  # a list of str: one string tensor of that length, as the gRPC client sends it
+    raise RequestError(f"{where}: values must be numbers, booleans, a str, a flat list of str, or a {{'b64': ...}} object; "
+                       f"got {value!r:.80}")
 
 
 def _value_from_json(value, where: str):
