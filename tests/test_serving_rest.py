@@ -210,9 +210,12 @@ def test_the_grpc_client_takes_both_of_mindspore_servings_forms_and_returns_outp
         [reply] = client.infer(x)
         assert isinstance(reply["total"], np.ndarray) and reply["total"].shape == () and reply["total"] == 14.0
         assert isinstance(reply["first"], np.ndarray) and reply["first"].tolist() == [2.0]
-    # REST gives both as JSON: the scalar a number, the [1] a list.
-    assert post(rest, "/model/add/version/1:add_total", {"instances": [{"x1": X1, "x2": ONES}]})[1] == {
-        "instances": [{"total": 14.0, "first": [2.0]}]}
+    # REST gives both as JSON: the scalar a number, the [1] a list; in the method's output_names order, every
+    # time (a protobuf map keeps none; "total" sorts after "first").
+    for _ in range(6):
+        reply = post(rest, "/model/add/version/1:add_total", {"instances": [{"x1": X1, "x2": ONES}] * 2})[1]
+        assert reply == {"instances": [{"total": 14.0, "first": [2.0]}] * 2}
+        assert [list(instance) for instance in reply["instances"]] == [["total", "first"]] * 2
 
 
 @pytest.mark.parametrize("args, kwargs, error, text", [

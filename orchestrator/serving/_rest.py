@@ -159,17 +159,28 @@ def _json_value(value):
     return value
 
 
-def reply_to_json(reply: pb.PredictReply) -> dict:
+def reply_to_json(reply: pb.PredictReply, order: tuple[str, ...] = ()) -> dict:
+    """The REST body of ``reply``; each instance's outputs in ``order`` (the method's output_names: a protobuf
+    map keeps no order), then any others."""
     errors = list(reply.error_msg)
     if len(errors) == 1 and len(reply.instances) <= 1:
         return {"error_msg": bytes(errors[0].error_msg).decode("utf-8", "replace")}
+    rank = {name: i for i, name in enumerate(order)}
     out = []
     for i, instance in enumerate(reply.instances):
         if errors and errors[i].error_code != 0:
             out.append({"error_msg": bytes(errors[i].error_msg).decode("utf-8", "replace")})
         else:
-            out.append({k: _json_value(from_tensor(t, k)) for k, t in instance.items.items()})
+            names = sorted(instance.items, key=lambda k: (rank.get(k, len(rank)), k))
+            out.append({k: _json_value(from_tensor(instance.items[k], k)) for k in names})
     return {"instances": out}
+
+
+def _output_names(dispatcher, name: str, version: int, method: str) -> tuple[str, ...]:
+    """The output_names of ``method`` of the servable version a request names (0: the newest served here)."""
+    versions = dispatcher.known().get(name) or {}
+    signature = versions.get(version) if version else (versions[max(versions)] if versions else None)
+    return signature.methods.get(method, ((), ()))[1] if signature is not None else ()
 
 
 def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> list[Route]:
@@ -191,6 +202,7 @@ def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> lis
             return _error("the client went away", 400)
         reply = await run_in_threadpool(dispatcher.predict, pb_request, timeout)
         not_served = len(reply.error_msg) == 1 and reply.error_msg[0].error_code == NOT_SERVED
-        return JSONResponse(reply_to_json(reply), status_code=404 if not_served else 200)
+        return JSONResponse(reply_to_json(reply, _output_names(dispatcher, name, version, method)),
+                            status_code=404 if not_served else 200)
 
     return [Route("/model/{path:path}", predict, methods=["POST"])]
