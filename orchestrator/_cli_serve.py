@@ -161,6 +161,7 @@ def run(args) -> int:
             master_port = master.start_master_server(args.address, args.master_port, args.max_msg_mb)
             if args.local_workers:
                 group = start_local_workers(args, master_port)
+                PROCESS.before_stop.append(group.stop)  # while the master still answers their Leave
         else:
             for name in names:
                 worker.start_servable_in_master(directory, name, args.version, **options)

@@ -62,6 +62,9 @@ class ServingProcess:
         self.rest_servers: list = []  # (uvicorn.Server, thread)
         self.cluster_master = None
         self.worker_agents: list = []
+        # Run first when serving stops, while the servers still answer: a master's local worker processes go
+        # then, so that they leave it cleanly instead of finding it gone and retrying.
+        self.before_stop: list = []
         self._lock = threading.RLock()
         self._keeper: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1
@@ -177,6 +180,11 @@ class ServingProcess:
                 return
             self._shut = True
             self._stopped.set()
+            for hook in self.before_stop:
+                try:
+                    hook()
+                except Exception as exc:  # noqa: BLE001 - the servers still stop
+                    log.warning("serving: stopping %s failed: %s", getattr(hook, "__qualname__", hook), exc)
             for agent in self.worker_agents:
                 agent.leave()
             stops = [server.stop(STOP_GRACE) for _, server in self.grpc_servers]
