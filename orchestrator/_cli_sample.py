@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     parser.add_argument("name", choices=sorted(SAMPLE_MODELS))
     parser.add_argument("-o", "--output", required=True, help="the .onnx file to write (missing directories are created)")
     parser.add_argument("--external-data", action="store_true", help="write the weights to <file>.data beside the model")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=INT", help="a size option of the model (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of the model (repeatable): a size, or a word such as layout=NHWC")
     add_progress_options(parser)
     parser.set_defaults(func=_run)
 
@@ -30,11 +31,15 @@ def _run(args) -> int:
     from ._samples import SAMPLE_MODELS, write_sample_model
 
     options = {}
-    allowed = list(inspect.signature(SAMPLE_MODELS[args.name]).parameters)
+    parameters = inspect.signature(SAMPLE_MODELS[args.name]).parameters
+    allowed = list(parameters)
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or key not in allowed:
-            raise UsageError(f"--set {item!r}: expected KEY=INT with KEY one of {allowed}")
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE with KEY one of {allowed}")
+        if isinstance(parameters[key].default, str):  # a word, e.g. layout=NHWC; the model checks its value
+            options[key] = value
+            continue
         try:
             options[key] = int(value)
         except ValueError:

@@ -201,7 +201,9 @@ EXIT_CODE_CASES = {
     "ranks missing input": (RANKS + ["--model_path={add}", "--input={out}/x.npy"], 2, "out/x.npy does not exist"),
     "ranks malformed ini": (RANKS + ["--model_path={add}", "--config_file={bad_ini}"], 2, "ConfigError: "),
     "rank missing model": (["rank", "--model_path={out}/none.onnx"], 2, "ModelNotFoundError: "),
-    "sample bad --set": (["sample", "mlp", "-o", "{out}/m.onnx", "--set", "depth=3"], 2, "--set 'depth=3': expected KEY=INT"),
+    "sample bad --set": (["sample", "mlp", "-o", "{out}/m.onnx", "--set", "depth=3"], 2, "--set 'depth=3': expected KEY=VALUE"),
+    "sample bad --set word": (["sample", "image", "-o", "{out}/m.onnx", "--set", "layout=NCWH"], 2,
+                              "layout must be 'NCHW' or 'NHWC', got 'NCWH'"),
     "sample bad flag": (["sample", "mlp", "-o", "{out}/m.onnx", "--colour"], 2, "unrecognized arguments: --colour"),
     "shard --tp 0": (["shard", "{mlp}", "--tp", "0", "-o", "{out}"], 2, "argument --tp: must be a positive integer, got 0"),
     "shard missing model": (["shard", "{out}/none.onnx", "--tp", "2", "-o", "{out}"], 2, "none.onnx does not exist"),
@@ -263,3 +265,14 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
         os.close(writer)
     assert (result.returncode, result.stderr) == (141, "")
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["t.manifest.json", "t0.onnx", "t1.onnx"]
+
+
+def test_sample_takes_a_word_option_as_a_word(tmp_path):
+    """``--set layout=NHWC``: seed 000's input layout, from the command line."""
+    import onnx
+
+    path = tmp_path / "nhwc.onnx"
+    run_command(orchestrate_command("sample", "image", "-o", str(path), "--set", "layout=NHWC", "--set", "size=32"),
+                check=True)
+    dims = [d.dim_value or d.dim_param for d in onnx.load(path).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [32, 32, 3]
