@@ -583,6 +583,15 @@ class Model:
                         )
                     name = variable[index]
                 named.append((name, tensor.get_data_to_numpy()))
+            unnamed = sum(1 for t in flat if isinstance(t, Tensor) and not t.name)
+            if unnamed and variable is not None and len(flat) != len(variable):
+                # Matched by position: fewer tensors than names would change the first weights listed, which may
+                # not be the ones meant. Named tensors may update any subset.
+                raise InputError(
+                    f"update_weights: got {len(flat)} tensors ({unnamed} unnamed), but variable_weights_file names "
+                    f"{len(variable)} weights {variable}: unnamed tensors are matched to those names in order, so give "
+                    f"one per name, or name each tensor (Tensor.name = ...) to update only some"
+                )
         if not named:
             raise InputError("update_weights: no weights given")
         if variable is not None:

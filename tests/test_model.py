@@ -411,6 +411,26 @@ def test_update_weights_unnamed_tensors_follow_the_variable_weights_file(sample,
         model.update_weights([[mslite.Tensor(np.zeros(64, np.float32)), mslite.Tensor(np.zeros(64, np.float32))]])
 
 
+def test_update_weights_by_position_needs_one_tensor_per_listed_name(sample, tmp_path):
+    """Fewer unnamed tensors than variable_weights_file lists would silently change the first weights listed,
+    maybe not the ones meant: refused, and nothing changes. Named tensors may update any subset."""
+    path = sample("mlp")
+    (tmp_path / "names.txt").write_text("layers.0.fc2.bias\nlayers.1.fc2.bias\n")
+    ini = tmp_path / "config.ini"
+    ini.write_text("[ascend_context]\nvariable_weights_file=names.txt\n")
+    model = mslite.Model()
+    model.build_from_file(str(path), mslite.ModelType.ONNX, mslite.Context(), str(ini))
+    x = np.ones((2, 64), np.float32)
+    before = model.predict([x])[0].get_data_to_numpy().copy()
+    with pytest.raises(InputError, match=r"got 1 tensors \(1 unnamed\), but variable_weights_file names 2 weights "
+                                         r"\['layers.0.fc2.bias', 'layers.1.fc2.bias'\]: unnamed tensors are matched to "
+                                         r"those names in order, so give one per name, or name each tensor"):
+        model.update_weights([[mslite.Tensor(np.full(64, 0.5, np.float32))]])
+    np.testing.assert_array_equal(model.predict([x])[0].get_data_to_numpy(), before)
+    model.update_weights([[mslite.Tensor(np.full(64, 0.5, np.float32), name="layers.1.fc2.bias")]])
+    assert not np.allclose(model.predict([x])[0].get_data_to_numpy(), before)
+
+
 def test_variable_weights_that_the_model_lacks_fail_at_build(sample, tmp_path):
     (tmp_path / "names.txt").write_text("no.such.weight\n")
     ini = tmp_path / "config.ini"
