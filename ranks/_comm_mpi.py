@@ -349,6 +349,7 @@ class MpiCommunicator(Communicator):
         self._broken: str | None = None
         self._closed = False
         self._liveness_at = 0.0  # when _dead_peer next looks at the local peers' processes
+        self._watched_peers: list[int] = []  # set once the peers' pids are known (below)
         self._seen_dead: dict[int, float] = {}  # world rank -> when _dead_peer first saw its process gone
         self._pending: list = []
         self._pool = ResultPool()
@@ -404,6 +405,9 @@ class MpiCommunicator(Communicator):
         where = self._comm.allgather((self._host, os.getpid()))
         self._hosts = [host for host, _ in where]
         self._pids = [pid for _, pid in where]
+        # The local peers whose processes this one can see (all of them, unless a peer runs in another pid
+        # namespace): only those are looked at for a death (_dead_peer); they are all alive now.
+        self._watched_peers = [j for j in self._local_peers if _process_running(self._pids[self._node_world[j]])]
         # Every rank on this host and the segment shared: arrival through shared memory
         # (a fraction of a microsecond) instead of an Ibarrier (about 3 us).
         everyone_here = self._want_shm_arrival and self._node.Get_size() == self.size and self._segment is not None
@@ -587,7 +591,7 @@ class MpiCommunicator(Communicator):
         if self._segment is None or now < self._liveness_at:
             return
         self._liveness_at = now + _LIVENESS_SECONDS
-        for j in self._local_peers:
+        for j in self._watched_peers:
             world = self._node_world[j]
             pid = self._pids[world]
             (closed,) = _CLOSED.unpack_from(self._progress_buf, _STRIDE * j + _CLOSED_AT)

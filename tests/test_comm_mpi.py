@@ -79,6 +79,31 @@ def test_a_rank_that_closes_its_communicator_early_is_named_at_once():
     assert seconds < 20, f"took {seconds:.1f} s: rank 0 waited for its timeout instead of seeing rank 1 leave"
 
 
+# Each rank runs under a parent that outlives it on rank 1 (as a launcher's watcher does): mpirun sees no process
+# of rank 1 end, so only rank 0's own look at its peer's process can end the wait before the timeout.
+OUTLIVED = (
+    "import os, subprocess, sys, time\n"
+    "code = subprocess.call([sys.executable] + sys.argv[1:])\n"
+    "if os.environ.get('OMPI_COMM_WORLD_RANK') == '1':\n"
+    "    time.sleep(40)\n"
+    "sys.exit(code)\n"
+)
+
+
+@pytest.mark.timeout(90)
+def test_a_rank_whose_process_is_gone_without_closing_its_communicator_is_named_within_a_second():
+    # os._exit(0) after allreduce #1: nothing marks the per-host segment; rank 0 sees the process gone.
+    result, seconds, _ = run_mpi(2, "-c", OUTLIVED, FAIL, "exit0", "1", "mpi", "30", timeout=80)
+    assert result.returncode != 0
+    out = result.stdout
+    named = re.search(r"FAILED PeerLostError after (\d+\.\d+) s: allreduce #2 on rank 0 of 2: rank 1 \(pid \d+\) "
+                      r"exited after operation #1 \(allreduce\) without closing its communicator and will make no "
+                      r"more calls", out)
+    assert named, out
+    assert float(named.group(1)) < 3.0, out  # seen gone for 0.5 s, looked at every 0.1 s; the timeout is 30 s
+    assert seconds < 25, f"took {seconds:.1f} s: the job was not stopped after rank 0's error"
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("arrival", ["shm", "mpi-arrival"])
 def test_ranks_calling_different_collectives_fail_clearly(arrival):
