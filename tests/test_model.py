@@ -393,13 +393,18 @@ def test_predict_into_writes_callers_buffers(sample):
         model.predict_into({"x": x}, {"z": out})
 
 
-def test_update_weights_unnamed_tensors_follow_the_variable_weights_file(sample, tmp_path):
-    path = sample("mlp")
-    (tmp_path / "names.txt").write_text("layers.1.fc2.bias\n")
+def _with_variable_weights(path, tmp_path, names: list[str]):
+    """The model built with a config.ini whose variable_weights_file lists ``names``, as seed 001 sets it up."""
+    (tmp_path / "names.txt").write_text("".join(f"{name}\n" for name in names))
     ini = tmp_path / "config.ini"
     ini.write_text("[ascend_context]\nvariable_weights_file=names.txt\n")
     model = mslite.Model()
     model.build_from_file(str(path), mslite.ModelType.ONNX, mslite.Context(), str(ini))
+    return model
+
+
+def test_update_weights_unnamed_tensors_follow_the_variable_weights_file(sample, tmp_path):
+    model = _with_variable_weights(sample("mlp"), tmp_path, ["layers.1.fc2.bias"])
     x = np.ones((2, 64), np.float32)
     before = model.predict([x])[0].get_data_to_numpy().copy()
     model.update_weights([[mslite.Tensor(np.full(64, 0.5, np.float32))]])
@@ -414,12 +419,7 @@ def test_update_weights_unnamed_tensors_follow_the_variable_weights_file(sample,
 def test_update_weights_by_position_needs_one_tensor_per_listed_name(sample, tmp_path):
     """Fewer unnamed tensors than variable_weights_file lists would silently change the first weights listed,
     maybe not the ones meant: refused, and nothing changes. Named tensors may update any subset."""
-    path = sample("mlp")
-    (tmp_path / "names.txt").write_text("layers.0.fc2.bias\nlayers.1.fc2.bias\n")
-    ini = tmp_path / "config.ini"
-    ini.write_text("[ascend_context]\nvariable_weights_file=names.txt\n")
-    model = mslite.Model()
-    model.build_from_file(str(path), mslite.ModelType.ONNX, mslite.Context(), str(ini))
+    model = _with_variable_weights(sample("mlp"), tmp_path, ["layers.0.fc2.bias", "layers.1.fc2.bias"])
     x = np.ones((2, 64), np.float32)
     before = model.predict([x])[0].get_data_to_numpy().copy()
     with pytest.raises(InputError, match=r"got 1 tensors \(1 unnamed\), but variable_weights_file names 2 weights "
