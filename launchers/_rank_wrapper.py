@@ -87,7 +87,7 @@ PEER_LOST_GRACE = 1.0
 # until they end, looking this often for one whose rank failed (its watcher renames itself _FAILED at once);
 # then it names its rank as one that left while they ran. Far shorter than PEER_LOST_GRACE, so that its line
 # comes before that of the peer which lost it. Ranks that merely finish at different times print nothing.
-EARLY_EXIT_POLL = 0.02
+EARLY_EXIT_POLL = 0.1
 _FAILED = "rank-failed"  # a watcher's process name once its rank failed (at most 15 bytes)
 # What ranks._comm_mpi writes when it aborts the MPI job (uncaught exception, timeout): the rank failed on
 # its own, even when mpirun's stop of the whole job reaches its watcher before it has exited.
