@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import signal
 import sys
+import threading
 import warnings
 
 from ranks._command_line import SPELLING_NOTE, ArgumentParser, add_version_option, remove_made_directories, report
@@ -54,20 +56,56 @@ def main(argv: list[str] | None = None) -> int:
             return int(module.run_passthrough(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
-    _one_line_warnings(f"orchestrate {args.command}")
+    prog = f"orchestrate {args.command}"
+    _one_line_warnings(prog)
+    restore = _unwind_on_sigterm()
     try:
         code = int(args.func(args) or 0)
     except (OrchestratorError, OSError) as exc:
         remove_made_directories()
         if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
             return _quiet_broken_pipe()
-        return report(exc, f"orchestrate {args.command}")
+        return report(exc, prog)
+    except (KeyboardInterrupt, _Terminated) as exc:
+        # Everything on the way out has been stopped and removed by now (ranks, workers, scratch directories):
+        # one line, not a traceback, and the shell's status for the signal.
+        remove_made_directories()
+        name, code = ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("SIGINT", 130)
+        print(f"{prog}: interrupted by {name}", file=sys.stderr, flush=True)
+        return code
     except BaseException:
         remove_made_directories()
         raise
+    finally:
+        restore()  # main() may run inside another program (tests): leave its SIGTERM as it was
     if code != 0:
         remove_made_directories()
     return code
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` and ``with`` on the way out runs (a scratch
+    directory is removed, ranks are stopped), as Ctrl-C's KeyboardInterrupt does; not an Exception, so that
+    no ``except Exception`` on the way swallows it."""
+
+
+def _unwind_on_sigterm():
+    """SIGTERM unwinds like Ctrl-C, unless something already handles it (commands that handle it themselves,
+    ``serve`` and ``launch``, install their own handlers over this one). Returns what puts the handler back."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminated)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return restore
 
 
 def _stdout_reader_gone() -> bool:

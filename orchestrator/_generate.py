@@ -23,6 +23,7 @@ prompt has stopped or ``max_new_tokens`` are made.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -64,45 +65,80 @@ class GenerateResult:
         return out
 
 
+PAD = -1  # a prompt id that marks padding (in a list of prompts or a 2-D array)
+
+
 def prepare_prompts(input_ids, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
     """(ids [B, L] int64, mask [B, L] int64), left-padded.
 
-    ``input_ids``: one prompt (1-D), a list of prompts of any lengths, or a 2-D array in which
-    negative entries are padding (-1 on either side); ``attention_mask`` (2-D, 0 = padding) instead
-    of negative entries. Padding positions get id 0 and mask 0.
+    ``input_ids``: one prompt (1-D), a list of prompts of any lengths, or a 2-D array; -1 entries are
+    padding (on either side), or an ``attention_mask`` (2-D, 0 = padding) says which are. Padding
+    positions get id 0 and mask 0. Ids that are not integers, or negative ids other than the padding,
+    are refused: an embedding lookup would wrap -5 round to the end of the vocabulary without a word.
     """
-    if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
-        rows = [np.asarray(r).reshape(-1) for r in input_ids]
-        masks = [np.ones(len(r), dtype=np.int64) for r in rows]
+    if isinstance(input_ids, (list, tuple)) and not input_ids:
+        raise InputError("no prompt was given")
+    if isinstance(input_ids, (list, tuple)) and not np.isscalar(input_ids[0]):
+        if attention_mask is not None:
+            raise InputError("attention_mask goes with a 2-D input_ids array; a list of prompts of different "
+                             "lengths needs none (or mark padding with -1)")
+        rows = []
+        for r, raw in enumerate(input_ids):
+            row = np.asarray(raw).reshape(-1)
+            _check_integers(row.dtype, f"prompt {r}")
+            rows.append(row[row != PAD])
     else:
         array = np.asarray(input_ids)
         if array.ndim == 1:
             array = array[None]
         if array.ndim != 2:
             raise InputError(f"input_ids must be one prompt (1-D), a list of prompts or a 2-D array, got shape {array.shape}")
+        if array.shape[0] == 0:
+            raise InputError("no prompt was given")
+        _check_integers(array.dtype, "input_ids")  # before any comparison: a str array has none
         if attention_mask is not None:
             mask = np.asarray(attention_mask)
             if mask.shape != array.shape:
                 raise InputError(f"attention_mask has shape {mask.shape}, input_ids {array.shape}; they must match")
             keep = mask != 0
         else:
-            keep = array >= 0
+            keep = array != PAD
         rows = [array[r][keep[r]] for r in range(array.shape[0])]
-        masks = [np.ones(len(r), dtype=np.int64) for r in rows]
-    if not rows:
-        raise InputError("no prompt was given")
     for r, row in enumerate(rows):
         if row.size == 0:
             raise InputError(f"prompt {r} is empty (every entry is padding); each prompt needs at least one token")
-        if not np.issubdtype(row.dtype, np.integer):
-            raise InputError(f"prompt {r}: token ids must be integers, got {row.dtype}")
+        if (row < 0).any():
+            raise InputError(f"prompt {r}: token id {int(row[row < 0][0])} is negative; ids start at 0 "
+                             f"(-1 marks padding{' where attention_mask is not 0' if attention_mask is not None else ''})")
     width = max(len(r) for r in rows)
     ids = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
-    for r, (row, m) in enumerate(zip(rows, masks)):
+    for r, row in enumerate(rows):
         ids[r, width - len(row):] = row
-        mask[r, width - len(row):] = m
+        mask[r, width - len(row):] = 1
     return ids, mask
+
+
+def _check_integers(dtype: np.dtype, what: str) -> None:
+    if not np.issubdtype(dtype, np.integer):
+        raise InputError(f"{what}: token ids must be integers, got {dtype}")
+
+
+def check_options(max_new_tokens, temperature, seed, stop_token, tables: DecoderTables, label: str) -> None:
+    """Refuse bad generation options before any work, alike in one process and on ranks."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise InputError(f"temperature must be 0 (greedy) or a positive finite number, got {temperature!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63):
+        raise InputError(f"seed must be an integer from 0 to 2**63 - 1, or None, got {seed!r}")
+    if stop_token is not None:
+        if isinstance(stop_token, bool) or not isinstance(stop_token, (int, np.integer)) or stop_token < 0:
+            raise InputError(f"stop_token must be a token id (an integer from 0), got {stop_token!r}")
+        if tables.vocabulary is not None and stop_token >= tables.vocabulary:
+            raise InputError(f"stop_token {stop_token} is outside the vocabulary of {label} ({tables.vocabulary} "
+                             f"tokens: ids 0 to {tables.vocabulary - 1}), so no step could pick it")
 
 
 class DecoderIO:
@@ -245,10 +281,7 @@ def decode(run, io: DecoderIO, input_ids, max_new_tokens: int, *, attention_mask
     process's piece along the vocabulary when ``logits_split`` (then ``comm`` joins the pieces, and
     ``gather_logits(piece) -> whole`` when ``return_logits``). ``prefill``: the same for a separate prefill
     graph (no pasts in, checked by ``io.check_prefill``), run for the prompt instead of ``run``."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise InputError(f"temperature must be 0 (greedy) or positive, got {temperature!r}")
+    check_options(max_new_tokens, temperature, seed, stop_token, io.tables, io.label)
     if temperature and seed is None:
         seed = int.from_bytes(os.urandom(4), "little")  # (on ranks the caller sends one seed to all)
     ids, mask = prepare_prompts(input_ids, attention_mask)
@@ -347,14 +380,23 @@ def check_decoder_file(model_path, input_ids, max_new_tokens: int, *, attention_
     """What ``decode`` would refuse, checked from the file's graph alone (no session, no weights): a decoder
     with its cache, prompts within its vocabulary and positions. Run before slicing and starting ranks, so
     that a mistake is said at once and names the user's file."""
+    io = decoder_io_of_file(model_path, cache=cache, tables=True)
+    io.check_request(*prepare_prompts(input_ids, attention_mask), max_new_tokens)
+
+
+def decoder_io_of_file(model_path, *, cache: list[tuple[str, str]] | None = None, pairs: dict[str, str] | None = None,
+                       tables: bool = False) -> DecoderIO:
+    """The DecoderIO of a file's graph, read without its weights: ModelError when it is no decoder with its cache.
+    ``tables``: also find its vocabulary and positions (``decoder_tables``)."""
     from ranks._model import load_onnx_header
 
     proto = load_onnx_header(Path(model_path))
     initializers = {t.name for t in proto.graph.initializer}
     io = DecoderIO([_Arg(v) for v in proto.graph.input if v.name not in initializers],
-                   [_Arg(v) for v in proto.graph.output], cache=cache, label=str(model_path))
-    io.tables = decoder_tables(proto)
-    io.check_request(*prepare_prompts(input_ids, attention_mask), max_new_tokens)
+                   [_Arg(v) for v in proto.graph.output], cache=cache, pairs=pairs, label=str(model_path))
+    if tables:
+        io.tables = decoder_tables(proto)
+    return io
 
 
 class _Arg:

@@ -30,6 +30,7 @@ whose ``run(request)`` forwards to the child and whose cancel tells it to stop.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -37,6 +38,7 @@ import weakref
 from pathlib import Path
 
 from ranks._context import Context
+from ranks._env import check_timeout
 from ranks._errors import ConfigError, ConfigTypeError, InputTypeError, ModelError, ModelNotFoundError
 from ranks._config_file import load_config
 from ranks._log import get_logger
@@ -144,6 +146,7 @@ class ModelParallelRunner:
         if options.join_requests > 1 and join == 1:
             log.warning("%s: join_requests=%d is off: the model's inputs %s do not all have a free dimension 0",
                         path, options.join_requests, [(name, shape) for name, _, shape in self._inputs])
+            options = dataclasses.replace(options, join_requests=1)  # ``options`` says what was built
         threads = backend.serve(queue, _tag_error(plan.workers), label, join)
         self._model_path = str(model_path)
         self._queue, self._options, self._plan, self._backend = queue, options, plan, backend
@@ -219,10 +222,10 @@ class ModelParallelRunner:
         queue = self._require_built()
         if outputs is not None and (not isinstance(outputs, list) or not all(isinstance(t, Tensor) for t in outputs)):
             raise InputTypeError(f"predict: outputs must be a list of Tensors, got {outputs!r}")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-            raise ConfigError(f"predict: timeout must be a number of seconds > 0, got {timeout!r}")
+        if timeout is not None:
+            timeout = check_timeout(timeout, "predict: timeout")
         feeds = validate_feeds(inputs, self._inputs)
-        request = Request(feeds, float(timeout) if timeout is not None else self._options.timeout)
+        request = Request(feeds, timeout if timeout is not None else self._options.timeout)
         queue.submit(request)
         results = queue.wait(request)
         return output_tensors([meta.name for meta in self._outputs], results, outputs)

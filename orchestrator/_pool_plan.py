@@ -49,13 +49,12 @@ when there are too few). A core list must hold workers x threads cores (with
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from ranks._config_file import RankConfig
 from ranks._context import Context
 from ranks._cpu_limits import CpuBudget, cpu_budget
-from ranks._env import default_timeout, parse_bool
+from ranks._env import check_timeout, default_timeout, parse_bool
 from ranks._errors import ConfigError, ConfigTypeError
 from ranks._session import cores_for_affinity_mode
 
@@ -87,11 +86,7 @@ class PoolOptions:
             raise ConfigError(f"{where}: queue_size must be at least 1, got {self.queue_size}")
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)):
             raise ConfigTypeError(f"{where}: timeout must be a number of seconds > 0, got {self.timeout!r}")
-        if self.timeout == 0:
-            self.timeout = default_timeout()
-        if not (self.timeout > 0 and math.isfinite(self.timeout)):
-            raise ConfigError(f"{where}: timeout must be a number of seconds > 0, got {self.timeout!r}")
-        self.timeout = float(self.timeout)
+        self.timeout = default_timeout() if self.timeout == 0 else check_timeout(self.timeout, f"{where}: timeout")
         if not isinstance(self.share_weights, bool):
             raise ConfigTypeError(f"{where}: share_weights must be True or False, got {self.share_weights!r}")
         if not isinstance(self.worker_type, str) or self.worker_type.lower() not in WORKER_TYPES:
@@ -112,9 +107,8 @@ def pool_options(config: RankConfig, **overrides) -> PoolOptions:
     if "queue_size" in section:
         values["queue_size"] = _parse(where, "queue_size", section["queue_size"], int, "an integer >= 1")
     if "timeout" in section:
-        values["timeout"] = _parse(where, "timeout", section["timeout"], float, "a number of seconds > 0")
-        if values["timeout"] <= 0:
-            raise ConfigError(f"{where} timeout must be a number of seconds > 0, got {section['timeout']!r}")
+        values["timeout"] = check_timeout(_parse(where, "timeout", section["timeout"], float, "a number of seconds > 0"),
+                                          f"{where} timeout")
     if "share_weights" in section:
         flag = parse_bool(section["share_weights"])
         if flag is None:

@@ -392,6 +392,9 @@ def serve(queue: RequestQueue, engine, worker: int, tag_error, join: int = 1, fa
                 if member not in requeued:  # another worker may be reading a requeued request's inputs already
                     member.feeds = None  # the caller may hold the request; its inputs are no longer needed
                     member.ended.set()  # after worker_gone: a caller waiting on it learns whether the worker left
+        # Not held while waiting for the next one: a failed request's error holds its traceback, which holds the
+        # caller's predict frame and so the runner, which could then never be collected (this thread is a root).
+        request = batch = member = requeued = None
 
 
 def _run_one(queue: RequestQueue, engine, worker: int, request: Request, tag_error, fatal: tuple) -> None:

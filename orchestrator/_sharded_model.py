@@ -69,8 +69,8 @@ import onnx
 import psutil
 
 from launchers import MpiLaunchConfig, MpiLauncher, ProcessSpec, RankOutput, Supervisor, python_module
-from ranks._env import default_timeout
-from ranks._errors import (CommError, CommTimeoutError, ConfigError, InputError, ModelNotFoundError, PeerLostError,
+from ranks._env import check_timeout, default_timeout
+from ranks._errors import (CommError, CommTimeoutError, ConfigError, ModelNotFoundError, PeerLostError,
                            PortInUseError)
 from ranks._model import load_onnx_header, validate_feeds
 from ranks._ports import free_base_port
@@ -155,6 +155,10 @@ class ShardedModel:
                  prefill: str | os.PathLike | None = None):
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if timeout is not None:
+            timeout = check_timeout(timeout, "ShardedModel: timeout")  # before any rank starts
+        if startup_timeout is not None:
+            startup_timeout = check_timeout(startup_timeout, "ShardedModel: startup_timeout")
         self.model_path = _model_path(Path(model_path))
         manifest = read_manifest(manifest_path_for(self.model_path))
         size = manifest["world_size"]
@@ -171,6 +175,8 @@ class ShardedModel:
         # The inputs every rank expects, so bad ones fail here with an InputError and the ranks stay up.
         # (predict takes a decoder's cache whole, as the source model does: each rank slices its heads)
         self._cache = [c for c in manifest.get("cache", []) if c["axis"] is not None]
+        self._cache_pairs = {c["past"]: c["present"] for c in manifest.get("cache", [])} or None  # as the ranks pair
+        self._decoder_checked = False  # generate: whether shard 0's graph was found to be a decoder with its cache
         # A token embedding split by vocabulary gives zeros for an id no rank owns, where the whole model's
         # Gather fails: ids are checked against its rows here.
         self._tables = DecoderTables(
@@ -301,14 +307,15 @@ class ShardedModel:
         reproducible with ``seed``); ``stop_token`` ends a prompt. Returns a ``GenerateResult`` (per prompt
         the new ids; the logits [new tokens, vocab] when ``return_logits``).
         """
-        from ._generate import GenerateResult, check_prompts, prepare_prompts
+        from ._generate import GenerateResult, check_options, check_prompts, decoder_io_of_file, prepare_prompts
 
+        if not self._decoder_checked:
+            # Here, not on the ranks: a rank's error would close this ShardedModel for a mere mistake of the call.
+            decoder_io_of_file(resolve_shard_path(self.model_path, 0, self.tp), pairs=self._cache_pairs)
+            self._decoder_checked = True
         ids, mask = prepare_prompts(input_ids, attention_mask)
-        if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_options(max_new_tokens, temperature, seed, stop_token, self._tables, str(self.model_path))
         check_prompts(ids, mask, max_new_tokens, self._tables, str(self.model_path))
-        if temperature < 0:
-            raise InputError(f"temperature must be 0 (greedy) or positive, got {temperature!r}")
         if temperature and seed is None:
             seed = int.from_bytes(os.urandom(4), "little")  # one seed for every rank: they sample alike
         options = {"max_new_tokens": int(max_new_tokens), "stop_token": None if stop_token is None else int(stop_token),

@@ -33,6 +33,7 @@ file's own directory, so a rank can be started from any working directory.
 from __future__ import annotations
 
 import configparser
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,8 @@ MINDSPORE_LITE_ONLY_SECTIONS = (
     "execution_plan", "ms_cache", "model_file", "weight", "shared_thread_pool", "ge_global_options",
     "ge_session_options", "ge_graph_options", "acl_option_cfg_param", "inner_common",
 )
+# Sections other packages read from RankConfig.extra: [pool] (orchestrator's worker pool, _pool_plan).
+OTHER_SECTIONS = ("pool",)
 # Values that name files, resolved against the ini file's directory.
 PATH_KEYS = ("rank_table_file", "variable_weights_file")
 
@@ -202,6 +205,12 @@ def _validate(sections: dict[str, dict[str, str]], source: str, base_dir: Path) 
         if known is None:
             if name in MINDSPORE_LITE_ONLY_SECTIONS:
                 _warn_once(source, "%s: section [%s] is MindSpore Lite's and has no effect on ONNX Runtime; ignored", name)
+            elif name not in OTHER_SECTIONS:
+                ours = sorted([*KNOWN_SECTIONS, *OTHER_SECTIONS])
+                close = difflib.get_close_matches(name, [*ours, *MINDSPORE_LITE_ONLY_SECTIONS], n=1)
+                _warn_once(source, "%s: section [%s] is read by nothing here (ours: %s; MindSpore Lite's own are "
+                           "accepted and ignored); ignored%s", name, ", ".join(ours),
+                           f" (did you mean [{close[0]}]?)" if close else "")
             config.extra[name] = values
             continue
         kept = {}

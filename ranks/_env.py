@@ -191,9 +191,26 @@ def _flag(variable) -> bool:
     return flag
 
 
+# The longest timeout taken (about 116 days): past it, deadlines overflow time_t and threading's waits.
+MAX_TIMEOUT_SECONDS = 1e7
+
+
 def default_timeout() -> float:
     """The timeout in seconds for any blocking wait, from ORCH_TIMEOUT."""
     value = TIMEOUT.get_float()
-    if value is None or value <= 0:
-        raise ValueError(f"ORCH_TIMEOUT must be a positive number of seconds, got {TIMEOUT.get()!r}")
+    if value is None or not 0 < value <= MAX_TIMEOUT_SECONDS:  # NaN and inf fail too
+        raise ValueError(f"ORCH_TIMEOUT must be a positive number of seconds, at most {MAX_TIMEOUT_SECONDS:g}, "
+                         f"got {TIMEOUT.get()!r}")
     return value
+
+
+def check_timeout(value, what: str) -> float:
+    """``value`` as seconds, or ConfigTypeError / ConfigError naming ``what`` ("predict: timeout"): a number
+    > 0, finite and at most MAX_TIMEOUT_SECONDS."""
+    from ._errors import ConfigError, ConfigTypeError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise ConfigTypeError(f"{what} must be a number of seconds > 0, got {value!r}")
+    if not 0 < float(value) <= MAX_TIMEOUT_SECONDS:  # NaN and inf fail too
+        raise ConfigError(f"{what} must be a number of seconds > 0, at most {MAX_TIMEOUT_SECONDS:g}, got {value!r}")
+    return float(value)

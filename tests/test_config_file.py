@@ -152,3 +152,13 @@ def test_valid_device_settings_load(tmp_path):
             "precision_mode=preferred_fp16\nallow_spinning=No\n[ascend_context]\ndevice_id=3\nrank_id=1\n")
     config = load_config(write(tmp_path, text))
     assert config.sections["cpu_context"]["thread_num"] == "2" and config.device_id == 3 and config.rank_id == 1
+
+
+def test_a_section_nothing_reads_is_named_with_a_guess(tmp_path, caplog):
+    """[pol] for [pool]: kept (another tool may read it), but not in silence."""
+    with caplog.at_level("WARNING", logger="orchestrator.config"):
+        load_config(write(tmp_path, "[pol]\ntimeout=3\n[pool]\ntimeout=4\n"))
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.endswith("section [pol] is read by nothing here (ours: ascend_context, comm, cpu_context, "
+                            "gpu_context, pool; MindSpore Lite's own are accepted and ignored); ignored (did you mean "
+                            "[pool]?)"), message

@@ -384,6 +384,28 @@ def test_bad_requests_say_what_is_wrong():
     assert generate(path, np.arange(8), 121).steps == 121  # the last position is the table's last row
 
 
+BAD_REQUESTS = [  # (input_ids, options, the error's text): each refused before any work, alike on ranks
+    ([[3, -5, 4]], {}, "prompt 0: token id -5 is negative; ids start at 0 (-1 marks padding)"),  # not wrapped round
+    (np.array([[3, -5, 4]]), {}, "prompt 0: token id -5 is negative"),  # not dropped as if it were padding
+    (np.array(["a", "b"]), {}, "input_ids: token ids must be integers, got <U1"),
+    ([[1.5, 2]], {}, "prompt 0: token ids must be integers, got float64"),
+    ([], {}, "no prompt was given"),
+    ([1, 2], {"temperature": float("nan")}, "temperature must be 0 (greedy) or a positive finite number, got nan"),
+    ([1, 2], {"temperature": float("inf")}, "temperature must be 0 (greedy) or a positive finite number, got inf"),
+    ([1, 2], {"temperature": 0.5, "seed": -1}, "seed must be an integer from 0 to 2**63 - 1, or None, got -1"),
+    ([1, 2], {"stop_token": 99999}, "stop_token 99999 is outside the vocabulary of"),
+    ([1, 2], {"stop_token": -1}, "stop_token must be a token id (an integer from 0), got -1"),
+    ([[1, 2]], {"attention_mask": [[1, 1]]}, "attention_mask goes with a 2-D input_ids array"),
+]
+
+
+@pytest.mark.parametrize("input_ids, options, text", BAD_REQUESTS)
+def test_bad_ids_and_options_are_refused_in_one_process(input_ids, options, text):
+    with pytest.raises(InputError) as info:
+        generate(FIXTURES / "gpt2_cache_dynamo.onnx", input_ids, 2, **options)
+    assert text in str(info.value), str(info.value)
+
+
 def test_a_failure_inside_onnx_runtime_is_a_model_error_naming_the_step(shards):
     """Past the checks (here: as if the position table had not been found), ONNX Runtime's own error comes
     out as a ModelError with the step it failed at, in one process and on every rank."""

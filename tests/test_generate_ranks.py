@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from _shard_helpers import fixture_arrays
-from orchestrator import InputError, ShardedModel, shard_model
+from orchestrator import ConfigError, ConfigTypeError, InputError, ShardedModel, shard_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PROGRAM = Path(__file__).resolve().parent / "programs" / "generate_rank.py"
@@ -83,6 +83,13 @@ def test_sharded_model_generates_torchs_tokens(name, shards):
         sampled = model.generate(ref["prompt_ids"], 8, temperature=0.8, seed=5)
         with pytest.raises(InputError, match=r"token id 512 is outside the vocabulary .*\(512 tokens: ids 0 to 511\)"):
             model.generate([1, 512], 4)
+        if name == "llama_cache_dynamo":  # the caller refuses what the whole model would, the ranks serve on
+            from tests.test_generate import BAD_REQUESTS
+
+            for input_ids, options, text in BAD_REQUESTS:
+                with pytest.raises(InputError) as info:
+                    model.generate(input_ids, 2, **options)
+                assert text in str(info.value), str(info.value)
         if name.startswith("gpt2"):  # a learned table of 128 positions (Llama's rotary positions have no limit)
             with pytest.raises(InputError, match=r"a prompt of 2 tokens and 128 new tokens need 129 positions; "
                                                  r".* holds 128: ask for at most 127 new tokens"):
@@ -97,6 +104,24 @@ def test_sharded_model_generates_torchs_tokens(name, shards):
     whole = generate(FIXTURES / f"{name}.onnx", ref["prompt_ids"], 8, temperature=0.8, seed=5)
     assert [t.tolist() for t in sampled.tokens] == [t.tolist() for t in whole.tokens]
     assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_generate_on_shards_of_a_model_without_a_cache_is_refused_and_the_ranks_serve_on(shards):
+    from orchestrator import ModelError
+
+    ref = fixture_arrays("gpt2_dynamo")
+    with ShardedModel(shards("gpt2_dynamo").model_path, backend="zmq", timeout=120) as model:
+        with pytest.raises(ModelError, match=r"gpt2_dynamo0\.onnx has no key/value cache inputs and outputs .*"
+                                             r"export it with use_cache=True"):
+            model.generate([[1, 2, 3]], 2)
+        got = model.predict({"input_ids": ref["input_ids"]})  # the same ShardedModel still serves
+        assert np.max(np.abs(got["logits"] - ref["expected.logits"])) <= TOLERANCE
+    # A bad timeout is refused before any rank starts.
+    for timeout, error, text in ((1e12, ConfigError, "at most 1e+07, got 1000000000000.0"),
+                                 (float("nan"), ConfigError, "got nan"), ("abc", ConfigTypeError, "got 'abc'")):
+        with pytest.raises(error) as info:
+            ShardedModel(shards("gpt2_dynamo").model_path, backend="zmq", timeout=timeout)
+        assert str(info.value).startswith("ShardedModel: timeout must be a number of seconds > 0") and text in str(info.value)
 
 
 def test_sharded_model_with_a_separate_prefill_graph(shards, tmp_path):
@@ -191,3 +216,41 @@ def test_orchestrate_generate_refuses_before_slicing_and_names_the_users_file(tm
     ref = fixture_arrays("gpt2_cache_dynamo")
     assert replicated.stdout.splitlines() == [f"generated: {' '.join(str(t) for t in ref['tokens'][row, :8])}"
                                               for row in range(2)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum, code", [(15, 143), (2, 130)])
+def test_orchestrate_generate_stopped_by_a_signal_says_so_and_leaves_nothing(signum, code, tmp_path):
+    """SIGTERM or Ctrl-C while `orchestrate generate MODEL --tp 2` runs: its ranks are stopped, its scratch
+    shards removed, one line says why, and the status is the shell's for the signal."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import orchestrate_command, project_env
+
+    prompt = _prompt_file("llama_cache_dynamo", tmp_path / "prompt.npy")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**project_env(), "TMPDIR": str(scratch)}
+    proc = subprocess.Popen(orchestrate_command("generate", str(FIXTURES / "llama_cache_dynamo.onnx"), "--tp", "2",
+                                                "--prompt-ids", str(prompt), "--max-new-tokens", "1000000"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not [c for c in psutil.Process(proc.pid).children(recursive=True) if "_sharded_worker" in " ".join(c.cmdline())]:
+            assert proc.poll() is None and time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.1)
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+        time.sleep(1.0)  # generating
+        os.kill(proc.pid, signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"orchestrate generate: interrupted by {'SIGTERM' if signum == 15 else 'SIGINT'}", err
+    assert "Traceback" not in err, err
+    # the slicing's scratch directory went with it (.ses: onnxruntime's session id file, shared by every process)
+    assert [p.name for p in scratch.iterdir() if p.name != ".ses"] == []
+    assert not [p for p in ranks if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -305,3 +305,12 @@ def test_a_failing_member_of_a_joined_batch_fails_alone(sample, monkeypatch):
     assert isinstance(results["bad"], ModelError) and "poisoned" in str(results["bad"])
     for k, x in enumerate(good):
         np.testing.assert_allclose(results[k], reference(path, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_join_requests_on_a_model_with_a_fixed_batch_is_off_and_options_say_so(sample, caplog):
+    with caplog.at_level("WARNING", logger="orchestrator"), ModelParallelRunner() as runner:
+        runner.build_from_file(sample("add"), context_of(1), join_requests=4)
+        assert runner.options.join_requests == 1  # what was built, not what was asked
+        x = np.ones((2, 2), np.float32)
+        np.testing.assert_array_equal(runner.predict([x, x])[0].get_data_to_numpy(), x + x)
+    assert any("join_requests=4 is off: the model's inputs" in r.getMessage() for r in caplog.records)

@@ -191,10 +191,15 @@ def test_closing_under_load_fails_every_pending_request_clearly_and_nothing_hang
 
 
 @pytest.mark.timeout(60)
-def test_a_runner_dropped_without_close_stops_its_workers(slow, worker_type):
+@pytest.mark.parametrize("failed_first", [False, True])
+def test_a_runner_dropped_without_close_stops_its_workers(slow, worker_type, failed_first):
     runner = runner_on(slow, workers=2, worker_type=worker_type)
     threads = worker_threads(runner)
     assert len(threads) == 2
+    if failed_first:  # a failed request's error (and its traceback, which holds the caller's frame) must not
+        for _ in range(2):  # keep the runner alive from a worker thread
+            with pytest.raises(ModelError):
+                runner.predict(slow_feeds(5, index=99))
     del runner
     gc.collect()
     for thread in threads:
