@@ -62,6 +62,7 @@ class Row:
     ours: float
     baseline: float
     ratio: float
+    kind: str = "ours/baseline"  # which way ``ratio`` goes: ours/baseline (times: below 1 is better) or baseline/ours
     target: str = ""
     met: bool | None = None
     note: str = ""
@@ -95,16 +96,18 @@ class Bench:
         if target:
             op, limit = target
             met = value <= limit if op == "<=" else value >= limit
-            target_text = f"{ratio} {op} {limit}"
-        row = Row(case, ours, baseline, value, target_text, met, note)
+            target_text = f"{op} {limit}"
+        row = Row(case, ours, baseline, value, ratio, target_text, met, note)
         self.rows.append(row)
         return row
 
     def report(self) -> str:
-        header = ("case", "ours", "baseline", "ratio", "target", "")
+        # Every row says which way its ratio goes: times are ours/baseline (below 1: ours is faster), speed-ups
+        # and throughputs baseline/ours (above 1: ours is faster).
+        header = ("case", "ours", "baseline", "ratio", "ratio is", "target", "")
         lines = [header] + [
             (
-                r.case, format_seconds(r.ours), format_seconds(r.baseline), f"{r.ratio:.3f}",
+                r.case, format_seconds(r.ours), format_seconds(r.baseline), f"{r.ratio:.3f}", r.kind,
                 r.target, "" if r.met is None else ("met" if r.met else "MISSED"),
             )
             for r in self.rows

@@ -21,7 +21,7 @@ Default model: the committed fixture ``tests/fixtures/gpt2_cache_dynamo.onnx`` (
 overheads dominate); ``--model PATH`` for a larger export from ``tests/fixtures/make_exports.py``, e.g.
 ``--only gpt2 --exporters --width 512 --layers 4 --heads 8 --positions 256 --out /tmp/big``.
 
-    python benchmarks/generate.py [--model PATH] [--backend mpi|zmq] [--rounds 5] [--new-tokens 32] [--prompt 16]
+    python benchmarks/generate.py [--model PATH] [--backend mpi|zmq] [--rounds 20] [--new-tokens 32] [--prompt 16]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=FIXTURE, help="a decoder exported with its key/value cache")
     parser.add_argument("--backend", default="mpi", choices=("mpi", "zmq"))
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20, help="timed generations of each (median; 5 are too few on a shared machine)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
