@@ -117,7 +117,7 @@ class Bench:
         for i, line in enumerate(lines):
             out.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
             if i == 0:
-                out.append("  ".join("-" * w for w in widths))
+                out.append("  ".join("-" * w for w in widths).rstrip())
         for r in self.rows:
             if r.note:
                 out.append(f"  {r.case}: {r.note}")
