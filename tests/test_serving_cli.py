@@ -105,7 +105,10 @@ def test_serve_a_master_with_local_workers_and_a_worker_that_joins_from_another_
 def _alive(pid: int) -> bool:
     import psutil
 
-    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone, maybe between being found and being asked
+        return False
 
 
 @pytest.mark.parametrize("argv, message", [
