@@ -219,17 +219,25 @@ def start_local_workers(args, master_port: int):
 
     def watch():
         seen = set()
-        while group.running() or len(seen) < len(specs):
+
+        def report() -> None:
             for exit_ in group.exits():
-                if exit_.rank not in seen:
-                    seen.add(exit_.rank)
-                    if not exit_.stopped:
-                        how = f"signal {exit_.signal}" if exit_.signal else f"exit code {exit_.exitcode}"
-                        log.warning("serving worker %d (pid %d on %s) ended with %s; the master serves on with the "
-                                    "others", exit_.rank, exit_.pid, exit_.host, how)
-                        print(f"serving worker {exit_.rank} (pid {exit_.pid}) ended with {how}", file=sys.stderr,
-                              flush=True)
-            if group.join(0.5):
+                if exit_.rank in seen:
+                    continue
+                seen.add(exit_.rank)
+                if exit_.stopped:
+                    continue
+                how = f"signal {exit_.signal}" if exit_.signal else f"exit code {exit_.exitcode}"
+                left = len(specs) - len(seen)
+                then = (f"the master serves on with the {left} other(s)" if left
+                        else "no local worker is left (the master serves what other workers register)")
+                print(f"serving worker {exit_.rank} (pid {exit_.pid} on {exit_.host}) ended with {how}; {then}",
+                      file=sys.stderr, flush=True)
+
+        while len(seen) < len(specs):
+            ended = group.join(0.5)
+            report()  # after the join too: the last worker's end is said like the others'
+            if ended:
                 break
 
     threading.Thread(target=watch, name="serving local workers watch", daemon=True).start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import urllib.request
@@ -268,3 +269,62 @@ def test_a_script_that_fails_or_starts_no_server_stops_its_servables_and_exits(s
     else:
         assert result.stderr == NOTHING_LISTENS + "\n"
         assert "Serving stopped" not in result.stdout
+
+
+SLOW = '''
+
+import time
+
+
+@register.register_method(output_names=["y"])
+def slow(x1, x2):
+    y = register.call_servable(x1, x2)
+    return register.call_postprocess(lambda v: (time.sleep(2.0), v)[1], y)
+'''
+
+
+@pytest.mark.multiprocess
+def test_requests_on_the_last_local_worker_when_it_dies_name_it_and_its_end_is_said(tmp_path):
+    import threading
+    import time
+
+    from orchestrator.serving.client import Client
+
+    folder = example_copy(tmp_path)
+    config = folder / "add" / "servable_config.py"
+    config.write_text(config.read_text() + SLOW)
+    grpc_port, master_port = free_port(), free_port()
+    servers = Servers(tmp_path / "logs")
+    try:
+        servers.start("master", orchestrate_command("serve", "--master", str(folder), "--local-workers", "1",
+                                                    "--grpc-port", str(grpc_port), "--master-port", str(master_port)),
+                      tmp_path, ready="Serving master server start success")
+        master = servers.pid("master")
+        deadline = time.monotonic() + 30
+        while not isinstance(Client("127.0.0.1", grpc_port, "add", "add_common", timeout=10).infer({"x1": ONES, "x2": ONES}), list):
+            assert time.monotonic() < deadline, servers.log("master")
+            time.sleep(0.2)
+        [worker] = children_of(master)
+        replies = []
+        calls = [threading.Thread(target=lambda: replies.append(
+            Client("127.0.0.1", grpc_port, "add", "slow", timeout=20).infer({"x1": ONES, "x2": ONES}))) for _ in range(2)]
+        for call in calls:
+            call.start()
+        time.sleep(1.0)  # both are running on the worker
+        os_kill(worker)
+        for call in calls:
+            call.join(30)
+        # The worker that died, its host and pid: not "no worker serves it now".
+        for reply in replies:
+            assert isinstance(reply, dict) and re.search(rf"worker \d+ at 127\.0\.0\.1:\d+ \(host \S+, pid {worker}\)",
+                                                         reply["error"]), reply
+        servers.wait_for("master", f"serving worker 0 (pid {worker} on ", timeout=10)
+        assert "no local worker is left" in servers.log("master"), servers.log("master")
+    finally:
+        servers.stop_all()
+
+
+def os_kill(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGKILL)

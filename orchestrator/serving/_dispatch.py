@@ -276,11 +276,12 @@ class Dispatcher:
                         log.warning("%s: out of rotation (%s)", backend.label, exc)
                     try:
                         others = [b for b in self._candidates(spec)[1] if b not in tried] if len(tried) < 2 else []
-                    except RequestError:
+                    except (RequestError, ServingError):  # none left ("no worker serves it now"): not the news
                         others = []
                     if not others:
-                        raise
-                    log.warning("retrying a request of %s once on %s", spec.name, others[0].label)
+                        raise  # the lost worker's error, naming it, its host and pid
+                    log.warning("retrying a request of %s once on %s (%s was lost)", spec.name, others[0].label,
+                                backend.label)
                     backends = others
                 finally:
                     self._release(backend)
