@@ -363,6 +363,10 @@ BAD = [
                                           "server's GET /metrics has its counters"),
     ("/v2/models/mlp/config", b"{}", None, 405, "only GET is served"),
     ("/v2/repository/index", b"[1]", None, 400, 'must be a JSON object {"ready": true|false}'),
+    # Nested past the JSON decoder's recursion limit: a 400 like any other bad JSON, not a plain-text 500.
+    ("/v2/models/add.add_common/infer", b'{"inputs": [{"name": "x1", "datatype": "FP32", "shape": [1], "data": '
+                                        + b"[" * 100000 + b"]" * 100000 + b"}]}", None, 400,
+     "the inference request is not valid JSON: maximum recursion depth exceeded"),
 ]
 
 

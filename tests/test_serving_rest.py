@@ -243,3 +243,8 @@ def test_a_json_list_of_strings_is_one_string_tensor(rest):
                       {"joined": "one:solo", "y": [[2.0, 3.0], [4.0, 5.0]]}]}
     status, reply = post(rest, "/model/add/version/1:join_words", {"instances": [{"words": [["a"], ["b"]], **both}]})
     assert status == 400 and "values must be numbers, booleans, a str, a flat list of str, or" in reply["error_msg"], reply
+
+
+def test_json_nested_past_the_decoders_limit_is_a_400(rest):
+    status, reply = post(rest, "/model/add:add_common", b'{"instances": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    assert status == 400 and "the body is not valid JSON: maximum recursion depth exceeded" in reply["error_msg"], reply

@@ -58,7 +58,7 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list, lis
         body, binary = body[:int(header_length)], memoryview(body)[int(header_length):]
     try:
         header = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise RequestError(f"the inference request is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise RequestError('the inference request must be a JSON object {"inputs": [{"name", "datatype", "shape", '
@@ -170,7 +170,7 @@ def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> lis
             return error(str(exc), 413)
         try:
             options = json.loads(body) if body.strip() else {}
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             return error(f"the repository index request is not valid JSON: {exc}", 400)
         if not isinstance(options, dict) or not isinstance(options.get("ready", False), bool):
             return error('the repository index request must be a JSON object {"ready": true|false} (or empty)', 400)

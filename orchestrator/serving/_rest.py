@@ -193,7 +193,7 @@ def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> lis
                 raise _BadRequest(str(exc), 413) from None
             try:
                 body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
                 raise _BadRequest(f"the body is not valid JSON: {exc}") from None
             pb_request = request_from_json(body, name, version, method)
         except _BadRequest as exc:
