@@ -328,3 +328,31 @@ def os_kill(pid: int) -> None:
     import os
 
     os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.multiprocess
+def test_a_worker_with_another_definition_of_a_served_version_is_refused(servables, tmp_path):
+    """Two definitions of add version 1 would answer alike-named requests two ways at random: the second worker
+    is refused, says why and exits; the master serves on with the first."""
+    other = example_copy(tmp_path / "other")
+    config = other / "add" / "servable_config.py"
+    config.write_text(config.read_text().replace('output_names=["y"]', 'output_names=["z"]'))
+    assert 'output_names=["z"]' in config.read_text()
+    grpc_port, master_port = free_port(), free_port()
+    servers = Servers(tmp_path / "logs")
+    try:
+        servers.start("master", orchestrate_command("serve", "--master", str(servables), "--local-workers", "1",
+                                                    "--grpc-port", str(grpc_port), "--master-port", str(master_port)),
+                      tmp_path, ready="Serving master server start success")
+        servers.wait_for("master", "Serving worker start success")
+        servers.start("other", orchestrate_command("serve", "--worker", str(other), "--master-address",
+                                                   f"127.0.0.1:{master_port}", "--worker-port", "0"), tmp_path, ready="")
+        exit_ = servers.groups["other"].exit_of(0, 60)
+        assert exit_ is not None and exit_.exitcode != 0, servers.log("other")
+        log = servers.log("other")
+        assert re.search(r"refused this worker: servable add version 1 is served here by worker \d+ at 127\.0\.0\.1:\d+ "
+                         r"\(host \S+, pid \d+\) with other methods \{name: \(inputs, outputs\)\}: .*'add_common': "
+                         r"\(\('x1', 'x2'\), \('y',\)\).*; this worker's: .*'add_common': \(\('x1', 'x2'\), \('z',\)\)", log), log
+        assert isinstance(infer(grpc_port), list)  # the master serves on, with the first definition
+    finally:
+        servers.stop_all()

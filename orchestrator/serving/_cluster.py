@@ -59,6 +59,13 @@ def signature_of(info: cpb.ServableInfo):
                              tensors(info.model_inputs), tensors(info.model_outputs), info.max_batch)
 
 
+def _brief(value) -> str:
+    """A signature part in a message: tensors as name dtype shape."""
+    if isinstance(value, tuple) and value and hasattr(value[0], "shape"):
+        return "[" + ", ".join(f"{t.name} {t.dtype} {list(t.shape)}" for t in value) + "]"
+    return repr(value)
+
+
 class RemoteBackend:
     """A cluster worker as the dispatcher sees it: requests forwarded to its MSService."""
 
@@ -146,6 +153,10 @@ class ClusterMaster(cluster_grpc.ServingMasterServicer):
             # The same address again: a worker that restarted (or re-registers after being dropped).
             for old in [w for w in self._workers.values() if w.address == address]:
                 self._drop(old, "it registered again")
+            conflict = self._conflict(request.servables)
+            if conflict:
+                log.warning("refused %s: %s", backend.label, conflict)
+                return cpb.RegisterReply(error_msg=conflict)
             self._workers[worker_id] = backend
         for servable in request.servables:
             methods = {m.name: (tuple(m.input_names), tuple(m.output_names)) for m in servable.methods}
@@ -153,6 +164,26 @@ class ClusterMaster(cluster_grpc.ServingMasterServicer):
         log.info("%s joined: %s", backend.label,
                  ", ".join(f"{s.name} version {s.version_number}" for s in request.servables))
         return cpb.RegisterReply(worker_id=worker_id, heartbeat_interval=self.interval)
+
+    def _conflict(self, servables) -> str:
+        """Why these servables cannot join the ones served now ("" when they can): a servable version already
+        served with other methods or another model would answer alike-named requests two ways at random."""
+        for servable in servables:
+            served = self._dispatcher.served_signature(servable.name, servable.version_number)
+            if served is None:
+                continue
+            signature, labels = served
+            mine = signature_of(servable)
+            for what, theirs, ours in (("methods {name: (inputs, outputs)}", signature.methods, mine.methods),
+                                       ("with_batch_dim", signature.with_batch_dim, mine.with_batch_dim),
+                                       ("model inputs", signature.model_inputs, mine.model_inputs),
+                                       ("model outputs", signature.model_outputs, mine.model_outputs)):
+                if theirs != ours:
+                    return (f"servable {servable.name} version {servable.version_number} is served here by "
+                            f"{', '.join(labels)} with other {what}: {_brief(theirs)}; this worker's: {_brief(ours)}. "
+                            f"Give every worker the same servable_config.py and model, or serve this one as "
+                            f"another version")
+        return ""
 
     def Heartbeat(self, request, context):  # noqa: N802
         with self._lock:

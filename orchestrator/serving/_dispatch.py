@@ -174,6 +174,14 @@ class Dispatcher:
             self._methods[id(backend)] = dict(methods)
             self._known.setdefault(name, {})[version] = spec or ServableSignature(name, version, dict(methods))
 
+    def served_signature(self, name: str, version: int) -> tuple[ServableSignature, list[str]] | None:
+        """The signature of servable ``name`` ``version`` and the labels of the backends serving it now, or None."""
+        with self._lock:
+            backends = self._table.get(name, {}).get(version)
+            if not backends:
+                return None
+            return self._known[name][version], [getattr(b, "label", "this process") for b in backends]
+
     def known(self) -> dict[str, dict[int, ServableSignature]]:
         """{servable name: {version: ServableSignature}} of every servable version served here since the start."""
         with self._lock:
