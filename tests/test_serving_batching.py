@@ -191,3 +191,41 @@ def test_an_address_not_of_this_host_is_a_clear_error():
     with pytest.raises(ServingError) as error:  # 192.0.2.1: TEST-NET-1, never an address of this host
         start_server("192.0.2.1", 0, "serving gRPC server", lambda server: None, 1 << 20)
     assert str(error.value) == "serving gRPC server: cannot listen on 192.0.2.1:0: 192.0.2.1 is not an address of this host"
+
+
+def test_a_model_with_a_fixed_batch_runs_full_batches_padded_from_the_last_row(sample, tmp_path, reference):
+    """An export for batch 3: joined instances are capped at 3, a short batch is padded with copies of its last
+    row and their outputs dropped, so 1, 2, 3 or 5 instances, alone or from concurrent callers, all come back
+    right (they used to fail or not depending on what other callers sent)."""
+    import onnx
+
+    fixed = onnx.load(str(sample("mlp")))
+    for value in [*fixed.graph.input, *fixed.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 3
+    (tmp_path / "m").mkdir()
+    onnx.save(fixed, str(tmp_path / "m" / "mlp.onnx"))
+    folder = write_servable(tmp_path / "servables", "mlp", CONFIG, tmp_path / "m" / "mlp.onnx")
+    servable = Servable(folder, "mlp", 0, ServableOptions(workers_num=2, thread_num=1, max_batch=8, batch_delay_ms=20))
+    try:
+        assert servable.signature().max_batch == 3
+        x = rows(5, seed=3)
+        for n in (1, 2, 3, 5):
+            results = servable.run_method("predict", [{"x": row} for row in x[:n]])
+            for i, result in enumerate(results):
+                np.testing.assert_allclose(result["y"], reference(x[i]), rtol=1e-5, atol=1e-5)
+        results = [None] * 7
+        start = threading.Barrier(7)
+
+        def one(i):
+            start.wait()
+            results[i] = servable.run_method("predict", [{"x": x[i % 5]}])[0]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(7)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for i, result in enumerate(results):
+            np.testing.assert_allclose(result["y"], reference(x[i % 5]), rtol=1e-5, atol=1e-5)
+    finally:
+        servable.close()

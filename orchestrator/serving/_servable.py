@@ -166,9 +166,14 @@ class Servable:
         from ._process import PROCESS
 
         self._queue_time, self._compute_time, self._batch_size = PROCESS.metrics.servable(name, self.version)
+        # A model whose dimension 0 is fixed (an export for batch 4, say) runs batches of exactly that many
+        # rows: joined instances are capped there, and a short batch is padded with copies of its last row
+        # (their outputs dropped), as MindSpore Serving pads to the model's batch size.
+        self._model_batch = self._fixed_batch()
+        self._max_batch = min(self.options.max_batch, self._model_batch or self.options.max_batch)
         self._batcher = None
-        if self.with_batch_dim and self.options.max_batch > 1:
-            self._batcher = Batcher(self._run_batch, max_batch=self.options.max_batch,
+        if self.with_batch_dim and self._max_batch > 1:
+            self._batcher = Batcher(self._run_batch, max_batch=self._max_batch,
                                     delay=self.options.batch_delay_ms / 1000.0, runners=concurrency, label=self.label,
                                     shared=self.declaration.without_batch_dim_inputs, on_start=self._queue_time.observe)
         log.info("%s: %s on %s, methods %s", self.label, self.model_path.name, self._describe_backend(),
@@ -209,7 +214,22 @@ class Servable:
             self.name, self.version, {m.name: (m.input_names, m.output_names) for m in self.methods.values()},
             self.with_batch_dim, tuple(TensorSpec(n, np.dtype(d), tuple(s)) for n, d, s in self._inputs),
             tuple(TensorSpec(n, d, tuple(s)) for n, d, s in self._output_specs),
-            self.options.max_batch if self.with_batch_dim else 0)
+            self._max_batch if self.with_batch_dim else 0)
+
+    def _fixed_batch(self) -> int | None:
+        """The size of dimension 0 the model's batched inputs fix, or None (free, or with_batch_dim=False)."""
+        if not self.with_batch_dim:
+            return None
+        shared = self.declaration.without_batch_dim_inputs
+        firsts = {shape[0] for i, (_, _, shape) in enumerate(self._inputs) if i not in shared and shape}
+        fixed = {d for d in firsts if d >= 1}
+        if not fixed:
+            return None
+        if len(firsts) > 1:
+            raise ServableConfigError(
+                f"{self.label}: with_batch_dim=True, but the model's inputs disagree on dimension 0 "
+                f"({[(n, s) for n, _, s in self._inputs]}); export it with one batch dimension, free or fixed")
+        return fixed.pop()
 
     def _predict(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
         remaining = deadline - time.monotonic()
@@ -224,7 +244,14 @@ class Servable:
         return [t.get_data_to_numpy() for t in outputs]
 
     def _run_batch(self, arrays: list[np.ndarray], deadline: float) -> list[np.ndarray]:
-        return self._predict(arrays, deadline)
+        """Run joined instances (dimension 0: one row each), padded to a fixed model batch when short."""
+        shared = self.declaration.without_batch_dim_inputs
+        rows = next((a.shape[0] for i, a in enumerate(arrays) if i not in shared and a.ndim), None)
+        if not self._model_batch or rows is None or rows >= self._model_batch:
+            return self._predict(arrays, deadline)
+        pad = self._model_batch - rows
+        padded = [a if i in shared else np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for i, a in enumerate(arrays)]
+        return [o[:rows] for o in self._predict(padded, deadline)]
 
     def infer(self, args, deadline: float) -> list[np.ndarray]:
         """``call_servable``: the model's outputs for one instance's inputs (checked against the model first)."""
@@ -238,7 +265,7 @@ class Servable:
             return self._batcher.submit(arrays, deadline)
         self._queue_time.observe(0.0)
         shared = self.declaration.without_batch_dim_inputs
-        outputs = self._predict([a if i in shared else a[None] for i, a in enumerate(arrays)], deadline)
+        outputs = self._run_batch([a if i in shared else a[None] for i, a in enumerate(arrays)], deadline)
         return [o[0] for o in outputs]
 
     def _check_model_inputs(self, args) -> list[np.ndarray]:
