@@ -459,6 +459,20 @@ def test_metrics_count_requests_failures_batches_and_workers(server):
     for servable, version in (("add", "1"), ("add", "2"), ("mlp", "1")):
         assert after[("orchestrator_serving_workers_alive", (("servable", servable), ("version", version)))] == 1
     assert after[("orchestrator_serving_model_ready", (("model", "add.add_cast"), ("version", "2")))] == 1
+    # Requests for a model or version not served count as unknown on every front, and make no label of their
+    # own (a client could make them up without end).
+    unknown = ("orchestrator_serving_unknown_model_requests_total", ())
+    for path in ("/v2/models/nope/infer", "/v2/models/mlp/versions/77/infer"):
+        assert request(server, path, infer_body(x=np.zeros((1, 16), np.float32)))[0] == 404
+    with pytest.raises(Exception):
+        client.infer("nope", grpc_inputs({"x": x}))
+    from orchestrator.serving.client import Client  # MindSpore Serving's protocol, on the same gRPC port
+
+    host, port = server["grpc"].split(":")
+    assert "error" in Client(host, int(port), "mlp", "predict", version_number=77).infer({"x": x[0]})
+    latest = metrics(server)
+    assert latest[unknown] - after.get(unknown, 0) == 4
+    assert not [k for k in latest if ("version", "77") in k[1]]
 
 
 def test_tritonclient_grpc_and_our_server_modules_load_in_one_process():

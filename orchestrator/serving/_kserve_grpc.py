@@ -98,9 +98,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_configuration"])
 
-    def _model(self, name, version, context):
+    def _model(self, name, version, context, inference: bool = False):
         try:
-            return self.models.resolve(name, version)
+            return self.models.resolve(name, version, inference=inference)
         except ServingError as exc:
             context.abort(grpc_code_of(exc), str(exc))
 
@@ -138,7 +138,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_STATISTICS)
 
     def ModelInfer(self, request, context):  # noqa: N802
-        model = self._model(request.model_name, request.model_version, context)
+        model = self._model(request.model_name, request.model_version, context, inference=True)
         try:
             inputs = inputs_of(request)
             wanted = [o.name for o in request.outputs] or None

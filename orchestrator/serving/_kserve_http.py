@@ -128,8 +128,8 @@ def infer_response(model_name: str, version: int, request_id, outputs, binary_ru
 def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> list[Route]:
     models = KServeModels(dispatcher)
 
-    def model_of(request: Request):
-        return models.resolve(request.path_params["name"], request.path_params.get("version", ""))
+    def model_of(request: Request, inference: bool = False):
+        return models.resolve(request.path_params["name"], request.path_params.get("version", ""), inference=inference)
 
     async def live(request: Request):
         return JSONResponse({"live": True})
@@ -181,7 +181,7 @@ def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> lis
 
     async def infer(request: Request):
         try:
-            model = model_of(request)
+            model = model_of(request, inference=True)
             body = decompress(await read_body(request, max_body_bytes), request.headers.get("content-encoding"),
                                max_body_bytes)
             header, inputs, wanted, rule = parse_infer(body, request.headers.get(HEADER_LENGTH))

@@ -225,8 +225,17 @@ class KServeModels:
             names += [model_name(servable, m, methods) for m in sorted(methods)]
         return names
 
-    def resolve(self, name: str, version: str = "") -> Model:
-        """The model ``name`` [version]; NotServedError (404) for an unknown model or version."""
+    def resolve(self, name: str, version: str = "", *, inference: bool = False) -> Model:
+        """The model ``name`` [version]; NotServedError (404) for an unknown model or version (``inference``:
+        counted in the metrics, as an unknown model's requests on the other fronts are)."""
+        try:
+            return self._resolve(name, version)
+        except NotServedError:
+            if inference and self.dispatcher.metrics is not None:
+                self.dispatcher.metrics.unknown.inc()
+            raise
+
+    def _resolve(self, name: str, version: str) -> Model:
         known = self.dispatcher.known()
 
         def methods_of(servable):

@@ -93,10 +93,13 @@ class Metrics:
         if spec.method_name not in methods:
             self.unknown.inc()
             return
+        wanted = reply.servable_spec.version_number or spec.version_number
+        if wanted and wanted not in known:
+            self.unknown.inc()  # a made-up version: no label of its own (a client could make them up without end)
+            return
         model = model_name(spec.name, spec.method_name, methods)
         # A request that failed before a version was chosen counts for the newest one it could have run on.
-        version = str(reply.servable_spec.version_number or spec.version_number
-                      or max(v for v, s in known.items() if spec.method_name in s.methods))
+        version = str(wanted or max(v for v, s in known.items() if spec.method_name in s.methods))
         self.requests.labels(model, version).inc()
         self.duration.labels(model).observe(seconds)
         failed = [e.error_code for e in reply.error_msg if e.error_code]
