@@ -116,6 +116,9 @@ def test_a_worker_that_stops_answering_heartbeats_is_out_of_rotation_and_rejoins
         assert time.monotonic() - started < 5.0
         assert all(isinstance(r, list) and int(r[0]["pid"]) == servers.pid("worker") for r in replies), replies
         assert set(served_by(port, 10)) == {servers.pid("worker")}
+        # The master says so at its default log level: a worker it stopped hearing from is news.
+        assert re.search(rf"worker \d+ at \S+ \(host \S+, pid {frozen}\) is out of rotation: no heartbeat for "
+                         rf"\d+\.\d s", servers.log("master")), servers.log("master")
     finally:
         os.kill(frozen, signal.SIGCONT)
     # Its next heartbeat hears it was dropped: it registers again.

@@ -199,11 +199,11 @@ class ClusterMaster(cluster_grpc.ServingMasterServicer):
                 self._drop(backend, "it left")
         return cpb.LeaveReply()
 
-    def _drop(self, backend: RemoteBackend, why: str) -> None:
-        """Out of rotation (call with the lock held)."""
+    def _drop(self, backend: RemoteBackend, why: str, warn: bool = False) -> None:
+        """Out of rotation (call with the lock held); ``warn``: said at WARNING (it did not leave on its own)."""
         self._workers.pop(backend.worker_id, None)
         self._dispatcher.remove(backend)
-        log.info("%s is out of rotation: %s", backend.label, why)
+        (log.warning if warn else log.info)("%s is out of rotation: %s", backend.label, why)
         # Requests in flight on it still finish or fail on their own channel; close it after they had their time.
         if backend.inflight:
             timer = threading.Timer(60.0, backend.close)
@@ -225,8 +225,8 @@ class ClusterMaster(cluster_grpc.ServingMasterServicer):
             now = time.monotonic()
             with self._lock:
                 for backend in [w for w in self._workers.values() if now - w.last_seen > limit]:
-                    why = f"no heartbeat for {now - backend.last_seen:.1f} s"
-                    self._drop(backend, why)
+                    why = f"no heartbeat for {now - backend.last_seen:.1f} s (stopped, overloaded or cut off?)"
+                    self._drop(backend, why, warn=True)
                     backend.abandon(why)  # a worker that left finishes its requests; a silent one may never
             self.drop_unreachable()
 
