@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     parser.add_argument("--worker-address", default=None,
                         help="--worker: the address this worker listens on (default: --address)")
     parser.add_argument("--worker-port", type=port_number, default=6200, help="--worker: its port (default 6200)")
+    parser.add_argument("--register-timeout", type=positive_float, default=None, metavar="SECONDS",
+                        help="--worker: how long to try to reach the master before giving up (default 30)")
     parser.add_argument("--local-workers", type=non_negative_int, default=0,
                         help="--master: start this many worker processes of SERVABLES beside the master")
     parser.add_argument("--workers", type=non_negative_int, default=0,
@@ -151,7 +153,8 @@ def run(args) -> int:
                 worker.start_servable(directory, name, args.version, master_ip=host, master_port=int(port),
                                       worker_ip=args.worker_address or args.address,
                                       worker_port=args.worker_port + i if args.worker_port else 0,
-                                      max_msg_mb_size=args.max_msg_mb, **options)
+                                      max_msg_mb_size=args.max_msg_mb, **options,
+                                      **({"register_timeout": args.register_timeout} if args.register_timeout else {}))
             if args.rest_port is not None:  # this worker's own HTTP: its metrics, its servables over KServe
                 master.start_restful_server(args.worker_address or args.address, args.rest_port, args.max_msg_mb)
         elif args.master:

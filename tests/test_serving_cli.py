@@ -356,3 +356,19 @@ def test_a_worker_with_another_definition_of_a_served_version_is_refused(servabl
         assert isinstance(infer(grpc_port), list)  # the master serves on, with the first definition
     finally:
         servers.stop_all()
+
+
+@pytest.mark.multiprocess
+def test_a_worker_without_a_master_says_it_waits_and_gives_up_after_register_timeout(servables):
+    import time
+
+    from conftest import run_command
+
+    started = time.monotonic()
+    result = run_command(orchestrate_command("serve", "--worker", str(servables), "--master-address",
+                                             f"127.0.0.1:{free_port()}", "--worker-port", "0", "--register-timeout", "2"),
+                         timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 30
+    assert re.search(r"no master answers at 127\.0\.0\.1:\d+ yet \(UNAVAILABLE\); trying for up to 2 s", result.stderr), result.stderr
+    assert re.search(r"no master answered at 127\.0\.0\.1:\d+ within 2 s", result.stderr), result.stderr

@@ -274,11 +274,16 @@ class WorkerAgent:
         """Register, retrying while the master is not up yet, for at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         last = ""
+        said = False
         while True:
             try:
                 reply = self._stub.Register(self._request(), timeout=max(0.5, min(5.0, deadline - time.monotonic())))
             except grpc.RpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
+                if not said:  # not a silent wait: the master may simply not be up yet
+                    said = True
+                    log.warning("no master answers at %s yet (%s); trying for up to %g s", self.master_address,
+                                exc.code().name, timeout)
             else:
                 if reply.error_msg:
                     raise ServingError(f"the master at {self.master_address} refused this worker: {reply.error_msg}")
