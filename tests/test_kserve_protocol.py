@@ -363,6 +363,11 @@ BAD = [
                                           "server's GET /metrics has its counters"),
     ("/v2/models/mlp/config", b"{}", None, 405, "only GET is served"),
     ("/v2/repository/index", b"[1]", None, 400, 'must be a JSON object {"ready": true|false}'),
+    # A method's own exception: which method, which servable, and what it was given.
+    ("/v2/models/add.add_cast/versions/1/infer",
+     {"inputs": [{"name": "x1", "datatype": "BYTES", "shape": [1], "data": ["a"]},
+                 {"name": "x2", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}]}, None, 500,
+     "method add_cast of servable add version 1 raised AttributeError: "),
     # Nested past the JSON decoder's recursion limit: a 400 like any other bad JSON, not a plain-text 500.
     ("/v2/models/add.add_common/infer", b'{"inputs": [{"name": "x1", "datatype": "FP32", "shape": [1], "data": '
                                         + b"[" * 100000 + b"]" * 100000 + b"}]}", None, 400,

@@ -18,6 +18,7 @@ modules generated from them.
 from . import _grpc_setup  # noqa: F401  (first: before any module here imports grpc)
 from . import client, master, register, worker
 from ._errors import (
+    MethodError,
     NotServedError,
     RequestError,
     ServableConfigError,

@@ -40,6 +40,10 @@ class NotServedError(RequestError):
     """A request for a servable (name) that is not served here."""
 
 
+class MethodError(ServingError):
+    """A method of a servable_config.py raised an exception of its own (its type and text are in the message)."""
+
+
 class ServingQueueFullError(ServingError, queue.Full):
     """A servable whose queue is full refused a request at once."""
 

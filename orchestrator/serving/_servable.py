@@ -28,13 +28,15 @@ import numpy as np
 
 from ranks._context import Context
 from ranks._env import default_timeout
+from ranks._errors import OrchestratorError
 from ranks._log import get_logger
 from ranks._session import usable_cores
 
 from ._batching import Batcher
 from ._threads import ServingExecutor
 from ._declarations import Declarations, MethodDef, collecting, running
-from ._errors import RequestError, ServableConfigError, ServingError, ServingQueueFullError, ServingTimeoutError
+from ._errors import (MethodError, RequestError, ServableConfigError, ServingError, ServingQueueFullError,
+                      ServingTimeoutError)
 
 log = get_logger("serving")
 
@@ -337,7 +339,15 @@ class Servable:
                     + "; ".join(part for part in (f"lacks {missing}" if missing else "",
                                                   f"has unknown {extra}" if extra else "") if part))
             with running(self, deadline):
-                result = method.fn(*[instance[n] for n in method.input_names])
+                args = [instance[n] for n in method.input_names]
+                try:
+                    result = method.fn(*args)
+                except OrchestratorError:
+                    raise  # ours (call_servable's checks, timeouts): already says what is wrong
+                except Exception as exc:  # the method's own code: say which method, and what it was given
+                    given = ", ".join(f"{n} {_kind(a)}" for n, a in zip(method.input_names, args))
+                    raise MethodError(f"method {method.name} of {self.label} raised {type(exc).__name__}: {exc} "
+                                      f"(its inputs: {given})") from exc
             values = (result,) if len(method.output_names) == 1 else result
             if not isinstance(values, (tuple, list)) or len(values) != len(method.output_names):
                 raise ServingError(f"method {method.name} of {self.label} returned {_describe(result)}; it registers "
@@ -361,6 +371,15 @@ def _numpy_dtype(dtype):
         return np.dtype(dtype.to_numpy())
     except Exception:  # noqa: BLE001 - an output type numpy has no name for: shown as not known
         return None
+
+
+def _kind(value) -> str:
+    """What an instance's input is, for a message: ``float32 [2, 2]``, ``str``, ``bytes``, ``list of 3``."""
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} {list(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
 
 
 def _describe(value) -> str:
