@@ -78,6 +78,8 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list, lis
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
                 raise RequestError(f"{where}: binary_data_size must be an integer >= 0, got {size!r}")
+            if "data" in tensor:
+                raise RequestError(f"{where} has both 'data' and parameters.binary_data_size; give one")
             if offset + size > len(binary):
                 raise RequestError(f"{where}: binary_data_size {size} runs past the {len(binary)} bytes of binary "
                                    f"data after the JSON ({HEADER_LENGTH} {header_length})")
@@ -95,12 +97,38 @@ def parse_infer(body: bytes, header_length: str | None) -> tuple[dict, list, lis
     if outputs is not None and (not isinstance(outputs, list) or not all(
             isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs)):
         raise RequestError("'outputs' must be a list of objects with a 'name'")
+    names = [o["name"] for o in outputs or []]
+    if len(set(names)) != len(names):
+        raise RequestError(f"'outputs' names an output twice: {names}")
+    if "id" in header and not isinstance(header["id"], str):
+        raise RequestError(f"'id' must be a string (KServe v2), got {header['id']!r}")
     params = header.get("parameters") or {}
     if not isinstance(params, dict):
         raise RequestError("'parameters' must be an object")
-    default_binary = bool(params.get("binary_data_output", False))
-    rule = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", default_binary)) for o in outputs or []}
+    default_binary = _flag(params, "binary_data_output", "parameters")
+    rule = {o["name"]: _flag(o.get("parameters") or {}, "binary_data", f"output {o['name']!r}: parameters", default_binary)
+            for o in outputs or []}
     return header, inputs, [o["name"] for o in outputs] if outputs else None, rule or default_binary
+
+
+def _flag(params, key: str, where: str, default: bool = False) -> bool:
+    """A true/false parameter: JSON true or false only ("yes" is a mistake, not true)."""
+    if not isinstance(params, dict):
+        raise RequestError(f"{where} must be an object")
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def request_timeout(header: dict):
+    """Triton's ``parameters.timeout`` (microseconds) in seconds, or None; a bad value is refused, not ignored."""
+    micros = (header.get("parameters") or {}).get("timeout")
+    if micros is None:
+        return None
+    if isinstance(micros, bool) or not isinstance(micros, int) or not 0 < micros <= 10**13:
+        raise RequestError(f"parameters.timeout must be a whole number of microseconds, 1 to 10**13, got {micros!r}")
+    return micros / 1e6
 
 
 def infer_response(model_name: str, version: int, request_id, outputs, binary_rule) -> Response:
@@ -185,10 +213,9 @@ def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> lis
             body = decompress(await read_body(request, max_body_bytes), request.headers.get("content-encoding"),
                                max_body_bytes)
             header, inputs, wanted, rule = parse_infer(body, request.headers.get(HEADER_LENGTH))
-            limit = timeout
-            micros = (header.get("parameters") or {}).get("timeout")
-            if isinstance(micros, int) and not isinstance(micros, bool) and micros > 0:
-                limit = micros / 1e6 if limit is None else min(limit, micros / 1e6)
+            limit, asked = timeout, request_timeout(header)
+            if asked is not None:
+                limit = asked if limit is None else min(limit, asked)
             version, outputs = await run_in_threadpool(models.infer, model, inputs, limit, wanted)
             return infer_response(model.name, version, header.get("id"), outputs, rule)
         except BodyTooLarge as exc:
