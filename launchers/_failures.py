@@ -208,11 +208,36 @@ def _stopped_line(stopped: list[RankExit]) -> list[str]:
     return [f"stopped afterwards: {parts}"]
 
 
-def format_report(failures: list[RankExit], stopped: list[RankExit], world: int | None = None) -> str:
-    """The multi-line failure report: the first failure in full, then the rest in one line each."""
+_PEER_NAMED = re.compile(r"\brank (\d+) \(pid (\d+)(?: on host ([^)\s]+))?\)")
+
+
+def lost_elsewhere(failures: list[RankExit], exits: list[RankExit]) -> str | None:
+    """When every failure here lost a peer and the first names a rank on another host, which this launcher
+    did not run: that rank, as its error names it (``rank 3 (pid 3500 on host hostb)``); else None."""
+    if not failures or not all(f.lost_a_peer for f in failures):
+        return None
+    named = _PEER_NAMED.search(failures[0].peer_lost_line)
+    if named is None or not named.group(3) or named.group(3) == failures[0].host:
+        return None  # no host named (the MPI door names only peers on its own host), or this one
+    if int(named.group(1)) in {e.rank for e in exits}:
+        return None
+    return f"rank {named.group(1)} (pid {named.group(2)} on host {named.group(3)})"
+
+
+def format_report(failures: list[RankExit], stopped: list[RankExit], world: int | None = None,
+                  exits: list[RankExit] | None = None) -> str:
+    """The multi-line failure report: the first failure in full, then the rest in one line each. When the ranks
+    here only lost a peer that runs elsewhere, that peer heads the report: it is the root cause."""
     first = failures[0]
     count = f" (first of {len(failures)} failed ranks)" if len(failures) > 1 else ""
-    lines = [f"{where(first, world)} failed{count}: {first.how()}"]
+    remote = lost_elsewhere(failures, exits if exits is not None else failures)
+    if remote is not None:
+        here = "the rank here" if len(failures) == 1 else f"the {len(failures)} ranks here"
+        lines = [f"{remote}, on another host, was lost first: {here} failed because of it (see that host's "
+                 f"report for how it ended)",
+                 f"{where(first, world)} failed{count}: {first.how()}"]
+    else:
+        lines = [f"{where(first, world)} failed{count}: {first.how()}"]
     lines.extend(_output_lines(first))
     if len(failures) > 1:
         lines.append("what followed (the other ranks that failed; those that lost a peer come last):")
@@ -282,4 +307,4 @@ def failure_error(exits: list[RankExit], world: int | None = None) -> RankFailed
             lines.append(f"  {where(other)} failed: {other.how()} {_when(other)}: {other.tail[-1]}")
         lines.extend(_stopped_line(stopped))
         return RankFailedError("\n".join(lines), [early] + failures, stopped)
-    return RankFailedError(format_report(failures, stopped, world), failures, stopped)
+    return RankFailedError(format_report(failures, stopped, world, exits), failures, stopped)

@@ -54,3 +54,24 @@ def test_under_mpi_the_peer_lost_line_is_read_before_the_abort_line_that_follows
     assert error.first is left
     assert str(error).splitlines()[0] == ("rank 1 of 2 on host h (pid 11) exited with exit code 0 before the job "
                                           "finished, while rank 0 was still running")
+
+
+def test_ranks_that_only_lost_a_peer_on_another_host_name_that_peer_first():
+    # Host a's launcher saw ranks 0 and 1 fail, each losing rank 3, which ran on host b: rank 3 is the root
+    # cause, so it heads host a's report (host b's report says how it ended).
+    def lost(rank: int, at: float) -> RankExit:
+        line = (f"ranks._errors.PeerLostError: allreduce #2 on rank {rank} of 4: lost rank 3 (pid 3500 on host hostb) "
+                f"at tcp://10.0.0.2:29503 (its connection closed: the process exited or died; waited 0.6 s)")
+        return RankExit(rank, "hosta", 10 + rank, 1, None, at, ("Traceback (most recent call last):", line),
+                        last_output=at - 0.01)
+
+    error = failure_error([lost(1, 1.0), lost(0, 1.1)], 4)
+    lines = str(error).splitlines()
+    assert lines[0] == ("rank 3 (pid 3500 on host hostb), on another host, was lost first: the 2 ranks here failed "
+                        "because of it (see that host's report for how it ended)")
+    assert lines[1].startswith("rank 1 of 4 on host hosta (pid 11) failed (first of 2 failed ranks): exit code 1")
+    # A peer on this host, or one that does not say where it ran, keeps the usual report.
+    same = RankExit(0, "hostb", 10, 1, None, 1.0, ("PeerLostError: allreduce #2 on rank 0 of 4: lost rank 3 (pid 3500 on host hostb)",))
+    assert str(failure_error([same], 4)).startswith("rank 0 of 4 on host hostb (pid 10) failed: exit code 1")
+    mpi = RankExit(0, "hosta", 10, 1, None, 1.0, ("PeerLostError: allreduce #2 on rank 0 of 2: rank 1 (pid 11) exited",))
+    assert str(failure_error([mpi], 2)).startswith("rank 0 of 2 on host hosta (pid 10) failed: exit code 1")
