@@ -40,8 +40,10 @@ within a server, and ``server_count`` must equal the number of servers.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -330,6 +332,24 @@ def _int_string(source: str, where: str, obj: dict, key: str) -> int:
     return int(stripped)
 
 
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _address_problem(text: str) -> str:
+    """What is wrong with ``text`` as a host name or IP address ("" when nothing): checked when the table is
+    read, so that a typo fails there and not when a rank tries to reach it."""
+    try:
+        ipaddress.ip_address(text)
+        return ""
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9.]+", text):
+        return "is not a valid IPv4 address"
+    if len(text) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in text.rstrip(".").split(".")):
+        return "is not a valid host name (letters, digits, '-' and '_' in dot-separated labels)"
+    return ""
+
+
 def _parse(data, source: str) -> RankTable:
     if not isinstance(data, dict):
         raise _fail(source, "", f"the top level must be a JSON object, got {type(data).__name__}")
@@ -366,6 +386,9 @@ def _parse(data, source: str) -> RankTable:
         assert server_id is not None
         if not server_id:
             raise _fail(source, where, "field 'server_id' is empty; expected a host name or IP address")
+        problem = _address_problem(server_id)
+        if problem:
+            raise _fail(source, where, f"field 'server_id' {server_id!r} {problem}; expected a host name or IP address")
         where = f"server {server_id!r} (server_list[{index}]): "
         if server_id in server_order:
             raise _fail(source, where, "field 'server_id' appears twice; each server must be listed once")
@@ -379,6 +402,7 @@ def _parse(data, source: str) -> RankTable:
         if not device_list:
             raise _fail(source, where, "field 'device' is empty; expected at least one device")
         seen_devices: set[int] = set()
+        seen_ips: dict[str, int] = {}
         for dev_index, dev in enumerate(device_list):
             dwhere = f"server {server_id!r} device[{dev_index}]: "
             if not isinstance(dev, dict):
@@ -388,6 +412,15 @@ def _parse(data, source: str) -> RankTable:
             device_ip = _string(source, dwhere, dev, "device_ip", required=False)
             if device_ip == "":
                 raise _fail(source, dwhere, "field 'device_ip' is empty; omit it or give an IP address")
+            if device_ip is not None:
+                try:
+                    ipaddress.ip_address(device_ip)
+                except ValueError:
+                    raise _fail(source, dwhere, f"field 'device_ip' {device_ip!r} is not an IP address") from None
+                if device_ip in seen_ips:
+                    raise _fail(source, dwhere, f"field 'device_ip' {device_ip} is already device {seen_ips[device_ip]}'s "
+                                                f"on this server; each device has its own")
+                seen_ips[device_ip] = device_id
             if device_id in seen_devices:
                 raise _fail(source, dwhere, f"field 'device_id' {device_id} appears twice on this server; device ids must be unique per server")
             seen_devices.add(device_id)

@@ -134,6 +134,30 @@ def test_error_missing_rank_id_gap():
     assert "field 'rank_id': ranks must be exactly 0..3 for 4 device(s); missing [3], out of range [7]" in msg
 
 
+@pytest.mark.parametrize("server_id, problem", [
+    ("999.1.1.1", "is not a valid IPv4 address"),
+    ("10.0.0", "is not a valid IPv4 address"),
+    ("not an ip!", "is not a valid host name (letters, digits, '-' and '_' in dot-separated labels)"),
+    ("-node", "is not a valid host name (letters, digits, '-' and '_' in dot-separated labels)"),
+])
+def test_error_server_id_that_is_no_address(server_id, problem):
+    """A typo fails when the table is read (`rank-table --check` too), not when a rank tries to reach it."""
+    data = good()
+    data["server_list"][0]["server_id"] = server_id
+    msg = _error(data)
+    assert f"server_list[0]: field 'server_id' {server_id!r} {problem}; expected a host name or IP address" in msg
+
+
+def test_error_device_ip_that_is_no_address_or_is_another_devices():
+    data = good()
+    data["server_list"][0]["device"][1]["device_ip"] = "192.168.0.x"
+    assert "server '10.0.0.1' device[1]: field 'device_ip' '192.168.0.x' is not an IP address" in _error(data)
+    data = good()
+    data["server_list"][0]["device"][1]["device_ip"] = data["server_list"][0]["device"][0]["device_ip"]
+    assert ("server '10.0.0.1' device[1]: field 'device_ip' 192.168.0.10 is already device 0's on this server; "
+            "each device has its own") in _error(data)
+
+
 def test_error_duplicate_device_id_on_server():
     data = good()
     data["server_list"][0]["device"][1]["device_id"] = "0"
