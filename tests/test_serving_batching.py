@@ -50,6 +50,23 @@ def rows(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, 64), dtype=np.float32)
 
 
+def all_at_once(servable, xs: list) -> list:
+    """Each of ``xs`` sent by its own caller, all released at once: each caller's one result."""
+    results = [None] * len(xs)
+    start = threading.Barrier(len(xs))
+
+    def one(i):
+        start.wait()
+        results[i] = servable.run_method("predict", [{"x": xs[i]}])[0]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(xs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
 def served(servables, **options) -> Servable:
     return Servable(servables, "mlp", 0, ServableOptions(workers_num=2, thread_num=1, **options))
 
@@ -58,18 +75,7 @@ def test_concurrent_requests_are_joined_into_batches_and_split_exactly(servables
     servable = served(servables, max_batch=8, batch_delay_ms=50)
     try:
         x = rows(16)
-        results = [None] * 16
-        start = threading.Barrier(16)
-
-        def one(i):
-            start.wait()
-            results[i] = servable.run_method("predict", [{"x": x[i]}])[0]
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        results = all_at_once(servable, list(x))
         for i, result in enumerate(results):
             np.testing.assert_allclose(result["y"], reference(x[i]), rtol=1e-5, atol=1e-5)
         batcher = servable._batcher
@@ -213,18 +219,7 @@ def test_a_model_with_a_fixed_batch_runs_full_batches_padded_from_the_last_row(s
             results = servable.run_method("predict", [{"x": row} for row in x[:n]])
             for i, result in enumerate(results):
                 np.testing.assert_allclose(result["y"], reference(x[i]), rtol=1e-5, atol=1e-5)
-        results = [None] * 7
-        start = threading.Barrier(7)
-
-        def one(i):
-            start.wait()
-            results[i] = servable.run_method("predict", [{"x": x[i % 5]}])[0]
-
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(7)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
+        results = all_at_once(servable, [x[i % 5] for i in range(7)])
         for i, result in enumerate(results):
             np.testing.assert_allclose(result["y"], reference(x[i % 5]), rtol=1e-5, atol=1e-5)
     finally:

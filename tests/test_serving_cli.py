@@ -271,6 +271,15 @@ def test_a_script_that_fails_or_starts_no_server_stops_its_servables_and_exits(s
         assert "Serving stopped" not in result.stdout
 
 
+def start_master_with_a_local_worker(servers, folder, tmp_path) -> tuple[int, int]:
+    """``orchestrate serve --master FOLDER --local-workers 1`` as "master", on free ports: (gRPC port, master port)."""
+    grpc_port, master_port = free_port(), free_port()
+    servers.start("master", orchestrate_command("serve", "--master", str(folder), "--local-workers", "1",
+                                                "--grpc-port", str(grpc_port), "--master-port", str(master_port)),
+                  tmp_path, ready="Serving master server start success")
+    return grpc_port, master_port
+
+
 SLOW = '''
 
 import time
@@ -293,12 +302,9 @@ def test_requests_on_the_last_local_worker_when_it_dies_name_it_and_its_end_is_s
     folder = example_copy(tmp_path)
     config = folder / "add" / "servable_config.py"
     config.write_text(config.read_text() + SLOW)
-    grpc_port, master_port = free_port(), free_port()
     servers = Servers(tmp_path / "logs")
     try:
-        servers.start("master", orchestrate_command("serve", "--master", str(folder), "--local-workers", "1",
-                                                    "--grpc-port", str(grpc_port), "--master-port", str(master_port)),
-                      tmp_path, ready="Serving master server start success")
+        grpc_port, _ = start_master_with_a_local_worker(servers, folder, tmp_path)
         master = servers.pid("master")
         deadline = time.monotonic() + 30
         while not isinstance(Client("127.0.0.1", grpc_port, "add", "add_common", timeout=10).infer({"x1": ONES, "x2": ONES}), list):
@@ -338,12 +344,9 @@ def test_a_worker_with_another_definition_of_a_served_version_is_refused(servabl
     config = other / "add" / "servable_config.py"
     config.write_text(config.read_text().replace('output_names=["y"]', 'output_names=["z"]'))
     assert 'output_names=["z"]' in config.read_text()
-    grpc_port, master_port = free_port(), free_port()
     servers = Servers(tmp_path / "logs")
     try:
-        servers.start("master", orchestrate_command("serve", "--master", str(servables), "--local-workers", "1",
-                                                    "--grpc-port", str(grpc_port), "--master-port", str(master_port)),
-                      tmp_path, ready="Serving master server start success")
+        grpc_port, master_port = start_master_with_a_local_worker(servers, servables, tmp_path)
         servers.wait_for("master", "Serving worker start success")
         servers.start("other", orchestrate_command("serve", "--worker", str(other), "--master-address",
                                                    f"127.0.0.1:{master_port}", "--worker-port", "0"), tmp_path, ready="")
