@@ -312,7 +312,7 @@ class _Wrapper:
         ended without a failure (ranks finish at different times) or the job is being stopped."""
         parent = self.parent if self.parent is not None else os.getppid()
         while self.stop_requested is None:
-            running, failed = _sibling_ranks(parent), _failed_siblings(parent)
+            running, failed = _siblings(parent)
             if failed:
                 return sorted(running)
             if not running:
@@ -342,32 +342,21 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _failed_siblings(parent: int) -> bool:
-    """Whether another rank watcher of ``parent`` has seen its rank fail (it renamed itself ``_FAILED``)."""
+def _siblings(parent: int) -> tuple[set[int], bool]:
+    """(ranks of the other rank watchers of ``parent`` still running, whether one of them has seen its rank
+    fail), in one pass over /proc (standard library only). Running: their program runs, or failed and they
+    report it; watchers whose rank exited with code 0 (named ``_EXITED_0``) do not count. Failed: a watcher
+    renamed ``_FAILED``."""
+    ranks, failed = set(), False
     for pid in _children(parent):
         if pid == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == _FAILED:
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-def _sibling_ranks(parent: int) -> set[int]:
-    """Ranks of the other rank watchers of ``parent`` still running: their program runs, or failed and
-    they report it; watchers whose rank exited with code 0 (named ``_EXITED_0``) do not count. From /proc:
-    standard library only."""
-    ranks = set()
-    for pid in _children(parent):
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == _EXITED_0 and not _children(pid):
-                    continue
+                comm = f.read().strip()
+            failed = failed or comm == _FAILED
+            if comm == _EXITED_0 and not _children(pid):
+                continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().decode("utf-8", "replace").split("\0")
             with open(f"/proc/{pid}/stat") as f:
@@ -383,7 +372,7 @@ def _sibling_ranks(parent: int) -> set[int]:
             ranks.add(rank_from_environment(environ))
         except (OSError, ValueError, IndexError, SystemExit):
             continue
-    return ranks
+    return ranks, failed
 
 
 def _has_exited(pid: int) -> bool:
