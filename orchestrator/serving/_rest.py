@@ -176,11 +176,11 @@ def reply_to_json(reply: pb.PredictReply, order: tuple[str, ...] = ()) -> dict:
     return {"instances": out}
 
 
-def _output_names(dispatcher, name: str, version: int, method: str) -> tuple[str, ...]:
-    """The output_names of ``method`` of the servable version a request names (0: the newest served here)."""
-    versions = dispatcher.known().get(name) or {}
-    signature = versions.get(version) if version else (versions[max(versions)] if versions else None)
-    return signature.methods.get(method, ((), ()))[1] if signature is not None else ()
+def _output_names(dispatcher, reply: pb.PredictReply) -> tuple[str, ...]:
+    """The output_names of the method and servable version that answered ``reply`` (its spec says which ran)."""
+    spec = reply.servable_spec
+    signature = (dispatcher.known().get(spec.name) or {}).get(spec.version_number)
+    return signature.methods.get(spec.method_name, ((), ()))[1] if signature is not None else ()
 
 
 def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> list[Route]:
@@ -202,7 +202,6 @@ def routes(dispatcher, max_body_bytes: int, timeout: float | None = None) -> lis
             return _error("the client went away", 400)
         reply = await run_in_threadpool(dispatcher.predict, pb_request, timeout)
         not_served = len(reply.error_msg) == 1 and reply.error_msg[0].error_code == NOT_SERVED
-        return JSONResponse(reply_to_json(reply, _output_names(dispatcher, name, version, method)),
-                            status_code=404 if not_served else 200)
+        return JSONResponse(reply_to_json(reply, _output_names(dispatcher, reply)), status_code=404 if not_served else 200)
 
     return [Route("/model/{path:path}", predict, methods=["POST"])]
